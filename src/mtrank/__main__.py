@@ -1,0 +1,3 @@
+from mtrank.cli import main
+
+main()

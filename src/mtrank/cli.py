@@ -1,0 +1,288 @@
+"""The ``mtrank`` command: simulate, train, evaluate, predict, quickstart.
+
+Every expected failure (bad data, missing files, bad bundle, bad option) is printed as one
+``error:`` line naming what to change, with exit code 2; never a stack trace.
+"""
+
+from __future__ import annotations
+
+import importlib
+import statistics
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from mtrank.data.datasets import DATASETS
+from mtrank.data.simulate import SimConfig, write_simulated
+from mtrank.data.split import SplitConfig, split_data
+from mtrank.errors import BundleError, ConfigError, MtrankError
+from mtrank.io_utils import atomic_write_json, atomic_write_parquet
+from mtrank.models import MODELS
+from mtrank.models.config import ModelConfig
+from mtrank.serve.bundle import Bundle
+from mtrank.train.trainer import TrainConfig
+from mtrank.workflow import evaluate_split, fit, load_data, predictions_frame, resolve_schema
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
+# Wide enough for the metric tables when output goes to a file or a CI log.
+console = Console(width=None if sys.stdout.isatty() else 200)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
+
+DatasetOpt = Annotated[str | None, typer.Option("--dataset", "-d", help=f"built-in dataset: {', '.join(DATASETS)}")]
+DataOpt = Annotated[Path | None, typer.Option("--data", help="a CSV/Parquet file (with --schema)")]
+SchemaOpt = Annotated[str | None, typer.Option("--schema", help="schema YAML, or a built-in dataset name")]
+DataDirOpt = Annotated[Path | None, typer.Option("--data-dir", help="folder holding the built-in datasets (default: $MTRANK_DATA_DIR, else ./data)")]
+FunnelOpt = Annotated[str | None, typer.Option("--funnel-violations", help="conversion without click: 'error' (default) or 'drop'")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")]
+SUMMARY = ["auc_ctr", "auc_cvr_masked", "auc_ctcvr", "gauc_ctr", "logloss_ctr", "logloss_cvr_masked", "logloss_ctcvr", "calib_ctcvr", "cvr_bias_entire"]
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    return str(v)
+
+
+def _metric_table(title: str, rows: dict[str, dict], keys: list[str] | None = None) -> Table:
+    keys = keys or [k for k in SUMMARY if any(k in r for r in rows.values())]
+    table = Table(title=title)
+    table.add_column("model")
+    for k in keys:
+        table.add_column(k, justify="right")
+    for name, r in rows.items():
+        table.add_row(name, *[_fmt(r.get(k)) for k in keys])
+    return table
+
+
+def _tower(text: str) -> list[int]:
+    try:
+        sizes = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"--tower takes comma-separated integers, got {text!r}") from None
+    if not sizes or min(sizes) <= 0:
+        raise ConfigError(f"--tower needs positive sizes, got {text!r}")
+    return sizes
+
+
+def _check_choice(value: str | None, choices, option: str) -> None:
+    if value is not None and value not in choices:
+        raise ConfigError(f"{option} must be one of {sorted(choices)}, got {value!r}")
+
+
+@app.command()
+def simulate(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Parquet file to write")] = Path("data/simulated/simulated.parquet"),
+    rows: Annotated[int, typer.Option(help="impressions")] = 1_000_000,
+    seed: int = 0,
+    ctr: Annotated[float, typer.Option(help="target mean CTR")] = 0.04,
+    cvr: Annotated[float, typer.Option(help="target mean CVR given click")] = 0.10,
+    n_users: int = 20_000,
+    n_items: int = 5_000,
+    intent: Annotated[float, typer.Option(help="strength of the unobserved purchase intent (SSB)")] = 0.6,
+) -> None:
+    """Write a synthetic mall's impression log (known true pCTR / pCVR per row) as Parquet."""
+    cfg = SimConfig(rows=rows, seed=seed, ctr=ctr, cvr=cvr, n_users=n_users, n_items=n_items, intent=intent)
+    path = write_simulated(cfg, out)
+    console.print(f"wrote {path} ({cfg.rows // cfg.slate_size * cfg.slate_size:,} impressions)")
+
+
+def _configs(model, epochs, batch_size, lr, seed, patience, embedding_dim, tower, dropout, threads) -> tuple[ModelConfig, TrainConfig]:
+    _check_choice(model, MODELS, "--model")
+    return (
+        ModelConfig(name=model, embedding_dim=embedding_dim, tower=_tower(tower), dropout=dropout),
+        TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, patience=patience, threads=threads),
+    )
+
+
+@app.command()
+def train(
+    dataset: DatasetOpt = None,
+    data: DataOpt = None,
+    schema: SchemaOpt = None,
+    data_dir: DataDirOpt = None,
+    model: Annotated[str, typer.Option("--model", "-m", help=f"one of {', '.join(MODELS)}")] = "esmm",
+    out: Annotated[Path, typer.Option("--out", "-o", help="bundle directory to write")] = Path("runs/model"),
+    epochs: int = 3,
+    batch_size: int = 2048,
+    lr: float = 1e-3,
+    seed: int = 0,
+    patience: int = 1,
+    embedding_dim: int = 18,
+    tower: Annotated[str, typer.Option(help="tower hidden sizes")] = "360,200,80",
+    dropout: float = 0.0,
+    test_fraction: float = 0.2,
+    val_fraction: float = 0.1,
+    funnel_violations: FunnelOpt = None,
+    threads: int = 0,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing bundle")] = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Train a model, early-stopped on validation; evaluate on test; write a bundle."""
+    _check_choice(funnel_violations, ("error", "drop"), "--funnel-violations")
+    if out.exists() and not overwrite:
+        raise BundleError(f"{out} already exists; pass --overwrite to replace it")
+    model_cfg, train_cfg = _configs(model, epochs, batch_size, lr, seed, patience, embedding_dim, tower, dropout, threads)
+    sch = resolve_schema(schema, dataset) if (schema or data) else None
+    loaded = load_data(dataset, data=data, schema=sch, data_dir=data_dir, funnel_violations=funnel_violations)
+    _report_validation(loaded)
+    split_cfg = SplitConfig(test_fraction=test_fraction, val_fraction=val_fraction, seed=seed)
+    splits = split_data(loaded, split_cfg)
+    meta = {"dataset": dataset or loaded.schema.name, "sources": loaded.sources, "split": split_cfg.model_dump(), "command": " ".join(sys.argv)}
+    res = fit(splits, loaded.schema, model_cfg, train_cfg, quiet=quiet, meta=meta)
+    res.bundle.save(out, overwrite=overwrite)
+    console.print(_metric_table(f"{model} on {meta['dataset']} (best epoch {res.result.best_epoch})", {f"{model} ({k})": v for k, v in res.metrics.items()}))
+    console.print(f"bundle written to {out}")
+
+
+def _report_validation(loaded) -> None:
+    for rep in loaded.reports:
+        if rep.dropped_rows:
+            err.print(f"[yellow]dropped {len(rep.dropped_rows)} funnel-violating row(s) (conversion without click) from {rep.source}; first rows: {rep.dropped_rows[:10]}[/yellow]")
+
+
+@app.command()
+def evaluate(
+    bundle: Annotated[Path, typer.Option("--bundle", "-b", help="bundle directory")],
+    dataset: DatasetOpt = None,
+    data: DataOpt = None,
+    data_dir: DataDirOpt = None,
+    split: Annotated[str, typer.Option(help="for a built-in dataset: the split to evaluate (test, val)")] = "test",
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="write metrics JSON here")] = None,
+) -> None:
+    """Evaluate a bundle on a file, or on a built-in dataset's split (the split it was trained with)."""
+    b = Bundle.load(bundle)
+    if data is not None:
+        loaded = load_data(None, data=data, schema=b.schema)
+        frame = loaded.splits["all"]
+    else:
+        name = dataset or b.meta.get("dataset")
+        loaded = load_data(name, schema=b.schema, data_dir=data_dir)
+        cfg = SplitConfig.model_validate(b.meta.get("split", {}))
+        _check_choice(split, ("test", "val"), "--split")
+        frame = split_data(loaded, cfg)[split]
+    metrics = evaluate_split(b.model, b.encode(frame, with_labels=True), b.schema)
+    console.print(_metric_table(f"{bundle}", {b.model_config.name: metrics}))
+    if out is not None:
+        atomic_write_json(metrics, out)
+        console.print(f"metrics written to {out}")
+
+
+@app.command()
+def predict(
+    bundle: Annotated[Path, typer.Option("--bundle", "-b", help="bundle directory")],
+    data: Annotated[Path, typer.Option("--data", help="CSV/Parquet file to score (labels optional)")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Parquet file to write")] = Path("predictions.parquet"),
+) -> None:
+    """Score a file: writes its ids plus p_ctr, p_cvr, p_ctcvr per row, in input order."""
+    from mtrank.data.io import read_table
+
+    b = Bundle.load(bundle)
+    frame = predictions_frame(b, read_table(data), str(data))
+    atomic_write_parquet(frame, out)
+    console.print(f"wrote {frame.height:,} predictions to {out}")
+
+
+@app.command()
+def quickstart(
+    dataset: Annotated[str, typer.Option("--dataset", "-d", help=f"one of {', '.join(DATASETS)}")] = "simulated",
+    data_dir: DataDirOpt = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="run directory")] = Path("runs/quickstart"),
+    models: Annotated[str, typer.Option(help="comma-separated models")] = "esmm,base",
+    seeds: Annotated[int, typer.Option(help="repeat with seeds 0..N-1 and report mean ± std")] = 1,
+    epochs: int = 3,
+    batch_size: Annotated[int | None, typer.Option(help="rows per step (default: the dataset's, see mtrank.data.datasets)")] = None,
+    rows: Annotated[int, typer.Option(help="simulated impressions (simulated dataset only)")] = 1_000_000,
+    quiet: QuietOpt = False,
+) -> None:
+    """Simulate if needed → train ESMM and BASE → evaluate on held-out test → table + metrics.json."""
+    _check_choice(dataset, DATASETS, "--dataset")
+    names = [m.strip() for m in models.split(",") if m.strip()]
+    for m in names:
+        _check_choice(m, MODELS, "--models")
+    loaded = load_data(dataset, data_dir=data_dir if dataset != "simulated" else (data_dir or out / "data"), sim=SimConfig(rows=rows))
+    _report_validation(loaded)
+    runs: dict[str, list[dict]] = {m: [] for m in names}
+    for seed in range(seeds):
+        split_cfg = SplitConfig(seed=seed)
+        splits = split_data(loaded, split_cfg)
+        if seed == 0:
+            console.print(f"{dataset}: " + ", ".join(f"{k} {v.height:,} rows" for k, v in splits.items()))
+        for m in names:
+            model_cfg, train_cfg = _configs(m, epochs, batch_size or DATASETS[dataset].batch_size, 1e-3, seed, 1, 18, "360,200,80", 0.0, 0)
+            meta = {"dataset": dataset, "sources": loaded.sources, "split": split_cfg.model_dump(), "command": " ".join(sys.argv)}
+            res = fit(splits, loaded.schema, model_cfg, train_cfg, quiet=quiet, meta=meta)
+            res.bundle.save(out / f"{m}-seed{seed}", overwrite=True)
+            test = dict(res.metrics["test"], seconds=res.seconds, best_epoch=res.result.best_epoch)
+            runs[m].append(test)
+            if not quiet:
+                err.print(f"seed {seed} {m}: auc_ctr {_fmt(test['auc_ctr'])} auc_cvr_masked {_fmt(test['auc_cvr_masked'])} auc_ctcvr {_fmt(test['auc_ctcvr'])} ({res.seconds:.0f}s)")
+    summary = {m: _mean_std(r) for m, r in runs.items()}
+    keys = [k for k in SUMMARY if any(k in r[0] for r in runs.values())]
+    table = Table(title=f"{dataset}: test metrics, {seeds} seed(s)" + (" (mean ± std)" if seeds > 1 else ""))
+    table.add_column("model")
+    for k in keys:
+        table.add_column(k, justify="right")
+    for m, s in summary.items():
+        table.add_row(m, *[s[k]["text"] for k in keys])
+    console.print(table)
+    atomic_write_json({"dataset": dataset, "sources": loaded.sources, "seeds": seeds, "epochs": epochs, "runs": runs, "summary": summary}, out / "metrics.json")
+    console.print(f"metrics written to {out / 'metrics.json'}; bundles under {out}/")
+
+
+def _mean_std(runs: list[dict]) -> dict:
+    out = {}
+    for k in runs[0]:
+        vals = [r[k] for r in runs if isinstance(r.get(k), (int, float))]
+        if not vals:
+            out[k] = {"mean": None, "std": None, "text": "n/a"}
+            continue
+        mean = statistics.fmean(vals)
+        std = statistics.stdev(vals) if len(vals) > 1 else 0.0
+        out[k] = {"mean": mean, "std": std, "text": f"{mean:.4f} ± {std:.4f}" if len(vals) > 1 else f"{mean:.4f}"}
+    return out
+
+
+# Other parts of mtrank add their commands to `app` when their `commands` module is imported;
+# a part that is not there yet is simply absent from the CLI.
+COMMAND_MODULES = (
+    "mtrank.models.commands",  # benchmark
+    "mtrank.ranking.commands",  # quadrants, fuse
+    "mtrank.serve.commands",  # export, serve
+    "mtrank.report.commands",  # report
+    "mtrank.train.commands",  # distributed / streaming training
+)
+for _name in COMMAND_MODULES:
+    try:
+        importlib.import_module(_name)
+    except ModuleNotFoundError as _exc:
+        if _exc.name != _name:
+            raise
+
+
+def main() -> None:
+    """Entry point: run the app, turning mtrank's own errors into one-line messages."""
+    try:
+        app(standalone_mode=False)
+    except MtrankError as exc:
+        err.print(Text.assemble(("error: ", "bold red"), str(exc)), highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except Exception as exc:  # click usage errors and aborts
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.exceptions.Abort):
+            sys.exit(130)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+"""BASE: independent CTR and CVR models (the ESMM paper's baseline, Ma et al. 2018, §3.1).
+
+The CTR model is trained on all impressions; the CVR model, with its own embeddings, only on
+clicked impressions (its loss is masked by ``click``), which is exactly the conventional CVR
+training that suffers from sample selection bias. pCTCVR = pCTR × pCVR as in the paper.
+The two networks share no parameter, so one joint step is two independent steps.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mtrank.errors import ConfigError
+from mtrank.losses import TaskLoss
+from mtrank.models.config import FeatureSpec, ModelConfig
+from mtrank.models.layers import MLP, FeatureEmbedding, funnel_outputs
+
+
+class SingleTaskNet(nn.Module):
+    """Embedding + MLP producing one logit ``[B]``."""
+
+    def __init__(self, spec: FeatureSpec, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.embedding = FeatureEmbedding(spec.cardinalities, spec.n_numerical, cfg.embedding_dim)
+        self.tower = MLP(self.embedding.output_dim, cfg.tower, out=1, dropout=cfg.dropout)
+
+    def forward(self, categorical: torch.Tensor, numerical: torch.Tensor) -> torch.Tensor:
+        return self.tower(self.embedding(categorical, numerical)).squeeze(-1)
+
+
+class Base(nn.Module):
+    """Independent CTR model (all impressions) + CVR model (clicked impressions only).
+
+    Shapes: as :class:`mtrank.models.esmm.ESMM`.
+
+    Raises:
+        ConfigError: the dataset has no click → conversion funnel.
+    """
+
+    tasks = [
+        TaskLoss("ctr", label="click", outputs=("logit_ctr",)),
+        TaskLoss("cvr", label="conversion", outputs=("logit_cvr",), space="clicked", mask="click"),
+    ]
+
+    def __init__(self, spec: FeatureSpec, cfg: ModelConfig) -> None:
+        super().__init__()
+        if not spec.funnel:
+            raise ConfigError("BASE needs a funnel dataset (click and conversion labels)")
+        self.ctr_model = SingleTaskNet(spec, cfg)
+        self.cvr_model = SingleTaskNet(spec, cfg)
+
+    def forward(self, categorical: torch.Tensor, numerical: torch.Tensor) -> dict[str, torch.Tensor]:
+        return funnel_outputs(self.ctr_model(categorical, numerical), self.cvr_model(categorical, numerical))

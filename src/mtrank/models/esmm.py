@@ -1,0 +1,52 @@
+"""ESMM: Entire Space Multi-task Model (Ma et al., SIGIR 2018).
+
+Shared embeddings feed a CTR tower and a CVR tower. pCTCVR = pCTR × pCVR, and the loss is
+BCE(pCTR, click) + BCE(pCTCVR, click ∧ conversion) over all impressions (§2.2), so the CVR tower
+is trained over the entire space through the product, never on clicked rows alone. This avoids
+sample selection bias (SSB) and the data sparsity of clicked-only CVR training.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mtrank.errors import ConfigError
+from mtrank.losses import TaskLoss
+from mtrank.models.config import FeatureSpec, ModelConfig
+from mtrank.models.layers import MLP, FeatureEmbedding, funnel_outputs
+
+
+class ESMM(nn.Module):
+    """ESMM with shared embeddings (set ``options.shared_embedding=0`` for ESMM-NS).
+
+    Shapes: forward(categorical int64 ``[B, n_cat]``, numerical float32 ``[B, n_num]``) → dict of
+    ``[B]`` tensors: ``logit_ctr``, ``logit_cvr``, ``p_ctr``, ``p_cvr``, ``p_ctcvr``.
+
+    Raises:
+        ConfigError: the dataset has no click → conversion funnel.
+    """
+
+    tasks = [
+        TaskLoss("ctr", label="click", outputs=("logit_ctr",)),
+        TaskLoss("ctcvr", label="ctcvr", outputs=("logit_ctr", "logit_cvr"), kind="logit_product"),
+    ]
+
+    def __init__(self, spec: FeatureSpec, cfg: ModelConfig) -> None:
+        super().__init__()
+        if not spec.funnel:
+            raise ConfigError("ESMM needs a funnel dataset (click and conversion labels)")
+        self.shared_embedding = bool(cfg.options.get("shared_embedding", 1))
+        self.embedding = FeatureEmbedding(spec.cardinalities, spec.n_numerical, cfg.embedding_dim)
+        self.cvr_embedding = (
+            None if self.shared_embedding
+            else FeatureEmbedding(spec.cardinalities, spec.n_numerical, cfg.embedding_dim)
+        )
+        d = self.embedding.output_dim
+        self.ctr_tower = MLP(d, cfg.tower, out=1, dropout=cfg.dropout)
+        self.cvr_tower = MLP(d, cfg.tower, out=1, dropout=cfg.dropout)
+
+    def forward(self, categorical: torch.Tensor, numerical: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = self.embedding(categorical, numerical)
+        x_cvr = x if self.cvr_embedding is None else self.cvr_embedding(categorical, numerical)
+        return funnel_outputs(self.ctr_tower(x).squeeze(-1), self.cvr_tower(x_cvr).squeeze(-1))

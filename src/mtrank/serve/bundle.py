@@ -1,0 +1,158 @@
+"""The model bundle: everything predict and serve need, nothing pickled.
+
+A bundle is a directory::
+
+    config.json       format version, schema, model config, feature spec, training config,
+                      metrics, library versions
+    encoders.json     vocabularies and numerical statistics (see mtrank.data.encoders)
+    model.safetensors the weights
+
+It is written to a temporary sibling directory and renamed into place, so an interrupted save
+leaves the previous bundle intact; an existing bundle is replaced only with ``overwrite=True``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import tempfile
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+from pydantic import ValidationError
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import mtrank
+from mtrank.data.batch import EncodedData
+from mtrank.data.encoders import FeatureEncoder
+from mtrank.data.io import validate_frame
+from mtrank.data.schema import Schema
+from mtrank.errors import BundleError, MtrankError
+from mtrank.io_utils import atomic_replace_dir, atomic_write_json
+from mtrank.models import build_model
+from mtrank.models.config import FeatureSpec, ModelConfig
+from mtrank.train.trainer import predict
+
+FORMAT = "mtrank.bundle/1"
+FILES = ("config.json", "encoders.json", "model.safetensors")
+
+
+@dataclass
+class Bundle:
+    """A trained model with its encoders and schema.
+
+    Attributes:
+        model: the ``nn.Module`` (eval mode). encoder: fitted :class:`FeatureEncoder`.
+        schema: dataset :class:`Schema`. model_config: :class:`ModelConfig`.
+        spec: :class:`FeatureSpec`. meta: training config, metrics, versions (JSON-able).
+    """
+
+    model: nn.Module
+    encoder: FeatureEncoder
+    schema: Schema
+    model_config: ModelConfig
+    spec: FeatureSpec
+    meta: dict = field(default_factory=dict)
+
+    # -- persistence --------------------------------------------------------------------------
+    def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
+        """Write the bundle atomically.
+
+        Raises:
+            BundleError: ``path`` exists (and is not replaced) unless ``overwrite`` is True.
+        """
+        path = Path(path)
+        if path.exists() and not overwrite:
+            raise BundleError(f"{path} already exists; pass --overwrite (overwrite=True) to replace it")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+        try:
+            config = {
+                "format": FORMAT,
+                "created": datetime.now(UTC).isoformat(timespec="seconds"),
+                "versions": {"mtrank": mtrank.__version__, "torch": torch.__version__, "python": platform.python_version()},
+                "schema": self.schema.model_dump(mode="json"),
+                "model": self.model_config.model_dump(mode="json"),
+                "features": self.spec.model_dump(mode="json"),
+                "meta": self.meta,
+            }
+            atomic_write_json(config, staging / "config.json")
+            atomic_write_json(self.encoder.to_json(), staging / "encoders.json")
+            state = {k: v.detach().contiguous().cpu() for k, v in self.model.state_dict().items()}
+            save_file(state, str(staging / "model.safetensors"), metadata={"format": FORMAT})
+            atomic_replace_dir(staging, path)
+        except BaseException:
+            import shutil
+
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Bundle:
+        """Load a bundle (no pickle: JSON + safetensors only).
+
+        Raises:
+            BundleError: a file is missing, unreadable, tampered with (bad JSON, truncated
+                weights, wrong tensor shapes or names) or of an unknown format.
+        """
+        path = Path(path)
+        if not path.is_dir():
+            raise BundleError(f"no bundle at {path} (expected a directory holding {list(FILES)})")
+        missing = [f for f in FILES if not (path / f).is_file()]
+        if missing:
+            raise BundleError(f"bundle {path} is incomplete: missing {missing}")
+        try:
+            config = json.loads((path / "config.json").read_text())
+            enc_doc = json.loads((path / "encoders.json").read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise BundleError(f"bundle {path}: unreadable JSON ({exc})") from None
+        if not isinstance(config, dict) or config.get("format") != FORMAT:
+            raise BundleError(f"bundle {path}: unknown format {config.get('format') if isinstance(config, dict) else None!r}, expected {FORMAT!r}")
+        try:
+            schema = Schema.model_validate(config["schema"])
+            model_cfg = ModelConfig.model_validate(config["model"])
+            spec = FeatureSpec.model_validate(config["features"])
+        except (KeyError, ValidationError, MtrankError) as exc:
+            raise BundleError(f"bundle {path}: invalid config.json ({exc})") from None
+        encoder = FeatureEncoder.from_json(enc_doc)
+        if encoder.cardinalities != spec.cardinalities or len(encoder.numerical) != spec.n_numerical:
+            raise BundleError(f"bundle {path}: encoders.json does not match the feature spec in config.json")
+        try:
+            state = load_file(str(path / "model.safetensors"))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise BundleError(f"bundle {path}: cannot read model.safetensors ({exc})") from None
+        model = build_model(spec, model_cfg)
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            first = str(exc).splitlines()[0]
+            raise BundleError(f"bundle {path}: weights do not fit the model ({first} …)") from None
+        model.eval()
+        return cls(model, encoder, schema, model_cfg, spec, config.get("meta", {}))
+
+    @staticmethod
+    def digest(path: str | Path) -> str:
+        """sha256 over the bundle's three files (identifies a bundle in logs and /metadata)."""
+        h = hashlib.sha256()
+        for name in FILES:
+            h.update((Path(path) / name).read_bytes())
+        return h.hexdigest()
+
+    # -- inference ----------------------------------------------------------------------------
+    def encode(self, df: pl.DataFrame, source: str = "<table>", *, with_labels: bool = False) -> EncodedData:
+        """Validate and encode a table by column name (order-independent)."""
+        clean, _ = validate_frame(df, self.schema, source, require_labels=with_labels)
+        return EncodedData.from_frame(clean, self.schema, self.encoder, with_labels=with_labels)
+
+    def predict_arrays(self, data: EncodedData, batch_size: int = 8192) -> dict[str, np.ndarray]:
+        """Probabilities ``p_*`` ``[N]`` for encoded data."""
+        out = predict(self.model, data, batch_size)
+        return {k: v for k, v in out.items() if k.startswith("p_")}

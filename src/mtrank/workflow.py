@@ -1,0 +1,146 @@
+"""High-level jobs shared by the CLI and the Python API: load → split → encode → train →
+evaluate → bundle. Each step is a plain function so tests and notebooks can call them directly.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+
+from mtrank.data.batch import EncodedData
+from mtrank.data.datasets import DATASETS, LoadedData, load_table, resolve_data_dir
+from mtrank.data.encoders import FeatureEncoder
+from mtrank.data.schema import Schema
+from mtrank.data.simulate import SimConfig, write_simulated
+from mtrank.data.split import SplitConfig, split_data
+from mtrank.errors import ConfigError, SchemaError
+from mtrank.metrics.evaluate import evaluate_outputs
+from mtrank.models import build_model
+from mtrank.models.config import FeatureSpec, ModelConfig
+from mtrank.serve.bundle import Bundle
+from mtrank.train.trainer import TrainConfig, Trainer, TrainResult, predict
+
+
+def resolve_schema(spec: str | Path | None, dataset: str | None = None) -> Schema:
+    """A schema from a built-in dataset name, or from a YAML/JSON file."""
+    if spec is None and dataset is not None:
+        spec = dataset
+    if spec is None:
+        raise ConfigError("give --schema (a YAML file or a built-in dataset name) with --data")
+    if str(spec) in DATASETS:
+        return DATASETS[str(spec)].schema
+    return Schema.from_file(spec)
+
+
+def load_data(
+    dataset: str | None = None,
+    *,
+    data: str | Path | None = None,
+    schema: Schema | None = None,
+    data_dir: str | Path | None = None,
+    funnel_violations: str | None = None,
+    sim: SimConfig | None = None,
+) -> LoadedData:
+    """Load a built-in dataset (``dataset``) or a file (``data`` with ``schema``), validated.
+
+    For ``dataset="simulated"`` without ``data``, the simulator's Parquet file is read from
+    ``<data_dir>/simulated/simulated-<rows>-seed<seed>.parquet`` and generated first if absent.
+
+    Raises:
+        ConfigError: neither or an unknown dataset; DatasetNotFoundError: files absent;
+        DataError: the data fails validation.
+    """
+    if dataset is None and data is None:
+        raise ConfigError("give a built-in --dataset or a --data file")
+    if dataset is not None and dataset not in DATASETS:
+        raise ConfigError(f"unknown dataset {dataset!r}; built-in datasets: {sorted(DATASETS)}")
+    if schema is None:
+        if dataset is None:
+            raise SchemaError("a --data file needs a --schema (YAML file or built-in dataset name)")
+        schema = DATASETS[dataset].schema
+    if funnel_violations is not None:
+        schema = schema.model_copy(update={"funnel_violations": funnel_violations})
+    root = resolve_data_dir(data_dir)
+    if data is None and dataset == "simulated":
+        sim = sim or SimConfig()
+        data = root / "simulated" / f"simulated-{sim.rows}-seed{sim.seed}.parquet"
+        if not Path(data).exists():
+            write_simulated(sim, data)
+    if data is not None:
+        df, rep = load_table(data, schema)
+        return LoadedData(schema, {"all": df}, {"all": str(data)}, [rep])
+    info = DATASETS[dataset]
+    return info.loader(root, schema)
+
+
+@dataclass
+class FitOutput:
+    bundle: Bundle
+    result: TrainResult
+    metrics: dict[str, dict]
+    seconds: float
+
+
+def fit(
+    splits: dict[str, pl.DataFrame],
+    schema: Schema,
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    *,
+    quiet: bool = False,
+    meta: dict | None = None,
+) -> FitOutput:
+    """Fit encoders on train only, train the model with early stopping on val, and evaluate on
+    val and test. Returns the bundle (not yet saved) and metrics per split."""
+    start = time.perf_counter()
+    torch.manual_seed(train_cfg.seed)
+    encoder = FeatureEncoder.fit(splits["train"], schema)
+    encoded = {k: EncodedData.from_frame(v, schema, encoder) for k, v in splits.items() if v.height}
+    spec = FeatureSpec(
+        cardinalities=encoder.cardinalities,
+        n_numerical=len(encoder.numerical),
+        funnel=schema.is_funnel,
+        task_names=list(schema.tasks),
+    )
+    model = build_model(spec, model_cfg)
+    trainer = Trainer(train_cfg, schema, quiet=quiet)
+    result = trainer.fit(model, encoded["train"], encoded.get("val"))
+    metrics = {name: evaluate_split(model, data, schema) for name, data in encoded.items() if name != "train"}
+    seconds = time.perf_counter() - start
+    bundle_meta = {
+        **(meta or {}),
+        "train": train_cfg.model_dump(mode="json"),
+        "rows": {k: v.height for k, v in splits.items()},
+        "best_epoch": result.best_epoch,
+        "stopped_early": result.stopped_early,
+        "history": [asdict(h) for h in result.history],
+        "metrics": metrics,
+        "seconds": seconds,
+    }
+    bundle = Bundle(model, encoder, schema, model_cfg, spec, bundle_meta)
+    return FitOutput(bundle, result, metrics, seconds)
+
+
+def evaluate_split(model: torch.nn.Module, data: EncodedData, schema: Schema) -> dict:
+    """All named metrics of ``model`` on one encoded split."""
+    out = predict(model, data)
+    labels = {k: v.numpy() for k, v in data.labels.items()}
+    return evaluate_outputs(out, labels, schema, data.side)
+
+
+def predictions_frame(bundle: Bundle, df: pl.DataFrame, source: str) -> pl.DataFrame:
+    """Score a table: its id / price / passthrough columns plus ``p_ctr``, ``p_cvr``, ``p_ctcvr``
+    (or ``p_<task>``), row for row in input order."""
+    data = bundle.encode(df, source)
+    probs = bundle.predict_arrays(data)
+    keep = [c for c in dict.fromkeys([bundle.schema.request_id, bundle.schema.user_id, bundle.schema.item_id, bundle.schema.price, *bundle.schema.passthrough]) if c and c in df.columns]
+    out = df.select(keep) if keep else pl.DataFrame()
+    return out.with_columns(pl.Series(k, v.astype(np.float64)) for k, v in probs.items()) if keep else pl.DataFrame({k: v.astype(np.float64) for k, v in probs.items()})
+
+
+__all__ = ["FitOutput", "SplitConfig", "evaluate_split", "fit", "load_data", "predictions_frame", "resolve_schema", "split_data"]

@@ -1,0 +1,51 @@
+"""Shared fixtures. The real data is read from ../shared/data (never copied into the repo)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from mtrank.data.batch import Batch
+from mtrank.data.simulate import SIMULATED_SCHEMA, SimConfig, simulate
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("MTRANK_TEST_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.fail(f"the shared test data is missing: {SHARED_DATA} (set MTRANK_TEST_DATA)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def small_sim() -> pl.DataFrame:
+    """40k simulated impressions, shared by tests that need a learnable funnel."""
+    return simulate(SimConfig(rows=40_000, n_users=2_000, n_items=500, cvr=0.2, seed=7))
+
+
+@pytest.fixture()
+def sim_schema():
+    return SIMULATED_SCHEMA
+
+
+def make_batch(n: int = 8, n_cat: int = 2, n_num: int = 1, seed: int = 0) -> Batch:
+    g = torch.Generator().manual_seed(seed)
+    click = (torch.rand(n, generator=g) < 0.5).float()
+    conv = click * (torch.rand(n, generator=g) < 0.5).float()
+    return Batch(
+        categorical=torch.randint(0, 5, (n, n_cat), generator=g),
+        numerical=torch.randn(n, n_num, generator=g),
+        labels={"click": click, "conversion": conv, "ctcvr": click * conv},
+    )
+
+
+@pytest.fixture()
+def rng() -> np.random.Generator:
+    return np.random.default_rng(0)

@@ -1,0 +1,92 @@
+"""The command line, end to end, as a user runs it (subprocesses)."""
+
+import json
+import subprocess
+import sys
+
+import polars as pl
+import pytest
+
+
+def mtrank(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "mtrank", *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def sim_file(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sim") / "sim.parquet"
+    r = mtrank("simulate", "--rows", 30_000, "--n-items", 300, "--n-users", 1000, "--cvr", 0.2, "--out", out)
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def bundle(sim_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "esmm"
+    r = mtrank("train", "--data", sim_file, "--schema", "simulated", "--epochs", 1, "--tower", "32,16", "--out", out, "-q")
+    assert r.returncode == 0, r.stderr
+    assert "auc_cvr_masked" in r.stdout and "bundle written" in r.stdout
+    return out
+
+
+def test_train_predict_evaluate(bundle, sim_file, tmp_path):
+    preds = tmp_path / "p.parquet"
+    r = mtrank("predict", "--bundle", bundle, "--data", sim_file, "--out", preds)
+    assert r.returncode == 0, r.stderr
+    df = pl.read_parquet(preds)
+    assert df.height == 30_000 and {"p_ctr", "p_cvr", "p_ctcvr", "request_id"} <= set(df.columns)
+    assert (df["p_ctcvr"] <= df["p_ctr"]).all()
+    metrics = tmp_path / "m.json"
+    r = mtrank("evaluate", "--bundle", bundle, "--data", sim_file, "--out", metrics)
+    assert r.returncode == 0, r.stderr
+    m = json.loads(metrics.read_text())
+    assert m["n_impressions"] == 30_000 and 0.5 < m["auc_ctr"] < 1
+
+
+def test_quickstart_on_hillstrom(shared_data, tmp_path):
+    r = mtrank("quickstart", "--dataset", "hillstrom", "--data-dir", shared_data, "--epochs", 1, "--out", tmp_path / "qs", "-q")
+    assert r.returncode == 0, r.stderr
+    m = json.loads((tmp_path / "qs" / "metrics.json").read_text())
+    assert set(m["summary"]) == {"esmm", "base"}
+    for model in ("esmm", "base"):
+        run = m["runs"][model][0]
+        assert run["n_impressions"] == 12_800
+        assert 0.55 < run["auc_ctr"] < 0.75
+    assert (tmp_path / "qs" / "esmm-seed0" / "model.safetensors").exists()
+
+
+def test_quickstart_simulated_small(tmp_path):
+    r = mtrank("quickstart", "--rows", 20_000, "--epochs", 1, "--out", tmp_path / "qs", "-q")
+    assert r.returncode == 0, r.stderr
+    assert "esmm" in r.stdout and "base" in r.stdout
+    assert (tmp_path / "qs" / "data" / "simulated" / "simulated-20000-seed0.parquet").exists()
+
+
+@pytest.mark.parametrize(
+    "args,fragment",
+    [
+        (["train", "--dataset", "hillstrom", "--data-dir", "/nonexistent"], "none of"),
+        (["train", "--dataset", "nope"], "unknown dataset"),
+        (["train", "--dataset", "hillstrom", "--model", "nope"], "--model must be one of"),
+        (["predict", "--bundle", "/nonexistent", "--data", "x.csv"], "no bundle at"),
+    ],
+)
+def test_errors_are_one_clear_line(args, fragment, tmp_path):
+    r = mtrank(*args, "--out" if args[0] == "train" else "--out", tmp_path / "o", cwd=tmp_path)
+    assert r.returncode == 2
+    assert fragment in r.stderr
+    assert "Traceback" not in r.stderr + r.stdout
+
+
+def test_bad_data_file_error_names_file_column_row(tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("click,buy,item\n1,1,a\n0,1,b\n" + "1,0,c\n0,0,d\n" * 10)
+    schema = tmp_path / "s.yaml"
+    schema.write_text("click: click\nconversion: buy\ncategorical: [item]\n")
+    r = mtrank("train", "--data", bad, "--schema", schema, "--out", tmp_path / "o")
+    assert r.returncode == 2
+    assert "bad.csv" in r.stderr and "'buy'" in r.stderr and "row 2" in r.stderr
+    assert "Traceback" not in r.stderr
+    r = mtrank("train", "--data", bad, "--schema", schema, "--out", tmp_path / "o", "--funnel-violations", "drop", "--epochs", 1, "-q")
+    assert r.returncode == 0, r.stderr
+    assert "dropped 1 funnel-violating row" in r.stderr
