@@ -121,6 +121,9 @@ def train(
     val_fraction: float = 0.1,
     funnel_violations: FunnelOpt = None,
     threads: int = 0,
+    checkpoint_dir: Annotated[Path | None, typer.Option(help="checkpoint directory (default: OUT.ckpt); written every epoch")] = None,
+    checkpoint_every: Annotated[int, typer.Option(help="also checkpoint every N steps (0 = epoch ends only)")] = 0,
+    resume: Annotated[bool, typer.Option("--resume", help="continue an interrupted run from its checkpoint")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing bundle")] = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -135,7 +138,8 @@ def train(
     split_cfg = SplitConfig(test_fraction=test_fraction, val_fraction=val_fraction, seed=seed)
     splits = split_data(loaded, split_cfg)
     meta = {"dataset": dataset or loaded.schema.name, "sources": loaded.sources, "split": split_cfg.model_dump(), "command": " ".join(sys.argv)}
-    res = fit(splits, loaded.schema, model_cfg, train_cfg, quiet=quiet, meta=meta)
+    ckpt = checkpoint_dir or out.with_name(out.name + ".ckpt")
+    res = fit(splits, loaded.schema, model_cfg, train_cfg, quiet=quiet, meta=meta, checkpoint=ckpt, checkpoint_every=checkpoint_every, resume=resume)
     res.bundle.save(out, overwrite=overwrite)
     console.print(_metric_table(f"{model} on {meta['dataset']} (best epoch {res.result.best_epoch})", {f"{model} ({k})": v for k, v in res.metrics.items()}))
     console.print(f"bundle written to {out}")

@@ -94,9 +94,15 @@ def fit(
     *,
     quiet: bool = False,
     meta: dict | None = None,
+    checkpoint: Path | None = None,
+    checkpoint_every: int = 0,
+    resume: bool = False,
 ) -> FitOutput:
     """Fit encoders on train only, train the model with early stopping on val, and evaluate on
-    val and test. Returns the bundle (not yet saved) and metrics per split."""
+    val and test. Returns the bundle (not yet saved) and metrics per split.
+
+    ``checkpoint``, ``checkpoint_every`` and ``resume`` are passed to :meth:`Trainer.fit`.
+    """
     start = time.perf_counter()
     torch.manual_seed(train_cfg.seed)
     encoder = FeatureEncoder.fit(splits["train"], schema)
@@ -109,7 +115,10 @@ def fit(
     )
     model = build_model(spec, model_cfg)
     trainer = Trainer(train_cfg, schema, quiet=quiet)
-    result = trainer.fit(model, encoded["train"], encoded.get("val"))
+    result = trainer.fit(
+        model, encoded["train"], encoded.get("val"),
+        checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume,
+    )
     metrics = {name: evaluate_split(model, data, schema) for name, data in encoded.items() if name != "train"}
     seconds = time.perf_counter() - start
     bundle_meta = {

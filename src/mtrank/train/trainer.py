@@ -11,7 +11,8 @@ import copy
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -24,6 +25,7 @@ from mtrank.data.schema import Schema
 from mtrank.errors import ConfigError
 from mtrank.losses import TaskLoss, task_loss_sum, total_loss
 from mtrank.metrics.evaluate import evaluate_outputs
+from mtrank.train.checkpoint import load_checkpoint, save_checkpoint
 
 
 class TrainConfig(BaseModel):
@@ -134,10 +136,30 @@ class Trainer:
         value = metrics[self.config.monitor]
         return None if value is None else float(value)
 
-    def fit(self, model: nn.Module, train: BatchSource, val: EncodedData | None = None) -> TrainResult:
+    def fit(
+        self,
+        model: nn.Module,
+        train: BatchSource,
+        val: EncodedData | None = None,
+        *,
+        checkpoint: Path | None = None,
+        checkpoint_every: int = 0,
+        resume: bool = False,
+    ) -> TrainResult:
         """Train ``model`` in place and leave it holding the best validation epoch's weights.
 
         Without a validation split every epoch runs and the last one is kept.
+
+        Args:
+            checkpoint: directory for checkpoints (written at each epoch end, and every
+                ``checkpoint_every`` steps when > 0), see :mod:`mtrank.train.checkpoint`.
+            resume: continue from ``checkpoint`` (same data, model and config) exactly where it
+                stopped: weights, Adam moments, RNG states and the position inside the epoch
+                are restored, so the result equals an uninterrupted run.
+
+        Raises:
+            ConfigError: ``resume`` without a usable checkpoint, or one made with another config.
+            FloatingPointError: the training loss became NaN or infinite.
         """
         cfg = self.config
         if cfg.threads:
@@ -148,13 +170,57 @@ class Trainer:
         result = TrainResult(best_epoch=0, best_score=None)
         best_state = None
         bad_epochs = 0
+        start_epoch, skip, running, seen = 1, 0, 0.0, 0
+        if resume:
+            if checkpoint is None or not Path(checkpoint).exists():
+                raise ConfigError(f"--resume: no checkpoint found at {checkpoint}")
+            ck = load_checkpoint(Path(checkpoint))
+            if ck.meta.get("config") != cfg.model_dump(mode="json"):
+                raise ConfigError(
+                    f"--resume: the checkpoint at {checkpoint} was made with another training "
+                    f"config {ck.meta.get('config')}; use the same options"
+                )
+            model.load_state_dict(ck.model)
+            optimizer.load_state_dict(ck.optimizer)
+            best_state = ck.best
+            torch.set_rng_state(ck.rng["torch"])
+            gen.set_state(ck.rng["epoch_start"])
+            start_epoch, skip = ck.meta["epoch"], ck.meta["batches_done"]
+            running, seen = ck.meta["running"], ck.meta["seen"]
+            result = TrainResult(
+                best_epoch=ck.meta["best_epoch"], best_score=ck.meta["best_score"],
+                history=[EpochLog(**h) for h in ck.meta["history"]],
+            )
+            bad_epochs = ck.meta["bad_epochs"]
+            if ck.meta.get("stopped"):
+                start_epoch = cfg.epochs + 1
+
+        def save(epoch: int, done: int, epoch_start: torch.Tensor, stopped: bool = False) -> None:
+            if checkpoint is None:
+                return
+            save_checkpoint(
+                Path(checkpoint), model, optimizer, best_state,
+                {"torch": torch.get_rng_state(), "epoch_start": epoch_start},
+                {
+                    "epoch": epoch, "batches_done": done, "running": running, "seen": seen,
+                    "best_epoch": result.best_epoch, "best_score": result.best_score,
+                    "bad_epochs": bad_epochs, "stopped": stopped,
+                    "history": [asdict(h) for h in result.history],
+                    "config": cfg.model_dump(mode="json"),
+                },
+            )
+
         n_batches = (len(train) + cfg.batch_size - 1) // cfg.batch_size
-        for epoch in range(1, cfg.epochs + 1):
+        for epoch in range(start_epoch, cfg.epochs + 1):
             model.train()
+            epoch_start = gen.get_state()
             start = time.perf_counter()
-            running, seen = 0.0, 0
-            bar = tqdm(total=n_batches, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", disable=self.quiet, leave=False)
-            for batch in train.batches(cfg.batch_size, shuffle=True, generator=gen):
+            if skip == 0:
+                running, seen = 0.0, 0
+            bar = tqdm(total=n_batches, initial=skip, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", disable=self.quiet, leave=False)
+            for i, batch in enumerate(train.batches(cfg.batch_size, shuffle=True, generator=gen)):
+                if i < skip:
+                    continue
                 out = model(batch.categorical, batch.numerical)
                 loss, _ = total_loss(model.tasks, out, batch)
                 if not torch.isfinite(loss):
@@ -170,6 +236,9 @@ class Trainer:
                 bar.update(1)
                 if bar.n % 20 == 0:
                     bar.set_postfix(loss=f"{running / seen:.4f}")
+                if checkpoint_every and (i + 1) % checkpoint_every == 0 and i + 1 < n_batches:
+                    save(epoch, i + 1, epoch_start)
+            skip = 0
             bar.close()
             seconds = time.perf_counter() - start
             val_loss, metrics = None, {}
@@ -180,17 +249,23 @@ class Trainer:
                 EpochLog(epoch, running / max(seen, 1), val_loss, metrics, seconds, seen / max(seconds, 1e-9))
             )
             score = self._score(val_loss, metrics)
+            stop = False
             if val is None or (score is not None and (result.best_score is None or score > result.best_score)):
                 result.best_epoch, result.best_score = epoch, score
                 best_state = copy.deepcopy(model.state_dict())
                 bad_epochs = 0
             else:
                 bad_epochs += 1
-                if bad_epochs > cfg.patience:
-                    result.stopped_early = True
-                    break
+                stop = bad_epochs > cfg.patience
+            running, seen = 0.0, 0
+            save(epoch + 1, 0, gen.get_state(), stopped=stop)
+            if stop:
+                result.stopped_early = True
+                break
         if best_state is not None:
             model.load_state_dict(best_state)
+        elif result.history:
+            result.best_epoch = result.history[-1].epoch  # no usable validation score: keep the last
         if result.best_score is not None and not math.isfinite(result.best_score):
             result.best_score = None
         model.eval()

@@ -1,0 +1,86 @@
+"""Training checkpoints without pickle: tensors in safetensors, everything else in JSON.
+
+A checkpoint directory holds ``state.safetensors`` (model weights ``model.*``, the best epoch's
+weights ``best.*``, Adam moments ``optim.<param index>.<name>``, RNG states ``rng.*``) and
+``trainer.json`` (epoch, batches done in that epoch, running loss, history, early-stopping
+state, optimizer hyperparameters, the training config). It is written to a staging directory
+and renamed into place, so a kill at any moment leaves the previous checkpoint whole.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from mtrank.errors import ConfigError
+from mtrank.io_utils import atomic_replace_dir, atomic_write_json
+
+STATE = "state.safetensors"
+META = "trainer.json"
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: ``meta`` (JSON) and the tensors, split by prefix."""
+
+    meta: dict
+    model: dict[str, torch.Tensor]
+    best: dict[str, torch.Tensor] | None
+    optimizer: dict
+    rng: dict[str, torch.Tensor]
+
+
+def save_checkpoint(
+    path: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    best_state: dict[str, torch.Tensor] | None,
+    rng: dict[str, torch.Tensor],
+    meta: dict,
+) -> None:
+    """Atomically write a checkpoint directory at ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {f"model.{k}": v for k, v in model.state_dict().items()}
+    if best_state is not None:
+        tensors.update({f"best.{k}": v for k, v in best_state.items()})
+    opt = optimizer.state_dict()
+    for idx, state in opt["state"].items():
+        for name, value in state.items():
+            tensors[f"optim.{idx}.{name}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    tensors.update({f"rng.{k}": v for k, v in rng.items()})
+    tensors = {k: v.detach().contiguous().cpu().clone() for k, v in tensors.items()}
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    save_file(tensors, str(staging / STATE))
+    atomic_write_json({**meta, "param_groups": opt["param_groups"]}, staging / META)
+    atomic_replace_dir(staging, path)
+
+
+def load_checkpoint(path: Path) -> Checkpoint:
+    """Read a checkpoint directory. Raises ConfigError if it is missing or unreadable."""
+    path = Path(path)
+    try:
+        meta = json.loads((path / META).read_text())
+        tensors = load_file(str(path / STATE))
+    except (OSError, json.JSONDecodeError, SafetensorError) as exc:
+        raise ConfigError(f"cannot resume: no readable checkpoint at {path} ({exc})") from None
+    model, best, rng, optim_state = {}, {}, {}, {}
+    for key, value in tensors.items():
+        kind, rest = key.split(".", 1)
+        if kind == "model":
+            model[rest] = value
+        elif kind == "best":
+            best[rest] = value
+        elif kind == "rng":
+            rng[rest] = value
+        elif kind == "optim":
+            idx, name = rest.split(".", 1)
+            optim_state.setdefault(int(idx), {})[name] = value
+    optimizer = {"state": optim_state, "param_groups": meta.pop("param_groups")}
+    return Checkpoint(meta, model, best or None, optimizer, rng)

@@ -1,0 +1,340 @@
+"""Issue 8: a corpus of the failure kinds that public ESMM/MMoE issue trackers report again and
+again, one table row per case. A row is (id, action, expectation): the action builds the input
+and runs mtrank on it; the expectation is an exact error class plus message fragment
+(:class:`Raises`) or a predicate on the returned value. A new case is one line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from mtrank.data.datasets import load_table
+from mtrank.data.encoders import MISSING, OOV, CategoricalEncoder, FeatureEncoder, NumericalEncoder
+from mtrank.data.schema import Schema
+from mtrank.errors import BundleError, DataError
+from mtrank.losses import TaskLoss, binary_cross_entropy
+from mtrank.metrics import auc, gauc
+
+SCHEMA = Schema(name="t", click="click", conversion="buy", categorical=["item"], numerical=["x"])
+HEADER = "click,buy,item,x\n"
+CTCVR = TaskLoss("ctcvr", label="ctcvr", outputs=("a", "b"), kind="logit_product")
+
+
+@dataclass(frozen=True)
+class Raises:
+    error: type[Exception]
+    fragment: str
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    action: Callable[[Path], object]
+    expect: Raises | Callable[[object], bool]
+
+
+# --- actions ---------------------------------------------------------------------------------
+
+def csv(text: str | bytes, schema: Schema = SCHEMA) -> Callable[[Path], object]:
+    def run(tmp: Path):
+        p = tmp / "data.csv"
+        p.write_bytes(text if isinstance(text, bytes) else text.encode())
+        return load_table(p, schema)
+
+    return run
+
+
+def encode_cat(train: list, test: list) -> Callable[[Path], object]:
+    return lambda tmp: CategoricalEncoder.fit(pl.Series("c", train)).transform(pl.Series("c", test))
+
+
+def ctcvr_loss(a: float, b: float, y: float) -> Callable[[Path], object]:
+    def run(tmp: Path):
+        ta, tb = torch.tensor([a], requires_grad=True), torch.tensor([b], requires_grad=True)
+        loss = binary_cross_entropy(CTCVR, {"a": ta, "b": tb}, torch.tensor([y])).sum()
+        loss.backward()
+        return float(loss.detach()), float(ta.grad.abs() + tb.grad.abs())
+
+    return run
+
+
+def finite_and_moving(r) -> bool:
+    loss, grad = r
+    return np.isfinite(loss) and np.isfinite(grad) and grad > 0
+
+
+def autocast_step(tmp: Path):
+    from mtrank.losses import total_loss
+    from mtrank.models import build_model
+    from mtrank.models.config import FeatureSpec, ModelConfig
+    from tests.conftest import make_batch
+
+    torch.manual_seed(0)
+    model = build_model(FeatureSpec(cardinalities=[7, 7], n_numerical=1), ModelConfig(tower=[32, 16]))
+    batch = make_batch(256)
+    fp32, _ = total_loss(model.tasks, model(batch.categorical, batch.numerical), batch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16, _ = total_loss(model.tasks, model(batch.categorical, batch.numerical), batch)
+    bf16.backward()
+    return float(fp32.detach()), float(bf16.detach()), all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def gauc_mixed(tmp: Path):
+    y = np.array([0, 0, 1, 1, 1, 0, 1])
+    p = np.array([0.1, 0.6, 0.4, 0.9, 0.3, 0.5, 0.8])  # "mix": 1 of 2 pairs ordered → 0.5
+    g = np.array(["neg", "neg", "pos", "pos", "mix", "mix", "mix"])
+    return gauc(y, p, g)
+
+
+def evaluate_twice(tmp: Path):
+    from mtrank.data.simulate import SIMULATED_SCHEMA
+    from mtrank.metrics.evaluate import evaluate_outputs
+
+    rng = np.random.default_rng(0)
+
+    def data(n):
+        c = (rng.random(n) < 0.3).astype(float)
+        out = {"p_ctr": rng.random(n), "p_cvr": rng.random(n)}
+        out["p_ctcvr"] = out["p_ctr"] * out["p_cvr"]
+        return out, {"click": c, "conversion": c, "ctcvr": c}
+
+    a, b = data(500), data(300)
+    first = evaluate_outputs(*a, SIMULATED_SCHEMA)
+    evaluate_outputs(*b, SIMULATED_SCHEMA)
+    return first == evaluate_outputs(*a, SIMULATED_SCHEMA) and first["n_impressions"] == 500
+
+
+def hashseed_vocab(tmp: Path):
+    code = (
+        "import polars as pl, json; from mtrank.data.encoders import CategoricalEncoder;"
+        "e = CategoricalEncoder.fit(pl.Series('c', ['apple', 'kiwi', 'fig', 'kiwi', 'z' * 40]));"
+        "print(json.dumps([e.values, e.transform(pl.Series('c', ['fig', 'kiwi', 'nope']))[0].tolist()]))"
+    )
+    outs = []
+    for seed in ("1", "12345"):
+        env = dict(os.environ, PYTHONHASHSEED=seed)
+        outs.append(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout)
+    return outs
+
+
+def fit_tiny(schema: Schema, df: pl.DataFrame, batch_size: int = 16):
+    from mtrank.models.config import ModelConfig
+    from mtrank.train.trainer import TrainConfig
+    from mtrank.workflow import fit
+
+    splits = {"train": df.head(60), "val": df.slice(60, 20), "test": df.tail(20)}
+    return fit(splits, schema, ModelConfig(tower=[8], embedding_dim=4), TrainConfig(epochs=1, batch_size=batch_size), quiet=True)
+
+
+def tiny_funnel(n: int = 100) -> pl.DataFrame:
+    rng = np.random.default_rng(0)
+    click = (rng.random(n) < 0.4).astype(np.int8)
+    return pl.DataFrame({
+        "click": click, "buy": (click * (rng.random(n) < 0.5)).astype(np.int8),
+        "item": rng.integers(0, 5, n), "x": rng.normal(size=n),
+    })
+
+
+def only(kind: str):
+    def run(tmp: Path):
+        schema = Schema(click="click", conversion="buy", **({"numerical": ["x"]} if kind == "dense" else {"categorical": ["item"]}))
+        res = fit_tiny(schema, tiny_funnel())
+        return res.metrics["test"]["n_impressions"]
+
+    return run
+
+
+def batch_size_one(tmp: Path):
+    res = fit_tiny(SCHEMA, tiny_funnel(), batch_size=1)
+    return res.metrics["test"]["n_impressions"], res.bundle.predict_arrays(res.bundle.encode(tiny_funnel().head(1)))["p_ctr"].shape
+
+
+def reload_fresh_process(tmp: Path):
+    from mtrank.workflow import predictions_frame
+
+    res = fit_tiny(SCHEMA, tiny_funnel())
+    res.bundle.save(tmp / "b")
+    df = tiny_funnel().tail(20)
+    df.write_parquet(tmp / "rows.parquet")
+    here = predictions_frame(res.bundle, df, "rows")
+    code = (
+        "import polars as pl, sys; from mtrank.serve.bundle import Bundle; from mtrank.workflow import predictions_frame;"
+        f"b = Bundle.load({str(tmp / 'b')!r}); predictions_frame(b, pl.read_parquet({str(tmp / 'rows.parquet')!r}), 'r').write_parquet({str(tmp / 'out.parquet')!r})"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, env=dict(os.environ, PYTHONHASHSEED="99"))
+    return here.equals(pl.read_parquet(tmp / "out.parquet"))
+
+
+def reordered_columns(tmp: Path):
+    from mtrank.workflow import predictions_frame
+
+    res = fit_tiny(SCHEMA, tiny_funnel())
+    df = tiny_funnel().tail(20)
+    return predictions_frame(res.bundle, df, "a").equals(predictions_frame(res.bundle, df.select(["x", "item", "buy", "click"]), "b"))
+
+
+def interrupted_bundle_write(tmp: Path):
+    import mtrank.serve.bundle as bundle_mod
+    from mtrank.serve.bundle import Bundle
+
+    res = fit_tiny(SCHEMA, tiny_funnel())
+    path = res.bundle.save(tmp / "b")
+    before = Bundle.digest(path)
+    with pytest.raises(BundleError, match="already exists"):
+        res.bundle.save(path)
+    original = bundle_mod.save_file
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt  # the process is interrupted half-way through the write
+
+    bundle_mod.save_file = crash
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            res.bundle.save(path, overwrite=True)
+    finally:
+        bundle_mod.save_file = original
+    return Bundle.digest(path) == before and sorted(p.name for p in tmp.iterdir()) == ["b"]
+
+
+def tampered_bundle(damage: Callable[[Path], None]):
+    def run(tmp: Path):
+        from mtrank.serve.bundle import Bundle
+
+        res = fit_tiny(SCHEMA, tiny_funnel())
+        path = res.bundle.save(tmp / "b")
+        damage(path)
+        return Bundle.load(path)
+
+    return run
+
+
+def wrong_shape(path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(path / "model.safetensors"))
+    key = next(k for k in state if k.endswith("weight"))
+    state[key] = torch.zeros(3, 3)
+    save_file(state, str(path / "model.safetensors"))
+
+
+def no_pickle_anywhere(tmp: Path):
+    src = Path(__file__).resolve().parents[1] / "src"
+    hits = []
+    for f in src.rglob("*.py"):
+        text = f.read_text()
+        for needle in ("import pickle", "torch.load(", "torch.save(", "cloudpickle", "joblib"):
+            if needle in text:
+                hits.append(f"{f.name}: {needle}")
+    return hits
+
+
+# --- the table -------------------------------------------------------------------------------
+
+CASES = [
+    Case("01-feature-identical-to-conversion", csv("click,buy,item,x,leak\n" + "1,1,a,0.1,1\n1,0,b,0.2,0\n0,0,c,0.3,0\n", Schema(click="click", conversion="buy", categorical=["item", "leak"], numerical=["x"])), Raises(DataError, "'leak' is identical to label column 'buy'")),
+    Case("02-conversion-without-click", csv(HEADER + "1,1,a,1\n0,1,b,1\n0,0,c,1\n0,1,d,1\n"), Raises(DataError, "2 row(s) with buy=1 but click=0")),
+    Case("02-conversion-without-click-rows", lambda t: _rows_of(csv(HEADER + "1,1,a,1\n0,1,b,1\n0,0,c,1\n0,1,d,1\n"), t), lambda r: r == [2, 4]),
+    Case("02-drop-policy", csv(HEADER + "1,1,a,1\n0,1,b,1\n0,0,c,1\n0,1,d,1\n", SCHEMA.model_copy(update={"funnel_violations": "drop"})), lambda r: r[0].height == 2 and r[1].dropped_rows == [2, 4]),
+    Case("03-label-2", csv(HEADER + "0,0,a,1\n2,0,a,1\n"), Raises(DataError, "column 'click'; row 2] 1 label value(s) that are not 0 or 1, e.g. 2")),
+    Case("03-label-minus-1", csv(HEADER + "0,0,a,1\n-1,0,a,1\n"), Raises(DataError, "not 0 or 1, e.g. -1")),
+    Case("03-label-half", csv(HEADER + "0,0,a,1\n0.5,0,a,1\n"), Raises(DataError, "not 0 or 1, e.g. 0.5")),
+    Case("03-label-yes", csv(HEADER + "0,0,a,1\nyes,0,a,1\n"), Raises(DataError, "non-numeric label value(s), e.g. 'yes'")),
+    Case("03-label-empty", csv(HEADER + "0,0,a,1\n,0,a,1\n"), Raises(DataError, "column 'click'; row 2] 1 missing label")),
+    Case("04-pctr-pcvr-exactly-one-negative", ctcvr_loss(200.0, 200.0, 0.0), finite_and_moving),
+    Case("04-logits-minus-50-positive", ctcvr_loss(-50.0, -50.0, 1.0), lambda r: finite_and_moving(r) and abs(r[0] - 100.0) < 1e-3),
+    Case("05-bf16-autocast-step", autocast_step, lambda r: abs(r[0] - r[1]) < 1e-2 and r[2]),
+    Case("06-gauc-skips-single-class-users", gauc_mixed, lambda r: r.groups_used == 1 and r.groups_skipped == 2 and abs(r.value - 0.5) < 1e-12),
+    Case("06-all-one-class-auc-undefined", lambda t: auc(np.zeros(10), np.linspace(0, 1, 10)), lambda r: r is None),
+    Case("07-evaluation-has-no-state", evaluate_twice, lambda r: r is True),
+    Case("08-id-larger-than-any-seen", encode_cat([1, 2, 3], [10**15]), lambda r: r[0].tolist() == [OOV] and r[2] == 1),
+    Case("08-nan-id", encode_cat([1.0, 2.0], [float("nan")]), lambda r: r[0].tolist() == [MISSING] and r[1] == 1),
+    Case("08-empty-string-id", encode_cat(["a", "b"], [""]), lambda r: r[0].tolist() == [MISSING]),
+    Case("08-id-seen-only-in-validation", encode_cat(["a", "b"], ["only-in-val"]), lambda r: r[0].tolist() == [OOV]),
+    Case("09-zero-never-seen-is-oov-not-alias", encode_cat([1, 2, 2], [0, 1, 2]), lambda r: r[0].tolist() == [OOV, 3, 2]),
+    Case("10-same-vocab-under-any-hashseed", hashseed_vocab, lambda r: r[0] == r[1] and json.loads(r[0])[1] == [4, 2, OOV]),
+    Case("11-dense-negative-nan-empty", lambda t: NumericalEncoder.fit(load_table(_write(t, "click,buy,item,x\n0,0,a,-3\n0,0,a,-1\n0,0,a,0\n0,0,a,5\n0,0,a,NaN\n0,0,a,\n"), SCHEMA)[0]["x"]).transform(load_table(t / "d.csv", SCHEMA)[0]["x"])[0], lambda r: np.isfinite(r).all() and r[4] == r[5] == 0.0),
+    Case("12-only-dense-features", only("dense"), lambda r: r == 20),
+    Case("12-only-categorical-features", only("categorical"), lambda r: r == 20),
+    Case("13-batch-size-one-and-tiny-test", batch_size_one, lambda r: r == (20, (1,))),
+    Case("14-reload-in-fresh-process", reload_fresh_process, lambda r: r is True),
+    Case("15-columns-in-another-order", reordered_columns, lambda r: r is True),
+    Case("18-empty-csv", csv(""), Raises(DataError, "empty (0 bytes)")),
+    Case("18-header-only", csv(HEADER), Raises(DataError, "no data rows")),
+    Case("18-truncated-last-line", csv(HEADER + "1,1,a,0.5\n0,0\n"), Raises(DataError, "malformed line")),
+    Case("18-utf8-bom", csv("\ufeff" + HEADER + "1,1,a,0.5\n"), lambda r: r[0]["click"].to_list() == [1]),
+    Case("18-windows-line-endings", csv((HEADER + "1,1,a,0.5\n0,0,b,1.5\n").replace("\n", "\r\n")), lambda r: r[0]["item"].to_list() == ["a", "b"] and r[0]["x"].to_list() == [0.5, 1.5]),
+    Case("20-bundle-overwrite-and-interrupted-write", interrupted_bundle_write, lambda r: r is True),
+    Case("21-truncated-safetensors", tampered_bundle(lambda p: (p / "model.safetensors").write_bytes((p / "model.safetensors").read_bytes()[:64])), Raises(BundleError, "cannot read model.safetensors")),
+    Case("21-wrong-tensor-shape", tampered_bundle(wrong_shape), Raises(BundleError, "weights do not fit the model")),
+    Case("21-truncated-json", tampered_bundle(lambda p: (p / "config.json").write_text((p / "config.json").read_text()[:50])), Raises(BundleError, "unreadable JSON")),
+    Case("21-no-pickle-anywhere", no_pickle_anywhere, lambda r: r == []),
+]
+
+
+def _write(tmp: Path, text: str) -> Path:
+    p = tmp / "d.csv"
+    p.write_text(text)
+    return p
+
+
+def _rows_of(action, tmp):
+    try:
+        action(tmp)
+    except DataError as e:
+        return e.rows
+    return None
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_case(case: Case, tmp_path: Path):
+    if isinstance(case.expect, Raises):
+        with pytest.raises(case.expect.error) as info:
+            case.action(tmp_path)
+        assert type(info.value) is case.expect.error
+        assert case.expect.fragment in str(info.value), str(info.value)
+    else:
+        result = case.action(tmp_path)
+        assert case.expect(result), result
+
+
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path):
+    """Case 19: SIGKILL during an epoch, then --resume: the same final test metrics."""
+    def cli(*args):
+        return [sys.executable, "-m", "mtrank", *map(str, args)]
+
+    subprocess.run(cli("simulate", "--rows", 30_000, "--n-items", 300, "--n-users", 500, "--out", tmp_path / "s.parquet"), check=True, capture_output=True)
+    common = ["train", "--data", tmp_path / "s.parquet", "--schema", "simulated", "--epochs", 2, "--batch-size", 256, "--tower", "64,32", "--threads", 1, "-q"]
+    full = subprocess.run(cli(*common, "--out", tmp_path / "full"), capture_output=True, text=True)
+    assert full.returncode == 0, full.stderr
+    ckpt = tmp_path / "cut.ckpt"
+    proc = subprocess.Popen(cli(*common, "--out", tmp_path / "cut", "--checkpoint-every", 10), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        meta = ckpt / "trainer.json"
+        if meta.exists() and json.loads(meta.read_text())["batches_done"] >= 20:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    state = json.loads((ckpt / "trainer.json").read_text())
+    assert state["epoch"] == 1 and state["batches_done"] > 0  # killed mid-epoch 1
+    assert not (tmp_path / "cut").exists()
+    resumed = subprocess.run(cli(*common, "--out", tmp_path / "cut", "--checkpoint-every", 10, "--resume"), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    a = json.loads((tmp_path / "full" / "config.json").read_text())["meta"]["metrics"]["test"]
+    b = json.loads((tmp_path / "cut" / "config.json").read_text())["meta"]["metrics"]["test"]
+    for k in ("auc_ctr", "auc_cvr_masked", "auc_ctcvr", "logloss_ctr", "logloss_ctcvr"):
+        assert b[k] == pytest.approx(a[k], abs=1e-6), k
