@@ -28,7 +28,7 @@ from mtrank.serve.bundle import Bundle
 from mtrank.train.trainer import TrainConfig
 from mtrank.workflow import evaluate_split, fit, load_data, predictions_frame, resolve_schema
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="mtrank: multi-objective ranking for e-commerce around ESMM (pCTR, pCVR, pCTCVR).")
 # Wide enough for the metric tables when output goes to a file or a CI log.
 console = Console(width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
@@ -266,7 +266,7 @@ for _name in COMMAND_MODULES:
     try:
         importlib.import_module(_name)
     except ModuleNotFoundError as _exc:
-        if _exc.name != _name:
+        if not (_name == _exc.name or _name.startswith(f"{_exc.name}.")):
             raise
 
 
