@@ -26,7 +26,9 @@ from mtrank.models import MODELS
 from mtrank.models.config import ModelConfig
 from mtrank.serve.bundle import Bundle
 from mtrank.train.trainer import TrainConfig
-from mtrank.workflow import evaluate_split, fit, load_data, predictions_frame, resolve_schema
+from mtrank.data.stream import expand_paths
+from mtrank.train.distributed import init_from_env, is_main
+from mtrank.workflow import evaluate_split, fit, fit_stream, load_data, predictions_frame, resolve_schema
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="mtrank: multi-objective ranking for e-commerce around ESMM (pCTR, pCVR, pCTCVR).")
 # Wide enough for the metric tables when output goes to a file or a CI log.
@@ -86,10 +88,11 @@ def simulate(
     n_users: int = 20_000,
     n_items: int = 5_000,
     intent: Annotated[float, typer.Option(help="strength of the unobserved purchase intent (SSB)")] = 0.6,
+    part_rows: Annotated[int | None, typer.Option(help="write a directory of Parquet parts of this many rows (bounded memory)")] = None,
 ) -> None:
     """Write a synthetic mall's impression log (known true pCTR / pCVR per row) as Parquet."""
     cfg = SimConfig(rows=rows, seed=seed, ctr=ctr, cvr=cvr, n_users=n_users, n_items=n_items, intent=intent)
-    path = write_simulated(cfg, out)
+    path = write_simulated(cfg, out, part_rows=part_rows)
     console.print(f"wrote {path} ({cfg.rows // cfg.slate_size * cfg.slate_size:,} impressions)")
 
 
@@ -101,10 +104,10 @@ def _configs(model, epochs, batch_size, lr, seed, patience, embedding_dim, tower
     )
 
 
-@app.command()
+@app.command(context_settings={"allow_extra_args": False})
 def train(
     dataset: DatasetOpt = None,
-    data: DataOpt = None,
+    data: Annotated[list[str] | None, typer.Option("--data", help="CSV/Parquet file, directory or glob (with --schema); repeatable")] = None,
     schema: SchemaOpt = None,
     data_dir: DataDirOpt = None,
     model: Annotated[str, typer.Option("--model", "-m", help=f"one of {', '.join(MODELS)}")] = "esmm",
@@ -121,28 +124,79 @@ def train(
     val_fraction: float = 0.1,
     funnel_violations: FunnelOpt = None,
     threads: int = 0,
+    stream: Annotated[bool, typer.Option("--stream", help="stream --data piece by piece (flat memory); evaluate on --val-data / --test-data")] = False,
+    val_data: Annotated[list[str] | None, typer.Option("--val-data", help="validation files (with --stream)")] = None,
+    test_data: Annotated[list[str] | None, typer.Option("--test-data", help="test files (with --stream)")] = None,
+    shuffle_buffer: Annotated[int, typer.Option(help="rows in the streaming shuffle buffer")] = 262_144,
+    min_count: Annotated[int, typer.Option(help="ids seen fewer times map to the OOV index")] = 1,
+    max_vocab: Annotated[int | None, typer.Option(help="keep at most this many ids per field")] = None,
+    sparse_embeddings: Annotated[bool, typer.Option("--sparse-embeddings", help="update only touched embedding rows (SparseAdam)")] = False,
+    nproc: Annotated[int, typer.Option(help="data-parallel processes (re-launches under torchrun)")] = 1,
     checkpoint_dir: Annotated[Path | None, typer.Option(help="checkpoint directory (default: OUT.ckpt); written every epoch")] = None,
     checkpoint_every: Annotated[int, typer.Option(help="also checkpoint every N steps (0 = epoch ends only)")] = 0,
     resume: Annotated[bool, typer.Option("--resume", help="continue an interrupted run from its checkpoint")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing bundle")] = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Train a model, early-stopped on validation; evaluate on test; write a bundle."""
+    """Train a model, early-stopped on validation; evaluate on test; write a bundle.
+
+    Data parallel: `mtrank train --nproc K ...` or `torchrun --nproc_per_node=K -m mtrank train ...`
+    (DistributedDataParallel, gloo on CPU / NCCL on GPU; only rank 0 writes).
+    """
     _check_choice(funnel_violations, ("error", "drop"), "--funnel-violations")
+    if nproc > 1:
+        _relaunch_under_torchrun(nproc)
     if out.exists() and not overwrite:
         raise BundleError(f"{out} already exists; pass --overwrite to replace it")
     model_cfg, train_cfg = _configs(model, epochs, batch_size, lr, seed, patience, embedding_dim, tower, dropout, threads)
-    sch = resolve_schema(schema, dataset) if (schema or data) else None
-    loaded = load_data(dataset, data=data, schema=sch, data_dir=data_dir, funnel_violations=funnel_violations)
-    _report_validation(loaded)
-    split_cfg = SplitConfig(test_fraction=test_fraction, val_fraction=val_fraction, seed=seed)
-    splits = split_data(loaded, split_cfg)
-    meta = {"dataset": dataset or loaded.schema.name, "sources": loaded.sources, "split": split_cfg.model_dump(), "command": " ".join(sys.argv)}
-    ckpt = checkpoint_dir or out.with_name(out.name + ".ckpt")
-    res = fit(splits, loaded.schema, model_cfg, train_cfg, quiet=quiet, meta=meta, checkpoint=ckpt, checkpoint_every=checkpoint_every, resume=resume)
-    res.bundle.save(out, overwrite=overwrite)
-    console.print(_metric_table(f"{model} on {meta['dataset']} (best epoch {res.result.best_epoch})", {f"{model} ({k})": v for k, v in res.metrics.items()}))
-    console.print(f"bundle written to {out}")
+    train_cfg = train_cfg.model_copy(update={"sparse_embeddings": sparse_embeddings})
+    created = init_from_env()
+    try:
+        ckpt = checkpoint_dir or out.with_name(out.name + ".ckpt")
+        run_kwargs = {"quiet": quiet or not is_main(), "checkpoint": ckpt, "checkpoint_every": checkpoint_every, "resume": resume}
+        if stream:
+            if not data:
+                raise ConfigError("--stream needs --data (files, a directory or a glob)")
+            sch = resolve_schema(schema, dataset)
+            if funnel_violations is not None:
+                sch = sch.model_copy(update={"funnel_violations": funnel_violations})
+            meta = {"dataset": dataset or sch.name, "sources": {"train": data, "val": val_data, "test": test_data}, "command": " ".join(sys.argv)}
+            res = fit_stream(
+                expand_paths(data), sch, model_cfg, train_cfg,
+                val_paths=expand_paths(val_data) if val_data else None,
+                test_paths=expand_paths(test_data) if test_data else None,
+                meta=meta, shuffle_buffer=shuffle_buffer, min_count=min_count, max_vocab=max_vocab, **run_kwargs,
+            )
+        else:
+            if data is not None and len(data) != 1:
+                raise ConfigError("without --stream, --data takes one file")
+            data_path = Path(data[0]) if data else None
+            sch = resolve_schema(schema, dataset) if (schema or data_path) else None
+            loaded = load_data(dataset, data=data_path, schema=sch, data_dir=data_dir, funnel_violations=funnel_violations)
+            if is_main():
+                _report_validation(loaded)
+            split_cfg = SplitConfig(test_fraction=test_fraction, val_fraction=val_fraction, seed=seed)
+            splits = split_data(loaded, split_cfg)
+            meta = {"dataset": dataset or loaded.schema.name, "sources": loaded.sources, "split": split_cfg.model_dump(), "command": " ".join(sys.argv)}
+            res = fit(splits, loaded.schema, model_cfg, train_cfg, meta=meta, **run_kwargs)
+        if is_main():
+            res.bundle.save(out, overwrite=overwrite)
+            console.print(_metric_table(f"{model} on {meta['dataset']} (best epoch {res.result.best_epoch})", {f"{model} ({k})": v for k, v in res.metrics.items()}))
+            console.print(f"bundle written to {out}")
+    finally:
+        if created:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _relaunch_under_torchrun(nproc: int) -> None:
+    """Run this same command under torchrun with ``nproc`` processes, then exit with its code."""
+    import subprocess
+
+    args = [a for i, a in enumerate(sys.argv[1:]) if not (a.startswith("--nproc") or (i > 0 and sys.argv[i] == "--nproc"))]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "mtrank", *args]
+    sys.exit(subprocess.call(cmd))
 
 
 def _report_validation(loaded) -> None:

@@ -135,6 +135,50 @@ def fit(
     return FitOutput(bundle, result, metrics, seconds)
 
 
+def fit_stream(
+    train_paths: list[Path],
+    schema: Schema,
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    *,
+    val_paths: list[Path] | None = None,
+    test_paths: list[Path] | None = None,
+    quiet: bool = False,
+    meta: dict | None = None,
+    shuffle_buffer: int = 262_144,
+    min_count: int = 1,
+    max_vocab: int | None = None,
+    checkpoint: Path | None = None,
+    checkpoint_every: int = 0,
+    resume: bool = False,
+) -> FitOutput:
+    """Like :func:`fit`, but the training files are streamed piece by piece (flat memory):
+    encoders are fitted in one streaming pass, batches come from a shuffle buffer. Validation
+    and test files are encoded piece by piece and evaluated exactly over all their rows."""
+    from mtrank.data.stream import ParquetStream, fit_encoder_streaming
+
+    start = time.perf_counter()
+    torch.manual_seed(train_cfg.seed)
+    encoder = fit_encoder_streaming(train_paths, schema, min_count=min_count, max_size=max_vocab)
+    train = ParquetStream(train_paths, schema, encoder, shuffle_buffer=shuffle_buffer)
+    val = ParquetStream(val_paths, schema, encoder).load_all() if val_paths else None
+    spec = FeatureSpec(cardinalities=encoder.cardinalities, n_numerical=len(encoder.numerical), funnel=schema.is_funnel, task_names=list(schema.tasks))
+    model = build_model(spec, model_cfg)
+    result = Trainer(train_cfg, schema, quiet=quiet).fit(model, train, val, checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume)
+    metrics = {}
+    if val is not None:
+        metrics["val"] = evaluate_split(model, val, schema)
+    if test_paths:
+        metrics["test"] = evaluate_split(model, ParquetStream(test_paths, schema, encoder).load_all(), schema)
+    seconds = time.perf_counter() - start
+    bundle_meta = {
+        **(meta or {}), "train": train_cfg.model_dump(mode="json"), "rows": {"train": len(train)},
+        "best_epoch": result.best_epoch, "stopped_early": result.stopped_early,
+        "history": [asdict(h) for h in result.history], "metrics": metrics, "seconds": seconds,
+    }
+    return FitOutput(Bundle(model, encoder, schema, model_cfg, spec, bundle_meta), result, metrics, seconds)
+
+
 def evaluate_split(model: torch.nn.Module, data: EncodedData, schema: Schema) -> dict:
     """All named metrics of ``model`` on one encoded split."""
     out = predict(model, data)

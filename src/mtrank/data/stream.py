@@ -12,6 +12,7 @@ Under data parallelism each rank takes every ``world_size``-th piece.
 
 from __future__ import annotations
 
+import copy
 import glob
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -99,22 +100,30 @@ class ParquetStream:
         paths: files (see :func:`expand_paths`).
         schema, encoder: the dataset schema and fitted encoders.
         shuffle_buffer: rows held for shuffling (memory ~ rows × features × 8 bytes).
-        rank, world_size: this process's shard of the pieces.
         prefetch: read the next piece in a background thread.
     """
 
-    def __init__(self, paths: list[Path], schema: Schema, encoder: FeatureEncoder, *, shuffle_buffer: int = 262_144, rank: int = 0, world_size: int = 1, prefetch: bool = True) -> None:
+    def __init__(self, paths: list[Path], schema: Schema, encoder: FeatureEncoder, *, shuffle_buffer: int = 262_144, prefetch: bool = True) -> None:
         self.schema = schema
         self.encoder = encoder
         self.shuffle_buffer = shuffle_buffer
         self.prefetch = prefetch
-        self.pieces = list_pieces(paths)[rank::world_size]
+        self.pieces = list_pieces(paths)
         if any(p.rows < 0 for p in self.pieces):  # CSV: count rows once, cheaply, by reading
             self.pieces = [p if p.rows >= 0 else Piece(p.path, None, 1, read_table(p.path).height) for p in self.pieces]
         self._rows = sum(p.rows for p in self.pieces)
 
     def __len__(self) -> int:
         return self._rows
+
+    def shard(self, rank: int, world_size: int) -> ParquetStream:
+        """This rank's pieces: every ``world_size``-th, starting at ``rank``."""
+        if world_size == 1:
+            return self
+        other = copy.copy(self)
+        other.pieces = self.pieces[rank::world_size]
+        other._rows = sum(p.rows for p in other.pieces)
+        return other
 
     def encoded_pieces(self, order: list[int] | None = None) -> Iterator[EncodedData]:
         """Encoded pieces in ``order`` (default: file order), read one ahead in a thread."""

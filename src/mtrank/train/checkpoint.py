@@ -1,7 +1,7 @@
 """Training checkpoints without pickle: tensors in safetensors, everything else in JSON.
 
 A checkpoint directory holds ``state.safetensors`` (model weights ``model.*``, the best epoch's
-weights ``best.*``, Adam moments ``optim.<param index>.<name>``, RNG states ``rng.*``) and
+weights ``best.*``, Adam moments ``optim.<optimizer>.<param index>.<name>``, RNG states ``rng.*``) and
 ``trainer.json`` (epoch, batches done in that epoch, running loss, history, early-stopping
 state, optimizer hyperparameters, the training config). It is written to a staging directory
 and renamed into place, so a kill at any moment leaves the previous checkpoint whole.
@@ -32,14 +32,14 @@ class Checkpoint:
     meta: dict
     model: dict[str, torch.Tensor]
     best: dict[str, torch.Tensor] | None
-    optimizer: dict
+    optimizers: list[dict]
     rng: dict[str, torch.Tensor]
 
 
 def save_checkpoint(
     path: Path,
     model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizers: list[torch.optim.Optimizer],
     best_state: dict[str, torch.Tensor] | None,
     rng: dict[str, torch.Tensor],
     meta: dict,
@@ -50,15 +50,18 @@ def save_checkpoint(
     tensors: dict[str, torch.Tensor] = {f"model.{k}": v for k, v in model.state_dict().items()}
     if best_state is not None:
         tensors.update({f"best.{k}": v for k, v in best_state.items()})
-    opt = optimizer.state_dict()
-    for idx, state in opt["state"].items():
-        for name, value in state.items():
-            tensors[f"optim.{idx}.{name}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    groups = []
+    for j, optimizer in enumerate(optimizers):
+        opt = optimizer.state_dict()
+        groups.append(opt["param_groups"])
+        for idx, state in opt["state"].items():
+            for name, value in state.items():
+                tensors[f"optim.{j}.{idx}.{name}"] = value if torch.is_tensor(value) else torch.tensor(value)
     tensors.update({f"rng.{k}": v for k, v in rng.items()})
     tensors = {k: v.detach().contiguous().cpu().clone() for k, v in tensors.items()}
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     save_file(tensors, str(staging / STATE))
-    atomic_write_json({**meta, "param_groups": opt["param_groups"]}, staging / META)
+    atomic_write_json({**meta, "param_groups": groups}, staging / META)
     atomic_replace_dir(staging, path)
 
 
@@ -80,7 +83,8 @@ def load_checkpoint(path: Path) -> Checkpoint:
         elif kind == "rng":
             rng[rest] = value
         elif kind == "optim":
-            idx, name = rest.split(".", 1)
-            optim_state.setdefault(int(idx), {})[name] = value
-    optimizer = {"state": optim_state, "param_groups": meta.pop("param_groups")}
-    return Checkpoint(meta, model, best or None, optimizer, rng)
+            j, idx, name = rest.split(".", 2)
+            optim_state.setdefault(int(j), {}).setdefault(int(idx), {})[name] = value
+    groups = meta.pop("param_groups")
+    optimizers = [{"state": optim_state.get(j, {}), "param_groups": g} for j, g in enumerate(groups)]
+    return Checkpoint(meta, model, best or None, optimizers, rng)

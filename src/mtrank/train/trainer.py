@@ -7,6 +7,7 @@ its ``tasks`` attribute (:class:`mtrank.losses.TaskLoss`).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import sys
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from mtrank.data.batch import BatchSource, EncodedData
@@ -26,6 +28,7 @@ from mtrank.errors import ConfigError
 from mtrank.losses import TaskLoss, task_loss_sum, total_loss
 from mtrank.metrics.evaluate import evaluate_outputs
 from mtrank.train.checkpoint import load_checkpoint, save_checkpoint
+from mtrank.train.distributed import all_reduce_sum, gather_rows, rank_world
 
 
 class TrainConfig(BaseModel):
@@ -49,6 +52,11 @@ class TrainConfig(BaseModel):
     monitor: str = "loss"
     seed: int = 0
     threads: int = Field(0, ge=0)
+    sparse_embeddings: bool = Field(
+        False,
+        description="update only the embedding rows a batch touches (SparseAdam for embedding "
+        "tables, Adam for the rest); for large vocabularies",
+    )
 
 
 @dataclass
@@ -92,7 +100,10 @@ def predict(model: nn.Module, data: EncodedData, batch_size: int = 8192) -> dict
 
 @torch.no_grad()
 def validation_loss(model: nn.Module, data: EncodedData, batch_size: int = 8192) -> float:
-    """The model's own objective on a split, exact over all rows (Σ numerators / Σ weights)."""
+    """The model's own objective on a split, exact over all rows (Σ numerators / Σ weights).
+
+    Under data parallelism ``data`` is this rank's shard and the sums are reduced over ranks.
+    """
     tasks: list[TaskLoss] = model.tasks
     num = dict.fromkeys((t.name for t in tasks), 0.0)
     den = dict.fromkeys((t.name for t in tasks), 0.0)
@@ -107,7 +118,44 @@ def validation_loss(model: nn.Module, data: EncodedData, batch_size: int = 8192)
                 den[t.name] += float(d)
     finally:
         model.train(was_training)
+    names = [t.name for t in tasks]
+    sums = all_reduce_sum([num[n] for n in names] + [den[n] for n in names])
+    num, den = dict(zip(names, sums[: len(names)], strict=True)), dict(zip(names, sums[len(names) :], strict=True))
     return float(sum(t.weight * num[t.name] / max(den[t.name], 1e-12) for t in tasks))
+
+
+def validate(model: nn.Module, data: EncodedData, schema: Schema) -> tuple[float, dict]:
+    """Validation loss and metrics over all rows of ``data``; under data parallelism each rank
+    predicts its shard and the predictions are gathered, so metrics equal a single process's."""
+    rank, world = rank_world()
+    local = data.shard(rank, world)
+    loss = validation_loss(model, local)
+    out = predict(model, local)
+    if world > 1:
+        out = {k: gather_rows(torch.from_numpy(v), len(data)).numpy() for k, v in out.items()}
+    return loss, evaluate_outputs(out, {k: v.numpy() for k, v in data.labels.items()}, schema, data.side)
+
+
+def make_optimizers(model: nn.Module, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
+    """Adam over all parameters; with ``sparse_embeddings``, SparseAdam for the embedding tables
+    (made sparse here) and Adam for the rest.
+
+    Raises:
+        ConfigError: sparse embeddings with weight decay (SparseAdam has none).
+    """
+    if not cfg.sparse_embeddings:
+        return [torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)]
+    if cfg.weight_decay:
+        raise ConfigError("sparse_embeddings cannot be combined with weight_decay")
+    tables = [m for m in model.modules() if isinstance(m, nn.Embedding)]
+    for m in tables:
+        m.sparse = True
+    sparse_ids = {id(m.weight) for m in tables}
+    dense = [p for p in model.parameters() if id(p) not in sparse_ids]
+    opts: list[torch.optim.Optimizer] = [torch.optim.SparseAdam([m.weight for m in tables], lr=cfg.lr)]
+    if dense:
+        opts.append(torch.optim.Adam(dense, lr=cfg.lr))
+    return opts
 
 
 class Trainer:
@@ -166,7 +214,11 @@ class Trainer:
             torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)
         gen = torch.Generator().manual_seed(cfg.seed)
-        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        rank, world = rank_world()
+        optimizers = make_optimizers(model, cfg)
+        if hasattr(train, "shard"):
+            train = train.shard(rank, world)
+        net = DistributedDataParallel(model) if world > 1 else model
         result = TrainResult(best_epoch=0, best_score=None)
         best_state = None
         bad_epochs = 0
@@ -181,7 +233,10 @@ class Trainer:
                     f"config {ck.meta.get('config')}; use the same options"
                 )
             model.load_state_dict(ck.model)
-            optimizer.load_state_dict(ck.optimizer)
+            if len(ck.optimizers) != len(optimizers):
+                raise ConfigError(f"--resume: the checkpoint at {checkpoint} has {len(ck.optimizers)} optimizer(s), this run {len(optimizers)}")
+            for opt, state in zip(optimizers, ck.optimizers, strict=True):
+                opt.load_state_dict(state)
             best_state = ck.best
             torch.set_rng_state(ck.rng["torch"])
             gen.set_state(ck.rng["epoch_start"])
@@ -196,10 +251,10 @@ class Trainer:
                 start_epoch = cfg.epochs + 1
 
         def save(epoch: int, done: int, epoch_start: torch.Tensor, stopped: bool = False) -> None:
-            if checkpoint is None:
+            if checkpoint is None or rank != 0:
                 return
             save_checkpoint(
-                Path(checkpoint), model, optimizer, best_state,
+                Path(checkpoint), model, optimizers, best_state,
                 {"torch": torch.get_rng_state(), "epoch_start": epoch_start},
                 {
                     "epoch": epoch, "batches_done": done, "running": running, "seen": seen,
@@ -218,33 +273,36 @@ class Trainer:
             if skip == 0:
                 running, seen = 0.0, 0
             bar = tqdm(total=n_batches, initial=skip, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", disable=self.quiet, leave=False)
-            for i, batch in enumerate(train.batches(cfg.batch_size, shuffle=True, generator=gen)):
-                if i < skip:
-                    continue
-                out = model(batch.categorical, batch.numerical)
-                loss, _ = total_loss(model.tasks, out, batch)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(
-                        f"training loss became {float(loss)} at epoch {epoch}; "
-                        "lower the learning rate or check the numerical features"
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                running += float(loss.detach()) * len(batch)
-                seen += len(batch)
-                bar.update(1)
-                if bar.n % 20 == 0:
-                    bar.set_postfix(loss=f"{running / seen:.4f}")
-                if checkpoint_every and (i + 1) % checkpoint_every == 0 and i + 1 < n_batches:
-                    save(epoch, i + 1, epoch_start)
+            # DDP's join() lets ranks with fewer batches (uneven shards) finish the epoch
+            with net.join() if world > 1 else contextlib.nullcontext():
+                for i, batch in enumerate(train.batches(cfg.batch_size, shuffle=True, generator=gen)):
+                    if i < skip:
+                        continue
+                    out = net(batch.categorical, batch.numerical)
+                    loss, _ = total_loss(model.tasks, out, batch)
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(
+                            f"training loss became {float(loss)} at epoch {epoch}; "
+                            "lower the learning rate or check the numerical features"
+                        )
+                    for opt in optimizers:
+                        opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    for opt in optimizers:
+                        opt.step()
+                    running += float(loss.detach()) * len(batch)
+                    seen += len(batch)
+                    bar.update(1)
+                    if bar.n % 20 == 0:
+                        bar.set_postfix(loss=f"{running / seen:.4f}")
+                    if checkpoint_every and (i + 1) % checkpoint_every == 0 and i + 1 < n_batches:
+                        save(epoch, i + 1, epoch_start)
             skip = 0
             bar.close()
             seconds = time.perf_counter() - start
             val_loss, metrics = None, {}
             if val is not None and len(val):
-                val_loss = validation_loss(model, val)
-                metrics = evaluate_outputs(predict(model, val), {k: v.numpy() for k, v in val.labels.items()}, self.schema, val.side)
+                val_loss, metrics = validate(model, val, self.schema)
             result.history.append(
                 EpochLog(epoch, running / max(seen, 1), val_loss, metrics, seconds, seen / max(seconds, 1e-9))
             )
