@@ -122,6 +122,8 @@ def train(
     funnel_violations: FunnelOpt = None,
     threads: int = 0,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing bundle")] = False,
+    weight_by_price: Annotated[bool, typer.Option("--weight-by-price", help="weight converted rows by 1 + min(log1p(price)/mean, cap) (see mtrank.data.weights)")] = False,
+    price_weight_cap: Annotated[float, typer.Option(help="largest extra weight with --weight-by-price")] = 3.0,
     quiet: QuietOpt = False,
 ) -> None:
     """Train a model, early-stopped on validation; evaluate on test; write a bundle."""
@@ -135,7 +137,7 @@ def train(
     split_cfg = SplitConfig(test_fraction=test_fraction, val_fraction=val_fraction, seed=seed)
     splits = split_data(loaded, split_cfg)
     meta = {"dataset": dataset or loaded.schema.name, "sources": loaded.sources, "split": split_cfg.model_dump(), "command": " ".join(sys.argv)}
-    res = fit(splits, loaded.schema, model_cfg, train_cfg, quiet=quiet, meta=meta)
+    res = fit(splits, loaded.schema, model_cfg, train_cfg, quiet=quiet, meta=meta, weight_by_price=weight_by_price, price_weight_cap=price_weight_cap)
     res.bundle.save(out, overwrite=overwrite)
     console.print(_metric_table(f"{model} on {meta['dataset']} (best epoch {res.result.best_epoch})", {f"{model} ({k})": v for k, v in res.metrics.items()}))
     console.print(f"bundle written to {out}")
@@ -262,7 +264,7 @@ for _name in COMMAND_MODULES:
     try:
         importlib.import_module(_name)
     except ModuleNotFoundError as _exc:
-        if _exc.name != _name:
+        if _exc.name is None or not (_name == _exc.name or _name.startswith(_exc.name + ".")):
             raise
 
 
