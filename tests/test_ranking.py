@@ -214,15 +214,16 @@ def test_quadrant_assignment_on_a_hand_made_table():
         "ctr": [0.1, 0.01, 0.01, 0.1, 0.05], "cvr": [0.2, 0.2, 0.01, 0.01, 0.1],
     })
     q = assign_quadrants(stats, {"ctr": 0.05, "cvr": 0.1})
-    assert q.get_column("quadrant").to_list() == ["I", "II", "III", "IV", "I"]  # on the line = high
+    assert q.get_column("quadrant").to_list() == ["I", "II", "III", "IV", "III"]  # on the line = low
     cut = thresholds(stats)
     assert cut["ctr"] == pytest.approx(0.054)  # impression-weighted (equal weights)
     assert cut["cvr"] == pytest.approx((10 * 0.2 + 0.2 + 0.01 + 10 * 0.01 + 5 * 0.1) / 27)  # click-weighted
     assert thresholds(stats, "median") == {"ctr": 0.05, "cvr": 0.1}
     t = quadrant_table(q)
-    assert t.get_column("entities").to_list() == [2, 1, 1, 1]
-    assert t.get_column("gmv_share").to_list() == pytest.approx([25 / 35, 10 / 35, 0.0, 0.0])
-    assert t.get_column("impressions_share").to_list() == pytest.approx([0.4, 0.2, 0.2, 0.2])
+    assert t.get_column("entities").to_list() == [1, 1, 2, 1]
+    assert t.get_column("gmv_share").to_list() == pytest.approx([20 / 35, 10 / 35, 5 / 35, 0.0])
+    assert t.get_column("impressions_share").to_list() == pytest.approx([0.2, 0.2, 0.4, 0.2])
+    assert t.get_column("cvr").to_list() == pytest.approx([0.2, 1.0, 1 / 6, 0.0])  # pooled
 
 
 def test_entity_stats_smooths_small_entities_and_combines_columns():

@@ -6,8 +6,9 @@ both smoothed with a Beta prior so that an entity with 3 impressions is not an o
 (:class:`BetaPrior`), and the mean predicted pCTR / pCVR when predictions are given.
 
 Each axis is split at a threshold (by default the exposure-weighted mean of the smoothed rate:
-impressions weight CTR, clicks weight CVR; or the median over entities); an entity at or above
-it is "high":
+impressions weight CTR, clicks weight CVR; or the median over entities); an entity strictly
+above it is "high" (so entities with no evidence, smoothed to exactly the prior mean, are not
+called "high" when the prior is degenerate):
 
 * I   high CTR, high CVR (stars)          * II  low CTR, high CVR (under-valued: under-exposed)
 * III low CTR, low CVR                    * IV  high CTR, low CVR (click bait)
@@ -187,9 +188,9 @@ def thresholds(stats: pl.DataFrame, method: str = "mean") -> dict[str, float]:
 
 
 def assign_quadrants(stats: pl.DataFrame, cut: dict[str, float]) -> pl.DataFrame:
-    """Add a ``quadrant`` column (I, II, III, IV); a rate equal to its threshold counts as high."""
-    hi_ctr = pl.col("ctr") >= cut["ctr"]
-    hi_cvr = pl.col("cvr") >= cut["cvr"]
+    """Add a ``quadrant`` column (I, II, III, IV); "high" means strictly above the threshold."""
+    hi_ctr = pl.col("ctr") > cut["ctr"]
+    hi_cvr = pl.col("cvr") > cut["cvr"]
     q = (
         pl.when(hi_ctr & hi_cvr).then(pl.lit("I"))
         .when(~hi_ctr & hi_cvr).then(pl.lit("II"))
@@ -225,8 +226,8 @@ def quadrant_table(stats: pl.DataFrame, mean_of: list[str] | None = None) -> pl.
     t = t.with_columns(
         share("impressions"), share("clicks"), share("conversions"),
         (pl.col("gmv") / tot["gmv"]).alias("gmv_share") if has_gmv and tot["gmv"] else pl.lit(None, pl.Float64).alias("gmv_share"),
-        (pl.col("clicks") / pl.col("impressions")).alias("ctr"),
-        (pl.col("conversions") / pl.col("clicks")).alias("cvr"),
+        pl.when(pl.col("impressions") > 0).then(pl.col("clicks") / pl.col("impressions")).alias("ctr"),
+        pl.when(pl.col("clicks") > 0).then(pl.col("conversions") / pl.col("clicks")).alias("cvr"),
     )
     first = ["quadrant", "description", "entities", "impressions_share", "clicks_share", "conversions_share", "gmv_share", "ctr", "cvr"]
     return t.select(first + [c for c in t.columns if c not in first])
