@@ -20,7 +20,16 @@ from mtrank.ranking.fusion import (
     save_fusion,
 )
 from mtrank.ranking.quadrants import BetaPrior, assign_quadrants, entity_stats, quadrant_table, thresholds
-from mtrank.ranking.replay import ReplayData, dense_groups, pseudo_requests, rank_within, replay_metrics, top_k_share
+from mtrank.ranking.replay import (
+    ReplayData,
+    bootstrap_lift,
+    dense_groups,
+    per_request,
+    pseudo_requests,
+    rank_within,
+    replay_metrics,
+    top_k_share,
+)
 from mtrank.ranking.tune import TuneConfig, pareto_frontier, tune
 
 P_CTR = np.array([0.1, 0.2])
@@ -254,3 +263,14 @@ def test_price_weights_as_documented():
         price_weights(np.array([np.nan, 5.0]), np.array([1, 0]))
     with pytest.raises(DataError, match="no"):
         price_weights(price, np.zeros(4))
+
+
+def test_per_request_and_bootstrap_lift():
+    data = _two_requests()
+    pr = per_request(data, np.array([3.0, 2.0, 1.0, 0.5, 0.9]), k=2)
+    np.testing.assert_allclose(pr["gmv"], [20.0, 55.0])
+    np.testing.assert_allclose(pr["exp_gmv"], [2.5, 2.7])
+    ci = bootstrap_lift(np.array([2.0, 2.0, 2.0]), np.array([1.0, 1.0, 1.0]), n=50)
+    assert ci["lift"] == pytest.approx(1.0) and ci["low"] == pytest.approx(1.0) and ci["high"] == pytest.approx(1.0)
+    ci = bootstrap_lift(np.arange(1.0, 101.0), np.full(100, 50.5), n=200, seed=1)
+    assert ci["lift"] == pytest.approx(0.0) and ci["low"] < 0 < ci["high"]

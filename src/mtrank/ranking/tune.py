@@ -64,7 +64,8 @@ class TuneConfig:
 class TuneResult:
     """best: the chosen fusion. trials: one row per evaluated point (params, tuning metrics,
     feasible). frontier: the Pareto rows. heldout: metrics per ranking on the held-out requests
-    (``fused``, ``pctr``, ``pctcvr``, ``expected_gmv``, ``logged`` when positions exist)."""
+    (``fused``, ``pctr``, ``pctcvr``, ``expected_gmv``, ``logged`` when positions exist).
+    tuning: the same on the tuning requests. held: the held-out :class:`ReplayData`."""
 
     best: Fusion
     trials: pl.DataFrame
@@ -72,6 +73,7 @@ class TuneResult:
     heldout: dict[str, dict]
     tuning: dict[str, dict]
     config: TuneConfig
+    held: ReplayData | None = None
 
 
 def reference_scores(data: ReplayData) -> dict[str, np.ndarray]:
@@ -181,7 +183,7 @@ def tune(data: ReplayData, cfg: TuneConfig) -> TuneResult:
     heldout["fused"] = evaluate(held, best.score(held.p_ctr, held.p_cvr, held.price))
     tuning["fused"] = evaluate(tune_data, best.score(tune_data.p_ctr, tune_data.p_cvr, tune_data.price))
     frontier = pareto_frontier(trials, "clicks", "gmv")
-    return TuneResult(best, trials, frontier, heldout, tuning, cfg)
+    return TuneResult(best, trials, frontier, heldout, tuning, cfg, held)
 
 
 __all__ = ["SPACES", "TuneConfig", "TuneResult", "pareto_frontier", "reference_scores", "split_requests", "tune"]
