@@ -19,7 +19,13 @@ from mtrank.ranking.fusion import (
     make_fusion,
     save_fusion,
 )
-from mtrank.ranking.quadrants import BetaPrior, assign_quadrants, entity_stats, quadrant_table, thresholds
+from mtrank.ranking.quadrants import (
+    BetaPrior,
+    assign_quadrants,
+    entity_stats,
+    quadrant_table,
+    thresholds,
+)
 from mtrank.ranking.replay import (
     ReplayData,
     bootstrap_lift,

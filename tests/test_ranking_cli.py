@@ -7,14 +7,12 @@ from types import SimpleNamespace
 import numpy as np
 import polars as pl
 import pytest
-
 from typer.testing import CliRunner
 
 from mtrank.cli import app
 from mtrank.data.simulate import SimConfig, simulate
 from mtrank.errors import MtrankError
 from mtrank.ranking.fusion import Multiplicative, load_fusion
-
 
 
 def mtrank(*args):

@@ -16,9 +16,9 @@ from mtrank.data.batch import EncodedData
 from mtrank.data.datasets import DATASETS, LoadedData, load_table, resolve_data_dir
 from mtrank.data.encoders import FeatureEncoder
 from mtrank.data.schema import Schema
-from mtrank.data.weights import mean_log_price, price_weights
 from mtrank.data.simulate import SimConfig, write_simulated
 from mtrank.data.split import SplitConfig, split_data
+from mtrank.data.weights import mean_log_price, price_weights
 from mtrank.errors import ConfigError, SchemaError
 from mtrank.metrics.evaluate import evaluate_outputs
 from mtrank.models import build_model

@@ -14,14 +14,37 @@ import polars as pl
 import typer
 from rich.table import Table
 
-from mtrank.cli import DataDirOpt, DataOpt, DatasetOpt, SchemaOpt, _check_choice, _fmt, app, console, err
+from mtrank.cli import (
+    DataDirOpt,
+    DataOpt,
+    DatasetOpt,
+    SchemaOpt,
+    _check_choice,
+    _fmt,
+    app,
+    console,
+    err,
+)
 from mtrank.data.schema import Schema
 from mtrank.data.split import SplitConfig, split_data
 from mtrank.errors import ConfigError, DataError
 from mtrank.io_utils import atomic_write_bytes, atomic_write_json
 from mtrank.ranking.fusion import clean_prices, save_fusion
-from mtrank.ranking.quadrants import QUADRANT_NAMES, assign_quadrants, entity_stats, plot_quadrants, quadrant_table, thresholds
-from mtrank.ranking.replay import ReplayData, bootstrap_lift, per_request, pseudo_requests, top_k_share
+from mtrank.ranking.quadrants import (
+    QUADRANT_NAMES,
+    assign_quadrants,
+    entity_stats,
+    plot_quadrants,
+    quadrant_table,
+    thresholds,
+)
+from mtrank.ranking.replay import (
+    ReplayData,
+    bootstrap_lift,
+    per_request,
+    pseudo_requests,
+    top_k_share,
+)
 from mtrank.ranking.tune import TuneConfig, tune
 from mtrank.serve.bundle import Bundle
 from mtrank.workflow import load_data, predictions_frame, resolve_schema
@@ -184,7 +207,7 @@ def _replay_data(frame: pl.DataFrame, sch: Schema, *, value_col, price_col, poli
     if bad_value.any():
         info["missing_values_set_to_0"] = int(bad_value.sum())
         value = np.where(bad_value, 0.0, value)
-    get = lambda c: frame.get_column(c).cast(pl.Float64).to_numpy() if c in frame.columns else None  # noqa: E731
+    get = lambda c: frame.get_column(c).cast(pl.Float64).to_numpy() if c in frame.columns else None
     data = ReplayData(
         group=group, click=get(sch.click), conversion=get(sch.conversion), value=value, price=price,
         p_ctr=get("p_ctr"), p_cvr=get("p_cvr"), position=get("position"), true_ctr=get("true_ctr"), true_cvr=get("true_cvr"),
@@ -192,7 +215,7 @@ def _replay_data(frame: pl.DataFrame, sch: Schema, *, value_col, price_col, poli
     return data, keep, info
 
 
-def _plot_frontier(trials: pl.DataFrame, frontier: pl.DataFrame, refs: dict[str, dict], best: dict, k: int, objective: str, path: Path) -> None:
+def _plot_frontier(trials: pl.DataFrame, frontier: pl.DataFrame, refs: dict[str, dict], best: dict, k: int, objective: str, path: Path, floor: float | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -207,6 +230,8 @@ def _plot_frontier(trials: pl.DataFrame, frontier: pl.DataFrame, refs: dict[str,
     for name, m in refs.items():
         ax.scatter([m[clicks]], [m[gmv]], marker=markers.get(name, "x"), s=60, label=name, zorder=3)
     ax.scatter([best["clicks"]], [best["gmv"]], marker="*", s=200, c="tab:red", label="chosen", zorder=4)
+    if floor is not None:
+        ax.axvline(floor * refs["pctr"][clicks], color="k", lw=0.8, ls="--", label=f"click floor ({floor:g} × pCTR-only)")
     ax.set_xlabel(f"{clicks} per request (tuning requests)")
     ax.set_ylabel(f"{gmv} per request (tuning requests)")
     ax.set_title("fusion: clicks vs GMV")
@@ -293,7 +318,7 @@ def fuse(
     _write_csv(res.frontier, out / "frontier.csv")
     _write_csv(res.trials, out / "trials.csv")
     best_row = {"clicks": res.tuning["fused"][f"{'exp_clicks' if objective == 'exp_gmv' else 'clicks'}@{k}"], "gmv": res.tuning["fused"][f"{objective}@{k}"]}
-    _plot_frontier(res.trials, res.frontier, {n: m for n, m in res.tuning.items() if n != "fused"}, best_row, k, objective, out / "frontier.png")
+    _plot_frontier(res.trials, res.frontier, {n: m for n, m in res.tuning.items() if n != "fused"}, best_row, k, objective, out / "frontier.png", cfg.click_floor)
     atomic_write_json({"config": asdict(cfg), "data": info, "rows": int(rd.group.size), "requests": rd.n_requests,
                        "heldout": res.heldout, "tuning": res.tuning, "lift": summary, "quadrant_II": quadrant_info}, out / "replay.json")
     keys = [f"gmv@{k}", f"orders@{k}", f"clicks@{k}", f"ndcg@{k}"] + ([f"exp_gmv@{k}", f"exp_clicks@{k}"] if rd.true_ctr is not None else [])

@@ -208,7 +208,7 @@ def quadrant_table(stats: pl.DataFrame, mean_of: list[str] | None = None) -> pl.
     w = pl.col("impressions").cast(pl.Float64)
     tot = stats.select(pl.col("impressions", "clicks", "conversions", "gmv").sum()).row(0, named=True)
     has_gmv = stats.get_column("gmv").null_count() < stats.height
-    wmean = lambda c: ((pl.col(c) * w).sum() / w.filter(pl.col(c).is_not_null()).sum()).alias(c)  # noqa: E731
+    wmean = lambda c: ((pl.col(c) * w).sum() / w.filter(pl.col(c).is_not_null()).sum()).alias(c)
     aggs = [
         pl.len().alias("entities"),
         pl.col("impressions").sum(),
@@ -222,7 +222,7 @@ def quadrant_table(stats: pl.DataFrame, mean_of: list[str] | None = None) -> pl.
     t = base.join(g, on="quadrant", how="left").with_columns(
         pl.col("entities", "impressions", "clicks", "conversions").fill_null(0)
     )
-    share = lambda c: (pl.col(c) / tot[c] if tot[c] else pl.lit(None, pl.Float64)).alias(f"{c}_share")  # noqa: E731
+    share = lambda c: (pl.col(c) / tot[c] if tot[c] else pl.lit(None, pl.Float64)).alias(f"{c}_share")
     t = t.with_columns(
         share("impressions"), share("clicks"), share("conversions"),
         (pl.col("gmv") / tot["gmv"]).alias("gmv_share") if has_gmv and tot["gmv"] else pl.lit(None, pl.Float64).alias("gmv_share"),

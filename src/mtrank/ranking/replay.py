@@ -111,7 +111,7 @@ class ReplayData:
 
     def subset(self, mask: np.ndarray) -> ReplayData:
         """The rows where ``mask`` is True (keep whole requests for a fair replay)."""
-        pick = lambda v: None if v is None else v[mask]  # noqa: E731
+        pick = lambda v: None if v is None else v[mask]
         return ReplayData(
             self.group[mask], self.click[mask], self.conversion[mask], self.value[mask], self.price[mask],
             self.p_ctr[mask], self.p_cvr[mask], pick(self.position), pick(self.true_ctr), pick(self.true_cvr),

@@ -135,7 +135,7 @@ def tune(data: ReplayData, cfg: TuneConfig) -> TuneResult:
     gmv_key = f"{cfg.objective}@{k}"
     clicks_key = f"{'exp_clicks' if cfg.objective == 'exp_gmv' else 'clicks'}@{k}"
     tune_data, held = split_requests(data, cfg.holdout, cfg.seed)
-    evaluate = lambda d, s: replay_metrics(d, s, k, position_coef=cfg.position_coef)  # noqa: E731
+    evaluate = lambda d, s: replay_metrics(d, s, k, position_coef=cfg.position_coef)
     tuning = {name: evaluate(tune_data, s) for name, s in reference_scores(tune_data).items()}
     floor = None if cfg.click_floor is None else cfg.click_floor * tuning["pctr"][clicks_key]
     rows: list[dict] = []
