@@ -82,9 +82,11 @@ def _load(dataset, data, schema, data_dir, bundle_path, split) -> tuple[pl.DataF
     bundle is given. ``split``: ``all``, or ``test`` re-derived with the bundle's split config."""
     _check_choice(split, ("all", "test"), "--split")
     bundle = Bundle.load(bundle_path) if bundle_path is not None else None
+    if dataset is None and data is None:
+        raise ConfigError("give the rows to analyse: --dataset (a built-in dataset) or --data (a file)")
     if bundle is not None:
         sch = bundle.schema
-        name = dataset or (None if data is not None else bundle.meta.get("dataset"))
+        name = dataset
     else:
         sch = resolve_schema(schema, dataset) if (schema or data) else None
         name = dataset
