@@ -136,6 +136,8 @@ def train(
     checkpoint_every: Annotated[int, typer.Option(help="also checkpoint every N steps (0 = epoch ends only)")] = 0,
     resume: Annotated[bool, typer.Option("--resume", help="continue an interrupted run from its checkpoint")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing bundle")] = False,
+    weight_by_price: Annotated[bool, typer.Option("--weight-by-price", help="weight converted rows by 1 + min(log1p(price)/mean, cap) (see mtrank.data.weights)")] = False,
+    price_weight_cap: Annotated[float, typer.Option(help="largest extra weight with --weight-by-price")] = 3.0,
     quiet: QuietOpt = False,
 ) -> None:
     """Train a model, early-stopped on validation; evaluate on test; write a bundle.
@@ -157,6 +159,8 @@ def train(
         if stream:
             if not data:
                 raise ConfigError("--stream needs --data (files, a directory or a glob)")
+            if weight_by_price:
+                raise ConfigError("--weight-by-price is not available with --stream yet")
             sch = resolve_schema(schema, dataset)
             if funnel_violations is not None:
                 sch = sch.model_copy(update={"funnel_violations": funnel_violations})
@@ -178,7 +182,7 @@ def train(
             split_cfg = SplitConfig(test_fraction=test_fraction, val_fraction=val_fraction, seed=seed)
             splits = split_data(loaded, split_cfg)
             meta = {"dataset": dataset or loaded.schema.name, "sources": loaded.sources, "split": split_cfg.model_dump(), "command": " ".join(sys.argv)}
-            res = fit(splits, loaded.schema, model_cfg, train_cfg, meta=meta, **run_kwargs)
+            res = fit(splits, loaded.schema, model_cfg, train_cfg, meta=meta, weight_by_price=weight_by_price, price_weight_cap=price_weight_cap, **run_kwargs)
         if is_main():
             res.bundle.save(out, overwrite=overwrite)
             console.print(_metric_table(f"{model} on {meta['dataset']} (best epoch {res.result.best_epoch})", {f"{model} ({k})": v for k, v in res.metrics.items()}))

@@ -18,6 +18,7 @@ from mtrank.data.encoders import FeatureEncoder
 from mtrank.data.schema import Schema
 from mtrank.data.simulate import SimConfig, write_simulated
 from mtrank.data.split import SplitConfig, split_data
+from mtrank.data.weights import mean_log_price, price_weights
 from mtrank.errors import ConfigError, SchemaError
 from mtrank.metrics.evaluate import evaluate_outputs
 from mtrank.models import build_model
@@ -97,16 +98,29 @@ def fit(
     checkpoint: Path | None = None,
     checkpoint_every: int = 0,
     resume: bool = False,
+    weight_by_price: bool = False,
+    price_weight_cap: float = 3.0,
 ) -> FitOutput:
     """Fit encoders on train only, train the model with early stopping on val, and evaluate on
     val and test. Returns the bundle (not yet saved) and metrics per split.
 
     ``checkpoint``, ``checkpoint_every`` and ``resume`` are passed to :meth:`Trainer.fit`.
+
+    With ``weight_by_price`` the train and val rows get the sample weights of
+    :func:`mtrank.data.weights.price_weights` from the schema's price column (normaliser from
+    the train split), so the loss and the early-stopping objective lean toward valuable
+    conversions; the reported metrics stay unweighted.
+
+    Raises:
+        SchemaError: ``weight_by_price`` with a schema without a price column or funnel.
     """
     start = time.perf_counter()
     torch.manual_seed(train_cfg.seed)
     encoder = FeatureEncoder.fit(splits["train"], schema)
     encoded = {k: EncodedData.from_frame(v, schema, encoder) for k, v in splits.items() if v.height}
+    weighting = None
+    if weight_by_price:
+        weighting = _add_price_weights(splits, encoded, schema, price_weight_cap)
     spec = FeatureSpec(
         cardinalities=encoder.cardinalities,
         n_numerical=len(encoder.numerical),
@@ -130,6 +144,7 @@ def fit(
         "history": [asdict(h) for h in result.history],
         "metrics": metrics,
         "seconds": seconds,
+        **({"weighting": weighting} if weighting else {}),
     }
     bundle = Bundle(model, encoder, schema, model_cfg, spec, bundle_meta)
     return FitOutput(bundle, result, metrics, seconds)
@@ -177,6 +192,18 @@ def fit_stream(
         "history": [asdict(h) for h in result.history], "metrics": metrics, "seconds": seconds,
     }
     return FitOutput(Bundle(model, encoder, schema, model_cfg, spec, bundle_meta), result, metrics, seconds)
+
+def _add_price_weights(splits: dict[str, pl.DataFrame], encoded: dict[str, EncodedData], schema: Schema, cap: float) -> dict:
+    if schema.price is None or not schema.is_funnel:
+        raise SchemaError(f"--weight-by-price needs a funnel schema with a price column; schema {schema.name!r} has none")
+    train = splits["train"]
+    mean_log = mean_log_price(train.get_column(schema.price).to_numpy(), train.get_column(schema.conversion).to_numpy())
+    for name in ("train", "val"):
+        if name in encoded:
+            df = splits[name]
+            w = price_weights(df.get_column(schema.price).to_numpy(), df.get_column(schema.conversion).to_numpy(), cap=cap, mean_log=mean_log)
+            encoded[name].weight = torch.from_numpy(w)
+    return {"kind": "price", "formula": "1 + min(log1p(price) / mean_log1p_price_converted, cap) on converted rows, else 1", "mean_log1p_price_converted": mean_log, "cap": cap}
 
 
 def evaluate_split(model: torch.nn.Module, data: EncodedData, schema: Schema) -> dict:

@@ -1,0 +1,267 @@
+"""Ranking-score fusion: one score per candidate from pCTR, pCVR and price.
+
+Four formulas, each a small class with ``score(p_ctr, p_cvr, price) -> np.ndarray``:
+
+* :class:`Multiplicative`        ``pCTR^α · pCVR^β · (price + ε)^γ``
+* :class:`OffsetMultiplicative`  ``(b1 + pCTR)^α · (b2 + pCVR)^β · (b3 + price)^γ``
+* :class:`Linear`                ``w1·pCTR/m1 + w2·pCVR/m2 + w3·log1p(price)/m3``
+* :class:`ExpectedGMV`           ``pCTR · pCVR · price``
+
+The product formulas are computed in log space (a sum of logs), which is finite where the
+product would underflow and ranks identically (log is monotone). A fusion is stored as a small
+JSON document (the format the serving service reads; see :func:`save_fusion`)::
+
+    {"format": "mtrank.fusion/1", "formula": "multiplicative",
+     "params": {"alpha": 1.0, "beta": 0.8, "gamma": 0.4, "eps": 1.0},
+     "k": 10, "price_policy": "error", ...metadata...}
+
+Price policy (:func:`clean_prices`): prices must be finite and > 0. ``error`` (default) raises
+:class:`~mtrank.errors.DataError` naming the rows; ``clip`` replaces missing, non-finite, zero or
+negative prices by ``price_floor``; ``drop`` removes those rows. Integer prices (cents) are
+accepted and cast to float64. Whatever the inputs, :func:`safe_scores` maps a non-finite score
+to ``-inf`` so that it ranks last, never first.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import ClassVar, Literal
+
+import numpy as np
+
+from mtrank.errors import ConfigError, DataError
+from mtrank.io_utils import atomic_write_json
+
+FORMAT = "mtrank.fusion/1"
+PricePolicy = Literal["error", "clip", "drop"]
+_TINY = 1e-12  # keeps log(p) finite for p = 0 exactly; far below any real probability
+
+
+def _arrays(p_ctr, p_cvr, price) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    a = np.asarray(p_ctr, dtype=np.float64).ravel()
+    b = np.asarray(p_cvr, dtype=np.float64).ravel()
+    c = np.asarray(price, dtype=np.float64).ravel()
+    if not (a.shape == b.shape == c.shape):
+        raise ValueError(f"p_ctr {a.shape}, p_cvr {b.shape} and price {c.shape} must have the same length")
+    return a, b, c
+
+
+def _log(x: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.log(np.maximum(x, _TINY))
+
+
+@dataclass
+class Fusion:
+    """Base class: a fused ranking score. Subclasses define :meth:`score`."""
+
+    name: ClassVar[str] = "base"
+
+    def score(self, p_ctr, p_cvr, price) -> np.ndarray:  # pragma: no cover - abstract
+        """Scores ``[N]`` float64 (higher ranks first) from ``[N]`` pCTR, pCVR and price."""
+        raise NotImplementedError
+
+    @property
+    def params(self) -> dict[str, float]:
+        return {k: float(v) for k, v in asdict(self).items()}
+
+    def to_json(self, **meta) -> dict:
+        """The serving document: format, formula, params, plus any metadata (k, metrics …)."""
+        return {"format": FORMAT, "formula": self.name, "params": self.params, **meta}
+
+
+@dataclass
+class Multiplicative(Fusion):
+    """``score = pCTR^α · pCVR^β · (price + ε)^γ``, returned as its log
+    ``α·log pCTR + β·log pCVR + γ·log(price + ε)`` (same order, no underflow).
+
+    α = β = γ = 1, ε = 0 is expected GMV per impression; γ < 1 damps price, γ = 0 ranks by
+    pCTR^α·pCVR^β (α = β: pCTCVR). Probabilities are floored at 1e-12 before the log.
+    Only the ratios α : β : γ matter for the ranking.
+    """
+
+    name: ClassVar[str] = "multiplicative"
+    alpha: float = 1.0
+    beta: float = 1.0
+    gamma: float = 1.0
+    eps: float = 1.0
+
+    def score(self, p_ctr, p_cvr, price) -> np.ndarray:
+        a, b, c = _arrays(p_ctr, p_cvr, price)
+        return self.alpha * _log(a) + self.beta * _log(b) + self.gamma * _log(c + self.eps)
+
+
+@dataclass
+class OffsetMultiplicative(Fusion):
+    """``score = (b1 + pCTR)^α · (b2 + pCVR)^β · (b3 + price)^γ``, returned as its log.
+
+    The offsets b1, b2, b3 ≥ 0 soften each factor: with a large b2 an item with pCVR ≈ 0 is not
+    wiped out. (The "α-β-γ with offsets" form used in industrial rank fusion.)
+    """
+
+    name: ClassVar[str] = "offset_multiplicative"
+    alpha: float = 1.0
+    beta: float = 1.0
+    gamma: float = 1.0
+    b1: float = 0.0
+    b2: float = 0.0
+    b3: float = 1.0
+
+    def score(self, p_ctr, p_cvr, price) -> np.ndarray:
+        a, b, c = _arrays(p_ctr, p_cvr, price)
+        return self.alpha * _log(self.b1 + a) + self.beta * _log(self.b2 + b) + self.gamma * _log(self.b3 + c)
+
+
+@dataclass
+class Linear(Fusion):
+    """``score = w1·pCTR/m1 + w2·pCVR/m2 + w3·log1p(price)/m3``.
+
+    Each factor is normalised by a scale m (by default its mean over the data the fusion was
+    tuned on, stored with the params so serving uses the same constants); log1p tames price's
+    heavy tail. Weights are free (the scale of the score does not matter for ranking).
+    """
+
+    name: ClassVar[str] = "linear"
+    w1: float = 1.0
+    w2: float = 1.0
+    w3: float = 1.0
+    m1: float = 1.0
+    m2: float = 1.0
+    m3: float = 1.0
+
+    def score(self, p_ctr, p_cvr, price) -> np.ndarray:
+        a, b, c = _arrays(p_ctr, p_cvr, price)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return self.w1 * a / self.m1 + self.w2 * b / self.m2 + self.w3 * np.log1p(np.maximum(c, 0.0)) / self.m3
+
+    @classmethod
+    def fitted_scales(cls, p_ctr, p_cvr, price, **weights: float) -> Linear:
+        """A Linear fusion whose scales are the means of the given factors (non-zero)."""
+        a, b, c = _arrays(p_ctr, p_cvr, price)
+        m = [float(np.nanmean(x)) for x in (a, b, np.log1p(np.maximum(c, 0.0)))]
+        m = [x if np.isfinite(x) and x > 0 else 1.0 for x in m]
+        return cls(**weights, m1=m[0], m2=m[1], m3=m[2])
+
+
+@dataclass
+class ExpectedGMV(Fusion):
+    """``score = pCTR · pCVR · price``: expected GMV of one impression (returned as its log)."""
+
+    name: ClassVar[str] = "expected_gmv"
+
+    def score(self, p_ctr, p_cvr, price) -> np.ndarray:
+        a, b, c = _arrays(p_ctr, p_cvr, price)
+        return _log(a) + _log(b) + _log(c)
+
+
+@dataclass
+class Single(Fusion):
+    """A reference ranking by one model output: ``score = pCTR`` (``which="ctr"``) or
+    ``score = pCTR·pCVR`` (``which="ctcvr"``). Not tuned; stored for completeness."""
+
+    name: ClassVar[str] = "single"
+    which: str = field(default="ctr")
+
+    @property
+    def params(self) -> dict:
+        return {"which": self.which}
+
+    def score(self, p_ctr, p_cvr, price) -> np.ndarray:
+        a, b, _ = _arrays(p_ctr, p_cvr, price)
+        return _log(a) if self.which == "ctr" else _log(a) + _log(b)
+
+
+FORMULAS: dict[str, type[Fusion]] = {
+    c.name: c for c in (Multiplicative, OffsetMultiplicative, Linear, ExpectedGMV, Single)
+}
+
+
+def make_fusion(formula: str, params: dict | None = None) -> Fusion:
+    """Build a fusion by name. Raises ConfigError for an unknown formula or parameter."""
+    if formula not in FORMULAS:
+        raise ConfigError(f"unknown fusion formula {formula!r}; choose one of {sorted(FORMULAS)}")
+    try:
+        return FORMULAS[formula](**(params or {}))
+    except TypeError as exc:
+        raise ConfigError(f"fusion {formula!r}: bad params {params} ({exc})") from None
+
+
+def save_fusion(fusion: Fusion, path: str | Path, **meta) -> Path:
+    """Write the fusion's JSON document (see the module docstring) atomically."""
+    return atomic_write_json(fusion.to_json(**meta), Path(path))
+
+
+def load_fusion(path: str | Path) -> Fusion:
+    """Read a fusion JSON document written by :func:`save_fusion` (``mtrank fuse``).
+
+    Raises:
+        ConfigError: the file is missing, not JSON, of another format, or has bad params.
+    """
+    p = Path(path)
+    try:
+        doc = json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"cannot read fusion file {p}: {exc}") from None
+    if not isinstance(doc, dict) or doc.get("format", FORMAT) != FORMAT or "formula" not in doc:
+        raise ConfigError(f"fusion file {p}: expected a {FORMAT!r} document with 'formula' and 'params'")
+    return make_fusion(doc["formula"], doc.get("params", {}))
+
+
+def safe_scores(score: np.ndarray) -> np.ndarray:
+    """Scores with every NaN / ±inf replaced by -inf, so a non-finite score ranks last."""
+    s = np.asarray(score, dtype=np.float64)
+    return np.where(np.isfinite(s), s, -np.inf)
+
+
+def clean_prices(
+    price,
+    *,
+    policy: PricePolicy = "error",
+    floor: float = 0.01,
+    column: str = "price",
+    source: str | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Validate prices for fusion.
+
+    Args:
+        price: ``[N]`` numbers (int or float; None / NaN allowed on input).
+        policy: ``error``: raise on any missing, non-finite, zero or negative price;
+            ``clip``: replace them by ``floor``; ``drop``: flag them for removal.
+        floor: the replacement price under ``clip`` (currency units, > 0).
+        column, source: named in the error message.
+
+    Returns:
+        (price float64 ``[N]``, keep bool ``[N]``). ``keep`` is all True except under ``drop``.
+
+    Raises:
+        DataError: policy ``error`` and bad prices (names the column and 1-based rows).
+        ConfigError: an unknown policy or a non-positive floor.
+    """
+    if policy not in ("error", "clip", "drop"):
+        raise ConfigError(f"price policy must be 'error', 'clip' or 'drop', got {policy!r}")
+    if not floor > 0:
+        raise ConfigError(f"price floor must be > 0, got {floor}")
+    p = np.array([np.nan if v is None else v for v in price], dtype=np.float64) if isinstance(price, list) else np.asarray(price, dtype=np.float64).ravel()
+    bad = ~np.isfinite(p) | (p <= 0)
+    keep = np.ones(p.size, dtype=bool)
+    if bad.any():
+        if policy == "error":
+            rows = (np.flatnonzero(bad) + 1).tolist()
+            raise DataError(
+                f"{len(rows)} missing, non-finite, zero or negative price(s), e.g. {p[bad][0]!r}; "
+                "prices must be finite and > 0 (or pass --price-policy clip / drop)",
+                file=source, column=column, rows=rows[:10], count=len(rows),
+            )
+        if policy == "clip":
+            p = np.where(bad, floor, p)
+        else:
+            keep = ~bad
+    return p, keep
+
+
+__all__ = [
+    "FORMULAS", "ExpectedGMV", "Fusion", "Linear", "Multiplicative", "OffsetMultiplicative", "Single",
+    "clean_prices", "load_fusion", "make_fusion", "safe_scores", "save_fusion",
+]
