@@ -23,7 +23,7 @@ def sim_file(tmp_path_factory):
 @pytest.fixture(scope="module")
 def bundle(sim_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "esmm"
-    r = mtrank("train", "--data", sim_file, "--schema", "simulated", "--epochs", 1, "--tower", "32,16", "--out", out, "-q")
+    r = mtrank("train", "--data", sim_file, "--schema", "simulated", "--epochs", 1, "--batch-size", 256, "--lr", 0.01, "--tower", "32,16", "--out", out, "-q")
     assert r.returncode == 0, r.stderr
     assert "auc_cvr_masked" in r.stdout and "bundle written" in r.stdout
     return out
