@@ -262,8 +262,8 @@ for _name in COMMAND_MODULES:
     try:
         importlib.import_module(_name)
     except ModuleNotFoundError as _exc:
-        if _exc.name != _name:
-            raise
+        if _exc.name is None or not (_name == _exc.name or _name.startswith(_exc.name + ".")):
+            raise  # a real import error inside a present module, not an absent part
 
 
 def main() -> None:
