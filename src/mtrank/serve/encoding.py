@@ -21,35 +21,35 @@ import polars as pl
 from mtrank.data.encoders import MISSING, N_RESERVED, OOV, CategoricalEncoder, FeatureEncoder, canonical_ids
 
 
+_END = "\x01"  # appended to every string: numpy's fixed-width strings drop trailing NULs
+
+
 @dataclass
 class SortedCategoricalEncoder(CategoricalEncoder):
     """A :class:`CategoricalEncoder` whose ``transform`` uses a pre-sorted vocabulary.
 
-    Values containing a NUL character (which numpy's fixed-width strings would strip) fall back
-    to the parent's exact lookup.
+    Every value gets a ``"\\x01"`` suffix before it becomes a fixed-width numpy string, so a
+    value ending in NUL (which numpy would strip) never matches another one.
     """
 
     _sorted: np.ndarray = field(init=False, repr=False)
     _index: np.ndarray = field(init=False, repr=False)
-    _exact_only: bool = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        vocab = np.asarray(self.values, dtype=str) if self.values else np.zeros(0, dtype="<U1")
+        vocab = np.asarray([v + _END for v in self.values] or [_END], dtype=str)
         order = np.argsort(vocab, kind="stable")
         self._sorted = vocab[order]
         self._index = order.astype(np.int64) + N_RESERVED
-        self._exact_only = any("\x00" in v for v in self.values)
+        if not self.values:  # the placeholder matches nothing real: "" is never a value
+            self._index[:] = OOV
 
     def transform(self, series: pl.Series) -> tuple[np.ndarray, int, int]:
         """Encode a column. Returns (indices int64 [N], n_missing, n_oov), as the parent."""
-        ids = canonical_ids(series)
-        missing = ids.is_null().to_numpy()
-        if self._exact_only or not self.values or bool(ids.str.contains("\x00", literal=True).any()):
-            return super().transform(series)
-        query = np.asarray(ids.fill_null("").to_numpy(), dtype=str)
+        ids = canonical_ids(series).to_numpy()  # object array of str, None where missing
+        missing = np.equal(ids, None)
+        query = (np.where(missing, "", ids) + _END).astype(str)
         pos = np.minimum(np.searchsorted(self._sorted, query), len(self._sorted) - 1)
-        hit = self._sorted[pos] == query
-        idx = np.where(hit, self._index[pos], OOV)
+        idx = np.where(self._sorted[pos] == query, self._index[pos], OOV)
         idx[missing] = MISSING
         return idx.astype(np.int64, copy=False), int(missing.sum()), int((idx == OOV).sum())
 
