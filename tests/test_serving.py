@@ -31,7 +31,13 @@ from mtrank.serve.app import create_app
 from mtrank.serve.bundle import Bundle
 from mtrank.serve.encoding import SortedCategoricalEncoder, serving_encoder
 from mtrank.serve.fusion import FusionSpec, rank_order
-from mtrank.serve.onnx_export import OnnxScorer, example_inputs, to_onnx_bytes, torch_probabilities, verify_onnx
+from mtrank.serve.onnx_export import (
+    OnnxScorer,
+    example_inputs,
+    to_onnx_bytes,
+    torch_probabilities,
+    verify_onnx,
+)
 from mtrank.serve.service import MAX_CANDIDATES
 from mtrank.train.trainer import TrainConfig
 from mtrank.workflow import fit, predictions_frame

@@ -15,7 +15,7 @@ from mtrank.errors import ConfigError
 @app.command()
 def export(
     bundle: Annotated[Path, typer.Option("--bundle", "-b", help="bundle directory")],
-    format: Annotated[str, typer.Option("--format", help="export format: onnx")] = "onnx",  # noqa: A002
+    format: Annotated[str, typer.Option("--format", help="export format: onnx")] = "onnx",
     out: Annotated[Path | None, typer.Option("--out", "-o", help="file to write (default: <bundle>/model.onnx)")] = None,
 ) -> None:
     """Export a bundle's model to ONNX (dynamic batch axis), verified against PyTorch at batch

@@ -18,8 +18,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import polars as pl
 
-from mtrank.data.encoders import MISSING, N_RESERVED, OOV, CategoricalEncoder, FeatureEncoder, canonical_ids
-
+from mtrank.data.encoders import (
+    MISSING,
+    N_RESERVED,
+    OOV,
+    CategoricalEncoder,
+    FeatureEncoder,
+    canonical_ids,
+)
 
 _END = "\x01"  # appended to every string: numpy's fixed-width strings drop trailing NULs
 

@@ -27,13 +27,13 @@ import time
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NotRequired, Required
 
 import numpy as np
 import polars as pl
 import torch
 from pydantic import AllowInfNan, Field, Strict, TypeAdapter, ValidationError
-from typing_extensions import NotRequired, Required, TypedDict
+from typing_extensions import TypedDict
 
 from mtrank.errors import BundleError, ConfigError, DataError
 from mtrank.serve.bundle import Bundle
