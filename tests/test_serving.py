@@ -62,7 +62,8 @@ def bundle_dir(sim, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def clients(bundle_dir):
-    return {e: TestClient(create_app(bundle_dir, engine=e)) for e in ("onnx", "torch")}
+    # threads=0: leave torch's process-wide thread count alone for the tests that follow
+    return {e: TestClient(create_app(bundle_dir, engine=e, threads=0)) for e in ("onnx", "torch")}
 
 
 @pytest.fixture()
