@@ -177,6 +177,25 @@ def test_export_without_categorical_or_numerical_features(categorical, numerical
     assert shapes == {"categorical": ["batch", len(categorical)], "numerical": ["batch", len(numerical)]}
 
 
+def test_service_without_categorical_features_or_price(tmp_path):
+    df = pl.DataFrame({"click": [0, 1, 1, 0], "buy": [0, 1, 0, 0], "x": [1.0, 2.0, 3.0, 4.0], "y": [0.5, 0.1, 0.2, 0.3]})
+    schema = Schema(click="click", conversion="buy", numerical=["x", "y"])
+    enc = FeatureEncoder.fit(df, schema)
+    spec = FeatureSpec(cardinalities=enc.cardinalities, n_numerical=len(enc.numerical))
+    cfg = ModelConfig(tower=[8], embedding_dim=3)
+    path = Bundle(build_model(spec, cfg).eval(), enc, schema, cfg, spec).save(tmp_path / "b")
+    client = TestClient(create_app(path))
+    body = client.post("/rank", json={"candidates": [{"x": 1.0, "y": None}, {"x": 2, "y": 0.3}]}).json()
+    assert body["counts"] == {"missing": {"x": 0, "y": 1}, "oov": {}}
+    want = predictions_frame(Bundle.load(path), pl.DataFrame({"x": [1.0, 2.0], "y": [None, 0.3]}), "t")
+    got = sorted(body["candidates"], key=lambda c: c["index"])
+    np.testing.assert_allclose([c["p_ctr"] for c in got], want["p_ctr"].to_numpy(), atol=1e-6, rtol=0)
+    r = client.post("/rank", json={"candidates": [{"x": 1.0, "y": 2.0}], "fusion": MULT})
+    assert r.status_code == 422 and "body.fusion" in r.json()["message"] and "no price column" in r.json()["message"]
+    with pytest.raises(ConfigError, match="no price column"):
+        create_app(path, FusionSpec.model_validate(MULT))
+
+
 # -- the HTTP service ---------------------------------------------------------------------------
 def test_openapi_health_metadata(client, bundle_dir):
     spec = client.app.openapi()
