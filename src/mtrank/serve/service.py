@@ -187,19 +187,30 @@ class RankingService:
             rows = []
         if errors:
             raise RequestError(errors)
-        dtypes = {c: (pl.String if c in self.categorical else pl.Float64) for c in self.features}
-        df = pl.from_dicts(rows, schema=dtypes, strict=False)
-        fills = []
-        for col, value in ctx.items():
-            if value is None:
+        # Categorical columns: Int64 when every value is an integer, else String (integers
+        # written as "3"): canonical_ids maps both to the same strings, and the Int64 path avoids
+        # string cleaning. Numerical columns: Float64.
+        numeric = {c: pl.Float64 for c in self.features if c not in self.categorical}
+        df = pl.from_dicts(rows, schema_overrides=numeric, infer_schema_length=None, strict=False)
+        cols = []
+        for col in self.features:
+            dtype = df.schema.get(col, pl.Null)
+            value = ctx.get(col)
+            if col in numeric:
+                expr = pl.col(col) if col in df.columns else pl.lit(None, dtype=pl.Float64).alias(col)
+                if value is not None:
+                    expr = expr.fill_null(float(value))
+            elif value is not None and isinstance(value, int) and dtype in (pl.Int64, pl.Null):
+                expr = (pl.col(col) if col in df.columns else pl.lit(None)).cast(pl.Int64).fill_null(value).alias(col)
+            elif value is not None:
+                expr = (pl.col(col) if col in df.columns else pl.lit(None)).cast(pl.String).fill_null(str(value)).alias(col)
+            elif dtype == pl.Null:
+                expr = (pl.col(col) if col in df.columns else pl.lit(None)).cast(pl.String).alias(col)
+            else:
                 continue
-            lit = pl.lit(str(value) if dtypes[col] == pl.String else float(value), dtype=dtypes[col])
-            fills.append(pl.col(col).fill_null(lit))
-        if fills:
-            df = df.with_columns(fills)
-        if self._filler:
-            df = df.with_columns(pl.lit(None).alias(c) for c in self._filler)
-        return df
+            cols.append(expr)
+        cols += [pl.lit(None).alias(c) for c in self._filler]
+        return df.with_columns(cols) if cols else df
 
     # -- scoring ------------------------------------------------------------------------------
     def score(self, context: dict[str, Any], candidates: list[dict[str, Any]], fusion: FusionSpec | None = None) -> Scored:
