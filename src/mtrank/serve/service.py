@@ -44,7 +44,8 @@ MAX_CANDIDATES = 2000
 ENGINES = ("onnx", "torch")
 PROBS = ("p_ctr", "p_cvr", "p_ctcvr")
 
-CategoricalValue = int | str | None
+# ids are int64 in every table mtrank reads; a larger integer is a mistyped id (422)
+CategoricalValue = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)] | str | None
 NumericalValue = Annotated[float, Strict(), AllowInfNan(False)] | None
 PriceValue = Annotated[float, Strict(), AllowInfNan(False), Field(ge=0.0)]
 
@@ -229,11 +230,17 @@ class RankingService:
         df = self.frame(context, candidates)
         t1 = time.perf_counter()
         try:
-            data = self.bundle.encode(df, "request")
+            with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported below
+                data = self.bundle.encode(df, "request")
         except DataError as exc:  # validated above; a defensive net so a bad value is never a 500
             raise RequestError([{"loc": ["candidates", exc.column or ""], "msg": str(exc), "type": "value_error"}]) from None
+        num = data.numerical.numpy()
+        finite = np.isfinite(num).all(axis=0)
+        if not finite.all():  # e.g. 1e308: finite as float64, overflows once standardised in float32
+            bad = [c for c, ok in zip(self.bundle.encoder.numerical, finite, strict=True) if not ok]
+            raise RequestError([{"loc": ["candidates", e.column], "msg": f"value too large: its standardised value (x - {e.mean:.4g}) / {e.std:.4g} overflows float32", "type": "value_error"} for e in bad])
         t2 = time.perf_counter()
-        raw = self._infer(data.categorical.numpy(), data.numerical.numpy())
+        raw = self._infer(data.categorical.numpy(), num)
         probs = {k: raw[k].astype(np.float64) for k in PROBS}
         t3 = time.perf_counter()
         price = df.get_column(self.price).to_numpy() if self.price else None
@@ -251,9 +258,9 @@ def _errors(exc: ValidationError, where: Literal["context", "candidates"], categ
     out: dict[tuple, dict] = {}
     for e in exc.errors(include_url=False, include_input=False, include_context=False):
         loc = list(e["loc"])
-        if len(loc) >= 2 and loc[-1] in ("int", "str") and str(loc[-2]) in categorical:
+        if len(loc) >= 2 and loc[-1] in ("int", "constrained-int", "str") and str(loc[-2]) in categorical:
             loc = loc[:-1]
-            msg = "a categorical value must be a string, an integer or null"
+            msg = "a categorical value must be a string, a 64-bit integer or null"
         elif e["type"] == "missing" and where == "candidates":
             msg = "Field required: give this feature in `context` or in every candidate (null for a missing value)"
         else:
