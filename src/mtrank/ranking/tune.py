@@ -159,7 +159,7 @@ def tune(data: ReplayData, cfg: TuneConfig) -> TuneResult:
         try:
             import optuna
         except ImportError:
-            raise ConfigError("optuna is not installed: pip install 'mtrank[tune]', or use --method grid") from None
+            raise ConfigError("optuna is not installed: it is a dependency of mtrank; reinstall mtrank, or use --method grid") from None
         optuna.logging.set_verbosity(logging.WARNING)
 
         def objective(trial) -> float:

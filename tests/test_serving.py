@@ -1,0 +1,369 @@
+"""Serving: fusion, fast encoders, ONNX export, the HTTP ranking service, train/serve parity."""
+
+from __future__ import annotations
+
+import json
+import math
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import numpy as np
+import onnx
+import polars as pl
+import pytest
+from fastapi.testclient import TestClient
+from typer.testing import CliRunner
+
+from mtrank.cli import app as cli_app
+from mtrank.data.datasets import LoadedData
+from mtrank.data.encoders import CategoricalEncoder, FeatureEncoder
+from mtrank.data.io import validate_frame
+from mtrank.data.schema import Schema
+from mtrank.data.simulate import SIMULATED_SCHEMA, SimConfig, simulate
+from mtrank.data.split import SplitConfig, split_data
+from mtrank.errors import ConfigError
+from mtrank.models import build_model
+from mtrank.models.config import FeatureSpec, ModelConfig
+from mtrank.serve.app import create_app
+from mtrank.serve.bundle import Bundle
+from mtrank.serve.encoding import SortedCategoricalEncoder, serving_encoder
+from mtrank.serve.fusion import FusionSpec, rank_order
+from mtrank.serve.onnx_export import (
+    OnnxScorer,
+    example_inputs,
+    to_onnx_bytes,
+    torch_probabilities,
+    verify_onnx,
+)
+from mtrank.serve.service import MAX_CANDIDATES
+from mtrank.train.trainer import TrainConfig
+from mtrank.workflow import fit, predictions_frame
+
+USER = ["user_id", "user_age", "user_gender", "user_power", "hour"]
+ITEM = ["item_id", "category", "brand", "shop", "price"]
+MULT = {"formula": "multiplicative", "params": {"alpha": 1.0, "beta": 2.0, "gamma": 0.5, "eps": 1e-6}}
+
+
+@pytest.fixture(scope="module")
+def sim() -> pl.DataFrame:
+    return simulate(SimConfig(rows=6_000, n_users=300, n_items=150, cvr=0.2, seed=11))
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(sim, tmp_path_factory):
+    df, _ = validate_frame(sim, SIMULATED_SCHEMA, "sim")
+    splits = split_data(LoadedData(SIMULATED_SCHEMA, {"all": df}, {"all": "sim"}), SplitConfig())
+    res = fit(splits, SIMULATED_SCHEMA, ModelConfig(tower=[16, 8], embedding_dim=4), TrainConfig(epochs=1, batch_size=512, seed=0), quiet=True)
+    return res.bundle.save(tmp_path_factory.mktemp("serve") / "esmm")
+
+
+@pytest.fixture(scope="module")
+def clients(bundle_dir):
+    # threads=0: leave torch's process-wide thread count alone for the tests that follow
+    return {e: TestClient(create_app(bundle_dir, engine=e, threads=0)) for e in ("onnx", "torch")}
+
+
+@pytest.fixture()
+def client(clients):
+    return clients["onnx"]
+
+
+def request_of(rows: pl.DataFrame) -> dict:
+    """One request: the first row's user features as context, items as candidates."""
+    return {"context": rows.select(USER).row(0, named=True), "candidates": rows.select(ITEM).to_dicts()}
+
+
+# -- fusion -------------------------------------------------------------------------------------
+def test_multiplicative_fusion_is_the_formula_in_log_space():
+    spec = FusionSpec.model_validate(MULT)
+    p_ctr, p_cvr, price = np.array([0.1, 0.5, 0.0, 1.0]), np.array([0.2, 0.01, 0.3, 0.0]), np.array([10.0, 0.0, 5.0, 1e9])
+    score, log_score = spec.scores(p_ctr, p_cvr, p_ctr * p_cvr, price)
+    np.testing.assert_allclose(score[:2], p_ctr[:2] * p_cvr[:2] ** 2 * np.sqrt(price[:2] + 1e-6), rtol=1e-12)
+    # probabilities of exactly 0 give a tiny but finite score, never -inf / NaN
+    assert np.isfinite(log_score).all() and log_score[2] < -700 and log_score[3] < -1400
+    assert (score >= 0).all() and np.isfinite(score).all()
+
+
+def test_invalid_prices_give_nan_and_rank_last():
+    spec = FusionSpec.model_validate(MULT)
+    p = np.full(5, 0.5)
+    score, log_score = spec.scores(p, p, p * p, np.array([1.0, -1.0, np.nan, np.inf, 0.0]))
+    assert np.isnan(score[1:4]).all() and np.isfinite(score[[0, 4]]).all()
+    assert rank_order(log_score).tolist() == [0, 4, 1, 2, 3]
+
+
+def test_rank_order_breaks_ties_by_index():
+    assert rank_order(np.array([0.5, 0.7, 0.5, np.nan, 0.7, -np.inf])).tolist() == [1, 4, 0, 2, 3, 5]
+
+
+def test_ctcvr_is_the_default_and_fuse_json_extra_keys_are_ignored(tmp_path):
+    p_ctr, p_cvr = np.array([0.2, 0.4]), np.array([0.5, 0.1])
+    score, _ = FusionSpec().scores(p_ctr, p_cvr, p_ctr * p_cvr)
+    assert score.tolist() == (p_ctr * p_cvr).tolist()
+    f = tmp_path / "fusion.json"
+    f.write_text(json.dumps({**MULT, "metrics": {"gmv@10": 1.2}, "grid": [1, 2]}))
+    spec = FusionSpec.from_file(f)
+    assert spec.formula == "multiplicative" and spec.params.beta == 2.0 and spec.needs_price
+    f.write_text(json.dumps({"formula": "multiplicative", "params": {"eps": 0}}))
+    with pytest.raises(ConfigError, match="params.eps"):
+        FusionSpec.from_file(f)
+
+
+# -- fast encoders ------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "train,query",
+    [
+        (["a", "b", "b", " c", "", None, "longer value", "é"], ["b", "c ", "zz", None, "", "é", "longer valu", "longer value!", "a"]),
+        ([3, 1, 1, 7, None], [1.0, 3.0, 7.0, 8.0, None, float("nan")]),
+        ([10, 2, 2], [2, 10, 100, -2]),
+        (["a\x00", "a"], ["a", "a\x00", "b"]),
+        ([None, None], ["x", None]),
+    ],
+)
+def test_sorted_encoder_equals_training_encoder(train, query):
+    enc = CategoricalEncoder.fit(pl.Series("c", train, strict=False))
+    fast = SortedCategoricalEncoder(enc.column, enc.values)
+    q = pl.Series("c", query, strict=False)
+    want, got = enc.transform(q), fast.transform(q)
+    assert got[0].tolist() == want[0].tolist() and got[1:] == want[1:]
+
+
+def test_serving_encoder_matches_on_a_whole_table(bundle_dir, sim):
+    b = Bundle.load(bundle_dir)
+    a, f = b.encoder.transform(sim), serving_encoder(b.encoder).transform(sim)
+    assert np.array_equal(a.categorical, f.categorical) and np.array_equal(a.numerical, f.numerical)
+    assert a.n_oov == f.n_oov and a.n_missing == f.n_missing
+
+
+# -- ONNX ---------------------------------------------------------------------------------------
+def test_export_cli_writes_a_dynamic_batch_graph_matching_torch(bundle_dir, tmp_path):
+    out = tmp_path / "m.onnx"
+    r = CliRunner().invoke(cli_app, ["export", "--bundle", str(bundle_dir), "--format", "onnx", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    model = onnx.load(str(out))
+    onnx.checker.check_model(model)
+    ins = {i.name: i for i in model.graph.input}
+    assert list(ins) == ["categorical", "numerical"] and [o.name for o in model.graph.output] == ["p_ctr", "p_cvr", "p_ctcvr"]
+    assert ins["categorical"].type.tensor_type.elem_type == onnx.TensorProto.INT64
+    assert ins["numerical"].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert ins["categorical"].type.tensor_type.shape.dim[0].dim_param == "batch"
+    b = Bundle.load(bundle_dir)
+    scorer = OnnxScorer(out)
+    for n in (1, 7, 1000):
+        cat, num = example_inputs(b, n, seed=n)
+        want, got = torch_probabilities(b, cat, num), scorer(cat, num)
+        for k in ("p_ctr", "p_cvr", "p_ctcvr"):
+            assert got[k].shape == (n,)
+            np.testing.assert_allclose(got[k], want[k], atol=1e-5, rtol=0)
+        assert (got["p_ctr"] > 0).all() and (got["p_ctr"] < 1).all()
+
+
+@pytest.mark.parametrize("categorical,numerical", [(["a", "b"], []), ([], ["x", "y"])])
+@pytest.mark.parametrize("model", ["esmm", "base"])
+def test_export_without_categorical_or_numerical_features(categorical, numerical, model):
+    df = pl.DataFrame({"click": [0, 1, 1, 0], "buy": [0, 1, 0, 0], "a": ["p", "q", "r", "p"], "b": [1, 2, 1, 2], "x": [1.0, 2.0, 3.0, 4.0], "y": [0.5, 0.1, 0.2, 0.3]})
+    schema = Schema(click="click", conversion="buy", categorical=categorical, numerical=numerical)
+    enc = FeatureEncoder.fit(df, schema)
+    spec = FeatureSpec(cardinalities=enc.cardinalities, n_numerical=len(enc.numerical))
+    cfg = ModelConfig(name=model, tower=[8], embedding_dim=3)
+    b = Bundle(build_model(spec, cfg).eval(), enc, schema, cfg, spec)
+    graph = to_onnx_bytes(b)
+    diffs = verify_onnx(b, graph, batches=(1, 7, 1000))
+    assert max(diffs.values()) <= 1e-5
+    shapes = {i.name: i.shape for i in OnnxScorer(graph).session.get_inputs()}
+    assert shapes == {"categorical": ["batch", len(categorical)], "numerical": ["batch", len(numerical)]}
+
+
+def test_service_without_categorical_features_or_price(tmp_path):
+    df = pl.DataFrame({"click": [0, 1, 1, 0], "buy": [0, 1, 0, 0], "x": [1.0, 2.0, 3.0, 4.0], "y": [0.5, 0.1, 0.2, 0.3]})
+    schema = Schema(click="click", conversion="buy", numerical=["x", "y"])
+    enc = FeatureEncoder.fit(df, schema)
+    spec = FeatureSpec(cardinalities=enc.cardinalities, n_numerical=len(enc.numerical))
+    cfg = ModelConfig(tower=[8], embedding_dim=3)
+    path = Bundle(build_model(spec, cfg).eval(), enc, schema, cfg, spec).save(tmp_path / "b")
+    client = TestClient(create_app(path))
+    body = client.post("/rank", json={"candidates": [{"x": 1.0, "y": None}, {"x": 2, "y": 0.3}]}).json()
+    assert body["counts"] == {"missing": {"x": 0, "y": 1}, "oov": {}}
+    want = predictions_frame(Bundle.load(path), pl.DataFrame({"x": [1.0, 2.0], "y": [None, 0.3]}), "t")
+    got = sorted(body["candidates"], key=lambda c: c["index"])
+    np.testing.assert_allclose([c["p_ctr"] for c in got], want["p_ctr"].to_numpy(), atol=1e-6, rtol=0)
+    r = client.post("/rank", json={"candidates": [{"x": 1.0, "y": 2.0}], "fusion": MULT})
+    assert r.status_code == 422 and "body.fusion" in r.json()["message"] and "no price column" in r.json()["message"]
+    with pytest.raises(ConfigError, match="no price column"):
+        create_app(path, FusionSpec.model_validate(MULT))
+
+
+# -- the HTTP service ---------------------------------------------------------------------------
+def test_openapi_health_metadata(client, bundle_dir):
+    spec = client.app.openapi()
+    assert {"/rank", "/score", "/health", "/metadata"} <= set(spec["paths"])
+    body = spec["components"]["schemas"]["RankRequest"]["properties"]["candidates"]
+    assert body["minItems"] == 1 and body["maxItems"] == MAX_CANDIDATES
+    assert "RankResponse" in spec["components"]["schemas"]
+    assert client.get("/docs").status_code == 200
+    assert client.get("/health").json() == {"status": "ok"}
+    meta = client.get("/metadata").json()
+    assert meta["bundle_sha256"] == Bundle.digest(bundle_dir) and meta["model"] == "esmm"
+    assert meta["features"]["categorical"] == SIMULATED_SCHEMA.categorical and meta["features"]["price"] == "price"
+    assert meta["schema"]["name"] == "simulated" and meta["engine"] == "onnx"
+
+
+@pytest.mark.parametrize("engine", ["torch", "onnx"])
+def test_train_serve_parity(engine, clients, bundle_dir, sim, tmp_path):
+    """The same rows through predictions_frame / `mtrank predict --fusion` and through /rank."""
+    rows = sim.slice(1000, 300)
+    b = Bundle.load(bundle_dir)
+    batch = predictions_frame(b, rows, "rows")
+    fusion = tmp_path / "fusion.json"
+    fusion.write_text(json.dumps(MULT))
+    data, preds = tmp_path / "rows.parquet", tmp_path / "preds.parquet"
+    rows.write_parquet(data)
+    r = CliRunner().invoke(cli_app, ["predict", "--bundle", str(bundle_dir), "--data", str(data), "--out", str(preds), "--fusion", str(fusion)])
+    assert r.exit_code == 0, r.output
+    cli = pl.read_parquet(preds)
+    assert cli.select("p_ctr", "p_cvr", "p_ctcvr").equals(batch.select("p_ctr", "p_cvr", "p_ctcvr"))
+    # every feature per candidate (300 rows span several users); ids as JSON ints
+    req = {"candidates": rows.select(SIMULATED_SCHEMA.feature_columns).to_dicts(), "fusion": MULT}
+    resp = clients[engine].post("/rank", json=req)
+    assert resp.status_code == 200, resp.text
+    got = pl.DataFrame(resp.json()["candidates"]).sort("index")
+    assert got["index"].to_list() == list(range(300))
+    for k in ("p_ctr", "p_cvr", "p_ctcvr"):
+        if engine == "torch":  # same encoders, same feature order, same kernels: bit-identical
+            assert got[k].to_list() == batch[k].to_list()
+        else:  # onnxruntime kernels round differently in the last float32 bits
+            np.testing.assert_allclose(got[k].to_numpy(), batch[k].to_numpy(), rtol=0, atol=1e-6)
+    if engine == "torch":
+        assert got["score"].to_list() == cli["score"].to_list()
+    else:
+        np.testing.assert_allclose(got["score"].to_numpy(), cli["score"].to_numpy(), rtol=1e-5)
+
+
+def test_rank_order_is_the_sorted_fused_score_with_index_ties(client, sim):
+    rows = sim.slice(0, 40)
+    req = request_of(rows)
+    req["candidates"] += [req["candidates"][5], req["candidates"][0]]  # exact duplicates: tied
+    req["fusion"] = MULT
+    body = client.post("/rank", json=req).json()
+    cands = body["candidates"]
+    idx = np.array([c["index"] for c in cands])
+    log_score = np.array([c["log_score"] for c in sorted(cands, key=lambda c: c["index"])])
+    assert idx.tolist() == np.lexsort((np.arange(42), -log_score)).tolist()
+    assert [c["rank"] for c in cands] == list(range(1, 43))
+    pos = {c["index"]: i for i, c in enumerate(cands)}
+    by_index = {c["index"]: c for c in cands}
+    for a, b in ((5, 40), (0, 41)):  # exact duplicates tie; the lower request index ranks first
+        assert by_index[a]["log_score"] == by_index[b]["log_score"] and pos[a] < pos[b]
+    scores = [c["score"] for c in cands]
+    assert scores == sorted(scores, reverse=True)
+    price = {i: d["price"] for i, d in enumerate(req["candidates"])}
+    for c in cands:
+        want = c["p_ctr"] * c["p_cvr"] ** 2 * math.sqrt(price[c["index"]] + 1e-6)
+        assert c["score"] == pytest.approx(want, rel=1e-12)
+    assert body["fusion"]["formula"] == "multiplicative" and body["n_candidates"] == 42
+    top = client.post("/rank", json={**req, "top_k": 3}).json()["candidates"]
+    assert [c["index"] for c in top] == idx[:3].tolist()
+
+
+def test_score_keeps_request_order_and_defaults_to_ctcvr(client, sim):
+    body = client.post("/score", json=request_of(sim.slice(0, 10))).json()
+    assert [c["index"] for c in body["candidates"]] == list(range(10))
+    assert all(c["score"] == c["p_ctcvr"] and "rank" not in c for c in body["candidates"])
+    assert body["fusion"]["formula"] == "ctcvr"
+
+
+def test_unseen_and_missing_values_are_scored_and_counted(client, sim):
+    req = request_of(sim.slice(0, 4))
+    req["candidates"][1]["item_id"] = 987654321
+    req["candidates"][2]["item_id"] = "never-seen"
+    req["candidates"][3]["brand"] = None
+    req["context"]["user_id"] = "someone-new"
+    r = client.post("/score", json=req)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["counts"]["oov"]["item_id"] == 2 and body["counts"]["oov"]["user_id"] == 4
+    assert body["counts"]["missing"]["brand"] == 1 and body["counts"]["missing"]["item_id"] == 0
+    # both unseen ids use the same OOV row: same item features otherwise → same pCTR iff same rest
+    same = dict(req["candidates"][1], item_id="another-unseen")
+    twin = client.post("/score", json={**req, "candidates": [req["candidates"][1], same]}).json()["candidates"]
+    assert twin[0]["p_ctr"] == twin[1]["p_ctr"] and 0 < twin[0]["p_ctr"] < 1
+
+
+def test_candidate_values_override_the_context(client, sim):
+    rows = sim.slice(0, 3)  # one slate: one user, one hour
+    assert rows["user_id"].n_unique() == 1 and rows["hour"].n_unique() == 1
+    full = {"candidates": rows.select(SIMULATED_SCHEMA.feature_columns).to_dicts()}
+    want = [c["p_ctr"] for c in client.post("/score", json=full).json()["candidates"]]
+    # the context holds the right user but wrong other values; candidates override them, and a
+    # candidate's null user_id inherits the context's
+    hour = rows["hour"][0]
+    ctx = {"user_id": rows["user_id"][0], "hour": (hour + 1) % 24, "user_age": 0, "user_gender": 0, "user_power": 0}
+    mixed = [dict(c, user_id=None) for c in full["candidates"]]
+    got = client.post("/score", json={"context": ctx, "candidates": mixed}).json()["candidates"]
+    assert [c["p_ctr"] for c in got] == want
+    # without its own hour, a candidate takes the context's (another hour → another score)
+    no_hour = [{k: v for k, v in c.items() if k != "hour"} for c in mixed]
+    other = client.post("/score", json={"context": ctx, "candidates": no_hour}).json()["candidates"]
+    assert [c["p_ctr"] for c in other] != want
+
+
+@pytest.mark.parametrize(
+    "mutate,field,fragment",
+    [
+        (lambda r: r["candidates"][1].pop("price"), "candidates.1.price", "Field required"),
+        (lambda r: r["context"].pop("user_id"), "candidates.0.user_id", "in `context` or in every candidate"),
+        (lambda r: r["candidates"][2].update(price="cheap"), "candidates.2.price", "valid number"),
+        (lambda r: r["candidates"][0].update(price=-3.0), "candidates.0.price", "greater than or equal to 0"),
+        (lambda r: r["candidates"][0].update(price=None), "candidates.0.price", "valid number"),
+        (lambda r: r["candidates"][0].update(price=1e308), "candidates.price", "overflows float32"),
+        (lambda r: r["candidates"][0].update(category=[1, 2]), "candidates.0.category", "string, a 64-bit integer or null"),
+        (lambda r: r["candidates"][0].update(category=2.5), "candidates.0.category", "string, a 64-bit integer or null"),
+        (lambda r: r["context"].update(user_age={"a": 1}), "context.user_age", "string, a 64-bit integer or null"),
+        (lambda r: r["candidates"][0].update(item_id=2**70), "candidates.0.item_id", "string, a 64-bit integer or null"),
+        (lambda r: r.update(candidates=[]), "body.candidates", "at least 1 item"),
+        (lambda r: r.update(candidates=r["candidates"] * 1000), "body.candidates", f"at most {MAX_CANDIDATES} items"),
+        (lambda r: r.update(fusion={"formula": "sum"}), "body.fusion.formula", "'ctcvr' or 'multiplicative'"),
+        (lambda r: r.update(candidate=[]), "body.candidate", "Extra inputs"),
+    ],
+)
+def test_invalid_requests_are_422_naming_the_field(client, sim, mutate, field, fragment):
+    req = request_of(sim.slice(0, 3))
+    mutate(req)
+    r = client.post("/rank", json=req)
+    assert r.status_code == 422, r.text
+    body = r.json()
+    assert field in body["message"] and fragment in body["message"], body["message"]
+
+
+def test_nan_price_is_422_not_500(client, sim):
+    req = request_of(sim.slice(0, 2))
+    text = json.dumps(req).replace(str(req["candidates"][1]["price"]), "NaN", 1)
+    r = client.post("/rank", content=text, headers={"content-type": "application/json"})
+    assert r.status_code == 422 and "candidates.1.price: Input should be a finite number" in r.json()["message"]
+
+
+# -- a real server, started and stopped by the test ---------------------------------------------
+def test_mtrank_serve_runs_on_localhost(bundle_dir, sim):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "mtrank", "serve", "--bundle", str(bundle_dir), "--port", str(port), "--engine", "torch"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None, proc.stdout.read().decode()
+            assert time.monotonic() < deadline, "server did not start in 60 s"
+            time.sleep(0.2)
+        r = httpx.post(f"http://127.0.0.1:{port}/rank", json=request_of(sim.slice(0, 5)), timeout=10)
+        assert r.status_code == 200 and len(r.json()["candidates"]) == 5
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
