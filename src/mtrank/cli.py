@@ -262,7 +262,8 @@ for _name in COMMAND_MODULES:
     try:
         importlib.import_module(_name)
     except ModuleNotFoundError as _exc:
-        if _exc.name != _name:
+        # absent: the commands module itself, or a parent package of it (mtrank.ranking)
+        if _exc.name is None or not (_name == _exc.name or _name.startswith(_exc.name + ".")):
             raise
 
 

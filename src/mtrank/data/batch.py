@@ -1,0 +1,124 @@
+"""Tensors ready for a model: one :class:`Batch` type for training, evaluation and serving.
+
+Batches are sliced from pre-encoded tensors by index (vectorised gather), never assembled row
+by row through a ``__getitem__``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import polars as pl
+import torch
+
+from mtrank.data.encoders import FeatureEncoder
+from mtrank.data.schema import Schema
+
+
+@dataclass
+class Batch:
+    """A batch of B impressions.
+
+    Attributes:
+        categorical: int64 ``[B, n_cat]`` encoded ids (0 = missing, 1 = OOV).
+        numerical: float32 ``[B, n_num]`` standardised values.
+        labels: float32 ``[B]`` per label key: ``click``, ``conversion``, ``ctcvr`` (= click ·
+            conversion) for a funnel, else one per task name. Empty at serving time.
+        weight: optional float32 ``[B]`` sample weights.
+    """
+
+    categorical: torch.Tensor
+    numerical: torch.Tensor
+    labels: dict[str, torch.Tensor] = field(default_factory=dict)
+    weight: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return int(self.categorical.shape[0])
+
+
+class BatchSource(Protocol):
+    """Anything the trainer can iterate per epoch (in-memory tensors now, streams later)."""
+
+    def batches(self, batch_size: int, *, shuffle: bool, generator: torch.Generator | None = None) -> Iterator[Batch]: ...
+
+    def __len__(self) -> int: ...
+
+
+@dataclass
+class EncodedData:
+    """A whole split encoded into tensors, plus the side columns metrics and outputs need.
+
+    Attributes:
+        categorical: int64 ``[N, n_cat]``; numerical: float32 ``[N, n_num]``.
+        labels: float32 ``[N]`` per label key (see :class:`Batch`).
+        weight: optional float32 ``[N]``.
+        side: numpy columns kept for evaluation and output (user id, request id, price,
+            passthrough columns such as the simulator's ``true_cvr``), by schema column name.
+        n_missing, n_oov: per-column counts of missing and out-of-vocabulary values.
+    """
+
+    categorical: torch.Tensor
+    numerical: torch.Tensor
+    labels: dict[str, torch.Tensor]
+    weight: torch.Tensor | None = None
+    side: dict[str, np.ndarray] = field(default_factory=dict)
+    n_missing: dict[str, int] = field(default_factory=dict)
+    n_oov: dict[str, int] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.categorical.shape[0])
+
+    @classmethod
+    def from_frame(cls, df: pl.DataFrame, schema: Schema, encoder: FeatureEncoder, *, with_labels: bool = True) -> EncodedData:
+        """Encode a validated table (see :func:`mtrank.data.io.validate_frame`)."""
+        feats = encoder.transform(df)
+        labels: dict[str, torch.Tensor] = {}
+        if with_labels:
+            for key, col in zip(schema.label_names, schema.label_columns, strict=True):
+                labels[key] = torch.from_numpy(df.get_column(col).cast(pl.Float32).to_numpy().copy())
+            if schema.is_funnel:
+                labels["ctcvr"] = labels["click"] * labels["conversion"]
+        side: dict[str, np.ndarray] = {}
+        for col in [schema.user_id, schema.item_id, schema.request_id, schema.price, *schema.passthrough]:
+            if col is not None and col in df.columns and col not in side:
+                side[col] = df.get_column(col).to_numpy()
+        return cls(
+            categorical=torch.from_numpy(feats.categorical),
+            numerical=torch.from_numpy(feats.numerical),
+            labels=labels,
+            side=side,
+            n_missing=feats.n_missing,
+            n_oov=feats.n_oov,
+        )
+
+    def take(self, index: torch.Tensor) -> Batch:
+        """Gather rows ``index`` (int64 ``[B]``) into a Batch."""
+        return Batch(
+            categorical=self.categorical.index_select(0, index),
+            numerical=self.numerical.index_select(0, index),
+            labels={k: v.index_select(0, index) for k, v in self.labels.items()},
+            weight=None if self.weight is None else self.weight.index_select(0, index),
+        )
+
+    def batches(self, batch_size: int, *, shuffle: bool, generator: torch.Generator | None = None) -> Iterator[Batch]:
+        """Yield batches of ``batch_size`` rows (the last may be smaller); shuffled per call."""
+        n = len(self)
+        if shuffle:
+            order = torch.randperm(n, generator=generator)
+            for start in range(0, n, batch_size):
+                yield self.take(order[start : start + batch_size])
+        else:
+            for start in range(0, n, batch_size):
+                stop = min(start + batch_size, n)
+                yield Batch(
+                    categorical=self.categorical[start:stop],
+                    numerical=self.numerical[start:stop],
+                    labels={k: v[start:stop] for k, v in self.labels.items()},
+                    weight=None if self.weight is None else self.weight[start:stop],
+                )
+
+    def num_batches(self, batch_size: int) -> int:
+        return (len(self) + batch_size - 1) // batch_size

@@ -1,0 +1,257 @@
+"""Reading tables (CSV / Parquet) and validating them against a schema at the boundary.
+
+Every problem is reported as a :class:`~mtrank.errors.DataError` naming the file, the column
+and the 1-based data rows (row 1 = first row after the header), with nothing silently lost:
+funnel violations are an error by default, or dropped and counted under the ``drop`` policy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.csv as pacsv
+
+from mtrank.data.schema import Schema
+from mtrank.errors import DataError
+
+ROW = "__row"  # 1-based data-row number in the source file, kept for error messages
+_MAX_ROWS_SHOWN = 10
+
+
+@dataclass
+class ValidationReport:
+    """What validation did to a table: rows read, rows dropped and why."""
+
+    source: str
+    rows_read: int
+    funnel_violations: int = 0
+    dropped_rows: list[int] = field(default_factory=list)
+
+    @property
+    def rows_kept(self) -> int:
+        return self.rows_read - len(self.dropped_rows)
+
+
+def read_table(
+    path: str | Path,
+    columns: list[str] | None = None,
+    *,
+    column_names: list[str] | None = None,
+    all_strings: bool = False,
+) -> pl.DataFrame:
+    """Read a CSV (optionally compressed, e.g. ``.csv.gz``) or Parquet file into a DataFrame with
+    a 1-based ``__row`` column.
+
+    CSV is parsed by pyarrow (multi-threaded, vectorised). A UTF-8 BOM and Windows line endings
+    are accepted; a row with too few or too many fields (for example a truncated last line) is
+    an error naming its line.
+
+    Args:
+        path: ``.csv``, ``.csv.gz``, ``.tsv``, ``.parquet`` / ``.pq`` file.
+        columns: if given, only these columns are kept (all must exist).
+        column_names: names for a CSV without a header row.
+        all_strings: read every CSV column as text (no type inference).
+
+    Raises:
+        DataError: the file does not exist, is empty, cannot be parsed, or lacks a column.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise DataError("file does not exist", file=str(p))
+    if p.is_dir():
+        raise DataError("expected a file, got a directory", file=str(p))
+    if p.stat().st_size == 0:
+        raise DataError("the file is empty (0 bytes)", file=str(p))
+    suffixes = "".join(p.suffixes).lower()
+    try:
+        if suffixes.endswith((".parquet", ".pq")):
+            df = pl.read_parquet(p)
+        else:
+            df = _read_csv(p, suffixes, column_names, all_strings)
+    except DataError:
+        raise
+    except (pa.ArrowException, pl.exceptions.PolarsError, OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"cannot parse the file: {first}", file=str(p)) from None
+    # Stray spaces or a BOM in the header must not make a column "missing".
+    renamed = {c: c.lstrip("\ufeff").strip() for c in df.columns}
+    if any(k != v for k, v in renamed.items()):
+        df = df.rename(renamed)
+    if columns is not None:
+        missing = [c for c in columns if c not in df.columns]
+        if missing:
+            raise DataError(f"missing column(s) {missing}; the file has {df.columns}", file=str(p))
+        df = df.select(columns)
+    return df.with_row_index(ROW, offset=1)
+
+
+def _read_csv(p: Path, suffixes: str, column_names: list[str] | None, all_strings: bool) -> pl.DataFrame:
+    bad_lines: list[int] = []
+
+    def on_invalid(row) -> str:  # called by pyarrow for malformed rows only
+        bad_lines.append(row.number if row.number is not None else -1)
+        return "skip"
+
+    read = pacsv.ReadOptions(column_names=column_names, block_size=1 << 24)
+    parse = pacsv.ParseOptions(
+        delimiter="\t" if ".tsv" in suffixes else ",",
+        invalid_row_handler=on_invalid,
+        newlines_in_values=False,
+    )
+    convert = pacsv.ConvertOptions(strings_can_be_null=True, null_values=["", "NULL", "null", "NaN", "nan", "NA"])
+    if all_strings:
+        if column_names is None:
+            head = pacsv.read_csv(p, read_options=pacsv.ReadOptions(block_size=1 << 16), parse_options=parse).column_names
+        else:
+            head = column_names
+        convert = pacsv.ConvertOptions(
+            column_types={c: pa.string() for c in head}, strings_can_be_null=True, null_values=[""]
+        )
+    table = pacsv.read_csv(p, read_options=read, parse_options=parse, convert_options=convert)
+    if bad_lines:
+        raise DataError(
+            f"{len(bad_lines)} malformed line(s) (wrong number of fields, e.g. a truncated line)",
+            file=str(p), rows=bad_lines, count=len(bad_lines),
+        )
+    return pl.from_arrow(table)
+
+
+def _rows(df: pl.DataFrame, mask: pl.Expr) -> tuple[int, list[int]]:
+    hit = df.filter(mask).get_column(ROW)
+    return hit.len(), hit.head(_MAX_ROWS_SHOWN).to_list()
+
+
+def _numeric(df: pl.DataFrame, col: str) -> pl.Expr:
+    dtype = df.schema[col]
+    if dtype == pl.Boolean:
+        return pl.col(col).cast(pl.Float64)
+    if dtype == pl.String:
+        return pl.col(col).str.strip_chars().cast(pl.Float64, strict=False)
+    return pl.col(col).cast(pl.Float64, strict=False)
+
+
+def _check_numeric_column(df: pl.DataFrame, col: str, source: str) -> None:
+    """Fail on cells that are present but not numbers ("abc"); empty/NaN cells are allowed."""
+    if df.schema[col].is_numeric() or df.schema[col] == pl.Boolean:
+        return
+    bad = pl.col(col).is_not_null() & (pl.col(col).cast(pl.String).str.strip_chars() != "")
+    bad = bad & _numeric(df, col).is_null()
+    n, rows = _rows(df, bad)
+    if n:
+        example = df.filter(bad).get_column(col).head(1).to_list()[0]
+        raise DataError(
+            f"{n} non-numeric value(s) in a numerical column, e.g. {example!r}",
+            file=source, column=col, rows=rows, count=n,
+        )
+
+
+def validate_frame(
+    df: pl.DataFrame,
+    schema: Schema,
+    source: str,
+    *,
+    require_labels: bool = True,
+) -> tuple[pl.DataFrame, ValidationReport]:
+    """Check a table against the schema and return it with clean dtypes.
+
+    Labels become ``Int8`` 0/1, numerical features and price ``Float64`` (missing → null,
+    imputed later by the encoder). Categorical columns are left as read.
+
+    Args:
+        df: table from :func:`read_table` (with its ``__row`` column).
+        schema: the dataset schema.
+        source: file name used in error messages.
+        require_labels: False at predict/serve time, when labels may be absent.
+
+    Raises:
+        DataError: a missing column, no data rows, a label that is missing, non-numeric or
+            not 0/1, a conversion without a click (policy ``error``), a feature column equal
+            to a label column (leakage), or a non-numeric value in a numerical column.
+    """
+    if ROW not in df.columns:
+        df = df.with_row_index(ROW, offset=1)
+    report = ValidationReport(source=source, rows_read=df.height)
+    needed = [c for c in schema.required_columns() if require_labels or c not in schema.label_columns]
+    missing = [c for c in needed if c not in df.columns]
+    if missing:
+        raise DataError(
+            f"missing column(s) {missing} required by schema {schema.name!r}; "
+            f"the table has {[c for c in df.columns if c != ROW]}",
+            file=source,
+        )
+    if df.height == 0:
+        raise DataError("the table has a header but no data rows", file=source)
+
+    labels = [c for c in schema.label_columns if c in df.columns] if not require_labels else schema.label_columns
+    casts = []
+    for col in labels:
+        value = _numeric(df, col)
+        present = pl.col(col).is_not_null()
+        if df.schema[col] == pl.String:
+            present = present & (pl.col(col).str.strip_chars() != "")
+        n, rows = _rows(df, ~present | value.is_nan())
+        if n:
+            raise DataError(f"{n} missing label value(s)", file=source, column=col, rows=rows, count=n)
+        n, rows = _rows(df, value.is_null())
+        if n:
+            example = df.filter(value.is_null()).get_column(col).head(1).to_list()[0]
+            raise DataError(
+                f"{n} non-numeric label value(s), e.g. {example!r}; labels must be 0 or 1",
+                file=source, column=col, rows=rows, count=n,
+            )
+        bad = ~value.is_in([0.0, 1.0])
+        n, rows = _rows(df, bad)
+        if n:
+            example = df.filter(bad).get_column(col).head(1).to_list()[0]
+            raise DataError(
+                f"{n} label value(s) that are not 0 or 1, e.g. {example!r}",
+                file=source, column=col, rows=rows, count=n,
+            )
+        casts.append(value.cast(pl.Int8).alias(col))
+    if casts:
+        df = df.with_columns(casts)
+
+    if schema.is_funnel and schema.click in df.columns and schema.conversion in df.columns:
+        violation = (pl.col(schema.click) == 0) & (pl.col(schema.conversion) == 1)
+        n, rows = _rows(df, violation)
+        report.funnel_violations = n
+        if n and schema.funnel_violations == "error":
+            raise DataError(
+                f"{n} row(s) with {schema.conversion}=1 but {schema.click}=0 (a conversion "
+                "without a click breaks the funnel); fix the data or use the 'drop' policy "
+                "(--funnel-violations drop)",
+                file=source, column=schema.conversion, rows=rows, count=n,
+            )
+        if n:
+            report.dropped_rows = df.filter(violation).get_column(ROW).to_list()
+            df = df.filter(~violation)
+
+    numeric_cols = list(dict.fromkeys(schema.numerical + ([schema.price] if schema.price in df.columns else [])))
+    for col in numeric_cols:
+        _check_numeric_column(df, col, source)
+    df = df.with_columns([_numeric(df, c).alias(c) for c in numeric_cols])
+
+    for label in labels:
+        if df.get_column(label).n_unique() < 2:
+            continue  # a constant label cannot be leaked by a column
+        for feat in schema.feature_columns:
+            if df.schema[feat] == pl.Boolean or df.schema[feat].is_numeric():
+                same = df.select(
+                    (pl.col(feat).cast(pl.Float64) == pl.col(label).cast(pl.Float64)).all()
+                    & pl.col(feat).is_not_null().all()
+                ).item()
+            else:
+                same = df.select(
+                    (pl.col(feat).cast(pl.String) == pl.col(label).cast(pl.String)).all()
+                    & pl.col(feat).is_not_null().all()
+                ).item()
+            if same and df.height > 1:
+                raise DataError(
+                    f"feature column {feat!r} is identical to label column {label!r} on every "
+                    "row: that is label leakage; remove it from the features",
+                    file=source, column=feat,
+                )
+    return df, report

@@ -1,0 +1,180 @@
+"""A synthetic mall whose click and conversion probabilities are known exactly.
+
+Generative model (all draws from one seeded ``numpy.random.Generator``; vectorised):
+
+* **Items** i: category c(i) (Zipf-like), brand b(i), shop s(i);
+  price: ``log price = μ_c + 0.5·ε``;
+  *appeal* ``A_i = 0.6·α_c + 0.5·α_b + 0.8·e_i`` drives CTR;
+  *quality* ``Q_i = 0.3·α_b + 0.4·κ_b + 0.5·κ_s + 0.3·e_i + 0.7·ε_i`` drives CVR. Appeal and
+  quality share a part (corr ≈ 0.3, as attractive brands also sell), but most of quality is
+  its own, so all four CTR × CVR quadrants exist, including low-CTR/high-CVR items.
+* **Users** u: age bucket, gender, purchase power ``w_u ∈ {1..5}``, activity ``a_u``, and a taste
+  vector ``t_u ∈ R^4``; each category has a vector ``v_c``; affinity ``f(u,c) = t_u·v_c / 2``.
+* **Requests** r: a user (activity-weighted), a day and hour, and ``slate_size`` candidate items
+  (popularity-weighted). The logged ranker orders them by appeal plus noise into positions 1..S.
+* **Impressions**: a latent purchase *intent* ``z ~ N(0,1)`` per impression, never observed,
+  raises both clicking and buying (the source of sample selection bias):
+
+      logit CTR = θ_ctr + A_i + 0.8·f(u,c) + a_u − 0.35·log(position) + λ·z
+      logit CVR = θ_cvr + Q_i + 0.5·f(u,c) − (0.9 − 0.15·w_u)·(log price − m) + λ·z
+
+  ``θ_ctr`` and ``θ_cvr`` are solved by bisection so that the mean CTR and the mean CVR *given
+  click* match the targets (defaults 4 % and 10 %; Ali-CCP has CTR ≈ 4 %).
+  click ~ Bernoulli(CTR); conversion ~ Bernoulli(CVR) if clicked, else 0.
+
+Every row keeps ``true_ctr`` and ``true_cvr`` (the probabilities above, latent intent included)
+as passthrough columns; they are never features.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+from pydantic import BaseModel, ConfigDict, Field
+
+from mtrank.data.schema import Schema
+from mtrank.io_utils import atomic_write_parquet
+
+
+class SimConfig(BaseModel):
+    """Simulator settings. ``rows`` = impressions (a multiple of ``slate_size`` is used)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rows: int = Field(1_000_000, ge=10)
+    n_users: int = Field(20_000, ge=1)
+    n_items: int = Field(5_000, ge=2)
+    n_categories: int = Field(40, ge=1)
+    n_brands: int = Field(400, ge=1)
+    n_shops: int = Field(800, ge=1)
+    slate_size: int = Field(10, ge=1)
+    n_days: int = Field(14, ge=1)
+    ctr: float = Field(0.04, gt=0, lt=1)
+    cvr: float = Field(0.10, gt=0, lt=1)
+    intent: float = Field(0.6, ge=0, description="λ, strength of the unobserved purchase intent")
+    seed: int = 0
+
+
+SIMULATED_SCHEMA = Schema(
+    name="simulated",
+    click="click",
+    conversion="conversion",
+    price="price",
+    user_id="user_id",
+    item_id="item_id",
+    request_id="request_id",
+    time="day",
+    categorical=["user_id", "user_age", "user_gender", "user_power", "item_id", "category", "brand", "shop", "hour"],
+    numerical=["price"],
+    passthrough=["true_ctr", "true_cvr", "position"],
+)
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * x))
+
+
+def _solve_intercept(logit: np.ndarray, target: float, weight: np.ndarray | None = None) -> float:
+    """θ such that the (weighted) mean of σ(logit + θ) equals ``target`` (bisection, monotone)."""
+    lo, hi = -30.0, 30.0
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        p = _sigmoid(logit + mid)
+        mean = p.mean() if weight is None else (p * weight).sum() / weight.sum()
+        lo, hi = (mid, hi) if mean < target else (lo, mid)
+    return 0.5 * (lo + hi)
+
+
+def _zipf_weights(n: int, s: float, rng: np.random.Generator) -> np.ndarray:
+    w = 1.0 / np.arange(1, n + 1) ** s
+    return rng.permutation(w / w.sum())
+
+
+def simulate(cfg: SimConfig) -> pl.DataFrame:
+    """Generate the impression log. Deterministic for a given config (seed included).
+
+    Returns:
+        A DataFrame with columns ``request_id, day, hour, position, user_id, user_age,
+        user_gender, user_power, item_id, category, brand, shop, price, click, conversion,
+        true_ctr, true_cvr`` (ids are int64; price in currency units, > 0).
+    """
+    rng = np.random.default_rng(cfg.seed)
+    # items
+    cat = rng.choice(cfg.n_categories, size=cfg.n_items, p=_zipf_weights(cfg.n_categories, 0.8, rng))
+    brand = rng.integers(0, cfg.n_brands, cfg.n_items)
+    shop = rng.integers(0, cfg.n_shops, cfg.n_items)
+    cat_price = rng.normal(math.log(60.0), 0.8, cfg.n_categories)
+    log_price = cat_price[cat] + 0.5 * rng.standard_normal(cfg.n_items)
+    price = np.round(np.exp(log_price), 2).clip(0.5, None)
+    brand_appeal = rng.standard_normal(cfg.n_brands)
+    item_appeal = rng.standard_normal(cfg.n_items)
+    appeal = 0.6 * rng.standard_normal(cfg.n_categories)[cat] + 0.5 * brand_appeal[brand] + 0.8 * item_appeal
+    quality = (
+        0.3 * brand_appeal[brand]
+        + 0.4 * rng.standard_normal(cfg.n_brands)[brand]
+        + 0.5 * rng.standard_normal(cfg.n_shops)[shop]
+        + 0.3 * item_appeal
+        + 0.7 * rng.standard_normal(cfg.n_items)
+    )
+    item_pop = _zipf_weights(cfg.n_items, 0.7, rng)
+    # users
+    age = rng.integers(0, 7, cfg.n_users)
+    gender = rng.integers(0, 2, cfg.n_users)
+    power = rng.integers(1, 6, cfg.n_users)
+    activity = 0.5 * rng.standard_normal(cfg.n_users)
+    taste = rng.standard_normal((cfg.n_users, 4))
+    cat_vec = rng.standard_normal((cfg.n_categories, 4))
+    user_pop = _zipf_weights(cfg.n_users, 0.6, rng)
+    # requests and slates
+    n_req = max(1, cfg.rows // cfg.slate_size)
+    s = cfg.slate_size
+    req_user = rng.choice(cfg.n_users, size=n_req, p=user_pop)
+    day = np.sort(rng.integers(0, cfg.n_days, n_req))
+    hour = rng.integers(0, 24, n_req)
+    items = rng.choice(cfg.n_items, size=(n_req, s), p=item_pop)
+    logged_score = appeal[items] + 0.7 * rng.standard_normal((n_req, s))
+    order = np.argsort(-logged_score, axis=1, kind="stable")
+    items = np.take_along_axis(items, order, axis=1).ravel()
+    position = np.tile(np.arange(1, s + 1), n_req)
+    user = np.repeat(req_user, s)
+    c = cat[items]
+    affinity = (taste[user] * cat_vec[c]).sum(1) / 2.0
+    z = rng.standard_normal(items.size)
+    ctr_logit = appeal[items] + 0.8 * affinity + activity[user] - 0.35 * np.log(position) + cfg.intent * z
+    sens = 0.9 - 0.15 * power[user]
+    cvr_logit = quality[items] + 0.5 * affinity - sens * (log_price[items] - math.log(60.0)) + cfg.intent * z
+    ctr_logit += _solve_intercept(ctr_logit, cfg.ctr)
+    true_ctr = _sigmoid(ctr_logit)
+    cvr_logit += _solve_intercept(cvr_logit, cfg.cvr, weight=true_ctr)
+    true_cvr = _sigmoid(cvr_logit)
+    click = (rng.random(items.size) < true_ctr).astype(np.int8)
+    conversion = (click.astype(bool) & (rng.random(items.size) < true_cvr)).astype(np.int8)
+    return pl.DataFrame(
+        {
+            "request_id": np.repeat(np.arange(n_req, dtype=np.int64), s),
+            "day": np.repeat(day, s).astype(np.int64),
+            "hour": np.repeat(hour, s).astype(np.int64),
+            "position": position.astype(np.int64),
+            "user_id": user.astype(np.int64),
+            "user_age": age[user].astype(np.int64),
+            "user_gender": gender[user].astype(np.int64),
+            "user_power": power[user].astype(np.int64),
+            "item_id": items.astype(np.int64),
+            "category": c.astype(np.int64),
+            "brand": brand[items].astype(np.int64),
+            "shop": shop[items].astype(np.int64),
+            "price": price[items],
+            "click": click,
+            "conversion": conversion,
+            "true_ctr": true_ctr.astype(np.float32),
+            "true_cvr": true_cvr.astype(np.float32),
+        }
+    )
+
+
+def write_simulated(cfg: SimConfig, path: str | Path) -> Path:
+    """Simulate and write Parquet atomically. Returns the path."""
+    return atomic_write_parquet(simulate(cfg), Path(path))
