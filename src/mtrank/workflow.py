@@ -108,8 +108,9 @@ def fit(
         task_names=list(schema.tasks),
     )
     model = build_model(spec, model_cfg)
+    train, val = training_views(model, encoded["train"], encoded.get("val"), train_cfg.seed)
     trainer = Trainer(train_cfg, schema, quiet=quiet)
-    result = trainer.fit(model, encoded["train"], encoded.get("val"))
+    result = trainer.fit(model, train, val)
     metrics = {name: evaluate_split(model, data, schema) for name, data in encoded.items() if name != "train"}
     seconds = time.perf_counter() - start
     bundle_meta = {
@@ -124,6 +125,18 @@ def fit(
     }
     bundle = Bundle(model, encoder, schema, model_cfg, spec, bundle_meta)
     return FitOutput(bundle, result, metrics, seconds)
+
+
+def training_views(model: torch.nn.Module, train: EncodedData, val: EncodedData | None, seed: int) -> tuple[EncodedData, EncodedData | None]:
+    """The train and validation tables the trainer sees. A model may define
+    ``prepare_split(data, role, seed) -> EncodedData`` (role ``train`` or ``val``) to transform
+    them, e.g. the ESMM paper's sampling baselines resample the CVR training rows
+    (:mod:`mtrank.models.baselines`); other models get the splits unchanged. Test data is never
+    transformed."""
+    prepare = getattr(model, "prepare_split", None)
+    if prepare is None:
+        return train, val
+    return prepare(train, "train", seed), (None if val is None else prepare(val, "val", seed))
 
 
 def evaluate_split(model: torch.nn.Module, data: EncodedData, schema: Schema) -> dict:
@@ -143,4 +156,4 @@ def predictions_frame(bundle: Bundle, df: pl.DataFrame, source: str) -> pl.DataF
     return out.with_columns(pl.Series(k, v.astype(np.float64)) for k, v in probs.items()) if keep else pl.DataFrame({k: v.astype(np.float64) for k, v in probs.items()})
 
 
-__all__ = ["FitOutput", "SplitConfig", "evaluate_split", "fit", "load_data", "predictions_frame", "resolve_schema", "split_data"]
+__all__ = ["FitOutput", "SplitConfig", "evaluate_split", "fit", "load_data", "predictions_frame", "resolve_schema", "split_data", "training_views"]
