@@ -4,8 +4,9 @@ Protocol (one function, :func:`run_benchmark`; the CLI is ``mtrank benchmark``):
 
 * **Split**: by time when the schema has a time column (first half of the impressions trains,
   second half tests), else one fixed seeded random half/half split; validation (early stopping)
-  is the last ``val_fraction`` of the train part (time) or a seeded part of it. A dataset that
-  ships its own train/test files keeps them. The same split serves every model and repeat.
+  comes from the train half: by time its latest ``val_fraction`` (10 %), at random a seeded
+  ``val_fraction`` of all rows (:func:`mtrank.data.split.split_data`). A dataset that ships its
+  own train/test files keeps them. The same split serves every model and repeat.
 * **Budget**: every model gets the same embedding size, MLP sizes (paper: 18 and 360 × 200 × 80;
   gated and shared-bottom bodies take the first layer, their towers the rest), Adam with the
   same learning rate and batch size, and the same maximum epochs with early stopping on the
