@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from mtrank.benchmark import BenchmarkConfig, check_models, expert_divergence, gate_report, markdown_table, run_benchmark
+from mtrank.benchmark import (
+    BenchmarkConfig,
+    check_models,
+    expert_divergence,
+    gate_report,
+    markdown_table,
+    run_benchmark,
+)
 from mtrank.data.batch import EncodedData
 from mtrank.data.datasets import DATASETS
 from mtrank.errors import ConfigError

@@ -7,13 +7,13 @@ from __future__ import annotations
 from torch import nn
 
 from mtrank.errors import ConfigError
-from mtrank.models.base import Base
-from mtrank.models.config import FeatureSpec, ModelConfig
 from mtrank.models.aitm import AITM
+from mtrank.models.base import Base
 from mtrank.models.baselines import AMAN, Division, Oversampling, Unbias
+from mtrank.models.config import FeatureSpec, ModelConfig
 from mtrank.models.escm2 import ESCM2DR, ESCM2IPW
 from mtrank.models.esmm import ESMM, ESMMNS
-from mtrank.models.multitask import MMoE, PLE, ESMMMMoE, ESMMSharedBottom, SharedBottom
+from mtrank.models.multitask import PLE, ESMMMMoE, ESMMSharedBottom, MMoE, SharedBottom
 
 MODELS: dict[str, type[nn.Module]] = {
     "esmm": ESMM,
@@ -51,7 +51,25 @@ def build_model(spec: FeatureSpec, cfg: ModelConfig) -> nn.Module:
 
 
 __all__ = [
-    "AITM", "AMAN", "ENTIRE_SPACE_MODELS", "ESCM2DR", "ESCM2IPW", "ESMM", "ESMMMMoE", "ESMMNS",
-    "ESMMSharedBottom", "MMoE", "MODELS", "PLAIN_TASK_MODELS", "PLE", "Base", "Division", "FeatureSpec",
-    "ModelConfig", "Oversampling", "SharedBottom", "Unbias", "build_model",
+    "AITM",
+    "AMAN",
+    "ENTIRE_SPACE_MODELS",
+    "ESCM2DR",
+    "ESCM2IPW",
+    "ESMM",
+    "ESMMNS",
+    "MODELS",
+    "PLAIN_TASK_MODELS",
+    "PLE",
+    "Base",
+    "Division",
+    "ESMMMMoE",
+    "ESMMSharedBottom",
+    "FeatureSpec",
+    "MMoE",
+    "ModelConfig",
+    "Oversampling",
+    "SharedBottom",
+    "Unbias",
+    "build_model",
 ]
