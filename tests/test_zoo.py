@@ -302,3 +302,25 @@ def test_plain_multitask_models_learn(small_sim):
         res = fit(splits, schema, ModelConfig(name=name, tower=[16, 8], embedding_dim=4), TrainConfig(epochs=1, batch_size=512), quiet=True)
         test = res.metrics["test"]
         assert test["auc_cheap"] > 0.85 and test["auc_young"] > 0.85, name
+
+
+@pytest.mark.parametrize("name", ["ple", "escm2_dr", "aman"])
+def test_new_models_round_trip_through_a_bundle(small_sim, tmp_path, name):
+    from mtrank.data.datasets import LoadedData
+    from mtrank.data.io import validate_frame
+    from mtrank.data.simulate import SIMULATED_SCHEMA
+    from mtrank.data.split import SplitConfig, split_data
+    from mtrank.serve.bundle import Bundle
+    from mtrank.workflow import fit
+
+    df, _ = validate_frame(small_sim.head(6_000), SIMULATED_SCHEMA, "sim")
+    splits = split_data(LoadedData(SIMULATED_SCHEMA, {"all": df}, {"all": "sim"}), SplitConfig())
+    cfg = ModelConfig(name=name, tower=[8], embedding_dim=4, options={"n_levels": 2} if name == "ple" else {})
+    res = fit(splits, SIMULATED_SCHEMA, cfg, TrainConfig(epochs=1, batch_size=1024), quiet=True)
+    res.bundle.save(tmp_path / "b")
+    loaded = Bundle.load(tmp_path / "b")
+    data = loaded.encode(splits["test"], with_labels=True)
+    a, b = res.bundle.predict_arrays(data), loaded.predict_arrays(data)
+    assert set(a) == {"p_ctr", "p_cvr", "p_ctcvr"}
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
