@@ -360,8 +360,12 @@ def report_markdown(results: dict, command: str) -> str:
         + (f"; test clicks {split['clicks_test']:,}, test conversions {split['conversions_test']:,}" if split["clicks_test"] is not None else "")
         + ".",
         "",
-        "Test metrics" + (" (mean ± std over repeats)" if b["repeats"] > 1 else "") + ". `auc_ctcvr`: own pCTCVR for "
-        "entire-space models (" + ", ".join(results["protocol"]["entire_space_models"]) + "), shared pCTR × model pCVR for the others.",
+        "Test metrics" + (" (mean ± std over repeats)" if b["repeats"] > 1 else "") + "."
+        + (
+            " `auc_ctcvr`: own pCTCVR for entire-space models (" + ", ".join(results["protocol"]["entire_space_models"])
+            + "), shared pCTR × model pCVR for the others (`auc_ctcvr_own`: every model's own pCTCVR)."
+            if split["clicks_test"] is not None else ""
+        ),
         "",
         markdown_table(results),
     ]
