@@ -52,6 +52,8 @@ def _fmt(v) -> str:
 
 def _metric_table(title: str, rows: dict[str, dict], keys: list[str] | None = None) -> Table:
     keys = keys or [k for k in SUMMARY if any(k in r for r in rows.values())]
+    if not keys:  # plain multi-task data (e.g. census): auc_<task>, logloss_<task>
+        keys = [k for k in next(iter(rows.values()), {}) if k.startswith(("auc_", "logloss_"))]
     table = Table(title=title)
     table.add_column("model")
     for k in keys:
