@@ -324,3 +324,22 @@ def test_new_models_round_trip_through_a_bundle(small_sim, tmp_path, name):
     assert set(a) == {"p_ctr", "p_cvr", "p_ctcvr"}
     for k in a:
         np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_model_loss_adds_any_models_extra_loss():
+    from mtrank.losses import TaskLoss
+
+    class WithExtra(torch.nn.Module):
+        tasks = [TaskLoss("ctr", label="click", outputs=("logit_ctr",))]
+
+        def extra_loss(self, outputs, batch):
+            return outputs["logit_ctr"].new_tensor(0.25)
+
+    b = make_batch(8)
+    out = {"logit_ctr": torch.zeros(8)}
+    total, parts = model_loss(WithExtra(), out, b)
+    assert parts == {"ctr": pytest.approx(math.log(2)), "extra": 0.25}
+    assert float(total) == pytest.approx(math.log(2) + 0.25)
+    plain = torch.nn.Module()
+    plain.tasks = WithExtra.tasks
+    assert model_loss(plain, out, b)[1] == {"ctr": pytest.approx(math.log(2))}
