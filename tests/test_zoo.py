@@ -97,6 +97,10 @@ def test_ple_levels_and_bad_options():
     torch.testing.assert_close(w["ctr"].sum(1), torch.ones(5))
     with pytest.raises(ConfigError, match="n_experts"):
         build_model(SPEC, TINY.model_copy(update={"name": "mmoe", "options": {"n_experts": 0}}))
+    with pytest.raises(ConfigError, match="tower_hidden"):
+        build_model(SPEC, TINY.model_copy(update={"name": "ple", "options": {"tower_hidden": "wide"}}))
+    linear = build_model(SPEC, TINY.model_copy(update={"name": "shared_bottom", "options": {"tower_hidden": []}}))
+    assert isinstance(linear.towers["ctr"].net[0], torch.nn.Linear) and len(linear.towers["ctr"].net) == 1
     with pytest.raises(ConfigError, match="has no gates"):
         build_model(SPEC, TINY.model_copy(update={"name": "shared_bottom"})).gate_weights(b.categorical, b.numerical)
 

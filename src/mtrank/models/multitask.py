@@ -202,7 +202,10 @@ class MultiTaskModel(nn.Module):
             self.tasks = [TaskLoss(t, label=t, outputs=(f"logit_{t}",)) for t in self.heads]
         self.embedding = FeatureEmbedding(spec.cardinalities, spec.n_numerical, cfg.embedding_dim)
         body_hidden, tower_hidden = split_tower(cfg)
-        tower_hidden = list(cfg.options.get("tower_hidden", tower_hidden))  # type: ignore[arg-type]
+        if "tower_hidden" in cfg.options:  # may be empty: a linear tower
+            tower_hidden = cfg.options["tower_hidden"]  # type: ignore[assignment]
+            if not isinstance(tower_hidden, list) or not all(isinstance(v, int) and v > 0 for v in tower_hidden):
+                raise ConfigError(f"model {cfg.name!r}: option 'tower_hidden' must be a list of positive sizes, got {tower_hidden!r}")
         self.body = self.build_body(self.embedding.output_dim, len(self.heads), body_hidden, cfg)
         self.towers = nn.ModuleDict({h: MLP(self.body.output_dim, tower_hidden, out=1, dropout=cfg.dropout) for h in self.heads})
 
