@@ -54,6 +54,8 @@ def _fmt(v) -> str:
 
 def _metric_table(title: str, rows: dict[str, dict], keys: list[str] | None = None) -> Table:
     keys = keys or [k for k in SUMMARY if any(k in r for r in rows.values())]
+    if not keys:  # plain multi-task data (e.g. census): auc_<task>, logloss_<task>
+        keys = [k for k in next(iter(rows.values()), {}) if k.startswith(("auc_", "logloss_"))]
     table = Table(title=title)
     table.add_column("model")
     for k in keys:
@@ -330,8 +332,9 @@ for _name in COMMAND_MODULES:
     try:
         importlib.import_module(_name)
     except ModuleNotFoundError as _exc:
+        # absent: the commands module itself, or a parent package of it (mtrank.ranking)
         if _exc.name is None or not (_name == _exc.name or _name.startswith(_exc.name + ".")):
-            raise  # a real import error inside a present module, not an absent part
+            raise
 
 
 def main() -> None:

@@ -97,3 +97,22 @@ def total_loss(tasks: list[TaskLoss], outputs: dict[str, torch.Tensor], batch: B
         total = total + task.weight * mean
         parts[task.name] = float(mean.detach())
     return total, parts
+
+
+def model_loss(model: torch.nn.Module, outputs: dict[str, torch.Tensor], batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+    """The training loss of any model: :func:`total_loss` of its declared ``tasks``, plus, when
+    the model defines it, ``model.extra_loss(outputs, batch) -> scalar Tensor``.
+
+    ``extra_loss`` is the generic hook for terms that are not a BCE over a label space: AITM's
+    behavioural calibrator, ESCM²'s counterfactual CVR risk. It is added with weight 1 (the
+    model weights it itself) and reported as ``parts["extra"]``. The validation objective used
+    for early stopping (:func:`mtrank.train.trainer.validation_loss`) is the declared tasks only,
+    so it is comparable across models.
+    """
+    total, parts = total_loss(model.tasks, outputs, batch)
+    extra = getattr(model, "extra_loss", None)
+    if extra is not None:
+        term = extra(outputs, batch)
+        total = total + term
+        parts["extra"] = float(term.detach())
+    return total, parts

@@ -128,9 +128,10 @@ def fit(
         task_names=list(schema.tasks),
     )
     model = build_model(spec, model_cfg)
+    train, val = training_views(model, encoded["train"], encoded.get("val"), train_cfg.seed)
     trainer = Trainer(train_cfg, schema, quiet=quiet)
     result = trainer.fit(
-        model, encoded["train"], encoded.get("val"),
+        model, train, val,
         checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume,
     )
     metrics = {name: evaluate_split(model, data, schema) for name, data in encoded.items() if name != "train"}
@@ -206,6 +207,18 @@ def _add_price_weights(splits: dict[str, pl.DataFrame], encoded: dict[str, Encod
     return {"kind": "price", "formula": "1 + min(log1p(price) / mean_log1p_price_converted, cap) on converted rows, else 1", "mean_log1p_price_converted": mean_log, "cap": cap}
 
 
+def training_views(model: torch.nn.Module, train: EncodedData, val: EncodedData | None, seed: int) -> tuple[EncodedData, EncodedData | None]:
+    """The train and validation tables the trainer sees. A model may define
+    ``prepare_split(data, role, seed) -> EncodedData`` (role ``train`` or ``val``) to transform
+    them, e.g. the ESMM paper's sampling baselines resample the CVR training rows
+    (:mod:`mtrank.models.baselines`); other models get the splits unchanged. Test data is never
+    transformed."""
+    prepare = getattr(model, "prepare_split", None)
+    if prepare is None:
+        return train, val
+    return prepare(train, "train", seed), (None if val is None else prepare(val, "val", seed))
+
+
 def evaluate_split(model: torch.nn.Module, data: EncodedData, schema: Schema) -> dict:
     """All named metrics of ``model`` on one encoded split."""
     out = predict(model, data)
@@ -223,4 +236,4 @@ def predictions_frame(bundle: Bundle, df: pl.DataFrame, source: str) -> pl.DataF
     return out.with_columns(pl.Series(k, v.astype(np.float64)) for k, v in probs.items()) if keep else pl.DataFrame({k: v.astype(np.float64) for k, v in probs.items()})
 
 
-__all__ = ["FitOutput", "SplitConfig", "evaluate_split", "fit", "load_data", "predictions_frame", "resolve_schema", "split_data"]
+__all__ = ["FitOutput", "SplitConfig", "evaluate_split", "fit", "load_data", "predictions_frame", "resolve_schema", "split_data", "training_views"]

@@ -7,14 +7,38 @@ from __future__ import annotations
 from torch import nn
 
 from mtrank.errors import ConfigError
+from mtrank.models.aitm import AITM
 from mtrank.models.base import Base
+from mtrank.models.baselines import AMAN, Division, Oversampling, Unbias
 from mtrank.models.config import FeatureSpec, ModelConfig
-from mtrank.models.esmm import ESMM
+from mtrank.models.escm2 import ESCM2DR, ESCM2IPW
+from mtrank.models.esmm import ESMM, ESMMNS
+from mtrank.models.multitask import PLE, ESMMMMoE, ESMMSharedBottom, MMoE, SharedBottom
 
 MODELS: dict[str, type[nn.Module]] = {
     "esmm": ESMM,
     "base": Base,
+    "esmm_ns": ESMMNS,
+    "esmm_sb": ESMMSharedBottom,
+    "esmm_mmoe": ESMMMMoE,
+    "shared_bottom": SharedBottom,
+    "mmoe": MMoE,
+    "ple": PLE,
+    "aitm": AITM,
+    "escm2_ipw": ESCM2IPW,
+    "escm2_dr": ESCM2DR,
+    "aman": AMAN,
+    "oversampling": Oversampling,
+    "unbias": Unbias,
+    "division": Division,
 }
+
+# Models whose CVR estimate is trained over the entire space (through pCTCVR, or a
+# counterfactual risk): the ESMM paper reports their own pCTCVR. The others' pCTCVR is
+# formed, in the benchmark, as a shared independently trained pCTR × their pCVR (§3.2).
+ENTIRE_SPACE_MODELS = frozenset({"esmm", "esmm_ns", "esmm_sb", "esmm_mmoe", "aitm", "escm2_ipw", "escm2_dr"})
+# Models that also train on plain multi-task data (FeatureSpec.funnel = False).
+PLAIN_TASK_MODELS = frozenset({"shared_bottom", "mmoe", "ple"})
 
 
 def build_model(spec: FeatureSpec, cfg: ModelConfig) -> nn.Module:
@@ -26,4 +50,26 @@ def build_model(spec: FeatureSpec, cfg: ModelConfig) -> nn.Module:
     return cls(spec, cfg)
 
 
-__all__ = ["MODELS", "Base", "ESMM", "FeatureSpec", "ModelConfig", "build_model"]
+__all__ = [
+    "AITM",
+    "AMAN",
+    "ENTIRE_SPACE_MODELS",
+    "ESCM2DR",
+    "ESCM2IPW",
+    "ESMM",
+    "ESMMNS",
+    "MODELS",
+    "PLAIN_TASK_MODELS",
+    "PLE",
+    "Base",
+    "Division",
+    "ESMMMMoE",
+    "ESMMSharedBottom",
+    "FeatureSpec",
+    "MMoE",
+    "ModelConfig",
+    "Oversampling",
+    "SharedBottom",
+    "Unbias",
+    "build_model",
+]

@@ -50,3 +50,11 @@ class ESMM(nn.Module):
         x = self.embedding(categorical, numerical)
         x_cvr = x if self.cvr_embedding is None else self.cvr_embedding(categorical, numerical)
         return funnel_outputs(self.ctr_tower(x).squeeze(-1), self.cvr_tower(x_cvr).squeeze(-1))
+
+
+class ESMMNS(ESMM):
+    """ESMM-NS (ESMM paper §3.3): ESMM without shared embeddings; each tower has its own
+    embedding table, so only the CTCVR product ties the towers (``esmm_ns``)."""
+
+    def __init__(self, spec: FeatureSpec, cfg: ModelConfig) -> None:
+        super().__init__(spec, cfg.model_copy(update={"options": {**cfg.options, "shared_embedding": 0}}))

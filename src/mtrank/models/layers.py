@@ -97,3 +97,78 @@ def funnel_outputs(logit_ctr: torch.Tensor, logit_cvr: torch.Tensor) -> dict[str
         "p_cvr": p_cvr,
         "p_ctcvr": p_ctr * p_cvr,
     }
+
+
+def head_names(funnel: bool, task_names: Sequence[str]) -> list[str]:
+    """The per-task heads of a multi-task model: ``["ctr", "cvr"]`` for a funnel, else the plain
+    task names (in schema order). Raises ConfigError when a plain dataset declares no task."""
+    if funnel:
+        return ["ctr", "cvr"]
+    if not task_names:
+        raise ConfigError("a plain multi-task dataset needs task_names (FeatureSpec.task_names)")
+    return list(task_names)
+
+
+def task_outputs(logits: dict[str, torch.Tensor], funnel: bool) -> dict[str, torch.Tensor]:
+    """Named outputs from per-head logits ``{head: [B]}``: :func:`funnel_outputs` for a funnel,
+    else ``logit_<task>`` and ``p_<task> = σ(logit_<task>)`` per plain task."""
+    if funnel:
+        return funnel_outputs(logits["ctr"], logits["cvr"])
+    out: dict[str, torch.Tensor] = {}
+    for name, logit in logits.items():
+        out[f"logit_{name}"] = logit
+        out[f"p_{name}"] = torch.sigmoid(logit)
+    return out
+
+
+class ExpertBank(nn.Module):
+    """``n`` independent MLP experts over the same input (MMoE, Ma et al. KDD 2018, §4.2).
+
+    Each expert is its own ``MLP`` with PyTorch's default (random, Kaiming-uniform)
+    initialisation, drawn independently, so experts differ from the first step. (A widely copied
+    public implementation initialised every expert with the same constant, which makes them
+    identical forever: their gradients are identical too.)
+
+    Args:
+        in_dim: input size. n_experts: number of experts (≥ 1). hidden: each expert's hidden
+            sizes (the last is the expert output size). dropout: as in :class:`MLP`.
+
+    Shapes: ``[B, in_dim]`` → ``[B, n_experts, hidden[-1]]``.
+
+    Raises:
+        ConfigError: ``n_experts < 1`` or empty ``hidden``.
+    """
+
+    def __init__(self, in_dim: int, n_experts: int, hidden: Sequence[int], dropout: float = 0.0) -> None:
+        super().__init__()
+        if n_experts < 1:
+            raise ConfigError(f"an expert bank needs at least one expert, got {n_experts}")
+        if not hidden:
+            raise ConfigError("experts need at least one hidden layer size")
+        self.experts = nn.ModuleList(MLP(in_dim, hidden, out=None, dropout=dropout) for _ in range(n_experts))
+        self.output_dim = int(hidden[-1])
+        self.n_experts = n_experts
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([e(x) for e in self.experts], dim=1)
+
+
+class Gate(nn.Module):
+    """A softmax gate: a linear map of the input to weights over ``n_experts`` experts.
+
+    Randomly initialised (PyTorch's default for ``nn.Linear``), never constant.
+
+    Shapes: forward(x ``[B, in_dim]``, experts ``[B, E, d]``) → (mixture ``[B, d]``,
+    weights ``[B, E]``, each row summing to 1).
+    """
+
+    def __init__(self, in_dim: int, n_experts: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(in_dim, n_experts)
+
+    def weights(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.linear(x), dim=-1)
+
+    def forward(self, x: torch.Tensor, experts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        w = self.weights(x)
+        return torch.einsum("be,bed->bd", w, experts), w

@@ -2,7 +2,8 @@
 validation split (never on test), and the best epoch's weights restored at the end.
 
 The trainer knows nothing of particular models: it sums the loss terms each model declares in
-its ``tasks`` attribute (:class:`mtrank.losses.TaskLoss`).
+its ``tasks`` attribute (:class:`mtrank.losses.TaskLoss`), plus the model's optional
+``extra_loss(outputs, batch)`` (see :func:`mtrank.losses.model_loss`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from tqdm.auto import tqdm
 from mtrank.data.batch import BatchSource, EncodedData
 from mtrank.data.schema import Schema
 from mtrank.errors import ConfigError
-from mtrank.losses import TaskLoss, task_loss_sum, total_loss
+from mtrank.losses import TaskLoss, model_loss, task_loss_sum
 from mtrank.metrics.evaluate import evaluate_outputs
 from mtrank.train.checkpoint import load_checkpoint, save_checkpoint
 from mtrank.train.distributed import all_reduce_sum, gather_rows, rank_world
@@ -279,7 +280,7 @@ class Trainer:
                     if i < skip:
                         continue
                     out = net(batch.categorical, batch.numerical)
-                    loss, _ = total_loss(model.tasks, out, batch)
+                    loss, _ = model_loss(model, out, batch)
                     if not torch.isfinite(loss):
                         raise FloatingPointError(
                             f"training loss became {float(loss)} at epoch {epoch}; "
