@@ -110,11 +110,14 @@ def test_bundle_round_trip_gives_identical_predictions(esmm_fit, splits, tmp_pat
 
 def test_bundle_refuses_to_overwrite_and_replaces_atomically(esmm_fit, tmp_path):
     path = esmm_fit.bundle.save(tmp_path / "b")
-    before = Bundle.digest(path)
+    weights = (path / "model.safetensors").read_bytes()
+    (path / "marker").write_text("old bundle")
     with pytest.raises(BundleError, match="already exists"):
         esmm_fit.bundle.save(path)
+    assert (path / "marker").exists()  # refused: untouched
     esmm_fit.bundle.save(path, overwrite=True)
-    assert Bundle.digest(path) == before
+    assert not (path / "marker").exists()  # replaced as a whole directory
+    assert (path / "model.safetensors").read_bytes() == weights
     assert [p.name for p in tmp_path.iterdir()] == ["b"]  # no staging or backup left behind
 
 
