@@ -41,7 +41,7 @@ SchemaOpt = Annotated[str | None, typer.Option("--schema", help="schema YAML, or
 DataDirOpt = Annotated[Path | None, typer.Option("--data-dir", help="folder holding the built-in datasets (default: $MTRANK_DATA_DIR, else ./data)")]
 FunnelOpt = Annotated[str | None, typer.Option("--funnel-violations", help="conversion without click: 'error' (default) or 'drop'")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")]
-SUMMARY = ["auc_ctr", "auc_cvr_masked", "auc_ctcvr", "gauc_ctr", "logloss_ctr", "logloss_cvr_masked", "logloss_ctcvr", "calib_ctcvr", "cvr_bias_entire"]
+SUMMARY = ["auc_ctr", "auc_cvr_masked", "auc_ctcvr", "gauc_ctr", "logloss_ctr", "logloss_cvr_masked", "logloss_ctcvr", "calib_ctcvr", "auc_cvr_entire_truth", "cvr_bias_entire"]
 
 
 def _fmt(v) -> str:
