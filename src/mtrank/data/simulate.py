@@ -105,8 +105,7 @@ def simulate(cfg: SimConfig) -> pl.DataFrame:
     rng = np.random.default_rng(cfg.seed)
     world = _world(cfg, rng)
     n_req = max(1, cfg.rows // cfg.slate_size)
-    day = np.sort(rng.integers(0, cfg.n_days, n_req))
-    df, _ = _impressions(cfg, world, rng, n_req, 0, day)
+    df, _ = _impressions(cfg, world, rng, n_req, 0, day=None)
     return df
 
 
@@ -163,11 +162,15 @@ def _world(cfg: SimConfig, rng: np.random.Generator) -> dict[str, np.ndarray]:
 
 def _impressions(
     cfg: SimConfig, w: dict[str, np.ndarray], rng: np.random.Generator, n_req: int, req_offset: int,
-    day: np.ndarray, theta: tuple[float, float] | None = None,
+    day: np.ndarray | None, theta: tuple[float, float] | None = None,
 ) -> tuple[pl.DataFrame, tuple[float, float]]:
-    """Requests, slates, and click / conversion draws. Returns the table and the intercepts."""
+    """Requests, slates, and click / conversion draws. Returns the table and the intercepts.
+
+    ``day=None`` draws each request's day uniformly over ``n_days`` (sorted, in time order)."""
     s = cfg.slate_size
     req_user = rng.choice(cfg.n_users, size=n_req, p=w["user_pop"])
+    if day is None:
+        day = np.sort(rng.integers(0, cfg.n_days, n_req))
     hour = rng.integers(0, 24, n_req)
     items = rng.choice(cfg.n_items, size=(n_req, s), p=w["item_pop"])
     logged_score = w["appeal"][items] + 0.7 * rng.standard_normal((n_req, s))
