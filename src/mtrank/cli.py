@@ -90,10 +90,11 @@ def simulate(
     n_users: int = 20_000,
     n_items: int = 5_000,
     intent: Annotated[float, typer.Option(help="strength of the unobserved purchase intent (SSB)")] = 0.6,
+    slate_size: Annotated[int, typer.Option(help="candidates shown per request (positions 1..S)")] = 10,
     part_rows: Annotated[int | None, typer.Option(help="write a directory of Parquet parts of this many rows (bounded memory)")] = None,
 ) -> None:
     """Write a synthetic mall's impression log (known true pCTR / pCVR per row) as Parquet."""
-    cfg = SimConfig(rows=rows, seed=seed, ctr=ctr, cvr=cvr, n_users=n_users, n_items=n_items, intent=intent)
+    cfg = SimConfig(rows=rows, seed=seed, ctr=ctr, cvr=cvr, n_users=n_users, n_items=n_items, intent=intent, slate_size=slate_size)
     path = write_simulated(cfg, out, part_rows=part_rows)
     console.print(f"wrote {path} ({cfg.rows // cfg.slate_size * cfg.slate_size:,} impressions)")
 
