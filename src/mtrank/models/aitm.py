@@ -27,7 +27,7 @@ from torch import nn
 from mtrank.data.batch import Batch
 from mtrank.errors import ConfigError
 from mtrank.losses import TaskLoss
-from mtrank.models.config import FeatureSpec, ModelConfig
+from mtrank.models.config import FeatureSpec, ModelConfig, require_funnel
 from mtrank.models.layers import MLP, FeatureEmbedding
 
 PROB_EPS = 1e-6
@@ -75,8 +75,7 @@ class AITM(nn.Module):
 
     def __init__(self, spec: FeatureSpec, cfg: ModelConfig) -> None:
         super().__init__()
-        if not spec.funnel:
-            raise ConfigError("AITM needs a funnel dataset (click and conversion labels)")
+        require_funnel(spec, "AITM")
         self.calibrator_weight = float(cfg.options.get("calibrator_weight", 0.6))
         if self.calibrator_weight < 0:
             raise ConfigError(f"aitm: calibrator_weight must be ≥ 0, got {self.calibrator_weight}")

@@ -11,9 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mtrank.errors import ConfigError
 from mtrank.losses import TaskLoss
-from mtrank.models.config import FeatureSpec, ModelConfig
+from mtrank.models.config import FeatureSpec, ModelConfig, require_funnel
 from mtrank.models.layers import MLP, FeatureEmbedding, funnel_outputs
 
 
@@ -45,8 +44,7 @@ class Base(nn.Module):
 
     def __init__(self, spec: FeatureSpec, cfg: ModelConfig) -> None:
         super().__init__()
-        if not spec.funnel:
-            raise ConfigError("BASE needs a funnel dataset (click and conversion labels)")
+        require_funnel(spec, "BASE")
         self.ctr_model = SingleTaskNet(spec, cfg)
         self.cvr_model = SingleTaskNet(spec, cfg)
 

@@ -34,7 +34,7 @@ from mtrank.errors import ConfigError
 from mtrank.losses import TaskLoss
 from mtrank.models.aitm import derived_cvr
 from mtrank.models.base import Base, SingleTaskNet
-from mtrank.models.config import FeatureSpec, ModelConfig
+from mtrank.models.config import FeatureSpec, ModelConfig, require_funnel
 
 PROPENSITY_COLUMN = "propensity_ctr"
 
@@ -200,8 +200,7 @@ class Division(nn.Module):
 
     def __init__(self, spec: FeatureSpec, cfg: ModelConfig) -> None:
         super().__init__()
-        if not spec.funnel:
-            raise ConfigError("DIVISION needs a funnel dataset (click and conversion labels)")
+        require_funnel(spec, "DIVISION")
         self.ctr_model = SingleTaskNet(spec, cfg)
         self.ctcvr_model = SingleTaskNet(spec, cfg)
 

@@ -16,6 +16,14 @@ class FeatureSpec(BaseModel):
     task_names: list[str] = Field(default_factory=list, description="plain (non-funnel) tasks")
 
 
+def require_funnel(spec: FeatureSpec, model: str) -> None:
+    """Raise ConfigError unless the data has a click → conversion funnel (funnel models only)."""
+    from mtrank.errors import ConfigError
+
+    if not spec.funnel:
+        raise ConfigError(f"{model} needs a funnel dataset (click and conversion labels)")
+
+
 class ModelConfig(BaseModel):
     """Hyperparameters shared by the model zoo (defaults from the ESMM paper, §3.2).
 

@@ -11,9 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mtrank.errors import ConfigError
 from mtrank.losses import TaskLoss
-from mtrank.models.config import FeatureSpec, ModelConfig
+from mtrank.models.config import FeatureSpec, ModelConfig, require_funnel
 from mtrank.models.layers import MLP, FeatureEmbedding, funnel_outputs
 
 
@@ -34,8 +33,7 @@ class ESMM(nn.Module):
 
     def __init__(self, spec: FeatureSpec, cfg: ModelConfig) -> None:
         super().__init__()
-        if not spec.funnel:
-            raise ConfigError("ESMM needs a funnel dataset (click and conversion labels)")
+        require_funnel(spec, "ESMM")
         self.shared_embedding = bool(cfg.options.get("shared_embedding", 1))
         self.embedding = FeatureEmbedding(spec.cardinalities, spec.n_numerical, cfg.embedding_dim)
         self.cvr_embedding = (
