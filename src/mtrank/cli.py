@@ -271,7 +271,7 @@ def quickstart(
     rows: Annotated[int, typer.Option(help="simulated impressions (simulated dataset only)")] = 1_000_000,
     quiet: QuietOpt = False,
 ) -> None:
-    """Simulate if needed → train ESMM and BASE → evaluate on held-out test → table + metrics.json."""
+    """Simulate if needed → train ESMM and BASE → evaluate on held-out test → table + metrics.json + report.html."""
     _check_choice(dataset, DATASETS, "--dataset")
     names = [m.strip() for m in models.split(",") if m.strip()]
     for m in names:
@@ -304,6 +304,9 @@ def quickstart(
     console.print(table)
     atomic_write_json({"dataset": dataset, "sources": loaded.sources, "seeds": seeds, "epochs": epochs, "runs": runs, "summary": summary}, out / "metrics.json")
     console.print(f"metrics written to {out / 'metrics.json'}; bundles under {out}/")
+    from mtrank.report.build import write_report  # lazy: keeps jinja2 off the start-up path
+
+    console.print(f"report written to {write_report([out], out / 'report.html')}")
 
 
 def _mean_std(runs: list[dict]) -> dict:

@@ -249,29 +249,46 @@ def _curve_keys(histories: dict[str, list[dict]]) -> list[str]:
 
 
 class _DataCache:
-    """Test splits by (dataset, source, split), loaded once for all bundles of a report."""
+    """Test splits by (dataset, source, split), loaded once for all bundles of a report.
 
-    def __init__(self) -> None:
+    The simulator's file (and a custom file trained with ``--data``) is read from the bundle's
+    recorded source; a built-in dataset is loaded by its loader from ``data_dir``, else from the
+    folders around its recorded sources, else from the default data folder.
+    """
+
+    def __init__(self, data_dir: str | Path | None = None) -> None:
+        self.data_dir = data_dir
         self.frames: dict[str, object] = {}
 
-    def test_frame(self, b: BundleRun, schema):
+    def _load(self, dataset: str | None, sources: dict, schema):
         from mtrank.data.datasets import DATASETS
-        from mtrank.data.split import SplitConfig, split_data
         from mtrank.workflow import load_data
+
+        source = sources.get("all")
+        if (dataset == "simulated" or dataset not in DATASETS) and source and Path(source).is_file():
+            return load_data(dataset if dataset in DATASETS else None, data=source, schema=schema)
+        if dataset not in DATASETS:
+            raise MtrankError(f"data {source or dataset!r} is not reachable from here")
+        files = [Path(s) for v in sources.values() if v for s in str(v).split(", ")]
+        dirs = list(dict.fromkeys([*([Path(self.data_dir)] if self.data_dir else []), *(d for f in files for d in (f.parent.parent, f.parent)), None]))
+        last: Exception | None = None
+        for d in dirs:
+            try:
+                return load_data(dataset, schema=schema, data_dir=d)
+            except (MtrankError, OSError) as exc:
+                last = exc
+        raise MtrankError(f"dataset {dataset!r} is not reachable from here ({last}); pass --data-dir")
+
+    def test_frame(self, b: BundleRun, schema):
+        from mtrank.data.split import SplitConfig, split_data
 
         meta = b.meta
         if "split" not in meta:
             raise MtrankError("the bundle has no split config (trained with --stream?)")
-        dataset = meta.get("dataset")
-        source = (meta.get("sources") or {}).get("all")
-        key = json.dumps([dataset, source, meta["split"]], sort_keys=True, default=str)
+        dataset, sources = meta.get("dataset"), meta.get("sources") or {}
+        key = json.dumps([dataset, sources, meta["split"]], sort_keys=True, default=str)
         if key not in self.frames:
-            if source and Path(source).is_file():
-                loaded = load_data(dataset if dataset in DATASETS else None, data=source, schema=schema)
-            elif dataset in DATASETS:
-                loaded = load_data(dataset, schema=schema)
-            else:
-                raise MtrankError(f"data {source or dataset!r} is not reachable from here")
+            loaded = self._load(dataset, sources, schema)
             self.frames[key] = split_data(loaded, SplitConfig.model_validate(meta["split"]))["test"]
         return self.frames[key]
 
@@ -399,12 +416,12 @@ def _fusion(path: Path, fusion: dict, replay: dict) -> dict:
             "lift": (replay.get("lift") or {}).get("lines") or [], "columns": ["ranking", *metrics], "rows": rows}
 
 
-def build_context(runs: list[RunDir], *, calibrate: bool = True) -> dict:
+def build_context(runs: list[RunDir], *, calibrate: bool = True, data_dir: str | Path | None = None) -> dict:
     """Everything the template shows, section by section (lists are empty when n/a)."""
     from mtrank import __version__
     from mtrank.report import plots
 
-    cache = _DataCache()
+    cache = _DataCache(data_dir)
     ctx: dict = {"generated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "version": __version__,
                  "runs": [], "tables": [], "curves": [], "calibration": [], "bias": [], "gates": [], "quadrants": [], "fusions": []}
     for run in runs:
@@ -452,12 +469,13 @@ def render_report(ctx: dict) -> str:
     return env.from_string(text).render(**ctx, escape=html.escape)
 
 
-def write_report(paths: list[str | Path], out: str | Path, *, calibrate: bool = True) -> Path:
+def write_report(paths: list[str | Path], out: str | Path, *, calibrate: bool = True, data_dir: str | Path | None = None) -> Path:
     """Build the report of run directories ``paths`` and write it to ``out`` (atomically).
 
     Args:
         paths: run directories (quickstart, train, benchmark, quadrants or fuse outputs).
         out: the HTML file to write. calibrate: score the test splits for calibration plots.
+        data_dir: folder of the built-in datasets (default: found from the bundles' sources).
 
     Returns:
         The path written.
@@ -468,5 +486,5 @@ def write_report(paths: list[str | Path], out: str | Path, *, calibrate: bool = 
     from mtrank.io_utils import atomic_write_bytes
 
     runs = collect_runs(list(paths))
-    page = render_report(build_context(runs, calibrate=calibrate))
+    page = render_report(build_context(runs, calibrate=calibrate, data_dir=data_dir))
     return atomic_write_bytes(page.encode("utf-8"), Path(out))

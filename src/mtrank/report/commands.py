@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from mtrank.cli import app, console
+from mtrank.cli import DataDirOpt, app, console
 from mtrank.report.build import write_report
 
 
@@ -18,8 +18,9 @@ from mtrank.report.build import write_report
 def report(
     run_dirs: Annotated[list[Path], typer.Argument(help="run directories: quickstart, train (bundle), benchmark, quadrants or fuse outputs")],
     out: Annotated[Path, typer.Option("--out", "-o", help="HTML file to write")] = Path("report.html"),
+    data_dir: DataDirOpt = None,
     calibration: Annotated[bool, typer.Option("--calibration/--no-calibration", help="score each bundle's test split for the calibration plots")] = True,
 ) -> None:
     """Write one self-contained HTML report (plots embedded) of one or more run directories."""
-    path = write_report(run_dirs, out, calibrate=calibration)
+    path = write_report(run_dirs, out, calibrate=calibration, data_dir=data_dir)
     console.print(f"report written to {path}")
