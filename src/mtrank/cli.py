@@ -94,7 +94,7 @@ def simulate(
 ) -> None:
     """Write a synthetic mall's impression log (known true pCTR / pCVR per row) as Parquet."""
     cfg = SimConfig(rows=rows, seed=seed, ctr=ctr, cvr=cvr, n_users=n_users, n_items=n_items, intent=intent)
-    path = write_simulated(cfg, out, part_rows=part_rows)
+    path = write_simulated(cfg, out, part_rows=part_rows, progress=sys.stderr.isatty())
     console.print(f"wrote {path} ({cfg.rows // cfg.slate_size * cfg.slate_size:,} impressions)")
 
 

@@ -207,6 +207,12 @@ def collect_runs(paths: list[str | Path]) -> list[RunDir]:
 
 
 # -- sections -------------------------------------------------------------------------------------
+def _command(text: str) -> str:
+    """A recorded command line with its program path (``…/mtrank/__main__.py``, ``…/bin/mtrank``) shown as ``mtrank``."""
+    prog, _, rest = str(text).partition(" ")
+    return f"mtrank {rest}".strip() if prog.endswith(("__main__.py", "/mtrank", "mtrank")) else str(text)
+
+
 def _metadata(run: RunDir) -> dict:
     first = run.bundles[0].meta if run.bundles else {}
     qs = run.quickstart or {}
@@ -220,7 +226,7 @@ def _metadata(run: RunDir) -> dict:
     versions = {}
     for b in run.bundles:
         versions.update(b.config.get("versions") or {})
-    commands = list(dict.fromkeys(b.meta.get("command") for b in run.bundles if b.meta.get("command")))
+    commands = list(dict.fromkeys(_command(b.meta["command"]) for b in run.bundles if b.meta.get("command")))
     items = [
         ("kinds", ", ".join(run.kinds)),
         ("dataset", first.get("dataset") or qs.get("dataset") or bench.get("dataset")),
