@@ -42,7 +42,7 @@ def screenshot(report: Path, png: Path, size: str) -> list[str]:
             "--enable-logging=stderr", "--v=0", f"--screenshot={png.resolve()}", f"--window-size={size}",
             report.resolve().as_uri(),
         ]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, check=False)
     problems = []
     for line in proc.stderr.splitlines():
         if CONSOLE.search(line) or LOAD_FAILED.search(line):

@@ -10,7 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mtrank.report.build import best_rows, comparison_table, funnel_rates, reliability_bins, write_report
+from mtrank.report.build import (
+    best_rows,
+    comparison_table,
+    funnel_rates,
+    reliability_bins,
+    write_report,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 IMG = '<img alt="'
@@ -18,7 +24,7 @@ PNG = 'src="data:image/png;base64,'
 
 
 def mtrank(*args):
-    return subprocess.run([sys.executable, "-m", "mtrank", *map(str, args)], capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, "-m", "mtrank", *map(str, args)], capture_output=True, text=True, timeout=600, check=False)
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +67,7 @@ def test_quickstart_writes_a_self_contained_report(quickstart_run):
     # the comparison table holds each model with its test values
     for model in ("esmm", "base"):
         run = metrics["runs"][model][0]
-        row = re.search(rf"<tr><td>{model}</td>(.*?)</tr>", page, re.S).group(1)
+        row = re.search(rf"<tr><td>{model}</td>(.*?)</tr>", page, re.DOTALL).group(1)
         assert f"{run['auc_ctr']:.4f}" in row and f"{run['logloss_ctcvr']:.4f}" in row
     assert 'class="best"' in page
     # run metadata: funnel rates from the test counts, split and command

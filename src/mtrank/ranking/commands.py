@@ -5,8 +5,8 @@ Registered on :data:`mtrank.cli.app` when this module is imported (see ``COMMAND
 
 from __future__ import annotations
 
-from dataclasses import asdict
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
 

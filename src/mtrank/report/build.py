@@ -20,7 +20,7 @@ import html
 import json
 import math
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
 
@@ -307,7 +307,7 @@ def reliability_bins(y: np.ndarray, p: np.ndarray, bins: int = CALIBRATION_BINS)
         if len(idx):
             pred.append(float(p[idx].mean()))
             obs.append(float(y[idx].mean()))
-            n.append(int(len(idx)))
+            n.append(len(idx))
     return {"pred": pred, "obs": obs, "n": n}
 
 
@@ -428,7 +428,7 @@ def build_context(runs: list[RunDir], *, calibrate: bool = True, data_dir: str |
     from mtrank.report import plots
 
     cache = _DataCache(data_dir)
-    ctx: dict = {"generated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "version": __version__,
+    ctx: dict = {"generated": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "version": __version__,
                  "runs": [], "tables": [], "curves": [], "calibration": [], "bias": [], "gates": [], "quadrants": [], "fusions": []}
     for run in runs:
         name = run.path.name or str(run.path)
