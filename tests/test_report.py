@@ -139,3 +139,20 @@ def test_reliability_bins_and_funnel_rates():
     assert np.allclose(bins["pred"], bins["obs"], atol=0.02)  # calibrated by construction
     rates = funnel_rates({"n_impressions": 1000, "n_clicks": 40, "n_conversions": 4})
     assert rates["ctr"] == 0.04 and rates["cvr"] == 0.1 and rates["ctcvr"] == 0.004
+
+
+def test_tensorboard_history_round_trip(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from mtrank.report.tensorboard import write_history
+
+    history = [
+        {"epoch": e, "train_loss": 1.0 / e, "val_loss": 0.9 / e, "val_metrics": {"auc_ctr": 0.6 + e / 100, "n_clicks": 40}, "seconds": 1.0, "samples_per_second": 1000.0}
+        for e in (1, 2, 3)
+    ]
+    path = write_history(history, tmp_path / "tb", run="esmm")
+    acc = EventAccumulator(str(path))
+    acc.Reload()
+    assert {"train/loss", "val/loss", "val/auc_ctr", "speed/samples_per_second"} <= set(acc.Tags()["scalars"])
+    assert [(s.step, round(s.value, 4)) for s in acc.Scalars("val/auc_ctr")] == [(1, 0.61), (2, 0.62), (3, 0.63)]

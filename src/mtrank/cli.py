@@ -140,6 +140,7 @@ def train(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing bundle")] = False,
     weight_by_price: Annotated[bool, typer.Option("--weight-by-price", help="weight converted rows by 1 + min(log1p(price)/mean, cap) (see mtrank.data.weights)")] = False,
     price_weight_cap: Annotated[float, typer.Option(help="largest extra weight with --weight-by-price")] = 3.0,
+    tensorboard: Annotated[Path | None, typer.Option("--tensorboard", help="also write the per-epoch metrics as TensorBoard event files here (needs tensorboard)")] = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Train a model, early-stopped on validation; evaluate on test; write a bundle.
@@ -154,6 +155,10 @@ def train(
         raise BundleError(f"{out} already exists; pass --overwrite to replace it")
     model_cfg, train_cfg = _configs(model, epochs, batch_size, lr, seed, patience, embedding_dim, tower, dropout, threads)
     train_cfg = train_cfg.model_copy(update={"sparse_embeddings": sparse_embeddings})
+    if tensorboard is not None:
+        from mtrank.report.tensorboard import check_available, write_history
+
+        check_available()
     created = init_from_env()
     try:
         ckpt = checkpoint_dir or out.with_name(out.name + ".ckpt")
@@ -189,6 +194,8 @@ def train(
             res.bundle.save(out, overwrite=overwrite)
             console.print(_metric_table(f"{model} on {meta['dataset']} (best epoch {res.result.best_epoch})", {f"{model} ({k})": v for k, v in res.metrics.items()}))
             console.print(f"bundle written to {out}")
+            if tensorboard is not None:
+                console.print(f"TensorBoard events written to {write_history(res.result.history, tensorboard)}")
     finally:
         if created:
             import torch.distributed as dist
