@@ -79,7 +79,13 @@ def _fmt(mean: float | None, std: float | None = None, n: int = 1) -> str:
 
 def comparison_table(title: str, summary: dict[str, dict[str, dict]], note: str = "") -> dict:
     """A table dict for the template from ``{model: {metric: {mean, std, n?}}}``."""
-    keys = [k for k in TABLE_KEYS if any(_num((s.get(k) or {}).get("mean")) is not None for s in summary.values())]
+    names = dict.fromkeys(k for s in summary.values() for k in s)
+    present = [k for k in names if any(_num((s.get(k) or {}).get("mean")) is not None for s in summary.values())]
+    keys = [k for k in TABLE_KEYS if k in present]
+    if not keys:  # plain multi-task data (census): auc_<task>, logloss_<task>, calib_<task>
+        keys = [k for k in present if k.startswith(("auc_", "gauc_", "logloss_", "calib_")) and direction(k) is not None]
+    if "auc_ctcvr" not in keys:
+        note = ""  # the CTCVR protocol note only applies to funnel data
     best = {k: best_rows({m: _num((s.get(k) or {}).get("mean")) for m, s in summary.items()}, k) for k in keys}
     rows = []
     for m, s in summary.items():
