@@ -156,3 +156,13 @@ def test_tensorboard_history_round_trip(tmp_path):
     acc.Reload()
     assert {"train/loss", "val/loss", "val/auc_ctr", "speed/samples_per_second"} <= set(acc.Tags()["scalars"])
     assert [(s.step, round(s.value, 4)) for s in acc.Scalars("val/auc_ctr")] == [(1, 0.61), (2, 0.62), (3, 0.63)]
+
+
+def test_comparison_table_on_plain_multitask_metrics():
+    t = comparison_table("census", {
+        "mmoe": {"auc_income": {"mean": 0.94, "n": 1}, "logloss_income": {"mean": 0.2, "n": 1}, "best_epoch": {"mean": 2, "n": 1}},
+        "ple": {"auc_income": {"mean": 0.95, "n": 1}, "logloss_income": {"mean": 0.19, "n": 1}, "best_epoch": {"mean": 3, "n": 1}},
+    }, note="CTCVR protocol")
+    assert [c["name"] for c in t["columns"]] == ["auc_income", "logloss_income"]
+    assert [r["name"] for r in t["rows"] if all(c["best"] for c in r["cells"])] == ["ple"]
+    assert t["note"] == ""  # the funnel-only note is dropped
