@@ -16,7 +16,6 @@ a note when it cannot be reached.
 from __future__ import annotations
 
 import base64
-import html
 import json
 import math
 from dataclasses import dataclass, field
@@ -478,7 +477,7 @@ def render_report(ctx: dict) -> str:
     """The HTML page for a context from :func:`build_context` (autoescaped jinja2 template)."""
     text = resources.files("mtrank.report").joinpath("templates/report.html.j2").read_text(encoding="utf-8")
     env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
-    return env.from_string(text).render(**ctx, escape=html.escape)
+    return env.from_string(text).render(**ctx)
 
 
 def write_report(paths: list[str | Path], out: str | Path, *, calibrate: bool = True, data_dir: str | Path | None = None) -> Path:
