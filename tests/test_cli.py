@@ -60,6 +60,7 @@ def test_quickstart_simulated_small(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "esmm" in r.stdout and "base" in r.stdout
     assert (tmp_path / "qs" / "data" / "simulated" / "simulated-20000-seed0.parquet").exists()
+    assert "report written to" in r.stdout and 'src="data:image/png;base64,' in (tmp_path / "qs" / "report.html").read_text()
 
 
 @pytest.mark.parametrize(

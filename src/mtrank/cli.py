@@ -95,7 +95,7 @@ def simulate(
 ) -> None:
     """Write a synthetic mall's impression log (known true pCTR / pCVR per row) as Parquet."""
     cfg = SimConfig(rows=rows, seed=seed, ctr=ctr, cvr=cvr, n_users=n_users, n_items=n_items, intent=intent, slate_size=slate_size)
-    path = write_simulated(cfg, out, part_rows=part_rows)
+    path = write_simulated(cfg, out, part_rows=part_rows, progress=sys.stderr.isatty())
     console.print(f"wrote {path} ({cfg.rows // cfg.slate_size * cfg.slate_size:,} impressions)")
 
 
@@ -141,6 +141,7 @@ def train(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing bundle")] = False,
     weight_by_price: Annotated[bool, typer.Option("--weight-by-price", help="weight converted rows by 1 + min(log1p(price)/mean, cap) (see mtrank.data.weights)")] = False,
     price_weight_cap: Annotated[float, typer.Option(help="largest extra weight with --weight-by-price")] = 3.0,
+    tensorboard: Annotated[Path | None, typer.Option("--tensorboard", help="also write the per-epoch metrics as TensorBoard event files here (needs tensorboard)")] = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Train a model, early-stopped on validation; evaluate on test; write a bundle.
@@ -155,6 +156,10 @@ def train(
         raise BundleError(f"{out} already exists; pass --overwrite to replace it")
     model_cfg, train_cfg = _configs(model, epochs, batch_size, lr, seed, patience, embedding_dim, tower, dropout, threads)
     train_cfg = train_cfg.model_copy(update={"sparse_embeddings": sparse_embeddings})
+    if tensorboard is not None:
+        from mtrank.report.tensorboard import check_available, write_history
+
+        check_available()
     created = init_from_env()
     try:
         ckpt = checkpoint_dir or out.with_name(out.name + ".ckpt")
@@ -190,6 +195,8 @@ def train(
             res.bundle.save(out, overwrite=overwrite)
             console.print(_metric_table(f"{model} on {meta['dataset']} (best epoch {res.result.best_epoch})", {f"{model} ({k})": v for k, v in res.metrics.items()}))
             console.print(f"bundle written to {out}")
+            if tensorboard is not None:
+                console.print(f"TensorBoard events written to {write_history(res.result.history, tensorboard)}")
     finally:
         if created:
             import torch.distributed as dist
@@ -272,7 +279,7 @@ def quickstart(
     rows: Annotated[int, typer.Option(help="simulated impressions (simulated dataset only)")] = 1_000_000,
     quiet: QuietOpt = False,
 ) -> None:
-    """Simulate if needed → train ESMM and BASE → evaluate on held-out test → table + metrics.json."""
+    """Simulate if needed → train ESMM and BASE → evaluate on held-out test → table + metrics.json + report.html."""
     _check_choice(dataset, DATASETS, "--dataset")
     names = [m.strip() for m in models.split(",") if m.strip()]
     for m in names:
@@ -305,6 +312,9 @@ def quickstart(
     console.print(table)
     atomic_write_json({"dataset": dataset, "sources": loaded.sources, "seeds": seeds, "epochs": epochs, "runs": runs, "summary": summary}, out / "metrics.json")
     console.print(f"metrics written to {out / 'metrics.json'}; bundles under {out}/")
+    from mtrank.report.build import write_report  # lazy: keeps jinja2 off the start-up path
+
+    console.print(f"report written to {write_report([out], out / 'report.html')}")
 
 
 def _mean_std(runs: list[dict]) -> dict:

@@ -216,17 +216,21 @@ def _impressions(
     return df, theta
 
 
-def write_simulated(cfg: SimConfig, path: str | Path, part_rows: int | None = None) -> Path:
+def write_simulated(cfg: SimConfig, path: str | Path, part_rows: int | None = None, *, progress: bool = False) -> Path:
     """Simulate and write Parquet atomically. Returns the path.
 
     With ``part_rows`` (and more rows than that), ``path`` is a directory of
     ``part-00000.parquet`` … files from :func:`simulate_parts`, written one at a time, each with
-    row groups of 256k rows, so memory stays bounded by one part.
+    row groups of 256k rows, so memory stays bounded by one part; ``progress`` shows a bar over
+    the parts (stderr).
     """
     path = Path(path)
     if part_rows is None or cfg.rows <= part_rows:
         return atomic_write_parquet(simulate(cfg), path)
     path.mkdir(parents=True, exist_ok=True)
-    for k, part in enumerate(simulate_parts(cfg, part_rows)):
+    from tqdm.auto import tqdm
+
+    parts = tqdm(simulate_parts(cfg, part_rows), total=-(-max(1, cfg.rows // cfg.slate_size) // max(1, part_rows // cfg.slate_size)), desc="simulating", unit="part", disable=not progress, leave=False)
+    for k, part in enumerate(parts):
         atomic_write_parquet(part, path / f"part-{k:05d}.parquet", row_group_size=262_144)
     return path

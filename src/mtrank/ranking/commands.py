@@ -5,6 +5,7 @@ Registered on :data:`mtrank.cli.app` when this module is imported (see ``COMMAND
 
 from __future__ import annotations
 
+import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
@@ -306,7 +307,7 @@ def fuse(
         fixed={"eps": eps} if formula == "multiplicative" else {},
         position_coef=position_coef if position_coef is not None else d["position_coef"],
     )
-    res = tune(rd, cfg)
+    res = tune(rd, cfg, progress=sys.stderr.isatty())
     out.mkdir(parents=True, exist_ok=True)
     summary = _summary(res, k, objective, seed)
     quadrant_info = _quadrant_exposure(frame.filter(pl.Series(keep)) if not keep.all() else frame, everything, sch, rd, res, k, _columns(by) or d["by"])

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import polars as pl
+from tqdm.auto import tqdm
 
 from mtrank.errors import ConfigError
 from mtrank.ranking.fusion import Fusion, Linear, make_fusion
@@ -116,8 +117,10 @@ def pareto_frontier(trials: pl.DataFrame, x: str, y: str) -> pl.DataFrame:
     return t.filter(pl.col(y) > best_y).drop("_i").sort(x)
 
 
-def tune(data: ReplayData, cfg: TuneConfig) -> TuneResult:
+def tune(data: ReplayData, cfg: TuneConfig, *, progress: bool = False) -> TuneResult:
     """Search the fusion parameters on the tuning requests; report on the held-out ones.
+
+    ``progress``: show a progress bar over the evaluated points (stderr).
 
     Raises:
         ConfigError: unknown formula / method / objective, or ``exp_gmv`` without true
@@ -139,6 +142,9 @@ def tune(data: ReplayData, cfg: TuneConfig) -> TuneResult:
     tuning = {name: evaluate(tune_data, s) for name, s in reference_scores(tune_data).items()}
     floor = None if cfg.click_floor is None else cfg.click_floor * tuning["pctr"][clicks_key]
     rows: list[dict] = []
+    space = SPACES[cfg.formula]
+    n_points = 1 if not space else (cfg.grid_points ** len(space) if cfg.method == "grid" else cfg.trials)
+    bar = tqdm(total=n_points, desc=f"tuning {cfg.formula}", unit="point", disable=not progress, leave=False)
 
     def run(params: dict[str, float]) -> dict:
         fusion = _build(cfg, params, tune_data)
@@ -146,9 +152,9 @@ def tune(data: ReplayData, cfg: TuneConfig) -> TuneResult:
         feasible = floor is None or m[clicks_key] >= floor
         row = {**params, "clicks": m[clicks_key], "gmv": m[gmv_key], "ndcg": m[f"ndcg@{k}"], "feasible": feasible}
         rows.append(row)
+        bar.update(1)
         return row
 
-    space = SPACES[cfg.formula]
     if not space:
         run({})
     elif cfg.method == "grid":
@@ -171,6 +177,7 @@ def tune(data: ReplayData, cfg: TuneConfig) -> TuneResult:
         sampler = optuna.samplers.TPESampler(seed=cfg.seed)
         study = optuna.create_study(direction="maximize", sampler=sampler)
         study.optimize(objective, n_trials=cfg.trials)
+    bar.close()
     trials = pl.DataFrame(rows)
     feasible = trials.filter(pl.col("feasible"))
     if feasible.height == 0:

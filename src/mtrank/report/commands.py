@@ -1,0 +1,26 @@
+"""CLI command of the report part: ``mtrank report``.
+
+Registered on :data:`mtrank.cli.app` when this module is imported (see ``COMMAND_MODULES``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from mtrank.cli import DataDirOpt, app, console
+from mtrank.report.build import write_report
+
+
+@app.command()
+def report(
+    run_dirs: Annotated[list[Path], typer.Argument(help="run directories: quickstart, train (bundle), benchmark, quadrants or fuse outputs")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="HTML file to write")] = Path("report.html"),
+    data_dir: DataDirOpt = None,
+    calibration: Annotated[bool, typer.Option("--calibration/--no-calibration", help="score each bundle's test split for the calibration plots")] = True,
+) -> None:
+    """Write one self-contained HTML report (plots embedded) of one or more run directories."""
+    path = write_report(run_dirs, out, calibrate=calibration, data_dir=data_dir)
+    console.print(f"report written to {path}")
