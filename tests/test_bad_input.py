@@ -230,6 +230,30 @@ def wrong_shape(path: Path) -> None:
     save_file(state, str(path / "model.safetensors"))
 
 
+def fused(formula: str, price, **params) -> Callable[[Path], object]:
+    from mtrank.ranking.fusion import make_fusion, safe_scores
+
+    def run(tmp: Path):
+        n = len(price)
+        p = np.linspace(0.1, 0.5, n)
+        return safe_scores(make_fusion(formula, params).score(p, p[::-1].copy(), np.asarray(price)))
+
+    return run
+
+
+def prices(values, policy: str = "error") -> Callable[[Path], object]:
+    from mtrank.ranking.fusion import clean_prices
+
+    return lambda tmp: clean_prices(values, policy=policy, floor=0.01)
+
+
+def nan_score_ranked(tmp: Path):
+    from mtrank.ranking.fusion import safe_scores
+
+    scores = safe_scores(np.array([np.nan, 0.2, np.inf * 0, -np.inf, 0.1]))
+    return np.argsort(-scores, kind="stable").tolist()
+
+
 def no_pickle_anywhere(tmp: Path):
     src = Path(__file__).resolve().parents[1] / "src"
     hits = []
@@ -271,6 +295,13 @@ CASES = [
     Case("13-batch-size-one-and-tiny-test", batch_size_one, lambda r: r == (20, (1,))),
     Case("14-reload-in-fresh-process", reload_fresh_process, lambda r: r is True),
     Case("15-columns-in-another-order", reordered_columns, lambda r: r is True),
+    Case("16-zero-price-is-an-error-by-default", prices([10.0, 0.0, 5.0]), Raises(DataError, "row 2] 1 missing, non-finite, zero or negative price")),
+    Case("16-negative-price-clip-policy", prices([10.0, -3.0], "clip"), lambda r: r[0].tolist() == [10.0, 0.01] and r[1].all()),
+    Case("16-nan-price-drop-policy", prices([10.0, float("nan"), 5.0], "drop"), lambda r: r[1].tolist() == [True, False, True]),
+    Case("16-string-price-in-data", csv("click,buy,item,x,price\n1,1,a,0.5,12.5\n0,0,b,1.5,abc\n", SCHEMA.model_copy(update={"price": "price"})), Raises(DataError, "column 'price'; row 2] 1 non-numeric value(s)")),
+    Case("16-gamma-negative-price-zero-finite", fused("multiplicative", [0.0, 10.0, 0.0], alpha=1.0, beta=1.0, gamma=-1.0, eps=0.0), lambda r: np.isfinite(r).all()),
+    Case("16-nan-score-never-ranks-first", nan_score_ranked, lambda r: r[:2] == [1, 4] and set(r[2:]) == {0, 2, 3}),
+    Case("17-integer-prices-in-cents", lambda t: (fused("multiplicative", np.array([1999, 250, 0], dtype=np.int64), gamma=0.5)(t), fused("multiplicative", np.array([1999.0, 250.0, 0.0]), gamma=0.5)(t)), lambda r: np.array_equal(r[0], r[1]) and np.isfinite(r[0]).all()),
     Case("18-empty-csv", csv(""), Raises(DataError, "empty (0 bytes)")),
     Case("18-header-only", csv(HEADER), Raises(DataError, "no data rows")),
     Case("18-truncated-last-line", csv(HEADER + "1,1,a,0.5\n0,0\n"), Raises(DataError, "malformed line")),
