@@ -122,3 +122,17 @@ def test_two_process_ddp_trains_and_gathered_metrics_match_single_process(tmp_pa
         assert gathered[k] == pytest.approx(single[k], abs=1e-9), k
     assert meta["metrics"]["test"]["auc_ctr"] > 0.6
     assert not list(tmp_path.glob("b.ckpt/.*tmp*"))
+
+
+def test_fnv1a_matches_published_test_vectors_and_is_process_independent():
+    from mtrank.data.hashing import HashedCategoricalEncoder, fnv1a_64
+
+    got = fnv1a_64(pl.Series(["", "a", "foobar"])).tolist()
+    assert got == [0xCBF29CE484222325, 0xAF63DC4C8601EC8C, 0x85944171F73967E8]  # FNV reference values
+    enc = HashedCategoricalEncoder("c", 1000)
+    idx, n_missing, n_oov = enc.transform(pl.Series("c", [1, 2, None, 1.0]))
+    assert idx[0] == idx[3] and idx[2] == 0 and (n_missing, n_oov) == (1, 0)
+    assert 2 <= idx.min(where=idx > 0, initial=10**9) and idx.max() < enc.cardinality
+    code = "import polars as pl; from mtrank.data.hashing import fnv1a_64; print(fnv1a_64(pl.Series(['item-42', 'é'])).tolist())"
+    outs = {subprocess.run([sys.executable, "-c", code], env={**__import__("os").environ, "PYTHONHASHSEED": s}, capture_output=True, text=True, check=True).stdout for s in ("0", "777")}
+    assert len(outs) == 1
