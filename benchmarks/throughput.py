@@ -474,11 +474,11 @@ def goals(res: dict) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny smoke run")
-    ap.add_argument("--train-rows", type=int, default=1_000_000, help="throughput: rows in the one training epoch")
+    ap.add_argument("--train-rows", type=int, default=500_000, help="throughput: rows in the one training epoch")
     ap.add_argument("--test-rows", type=int, default=200_000)
     ap.add_argument("--val-rows", type=int, default=50_000)
     ap.add_argument("--rss-sizes", default="1000000,5000000,20000000", help="comma-separated streamed train sizes for peak RSS")
-    ap.add_argument("--rss-train-rows", type=int, default=2_000_000, help="train on at most this many rows per RSS run (the rest of each piece is read and encoded only)")
+    ap.add_argument("--rss-train-rows", type=int, default=1_000_000, help="train on at most this many rows per RSS run (the rest of each piece is read and encoded only)")
     ap.add_argument("--regimes", default="small,aliccp")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rechub-python", default="/tmp/rechub-venv/bin/python")
@@ -486,6 +486,7 @@ def main() -> None:
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: rechub,rss,profile,bare,stream_only")
     ap.add_argument("--workdir", default="/tmp/mtrank-throughput")
     ap.add_argument("--out", default=str(HERE / "results"))
+    ap.add_argument("--only-data", action="store_true", help="generate (or reuse) the simulated files and stop")
     ap.add_argument("--worker")
     ap.add_argument("--worker-args")
     ap.add_argument("--worker-out")
@@ -510,14 +511,16 @@ def main() -> None:
     from mtrank.data.simulate import SIMULATED_SCHEMA
 
     in_dim = len(SIMULATED_SCHEMA.categorical) * EMB + len(SIMULATED_SCHEMA.numerical)
-    res["roofline"] = roofline(args.threads, in_dim, reps=3 if args.quick else 20)
-    print("roofline", res["roofline"], flush=True)
     data = {}
     for regime in args.regimes.split(","):
         total = max([args.train_rows] + (rss_sizes if regime == "small" and "rss" not in skip else []))
         t0 = time.perf_counter()
         data[regime] = make_data(work, regime, total, part, args.val_rows, args.test_rows)
         print(f"data {regime}: {len(data[regime]['parts'])} parts ({time.perf_counter() - t0:.0f}s)", flush=True)
+    if args.only_data:
+        return
+    res["roofline"] = roofline(args.threads, in_dim, reps=3 if args.quick else 20)
+    print("roofline", res["roofline"], flush=True)
     have_rechub = Path(args.rechub_python).exists()
     if not have_rechub and "rechub" not in skip:
         res["notes"].append(f"torch-rechub not run: {args.rechub_python} does not exist (see the setup command in the docstring)")
