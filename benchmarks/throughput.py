@@ -90,6 +90,7 @@ def run_worker(name: str, args: dict, *, python: str | None = None, prefix: list
     res["process_seconds"] = round(time.perf_counter() - t0, 1)
     res["stderr_tail"] = proc.stderr[-600:] if name == "profile" else None
     res["finished_utc"] = time.strftime("%H:%M:%S", time.gmtime())
+    res["loadavg_1min_at_end"] = round(os.getloadavg()[0], 2)
     print(f"    -> {json.dumps({k: v for k, v in res.items() if k in ('samples_per_second', 'test', 'peak_rss_mib', 'error')})[:300]}", flush=True)
     return res
 
@@ -376,7 +377,7 @@ def pyspy_profile(a: dict, pyspy: str, seconds: int) -> dict:
             self_t[names[-1]] = self_t.get(names[-1], 0) + n
         for nm in set(names):
             incl[nm] = incl.get(nm, 0) + n
-    pct = lambda d, k=12: [{"function": f, "pct": round(100 * v / total, 1)} for f, v in sorted(d.items(), key=lambda x: -x[1])[:k]]  # noqa: E731
+    pct = lambda d, k=12: [{"function": f, "pct": round(100 * v / total, 1)} for f, v in sorted(d.items(), key=lambda x: -x[1])[:k]]
     return {"samples": total, "threads": pct(threads, 4), "top_self": pct(self_t, 15), "top_inclusive": pct(incl, 25)}
 
 
@@ -452,7 +453,7 @@ def goals(res: dict) -> list[dict]:
     def sps(reg, key):
         return R.get(reg, {}).get(key, {}).get("samples_per_second")
 
-    best = lambda reg: max([x for x in (sps(reg, "mtrank_dense"), sps(reg, "mtrank_sparse")) if x] or [0]) or None  # noqa: E731
+    best = lambda reg: max([x for x in (sps(reg, "mtrank_dense"), sps(reg, "mtrank_sparse")) if x] or [0]) or None
     r = ratio(best("aliccp"), sps("aliccp", "rechub"))
     g.append({"goal": "Ali-CCP-like vocab: mtrank ≥ 5× torch-rechub samples/s (best optimizer)", "value": f"{r}×", "met": None if r is None else r >= 5})
     r = ratio(best("small"), sps("small", "rechub"))
