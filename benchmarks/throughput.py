@@ -34,6 +34,7 @@ Writes ``benchmarks/results/throughput.json`` and ``throughput.md`` (unless ``--
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -81,7 +82,7 @@ def run_worker(name: str, args: dict, *, python: str | None = None, prefix: list
     t0 = time.perf_counter()
     print(f"[{time.strftime('%H:%M:%S', time.gmtime())}] {name} {args.get('tag', '')} ...", flush=True)
     try:
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout}s"}
     if proc.returncode != 0 or not out.exists():
@@ -320,10 +321,10 @@ def roofline(threads: int, in_dim: int, reps: int) -> dict:
 
     torch.set_num_threads(threads)
     dims = [in_dim, *TOWER, 1]
-    macs = 2 * sum(a * b for a, b in zip(dims[:-1], dims[1:], strict=False))  # two towers
+    macs = 2 * sum(a * b for a, b in itertools.pairwise(dims))  # two towers
     flops_per_sample = 3 * 2 * macs
     shapes = []  # (m, k, n) of forward, grad-input and grad-weight products of each layer
-    for k, n in zip(dims[:-1], dims[1:], strict=False):
+    for k, n in itertools.pairwise(dims):
         shapes += [(BATCH, k, n), (BATCH, n, k), (k, BATCH, n)]
     mats = [(torch.randn(m, k), torch.randn(k, n)) for m, k, n in shapes]
     for x, y in mats:
@@ -354,7 +355,7 @@ def pyspy_profile(a: dict, pyspy: str, seconds: int) -> dict:
     cmd = [pyspy, "record", "--format", "raw", "--threads", "--nonblocking", "--rate", "50", "--duration", str(seconds), "-o", str(raw), "--",
            sys.executable, str(Path(__file__).resolve()), "--worker", "mtrank_stream", "--worker-args", json.dumps(a), "--worker-out", str(Path(a["workdir"]) / "pyspy-run.json")]
     env = {**os.environ, "PYTHONPATH": str(HERE.parent / "src")}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=seconds + 600)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=seconds + 600, check=False)
     if not raw.exists():
         return {"error": f"py-spy exit {proc.returncode}: {proc.stderr[-800:]}"}
     self_t: dict[str, int] = {}
@@ -390,14 +391,14 @@ def markdown(res: dict) -> str:
     L = ["# Training throughput: mtrank vs bare loop vs torch-rechub (issue #6)", "",
          f"Command: `{res['command']}`  ", f"Machine: {res['machine']}  ",
          f"Load before: {res['load_before']}; after: {res['load_after']}  ",
-         f"ESMM, embedding {EMB}, towers {'×'.join(map(str, TOWER))}, batch {BATCH}, {res['threads']} threads, 1 epoch over {res['train_rows']:,} train rows, "
+         (f"ESMM, embedding {EMB}, towers {'×'.join(map(str, TOWER))}, batch {BATCH}, {res['threads']} threads, 1 epoch over {res['train_rows']:,} train rows, "
          f"test {res['test_rows']:,} rows. Samples/s are of the training loop (mtrank streamed: from the first batch read to the last step, "
-         "reading and encoding overlapped); `end-to-end` includes the streamed encoder fit.", ""]
+         "reading and encoding overlapped); `end-to-end` includes the streamed encoder fit."), ""]
     rf = res["roofline"]
-    L += [f"**Roofline**: torch.mm on the towers' fwd+bwd shapes = {rf['tower_shapes_gflops']} GFLOP/s "
+    L += [(f"**Roofline**: torch.mm on the towers' fwd+bwd shapes = {rf['tower_shapes_gflops']} GFLOP/s "
           f"(2048² square: {rf['square_2048_gflops']}); training FLOPs/sample = 3 × 2 × {rf['macs_forward_per_sample']:,} MACs = "
           f"{rf['train_flops_per_sample'] / 1e6:.2f} MFLOP → ceiling **{rf['ceiling_samples_per_second']:,.0f} samples/s** "
-          "(towers only; embedding gather/scatter and optimizer not counted).", ""]
+          "(towers only; embedding gather/scatter and optimizer not counted)."), ""]
     L += ["| regime | emb. rows | run | optimizer | samples/s | × rechub | × bare (same opt.) | % roofline | AUC CTR | AUC CTCVR | AUC CVR (clicked) | peak RSS MiB |",
           "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for regime, r in res["regimes"].items():
@@ -413,10 +414,11 @@ def markdown(res: dict) -> str:
             sps = x["samples_per_second"]
             bare = r.get("bare_" + key.split("_")[1], {}).get("samples_per_second") if key.startswith("mtrank") else None
             t = x.get("test", {})
-            L.append(f"| {regime} | {x.get('embedding_rows', r.get('embedding_rows', '')):,} | {run} | {opt} | {sps:,.0f} | {ratio(sps, rech) or ''} | {ratio(sps, bare) or ''} | "
+            e2e = f" (end to end {x['end_to_end_samples_per_second']:,.0f})" if "end_to_end_samples_per_second" in x else ""
+            L.append(f"| {regime} | {x.get('embedding_rows', r.get('embedding_rows', '')):,} | {run} | {opt} | {sps:,.0f}{e2e} | {ratio(sps, rech) or ''} | {ratio(sps, bare) or ''} | "
                      f"{100 * sps / rf['ceiling_samples_per_second']:.0f}% | {t.get('auc_ctr')} | {t.get('auc_ctcvr')} | {t.get('auc_cvr_masked')} | {x.get('peak_rss_mib', '')} |")
     L += ["", "Data path alone (streamed read → validate → encode → shuffle → batch, no model): "
-          + "; ".join(f"{k}: {v.get('samples_per_second', v.get('error')):,} rows/s" if 'error' not in v else f"{k}: {v['error'][:100]}" for k, v in ((k, r.get('stream_only', {'error': 'n/a'})) for k, r in res["regimes"].items())), ""]
+          + "; ".join(f"{k}: {v.get('samples_per_second', 0):,.0f} rows/s" if 'error' not in v else f"{k}: {v['error'][:100]}" for k, v in ((k, r.get('stream_only', {'error': 'n/a'})) for k, r in res["regimes"].items())), ""]
     L += ["## Peak RSS of streamed training (own process each, VmHWM)", "", "| train files (rows) | rows trained | samples/s | peak RSS MiB | vs smallest |", "|---:|---:|---:|---:|---:|"]
     base = None
     for x in res["rss"]:
