@@ -32,7 +32,8 @@ def main() -> None:
     torch.manual_seed(0)
     z = np.load(a["npz"])
     fields = [str(f) for f in z["fields"]]
-    card = [int(c) for c in z["cardinalities"]]
+    pad = a.get("pad") or {}  # allocate a field's whole declared catalogue
+    card = [max(int(c), pad.get(f, 0)) for f, c in zip(fields, z["cardinalities"], strict=True)]
     feats = {f: SparseFeature(f, vocab_size=c, embed_dim=a["emb"]) for f, c in zip(fields, card, strict=True)}
     user = [feats[f] for f in fields if f in USER_FIELDS]
     item = [feats[f] for f in fields if f not in USER_FIELDS]
@@ -43,6 +44,8 @@ def main() -> None:
         return x, np.stack([conv, click, click * conv], axis=1).astype(np.float32)  # rechub's ESMM order: cvr, ctr, ctcvr
 
     x_tr, y_tr = xy("train")
+    if a.get("max_rows"):
+        x_tr, y_tr = {k: v[: a["max_rows"]] for k, v in x_tr.items()}, y_tr[: a["max_rows"]]
     x_te, y_te = xy("test")
     tower = {"dims": a["tower"], "dropout": 0.0, "activation": "relu"}
     model = ESMM(user, item, cvr_params=tower, ctr_params=tower)
@@ -64,7 +67,7 @@ def main() -> None:
         if line.startswith("VmHWM:"):
             rss = int(line.split()[1]) / 1024
     out.write_text(json.dumps({"samples_per_second": round(len(y_tr) / sec, 1), "train_seconds": round(sec, 2), "rows": len(y_tr),
-                               "pred_path": str(pred_path), "peak_rss_mib": round(rss, 1),
+                               "pred_path": str(pred_path), "embedding_rows": sum(card), "peak_rss_mib": round(rss, 1),
                                "notes": "rechub ESMM: per-field nn.Embedding, MLP with BatchNorm1d, no numerical input; DataLoader collates per row"}))
 
 
