@@ -272,6 +272,35 @@ def worker_rss(a: dict) -> dict:
             "samples_per_second": round(h.samples_per_second, 1), "seconds": round(time.perf_counter() - t0, 1), "peak_rss_mib": round(peak_rss_mib(), 1)}
 
 
+def worker_mtrank_stream_padded(a: dict) -> dict:
+    """fit_stream's steps (streaming encoder fit, streamed training of one epoch, test) with the
+    embedding tables padded to ``pad`` rows per field (fit_stream sizes them by the realised
+    vocabulary, so this is the only step done by hand)."""
+    import torch
+
+    from mtrank.data.simulate import SIMULATED_SCHEMA as S
+    from mtrank.data.stream import ParquetStream, fit_encoder_streaming
+    from mtrank.models import build_model
+    from mtrank.models.config import FeatureSpec
+    from mtrank.train.trainer import Trainer
+    from mtrank.workflow import evaluate_split
+
+    torch.set_num_threads(a["threads"])
+    paths = [Path(p) for p in a["train"]]
+    mcfg, tcfg = _configs(a, a["sparse"])
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    enc = fit_encoder_streaming(paths, S)
+    card = [max(c, a["pad"].get(f, 0)) for f, c in zip(S.categorical, enc.cardinalities, strict=True)]
+    model = build_model(FeatureSpec(cardinalities=card, n_numerical=len(enc.numerical), funnel=True, task_names=list(S.tasks)), mcfg)
+    stream = ParquetStream(paths, S, enc)
+    h = Trainer(tcfg, S, quiet=True).fit(model, stream, None).history[0]
+    wall = time.perf_counter() - t0
+    test = evaluate_split(model, ParquetStream([Path(a["test"])], S, enc).load_all(), S)
+    return {"samples_per_second": round(h.samples_per_second, 1), "train_seconds": round(h.seconds, 2), "rows": len(stream), "embedding_rows": sum(card),
+            "end_to_end_samples_per_second": round(len(stream) / wall, 1), "test": _quality(test), "peak_rss_mib": round(peak_rss_mib(), 1)}
+
+
 def worker_torch_profile(a: dict) -> dict:
     """torch.profiler over ``steps`` streamed training steps: where the step's CPU time goes."""
     import torch
@@ -315,7 +344,7 @@ def worker_torch_profile(a: dict) -> dict:
     return {"steps": a["steps"], "ms_per_step": tops, "top_self_ops": rows}
 
 
-WORKERS = {"mtrank_stream": worker_mtrank_stream, "bare": worker_bare, "stream_only": worker_stream_only, "rss": worker_rss, "torch_profile": worker_torch_profile}
+WORKERS = {"mtrank_stream": worker_mtrank_stream, "mtrank_stream_padded": worker_mtrank_stream_padded, "bare": worker_bare, "stream_only": worker_stream_only, "rss": worker_rss, "torch_profile": worker_torch_profile}
 
 
 # --------------------------------------------------------------------------- roofline
@@ -440,9 +469,9 @@ def markdown(res: dict) -> str:
               ("The row budget realises only part of the declared catalogue; a full Ali-CCP log realises it all, and dense optimizers pay per "
                f"table row every step. Same rows and model, tables padded to the declared sizes {pdd['pad']}:"), "", "| run | optimizer | samples/s | × rechub |", "|---|---|---:|---:|"]
         rech = pdd.get("rechub", {}).get("samples_per_second")
-        for key, run, opt in [("bare_dense", "mtrank model, bare loop", "Adam"), ("bare_sparse", "mtrank model, bare loop", "SparseAdam+Adam"), ("rechub", "torch-rechub", "Adam (wd 0)")]:
+        for key, run, opt in [("mtrank_sparse", "mtrank streamed (whole epoch)", "SparseAdam+Adam"), ("bare_dense", "mtrank model, bare loop", "Adam"), ("bare_sparse", "mtrank model, bare loop", "SparseAdam+Adam"), ("rechub", "torch-rechub", "Adam (wd 0)")]:
             x = pdd.get(key, {})
-            L.append(f"| {run} | {opt} | {x.get('samples_per_second', x.get('error', ''))} | {ratio(x.get('samples_per_second'), rech) or ''} |")
+            L.append(f"| {run} | {opt} | {x.get('samples_per_second', x.get('error', '')):,.0f} | {ratio(x.get('samples_per_second'), rech) or ''} |")
     L += ["", "## Goals", ""] + [f"- {'✅' if g['met'] else ('❌' if g['met'] is False else '–')} {g['goal']}: {g['value']}" for g in res["goals"]]
     prof = res.get("profile", {})
     if prof:
@@ -473,7 +502,10 @@ def goals(res: dict) -> list[dict]:
 
     best = lambda reg: max([x for x in (sps(reg, "mtrank_dense"), sps(reg, "mtrank_sparse")) if x] or [0]) or None
     r = ratio(best("aliccp"), sps("aliccp", "rechub"))
-    g.append({"goal": "Ali-CCP-like vocab: mtrank ≥ 5× torch-rechub samples/s (best optimizer)", "value": f"{r}×", "met": None if r is None else r >= 5})
+    g.append({"goal": "Ali-CCP-like vocab as realised by 500k rows: mtrank ≥ 5× torch-rechub samples/s (best optimizer)", "value": f"{r}×", "met": None if r is None else r >= 5})
+    pdd = res.get("padded") or {}
+    r = ratio(pdd.get("mtrank_sparse", {}).get("samples_per_second"), pdd.get("rechub", {}).get("samples_per_second"))
+    g.append({"goal": "… with every declared Ali-CCP-like id allocated (4.7M embedding rows): mtrank streamed ≥ 5× torch-rechub", "value": f"{r}×", "met": None if r is None else r >= 5})
     r = ratio(best("small"), sps("small", "rechub"))
     g.append({"goal": "small vocab: mtrank ≥ 1.5× rechub", "value": f"{r}×", "met": None if r is None else r >= 1.5})
     p = None if not best("small") else best("small") / rf
@@ -498,6 +530,7 @@ def padded_runs(args, base: dict, export: str, with_rechub: bool) -> dict:
     pad = {"user_id": reg["n_users"] + 2, "item_id": reg["n_items"] + 2, "brand": reg["n_brands"] + 2, "shop": reg["n_shops"] + 2}
     steps = args.padded_steps
     out = {"pad": pad, "steps": steps}
+    out["mtrank_sparse"] = run_worker("mtrank_stream_padded", {**base, "sparse": True, "tag": "padded-sparse", "pad": pad})
     for opt in ("dense", "sparse"):
         out[f"bare_{opt}"] = run_worker("bare", {**base, "sparse": opt == "sparse", "tag": f"padded-{opt}", "pad": pad, "max_steps": steps})
     if with_rechub:
