@@ -23,7 +23,7 @@ One-time setup of the torch-rechub environment (torch pinned to the local CPU wh
     python3 -m venv /tmp/rechub-venv
     /tmp/rechub-venv/bin/pip install torch==2.13.0 torch-rechub pandas scikit-learn py-spy
 
-Run (about 25 minutes on 2 cores; ``--quick`` is a smoke test of a minute)::
+Run (about 10 minutes on 2 idle cores, data generation included; ``--quick`` is a smoke test of ~2 minutes)::
 
     PYTHONPATH=src python benchmarks/throughput.py
     PYTHONPATH=src python benchmarks/throughput.py --quick --out /tmp/tp
