@@ -75,12 +75,28 @@ class CategoricalEncoder:
             values = values[:max_size]
         return cls(column=series.name, values=values)
 
+    def _mapping(self) -> tuple[pl.Series | list, pl.Series | list]:
+        """The value → index mapping as polars Series, built once and reused: rebuilding it
+        from the Python list on every call cost ~0.35 s per 256k-row piece at a 377k-value
+        vocabulary (streaming encodes piece by piece). Rebuilt if ``values`` is replaced or
+        changes length."""
+        key = (id(self.values), len(self.values))
+        cached = self.__dict__.get("_cached_mapping")
+        if cached is None or cached[0] != key:
+            if self.values:
+                old: pl.Series | list = pl.Series(self.values)
+                new: pl.Series | list = pl.Series(np.arange(N_RESERVED, self.cardinality, dtype=np.int64))
+            else:
+                old, new = [], []
+            cached = (key, old, new)
+            self.__dict__["_cached_mapping"] = cached
+        return cached[1], cached[2]
+
     def transform(self, series: pl.Series) -> tuple[np.ndarray, int, int]:
         """Encode a column. Returns (indices int64 [N], n_missing, n_oov)."""
         ids = canonical_ids(series)
-        idx = ids.replace_strict(
-            self.values, list(range(N_RESERVED, self.cardinality)), default=OOV, return_dtype=pl.Int64
-        )
+        old, new = self._mapping()
+        idx = ids.replace_strict(old, new, default=OOV, return_dtype=pl.Int64)
         missing = ids.is_null()
         idx = pl.select(pl.when(missing).then(MISSING).otherwise(idx)).to_series()
         n_missing = int(missing.sum())

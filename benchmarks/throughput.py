@@ -1,0 +1,656 @@
+"""Training throughput, quality and memory of mtrank's ESMM against a bare loop, torch-rechub
+and the fp32 compute roofline (issue #6).
+
+One run measures, on the same simulated data, the same ESMM (embedding 18, towers 360×200×80,
+batch 4096, one epoch) and the same number of threads, at two vocabulary regimes (``small``:
+~10k ids per field; ``aliccp``: 4M items, 400k users, 200k shops, 100k brands, of which the row
+budget realises fewer; the realised embedding-table rows are reported):
+
+1. ``mtrank_stream``: :func:`mtrank.workflow.fit_stream` end to end from Parquet (dense Adam,
+   and ``sparse_embeddings=True``: SparseAdam on the tables);
+2. ``bare``: a loop over pre-materialised tensors of the same model, loss and optimizers (the
+   practical limit of this model in PyTorch);
+3. ``rechub``: torch-rechub's ESMM with its own ``MTLTrainer`` and ``DataGenerator`` data
+   loader, run in its own virtual environment (never an mtrank dependency) on the same encoded
+   ids, exported as ``.npz``;
+
+plus the fp32 roofline (torch.mm on the towers' shapes ÷ training FLOPs per sample), the peak
+RSS of streamed training at several sizes (each in its own process, ``VmHWM``), and a py-spy /
+torch.profiler profile of the streamed hot path. Every measurement runs in a fresh subprocess.
+
+One-time setup of the torch-rechub environment (torch pinned to the local CPU wheel)::
+
+    python3 -m venv /tmp/rechub-venv
+    /tmp/rechub-venv/bin/pip install torch==2.13.0 torch-rechub pandas scikit-learn py-spy
+
+Run (about 10 minutes on 2 idle cores, data generation included; ``--quick`` is a smoke test of ~2 minutes)::
+
+    PYTHONPATH=src python benchmarks/throughput.py
+    PYTHONPATH=src python benchmarks/throughput.py --quick --out /tmp/tp
+
+Writes ``benchmarks/results/throughput.json`` and ``throughput.md`` (unless ``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REGIMES = {
+    "small": {"n_users": 10_000, "n_items": 10_000, "n_brands": 400, "n_shops": 800},
+    "aliccp": {"n_users": 400_000, "n_items": 4_000_000, "n_brands": 100_000, "n_shops": 200_000},
+}
+EMB, TOWER, BATCH = 18, [360, 200, 80], 4096
+USER_FIELDS = ["user_id", "user_age", "user_gender", "user_power", "hour"]
+ITEM_FIELDS = ["item_id", "category", "brand", "shop"]
+
+
+# --------------------------------------------------------------------------- helpers
+def peak_rss_mib() -> float:
+    """This process's peak resident set (VmHWM), MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def machine_load() -> dict:
+    la = os.getloadavg()
+    return {"utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), "loadavg_1_5_15": [round(x, 2) for x in la]}
+
+
+def run_worker(name: str, args: dict, *, python: str | None = None, prefix: list[str] | None = None, timeout: float = 1800) -> dict:
+    """Run ``--worker name`` in a fresh process; returns its JSON result (or the error)."""
+    out = Path(args["workdir"]) / f"result-{name}-{args.get('tag', '')}.json"
+    out.unlink(missing_ok=True)
+    cmd = [*(prefix or []), python or sys.executable, str(Path(__file__).resolve()), "--worker", name, "--worker-args", json.dumps(args), "--worker-out", str(out)]
+    if name == "rechub":
+        cmd = [*(prefix or []), python, str(HERE / "_rechub_worker.py"), json.dumps(args), str(out)]
+    env = {**os.environ, "PYTHONPATH": str(HERE.parent / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env.update({"OMP_NUM_THREADS": str(args["threads"]), "MKL_NUM_THREADS": str(args["threads"])})
+    t0 = time.perf_counter()
+    print(f"[{time.strftime('%H:%M:%S', time.gmtime())}] {name} {args.get('tag', '')} ...", flush=True)
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout}s"}
+    if proc.returncode != 0 or not out.exists():
+        return {"error": f"exit {proc.returncode}: {proc.stderr[-1500:]}"}
+    res = json.loads(out.read_text())
+    res["process_seconds"] = round(time.perf_counter() - t0, 1)
+    res["stderr_tail"] = proc.stderr[-600:] if name == "profile" else None
+    res["finished_utc"] = time.strftime("%H:%M:%S", time.gmtime())
+    res["loadavg_1min_at_end"] = round(os.getloadavg()[0], 2)
+    print(f"    -> {json.dumps({k: v for k, v in res.items() if k in ('samples_per_second', 'test', 'peak_rss_mib', 'error')})[:300]}", flush=True)
+    return res
+
+
+# --------------------------------------------------------------------------- data
+def make_data(workdir: Path, regime: str, total_rows: int, part_rows: int, val_rows: int, test_rows: int) -> dict:
+    """Simulate ``total_rows`` + one evaluation part in parts of ``part_rows``; the last part is
+    cut into the validation and test files. Reuses files made with the same config."""
+    import polars as pl
+
+    from mtrank.data.simulate import SimConfig, write_simulated
+
+    cfg = SimConfig(rows=total_rows + part_rows, seed=0, **REGIMES[regime])
+    d = workdir / f"{regime}-{cfg.rows}-{part_rows}"
+    marker = d / "done.json"
+    if not marker.exists():
+        shutil.rmtree(d, ignore_errors=True)
+        t0 = time.perf_counter()
+        write_simulated(cfg, d / "parts", part_rows=part_rows)
+        parts = sorted((d / "parts").glob("part-*.parquet"))
+        last = pl.read_parquet(parts[-1])
+        parts[-1].rename(d / "eval.parquet")
+        last.slice(0, val_rows).write_parquet(d / "val.parquet")
+        last.slice(val_rows, test_rows).write_parquet(d / "test.parquet")
+        marker.write_text(json.dumps({"config": cfg.model_dump(), "seconds": round(time.perf_counter() - t0, 1)}))
+    parts = sorted((d / "parts").glob("part-*.parquet"))
+    return {"dir": str(d), "parts": [str(p) for p in parts], "val": str(d / "val.parquet"), "test": str(d / "test.parquet"), "sim": json.loads(marker.read_text())}
+
+
+def files_for(parts: list[str], rows: int, part_rows: int) -> list[str]:
+    n = max(1, rows // part_rows)
+    if n > len(parts):
+        raise SystemExit(f"need {n} parts of {part_rows} rows, have {len(parts)}")
+    return parts[:n]
+
+
+# --------------------------------------------------------------------------- workers
+def _configs(a: dict, sparse: bool):
+    from mtrank.models.config import ModelConfig
+    from mtrank.train.trainer import TrainConfig
+
+    return ModelConfig(name="esmm", embedding_dim=EMB, tower=TOWER), TrainConfig(epochs=1, batch_size=BATCH, lr=1e-3, threads=a["threads"], sparse_embeddings=sparse, seed=0)
+
+
+def _quality(metrics: dict) -> dict:
+    return {k: (None if metrics.get(k) is None else round(float(metrics[k]), 4)) for k in ("auc_ctr", "auc_ctcvr", "auc_cvr_masked")}
+
+
+def worker_mtrank_stream(a: dict) -> dict:
+    """fit_stream end to end: streaming encoder fit, streamed training, val and test."""
+    import torch
+
+    from mtrank.data.simulate import SIMULATED_SCHEMA
+    from mtrank.workflow import fit_stream
+
+    torch.set_num_threads(a["threads"])
+    mcfg, tcfg = _configs(a, a["sparse"])
+    t0 = time.perf_counter()
+    out = fit_stream([Path(p) for p in a["train"]], SIMULATED_SCHEMA, mcfg, tcfg, val_paths=[Path(a["val"])], test_paths=[Path(a["test"])], quiet=True)
+    wall = time.perf_counter() - t0
+    h = out.result.history[0]
+    vocab = sum(out.bundle.spec.cardinalities)
+    return {
+        "samples_per_second": round(h.samples_per_second, 1), "train_seconds": round(h.seconds, 2), "rows": out.bundle.meta["rows"]["train"],
+        "end_to_end_seconds": round(wall, 2), "end_to_end_samples_per_second": round(out.bundle.meta["rows"]["train"] / wall, 1),
+        "embedding_rows": vocab, "cardinalities": dict(zip(SIMULATED_SCHEMA.categorical, out.bundle.spec.cardinalities, strict=True)),
+        "test": _quality(out.metrics["test"]), "peak_rss_mib": round(peak_rss_mib(), 1),
+    }
+
+
+def _encode_in_memory(a: dict):
+    import polars as pl
+
+    from mtrank.data.batch import EncodedData
+    from mtrank.data.encoders import FeatureEncoder
+    from mtrank.data.io import validate_frame
+    from mtrank.data.simulate import SIMULATED_SCHEMA as S
+
+    train_df = pl.concat([pl.read_parquet(p) for p in a["train"]])
+    train_df, _ = validate_frame(train_df, S, "train")
+    enc = FeatureEncoder.fit(train_df, S)
+    test_df, _ = validate_frame(pl.read_parquet(a["test"]), S, "test")
+    return enc, EncodedData.from_frame(train_df, S, enc), EncodedData.from_frame(test_df, S, enc)
+
+
+def worker_bare(a: dict) -> dict:
+    """The same model, loss and optimizers over pre-materialised tensors: the practical limit."""
+    import numpy as np
+    import torch
+
+    from mtrank.data.simulate import SIMULATED_SCHEMA as S
+    from mtrank.losses import model_loss
+    from mtrank.models import build_model
+    from mtrank.models.config import FeatureSpec
+    from mtrank.train.trainer import make_optimizers
+    from mtrank.workflow import evaluate_split
+
+    torch.set_num_threads(a["threads"])
+    enc, train, test = _encode_in_memory(a)
+    if a.get("export"):  # the same encoded ids for torch-rechub
+        np.savez(a["export"], train_x=train.categorical.numpy(), test_x=test.categorical.numpy(),
+                 train_click=train.labels["click"].numpy(), train_conv=train.labels["conversion"].numpy(),
+                 test_click=test.labels["click"].numpy(), test_conv=test.labels["conversion"].numpy(),
+                 cardinalities=np.array(enc.cardinalities), fields=np.array(S.categorical))
+    mcfg, tcfg = _configs(a, a["sparse"])
+    torch.manual_seed(0)
+    # ``pad``: allocate a field's whole declared catalogue (as a full-size log would realise it)
+    card = [max(c, a.get("pad", {}).get(f, 0)) for f, c in zip(S.categorical, enc.cardinalities, strict=True)]
+    model = build_model(FeatureSpec(cardinalities=card, n_numerical=len(enc.numerical), funnel=True, task_names=list(S.tasks)), mcfg)
+    opts = make_optimizers(model, tcfg)
+    gen = torch.Generator().manual_seed(0)
+    max_steps = a.get("max_steps") or 10**12
+    model.train()
+    seen = 0
+    t0 = time.perf_counter()
+    for batch in train.batches(BATCH, shuffle=True, generator=gen):
+        loss, _ = model_loss(model, model(batch.categorical, batch.numerical), batch)
+        for o in opts:
+            o.zero_grad(set_to_none=True)
+        loss.backward()
+        for o in opts:
+            o.step()
+        seen += len(batch)
+        if seen >= max_steps * BATCH:
+            break
+    sec = time.perf_counter() - t0
+    return {"samples_per_second": round(seen / sec, 1), "train_seconds": round(sec, 2), "rows": seen, "embedding_rows": sum(card),
+            "test": _quality(evaluate_split(model, test, S)), "peak_rss_mib": round(peak_rss_mib(), 1)}
+
+
+def worker_stream_only(a: dict) -> dict:
+    """The streamed data path alone (read, validate, encode, shuffle, batch): its capacity."""
+    import torch
+
+    from mtrank.data.simulate import SIMULATED_SCHEMA as S
+    from mtrank.data.stream import ParquetStream, fit_encoder_streaming
+
+    torch.set_num_threads(a["threads"])
+    paths = [Path(p) for p in a["train"]]
+    t0 = time.perf_counter()
+    enc = fit_encoder_streaming(paths, S)
+    fit_s = time.perf_counter() - t0
+    stream = ParquetStream(paths, S, enc)
+    t0 = time.perf_counter()
+    seen = sum(len(b) for b in stream.batches(BATCH, shuffle=True, generator=torch.Generator().manual_seed(0)))
+    sec = time.perf_counter() - t0
+    return {"samples_per_second": round(seen / sec, 1), "encoder_fit_seconds": round(fit_s, 2), "encoder_fit_rows_per_second": round(seen / fit_s, 1), "rows": seen}
+
+
+def worker_rss(a: dict) -> dict:
+    """Streamed training (fit_stream's steps) over many files; with ``fraction`` < 1 every piece
+    is read and encoded in full but only its first ``fraction`` of rows is trained on."""
+    import torch
+
+    from mtrank.data.simulate import SIMULATED_SCHEMA as S
+    from mtrank.data.stream import ParquetStream, fit_encoder_streaming
+    from mtrank.models import build_model
+    from mtrank.models.config import FeatureSpec
+    from mtrank.train.trainer import Trainer
+
+    torch.set_num_threads(a["threads"])
+    frac = a["fraction"]
+
+    class SubsampledStream(ParquetStream):
+        def encoded_pieces(self, order=None):
+            for part in super().encoded_pieces(order):
+                yield part if frac >= 1 else part.subset(torch.arange(int(len(part) * frac)))
+
+    paths = [Path(p) for p in a["train"]]
+    mcfg, tcfg = _configs(a, a["sparse"])
+    t0 = time.perf_counter()
+    enc = fit_encoder_streaming(paths, S)
+    stream = SubsampledStream(paths, S, enc)
+    model = build_model(FeatureSpec(cardinalities=enc.cardinalities, n_numerical=len(enc.numerical), funnel=True, task_names=list(S.tasks)), mcfg)
+    res = Trainer(tcfg, S, quiet=True).fit(model, stream, None)
+    h = res.history[0]
+    return {"rows_read": len(stream), "rows_trained": int(h.samples_per_second * h.seconds + 0.5), "fraction": frac,
+            "samples_per_second": round(h.samples_per_second, 1), "seconds": round(time.perf_counter() - t0, 1), "peak_rss_mib": round(peak_rss_mib(), 1)}
+
+
+def worker_mtrank_stream_padded(a: dict) -> dict:
+    """fit_stream's steps (streaming encoder fit, streamed training of one epoch, test) with the
+    embedding tables padded to ``pad`` rows per field (fit_stream sizes them by the realised
+    vocabulary, so this is the only step done by hand)."""
+    import torch
+
+    from mtrank.data.simulate import SIMULATED_SCHEMA as S
+    from mtrank.data.stream import ParquetStream, fit_encoder_streaming
+    from mtrank.models import build_model
+    from mtrank.models.config import FeatureSpec
+    from mtrank.train.trainer import Trainer
+    from mtrank.workflow import evaluate_split
+
+    torch.set_num_threads(a["threads"])
+    paths = [Path(p) for p in a["train"]]
+    mcfg, tcfg = _configs(a, a["sparse"])
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    enc = fit_encoder_streaming(paths, S)
+    card = [max(c, a["pad"].get(f, 0)) for f, c in zip(S.categorical, enc.cardinalities, strict=True)]
+    model = build_model(FeatureSpec(cardinalities=card, n_numerical=len(enc.numerical), funnel=True, task_names=list(S.tasks)), mcfg)
+    stream = ParquetStream(paths, S, enc)
+    h = Trainer(tcfg, S, quiet=True).fit(model, stream, None).history[0]
+    wall = time.perf_counter() - t0
+    test = evaluate_split(model, ParquetStream([Path(a["test"])], S, enc).load_all(), S)
+    return {"samples_per_second": round(h.samples_per_second, 1), "train_seconds": round(h.seconds, 2), "rows": len(stream), "embedding_rows": sum(card),
+            "end_to_end_samples_per_second": round(len(stream) / wall, 1), "test": _quality(test), "peak_rss_mib": round(peak_rss_mib(), 1)}
+
+
+def worker_torch_profile(a: dict) -> dict:
+    """torch.profiler over ``steps`` streamed training steps: where the step's CPU time goes."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from mtrank.data.simulate import SIMULATED_SCHEMA as S
+    from mtrank.data.stream import ParquetStream, fit_encoder_streaming
+    from mtrank.losses import model_loss
+    from mtrank.models import build_model
+    from mtrank.models.config import FeatureSpec
+    from mtrank.train.trainer import make_optimizers
+
+    torch.set_num_threads(a["threads"])
+    paths = [Path(p) for p in a["train"]]
+    enc = fit_encoder_streaming(paths, S)
+    mcfg, tcfg = _configs(a, a["sparse"])
+    model = build_model(FeatureSpec(cardinalities=enc.cardinalities, n_numerical=len(enc.numerical), funnel=True, task_names=list(S.tasks)), mcfg)
+    opts = make_optimizers(model, tcfg)
+    it = ParquetStream(paths, S, enc).batches(BATCH, shuffle=True, generator=torch.Generator().manual_seed(0))
+    for _ in range(5):  # warm up
+        next(it)
+
+    def step(batch):
+        loss, _ = model_loss(model, model(batch.categorical, batch.numerical), batch)
+        for o in opts:
+            o.zero_grad(set_to_none=True)
+        loss.backward()
+        for o in opts:
+            o.step()
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(a["steps"]):
+            with torch.profiler.record_function("next_batch"):
+                b = next(it)
+            with torch.profiler.record_function("train_step"):
+                step(b)
+    rows = []
+    for e in sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:15]:
+        rows.append({"op": e.key, "self_ms_per_step": round(e.self_cpu_time_total / 1000 / a["steps"], 2), "calls_per_step": round(e.count / a["steps"], 1)})
+    tops = {e.key: round(e.cpu_time_total / 1000 / a["steps"], 2) for e in prof.key_averages() if e.key in ("next_batch", "train_step")}
+    return {"steps": a["steps"], "ms_per_step": tops, "top_self_ops": rows}
+
+
+WORKERS = {"mtrank_stream": worker_mtrank_stream, "mtrank_stream_padded": worker_mtrank_stream_padded, "bare": worker_bare, "stream_only": worker_stream_only, "rss": worker_rss, "torch_profile": worker_torch_profile}
+
+
+# --------------------------------------------------------------------------- roofline
+def roofline(threads: int, in_dim: int, reps: int) -> dict:
+    """fp32 matmul GFLOP/s on the towers' fwd + bwd shapes at batch 4096, and the FLOPs per
+    training sample (both towers: forward MACs × 2 FLOPs × 3 for forward + backward)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    dims = [in_dim, *TOWER, 1]
+    macs = 2 * sum(a * b for a, b in itertools.pairwise(dims))  # two towers
+    flops_per_sample = 3 * 2 * macs
+    shapes = []  # (m, k, n) of forward, grad-input and grad-weight products of each layer
+    for k, n in itertools.pairwise(dims):
+        shapes += [(BATCH, k, n), (BATCH, n, k), (k, BATCH, n)]
+    mats = [(torch.randn(m, k), torch.randn(k, n)) for m, k, n in shapes]
+    for x, y in mats:
+        torch.mm(x, y)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        for _ in range(2):  # two towers
+            for x, y in mats:
+                torch.mm(x, y)
+    sec = time.perf_counter() - t0
+    tower_gflops = reps * 2 * sum(2 * m * k * n for m, k, n in shapes) / sec / 1e9
+    big = torch.randn(2048, 2048)
+    torch.mm(big, big)
+    t0 = time.perf_counter()
+    for _ in range(5):
+        torch.mm(big, big)
+    peak = 5 * 2 * 2048**3 / (time.perf_counter() - t0) / 1e9
+    return {"threads": threads, "tower_input_dim": in_dim, "macs_forward_per_sample": macs, "train_flops_per_sample": flops_per_sample,
+            "tower_shapes_gflops": round(tower_gflops, 1), "square_2048_gflops": round(peak, 1),
+            "ceiling_samples_per_second": round(tower_gflops * 1e9 / flops_per_sample, 0)}
+
+
+# --------------------------------------------------------------------------- py-spy
+def pyspy_profile(a: dict, pyspy: str, seconds: int) -> dict:
+    """Sample the streamed training process (all threads) with py-spy; self and inclusive time
+    per function, and the share spent in the data path (stream / encoders / polars / pyarrow)."""
+    raw = Path(a["workdir"]) / "pyspy.txt"
+    cmd = [pyspy, "record", "--format", "raw", "--threads", "--nonblocking", "--rate", "50", "--duration", str(seconds), "-o", str(raw), "--",
+           sys.executable, str(Path(__file__).resolve()), "--worker", "mtrank_stream", "--worker-args", json.dumps(a), "--worker-out", str(Path(a["workdir"]) / "pyspy-run.json")]
+    env = {**os.environ, "PYTHONPATH": str(HERE.parent / "src")}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=seconds + 600, check=False)
+    if not raw.exists():
+        return {"error": f"py-spy exit {proc.returncode}: {proc.stderr[-800:]}"}
+    self_t: dict[str, int] = {}
+    incl: dict[str, int] = {}
+    threads: dict[str, int] = {}
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        if not n.isdigit():
+            continue
+        n = int(n)
+        frames = stack.split(";")
+        # keep the training loop and the prefetch thread; imports and set-up are not the hot path
+        if not frames or not (any("Trainer.fit" in f for f in frames) or "ThreadPoolExecutor" in frames[0]):
+            continue
+        total += n
+        threads[frames[0]] = threads.get(frames[0], 0) + n
+        names = [f.split(" (")[0] + " (" + f.split(" (")[1].split(":")[0].split("/")[-1] + ")" if " (" in f else f for f in frames[1:]]
+        if names:
+            self_t[names[-1]] = self_t.get(names[-1], 0) + n
+        for nm in set(names):
+            incl[nm] = incl.get(nm, 0) + n
+    pct = lambda d, k=12: [{"function": f, "pct": round(100 * v / total, 1)} for f, v in sorted(d.items(), key=lambda x: -x[1])[:k]]
+    return {"samples": total, "threads": pct(threads, 4), "top_self": pct(self_t, 15), "top_inclusive": pct(incl, 25)}
+
+
+# --------------------------------------------------------------------------- report
+def ratio(a, b):
+    return None if not a or not b else round(a / b, 2)
+
+
+def markdown(res: dict) -> str:
+    L = ["# Training throughput: mtrank vs bare loop vs torch-rechub (issue #6)", "",
+         f"Command: `{res['command']}`  ", f"Machine: {res['machine']}  ",
+         f"Load before: {res['load_before']}; after: {res['load_after']}  ",
+         (f"ESMM, embedding {EMB}, towers {'×'.join(map(str, TOWER))}, batch {BATCH}, {res['threads']} threads, 1 epoch over {res['train_rows']:,} train rows, "
+         f"test {res['test_rows']:,} rows. Samples/s are of the training loop (mtrank streamed: from the first batch read to the last step, "
+         "reading and encoding overlapped); `end to end` = train rows ÷ the whole `fit_stream` wall time (streamed encoder fit, "
+         "training, validation and the 200k-row test evaluation)."), ""]
+    rf = res["roofline"]
+    L += [(f"**Roofline**: torch.mm on the towers' fwd+bwd shapes = {rf['tower_shapes_gflops']} GFLOP/s "
+          f"(2048² square: {rf['square_2048_gflops']}); training FLOPs/sample = 3 × 2 × {rf['macs_forward_per_sample']:,} MACs = "
+          f"{rf['train_flops_per_sample'] / 1e6:.2f} MFLOP → ceiling **{rf['ceiling_samples_per_second']:,.0f} samples/s** "
+          "(towers only; embedding gather/scatter and optimizer not counted)."), ""]
+    L += ["| regime | emb. rows | run | optimizer | samples/s | × rechub | × bare (same opt.) | % roofline | AUC CTR | AUC CTCVR | AUC CVR (clicked) | peak RSS MiB |",
+          "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for regime, r in res["regimes"].items():
+        rech = r.get("rechub", {}).get("samples_per_second")
+        for key, run, opt in [("mtrank_dense", "mtrank streamed", "Adam"), ("mtrank_sparse", "mtrank streamed", "SparseAdam+Adam"),
+                              ("bare_dense", "bare tensors", "Adam"), ("bare_sparse", "bare tensors", "SparseAdam+Adam"), ("rechub", "torch-rechub", "Adam (wd 0)")]:
+            x = r.get(key)
+            if not x:
+                continue
+            if "error" in x:
+                L.append(f"| {regime} | | {run} | {opt} | error: {x['error'][:200].replace('|', '/')} | | | | | | | |")
+                continue
+            sps = x["samples_per_second"]
+            bare = r.get("bare_" + key.split("_")[1], {}).get("samples_per_second") if key.startswith("mtrank") else None
+            t = x.get("test", {})
+            e2e = f" (end to end {x['end_to_end_samples_per_second']:,.0f})" if "end_to_end_samples_per_second" in x else ""
+            L.append(f"| {regime} | {x.get('embedding_rows', r.get('embedding_rows', '')):,} | {run} | {opt} | {sps:,.0f}{e2e} | {ratio(sps, rech) or ''} | {ratio(sps, bare) or ''} | "
+                     f"{100 * sps / rf['ceiling_samples_per_second']:.0f}% | {t.get('auc_ctr')} | {t.get('auc_ctcvr')} | {t.get('auc_cvr_masked')} | {x.get('peak_rss_mib', '')} |")
+    L += ["", "Data path alone (streamed read → validate → encode → shuffle → batch, no model): "
+          + "; ".join(f"{k}: {v.get('samples_per_second', 0):,.0f} rows/s" if 'error' not in v else f"{k}: {v['error'][:100]}" for k, v in ((k, r.get('stream_only', {'error': 'n/a'})) for k, r in res["regimes"].items())), ""]
+    L += ["## Peak RSS of streamed training (own process each, VmHWM)", "", "| train files (rows) | rows trained | samples/s | peak RSS MiB | vs smallest |", "|---:|---:|---:|---:|---:|"]
+    base = None
+    for x in res["rss"]:
+        if "error" in x:
+            L.append(f"| {x.get('size')} | error: {x['error'][:200]} | | | |")
+            continue
+        base = base or x["peak_rss_mib"]
+        L.append(f"| {x['rows_read']:,} | {x['rows_trained']:,} ({x['fraction']:.0%} of each piece) | {x['samples_per_second']:,.0f} | {x['peak_rss_mib']:,.0f} | {x['peak_rss_mib'] / base:.2f}× |")
+    pdd = res.get("padded")
+    if pdd:
+        rows = pdd.get("bare_dense", {}).get("embedding_rows", 0)
+        L += ["", f"## Ali-CCP-like, every declared id allocated ({rows:,} embedding rows, {pdd['steps']} steps of {BATCH})", "",
+              ("The row budget realises only part of the declared catalogue; a full Ali-CCP log realises it all, and dense optimizers pay per "
+               f"table row every step. Same rows and model, tables padded to the declared sizes {pdd['pad']}:"), "", "| run | optimizer | samples/s | × rechub |", "|---|---|---:|---:|"]
+        rech = pdd.get("rechub", {}).get("samples_per_second")
+        for key, run, opt in [("mtrank_sparse", "mtrank streamed (whole epoch)", "SparseAdam+Adam"), ("bare_dense", "mtrank model, bare loop", "Adam"), ("bare_sparse", "mtrank model, bare loop", "SparseAdam+Adam"), ("rechub", "torch-rechub", "Adam (wd 0)")]:
+            x = pdd.get(key, {})
+            L.append(f"| {run} | {opt} | {x.get('samples_per_second', x.get('error', '')):,.0f} | {ratio(x.get('samples_per_second'), rech) or ''} |")
+    L += ["", "## Goals", ""] + [f"- {'✅' if g['met'] else ('❌' if g['met'] is False else '–')} {g['goal']}: {g['value']}" for g in res["goals"]]
+    prof = res.get("profile", {})
+    if prof:
+        L += ["", "## Profile of the streamed hot path", ""]
+        tp = prof.get("torch")
+        if tp and "error" not in tp:
+            L += [f"torch.profiler, {tp['steps']} steps ({res['profile_regime']}, dense Adam): ms per step {tp['ms_per_step']}", "",
+                  "| op | self ms/step | calls/step |", "|---|---:|---:|"] + [f"| `{o['op']}` | {o['self_ms_per_step']} | {o['calls_per_step']} |" for o in tp["top_self_ops"]]
+        ps = prof.get("pyspy")
+        if ps and "error" not in ps:
+            L += ["", f"py-spy ({ps['samples']} samples of the training loop and the prefetch thread; % of those): threads {ps['threads']}", "", "| function (inclusive) | % |", "|---|---:|"]
+            L += [f"| `{f['function']}` | {f['pct']} |" for f in ps["top_inclusive"]]
+            L += ["", "| function (self) | % |", "|---|---:|"] + [f"| `{f['function']}` | {f['pct']} |" for f in ps["top_self"]]
+        elif ps:
+            L += ["", f"py-spy: {ps['error'][:400]}"]
+    if res.get("notes"):
+        L += ["", "## Notes", ""] + [f"- {n}" for n in res["notes"]]
+    return "\n".join(L) + "\n"
+
+
+def goals(res: dict) -> list[dict]:
+    g = []
+    rf = res["roofline"]["ceiling_samples_per_second"]
+    R = res["regimes"]
+
+    def sps(reg, key):
+        return R.get(reg, {}).get(key, {}).get("samples_per_second")
+
+    best = lambda reg: max([x for x in (sps(reg, "mtrank_dense"), sps(reg, "mtrank_sparse")) if x] or [0]) or None
+    r = ratio(best("aliccp"), sps("aliccp", "rechub"))
+    g.append({"goal": "Ali-CCP-like vocab as realised by 500k rows: mtrank ≥ 5× torch-rechub samples/s (best optimizer)", "value": f"{r}×", "met": None if r is None else r >= 5})
+    pdd = res.get("padded") or {}
+    r = ratio(pdd.get("mtrank_sparse", {}).get("samples_per_second"), pdd.get("rechub", {}).get("samples_per_second"))
+    g.append({"goal": "… with every declared Ali-CCP-like id allocated (4.7M embedding rows): mtrank streamed ≥ 5× torch-rechub", "value": f"{r}×", "met": None if r is None else r >= 5})
+    r = ratio(best("small"), sps("small", "rechub"))
+    g.append({"goal": "small vocab: mtrank ≥ 1.5× rechub", "value": f"{r}×", "met": None if r is None else r >= 1.5})
+    p = None if not best("small") else best("small") / rf
+    g.append({"goal": "small vocab: mtrank ≥ 50% of the fp32 roofline", "value": None if p is None else f"{100 * p:.0f}%", "met": None if p is None else p >= 0.5})
+    for reg in R:
+        for opt in ("dense", "sparse"):
+            r = ratio(sps(reg, f"mtrank_{opt}"), sps(reg, f"bare_{opt}"))
+            g.append({"goal": f"{reg}, {opt}: mtrank end to end ≥ 0.7× bare loop", "value": f"{r}×", "met": None if r is None else r >= 0.7})
+    ok = [x for x in res["rss"] if "error" not in x]
+    if ok:
+        big, small = ok[-1]["peak_rss_mib"], ok[0]["peak_rss_mib"]
+        g.append({"goal": f"peak RSS at {ok[-1]['rows_read']:,} streamed rows < 2 GiB", "value": f"{big:.0f} MiB", "met": big < 2048})
+        g.append({"goal": f"… and within 20% of {ok[0]['rows_read']:,} rows", "value": f"{big / small:.2f}×", "met": big <= 1.2 * small})
+    return g
+
+
+def padded_runs(args, base: dict, export: str, with_rechub: bool) -> dict:
+    """Ali-CCP-like regime with every declared id allocated (4M items, 400k users, 200k shops,
+    100k brands): the table size a full Ali-CCP log realises, which the row budget does not.
+    Bare loop (dense and sparse) and torch-rechub on the same rows, ``args.padded_steps`` steps."""
+    reg = REGIMES["aliccp"]
+    pad = {"user_id": reg["n_users"] + 2, "item_id": reg["n_items"] + 2, "brand": reg["n_brands"] + 2, "shop": reg["n_shops"] + 2}
+    steps = args.padded_steps
+    out = {"pad": pad, "steps": steps}
+    out["mtrank_sparse"] = run_worker("mtrank_stream_padded", {**base, "sparse": True, "tag": "padded-sparse", "pad": pad})
+    for opt in ("dense", "sparse"):
+        out[f"bare_{opt}"] = run_worker("bare", {**base, "sparse": opt == "sparse", "tag": f"padded-{opt}", "pad": pad, "max_steps": steps})
+    if with_rechub:
+        x = run_worker("rechub", {**base, "tag": "padded", "npz": export, "emb": EMB, "tower": TOWER, "batch": BATCH, "pad": pad, "max_rows": steps * BATCH},
+                       python=args.rechub_python)
+        x.pop("pred_path", None)
+        out["rechub"] = x
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="tiny smoke run")
+    ap.add_argument("--train-rows", type=int, default=500_000, help="throughput: rows in the one training epoch")
+    ap.add_argument("--test-rows", type=int, default=200_000)
+    ap.add_argument("--val-rows", type=int, default=50_000)
+    ap.add_argument("--rss-sizes", default="1000000,5000000,20000000", help="comma-separated streamed train sizes for peak RSS")
+    ap.add_argument("--rss-train-rows", type=int, default=1_000_000, help="train on at most this many rows per RSS run (the rest of each piece is read and encoded only)")
+    ap.add_argument("--regimes", default="small,aliccp")
+    ap.add_argument("--padded-steps", type=int, default=40, help="steps of the declared-vocabulary (padded) runs")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rechub-python", default="/tmp/rechub-venv/bin/python")
+    ap.add_argument("--pyspy", default="/tmp/rechub-venv/bin/py-spy")
+    ap.add_argument("--skip", default="", help="comma-separated parts to skip: rechub,rss,profile,bare,stream_only")
+    ap.add_argument("--workdir", default="/tmp/mtrank-throughput")
+    ap.add_argument("--out", default=str(HERE / "results"))
+    ap.add_argument("--only-data", action="store_true", help="generate (or reuse) the simulated files and stop")
+    ap.add_argument("--worker")
+    ap.add_argument("--worker-args")
+    ap.add_argument("--worker-out")
+    args = ap.parse_args()
+    if args.worker:
+        res = WORKERS[args.worker](json.loads(args.worker_args))
+        Path(args.worker_out).write_text(json.dumps(res))
+        return
+    if args.quick:
+        args.train_rows, args.test_rows, args.val_rows, args.rss_sizes, args.rss_train_rows = 40_000, 20_000, 10_000, "40000,80000", 40_000
+        args.workdir += "-quick"
+        args.padded_steps = 3
+    skip = set(filter(None, args.skip.split(",")))
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    part = args.train_rows
+    rss_sizes = [int(x) for x in args.rss_sizes.split(",") if x]
+    res: dict = {"command": " ".join(["python", *sys.argv]), "machine": f"{platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
+                 "threads": args.threads, "train_rows": args.train_rows, "test_rows": args.test_rows, "load_before": machine_load(), "regimes": {}, "rss": [], "notes": []}
+    import torch
+
+    res["machine"] += f", torch {torch.__version__}"
+    from mtrank.data.simulate import SIMULATED_SCHEMA
+
+    in_dim = len(SIMULATED_SCHEMA.categorical) * EMB + len(SIMULATED_SCHEMA.numerical)
+    data = {}
+    for regime in args.regimes.split(","):
+        total = max([args.train_rows] + (rss_sizes if regime == "small" and "rss" not in skip else []))
+        t0 = time.perf_counter()
+        data[regime] = make_data(work, regime, total, part, args.val_rows, args.test_rows)
+        print(f"data {regime}: {len(data[regime]['parts'])} parts ({time.perf_counter() - t0:.0f}s)", flush=True)
+    if args.only_data:
+        return
+    res["roofline"] = roofline(args.threads, in_dim, reps=3 if args.quick else 20)
+    print("roofline", res["roofline"], flush=True)
+    have_rechub = Path(args.rechub_python).exists()
+    if not have_rechub and "rechub" not in skip:
+        res["notes"].append(f"torch-rechub not run: {args.rechub_python} does not exist (see the setup command in the docstring)")
+    for regime, d in data.items():
+        base = {"workdir": str(work), "threads": args.threads, "train": d["parts"][:1], "val": d["val"], "test": d["test"]}
+        r: dict = {"sim": d["sim"]["config"]}
+        export = str(work / f"{regime}-encoded.npz")
+        for opt in ("dense", "sparse"):
+            r[f"mtrank_{opt}"] = run_worker("mtrank_stream", {**base, "sparse": opt == "sparse", "tag": f"{regime}-{opt}"})
+            if "bare" not in skip:
+                r[f"bare_{opt}"] = run_worker("bare", {**base, "sparse": opt == "sparse", "tag": f"{regime}-{opt}", "export": export if opt == "dense" else None})
+        if "stream_only" not in skip:
+            r["stream_only"] = run_worker("stream_only", {**base, "tag": regime})
+        if have_rechub and "rechub" not in skip and Path(export).exists():
+            x = run_worker("rechub", {**base, "tag": regime, "npz": export, "emb": EMB, "tower": TOWER, "batch": BATCH}, python=args.rechub_python)
+            if "error" not in x:
+                import numpy as np
+
+                from mtrank.metrics.core import auc
+
+                z = np.load(export)
+                p = np.load(x.pop("pred_path"))  # columns: cvr, ctr, ctcvr (rechub's order)
+                click, conv = z["test_click"], z["test_conv"]
+                m = click > 0
+                x["test"] = {"auc_ctr": round(auc(click, p[:, 1]), 4), "auc_ctcvr": round(auc(click * conv, p[:, 2]), 4), "auc_cvr_masked": round(auc(conv[m], p[m, 0]), 4)}
+                x["embedding_rows"] = int(z["cardinalities"].sum())
+            r["rechub"] = x
+        res["regimes"][regime] = r
+        if regime == "aliccp" and "padded" not in skip:
+            res["padded"] = padded_runs(args, base, export, have_rechub and "rechub" not in skip)
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "throughput.partial.json").write_text(json.dumps(res, indent=1))
+    if "rss" not in skip:
+        for size in rss_sizes:
+            frac = min(1.0, args.rss_train_rows / size)
+            x = run_worker("rss", {"workdir": str(work), "threads": args.threads, "sparse": False, "fraction": frac, "tag": str(size),
+                                   "train": files_for(data["small"]["parts"], size, part)})
+            x["size"] = size
+            res["rss"].append(x)
+    if "profile" not in skip:
+        preg = "aliccp" if "aliccp" in data else next(iter(data))
+        res["profile_regime"] = preg
+        pa = {"workdir": str(work), "threads": args.threads, "train": data[preg]["parts"][:1], "val": data[preg]["val"], "test": data[preg]["test"], "sparse": False, "tag": "profile"}
+        res["profile"] = {"torch": run_worker("torch_profile", {**pa, "steps": 3 if args.quick else 40})}
+        if Path(args.pyspy).exists():
+            res["profile"]["pyspy"] = pyspy_profile(pa, args.pyspy, 20 if args.quick else 60)
+        else:
+            res["profile"]["pyspy"] = {"error": f"{args.pyspy} not found"}
+    res["load_after"] = machine_load()
+    res["goals"] = goals(res)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "throughput.json").write_text(json.dumps(res, indent=1))
+    md = markdown(res)
+    (out / "throughput.md").write_text(md)
+    (out / "throughput.partial.json").unlink(missing_ok=True)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
