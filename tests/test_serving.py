@@ -148,7 +148,7 @@ def test_a_mtrank_fuse_file_loads_in_serve_and_in_the_request_field(bundle_dir, 
     """save_fusion (what `mtrank fuse` writes) → `mtrank serve --fusion` and `/rank`'s `fusion`."""
     path = save_fusion(Multiplicative(alpha=1.0, beta=2.0, gamma=0.5, eps=1e-6), tmp_path / "fusion.json", k=10, metrics={"gmv@10": 1.5})
     assert json.loads(path.read_text())["format"] == "mtrank.fusion/1"
-    req = request_of(sim.slice(0, 20))
+    req = {"candidates": sim.slice(0, 20).select(SIMULATED_SCHEMA.feature_columns).to_dicts()}
     want = client.post("/rank", json={**req, "fusion": MULT}).json()
     served = TestClient(create_app(bundle_dir, path, threads=0))
     assert served.get("/metadata").json()["fusion"] == {"formula": "multiplicative", "params": MULT["params"]}
@@ -156,6 +156,11 @@ def test_a_mtrank_fuse_file_loads_in_serve_and_in_the_request_field(bundle_dir, 
     by_field = client.post("/rank", json={**req, "fusion": json.loads(path.read_text())}).json()
     for body in (by_default, by_field):
         assert body["candidates"] == want["candidates"] and body["fusion"] == want["fusion"]
+    data, preds = tmp_path / "rows.parquet", tmp_path / "preds.parquet"
+    sim.slice(0, 20).write_parquet(data)
+    r = CliRunner().invoke(cli_app, ["predict", "--bundle", str(bundle_dir), "--data", str(data), "--out", str(preds), "--fusion", str(path)])
+    assert r.exit_code == 0, r.output
+    np.testing.assert_allclose(pl.read_parquet(preds)["score"].to_numpy(), [c["score"] for c in sorted(want["candidates"], key=lambda c: c["index"])], rtol=1e-5)
 
 
 @pytest.mark.parametrize(

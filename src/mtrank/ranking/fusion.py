@@ -133,7 +133,7 @@ class Multiplicative(Fusion):
     ``α·log pCTR + β·log pCVR + γ·log(price + ε)`` (same order, no underflow).
 
     α = β = γ = 1, ε = 0 is expected GMV per impression; γ < 1 damps price, γ = 0 ranks by
-    pCTR^α·pCVR^β (α = β: pCTCVR). Probabilities are floored at 1e-12 before the log.
+    pCTR^α·pCVR^β (α = β: pCTCVR). Probabilities are floored at TINY (2.2e-308) before the log.
     Only the ratios α : β : γ matter for the ranking.
     """
 
