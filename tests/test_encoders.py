@@ -39,6 +39,7 @@ def test_sorted_lookup_mixed_case_is_built_once_and_matches_a_naive_mapping():
     ])
     enc = CategoricalEncoder.fit(train.rename("c"))
     assert enc.values[:2] == ["3", "7"] and "" not in enc.values and "y" in enc.values
+    assert enc._table is None  # built lazily, on the first transform
     queries = [
         pl.Series("c", [7, 3, -1, 2**40, 99, None, 12]),  # ints, one unseen, one missing
         pl.Series("c", [3.0, float("nan"), 12.0, None, 4.0, -1.0]),  # floats with NaN, unseen 4
