@@ -2,8 +2,59 @@ import numpy as np
 import polars as pl
 import pytest
 
-from mtrank.data.encoders import MISSING, OOV, CategoricalEncoder, FeatureEncoder, NumericalEncoder, canonical_ids
+from mtrank.data.encoders import MISSING, N_RESERVED, OOV, CategoricalEncoder, FeatureEncoder, NumericalEncoder, canonical_ids
 from mtrank.data.schema import Schema
+
+
+def naive_transform(enc: CategoricalEncoder, series: pl.Series) -> tuple[list[int], int, int]:
+    """Reference encoding: a plain dict from canonical id to index (0 missing, 1 OOV, 2.. vocabulary)."""
+    table = {v: i + N_RESERVED for i, v in enumerate(enc.values)}
+    idx = [MISSING if v is None else table.get(v, OOV) for v in canonical_ids(series).to_list()]
+    return idx, idx.count(MISSING), idx.count(OOV)
+
+
+@pytest.mark.parametrize(
+    "train,query",
+    [
+        (["a", "b", "b", " c", "", None, "longer value", "é"], ["b", "c ", "zz", None, "", "é", "longer valu", "longer value!", "a"]),
+        ([3, 1, 1, 7, None], [1.0, 3.0, 7.0, 8.0, None, float("nan")]),
+        ([10, 2, 2], [2, 10, 100, -2]),
+        (["a\x00", "a"], ["a", "a\x00", "b"]),
+        ([None, None], ["x", None]),
+    ],
+)
+def test_sorted_lookup_equals_a_naive_mapping(train, query):
+    enc = CategoricalEncoder.fit(pl.Series("c", train, strict=False))
+    q = pl.Series("c", query, strict=False)
+    want, got = naive_transform(enc, q), enc.transform(q)
+    assert got[0].tolist() == want[0] and got[1:] == want[1:]
+
+
+def test_sorted_lookup_mixed_case_is_built_once_and_matches_a_naive_mapping():
+    # vocabulary from ints, integral floats with NaN, and strings with empty / padded values
+    train = pl.concat([
+        canonical_ids(pl.Series("c", [7, 7, 3, -1, 2**40])),
+        canonical_ids(pl.Series("c", [3.0, float("nan"), 12.0, None])),
+        canonical_ids(pl.Series("c", ["x", "", "  y ", "x", "3", None])),
+    ])
+    enc = CategoricalEncoder.fit(train.rename("c"))
+    assert enc.values[:2] == ["3", "7"] and "" not in enc.values and "y" in enc.values
+    assert enc._table is None  # built lazily, on the first transform
+    queries = [
+        pl.Series("c", [7, 3, -1, 2**40, 99, None, 12]),  # ints, one unseen, one missing
+        pl.Series("c", [3.0, float("nan"), 12.0, None, 4.0, -1.0]),  # floats with NaN, unseen 4
+        pl.Series("c", ["x", "", " y", "unseen", None, "3", "7 ", "12.0"]),  # strings with empty
+        pl.Series("c", [1.5, float("nan"), 3.0]),  # non-integral floats: "3.0" is not "3"
+        pl.Series("c", [], dtype=pl.String),
+    ]
+    for q in queries:
+        got, want = enc.transform(q), naive_transform(enc, q)
+        assert got[0].dtype == np.int64 and got[0].tolist() == want[0] and got[1:] == want[1:], q
+    table = enc._table
+    enc.transform(queries[0])
+    assert enc._table is table  # the sorted lookup is cached on the instance
+    enc.values = [*enc.values, "new"]  # a new vocabulary rebuilds it
+    assert enc.transform(pl.Series("c", ["new"]))[0].tolist() == [len(enc.values) + 1]
 
 
 def test_vocabulary_order_and_reserved_indices():

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from mtrank.cli import app as cli_app
 from mtrank.data.datasets import LoadedData
-from mtrank.data.encoders import CategoricalEncoder, FeatureEncoder
+from mtrank.data.encoders import FeatureEncoder
 from mtrank.data.io import validate_frame
 from mtrank.data.schema import Schema
 from mtrank.data.simulate import SIMULATED_SCHEMA, SimConfig, simulate
@@ -29,8 +29,9 @@ from mtrank.models import build_model
 from mtrank.models.config import FeatureSpec, ModelConfig
 from mtrank.serve.app import create_app
 from mtrank.serve.bundle import Bundle
-from mtrank.serve.encoding import SortedCategoricalEncoder, serving_encoder
-from mtrank.serve.fusion import FusionSpec, rank_order
+from mtrank.ranking.fusion import Multiplicative, save_fusion
+from mtrank.ranking.replay import rank_order
+from mtrank.serve.fusion import FusionSpec, fused_scores
 from mtrank.serve.onnx_export import (
     OnnxScorer,
     example_inputs,
@@ -80,7 +81,7 @@ def request_of(rows: pl.DataFrame) -> dict:
 def test_multiplicative_fusion_is_the_formula_in_log_space():
     spec = FusionSpec.model_validate(MULT)
     p_ctr, p_cvr, price = np.array([0.1, 0.5, 0.0, 1.0]), np.array([0.2, 0.01, 0.3, 0.0]), np.array([10.0, 0.0, 5.0, 1e9])
-    score, log_score = spec.scores(p_ctr, p_cvr, p_ctr * p_cvr, price)
+    score, log_score, _ = fused_scores(spec.fusion, p_ctr, p_cvr, p_ctr * p_cvr, price)
     np.testing.assert_allclose(score[:2], p_ctr[:2] * p_cvr[:2] ** 2 * np.sqrt(price[:2] + 1e-6), rtol=1e-12)
     # probabilities of exactly 0 give a tiny but finite score, never -inf / NaN
     assert np.isfinite(log_score).all() and log_score[2] < -700 and log_score[3] < -1400
@@ -90,7 +91,7 @@ def test_multiplicative_fusion_is_the_formula_in_log_space():
 def test_invalid_prices_give_nan_and_rank_last():
     spec = FusionSpec.model_validate(MULT)
     p = np.full(5, 0.5)
-    score, log_score = spec.scores(p, p, p * p, np.array([1.0, -1.0, np.nan, np.inf, 0.0]))
+    score, log_score, _ = fused_scores(spec.fusion, p, p, p * p, np.array([1.0, -1.0, np.nan, np.inf, 0.0]))
     assert np.isnan(score[1:4]).all() and np.isfinite(score[[0, 4]]).all()
     assert rank_order(log_score).tolist() == [0, 4, 1, 2, 3]
 
@@ -101,80 +102,27 @@ def test_rank_order_breaks_ties_by_index():
 
 def test_ctcvr_is_the_default_and_fuse_json_extra_keys_are_ignored(tmp_path):
     p_ctr, p_cvr = np.array([0.2, 0.4]), np.array([0.5, 0.1])
-    score, _ = FusionSpec().scores(p_ctr, p_cvr, p_ctr * p_cvr)
+    score, _, _ = fused_scores(FusionSpec().fusion, p_ctr, p_cvr, p_ctr * p_cvr)
     assert score.tolist() == (p_ctr * p_cvr).tolist()
     f = tmp_path / "fusion.json"
     f.write_text(json.dumps({**MULT, "metrics": {"gmv@10": 1.2}, "grid": [1, 2]}))
     spec = FusionSpec.from_file(f)
-    assert spec.formula == "multiplicative" and spec.params.beta == 2.0 and spec.needs_price
+    assert spec.formula == "multiplicative" and spec.params["beta"] == 2.0 and spec.needs_price
     f.write_text(json.dumps({"formula": "multiplicative", "params": {"eps": 0}}))
     with pytest.raises(ConfigError, match="params.eps"):
         FusionSpec.from_file(f)
 
 
-# -- fast encoders ------------------------------------------------------------------------------
-@pytest.mark.parametrize(
-    "train,query",
-    [
-        (["a", "b", "b", " c", "", None, "longer value", "é"], ["b", "c ", "zz", None, "", "é", "longer valu", "longer value!", "a"]),
-        ([3, 1, 1, 7, None], [1.0, 3.0, 7.0, 8.0, None, float("nan")]),
-        ([10, 2, 2], [2, 10, 100, -2]),
-        (["a\x00", "a"], ["a", "a\x00", "b"]),
-        ([None, None], ["x", None]),
-    ],
-)
-def test_sorted_encoder_equals_training_encoder(train, query):
-    enc = CategoricalEncoder.fit(pl.Series("c", train, strict=False))
-    fast = SortedCategoricalEncoder(enc.column, enc.values)
-    q = pl.Series("c", query, strict=False)
-    want, got = enc.transform(q), fast.transform(q)
-    assert got[0].tolist() == want[0].tolist() and got[1:] == want[1:]
+# -- encoders ------------------------------------------------------------------------------------
+def test_bundle_encoder_matches_a_naive_mapping_on_a_whole_table(bundle_dir, sim):
+    from test_encoders import naive_transform
 
-
-def test_serving_encoder_matches_on_a_whole_table(bundle_dir, sim):
     b = Bundle.load(bundle_dir)
-    a, f = b.encoder.transform(sim), serving_encoder(b.encoder).transform(sim)
-    assert np.array_equal(a.categorical, f.categorical) and np.array_equal(a.numerical, f.numerical)
-    assert a.n_oov == f.n_oov and a.n_missing == f.n_missing
-
-
-# -- ONNX ---------------------------------------------------------------------------------------
-def test_export_cli_writes_a_dynamic_batch_graph_matching_torch(bundle_dir, tmp_path):
-    out = tmp_path / "m.onnx"
-    r = CliRunner().invoke(cli_app, ["export", "--bundle", str(bundle_dir), "--format", "onnx", "--out", str(out)])
-    assert r.exit_code == 0, r.output
-    model = onnx.load(str(out))
-    onnx.checker.check_model(model)
-    ins = {i.name: i for i in model.graph.input}
-    assert list(ins) == ["categorical", "numerical"] and [o.name for o in model.graph.output] == ["p_ctr", "p_cvr", "p_ctcvr"]
-    assert ins["categorical"].type.tensor_type.elem_type == onnx.TensorProto.INT64
-    assert ins["numerical"].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
-    assert ins["categorical"].type.tensor_type.shape.dim[0].dim_param == "batch"
-    b = Bundle.load(bundle_dir)
-    scorer = OnnxScorer(out)
-    for n in (1, 7, 1000):
-        cat, num = example_inputs(b, n, seed=n)
-        want, got = torch_probabilities(b, cat, num), scorer(cat, num)
-        for k in ("p_ctr", "p_cvr", "p_ctcvr"):
-            assert got[k].shape == (n,)
-            np.testing.assert_allclose(got[k], want[k], atol=1e-5, rtol=0)
-        assert (got["p_ctr"] > 0).all() and (got["p_ctr"] < 1).all()
-
-
-@pytest.mark.parametrize("categorical,numerical", [(["a", "b"], []), ([], ["x", "y"])])
-@pytest.mark.parametrize("model", ["esmm", "base"])
-def test_export_without_categorical_or_numerical_features(categorical, numerical, model):
-    df = pl.DataFrame({"click": [0, 1, 1, 0], "buy": [0, 1, 0, 0], "a": ["p", "q", "r", "p"], "b": [1, 2, 1, 2], "x": [1.0, 2.0, 3.0, 4.0], "y": [0.5, 0.1, 0.2, 0.3]})
-    schema = Schema(click="click", conversion="buy", categorical=categorical, numerical=numerical)
-    enc = FeatureEncoder.fit(df, schema)
-    spec = FeatureSpec(cardinalities=enc.cardinalities, n_numerical=len(enc.numerical))
-    cfg = ModelConfig(name=model, tower=[8], embedding_dim=3)
-    b = Bundle(build_model(spec, cfg).eval(), enc, schema, cfg, spec)
-    graph = to_onnx_bytes(b)
-    diffs = verify_onnx(b, graph, batches=(1, 7, 1000))
-    assert max(diffs.values()) <= 1e-5
-    shapes = {i.name: i.shape for i in OnnxScorer(graph).session.get_inputs()}
-    assert shapes == {"categorical": ["batch", len(categorical)], "numerical": ["batch", len(numerical)]}
+    a = b.encoder.transform(sim)
+    for j, enc in enumerate(b.encoder.categorical):
+        idx, n_missing, n_oov = naive_transform(enc, sim.get_column(enc.column))
+        assert a.categorical[:, j].tolist() == idx
+        assert a.n_oov[enc.column] == n_oov and a.n_missing[enc.column] == n_missing
 
 
 def test_service_without_categorical_features_or_price(tmp_path):
@@ -194,6 +142,61 @@ def test_service_without_categorical_features_or_price(tmp_path):
     assert r.status_code == 422 and "body.fusion" in r.json()["message"] and "no price column" in r.json()["message"]
     with pytest.raises(ConfigError, match="no price column"):
         create_app(path, FusionSpec.model_validate(MULT))
+
+
+def test_a_mtrank_fuse_file_loads_in_serve_and_in_the_request_field(bundle_dir, client, sim, tmp_path):
+    """save_fusion (what `mtrank fuse` writes) → `mtrank serve --fusion` and `/rank`'s `fusion`."""
+    path = save_fusion(Multiplicative(alpha=1.0, beta=2.0, gamma=0.5, eps=1e-6), tmp_path / "fusion.json", k=10, metrics={"gmv@10": 1.5})
+    assert json.loads(path.read_text())["format"] == "mtrank.fusion/1"
+    req = {"candidates": sim.slice(0, 20).select(SIMULATED_SCHEMA.feature_columns).to_dicts()}
+    want = client.post("/rank", json={**req, "fusion": MULT}).json()
+    served = TestClient(create_app(bundle_dir, path, threads=0))
+    assert served.get("/metadata").json()["fusion"] == {"formula": "multiplicative", "params": MULT["params"]}
+    by_default = served.post("/rank", json=req).json()
+    by_field = client.post("/rank", json={**req, "fusion": json.loads(path.read_text())}).json()
+    for body in (by_default, by_field):
+        assert body["candidates"] == want["candidates"] and body["fusion"] == want["fusion"]
+    data, preds = tmp_path / "rows.parquet", tmp_path / "preds.parquet"
+    sim.slice(0, 20).write_parquet(data)
+    r = CliRunner().invoke(cli_app, ["predict", "--bundle", str(bundle_dir), "--data", str(data), "--out", str(preds), "--fusion", str(path)])
+    assert r.exit_code == 0, r.output
+    np.testing.assert_allclose(pl.read_parquet(preds)["score"].to_numpy(), [c["score"] for c in sorted(want["candidates"], key=lambda c: c["index"])], rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "fusion",
+    [
+        {"formula": "offset_multiplicative", "params": {"b2": 0.05, "gamma": 0.3}},
+        {"formula": "linear", "params": {"w1": 1.0, "w2": 5.0, "w3": -0.2}},
+        {"formula": "expected_gmv"},
+        {"formula": "single", "params": {"which": "ctr"}},
+    ],
+)
+def test_every_ranking_formula_is_served_as_the_ranking_module_computes_it(client, sim, fusion):
+    from mtrank.ranking.fusion import make_fusion
+
+    req = request_of(sim.slice(0, 30))
+    body = client.post("/rank", json={**req, "fusion": fusion}).json()
+    f = make_fusion(fusion["formula"], fusion.get("params"))
+    assert body["fusion"] == {"formula": f.name, "params": f.params}
+    cands = sorted(body["candidates"], key=lambda c: c["index"])
+    price = np.array([c["price"] for c in req["candidates"]])
+    key = f.score([c["p_ctr"] for c in cands], [c["p_cvr"] for c in cands], price)
+    assert [c["index"] for c in body["candidates"]] == rank_order(key).tolist()
+    got = np.array([c["score"] for c in cands], dtype=np.float64)
+    np.testing.assert_allclose(got, np.exp(key) if f.log_space else key, rtol=1e-12)
+
+
+def test_fusion_params_out_of_range_are_422(client, sim):
+    req = request_of(sim.slice(0, 2))
+    for fusion, fragment in (
+        ({"formula": "multiplicative", "params": {"eps": -1}}, "params.eps"),
+        ({"formula": "linear", "params": {"m1": 0}}, "params.m1"),
+        ({"formula": "multiplicative", "params": {"delta": 1}}, "bad params"),
+        ({"formula": "single", "params": {"which": "gmv"}}, "params.which"),
+    ):
+        r = client.post("/rank", json={**req, "fusion": fusion})
+        assert r.status_code == 422 and "body.fusion" in r.json()["message"] and fragment in r.json()["message"], r.text
 
 
 # -- the HTTP service ---------------------------------------------------------------------------
@@ -325,7 +328,7 @@ def test_candidate_values_override_the_context(client, sim):
         (lambda r: r["candidates"][0].update(item_id=2**70), "candidates.0.item_id", "string, a 64-bit integer or null"),
         (lambda r: r.update(candidates=[]), "body.candidates", "at least 1 item"),
         (lambda r: r.update(candidates=r["candidates"] * 1000), "body.candidates", f"at most {MAX_CANDIDATES} items"),
-        (lambda r: r.update(fusion={"formula": "sum"}), "body.fusion.formula", "'ctcvr' or 'multiplicative'"),
+        (lambda r: r.update(fusion={"formula": "sum"}), "body.fusion.formula", "'multiplicative', 'offset_multiplicative', 'linear', 'expected_gmv', 'single' or 'ctcvr'"),
         (lambda r: r.update(candidate=[]), "body.candidate", "Extra inputs"),
     ],
 )

@@ -257,7 +257,7 @@ def predict(
     from mtrank.data.io import read_table
     from mtrank.serve.fusion import FusionSpec, fused_score_column
 
-    spec = FusionSpec.from_file(fusion) if fusion is not None else None
+    spec = FusionSpec.from_file(fusion).fusion if fusion is not None else None
     b = Bundle.load(bundle)
     table = read_table(data)
     frame = predictions_frame(b, table, str(data))

@@ -7,13 +7,18 @@ never crashes and never aliases a real id:
 * ``1`` = out of vocabulary (unseen in training, or cut by ``min_count`` / ``max_size``),
 * ``2 …`` = training values, most frequent first (ties by value, so fitting is deterministic).
 
+A categorical column is encoded by a vectorised binary search in the vocabulary, sorted once per
+encoder (lazily, on the first :meth:`CategoricalEncoder.transform`) and cached: the same fast path
+for training, batch scoring and the HTTP service (a request of 200 candidates costs about 0.05 ms
+per 3,000-value column instead of rebuilding a hash map of the vocabulary on every call).
+
 Numerical columns are imputed with the training mean (NaN, ±inf, empty) and standardised.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import polars as pl
@@ -24,6 +29,7 @@ from mtrank.errors import BundleError
 MISSING = 0
 OOV = 1
 N_RESERVED = 2
+_END = "\x01"  # appended to every string looked up: numpy's fixed-width strings drop trailing NULs
 
 
 def canonical_ids(series: pl.Series) -> pl.Series:
@@ -52,10 +58,15 @@ def canonical_ids(series: pl.Series) -> pl.Series:
 
 @dataclass
 class CategoricalEncoder:
-    """Vocabulary of one categorical column. ``values[i]`` has index ``i + 2``."""
+    """Vocabulary of one categorical column. ``values[i]`` has index ``i + 2``.
+
+    The sorted lookup table is built on the first :meth:`transform` and cached on the instance
+    (``values`` is not meant to change afterwards; :meth:`_lookup` rebuilds it if it does).
+    """
 
     column: str
     values: list[str]
+    _table: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def cardinality(self) -> int:
@@ -75,33 +86,32 @@ class CategoricalEncoder:
             values = values[:max_size]
         return cls(column=series.name, values=values)
 
-    def _mapping(self) -> tuple[pl.Series | list, pl.Series | list]:
-        """The value → index mapping as polars Series, built once and reused: rebuilding it
-        from the Python list on every call cost ~0.35 s per 256k-row piece at a 377k-value
-        vocabulary (streaming encodes piece by piece). Rebuilt if ``values`` is replaced or
-        changes length."""
-        key = (id(self.values), len(self.values))
-        cached = self.__dict__.get("_cached_mapping")
-        if cached is None or cached[0] != key:
-            if self.values:
-                old: pl.Series | list = pl.Series(self.values)
-                new: pl.Series | list = pl.Series(np.arange(N_RESERVED, self.cardinality, dtype=np.int64))
-            else:
-                old, new = [], []
-            cached = (key, old, new)
-            self.__dict__["_cached_mapping"] = cached
-        return cached[1], cached[2]
+    def _lookup(self) -> tuple[np.ndarray, np.ndarray]:
+        """(sorted vocabulary, its indices): the values with a ``"\\x01"`` suffix as a
+        fixed-width numpy string array (so a value ending in NUL, which numpy would strip, never
+        matches another one), sorted, and the index of each. Built once and cached."""
+        if self._table is None or self._table[0] is not self.values or self._table[1] != len(self.values):
+            vocab = np.asarray([v + _END for v in self.values] or [_END], dtype=str)
+            order = np.argsort(vocab, kind="stable")
+            index = order.astype(np.int64) + N_RESERVED
+            if not self.values:  # the placeholder matches nothing real: "" is never a value
+                index[:] = OOV
+            self._table = (self.values, len(self.values), vocab[order], index)
+        return self._table[2], self._table[3]
 
     def transform(self, series: pl.Series) -> tuple[np.ndarray, int, int]:
-        """Encode a column. Returns (indices int64 [N], n_missing, n_oov)."""
-        ids = canonical_ids(series)
-        old, new = self._mapping()
-        idx = ids.replace_strict(old, new, default=OOV, return_dtype=pl.Int64)
-        missing = ids.is_null()
-        idx = pl.select(pl.when(missing).then(MISSING).otherwise(idx)).to_series()
-        n_missing = int(missing.sum())
-        n_oov = int((idx == OOV).sum())
-        return idx.to_numpy().astype(np.int64, copy=False), n_missing, n_oov
+        """Encode a column. Returns (indices int64 [N], n_missing, n_oov).
+
+        Canonical ids (:func:`canonical_ids`) are looked up by ``numpy.searchsorted`` in the
+        cached sorted vocabulary (:meth:`_lookup`)."""
+        vocab, index = self._lookup()
+        ids = canonical_ids(series).to_numpy()  # object array of str, None where missing
+        missing = np.equal(ids, None)
+        query = (np.where(missing, "", ids) + _END).astype(str)
+        pos = np.minimum(np.searchsorted(vocab, query), len(vocab) - 1)
+        idx = np.where(vocab[pos] == query, index[pos], OOV)
+        idx[missing] = MISSING
+        return idx.astype(np.int64, copy=False), int(missing.sum()), int((idx == OOV).sum())
 
 
 @dataclass

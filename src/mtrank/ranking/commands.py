@@ -30,7 +30,7 @@ from mtrank.data.schema import Schema
 from mtrank.data.split import SplitConfig, split_data
 from mtrank.errors import ConfigError, DataError
 from mtrank.io_utils import atomic_write_bytes, atomic_write_json
-from mtrank.ranking.fusion import clean_prices, save_fusion
+from mtrank.ranking.fusion import Single, clean_prices, save_fusion
 from mtrank.ranking.quadrants import (
     QUADRANT_NAMES,
     assign_quadrants,
@@ -344,7 +344,7 @@ def _summary(res, k: int, objective: str, seed: int) -> dict:
     paired bootstrap interval over requests (1000 resamples)."""
     held = res.held
     fused = per_request(held, res.best.score(held.p_ctr, held.p_cvr, held.price), k, position_coef=res.config.position_coef)
-    base = per_request(held, np.log(np.maximum(held.p_ctr, 1e-12)), k, position_coef=res.config.position_coef)
+    base = per_request(held, Single("ctr").score(held.p_ctr, held.p_cvr, held.price), k, position_coef=res.config.position_coef)
     out: dict = {}
     for key in fused:
         ci = bootstrap_lift(fused[key], base[key], seed=seed)
@@ -366,7 +366,7 @@ def _quadrant_exposure(frame, everything, sch, rd, res, k, by_cols) -> dict | No
     lab = frame.select(by_cols).with_row_index("_r").join(stats.select([*by_cols, "quadrant"]), on=by_cols, how="left").sort("_r")
     flag = (lab.get_column("quadrant") == "II").fill_null(False).to_numpy()
     fused = res.best.score(rd.p_ctr, rd.p_cvr, rd.price)
-    pctr = np.log(np.maximum(rd.p_ctr, 1e-12))
+    pctr = Single("ctr").score(rd.p_ctr, rd.p_cvr, rd.price)
     return {
         "entity": by_cols, "rows_in_quadrant_II": float(flag.mean()),
         "pctr": top_k_share(rd, pctr, flag, k), "fused": top_k_share(rd, fused, flag, k),

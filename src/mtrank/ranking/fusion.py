@@ -1,15 +1,23 @@
 """Ranking-score fusion: one score per candidate from pCTR, pCVR and price.
 
-Four formulas, each a small class with ``score(p_ctr, p_cvr, price) -> np.ndarray``:
+The one implementation of the fusion formulas, used by ``mtrank fuse`` (tuning), ``mtrank
+predict --fusion`` and the HTTP service (:mod:`mtrank.serve.fusion` only wraps them in a pydantic
+request model). Each formula is a small class with ``score(p_ctr, p_cvr, price) -> np.ndarray``
+(the ranking key, higher first):
 
 * :class:`Multiplicative`        ``pCTR^α · pCVR^β · (price + ε)^γ``
 * :class:`OffsetMultiplicative`  ``(b1 + pCTR)^α · (b2 + pCVR)^β · (b3 + price)^γ``
 * :class:`Linear`                ``w1·pCTR/m1 + w2·pCVR/m2 + w3·log1p(price)/m3``
 * :class:`ExpectedGMV`           ``pCTR · pCVR · price``
+* :class:`Single`                ``pCTR`` or ``pCTR · pCVR`` (reference rankings)
+* :class:`CTCVR`                 the model's own ``pCTCVR`` (the serving default)
 
 The product formulas are computed in log space (a sum of logs), which is finite where the
-product would underflow and ranks identically (log is monotone). A fusion is stored as a small
-JSON document (the format the serving service reads; see :func:`save_fusion`)::
+product would underflow and ranks identically (log is monotone); probabilities are floored at
+the smallest normal float64 (``TINY`` ≈ 2.2e-308, log ≈ -708) so a probability of exactly 0
+gives a very low but finite key. :meth:`Fusion.fused` returns the score in its own units and its
+log (what the service reports). A fusion is stored as a small JSON document (the format the
+serving service reads; see :func:`save_fusion`)::
 
     {"format": "mtrank.fusion/1", "formula": "multiplicative",
      "params": {"alpha": 1.0, "beta": 0.8, "gamma": 0.4, "eps": 1.0},
@@ -36,7 +44,7 @@ from mtrank.io_utils import atomic_write_json
 
 FORMAT = "mtrank.fusion/1"
 PricePolicy = Literal["error", "clip", "drop"]
-_TINY = 1e-12  # keeps log(p) finite for p = 0 exactly; far below any real probability
+TINY = float(np.finfo(np.float64).tiny)  # ≈ 2.2e-308: log(p) stays finite (≈ -708) for p = 0
 
 
 def _arrays(p_ctr, p_cvr, price) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -50,22 +58,69 @@ def _arrays(p_ctr, p_cvr, price) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def _log(x: np.ndarray) -> np.ndarray:
     with np.errstate(divide="ignore", invalid="ignore"):
-        return np.log(np.maximum(x, _TINY))
+        return np.log(np.maximum(x, TINY))
 
 
 @dataclass
 class Fusion:
-    """Base class: a fused ranking score. Subclasses define :meth:`score`."""
+    """Base class: a fused ranking score. Subclasses define :meth:`score`.
+
+    Class attributes: ``name`` (the ``formula`` in JSON); ``log_space``: :meth:`score` returns
+    the log of the fused score (all product formulas) rather than the score itself (``Linear``);
+    ``limits``: per parameter ``(low, high, low_inclusive)``, the range a served fusion must
+    respect (see :meth:`problems`).
+    """
 
     name: ClassVar[str] = "base"
+    log_space: ClassVar[bool] = True
+    limits: ClassVar[dict[str, tuple[float, float, bool]]] = {}
 
     def score(self, p_ctr, p_cvr, price) -> np.ndarray:  # pragma: no cover - abstract
-        """Scores ``[N]`` float64 (higher ranks first) from ``[N]`` pCTR, pCVR and price."""
+        """Ranking keys ``[N]`` float64 (higher ranks first) from ``[N]`` pCTR, pCVR and price."""
         raise NotImplementedError
 
     @property
     def params(self) -> dict[str, float]:
         return {k: float(v) for k, v in asdict(self).items()}
+
+    @property
+    def uses_price(self) -> bool:
+        """True when the score depends on the price (so a price column is required)."""
+        return True
+
+    def fused(self, p_ctr, p_cvr, price=None, p_ctcvr=None) -> tuple[np.ndarray, np.ndarray]:
+        """(score, log_score), float64 ``[N]``: the fused score in its own units and its natural
+        log. For a log-space formula ``log_score`` is :meth:`score` and ``score`` its exp (which
+        may underflow to 0: rank by :meth:`rank_key`); for ``Linear`` ``log_score`` is NaN
+        where the score is ≤ 0. ``price`` may be None when :attr:`uses_price` is False;
+        ``p_ctcvr`` is the model's own pCTCVR (used by :class:`CTCVR`)."""
+        if price is None:
+            if self.uses_price:
+                raise ConfigError(f"fusion {self.name!r} {self.params} needs a price")
+            price = np.zeros(np.shape(p_ctr))
+        key = self.score(p_ctr, p_cvr, price)
+        with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+            if self.log_space:
+                return np.exp(key), key
+            return key, np.where(key > 0, np.log(np.where(key > 0, key, 1.0)), np.nan)
+
+    def rank_key(self, score: np.ndarray, log_score: np.ndarray) -> np.ndarray:
+        """The array to rank by among :meth:`fused`'s outputs (the log for log-space formulas)."""
+        return log_score if self.log_space else score
+
+    def problems(self) -> list[tuple[str, str]]:
+        """(parameter, message) for every parameter outside :attr:`limits` or not finite;
+        empty when the fusion is fit to serve."""
+        out = []
+        for k, v in self.params.items():
+            if k not in self.limits:
+                continue
+            lo, hi, lo_incl = self.limits[k]
+            if not np.isfinite(v):
+                out.append((k, f"must be a finite number, got {v}"))
+            elif (v < lo if lo_incl else v <= lo) or v > hi:
+                out.append((k, f"must be {'≥' if lo_incl else '>'} {lo:g} and ≤ {hi:g}, got {v:g}"))
+        return out
 
     def to_json(self, **meta) -> dict:
         """The serving document: format, formula, params, plus any metadata (k, metrics …)."""
@@ -78,15 +133,20 @@ class Multiplicative(Fusion):
     ``α·log pCTR + β·log pCVR + γ·log(price + ε)`` (same order, no underflow).
 
     α = β = γ = 1, ε = 0 is expected GMV per impression; γ < 1 damps price, γ = 0 ranks by
-    pCTR^α·pCVR^β (α = β: pCTCVR). Probabilities are floored at 1e-12 before the log.
+    pCTR^α·pCVR^β (α = β: pCTCVR). Probabilities are floored at TINY (2.2e-308) before the log.
     Only the ratios α : β : γ matter for the ranking.
     """
 
     name: ClassVar[str] = "multiplicative"
+    limits: ClassVar[dict[str, tuple[float, float, bool]]] = {"alpha": (0.0, 100.0, True), "beta": (0.0, 100.0, True), "gamma": (-100.0, 100.0, True), "eps": (0.0, 1e6, False)}
     alpha: float = 1.0
     beta: float = 1.0
     gamma: float = 1.0
     eps: float = 1.0
+
+    @property
+    def uses_price(self) -> bool:
+        return self.gamma != 0.0
 
     def score(self, p_ctr, p_cvr, price) -> np.ndarray:
         a, b, c = _arrays(p_ctr, p_cvr, price)
@@ -102,12 +162,19 @@ class OffsetMultiplicative(Fusion):
     """
 
     name: ClassVar[str] = "offset_multiplicative"
+    limits: ClassVar[dict[str, tuple[float, float, bool]]] = {
+        "alpha": (0.0, 100.0, True), "beta": (0.0, 100.0, True), "gamma": (-100.0, 100.0, True), **{b: (0.0, 1e6, True) for b in ("b1", "b2", "b3")}
+    }
     alpha: float = 1.0
     beta: float = 1.0
     gamma: float = 1.0
     b1: float = 0.0
     b2: float = 0.0
     b3: float = 1.0
+
+    @property
+    def uses_price(self) -> bool:
+        return self.gamma != 0.0
 
     def score(self, p_ctr, p_cvr, price) -> np.ndarray:
         a, b, c = _arrays(p_ctr, p_cvr, price)
@@ -124,12 +191,20 @@ class Linear(Fusion):
     """
 
     name: ClassVar[str] = "linear"
+    log_space: ClassVar[bool] = False
+    limits: ClassVar[dict[str, tuple[float, float, bool]]] = {
+        **{w: (-1e6, 1e6, True) for w in ("w1", "w2", "w3")}, **{m: (0.0, 1e12, False) for m in ("m1", "m2", "m3")}
+    }
     w1: float = 1.0
     w2: float = 1.0
     w3: float = 1.0
     m1: float = 1.0
     m2: float = 1.0
     m3: float = 1.0
+
+    @property
+    def uses_price(self) -> bool:
+        return self.w3 != 0.0
 
     def score(self, p_ctr, p_cvr, price) -> np.ndarray:
         a, b, c = _arrays(p_ctr, p_cvr, price)
@@ -168,13 +243,46 @@ class Single(Fusion):
     def params(self) -> dict:
         return {"which": self.which}
 
+    @property
+    def uses_price(self) -> bool:
+        return False
+
+    def problems(self) -> list[tuple[str, str]]:
+        return [] if self.which in ("ctr", "ctcvr") else [("which", f"must be 'ctr' or 'ctcvr', got {self.which!r}")]
+
     def score(self, p_ctr, p_cvr, price) -> np.ndarray:
         a, b, _ = _arrays(p_ctr, p_cvr, price)
         return _log(a) if self.which == "ctr" else _log(a) + _log(b)
 
 
+@dataclass
+class CTCVR(Fusion):
+    """``score = pCTCVR``, the model's own post-view conversion rate (ESMM: pCTR · pCVR), ranked
+    by its log. The default of ``mtrank serve`` and ``mtrank predict --fusion``; no params.
+
+    :meth:`score` (from pCTR and pCVR alone) is :class:`Single` ``ctcvr``; :meth:`fused` with the
+    model's ``p_ctcvr`` returns that output itself as the score (bit for bit) and its log."""
+
+    name: ClassVar[str] = "ctcvr"
+
+    @property
+    def uses_price(self) -> bool:
+        return False
+
+    def score(self, p_ctr, p_cvr, price) -> np.ndarray:
+        return Single("ctcvr").score(p_ctr, p_cvr, price)
+
+    def fused(self, p_ctr, p_cvr, price=None, p_ctcvr=None) -> tuple[np.ndarray, np.ndarray]:
+        if p_ctcvr is None:
+            return super().fused(p_ctr, p_cvr, price)
+        score = np.array(p_ctcvr, dtype=np.float64).ravel()
+        log_score = _log(score)
+        score[~np.isfinite(log_score)] = np.nan
+        return score, log_score
+
+
 FORMULAS: dict[str, type[Fusion]] = {
-    c.name: c for c in (Multiplicative, OffsetMultiplicative, Linear, ExpectedGMV, Single)
+    c.name: c for c in (Multiplicative, OffsetMultiplicative, Linear, ExpectedGMV, Single, CTCVR)
 }
 
 
@@ -193,19 +301,30 @@ def save_fusion(fusion: Fusion, path: str | Path, **meta) -> Path:
     return atomic_write_json(fusion.to_json(**meta), Path(path))
 
 
+def read_fusion_doc(path: str | Path) -> dict:
+    """The JSON document of a fusion file (as :func:`save_fusion` writes it; ``format`` may be
+    absent, other keys are kept).
+
+    Raises:
+        ConfigError: the file is missing, not JSON, of another format, or has no ``formula``.
+    """
+    p = Path(path)
+    try:
+        doc = json.loads(p.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"cannot read fusion file {p}: {exc}") from None
+    if not isinstance(doc, dict) or doc.get("format", FORMAT) != FORMAT or "formula" not in doc:
+        raise ConfigError(f"fusion file {p}: expected a {FORMAT!r} document with 'formula' and 'params'")
+    return doc
+
+
 def load_fusion(path: str | Path) -> Fusion:
     """Read a fusion JSON document written by :func:`save_fusion` (``mtrank fuse``).
 
     Raises:
         ConfigError: the file is missing, not JSON, of another format, or has bad params.
     """
-    p = Path(path)
-    try:
-        doc = json.loads(p.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"cannot read fusion file {p}: {exc}") from None
-    if not isinstance(doc, dict) or doc.get("format", FORMAT) != FORMAT or "formula" not in doc:
-        raise ConfigError(f"fusion file {p}: expected a {FORMAT!r} document with 'formula' and 'params'")
+    doc = read_fusion_doc(path)
     return make_fusion(doc["formula"], doc.get("params", {}))
 
 
@@ -262,6 +381,6 @@ def clean_prices(
 
 
 __all__ = [
-    "FORMULAS", "ExpectedGMV", "Fusion", "Linear", "Multiplicative", "OffsetMultiplicative", "Single",
-    "clean_prices", "load_fusion", "make_fusion", "safe_scores", "save_fusion",
+    "CTCVR", "FORMULAS", "TINY", "ExpectedGMV", "Fusion", "Linear", "Multiplicative", "OffsetMultiplicative", "Single",
+    "clean_prices", "load_fusion", "make_fusion", "read_fusion_doc", "safe_scores", "save_fusion",
 ]

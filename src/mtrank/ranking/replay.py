@@ -54,15 +54,23 @@ def pseudo_requests(n_rows: int, size: int = 10, seed: int = 0) -> np.ndarray:
     return group
 
 
+def rank_order(score: np.ndarray, group: np.ndarray | None = None) -> np.ndarray:
+    """Row indices ``[N]`` (int64) best first: by ``group`` ascending when given, then by score
+    descending; non-finite scores (NaN, ±inf) after every finite one; ties by index ascending.
+    The one ranking rule of replay and of the HTTP service's ``/rank``."""
+    s = safe_scores(score).ravel()
+    keys = (np.arange(s.size), -s) if group is None else (np.arange(s.size), -s, np.asarray(group))
+    return np.lexsort(keys).astype(np.int64)
+
+
 def rank_within(group: np.ndarray, score: np.ndarray) -> np.ndarray:
     """0-based rank ``[N]`` of each row within its group, by score descending.
 
     Non-finite scores rank last; ties go to the earlier row. ``group``: int ``[N]``.
     """
-    s = safe_scores(score)
-    n = s.size
+    order = rank_order(score, group)
+    n = order.size
     idx = np.arange(n)
-    order = np.lexsort((idx, -s, group))
     g = np.asarray(group)[order]
     start = np.r_[True, g[1:] != g[:-1]] if n else np.zeros(0, bool)
     first = np.maximum.accumulate(np.where(start, idx, 0))

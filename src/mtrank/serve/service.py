@@ -16,13 +16,12 @@ Request semantics (shared by ``POST /rank`` and ``POST /score``):
 * Unseen categorical values are scored with the OOV index (1) and counted, never an error.
 
 Scoring is vectorised: the candidate list becomes one polars DataFrame, encoded by
-:meth:`Bundle.encode` (the training code path, with the vocabulary lookup of
-:mod:`mtrank.serve.encoding`), scored in one batch.
+:meth:`Bundle.encode` (the training encoders themselves), scored in one batch, fused by the
+ranking module's formulas (:mod:`mtrank.ranking.fusion`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -37,8 +36,8 @@ from typing_extensions import TypedDict
 
 from mtrank.errors import BundleError, ConfigError, DataError
 from mtrank.serve.bundle import Bundle
-from mtrank.serve.encoding import serving_encoder
-from mtrank.serve.fusion import FusionSpec, load_fusion, rank_order
+from mtrank.ranking.replay import rank_order
+from mtrank.serve.fusion import FusionSpec, fused_scores
 
 MAX_CANDIDATES = 2000
 ENGINES = ("onnx", "torch")
@@ -66,6 +65,8 @@ class Scored:
     Attributes:
         probs: float64 ``[N]`` per name (``p_ctr``, ``p_cvr``, ``p_ctcvr``).
         score, log_score: float64 ``[N]`` fused score and its log (NaN when not finite).
+        rank_key: float64 ``[N]`` what :meth:`order` ranks by (``log_score``, or ``score`` for a
+            fusion that is not computed in log space).
         n_missing: per feature column, missing values (after the context fill).
         n_oov: per categorical column, values unseen in training (scored with index 1).
         timings_ms: wall time per stage (validate, encode, infer, fuse).
@@ -74,14 +75,15 @@ class Scored:
     probs: dict[str, np.ndarray]
     score: np.ndarray
     log_score: np.ndarray
+    rank_key: np.ndarray
     n_missing: dict[str, int]
     n_oov: dict[str, int]
     fusion: FusionSpec
     timings_ms: dict[str, float] = field(default_factory=dict)
 
     def order(self) -> np.ndarray:
-        """Candidate indices best first (see :func:`mtrank.serve.fusion.rank_order`)."""
-        return rank_order(self.log_score)
+        """Candidate indices best first (see :func:`mtrank.ranking.replay.rank_order`)."""
+        return rank_order(self.rank_key)
 
 
 class RankingService:
@@ -108,9 +110,11 @@ class RankingService:
         bundle = Bundle.load(bundle_path)
         if not bundle.spec.funnel:
             raise BundleError(f"bundle {bundle_path}: the ranking service needs a funnel model (click → conversion); this one predicts {bundle.spec.task_names}")
-        self.bundle = dataclasses.replace(bundle, encoder=serving_encoder(bundle.encoder))
+        self.bundle = bundle
         self.digest = Bundle.digest(bundle_path)
-        self.fusion = fusion if isinstance(fusion, FusionSpec) else load_fusion(fusion)
+        if not isinstance(fusion, FusionSpec):
+            fusion = FusionSpec() if fusion is None else FusionSpec.from_file(fusion)
+        self.fusion = fusion
         self.check_fusion(self.fusion)
         schema = self.bundle.schema
         self.categorical: list[str] = list(schema.categorical)
@@ -129,7 +133,7 @@ class RankingService:
     def check_fusion(self, spec: FusionSpec) -> None:
         """Raises ConfigError when ``spec`` needs a price and the schema declares none."""
         if spec.needs_price and self.bundle.schema.price is None:
-            raise ConfigError(f"fusion {spec.formula!r} with gamma={spec.params.gamma} needs a price, but schema {self.bundle.schema.name!r} declares no price column")
+            raise ConfigError(f"fusion {spec.formula!r} {spec.params} needs a price, but schema {self.bundle.schema.name!r} declares no price column")
 
     def _make_engine(self, engine: str, threads: int):
         if engine == "torch":
@@ -244,12 +248,12 @@ class RankingService:
         probs = {k: raw[k].astype(np.float64) for k in PROBS}
         t3 = time.perf_counter()
         price = df.get_column(self.price).to_numpy() if self.price else None
-        score, log_score = spec.scores(probs["p_ctr"], probs["p_cvr"], probs["p_ctcvr"], price)
+        score, log_score, key = fused_scores(spec.fusion, probs["p_ctr"], probs["p_cvr"], probs["p_ctcvr"], price)
         t4 = time.perf_counter()
         timings = {"validate": t1 - t0, "encode": t2 - t1, "infer": t3 - t2, "fuse": t4 - t3}
         n_missing = {c: data.n_missing.get(c, 0) for c in self.features if c in data.n_missing}
         n_oov = {c: data.n_oov.get(c, 0) for c in self.categorical}
-        return Scored(probs, score, log_score, n_missing, n_oov, spec, {k: v * 1e3 for k, v in timings.items()})
+        return Scored(probs, score, log_score, key, n_missing, n_oov, spec, {k: v * 1e3 for k, v in timings.items()})
 
 
 def _errors(exc: ValidationError, where: Literal["context", "candidates"], categorical: list[str]) -> list[dict]:
