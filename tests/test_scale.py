@@ -136,3 +136,22 @@ def test_fnv1a_matches_published_test_vectors_and_is_process_independent():
     code = "import polars as pl; from mtrank.data.hashing import fnv1a_64; print(fnv1a_64(pl.Series(['item-42', 'é'])).tolist())"
     outs = {subprocess.run([sys.executable, "-c", code], env={**__import__("os").environ, "PYTHONHASHSEED": s}, capture_output=True, text=True, check=True).stdout for s in ("0", "777")}
     assert len(outs) == 1
+
+
+def test_hashed_column_trains_streams_and_round_trips(parts, tmp_path):
+    from mtrank.serve.bundle import Bundle
+    from mtrank.workflow import fit_stream
+
+    files = expand_paths(parts)
+    res = fit_stream(files[:2], SIMULATED_SCHEMA, ModelConfig(tower=[16], embedding_dim=4), TrainConfig(epochs=1, batch_size=512, lr=1e-2),
+                     test_paths=files[2:], hash_buckets={"item_id": 64, "user_id": 128}, quiet=True)
+    enc = res.bundle.encoder
+    card = dict(zip(SIMULATED_SCHEMA.categorical, enc.cardinalities, strict=True))
+    assert card["item_id"] == 66 and card["user_id"] == 130
+    assert res.metrics["test"]["auc_ctr"] > 0.55
+    loaded = Bundle.load(res.bundle.save(tmp_path / "b"))
+    df = pl.read_parquet(files[2]).head(100)
+    a = res.bundle.predict_arrays(res.bundle.encode(df))["p_ctr"]
+    b = loaded.predict_arrays(loaded.encode(df))["p_ctr"]
+    assert np.array_equal(a, b)
+    assert json.loads((tmp_path / "b" / "encoders.json").read_text())["categorical"][0] == {"column": "user_id", "hash_buckets": 128}

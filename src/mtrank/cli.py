@@ -133,6 +133,7 @@ def train(
     shuffle_buffer: Annotated[int, typer.Option(help="rows in the streaming shuffle buffer")] = 262_144,
     min_count: Annotated[int, typer.Option(help="ids seen fewer times map to the OOV index")] = 1,
     max_vocab: Annotated[int | None, typer.Option(help="keep at most this many ids per field")] = None,
+    hash_buckets: Annotated[list[str] | None, typer.Option("--hash-buckets", help="COLUMN=N: hash this categorical column into N buckets (stable FNV-1a) instead of a vocabulary; repeatable")] = None,
     sparse_embeddings: Annotated[bool, typer.Option("--sparse-embeddings", help="update only touched embedding rows (SparseAdam)")] = False,
     nproc: Annotated[int, typer.Option(help="data-parallel processes (re-launches under torchrun)")] = 1,
     checkpoint_dir: Annotated[Path | None, typer.Option(help="checkpoint directory (default: OUT.ckpt); written every epoch")] = None,
@@ -160,6 +161,7 @@ def train(
         from mtrank.report.tensorboard import check_available, write_history
 
         check_available()
+    buckets = _parse_buckets(hash_buckets)
     created = init_from_env()
     try:
         ckpt = checkpoint_dir or out.with_name(out.name + ".ckpt")
@@ -177,7 +179,7 @@ def train(
                 expand_paths(data), sch, model_cfg, train_cfg,
                 val_paths=expand_paths(val_data) if val_data else None,
                 test_paths=expand_paths(test_data) if test_data else None,
-                meta=meta, shuffle_buffer=shuffle_buffer, min_count=min_count, max_vocab=max_vocab, **run_kwargs,
+                meta=meta, shuffle_buffer=shuffle_buffer, min_count=min_count, max_vocab=max_vocab, hash_buckets=buckets, **run_kwargs,
             )
         else:
             if data is not None and len(data) != 1:
@@ -190,7 +192,7 @@ def train(
             split_cfg = SplitConfig(test_fraction=test_fraction, val_fraction=val_fraction, seed=seed)
             splits = split_data(loaded, split_cfg)
             meta = {"dataset": dataset or loaded.schema.name, "sources": loaded.sources, "split": split_cfg.model_dump(), "command": " ".join(sys.argv)}
-            res = fit(splits, loaded.schema, model_cfg, train_cfg, meta=meta, weight_by_price=weight_by_price, price_weight_cap=price_weight_cap, **run_kwargs)
+            res = fit(splits, loaded.schema, model_cfg, train_cfg, meta=meta, weight_by_price=weight_by_price, price_weight_cap=price_weight_cap, hash_buckets=buckets, **run_kwargs)
         if is_main():
             res.bundle.save(out, overwrite=overwrite)
             console.print(_metric_table(f"{model} on {meta['dataset']} (best epoch {res.result.best_epoch})", {f"{model} ({k})": v for k, v in res.metrics.items()}))
@@ -202,6 +204,19 @@ def train(
             import torch.distributed as dist
 
             dist.destroy_process_group()
+
+
+def _parse_buckets(items: list[str] | None) -> dict[str, int] | None:
+    """``["item_id=1000000", ...]`` → ``{"item_id": 1000000}``. Raises ConfigError when malformed."""
+    if not items:
+        return None
+    out = {}
+    for item in items:
+        col, sep, n = item.partition("=")
+        if not sep or not n.strip().isdigit() or int(n) < 1:
+            raise ConfigError(f"--hash-buckets takes COLUMN=N with N ≥ 1, got {item!r}")
+        out[col.strip()] = int(n)
+    return out
 
 
 def _relaunch_under_torchrun(nproc: int) -> None:

@@ -100,6 +100,7 @@ def fit(
     resume: bool = False,
     weight_by_price: bool = False,
     price_weight_cap: float = 3.0,
+    hash_buckets: dict[str, int] | None = None,
 ) -> FitOutput:
     """Fit encoders on train only, train the model with early stopping on val, and evaluate on
     val and test. Returns the bundle (not yet saved) and metrics per split.
@@ -116,7 +117,7 @@ def fit(
     """
     start = time.perf_counter()
     torch.manual_seed(train_cfg.seed)
-    encoder = FeatureEncoder.fit(splits["train"], schema)
+    encoder = FeatureEncoder.fit(splits["train"], schema, hash_buckets=hash_buckets)
     encoded = {k: EncodedData.from_frame(v, schema, encoder) for k, v in splits.items() if v.height}
     weighting = None
     if weight_by_price:
@@ -164,6 +165,7 @@ def fit_stream(
     shuffle_buffer: int = 262_144,
     min_count: int = 1,
     max_vocab: int | None = None,
+    hash_buckets: dict[str, int] | None = None,
     checkpoint: Path | None = None,
     checkpoint_every: int = 0,
     resume: bool = False,
@@ -175,7 +177,7 @@ def fit_stream(
 
     start = time.perf_counter()
     torch.manual_seed(train_cfg.seed)
-    encoder = fit_encoder_streaming(train_paths, schema, min_count=min_count, max_size=max_vocab)
+    encoder = fit_encoder_streaming(train_paths, schema, min_count=min_count, max_size=max_vocab, hash_buckets=hash_buckets)
     train = ParquetStream(train_paths, schema, encoder, shuffle_buffer=shuffle_buffer)
     val = ParquetStream(val_paths, schema, encoder).load_all() if val_paths else None
     spec = FeatureSpec(cardinalities=encoder.cardinalities, n_numerical=len(encoder.numerical), funnel=schema.is_funnel, task_names=list(schema.tasks))

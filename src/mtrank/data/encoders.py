@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import polars as pl
 
+from mtrank.data.hashing import HashedCategoricalEncoder, check_hash_columns
 from mtrank.data.schema import Schema
 from mtrank.errors import BundleError
 
@@ -154,14 +155,22 @@ class EncodedFeatures:
 class FeatureEncoder:
     """All encoders of a schema's features, in the schema's feature order."""
 
-    categorical: list[CategoricalEncoder]
+    categorical: list[CategoricalEncoder | HashedCategoricalEncoder]
     numerical: list[NumericalEncoder]
 
     @classmethod
-    def fit(cls, df: pl.DataFrame, schema: Schema, min_count: int = 1, max_size: int | None = None) -> FeatureEncoder:
+    def fit(
+        cls, df: pl.DataFrame, schema: Schema, min_count: int = 1, max_size: int | None = None,
+        hash_buckets: dict[str, int] | None = None,
+    ) -> FeatureEncoder:
         """Fit on the training split only."""
+        check_hash_columns(hash_buckets, schema.categorical)
         return cls(
-            categorical=[CategoricalEncoder.fit(df.get_column(c), min_count, max_size) for c in schema.categorical],
+            categorical=[
+                HashedCategoricalEncoder(c, hash_buckets[c]) if hash_buckets and c in hash_buckets
+                else CategoricalEncoder.fit(df.get_column(c), min_count, max_size)
+                for c in schema.categorical
+            ],
             numerical=[NumericalEncoder.fit(df.get_column(c)) for c in schema.numerical],
         )
 
@@ -185,7 +194,11 @@ class FeatureEncoder:
     def to_json(self) -> dict:
         return {
             "format": "mtrank.encoders/1",
-            "categorical": [{"column": e.column, "values": e.values} for e in self.categorical],
+            "categorical": [
+                {"column": e.column, "hash_buckets": e.buckets} if isinstance(e, HashedCategoricalEncoder)
+                else {"column": e.column, "values": e.values}
+                for e in self.categorical
+            ],
             "numerical": [{"column": e.column, "mean": e.mean, "std": e.std} for e in self.numerical],
         }
 
@@ -195,7 +208,11 @@ class FeatureEncoder:
         try:
             if obj.get("format") != "mtrank.encoders/1":
                 raise BundleError(f"unknown encoders format {obj.get('format')!r}")
-            cats = [CategoricalEncoder(str(e["column"]), [str(v) for v in e["values"]]) for e in obj["categorical"]]
+            cats = [
+                HashedCategoricalEncoder(str(e["column"]), int(e["hash_buckets"])) if "hash_buckets" in e
+                else CategoricalEncoder(str(e["column"]), [str(v) for v in e["values"]])
+                for e in obj["categorical"]
+            ]
             nums = [NumericalEncoder(str(e["column"]), float(e["mean"]), float(e["std"])) for e in obj["numerical"]]
         except (KeyError, TypeError, AttributeError) as exc:
             raise BundleError(f"malformed encoders document: {exc!r}") from None

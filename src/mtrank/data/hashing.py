@@ -51,6 +51,12 @@ class HashedCategoricalEncoder:
     column: str
     buckets: int
 
+    def __post_init__(self) -> None:
+        if self.buckets < 1:
+            from mtrank.errors import ConfigError
+
+            raise ConfigError(f"hash_buckets of {self.column!r} must be ≥ 1, got {self.buckets}")
+
     @property
     def cardinality(self) -> int:
         return self.buckets + 2
@@ -64,3 +70,12 @@ class HashedCategoricalEncoder:
         idx = (fnv1a_64(ids) % np.uint64(self.buckets)).astype(np.int64) + 2
         idx[missing] = MISSING
         return idx, int(missing.sum()), 0
+
+
+def check_hash_columns(hash_buckets: dict[str, int] | None, categorical: list[str]) -> None:
+    """Raise ConfigError if a hashed column is not one of the schema's categorical columns."""
+    unknown = sorted(set(hash_buckets or {}) - set(categorical))
+    if unknown:
+        from mtrank.errors import ConfigError
+
+        raise ConfigError(f"--hash-buckets names {unknown}, which are not categorical columns of the schema: {categorical}")

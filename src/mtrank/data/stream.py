@@ -25,6 +25,7 @@ import torch
 
 from mtrank.data.batch import Batch, EncodedData
 from mtrank.data.encoders import FeatureEncoder
+from mtrank.data.hashing import HashedCategoricalEncoder, check_hash_columns
 from mtrank.data.io import ROW, read_table, validate_frame
 from mtrank.data.schema import Schema
 from mtrank.errors import DataError
@@ -165,17 +166,20 @@ class ParquetStream:
         return EncodedData.concat(list(self.encoded_pieces()))
 
 
-def fit_encoder_streaming(paths: list[Path], schema: Schema, *, min_count: int = 1, max_size: int | None = None) -> FeatureEncoder:
+def fit_encoder_streaming(paths: list[Path], schema: Schema, *, min_count: int = 1, max_size: int | None = None, hash_buckets: dict[str, int] | None = None) -> FeatureEncoder:
     """Fit encoders in one pass over the pieces: value counts per categorical column are merged
     across pieces, numerical mean / std from running sums. Equals :meth:`FeatureEncoder.fit` on
-    the concatenated data."""
+    the concatenated data. Columns in ``hash_buckets`` are hashed (no vocabulary to count)."""
     from mtrank.data.encoders import CategoricalEncoder, NumericalEncoder, canonical_ids
 
     counts: dict[str, pl.DataFrame] = {}
     sums: dict[str, list[float]] = {c: [0.0, 0.0, 0.0] for c in schema.numerical}
+    check_hash_columns(hash_buckets, schema.categorical)
+    hash_buckets = hash_buckets or {}
+    counted = [c for c in schema.categorical if c not in hash_buckets]
     for piece in list_pieces(paths):
         df = read_piece(piece, schema)
-        for c in schema.categorical:
+        for c in counted:
             vc = canonical_ids(df.get_column(c)).drop_nulls().value_counts(name="n")
             counts[c] = vc if c not in counts else pl.concat([counts[c], vc]).group_by(c).agg(pl.col("n").sum())
         for c in schema.numerical:
@@ -185,8 +189,11 @@ def fit_encoder_streaming(paths: list[Path], schema: Schema, *, min_count: int =
             s[0] += x.len()
             s[1] += float(x.sum())
             s[2] += float((x * x).sum())
-    cats = []
+    cats: list = []
     for c in schema.categorical:
+        if c not in counted:
+            cats.append(HashedCategoricalEncoder(c, hash_buckets[c]))
+            continue
         vc = counts[c].filter(pl.col("n") >= min_count).sort(["n", c], descending=[True, False])
         values = vc.get_column(c).to_list()
         cats.append(CategoricalEncoder(c, values[:max_size] if max_size else values))
