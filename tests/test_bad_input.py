@@ -221,13 +221,35 @@ def tampered_bundle(damage: Callable[[Path], None]):
     return run
 
 
-def wrong_shape(path: Path) -> None:
+def rewrite_weights(change: Callable[[dict], None]) -> Callable[[Path], None]:
+    """Tamper with the weights and re-record their sha256, so the later checks are reached."""
+    import hashlib
+
     from safetensors.torch import load_file, save_file
 
-    state = load_file(str(path / "model.safetensors"))
-    key = next(k for k in state if k.endswith("weight"))
-    state[key] = torch.zeros(3, 3)
-    save_file(state, str(path / "model.safetensors"))
+    def damage(path: Path) -> None:
+        state = load_file(str(path / "model.safetensors"))
+        change(state)
+        save_file(state, str(path / "model.safetensors"))
+        cfg = json.loads((path / "config.json").read_text())
+        cfg["sha256"]["model.safetensors"] = hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest()
+        (path / "config.json").write_text(json.dumps(cfg))
+
+    return damage
+
+
+def _first_weight(state: dict) -> str:
+    return next(k for k in state if k.endswith("weight"))
+
+
+wrong_shape = rewrite_weights(lambda st: st.__setitem__(_first_weight(st), torch.zeros(3, 3)))
+nan_weights = rewrite_weights(lambda st: st[_first_weight(st)].view(-1)[:1].fill_(float("nan")))
+
+
+def flip_bytes_in_place(path: Path) -> None:
+    data = bytearray((path / "model.safetensors").read_bytes())
+    data[-8:] = b"\xff" * 8  # same size, valid header: only the checksum can tell
+    (path / "model.safetensors").write_bytes(bytes(data))
 
 
 def fused(formula: str, price, **params) -> Callable[[Path], object]:
@@ -304,11 +326,15 @@ CASES = [
     Case("17-integer-prices-in-cents", lambda t: (fused("multiplicative", np.array([1999, 250, 0], dtype=np.int64), gamma=0.5)(t), fused("multiplicative", np.array([1999.0, 250.0, 0.0]), gamma=0.5)(t)), lambda r: np.array_equal(r[0], r[1]) and np.isfinite(r[0]).all()),
     Case("18-empty-csv", csv(""), Raises(DataError, "empty (0 bytes)")),
     Case("18-header-only", csv(HEADER), Raises(DataError, "no data rows")),
-    Case("18-truncated-last-line", csv(HEADER + "1,1,a,0.5\n0,0\n"), Raises(DataError, "malformed line")),
+    Case("18-truncated-last-line", csv(HEADER + "1,1,a,0.5\n0,0\n"), Raises(DataError, "row 2] 1 malformed line")),
+    Case("18-short-line-mid-file", csv(HEADER + "1,1,a,0.5\n0,0\n0,0,b,1\n"), Raises(DataError, "row 2] 1 malformed line")),
     Case("18-utf8-bom", csv("\ufeff" + HEADER + "1,1,a,0.5\n"), lambda r: r[0]["click"].to_list() == [1]),
     Case("18-windows-line-endings", csv((HEADER + "1,1,a,0.5\n0,0,b,1.5\n").replace("\n", "\r\n")), lambda r: r[0]["item"].to_list() == ["a", "b"] and r[0]["x"].to_list() == [0.5, 1.5]),
     Case("20-bundle-overwrite-and-interrupted-write", interrupted_bundle_write, lambda r: r is True),
-    Case("21-truncated-safetensors", tampered_bundle(lambda p: (p / "model.safetensors").write_bytes((p / "model.safetensors").read_bytes()[:64])), Raises(BundleError, "cannot read model.safetensors")),
+    Case("21-truncated-safetensors", tampered_bundle(lambda p: (p / "model.safetensors").write_bytes((p / "model.safetensors").read_bytes()[:64])), Raises(BundleError, "model.safetensors does not match the sha256")),
+    Case("21-bytes-flipped-same-size", tampered_bundle(flip_bytes_in_place), Raises(BundleError, "model.safetensors does not match the sha256")),
+    Case("21-non-finite-weights", tampered_bundle(nan_weights), Raises(BundleError, "non-finite weights")),
+    Case("20-overwrite-refuses-a-non-bundle", lambda t: (t / "notes").mkdir() or fit_tiny(SCHEMA, tiny_funnel()).bundle.save(t / "notes", overwrite=True), Raises(BundleError, "is not an mtrank bundle")),
     Case("21-wrong-tensor-shape", tampered_bundle(wrong_shape), Raises(BundleError, "weights do not fit the model")),
     Case("21-truncated-json", tampered_bundle(lambda p: (p / "config.json").write_text((p / "config.json").read_text()[:50])), Raises(BundleError, "unreadable JSON")),
     Case("21-no-pickle-anywhere", no_pickle_anywhere, lambda r: r == []),

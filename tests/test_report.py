@@ -95,7 +95,8 @@ def test_report_command_with_benchmark_quadrants_and_fusion(quickstart_run, tmp_
     assert r.returncode == 0, r.stderr
     page = out.read_text()
     assert "Gates of MMoE / PLE" in page and "esmm_mmoe" in page and "ple" in page
-    assert "benchmark on simulated, 2 repeat(s)" in page
+    repeats = json.loads((bench / "benchmark.json").read_text())["benchmark"]["repeats"]
+    assert f"benchmark on simulated, {repeats} repeat(s)" in page
     assert "Four-quadrant analysis" in page and "under-valued" in page
     assert "multiplicative" in page and "alpha=1.25" in page and "gmv@10: fused +3.0%" in page
     assert 'id="calibration"' not in page

@@ -7,6 +7,8 @@ Every expected failure (bad data, missing files, bad bundle, bad option) is prin
 from __future__ import annotations
 
 import importlib
+import os
+import shutil
 import statistics
 import sys
 from pathlib import Path
@@ -30,7 +32,7 @@ from mtrank.data.stream import expand_paths
 from mtrank.train.distributed import init_from_env, is_main
 from mtrank.workflow import evaluate_split, fit, fit_stream, load_data, predictions_frame, resolve_schema
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="mtrank: multi-objective ranking for e-commerce around ESMM (pCTR, pCVR, pCTCVR).")
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="mtrank: multi-objective ranking for e-commerce around ESMM (pCTR, pCVR, pCTCVR).")
 # Wide enough for the metric tables when output goes to a file or a CI log.
 console = Console(width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
@@ -195,6 +197,8 @@ def train(
             res = fit(splits, loaded.schema, model_cfg, train_cfg, meta=meta, weight_by_price=weight_by_price, price_weight_cap=price_weight_cap, hash_buckets=buckets, **run_kwargs)
         if is_main():
             res.bundle.save(out, overwrite=overwrite)
+            if checkpoint_dir is None and ckpt.is_dir():  # the default checkpoint has served its purpose
+                shutil.rmtree(ckpt, ignore_errors=True)
             console.print(_metric_table(f"{model} on {meta['dataset']} (best epoch {res.result.best_epoch})", {f"{model} ({k})": v for k, v in res.metrics.items()}))
             console.print(f"bundle written to {out}")
             if tensorboard is not None:
@@ -278,6 +282,9 @@ def predict(
     frame = predictions_frame(b, table, str(data))
     if spec is not None:
         frame = frame.with_columns(fused_score_column(spec, frame, table, b.schema.price))
+        n_null = frame.get_column("score").null_count()
+        if n_null:
+            err.print(f"[yellow]warning: {n_null:,} row(s) have no fused score (missing, negative or non-finite price); their score is null[/yellow]")
     atomic_write_parquet(frame, out)
     console.print(f"wrote {frame.height:,} predictions to {out}")
 
@@ -286,7 +293,7 @@ def predict(
 def quickstart(
     dataset: Annotated[str, typer.Option("--dataset", "-d", help=f"one of {', '.join(DATASETS)}")] = "simulated",
     data_dir: DataDirOpt = None,
-    out: Annotated[Path, typer.Option("--out", "-o", help="run directory")] = Path("runs/quickstart"),
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="run directory, rewritten on each run (default: runs/quickstart, runs/quickstart-<dataset> for the others)")] = None,
     models: Annotated[str, typer.Option(help="comma-separated models")] = "esmm,base",
     seeds: Annotated[int, typer.Option(help="repeat with seeds 0..N-1 and report mean ± std")] = 1,
     epochs: int = 3,
@@ -296,6 +303,7 @@ def quickstart(
 ) -> None:
     """Simulate if needed → train ESMM and BASE → evaluate on held-out test → table + metrics.json + report.html."""
     _check_choice(dataset, DATASETS, "--dataset")
+    out = out or Path("runs/quickstart" if dataset == "simulated" else f"runs/quickstart-{dataset}")
     names = [m.strip() for m in models.split(",") if m.strip()]
     for m in names:
         _check_choice(m, MODELS, "--models")
@@ -363,22 +371,49 @@ for _name in COMMAND_MODULES:
             raise
 
 
+def _click_exception_types() -> tuple[tuple[type, ...], tuple[type, ...]]:
+    """Usage-error and abort classes of click, and of the copy of click that typer vendors."""
+    import click
+
+    errors, aborts = [click.exceptions.ClickException], [click.exceptions.Abort]
+    try:
+        from typer._click import exceptions as vendored  # typer ≥ 0.2x ships its own click
+    except ImportError:
+        vendored = None
+    if vendored is not None:
+        errors += [c for c in (getattr(vendored, "ClickException", None),) if c]
+        aborts += [c for c in (getattr(vendored, "Abort", None), getattr(vendored, "Exit", None)) if c]
+    return tuple(errors), tuple(aborts)
+
+
 def main() -> None:
-    """Entry point: run the app, turning mtrank's own errors into one-line messages."""
+    """Entry point: run the app, turning mtrank's own errors and invalid options into one
+    ``error:`` line and exit code 2 (never a stack trace)."""
+    from pydantic import ValidationError
+
+    click_errors, aborts = _click_exception_types()
+
+    code = 0
     try:
         app(standalone_mode=False)
     except MtrankError as exc:
         err.print(Text.assemble(("error: ", "bold red"), str(exc)), highlight=False, soft_wrap=True)
-        sys.exit(2)
-    except Exception as exc:  # click usage errors and aborts
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
-            sys.exit(130)
-        raise
+        code = 2
+    except ValidationError as exc:  # an option value out of range (pydantic config models)
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        err.print(Text.assemble(("error: ", "bold red"), f"invalid option value: {problems}"), highlight=False, soft_wrap=True)
+        code = 2
+    except click_errors as exc:
+        exc.show()
+        code = exc.exit_code
+    except aborts:
+        code = 130
+    # Leave without interpreter teardown on error paths: native thread pools (pyarrow, torch)
+    # still shutting down can abort the process ("terminate called …") and mask the exit code.
+    if code:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 if __name__ == "__main__":

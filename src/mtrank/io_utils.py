@@ -4,11 +4,25 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import shutil
 import tempfile
 from pathlib import Path
 
 import polars as pl
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def publish_mode(path: Path) -> None:
+    """Give a file made by ``tempfile`` (0600 / 0700) the usual permissions under the umask."""
+    p = Path(path)
+    base = 0o777 if p.is_dir() else 0o666
+    os.chmod(p, base & ~_umask() & (stat.S_IRWXU | stat.S_IRWXG | stat.S_IRWXO))
 
 
 def atomic_write_bytes(data: bytes, path: Path) -> Path:
@@ -21,6 +35,7 @@ def atomic_write_bytes(data: bytes, path: Path) -> Path:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        publish_mode(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -47,6 +62,7 @@ def atomic_write_parquet(df: pl.DataFrame, path: Path, row_group_size: int | Non
     os.close(fd)
     try:
         df.write_parquet(tmp, row_group_size=row_group_size)
+        publish_mode(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -61,6 +77,9 @@ def atomic_replace_dir(staging: Path, target: Path) -> None:
     so an interruption leaves either the old or the new directory, never a mixture.
     """
     target = Path(target)
+    publish_mode(staging)
+    for child in Path(staging).iterdir():
+        publish_mode(child)
     backup = None
     if target.exists():
         backup = target.with_name(f".{target.name}.old-{os.getpid()}")

@@ -89,32 +89,32 @@ def read_table(
 
 
 def _read_csv(p: Path, suffixes: str, column_names: list[str] | None, all_strings: bool) -> pl.DataFrame:
-    bad_lines: list[int] = []
+    def parse(use_threads: bool) -> tuple[pa.Table, list[int | None]]:
+        bad_lines: list[int | None] = []
 
-    def on_invalid(row) -> str:  # called by pyarrow for malformed rows only
-        bad_lines.append(row.number if row.number is not None else -1)
-        return "skip"
+        def on_invalid(row) -> str:  # called by pyarrow for malformed rows only
+            bad_lines.append(row.number)
+            return "skip"
 
-    read = pacsv.ReadOptions(column_names=column_names, block_size=1 << 24)
-    parse = pacsv.ParseOptions(
-        delimiter="\t" if ".tsv" in suffixes else ",",
-        invalid_row_handler=on_invalid,
-        newlines_in_values=False,
-    )
-    convert = pacsv.ConvertOptions(strings_can_be_null=True, null_values=["", "NULL", "null", "NaN", "nan", "NA"])
-    if all_strings:
-        if column_names is None:
-            head = pacsv.read_csv(p, read_options=pacsv.ReadOptions(block_size=1 << 16), parse_options=parse).column_names
-        else:
-            head = column_names
-        convert = pacsv.ConvertOptions(
-            column_types={c: pa.string() for c in head}, strings_can_be_null=True, null_values=[""]
+        read = pacsv.ReadOptions(column_names=column_names, block_size=1 << 24, use_threads=use_threads)
+        parse_opts = pacsv.ParseOptions(
+            delimiter="\t" if ".tsv" in suffixes else ",", invalid_row_handler=on_invalid, newlines_in_values=False,
         )
-    table = pacsv.read_csv(p, read_options=read, parse_options=parse, convert_options=convert)
+        convert = pacsv.ConvertOptions(strings_can_be_null=True, null_values=["", "NULL", "null", "NaN", "nan", "NA"])
+        if all_strings:
+            head = column_names or pacsv.read_csv(p, read_options=pacsv.ReadOptions(block_size=1 << 16), parse_options=parse_opts).column_names
+            convert = pacsv.ConvertOptions(column_types={c: pa.string() for c in head}, strings_can_be_null=True, null_values=[""])
+        return pacsv.read_csv(p, read_options=read, parse_options=parse_opts, convert_options=convert), bad_lines
+
+    table, bad_lines = parse(use_threads=True)
     if bad_lines:
+        if any(n is None for n in bad_lines):  # line numbers are only known to a single-threaded parse
+            _, bad_lines = parse(use_threads=False)
+        header = 0 if column_names is not None else 1
+        rows = [n - header for n in bad_lines if n is not None]
         raise DataError(
             f"{len(bad_lines)} malformed line(s) (wrong number of fields, e.g. a truncated line)",
-            file=str(p), rows=bad_lines, count=len(bad_lines),
+            file=str(p), rows=rows, count=len(bad_lines),
         )
     return pl.from_arrow(table)
 

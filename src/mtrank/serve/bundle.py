@@ -44,6 +44,21 @@ FORMAT = "mtrank.bundle/1"
 FILES = ("config.json", "encoders.json", "model.safetensors")
 
 
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def is_bundle_dir(path: Path) -> bool:
+    """True for a directory that holds an mtrank bundle's config.json (what --overwrite may replace)."""
+    cfg = Path(path) / "config.json"
+    if not (Path(path).is_dir() and cfg.is_file()):
+        return False
+    try:
+        return json.loads(cfg.read_text()).get("format") == FORMAT
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return True  # a damaged bundle may be replaced by a good one
+
+
 @dataclass
 class Bundle:
     """A trained model with its encoders and schema.
@@ -71,6 +86,11 @@ class Bundle:
         path = Path(path)
         if path.exists() and not overwrite:
             raise BundleError(f"{path} already exists; pass --overwrite (overwrite=True) to replace it")
+        if path.exists() and not is_bundle_dir(path):
+            raise BundleError(
+                f"{path} exists and is not an mtrank bundle (a directory with {list(FILES)}); "
+                "refusing to replace it, even with --overwrite: choose another --out"
+            )
         path.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
         try:
@@ -83,10 +103,11 @@ class Bundle:
                 "features": self.spec.model_dump(mode="json"),
                 "meta": self.meta,
             }
-            atomic_write_json(config, staging / "config.json")
             atomic_write_json(self.encoder.to_json(), staging / "encoders.json")
             state = {k: v.detach().contiguous().cpu() for k, v in self.model.state_dict().items()}
             save_file(state, str(staging / "model.safetensors"), metadata={"format": FORMAT})
+            config["sha256"] = {name: _sha256(staging / name) for name in ("encoders.json", "model.safetensors")}
+            atomic_write_json(config, staging / "config.json")
             atomic_replace_dir(staging, path)
         except BaseException:
             import shutil
@@ -122,6 +143,12 @@ class Bundle:
             spec = FeatureSpec.model_validate(config["features"])
         except (KeyError, ValidationError, MtrankError) as exc:
             raise BundleError(f"bundle {path}: invalid config.json ({exc})") from None
+        for name, expected in (config.get("sha256") or {}).items():
+            if name in FILES and _sha256(path / name) != expected:
+                raise BundleError(
+                    f"bundle {path}: {name} does not match the sha256 recorded in config.json "
+                    "(the file was modified or corrupted after the bundle was written)"
+                )
         encoder = FeatureEncoder.from_json(enc_doc)
         if encoder.cardinalities != spec.cardinalities or len(encoder.numerical) != spec.n_numerical:
             raise BundleError(f"bundle {path}: encoders.json does not match the feature spec in config.json")
@@ -129,6 +156,9 @@ class Bundle:
             state = load_file(str(path / "model.safetensors"))
         except (SafetensorError, OSError, ValueError) as exc:
             raise BundleError(f"bundle {path}: cannot read model.safetensors ({exc})") from None
+        bad = sorted(k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all())
+        if bad:
+            raise BundleError(f"bundle {path}: model.safetensors holds non-finite weights in {bad[:5]}")
         model = build_model(spec, model_cfg)
         try:
             model.load_state_dict(state, strict=True)
