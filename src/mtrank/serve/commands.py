@@ -34,7 +34,7 @@ def serve(
     bundle: Annotated[Path, typer.Option("--bundle", "-b", help="bundle directory")],
     fusion: Annotated[Path | None, typer.Option("--fusion", help="fusion JSON (as written by `mtrank fuse`); default score = p_ctcvr")] = None,
     host: Annotated[str, typer.Option(help="interface to listen on")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port")] = 8000,
+    port: Annotated[int, typer.Option(help="TCP port", min=1, max=65535)] = 8000,
     engine: Annotated[str, typer.Option(help="inference engine: onnx (onnxruntime) or torch")] = "onnx",
     threads: Annotated[int, typer.Option(help="engine intra-op threads (0 = library default)")] = 1,
     log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "warning",
