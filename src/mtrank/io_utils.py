@@ -7,6 +7,7 @@ import os
 import stat
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import polars as pl
@@ -25,22 +26,32 @@ def publish_mode(path: Path) -> None:
     os.chmod(p, base & ~_umask() & (stat.S_IRWXU | stat.S_IRWXG | stat.S_IRWXO))
 
 
-def atomic_write_bytes(data: bytes, path: Path) -> Path:
-    """Write ``data`` to ``path`` through a temporary file in the same directory and a rename."""
+def _atomic_write(path: Path, write: Callable[[str], None]) -> Path:
+    """Run ``write(tmp_name)`` on a temporary file beside ``path``, then rename it into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+        write(tmp)
         publish_mode(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def atomic_write_bytes(data: bytes, path: Path) -> Path:
+    """Write ``data`` to ``path`` through a temporary file in the same directory and a rename."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    return _atomic_write(path, write)
 
 
 def atomic_write_json(obj, path: Path) -> Path:
@@ -56,18 +67,7 @@ def _jsonable(x):
 
 
 def atomic_write_parquet(df: pl.DataFrame, path: Path, row_group_size: int | None = None) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        df.write_parquet(tmp, row_group_size=row_group_size)
-        publish_mode(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return _atomic_write(path, lambda tmp: df.write_parquet(tmp, row_group_size=row_group_size))
 
 
 def atomic_replace_dir(staging: Path, target: Path) -> None:
