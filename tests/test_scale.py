@@ -107,11 +107,13 @@ def test_sparse_embedding_updates_train_and_touch_only_batch_rows(parts):
     assert set(changed.tolist()) <= set(touched.tolist())
 
 
-def test_two_process_ddp_trains_and_gathered_metrics_match_single_process(tmp_path):
+@pytest.mark.parametrize("sparse", [False, True], ids=["adam", "sparse-embeddings"])
+def test_two_process_ddp_trains_and_gathered_metrics_match_single_process(tmp_path, sparse):
     data = tmp_path / "s.parquet"
     write_simulated(SimConfig(rows=30_000, n_items=400, n_users=1000, cvr=0.2, seed=4), data)
     cmd = [sys.executable, "-m", "mtrank", "train", "--data", str(data), "--schema", "simulated", "--epochs", "1",
            "--batch-size", "256", "--lr", "0.01", "--tower", "32,16", "--threads", "1", "--nproc", "2", "--out", str(tmp_path / "b"), "-q"]
+    cmd += ["--sparse-embeddings"] if sparse else []
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     meta = json.loads((tmp_path / "b" / "config.json").read_text())["meta"]
