@@ -369,7 +369,7 @@ def clean_prices(
         if policy == "error":
             rows = (np.flatnonzero(bad) + 1).tolist()
             raise DataError(
-                f"{len(rows)} missing, non-finite, zero or negative price(s), e.g. {p[bad][0]!r}; "
+                f"{len(rows)} missing, non-finite, zero or negative price(s), e.g. {float(p[bad][0])}; "
                 "prices must be finite and > 0 (or pass --price-policy clip / drop)",
                 file=source, column=column, rows=rows[:10], count=len(rows),
             )
