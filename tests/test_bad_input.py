@@ -291,6 +291,8 @@ def no_pickle_anywhere(tmp: Path):
 
 CASES = [
     Case("01-feature-identical-to-conversion", csv("click,buy,item,x,leak\n" + "1,1,a,0.1,1\n1,0,b,0.2,0\n0,0,c,0.3,0\n", Schema(click="click", conversion="buy", categorical=["item", "leak"], numerical=["x"])), Raises(DataError, "'leak' is identical to label column 'buy'")),
+    Case("01-feature-is-one-minus-the-label", csv("click,buy,item,x,inv\n1,1,a,0.1,0\n1,0,b,0.2,1\n0,0,c,0.3,1\n", Schema(click="click", conversion="buy", categorical=["item"], numerical=["x", "inv"])), Raises(DataError, "'inv' is identical to label column 'buy' (or to 1 − label)")),
+    Case("01-two-valued-feature-that-is-not-the-label", csv("click,buy,item,x\n1,1,a,0.1\n1,0,a,0.2\n0,0,b,0.3\n1,1,b,0.3\n", SCHEMA), lambda r: r[0].height == 4),
     Case("02-conversion-without-click", csv(HEADER + "1,1,a,1\n0,1,b,1\n0,0,c,1\n0,1,d,1\n"), Raises(DataError, "2 row(s) with buy=1 but click=0")),
     Case("02-conversion-without-click-rows", lambda t: _rows_of(csv(HEADER + "1,1,a,1\n0,1,b,1\n0,0,c,1\n0,1,d,1\n"), t), lambda r: r == [2, 4]),
     Case("02-drop-policy", csv(HEADER + "1,1,a,1\n0,1,b,1\n0,0,c,1\n0,1,d,1\n", SCHEMA.model_copy(update={"funnel_violations": "drop"})), lambda r: r[0].height == 2 and r[1].dropped_rows == [2, 4]),

@@ -238,20 +238,18 @@ def validate_frame(
         if df.get_column(label).n_unique() < 2:
             continue  # a constant label cannot be leaked by a column
         for feat in schema.feature_columns:
+            # leakage: the label itself (as numbers or as text), or its complement 1 − label
+            if df.get_column(feat).null_count():
+                continue
             if df.schema[feat] == pl.Boolean or df.schema[feat].is_numeric():
-                same = df.select(
-                    (pl.col(feat).cast(pl.Float64) == pl.col(label).cast(pl.Float64)).all()
-                    & pl.col(feat).is_not_null().all()
-                ).item()
+                x, y = pl.col(feat).cast(pl.Float64), pl.col(label).cast(pl.Float64)
+                leak = df.select((x == y).all() | (x == 1.0 - y).all()).item()
             else:
-                same = df.select(
-                    (pl.col(feat).cast(pl.String) == pl.col(label).cast(pl.String)).all()
-                    & pl.col(feat).is_not_null().all()
-                ).item()
-            if same and df.height > 1:
+                leak = df.select((pl.col(feat).cast(pl.String) == pl.col(label).cast(pl.String)).all()).item()
+            if leak:
                 raise DataError(
-                    f"feature column {feat!r} is identical to label column {label!r} on every "
-                    "row: that is label leakage; remove it from the features",
+                    f"feature column {feat!r} is identical to label column {label!r} (or to "
+                    "1 − label) on every row: that is label leakage; remove it from the features",
                     file=source, column=feat,
                 )
     return df, report
