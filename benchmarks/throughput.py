@@ -70,6 +70,18 @@ def machine_load() -> dict:
     return {"utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), "loadavg_1_5_15": [round(x, 2) for x in la]}
 
 
+def _train_step(model, opts, batch) -> None:
+    """One optimisation step of the bare loop (the same loss and optimizers as the trainer)."""
+    from mtrank.losses import model_loss  # lazy, like the other mtrank imports of the workers
+
+    loss, _ = model_loss(model, model(batch.categorical, batch.numerical), batch)
+    for o in opts:
+        o.zero_grad(set_to_none=True)
+    loss.backward()
+    for o in opts:
+        o.step()
+
+
 def run_worker(name: str, args: dict, *, python: str | None = None, prefix: list[str] | None = None, timeout: float = 1800) -> dict:
     """Run ``--worker name`` in a fresh process; returns its JSON result (or the error)."""
     out = Path(args["workdir"]) / f"result-{name}-{args.get('tag', '')}.json"
@@ -183,7 +195,6 @@ def worker_bare(a: dict) -> dict:
     import torch
 
     from mtrank.data.simulate import SIMULATED_SCHEMA as S
-    from mtrank.losses import model_loss
     from mtrank.models import build_model
     from mtrank.models.config import FeatureSpec
     from mtrank.train.trainer import make_optimizers
@@ -208,12 +219,7 @@ def worker_bare(a: dict) -> dict:
     seen = 0
     t0 = time.perf_counter()
     for batch in train.batches(BATCH, shuffle=True, generator=gen):
-        loss, _ = model_loss(model, model(batch.categorical, batch.numerical), batch)
-        for o in opts:
-            o.zero_grad(set_to_none=True)
-        loss.backward()
-        for o in opts:
-            o.step()
+        _train_step(model, opts, batch)
         seen += len(batch)
         if seen >= max_steps * BATCH:
             break
@@ -308,7 +314,6 @@ def worker_torch_profile(a: dict) -> dict:
 
     from mtrank.data.simulate import SIMULATED_SCHEMA as S
     from mtrank.data.stream import ParquetStream, fit_encoder_streaming
-    from mtrank.losses import model_loss
     from mtrank.models import build_model
     from mtrank.models.config import FeatureSpec
     from mtrank.train.trainer import make_optimizers
@@ -323,20 +328,12 @@ def worker_torch_profile(a: dict) -> dict:
     for _ in range(5):  # warm up
         next(it)
 
-    def step(batch):
-        loss, _ = model_loss(model, model(batch.categorical, batch.numerical), batch)
-        for o in opts:
-            o.zero_grad(set_to_none=True)
-        loss.backward()
-        for o in opts:
-            o.step()
-
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(a["steps"]):
             with torch.profiler.record_function("next_batch"):
                 b = next(it)
             with torch.profiler.record_function("train_step"):
-                step(b)
+                _train_step(model, opts, b)
     rows = []
     for e in sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:15]:
         rows.append({"op": e.key, "self_ms_per_step": round(e.self_cpu_time_total / 1000 / a["steps"], 2), "calls_per_step": round(e.count / a["steps"], 1)})

@@ -57,7 +57,7 @@ from mtrank.models.baselines import PROPENSITY_COLUMN
 from mtrank.models.config import FeatureSpec, ModelConfig
 from mtrank.models.layers import funnel_outputs
 from mtrank.train.trainer import TrainConfig, Trainer, predict
-from mtrank.workflow import load_data, training_views
+from mtrank.workflow import feature_spec, load_data, training_views
 
 GATE_SAMPLE_ROWS = 20_000
 
@@ -214,7 +214,7 @@ def run_benchmark(cfg: BenchmarkConfig, data_dir: str | Path | None = None, log:
     encoder = FeatureEncoder.fit(splits["train"], schema)
     enc = {k: EncodedData.from_frame(v, schema, encoder) for k, v in splits.items() if v.height}
     train, val, test = enc["train"], enc.get("val"), enc["test"]
-    spec = FeatureSpec(cardinalities=encoder.cardinalities, n_numerical=len(encoder.numerical), funnel=schema.is_funnel, task_names=list(schema.tasks))
+    spec = feature_spec(encoder, schema)
     test_labels = {k: v.numpy() for k, v in test.labels.items()}
     batch_size = cfg.batch_size or DATASETS[cfg.dataset].batch_size
     per_repeat: dict[str, list[dict]] = {m: [] for m in cfg.models}

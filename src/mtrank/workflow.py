@@ -79,6 +79,16 @@ def load_data(
     return info.loader(root, schema)
 
 
+def feature_spec(encoder: FeatureEncoder, schema: Schema) -> FeatureSpec:
+    """What a model is built from: the fitted encoders' sizes and the schema's tasks."""
+    return FeatureSpec(
+        cardinalities=encoder.cardinalities,
+        n_numerical=len(encoder.numerical),
+        funnel=schema.is_funnel,
+        task_names=list(schema.tasks),
+    )
+
+
 @dataclass
 class FitOutput:
     bundle: Bundle
@@ -122,12 +132,7 @@ def fit(
     weighting = None
     if weight_by_price:
         weighting = _add_price_weights(splits, encoded, schema, price_weight_cap)
-    spec = FeatureSpec(
-        cardinalities=encoder.cardinalities,
-        n_numerical=len(encoder.numerical),
-        funnel=schema.is_funnel,
-        task_names=list(schema.tasks),
-    )
+    spec = feature_spec(encoder, schema)
     model = build_model(spec, model_cfg)
     train, val = training_views(model, encoded["train"], encoded.get("val"), train_cfg.seed)
     trainer = Trainer(train_cfg, schema, quiet=quiet)
@@ -180,7 +185,7 @@ def fit_stream(
     encoder = fit_encoder_streaming(train_paths, schema, min_count=min_count, max_size=max_vocab, hash_buckets=hash_buckets)
     train = ParquetStream(train_paths, schema, encoder, shuffle_buffer=shuffle_buffer)
     val = ParquetStream(val_paths, schema, encoder).load_all() if val_paths else None
-    spec = FeatureSpec(cardinalities=encoder.cardinalities, n_numerical=len(encoder.numerical), funnel=schema.is_funnel, task_names=list(schema.tasks))
+    spec = feature_spec(encoder, schema)
     model = build_model(spec, model_cfg)
     result = Trainer(train_cfg, schema, quiet=quiet).fit(model, train, val, checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume)
     metrics = {}

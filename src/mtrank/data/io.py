@@ -124,6 +124,17 @@ def _rows(df: pl.DataFrame, mask: pl.Expr) -> tuple[int, list[int]]:
     return hit.len(), hit.head(_MAX_ROWS_SHOWN).to_list()
 
 
+def _fail_on(df: pl.DataFrame, mask: pl.Expr, source: str, column: str, describe) -> None:
+    """Raise a DataError naming ``column`` and the rows where ``mask`` holds, if any.
+
+    ``describe(count, first_offending_value) -> str`` words the message.
+    """
+    n, rows = _rows(df, mask)
+    if n:
+        example = df.filter(mask).get_column(column).head(1).to_list()[0]
+        raise DataError(describe(n, example), file=source, column=column, rows=rows, count=n)
+
+
 def _numeric(df: pl.DataFrame, col: str) -> pl.Expr:
     dtype = df.schema[col]
     if dtype == pl.Boolean:
@@ -139,13 +150,7 @@ def _check_numeric_column(df: pl.DataFrame, col: str, source: str) -> None:
         return
     bad = pl.col(col).is_not_null() & (pl.col(col).cast(pl.String).str.strip_chars() != "")
     bad = bad & _numeric(df, col).is_null()
-    n, rows = _rows(df, bad)
-    if n:
-        example = df.filter(bad).get_column(col).head(1).to_list()[0]
-        raise DataError(
-            f"{n} non-numeric value(s) in a numerical column, e.g. {example!r}",
-            file=source, column=col, rows=rows, count=n,
-        )
+    _fail_on(df, bad, source, col, lambda n, ex: f"{n} non-numeric value(s) in a numerical column, e.g. {ex!r}")
 
 
 def validate_frame(
@@ -192,24 +197,9 @@ def validate_frame(
         present = pl.col(col).is_not_null()
         if df.schema[col] == pl.String:
             present = present & (pl.col(col).str.strip_chars() != "")
-        n, rows = _rows(df, ~present | value.is_nan())
-        if n:
-            raise DataError(f"{n} missing label value(s)", file=source, column=col, rows=rows, count=n)
-        n, rows = _rows(df, value.is_null())
-        if n:
-            example = df.filter(value.is_null()).get_column(col).head(1).to_list()[0]
-            raise DataError(
-                f"{n} non-numeric label value(s), e.g. {example!r}; labels must be 0 or 1",
-                file=source, column=col, rows=rows, count=n,
-            )
-        bad = ~value.is_in([0.0, 1.0])
-        n, rows = _rows(df, bad)
-        if n:
-            example = df.filter(bad).get_column(col).head(1).to_list()[0]
-            raise DataError(
-                f"{n} label value(s) that are not 0 or 1, e.g. {example!r}",
-                file=source, column=col, rows=rows, count=n,
-            )
+        _fail_on(df, ~present | value.is_nan(), source, col, lambda n, _: f"{n} missing label value(s)")
+        _fail_on(df, value.is_null(), source, col, lambda n, ex: f"{n} non-numeric label value(s), e.g. {ex!r}; labels must be 0 or 1")
+        _fail_on(df, ~value.is_in([0.0, 1.0]), source, col, lambda n, ex: f"{n} label value(s) that are not 0 or 1, e.g. {ex!r}")
         casts.append(value.cast(pl.Int8).alias(col))
     if casts:
         df = df.with_columns(casts)
