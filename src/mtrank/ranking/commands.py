@@ -10,7 +10,6 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
 
-import numpy as np
 import polars as pl
 import typer
 from rich.table import Table
@@ -30,7 +29,7 @@ from mtrank.data.schema import Schema
 from mtrank.data.split import SplitConfig, split_data
 from mtrank.errors import ConfigError, DataError
 from mtrank.io_utils import atomic_write_bytes, atomic_write_json
-from mtrank.ranking.fusion import Single, clean_prices, save_fusion
+from mtrank.ranking.fusion import Single, save_fusion
 from mtrank.ranking.quadrants import (
     QUADRANT_NAMES,
     assign_quadrants,
@@ -40,33 +39,18 @@ from mtrank.ranking.quadrants import (
     thresholds,
 )
 from mtrank.ranking.replay import (
-    ReplayData,
+    PREDICTION_COLUMNS,
     bootstrap_lift,
     per_request,
-    pseudo_requests,
+    replay_defaults,
+    replay_from_frame,
     top_k_share,
 )
 from mtrank.ranking.tune import TuneConfig, tune
 from mtrank.serve.bundle import Bundle
 from mtrank.workflow import load_data, predictions_frame, resolve_schema
 
-# Per-dataset defaults (by schema name). ``value``: the GMV of a converted row; ``price``: the
-# price factor a fusion sees (must be known before the conversion: Hillstrom's ``spend`` is the
-# realised amount, 0 unless converted, so using it as a ranking factor would leak the label;
-# its ``history``, the customer's past-year spend, is the ex-ante value proxy).
-# ``pseudo_size``: rows per pseudo-request when the data has no request id.
-# ``position_coef``: the simulator's position effect on logit CTR (see mtrank.data.simulate).
-RANKING_DEFAULTS: dict[str, dict] = {
-    "simulated": {"by": ["item_id"], "value": "price", "price": "price", "position_coef": 0.35},
-    "hillstrom": {"by": ["segment", "channel", "history_segment"], "value": "spend", "price": "history", "pseudo_size": 50},
-    "aliccp": {"by": ["205"], "value": None, "price": None},
-}
-PREDICTION_COLUMNS = ("p_ctr", "p_cvr")
-
-
-def _defaults(schema: Schema) -> dict:
-    generic = {"by": [schema.item_id] if schema.item_id else [], "value": schema.price, "price": schema.price, "pseudo_size": 10, "position_coef": 0.0}
-    return {**generic, **RANKING_DEFAULTS.get(schema.name, {})}
+_defaults = replay_defaults
 
 
 def _columns(text: str | None) -> list[str] | None:
@@ -186,36 +170,7 @@ def quadrants(
     console.print(f"wrote {out}/quadrants.csv, entities.csv, quadrants.json, quadrants.png")
 
 
-def _replay_data(frame: pl.DataFrame, sch: Schema, *, value_col, price_col, policy, floor, pseudo_size, seed, source) -> tuple[ReplayData, np.ndarray, dict]:
-    info: dict = {}
-    for c in PREDICTION_COLUMNS:
-        if c not in frame.columns:
-            raise DataError(f"no {c!r} column: give --bundle (with --dataset/--data) or a predictions file that has it", file=source)
-    for c, what in ((price_col, "--price-col"), (value_col, "--value-col")):
-        if c is None or c not in frame.columns:
-            raise DataError(f"fusion needs a price column ({what}); {c!r} is not in the table {frame.columns}", file=source)
-    price, keep = clean_prices(frame.get_column(price_col).to_numpy(), policy=policy, floor=floor, column=price_col, source=source)
-    if not keep.all():
-        info["dropped_price_rows"] = int((~keep).sum())
-        frame = frame.filter(pl.Series(keep))
-        price = price[keep]
-    if sch.request_id and sch.request_id in frame.columns:
-        group = frame.get_column(sch.request_id).to_numpy()
-        info["requests"] = f"logged request id {sch.request_id!r}"
-    else:
-        group = pseudo_requests(frame.height, pseudo_size, seed)
-        info["requests"] = f"pseudo-requests: rows shuffled with seed {seed}, cut into groups of {pseudo_size}"
-    value = frame.get_column(value_col).cast(pl.Float64).to_numpy()
-    bad_value = ~np.isfinite(value)
-    if bad_value.any():
-        info["missing_values_set_to_0"] = int(bad_value.sum())
-        value = np.where(bad_value, 0.0, value)
-    get = lambda c: frame.get_column(c).cast(pl.Float64).to_numpy() if c in frame.columns else None
-    data = ReplayData(
-        group=group, click=get(sch.click), conversion=get(sch.conversion), value=value, price=price,
-        p_ctr=get("p_ctr"), p_cvr=get("p_cvr"), position=get("position"), true_ctr=get("true_ctr"), true_cvr=get("true_cvr"),
-    )
-    return data, keep, info
+_replay_data = replay_from_frame
 
 
 def _plot_frontier(trials: pl.DataFrame, frontier: pl.DataFrame, refs: dict[str, dict], best: dict, k: int, objective: str, path: Path, floor: float | None = None) -> None:
