@@ -13,6 +13,7 @@ from mtrank.models.baselines import AMAN, Division, Oversampling, Unbias
 from mtrank.models.config import FeatureSpec, ModelConfig
 from mtrank.models.escm2 import ESCM2DR, ESCM2IPW
 from mtrank.models.esmm import ESMM, ESMMNS
+from mtrank.models.ltr import LambdaMART
 from mtrank.models.multitask import PLE, ESMMMMoE, ESMMSharedBottom, MMoE, SharedBottom
 
 MODELS: dict[str, type[nn.Module]] = {
@@ -32,6 +33,11 @@ MODELS: dict[str, type[nn.Module]] = {
     "unbias": Unbias,
     "division": Division,
 }
+
+# Rankers that are not neural networks: trained by their own fit (not the trainer), stored
+# by their own codec (a class with weights_file, save_weights, load_weights, scorer; see
+# mtrank.serve.bundle), scored with one ranking score ``score`` and no probabilities.
+RANKERS: dict[str, type] = {"ltr": LambdaMART}
 
 # Models whose CVR estimate is trained over the entire space (through pCTCVR, or a
 # counterfactual risk): the ESMM paper reports their own pCTCVR. The others' pCTCVR is
@@ -61,11 +67,13 @@ __all__ = [
     "MODELS",
     "PLAIN_TASK_MODELS",
     "PLE",
+    "RANKERS",
     "Base",
     "Division",
     "ESMMMMoE",
     "ESMMSharedBottom",
     "FeatureSpec",
+    "LambdaMART",
     "MMoE",
     "ModelConfig",
     "Oversampling",
