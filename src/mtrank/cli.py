@@ -24,7 +24,7 @@ from mtrank.data.simulate import SimConfig, write_simulated
 from mtrank.data.split import SplitConfig, split_data
 from mtrank.errors import BundleError, ConfigError, MtrankError
 from mtrank.io_utils import atomic_write_json, atomic_write_parquet
-from mtrank.models import MODELS
+from mtrank.models import MODELS, RANKERS
 from mtrank.models.config import ModelConfig
 from mtrank.serve.bundle import Bundle
 from mtrank.train.trainer import TrainConfig
@@ -115,7 +115,7 @@ def train(
     data: Annotated[list[str] | None, typer.Option("--data", help="CSV/Parquet file, directory or glob (with --schema); repeatable")] = None,
     schema: SchemaOpt = None,
     data_dir: DataDirOpt = None,
-    model: Annotated[str, typer.Option("--model", "-m", help=f"one of {', '.join(MODELS)}")] = "esmm",
+    model: Annotated[str, typer.Option("--model", "-m", help=f"one of {', '.join([*MODELS, *RANKERS])}")] = "esmm",
     out: Annotated[Path, typer.Option("--out", "-o", help="bundle directory to write")] = Path("runs/model"),
     epochs: int = 3,
     batch_size: int = 2048,
@@ -145,14 +145,20 @@ def train(
     weight_by_price: Annotated[bool, typer.Option("--weight-by-price", help="weight converted rows by 1 + min(log1p(price)/mean, cap) (see mtrank.data.weights)")] = False,
     price_weight_cap: Annotated[float, typer.Option(help="largest extra weight with --weight-by-price")] = 3.0,
     tensorboard: Annotated[Path | None, typer.Option("--tensorboard", help="also write the per-epoch metrics as TensorBoard event files here (needs tensorboard)")] = None,
+    ltr_option: Annotated[list[str] | None, typer.Option("--ltr-option", help="with --model ltr: key=value of mtrank.models.ltr.LTRConfig (k, early_stopping, n_estimators, value_coef …); repeatable")] = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Train a model, early-stopped on validation; evaluate on test; write a bundle.
+
+    `--model ltr`: LambdaMART (LightGBM lambdarank) on graded relevance, early-stopped on
+    validation NDCG@K, evaluated with ranking metrics (see docs/ltr.md).
 
     Data parallel: `mtrank train --nproc K ...` or `torchrun --nproc_per_node=K -m mtrank train ...`
     (DistributedDataParallel, gloo on CPU / NCCL on GPU; only rank 0 writes).
     """
     _check_choice(funnel_violations, ("error", "drop"), "--funnel-violations")
+    if model in RANKERS:
+        return _train_ranker(dataset, data, schema, data_dir, out, overwrite, seed, threads, test_fraction, val_fraction, funnel_violations, ltr_option, quiet)
     if nproc > 1:
         _relaunch_under_torchrun(nproc)
     if out.exists() and not overwrite:
@@ -210,6 +216,25 @@ def train(
             dist.destroy_process_group()
 
 
+def _train_ranker(dataset, data, schema, data_dir, out, overwrite, seed, threads, test_fraction, val_fraction, funnel_violations, options, quiet) -> None:
+    """`mtrank train --model ltr`: :func:`mtrank.ranking.ltr.train_ltr_run`, save, print metrics."""
+    from mtrank.ranking.ltr import log_to_stderr, ltr_options, train_ltr_run
+
+    if out.exists() and not overwrite:
+        raise BundleError(f"{out} already exists; pass --overwrite to replace it")
+    if data is not None and len(data) != 1:
+        raise ConfigError("--model ltr takes one --data file")
+    cfg = ltr_options(options, seed=seed, threads=threads)
+    data_path = Path(data[0]) if data else None
+    sch = resolve_schema(schema, dataset) if (schema or data_path) else None
+    split_cfg = SplitConfig(test_fraction=test_fraction, val_fraction=val_fraction, seed=seed)
+    res = train_ltr_run(dataset, data_path, sch, data_dir, split_cfg, cfg, funnel_violations=funnel_violations, meta={"command": " ".join(sys.argv)}, log=None if quiet else log_to_stderr)
+    res.bundle.save(out, overwrite=overwrite)
+    keys = [k for k in next(iter(res.metrics.values()), {}) if "@" in k]
+    console.print(_metric_table(f"ltr on {res.bundle.meta['dataset']} (best iteration {res.info['best_iteration']})", {f"ltr ({k})": v for k, v in res.metrics.items()}, keys))
+    console.print(f"bundle written to {out} (LightGBM model.txt; scores are ranking scores, no pCTR/pCVR)")
+
+
 def _parse_buckets(items: list[str] | None) -> dict[str, int] | None:
     """``["item_id=1000000", ...]`` → ``{"item_id": 1000000}``. Raises ConfigError when malformed."""
     if not items:
@@ -258,8 +283,15 @@ def evaluate(
         cfg = SplitConfig.model_validate(b.meta.get("split", {}))
         _check_choice(split, ("test", "val"), "--split")
         frame = split_data(loaded, cfg)[split]
-    metrics = evaluate_split(b.model, b.encode(frame, with_labels=True), b.schema)
-    console.print(_metric_table(f"{bundle}", {b.model_config.name: metrics}))
+    if b.model_config.name in RANKERS:
+        from mtrank.ranking.ltr import evaluate_ranker
+
+        metrics = evaluate_ranker(b, frame, source=str(data or split))
+        table = _metric_table(f"{bundle}", {b.model_config.name: metrics}, [k for k in metrics if "@" in k])
+    else:
+        metrics = evaluate_split(b.model, b.encode(frame, with_labels=True), b.schema)
+        table = _metric_table(f"{bundle}", {b.model_config.name: metrics})
+    console.print(table)
     if out is not None:
         atomic_write_json(metrics, out)
         console.print(f"metrics written to {out}")
@@ -272,7 +304,7 @@ def predict(
     out: Annotated[Path, typer.Option("--out", "-o", help="Parquet file to write")] = Path("predictions.parquet"),
     fusion: Annotated[Path | None, typer.Option("--fusion", help="fusion JSON: also write the fused `score` column")] = None,
 ) -> None:
-    """Score a file: writes its ids plus p_ctr, p_cvr, p_ctcvr (and `score` with --fusion) per row, in input order."""
+    """Score a file: writes its ids plus p_ctr, p_cvr, p_ctcvr (and `score` with --fusion) per row, in input order; an LTR bundle writes its ranking `score`."""
     from mtrank.data.io import read_table
     from mtrank.serve.fusion import FusionSpec, fused_score_column
 
@@ -280,6 +312,8 @@ def predict(
     b = Bundle.load(bundle)
     table = read_table(data)
     frame = predictions_frame(b, table, str(data))
+    if spec is not None and "p_ctr" not in frame.columns:
+        raise ConfigError(f"--fusion needs pCTR and pCVR; model {b.model_config.name!r} writes its own ranking score `score` (no probabilities), so drop --fusion")
     if spec is not None:
         frame = frame.with_columns(fused_score_column(spec, frame, table, b.schema.price))
         n_null = frame.get_column("score").null_count()

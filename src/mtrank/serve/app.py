@@ -63,6 +63,7 @@ class FeatureCounts(BaseModel):
 class ScoreResponse(BaseModel):
     model: str
     bundle_sha256: str
+    score_source: str = Field(description="'fusion': score = the fusion of the model's pCTR/pCVR/pCTCVR; 'ranker': the model's own ranking score (LTR), and p_ctr, p_cvr, p_ctcvr, log_score are null")
     fusion: FusionSpec
     n_candidates: int
     candidates: list[ScoredCandidate]
@@ -90,7 +91,7 @@ def create_app(bundle_path: str | Path, fusion: FusionSpec | str | Path | None =
         description=f"Ranks candidates by a fusion of ESMM's pCTR, pCVR and pCTCVR. Model {service.bundle.model_config.name!r}, schema {service.bundle.schema.name!r}.",
     )
     app.state.service = service
-    header = {"model": service.bundle.model_config.name, "bundle_sha256": service.digest}
+    header = {"model": service.bundle.model_config.name, "bundle_sha256": service.digest, "score_source": service.score_source}
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
