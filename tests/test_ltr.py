@@ -19,7 +19,13 @@ from mtrank.data.schema import Schema
 from mtrank.data.simulate import SIMULATED_SCHEMA, SimConfig, simulate
 from mtrank.data.split import SplitConfig, split_data
 from mtrank.errors import ConfigError, DataError
-from mtrank.models.ltr import GradeLevels, LTRConfig, relevance_grades, request_groups, trainable_requests
+from mtrank.models.ltr import (
+    GradeLevels,
+    LTRConfig,
+    relevance_grades,
+    request_groups,
+    trainable_requests,
+)
 from mtrank.ranking.ltr import evaluate_ranker, fit_ltr, ranked_split, ranking_metrics
 from mtrank.serve.app import create_app
 from mtrank.serve.bundle import Bundle
@@ -158,7 +164,7 @@ def test_ltr_is_served_by_its_own_score_and_says_it_has_no_probabilities(ltr_fit
 def test_cli_train_ltr_predict_and_bad_schema(tmp_path):
     data = tmp_path / "sim.parquet"
     simulate(SimConfig(rows=6_000, n_users=300, n_items=150, slate_size=20, cvr=0.2, seed=5)).write_parquet(data)
-    run = lambda *a: subprocess.run([sys.executable, "-m", "mtrank", *map(str, a)], capture_output=True, text=True, timeout=600)  # noqa: E731
+    run = lambda *a: subprocess.run([sys.executable, "-m", "mtrank", *map(str, a)], capture_output=True, text=True, timeout=600, check=False)
     out = tmp_path / "ltr"
     r = run("train", "--data", data, "--schema", "simulated", "--model", "ltr", "--out", out, "--ltr-option", "n_estimators=10", "-q")
     assert r.returncode == 0, r.stderr
