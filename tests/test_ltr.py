@@ -174,3 +174,26 @@ def test_cli_train_ltr_predict_and_bad_schema(tmp_path):
     assert "score" in pl.read_parquet(tmp_path / "p.parquet").columns
     r = run("train", "--data", data, "--schema", "simulated", "--model", "ltr", "--out", tmp_path / "x", "--ltr-option", "levels=99")
     assert r.returncode == 2 and "levels" in r.stderr
+
+
+def test_side_by_side_ranks_the_same_requests_and_its_lifts_are_paired_ratios():
+    from mtrank.models.config import ModelConfig
+    from mtrank.ranking.strategies import compare_strategies, report_markdown
+    from mtrank.train.trainer import TrainConfig
+
+    sim = simulate(SimConfig(rows=6_000, n_users=300, n_items=150, slate_size=20, cvr=0.2, seed=9))
+    df, _ = validate_frame(sim, SIMULATED_SCHEMA, "sim")
+    splits = split_data(LoadedData(SIMULATED_SCHEMA, {"all": df}, {"all": "sim"}), SplitConfig())
+    res = compare_strategies(
+        splits, SIMULATED_SCHEMA, k=5, trials=5, bootstrap=200,
+        train_cfg=TrainConfig(epochs=1, batch_size=512, seed=0), model_cfg=ModelConfig(tower=[16, 8], embedding_dim=4),
+        ltr_cfg=LTRConfig(k=5, n_estimators=10, threads=1, min_data_in_leaf=20),
+    )
+    m = res["metrics"]
+    assert list(m)[:3] == ["base+fusion", "ltr", "esmm+fusion"] and "oracle: true expected GMV" in m
+    assert res["test"]["requests"] == splits["test"].get_column("request_id").n_unique() == m["ltr"]["requests"]
+    for name in ("ltr", "esmm+fusion", "logged order"):
+        lift = res["vs_base_fusion"][name]["exp_gmv@5"]
+        assert lift["lift"] == pytest.approx(m[name]["exp_gmv@5"] / m["base+fusion"]["exp_gmv@5"] - 1, rel=1e-9)
+        assert lift["low"] <= lift["lift"] <= lift["high"]
+    assert "| ltr |" in report_markdown(res, "tiny")

@@ -93,6 +93,8 @@ def _attach_predictions(bundle: Bundle, frame: pl.DataFrame, source: str) -> pl.
     preds = predictions_frame(bundle, frame, source)
     missing = [c for c in PREDICTION_COLUMNS if c not in preds.columns]
     if missing:
+        if "score" in preds.columns:  # a ranker (LTR) with its own score: nothing to fuse
+            raise ConfigError(f"model {bundle.model_config.name!r} ranks by its own score and has no pCTR/pCVR to fuse; compare it with fused rankings in benchmarks/ltr_side_by_side.py (docs/ltr.md)")
         raise ConfigError(f"the bundle does not predict {missing}: fusion needs a funnel model (ESMM)")
     return frame.with_columns(preds.get_column(c) for c in PREDICTION_COLUMNS)
 
