@@ -162,6 +162,9 @@ def fit_ltr(
         _say(log, f"ltr: {left_out:,} of {counts['requests']:,} training requests have no pair to learn from "
                   f"({counts['one_candidate']:,} with one candidate, {counts['no_positive']:,} with no positive, "
                   f"{counts['all_equal']:,} with one grade for all); left out of training, kept in evaluation")
+    if all((p.sizes <= cfg.k).all() for p in parts.values()):
+        _say(log, f"ltr: warning: every request has ≤ {cfg.k} candidates, so GMV@{cfg.k}, orders@{cfg.k} and clicks@{cfg.k} "
+                  "cannot depend on the ranking (only NDCG can); use a smaller k (--ltr-option k=5) or larger requests")
     if not keep.any():
         raise ConfigError("no training request has two candidates with different grades: LTR has nothing to learn")
     levels = GradeLevels.fit(train.grade[keep], train.replay.conversion[keep], cfg.levels)

@@ -324,6 +324,8 @@ def calibration_curves(b: BundleRun, cache: _DataCache) -> dict[str, dict]:
     frame = cache.test_frame(b, bundle.schema)
     data = bundle.encode(frame, "test split", with_labels=True)
     probs = bundle.predict_arrays(data)
+    if not any(k.startswith("p_") for k in probs):  # a ranker (LTR): a score, no probabilities to calibrate
+        return {}
     labels = {k: v.numpy().astype(np.float64) for k, v in data.labels.items()}
     if bundle.schema.is_funnel:
         click = labels["click"] > 0
