@@ -190,10 +190,24 @@ def test_side_by_side_ranks_the_same_requests_and_its_lifts_are_paired_ratios():
         ltr_cfg=LTRConfig(k=5, n_estimators=10, threads=1, min_data_in_leaf=20),
     )
     m = res["metrics"]
-    assert list(m)[:3] == ["base+fusion", "ltr", "esmm+fusion"] and "oracle: true expected GMV" in m
+    assert list(m)[:4] == ["base+fusion", "ltr", "listwise nn", "esmm+fusion"] and "oracle: true expected GMV" in m
     assert res["test"]["requests"] == splits["test"].get_column("request_id").n_unique() == m["ltr"]["requests"]
-    for name in ("ltr", "esmm+fusion", "logged order"):
+    for name in ("ltr", "listwise nn", "esmm+fusion", "logged order"):
         lift = res["vs_base_fusion"][name]["exp_gmv@5"]
         assert lift["lift"] == pytest.approx(m[name]["exp_gmv@5"] / m["base+fusion"]["exp_gmv@5"] - 1, rel=1e-9)
         assert lift["low"] <= lift["lift"] <= lift["high"]
     assert "| ltr |" in report_markdown(res, "tiny")
+
+
+def test_listwise_loss_by_hand():
+    import torch
+
+    from mtrank.ranking.ltr import listwise_loss
+
+    # list 0: scores (0, ln 2), grades (1, 1); list 1: scores (0, 0, 0), grades (0, 0, 3) → only row 3 counts
+    score = torch.tensor([0.0, math.log(2), 0.0, 0.0, 0.0])
+    grade = torch.tensor([1.0, 1.0, 0.0, 0.0, 3.0])
+    slot = torch.tensor([0, 1, 3, 4, 5])  # width 3: list 0 uses slots 0, 1 (2 padded)
+    loss = listwise_loss(score, grade, slot, 2, 3)
+    expected = (0.5 * (math.log(3) + math.log(1.5)) + math.log(3)) / 2
+    assert loss.item() == pytest.approx(expected, rel=1e-6)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import polars as pl
+import torch
 
 from mtrank.data.batch import EncodedData
 from mtrank.data.encoders import FeatureEncoder
@@ -220,6 +221,76 @@ def evaluate_ranker(bundle: Bundle, df: pl.DataFrame, *, k: int | None = None, s
     return ranking_metrics(split, score, k, position_coef=replay_defaults(bundle.schema)["position_coef"])
 
 
+def listwise_loss(score: torch.Tensor, grade: torch.Tensor, slot: torch.Tensor, n_lists: int, width: int) -> torch.Tensor:
+    """Softmax cross-entropy over slates (ListNet top-1, Cao et al. ICML 2007): per request,
+    −Σ_i t_i · log softmax(s)_i with targets t = grade / Σ grade; mean over requests.
+
+    ``score``, ``grade``: ``[B]`` rows; ``slot``: ``[B]`` flat index list·width + position of
+    each row in a ``[n_lists, width]`` padded slate (padding scores −inf, weight 0). Every
+    list must have a positive grade sum.
+    """
+    s = torch.full((n_lists * width,), float("-inf"), dtype=score.dtype).index_put((slot,), score).view(n_lists, width)
+    g = torch.zeros(n_lists * width, dtype=score.dtype).index_put((slot,), grade).view(n_lists, width)
+    logp = torch.log_softmax(s, dim=1)
+    t = g / g.sum(1, keepdim=True)
+    return -(t * torch.where(torch.isfinite(logp), logp, torch.zeros_like(logp))).sum(1).mean()
+
+
+def fit_listwise(
+    train: RankedSplit, val: RankedSplit, spec, model_cfg: ModelConfig, *, k: int = 10, epochs: int = 3,
+    lists_per_batch: int = 64, lr: float = 1e-3, seed: int = 0, log: Callable[[str], None] | None = None,
+) -> tuple[torch.nn.Module, dict]:
+    """The neural counterpart of LambdaMART for the side-by-side comparison: mtrank's own
+    embedding + MLP (:class:`mtrank.models.base.SingleTaskNet`, the same features and capacity
+    as one BASE tower) trained with :func:`listwise_loss` on the trainable requests
+    (:func:`mtrank.models.ltr.trainable_requests`), Adam, early stopping (patience 1) on
+    validation grade NDCG@K. Returns (model at its best epoch, eval mode; info). Not a bundle
+    model (yet): it is scored in memory by the benchmark."""
+    from mtrank.models.base import SingleTaskNet
+
+    torch.manual_seed(seed)
+    net = SingleTaskNet(spec, model_cfg)
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    keep, _ = trainable_requests(train.group, train.sizes, train.grade)
+    rows = np.flatnonzero(keep)
+    g = train.group[rows]
+    starts = np.r_[0, np.flatnonzero(np.diff(g)) + 1]  # contiguous requests
+    lens = np.diff(np.r_[starts, rows.size])
+    width = int(lens.max())
+    pos = np.arange(rows.size) - np.repeat(starts, lens)
+    cat, num = train.data.categorical, train.data.numerical
+    grade = torch.from_numpy(train.grade.astype(np.float32))
+    rng = np.random.default_rng(seed)
+
+    def val_ndcg() -> float:
+        with torch.no_grad():
+            net.eval()
+            sc = net(val.data.categorical, val.data.numerical).numpy()
+            net.train()
+        return ranking_metrics(val, sc, k)[f"ndcg_grade@{k}"] or 0.0
+
+    best, best_state, history = -1.0, None, []
+    for epoch in range(epochs):
+        for chunk in np.array_split(rng.permutation(starts.size), max(1, starts.size // lists_per_batch)):
+            n_rows = lens[chunk]
+            idx = np.repeat(starts[chunk] - (np.cumsum(n_rows) - n_rows), n_rows) + np.arange(n_rows.sum())
+            slot = torch.from_numpy(np.repeat(np.arange(chunk.size), lens[chunk]) * width + pos[idx])
+            r = torch.from_numpy(rows[idx])
+            loss = listwise_loss(net(cat[r], num[r]), grade[r], slot, chunk.size, width)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        nd = val_ndcg()
+        history.append(nd)
+        _say(log, f"listwise: epoch {epoch + 1} val ndcg_grade@{k} {nd:.4f}")
+        if nd > best:
+            best, best_state = nd, {n: p.detach().clone() for n, p in net.state_dict().items()}
+        else:
+            break
+    net.load_state_dict(best_state)
+    return net.eval(), {"best_epoch": int(np.argmax(history)) + 1, "history": history}
+
+
 def ltr_options(items: list[str] | None, **overrides) -> LTRConfig:
     """``["key=value", ...]`` (value parsed as JSON when it can be) plus ``overrides`` →
     :class:`LTRConfig`. Raises ConfigError on a malformed item, pydantic's ValidationError on
@@ -258,4 +329,4 @@ def log_to_stderr(msg: str) -> None:
     print(msg, file=sys.stderr)
 
 
-__all__ = ["LTRFit", "RankedSplit", "check_ltr_schema", "evaluate_ranker", "fit_ltr", "ltr_options", "ranked_split", "ranking_metrics", "train_ltr_run"]
+__all__ = ["LTRFit", "RankedSplit", "check_ltr_schema", "evaluate_ranker", "fit_listwise", "fit_ltr", "listwise_loss", "ltr_options", "ranked_split", "ranking_metrics", "train_ltr_run"]

@@ -5,7 +5,9 @@ The founding write-up names three strategies for ranking with several objectives
 (a) **fusion**: independent models per objective (BASE: a CTR and a CVR network) and a score
     formula on their outputs, tuned for GMV;
 (b) **learning to rank**: one ranker trained on relevance grades that encode the objectives
-    (LambdaMART, :mod:`mtrank.models.ltr`);
+    (LambdaMART, :mod:`mtrank.models.ltr`); and, with ``listwise=True``, the same grades with a
+    softmax cross-entropy over each slate on mtrank's own embedding + MLP (one BASE tower's
+    features and capacity, :func:`mtrank.ranking.ltr.fit_listwise`);
 (c) **multi-task learning**: ESMM (or a relative) and the same tuned fusion on its pCTR / pCVR.
 
 Protocol (:func:`compare_strategies`):
@@ -30,12 +32,20 @@ from collections.abc import Callable
 
 import numpy as np
 import polars as pl
+import torch
 
 from mtrank.data.schema import Schema
 from mtrank.models.config import ModelConfig
 from mtrank.models.ltr import LTRConfig
 from mtrank.ranking.fusion import make_fusion
-from mtrank.ranking.ltr import RankedSplit, check_ltr_schema, fit_ltr, ranked_split, ranking_metrics
+from mtrank.ranking.ltr import (
+    RankedSplit,
+    check_ltr_schema,
+    fit_listwise,
+    fit_ltr,
+    ranked_split,
+    ranking_metrics,
+)
 from mtrank.ranking.replay import (
     ReplayData,
     bootstrap_lift,
@@ -81,6 +91,7 @@ def compare_strategies(
     trials: int = 100,
     seed: int = 0,
     bootstrap: int = 1000,
+    listwise: bool = True,
     log: Callable[[str], None] | None = None,
 ) -> dict:
     """Rank the test requests by (a) BASE + tuned fusion, (b) LTR, (c) each of ``models`` +
@@ -111,6 +122,14 @@ def compare_strategies(
     test = ranked_split(splits["test"], schema, enc, ltr_cfg, source="test split")
     scores: dict[str, np.ndarray] = {"ltr": lt.bundle.predict_arrays(test.data)["score"]}
     say(f"ltr: best iteration {lt.info['best_iteration']} ({seconds['ltr']:.0f}s)")
+    listwise_info = None
+    if listwise:
+        t = time.perf_counter()
+        train = ranked_split(splits["train"], schema, enc, ltr_cfg, source="train split")
+        net, listwise_info = fit_listwise(train, val, lt.bundle.spec, model_cfg, k=k, epochs=train_cfg.epochs, lr=train_cfg.lr, seed=seed, log=say)
+        with torch.no_grad():
+            scores["listwise nn"] = net(test.data.categorical, test.data.numerical).double().numpy()
+        seconds["listwise nn"] = time.perf_counter() - t
 
     fusions = {}
     for name in ("base", *models):
@@ -131,7 +150,8 @@ def compare_strategies(
     if r.true_ctr is not None and r.true_cvr is not None:
         scores["oracle: true expected GMV"] = r.true_ctr * r.true_cvr * r.price
 
-    order = ["base+fusion", "ltr", *[f"{m}+fusion" for m in models], *[n for n in scores if "+" not in n and n != "ltr"]]
+    learned = ["ltr", *(["listwise nn"] if listwise else [])]
+    order = ["base+fusion", *learned, *[f"{m}+fusion" for m in models], *[n for n in scores if "+" not in n and n not in learned]]
     metrics = {name: ranking_metrics(test, scores[name], k, position_coef=pos) for name in order}
     ref = scores["base+fusion"]
     ref_req = per_request(r, ref, k, position_coef=pos)
@@ -145,6 +165,7 @@ def compare_strategies(
         lifts[name][f"ndcg@{k}"] = bootstrap_lift(nd[has], ref_ndcg[has], n=bootstrap, seed=seed)
     return {
         "k": k, "metrics": metrics, "vs_base_fusion": lifts, "fusions": fusions,
+        "listwise": listwise_info,
         "ltr": {"best_iteration": lt.info["best_iteration"], "train_requests": lt.info["train_requests"], "config": ltr_cfg.model_dump(), "levels": lt.info["levels"]},
         "test": {"rows": int(r.group.size), "requests": int(r.n_requests), "conversions": int(r.conversion.sum()), "clicks": int(r.click.sum())},
         "rows": {name: df.height for name, df in splits.items()},
