@@ -28,7 +28,7 @@ from mtrank.models.ltr import (
 )
 from mtrank.ranking.ltr import evaluate_ranker, fit_ltr, ranked_split, ranking_metrics
 from mtrank.serve.app import create_app
-from mtrank.serve.bundle import Bundle
+from mtrank.bundle import Bundle
 
 SCHEMA = Schema(name="hand", click="click", conversion="conversion", price="price", request_id="request_id", categorical=["item"], numerical=["x"])
 

@@ -36,7 +36,7 @@ MODELS: dict[str, type[nn.Module]] = {
 
 # Rankers that are not neural networks: trained by their own fit (not the trainer), stored
 # by their own codec (a class with weights_file, save_weights, load_weights, scorer; see
-# mtrank.serve.bundle), scored with one ranking score ``score`` and no probabilities.
+# mtrank.bundle), scored with one ranking score ``score`` and no probabilities.
 RANKERS: dict[str, type] = {"ltr": LambdaMART}
 
 # Models whose CVR estimate is trained over the entire space (through pCTCVR, or a

@@ -192,7 +192,7 @@ class LambdaMART:
     Scorer: ``model(categorical int64 [N, n_cat], numerical float32 [N, n_num])`` →
     ``{"score": float64 [N]}`` (higher ranks first; a raw ranking score, not a probability).
     Codec: :attr:`weights_file` (LightGBM text format), :meth:`save_weights`,
-    :meth:`load_weights`, :meth:`scorer` (see :mod:`mtrank.serve.bundle`).
+    :meth:`load_weights`, :meth:`scorer` (see :mod:`mtrank.bundle`).
     """
 
     outputs = ("score",)

@@ -43,7 +43,7 @@ from mtrank.ranking.replay import (
     replay_from_frame,
     replay_metrics,
 )
-from mtrank.serve.bundle import Bundle
+from mtrank.bundle import Bundle
 from mtrank.workflow import feature_spec
 
 
