@@ -38,6 +38,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -66,6 +67,7 @@ VARIANTS: dict[str, dict] = {
     "dropout_0.1": {"dropout": 0.1},
     "emb_l2_1e-5": {"emb_l2": 1e-5},
     "shared_out_bias": {"out_bias": "shared"},
+    "peer_deepctr": {"peer": "deepctr"},  # DeepCTR-Torch itself on the same rows (its own venv)
     "deepctr_all": {"tower_init": "deepctr", "tower_std": 1e-4, "emb_std": 1e-4, "out_bias": "shared", "loss": "prob", "emb_l2": 1e-5},
 }
 
@@ -101,7 +103,7 @@ def towers(model: nn.Module) -> list[nn.Sequential]:
     return [model.ctr_tower.net, model.cvr_tower.net]
 
 
-def apply_init(model: nn.Module, v: dict, train) -> None:
+def apply_init(model: nn.Module, v: dict, train, schema) -> None:
     """Re-initialise ``model`` as variant ``v`` says (after the default construction)."""
     if "emb_std" in v:
         nn.init.normal_(model.embedding.table.weight, std=v["emb_std"])
@@ -117,13 +119,11 @@ def apply_init(model: nn.Module, v: dict, train) -> None:
             elif kind == "out_zero" and i == len(linears) - 1:
                 nn.init.zeros_(lin.weight)
                 nn.init.zeros_(lin.bias)
-    if v.get("out_bias") == "prior":
-        click = train.labels["click"]
-        ctr = float(click.mean())
-        cvr = float(train.labels["conversion"][click > 0].mean())
-        for net, p in zip(towers(model), (ctr, cvr), strict=True):
-            out = [m for m in net if isinstance(m, nn.Linear)][-1]
-            nn.init.constant_(out.bias, math.log(p / (1 - p)))
+    if v.get("out_bias") == "prior":  # the library's default since this ablation
+        from mtrank.models.layers import init_output_bias
+        from mtrank.train.trainer import label_rates
+
+        init_output_bias(model, label_rates(train, schema))
     if v.get("out_bias") == "shared":  # DeepCTR-Torch's ESMM: one PredictionLayer bias for both logits
         from mtrank.models.layers import funnel_outputs
 
@@ -154,6 +154,38 @@ def loss_fn(model, out, batch, v: dict) -> torch.Tensor:
     return loss
 
 
+def run_peer(data, budget: tuple, seed: int, threads: int, python: str, workdir: Path) -> dict:
+    """DeepCTR-Torch's ESMM on the same encoded rows, through ``_deepctr_worker.py`` (no early
+    stopping there: only the one-epoch budget is comparable)."""
+    import subprocess
+
+    from mtrank.metrics.core import auc
+
+    S, enc, train, _val, test = data
+    batch, epochs, _early = budget
+    if epochs != 1:
+        raise SystemExit("peer_deepctr runs the 1ep budget only")
+    npz = workdir / f"peer-{S.name}-{seed}.npz"
+    np.savez(npz, train_x=train.categorical.numpy(), test_x=test.categorical.numpy(), train_num=train.numerical.numpy(),
+             test_num=test.numerical.numpy(), numerical=np.array(S.numerical), fields=np.array(S.categorical),
+             cardinalities=np.array(enc.cardinalities), train_click=train.labels["click"].numpy(), train_conv=train.labels["conversion"].numpy(),
+             test_click=test.labels["click"].numpy(), test_conv=test.labels["conversion"].numpy())
+    out = workdir / f"peer-{S.name}-{seed}.json"
+    args = {"threads": threads, "npz": str(npz), "emb": EMB, "tower": TOWER, "batch": batch, "seed": seed}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    proc = subprocess.run([python, str(Path(__file__).resolve().parent / "_deepctr_worker.py"), json.dumps(args), str(out)],
+                          env=env, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise SystemExit(f"DeepCTR-Torch worker failed: {proc.stderr[-800:]}")
+    r = json.loads(out.read_text())
+    p = np.load(r["pred_path"])  # pCTR, pCVR, pCTCVR
+    click, conv = test.labels["click"].numpy(), test.labels["conversion"].numpy()
+    m = click > 0
+    test_auc = {"auc_ctr": auc(click, p[:, 0]), "auc_ctcvr": auc(click * conv, p[:, 2]), "auc_cvr_masked": auc(conv[m], p[m, 1])}
+    return {"test": {k: _r(x) for k, x in test_auc.items()}, "val_curve": [], "epochs_run": 1, "steps_per_epoch": math.ceil(len(train) / batch),
+            "seconds": r["train_seconds"], "parameters": r["parameters"]}
+
+
 def run_cell(data, v: dict, budget: tuple, seed: int, threads: int) -> dict:
     from mtrank.models import build_model
     from mtrank.models.config import ModelConfig
@@ -165,7 +197,7 @@ def run_cell(data, v: dict, budget: tuple, seed: int, threads: int) -> dict:
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     model = build_model(feature_spec(enc, S), ModelConfig(embedding_dim=EMB, tower=TOWER, dropout=v.get("dropout", 0.0)))
-    apply_init(model, v, train)
+    apply_init(model, v, train, S)
     lr = v.get("lr", 1e-3)
     emb = [model.embedding.table.weight]
     dense = [p for p in model.parameters() if p is not emb[0] and p.requires_grad]
@@ -214,7 +246,7 @@ METRICS = ("auc_ctr", "auc_ctcvr", "auc_cvr_masked")
 def report(out: Path) -> str:
     L = ["# ESMM defaults ablation (issue #18)", "",
          ("Paired differences variant − baseline of test AUC over seeds (mean ± sd, then the number of seeds where the variant is higher). "
-         "`baseline` = mtrank's defaults before issue #18. Produced by `benchmarks/defaults_ablation.py` (commands below)."), ""]
+         "`baseline` = mtrank's defaults before issue #18 (no prior output bias). Produced by `benchmarks/defaults_ablation.py` (commands below)."), ""]
     merged: dict[str, dict] = {}
     for f in sorted(out.glob("*.json")):  # one dataset may come from several runs (--tag)
         part = json.loads(f.read_text())
@@ -232,7 +264,7 @@ def report(out: Path) -> str:
         for bud in res["budgets"]:
             cells = res["cells"].get(bud, {})
             base = cells.get("baseline", {})
-            L += [f"### budget `{bud}`", "", "| variant | AUC CTR | Δ CTR | AUC CTCVR | Δ CTCVR | AUC CVR (clicked) | Δ CVR | epochs (best) |",
+            L += [f"### budget `{bud}`", "", "| variant | AUC CTR | Δ CTR | AUC CTCVR | Δ CTCVR | AUC CVR (clicked) | Δ CVR | epochs run |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|"]
             for name, per_seed in cells.items():
                 seeds = [s for s in per_seed if s in base]
@@ -270,6 +302,8 @@ def main() -> None:
     ap.add_argument("--val-rows", type=int, default=50_000)
     ap.add_argument("--test-rows", type=int, default=100_000)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--deepctr-python", default="/tmp/deepctr-venv/bin/python", help="interpreter of the DeepCTR-Torch venv (see throughput.py)")
+    ap.add_argument("--workdir", default="/tmp/mtrank-ablation", help="scratch folder for the peer's exported data")
     ap.add_argument("--tag", default="", help="suffix of the result file (parallel runs of one dataset)")
     ap.add_argument("--out", default="benchmarks/results/ablation")
     ap.add_argument("--report", metavar="DIR", help="merge DIR/*.json into DIR/ablation.md and stop")
@@ -281,6 +315,7 @@ def main() -> None:
         return
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
+    Path(a.workdir).mkdir(parents=True, exist_ok=True)
     path = out / f"{a.dataset}{a.tag}.json"
     kind = "sim" if a.dataset.startswith("sim") else "hillstrom"
     budgets = {b: BUDGETS[kind][b] for b in a.budgets.split(",")}
@@ -298,7 +333,10 @@ def main() -> None:
                 if seed not in cache:
                     cache[seed] = load_encoded(a.dataset, seed, a.train_rows, a.test_rows, a.val_rows)
                     res["rows"] = {"train": len(cache[seed][2]), "val": len(cache[seed][3]), "test": len(cache[seed][4])}
-                cell = run_cell(cache[seed], VARIANTS[name], tuple(spec), seed, a.threads)
+                if VARIANTS[name].get("peer"):
+                    cell = run_peer(cache[seed], tuple(spec), seed, a.threads, a.deepctr_python, Path(a.workdir))
+                else:
+                    cell = run_cell(cache[seed], VARIANTS[name], tuple(spec), seed, a.threads)
                 res["cells"].setdefault(bud, {}).setdefault(name, {})[str(seed)] = cell
                 res["load_last"] = _load()
                 path.write_text(json.dumps(res, indent=1))

@@ -212,7 +212,8 @@ def worker_bare(a: dict) -> dict:
     from mtrank.data.simulate import SIMULATED_SCHEMA as S
     from mtrank.models import build_model
     from mtrank.models.config import FeatureSpec
-    from mtrank.train.trainer import make_optimizers
+    from mtrank.models.layers import init_output_bias
+    from mtrank.train.trainer import label_rates, make_optimizers
     from mtrank.workflow import evaluate_split
 
     torch.set_num_threads(a["threads"])
@@ -222,6 +223,8 @@ def worker_bare(a: dict) -> dict:
     # ``pad``: allocate a field's whole declared catalogue (as a full-size log would realise it)
     card = [max(c, a.get("pad", {}).get(f, 0)) for f, c in zip(S.categorical, enc.cardinalities, strict=True)]
     model = build_model(FeatureSpec(cardinalities=card, n_numerical=len(enc.numerical), funnel=True, task_names=list(S.tasks)), mcfg)
+    if tcfg.prior_output_bias:  # as Trainer.fit does before its first step
+        init_output_bias(model, label_rates(train, S))
     opts = make_optimizers(model, tcfg)
     gen = torch.Generator().manual_seed(a.get("seed", 0))
     max_steps = a.get("max_steps") or 10**12
