@@ -602,7 +602,8 @@ def peer_quality(export: str, pred_path: str, peer: str) -> dict:
 def interleaved_runs(args, regime: str, base: dict, export: str, skip: set, peers: dict) -> dict[str, list[dict]]:
     """``args.reps`` repetitions of every system, interleaved (repetition r runs each system once,
     the starting system rotated by r, all with seed r), so machine-load drift hits all alike."""
-    systems = [s for s in SYSTEMS if not (s[1] == "bare" and "bare" in skip) and (s[1] not in PEERS or s[1] in peers)]
+    systems = [s for s in SYSTEMS if not (s[1] == "bare" and "bare" in skip) and (s[1] not in PEERS or s[1] in peers)
+               and f"{regime}:{s[0]}" not in skip]
     runs: dict[str, list[dict]] = {k: [] for k, _, _ in systems}
     for rep in range(args.reps):
         for key, worker, sparse in systems[rep % len(systems):] + systems[: rep % len(systems)]:
@@ -684,6 +685,35 @@ def padded_runs(args, base: dict, export: str, with_rechub: bool) -> dict:
     return out
 
 
+def merge_runs(dirs: list[Path], out: Path) -> None:
+    """One report from runs of the same script over different regimes (run side by side): their
+    regimes, commands, loads and notes together; the other parts from the first run that has them,
+    else from ``out``'s previous ``throughput.json``."""
+    parts = [json.loads((d / "throughput.json").read_text()) for d in dirs]
+    res = {**parts[0], "regimes": {}, "notes": [], "command": "; ".join(p["command"] for p in parts),
+           "load_before": [p["load_before"] for p in parts], "load_after": [p["load_after"] for p in parts]}
+    for p in parts:
+        res["regimes"].update(p["regimes"])
+        res["notes"] += [n for n in p["notes"] if n not in res["notes"]]
+    res["notes"].append(f"merged from {len(parts)} runs started side by side ({', '.join(str(d) for d in dirs)}) with `--merge`")
+    prev_path = out / "throughput.json"
+    prev = json.loads(prev_path.read_text()) if prev_path.exists() else {}
+    for key in ("rss", "profile", "profile_regime", "padded"):
+        if not res.get(key):
+            have = next((p[key] for p in parts if p.get(key)), None)
+            if have is None and prev.get(key):
+                have = prev[key]
+                if key != "profile_regime":
+                    res["notes"].append(f"`{key}` section carried over from the previous run of this script (started {prev['load_before']['utc']} UTC), not rerun this time")
+            if have:
+                res[key] = have
+    res["goals"] = goals(res)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "throughput.json").write_text(json.dumps(res, indent=1))
+    (out / "throughput.md").write_text(markdown(res))
+    print(markdown(res))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny smoke run")
@@ -699,7 +729,8 @@ def main() -> None:
     ap.add_argument("--deepctr-python", default="/tmp/deepctr-venv/bin/python")
     ap.add_argument("--reps", type=int, default=3, help="interleaved repetitions; repetition r trains every system with seed r")
     ap.add_argument("--pyspy", default="/tmp/rechub-venv/bin/py-spy")
-    ap.add_argument("--skip", default="", help="comma-separated parts to skip: rechub,rss,profile,bare,stream_only")
+    ap.add_argument("--skip", default="", help="comma-separated parts to skip: rechub,deepctr,rss,profile,padded,bare,stream_only, or REGIME:SYSTEM (e.g. aliccp:mtrank_dense)")
+    ap.add_argument("--merge", help="comma-separated result folders of runs over different regimes: write their union to --out and stop")
     ap.add_argument("--workdir", default="/tmp/mtrank-throughput")
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--only-data", action="store_true", help="generate (or reuse) the simulated files and stop")
@@ -710,6 +741,9 @@ def main() -> None:
     if args.worker:
         res = WORKERS[args.worker](json.loads(args.worker_args))
         Path(args.worker_out).write_text(json.dumps(res))
+        return
+    if args.merge:
+        merge_runs([Path(d) for d in args.merge.split(",")], Path(args.out))
         return
     if args.quick:
         args.train_rows, args.test_rows, args.val_rows, args.rss_sizes, args.rss_train_rows = 40_000, 20_000, 10_000, "40000,80000", 40_000
