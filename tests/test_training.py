@@ -3,6 +3,7 @@
 import numpy as np
 import polars as pl
 import pytest
+import torch
 
 from mtrank.data.datasets import LoadedData
 from mtrank.data.split import SplitConfig, split_data
