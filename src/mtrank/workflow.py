@@ -5,6 +5,7 @@ evaluate → bundle. Each step is a plain function so tests and notebooks can ca
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import numpy as np
 import polars as pl
 import torch
 
+from mtrank.config import RunConfig, load_config
 from mtrank.data.batch import EncodedData
 from mtrank.data.datasets import DATASETS, LoadedData, load_table, resolve_data_dir
 from mtrank.data.encoders import FeatureEncoder
@@ -24,7 +26,7 @@ from mtrank.metrics.evaluate import evaluate_outputs
 from mtrank.models import build_model
 from mtrank.models.config import FeatureSpec, ModelConfig
 from mtrank.bundle import Bundle
-from mtrank.train.trainer import TrainConfig, Trainer, TrainResult, predict
+from mtrank.train.trainer import EpochLog, TrainConfig, Trainer, TrainResult, predict
 
 
 def resolve_schema(spec: str | Path | None, dataset: str | None = None) -> Schema:
@@ -111,11 +113,15 @@ def fit(
     weight_by_price: bool = False,
     price_weight_cap: float = 3.0,
     hash_buckets: dict[str, int] | None = None,
+    on_epoch: Callable[[EpochLog], None] | None = None,
+    min_count: int = 1,
+    max_vocab: int | None = None,
 ) -> FitOutput:
     """Fit encoders on train only, train the model with early stopping on val, and evaluate on
     val and test. Returns the bundle (not yet saved) and metrics per split.
 
-    ``checkpoint``, ``checkpoint_every`` and ``resume`` are passed to :meth:`Trainer.fit`.
+    ``checkpoint``, ``checkpoint_every`` and ``resume`` are passed to :meth:`Trainer.fit`;
+    ``on_epoch`` (called with each epoch's log as it ends) to :class:`Trainer`.
 
     With ``weight_by_price`` the train and val rows get the sample weights of
     :func:`mtrank.data.weights.price_weights` from the schema's price column (normaliser from
@@ -127,7 +133,7 @@ def fit(
     """
     start = time.perf_counter()
     torch.manual_seed(train_cfg.seed)
-    encoder = FeatureEncoder.fit(splits["train"], schema, hash_buckets=hash_buckets)
+    encoder = FeatureEncoder.fit(splits["train"], schema, min_count=min_count, max_size=max_vocab, hash_buckets=hash_buckets)
     encoded = {k: EncodedData.from_frame(v, schema, encoder) for k, v in splits.items() if v.height}
     weighting = None
     if weight_by_price:
@@ -135,7 +141,7 @@ def fit(
     spec = feature_spec(encoder, schema)
     model = build_model(spec, model_cfg)
     train, val = training_views(model, encoded["train"], encoded.get("val"), train_cfg.seed)
-    trainer = Trainer(train_cfg, schema, quiet=quiet)
+    trainer = Trainer(train_cfg, schema, quiet=quiet, on_epoch=on_epoch)
     result = trainer.fit(
         model, train, val,
         checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume,
@@ -174,6 +180,7 @@ def fit_stream(
     checkpoint: Path | None = None,
     checkpoint_every: int = 0,
     resume: bool = False,
+    on_epoch: Callable[[EpochLog], None] | None = None,
 ) -> FitOutput:
     """Like :func:`fit`, but the training files are streamed piece by piece (flat memory):
     encoders are fitted in one streaming pass, batches come from a shuffle buffer. Validation
@@ -187,7 +194,7 @@ def fit_stream(
     val = ParquetStream(val_paths, schema, encoder).load_all() if val_paths else None
     spec = feature_spec(encoder, schema)
     model = build_model(spec, model_cfg)
-    result = Trainer(train_cfg, schema, quiet=quiet).fit(model, train, val, checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume)
+    result = Trainer(train_cfg, schema, quiet=quiet, on_epoch=on_epoch).fit(model, train, val, checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume)
     metrics = {}
     if val is not None:
         metrics["val"] = evaluate_split(model, val, schema)
@@ -200,6 +207,92 @@ def fit_stream(
         "history": [asdict(h) for h in result.history], "metrics": metrics, "seconds": seconds,
     }
     return FitOutput(Bundle(model, encoder, schema, model_cfg, spec, bundle_meta), result, metrics, seconds)
+
+def load_run_data(config: RunConfig) -> LoadedData:
+    """The validated rows a config names: its built-in ``data.dataset`` (the simulator's file is
+    generated if absent), or its one file ``data.paths[0]`` with ``data.schema``.
+
+    Raises:
+        ConfigError: more than one path without ``data.stream``, or no data named;
+        DatasetNotFoundError, DataError: see :func:`load_data`.
+    """
+    d = config.data
+    if len(d.paths) > 1:
+        raise ConfigError("without data.stream (--stream), data.paths (--data) takes one file")
+    path = Path(d.paths[0]) if d.paths else None
+    schema = resolve_schema(d.schema_, d.dataset) if (d.schema_ or path) else None
+    sim = d.simulator if d.dataset == "simulated" else None
+    return load_data(d.dataset, data=path, schema=schema, data_dir=d.data_dir, funnel_violations=d.funnel_violations, sim=sim)
+
+
+def run(
+    config: RunConfig | str | Path,
+    *,
+    quiet: bool = False,
+    on_epoch: Callable[[EpochLog], None] | None = None,
+    loaded: LoadedData | None = None,
+    checkpoint: Path | None = None,
+    meta: dict | None = None,
+) -> FitOutput:
+    """Train and evaluate as a run config says: the one training path of ``mtrank train``,
+    ``mtrank quickstart`` and the Python API (``mtrank.run``).
+
+    Args:
+        config: a :class:`~mtrank.config.RunConfig`, or the path of its YAML file.
+        quiet: no progress output. on_epoch: called with each epoch's log as it ends.
+        loaded: the rows, when already loaded (else :func:`load_run_data`); ignored with
+            ``data.stream``.
+        checkpoint: checkpoint folder (default: ``training.checkpoint_dir``, else none).
+        meta: extra JSON-able facts to record in the bundle (e.g. the command line).
+
+    Returns:
+        :class:`FitOutput`: the bundle (not saved; ``.bundle.save(path)``) with the resolved
+        config in ``bundle.meta["config"]``, the training result, metrics per split
+        (``val``, ``test``), seconds.
+
+    Raises:
+        ConfigError: a bad config or combination; DataError, DatasetNotFoundError: the data.
+    """
+    if not isinstance(config, RunConfig):
+        config = load_config(config)
+    d, t, f = config.data, config.training, config.features
+    model_cfg, train_cfg = config.model.to_model_config(), t.train_config()
+    if checkpoint is None and t.checkpoint_dir:
+        checkpoint = Path(t.checkpoint_dir)
+    common = {
+        "quiet": quiet, "checkpoint": checkpoint, "checkpoint_every": t.checkpoint_every, "resume": t.resume,
+        "hash_buckets": f.hash_buckets or None, "on_epoch": on_epoch, "min_count": f.min_count, "max_vocab": f.max_vocab,
+    }
+    if d.stream:
+        from mtrank.data.stream import expand_paths
+
+        if not d.paths:
+            raise ConfigError("data.stream (--stream) needs data.paths (--data: files, a directory or a glob)")
+        if t.weight_by_price:
+            raise ConfigError("training.weight_by_price (--weight-by-price) is not available with --stream yet")
+        schema = resolve_schema(d.schema_, d.dataset)
+        if d.funnel_violations is not None:
+            schema = schema.model_copy(update={"funnel_violations": d.funnel_violations})
+        sources = {"train": d.paths, "val": d.val_paths or None, "test": d.test_paths or None}
+        res = fit_stream(
+            expand_paths(d.paths), schema, model_cfg, train_cfg,
+            val_paths=expand_paths(d.val_paths) if d.val_paths else None,
+            test_paths=expand_paths(d.test_paths) if d.test_paths else None,
+            meta={"dataset": d.dataset or schema.name, "sources": sources, **(meta or {})},
+            shuffle_buffer=d.shuffle_buffer, **common,
+        )
+    else:
+        loaded = loaded if loaded is not None else load_run_data(config)
+        split_cfg = d.split.split_config(t.seed)
+        splits = split_data(loaded, split_cfg)
+        run_meta = {"dataset": d.dataset or loaded.schema.name, "sources": loaded.sources, "split": split_cfg.model_dump(), **(meta or {})}
+        res = fit(
+            splits, loaded.schema, model_cfg, train_cfg, meta=run_meta,
+            weight_by_price=t.weight_by_price, price_weight_cap=t.price_weight_cap, **common,
+        )
+    res.bundle.meta["config"] = config.to_dict()
+    return res
+
 
 def _add_price_weights(splits: dict[str, pl.DataFrame], encoded: dict[str, EncodedData], schema: Schema, cap: float) -> dict:
     if schema.price is None or not schema.is_funnel:
@@ -243,4 +336,7 @@ def predictions_frame(bundle: Bundle, df: pl.DataFrame, source: str) -> pl.DataF
     return out.with_columns(pl.Series(k, v.astype(np.float64)) for k, v in probs.items()) if keep else pl.DataFrame({k: v.astype(np.float64) for k, v in probs.items()})
 
 
-__all__ = ["FitOutput", "SplitConfig", "evaluate_split", "fit", "load_data", "predictions_frame", "resolve_schema", "split_data", "training_views"]
+__all__ = [
+    "FitOutput", "SplitConfig", "evaluate_split", "fit", "load_data", "load_run_data", "predictions_frame", "resolve_schema",
+    "run", "split_data", "training_views",
+]

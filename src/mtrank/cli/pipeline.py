@@ -5,6 +5,7 @@ Plain functions; :mod:`mtrank.cli` registers them on the app.
 
 from __future__ import annotations
 
+import os
 import shutil
 import statistics
 import sys
@@ -17,6 +18,7 @@ from rich.table import Table
 from mtrank.bundle import Bundle
 from mtrank.cli.common import (
     SUMMARY,
+    ConfigOpt,
     DataDirOpt,
     DatasetOpt,
     DataOpt,
@@ -29,18 +31,20 @@ from mtrank.cli.common import (
     _tower,
     console,
     err,
+    phase,
+    resolve_config,
 )
+from mtrank.config import RunConfig
 from mtrank.data.datasets import DATASETS
 from mtrank.data.simulate import SimConfig, write_simulated
 from mtrank.data.split import SplitConfig, split_data
-from mtrank.data.stream import expand_paths
 from mtrank.errors import BundleError, ConfigError
 from mtrank.io_utils import atomic_write_json, atomic_write_parquet
 from mtrank.models import MODELS
 from mtrank.models.config import ModelConfig
 from mtrank.train.distributed import init_from_env, is_main
 from mtrank.train.trainer import TrainConfig
-from mtrank.workflow import evaluate_split, fit, fit_stream, load_data, predictions_frame, resolve_schema
+from mtrank.workflow import evaluate_split, fit, load_data, load_run_data, predictions_frame, run
 
 
 def simulate(
@@ -70,6 +74,8 @@ def _configs(model, epochs, batch_size, lr, seed, patience, embedding_dim, tower
 
 
 def train(
+    ctx: typer.Context,
+    config: ConfigOpt = None,
     dataset: DatasetOpt = None,
     data: Annotated[list[str] | None, typer.Option("--data", help="CSV/Parquet file, directory or glob (with --schema); repeatable")] = None,
     schema: SchemaOpt = None,
@@ -108,65 +114,81 @@ def train(
 ) -> None:
     """Train a model, early-stopped on validation; evaluate on test; write a bundle.
 
+    With ``--config FILE`` the run config gives every setting and the flags given on the
+    command line override its keys; the bundle records the resolved config.
+
     Data parallel: `mtrank train --nproc K ...` or `torchrun --nproc_per_node=K -m mtrank train ...`
     (DistributedDataParallel, gloo on CPU / NCCL on GPU; only rank 0 writes).
     """
     _check_choice(funnel_violations, ("error", "drop"), "--funnel-violations")
-    if nproc > 1:
-        _relaunch_under_torchrun(nproc)
-    if out.exists() and not overwrite:
-        raise BundleError(f"{out} already exists; pass --overwrite to replace it")
-    model_cfg, train_cfg = _configs(model, epochs, batch_size, lr, seed, patience, embedding_dim, tower, dropout, threads)
-    train_cfg = train_cfg.model_copy(update={"sparse_embeddings": sparse_embeddings})
-    if tensorboard is not None:
-        from mtrank.report.tensorboard import check_available, write_history
+    _check_choice(model, MODELS, "--model")
+    cfg = resolve_config(ctx, config, {
+        "dataset": ("data.dataset", dataset), "data": ("data.paths", lambda: data or []),
+        "schema": ("data.schema", schema), "data_dir": ("data.data_dir", lambda: _str(data_dir)),
+        "funnel_violations": ("data.funnel_violations", funnel_violations),
+        "test_fraction": ("data.split.test_fraction", test_fraction), "val_fraction": ("data.split.val_fraction", val_fraction),
+        "stream": ("data.stream", stream), "val_data": ("data.val_paths", lambda: val_data or []),
+        "test_data": ("data.test_paths", lambda: test_data or []), "shuffle_buffer": ("data.shuffle_buffer", shuffle_buffer),
+        "min_count": ("features.min_count", min_count), "max_vocab": ("features.max_vocab", max_vocab),
+        "hash_buckets": ("features.hash_buckets", lambda: _parse_buckets(hash_buckets) or {}),
+        "model": ("model.name", model), "embedding_dim": ("model.embedding_dim", embedding_dim),
+        "tower": ("model.tower", lambda: _tower(tower)), "dropout": ("model.dropout", dropout),
+        "epochs": ("training.epochs", epochs), "batch_size": ("training.batch_size", batch_size), "lr": ("training.lr", lr),
+        "seed": ("training.seed", seed), "patience": ("training.patience", patience), "threads": ("training.threads", threads),
+        "sparse_embeddings": ("training.sparse_embeddings", sparse_embeddings), "nproc": ("training.nproc", nproc),
+        "checkpoint_dir": ("training.checkpoint_dir", lambda: _str(checkpoint_dir)),
+        "checkpoint_every": ("training.checkpoint_every", checkpoint_every), "resume": ("training.resume", resume),
+        "weight_by_price": ("training.weight_by_price", weight_by_price), "price_weight_cap": ("training.price_weight_cap", price_weight_cap),
+        "tensorboard": ("evaluation.tensorboard", lambda: _str(tensorboard)),
+        "out": ("export.out", lambda: str(out)), "overwrite": ("export.overwrite", overwrite),
+    })
+    train_from_config(cfg, quiet=quiet)
 
-        check_available()
-    buckets = _parse_buckets(hash_buckets)
+
+def train_from_config(cfg: RunConfig, *, quiet: bool = False) -> None:
+    """``mtrank train`` once its settings are resolved: train, print the metrics, write the bundle."""
+    t = cfg.training
+    if t.nproc > 1 and "LOCAL_RANK" not in os.environ:
+        _relaunch_under_torchrun(t.nproc)
+    out = Path(cfg.export.out)
+    if out.exists() and not cfg.export.overwrite:
+        raise BundleError(f"{out} already exists; pass --overwrite to replace it")
+    writer = None
+    if cfg.evaluation.tensorboard is not None and is_main():
+        from mtrank.report.tensorboard import EpochWriter
+
+        writer = EpochWriter(cfg.evaluation.tensorboard)  # each epoch is written as soon as it ends
     created = init_from_env()
     try:
-        ckpt = checkpoint_dir or out.with_name(out.name + ".ckpt")
-        run_kwargs = {"quiet": quiet or not is_main(), "checkpoint": ckpt, "checkpoint_every": checkpoint_every, "resume": resume}
-        if stream:
-            if not data:
-                raise ConfigError("--stream needs --data (files, a directory or a glob)")
-            if weight_by_price:
-                raise ConfigError("--weight-by-price is not available with --stream yet")
-            sch = resolve_schema(schema, dataset)
-            if funnel_violations is not None:
-                sch = sch.model_copy(update={"funnel_violations": funnel_violations})
-            meta = {"dataset": dataset or sch.name, "sources": {"train": data, "val": val_data, "test": test_data}, "command": " ".join(sys.argv)}
-            res = fit_stream(
-                expand_paths(data), sch, model_cfg, train_cfg,
-                val_paths=expand_paths(val_data) if val_data else None,
-                test_paths=expand_paths(test_data) if test_data else None,
-                meta=meta, shuffle_buffer=shuffle_buffer, min_count=min_count, max_vocab=max_vocab, hash_buckets=buckets, **run_kwargs,
-            )
-        else:
-            if data is not None and len(data) != 1:
-                raise ConfigError("without --stream, --data takes one file")
-            data_path = Path(data[0]) if data else None
-            sch = resolve_schema(schema, dataset) if (schema or data_path) else None
-            loaded = load_data(dataset, data=data_path, schema=sch, data_dir=data_dir, funnel_violations=funnel_violations)
+        ckpt = Path(t.checkpoint_dir) if t.checkpoint_dir else out.with_name(out.name + ".ckpt")
+        loaded = None
+        if not cfg.data.stream:
+            phase("loading data", quiet or not is_main())
+            loaded = load_run_data(cfg)
             if is_main():
                 _report_validation(loaded)
-            split_cfg = SplitConfig(test_fraction=test_fraction, val_fraction=val_fraction, seed=seed)
-            splits = split_data(loaded, split_cfg)
-            meta = {"dataset": dataset or loaded.schema.name, "sources": loaded.sources, "split": split_cfg.model_dump(), "command": " ".join(sys.argv)}
-            res = fit(splits, loaded.schema, model_cfg, train_cfg, meta=meta, weight_by_price=weight_by_price, price_weight_cap=price_weight_cap, hash_buckets=buckets, **run_kwargs)
+        phase(f"training {cfg.model.name}", quiet or not is_main())
+        res = run(cfg, quiet=quiet or not is_main(), on_epoch=writer, loaded=loaded, checkpoint=ckpt, meta={"command": " ".join(sys.argv)})
         if is_main():
-            res.bundle.save(out, overwrite=overwrite)
-            if checkpoint_dir is None and ckpt.is_dir():  # the default checkpoint has served its purpose
+            res.bundle.save(out, overwrite=cfg.export.overwrite)
+            if not t.checkpoint_dir and ckpt.is_dir():  # the default checkpoint has served its purpose
                 shutil.rmtree(ckpt, ignore_errors=True)
-            console.print(_metric_table(f"{model} on {meta['dataset']} (best epoch {res.result.best_epoch})", {f"{model} ({k})": v for k, v in res.metrics.items()}))
+            name, dataset = cfg.model.name, res.bundle.meta["dataset"]
+            console.print(_metric_table(f"{name} on {dataset} (best epoch {res.result.best_epoch})", {f"{name} ({k})": v for k, v in res.metrics.items()}))
             console.print(f"bundle written to {out}")
-            if tensorboard is not None:
-                console.print(f"TensorBoard events written to {write_history(res.result.history, tensorboard)}")
+            if writer is not None:
+                console.print(f"TensorBoard events written to {writer.path}")
     finally:
+        if writer is not None:
+            writer.close()
         if created:
             import torch.distributed as dist
 
             dist.destroy_process_group()
+
+
+def _str(path: Path | None) -> str | None:
+    return None if path is None else str(path)
 
 
 def _parse_buckets(items: list[str] | None) -> dict[str, int] | None:

@@ -27,7 +27,7 @@ from torch import nn
 from mtrank.data.batch import Batch
 from mtrank.errors import ConfigError
 from mtrank.losses import TaskLoss
-from mtrank.models.config import FeatureSpec, ModelConfig, require_funnel
+from mtrank.models.config import FeatureSpec, ModelConfig, ModelOptions, parse_options, require_funnel
 from mtrank.models.layers import MLP, FeatureEmbedding
 
 PROB_EPS = 1e-6
@@ -72,11 +72,18 @@ class AITM(nn.Module):
         TaskLoss("ctr", label="click", outputs=("logit_ctr",)),
         TaskLoss("ctcvr", label="ctcvr", outputs=("logit_ctcvr",)),
     ]
+    entire_space = True  # trained through pCTCVR over all impressions
+
+    class Options(ModelOptions):
+        """``calibrator_weight``: α of the behavioural calibrator (≥ 0)."""
+
+        calibrator_weight: float = 0.6
 
     def __init__(self, spec: FeatureSpec, cfg: ModelConfig) -> None:
         super().__init__()
         require_funnel(spec, "AITM")
-        self.calibrator_weight = float(cfg.options.get("calibrator_weight", 0.6))
+        self.options = parse_options(self.Options, cfg)
+        self.calibrator_weight = self.options.calibrator_weight
         if self.calibrator_weight < 0:
             raise ConfigError(f"aitm: calibrator_weight must be ≥ 0, got {self.calibrator_weight}")
         self.embedding = FeatureEmbedding(spec.cardinalities, spec.n_numerical, cfg.embedding_dim)

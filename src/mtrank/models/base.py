@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from mtrank.losses import TaskLoss
-from mtrank.models.config import FeatureSpec, ModelConfig, require_funnel
+from mtrank.models.config import FeatureSpec, ModelConfig, ModelOptions, parse_options, require_funnel
 from mtrank.models.layers import MLP, FeatureEmbedding, funnel_outputs
 
 
@@ -41,10 +41,13 @@ class Base(nn.Module):
         TaskLoss("ctr", label="click", outputs=("logit_ctr",)),
         TaskLoss("cvr", label="conversion", outputs=("logit_cvr",), space="clicked", mask="click"),
     ]
+    entire_space = False  # pCVR is learnt on clicked impressions only
+    Options = ModelOptions  # no options
 
     def __init__(self, spec: FeatureSpec, cfg: ModelConfig) -> None:
         super().__init__()
         require_funnel(spec, "BASE")
+        self.options = parse_options(self.Options, cfg)
         self.ctr_model = SingleTaskNet(spec, cfg)
         self.cvr_model = SingleTaskNet(spec, cfg)
 

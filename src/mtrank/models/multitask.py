@@ -30,7 +30,7 @@ from torch import nn
 
 from mtrank.errors import ConfigError
 from mtrank.losses import TaskLoss
-from mtrank.models.config import FeatureSpec, ModelConfig
+from mtrank.models.config import FeatureSpec, ModelConfig, ModelOptions, parse_options
 from mtrank.models.layers import MLP, ExpertBank, FeatureEmbedding, Gate, head_names, task_outputs
 
 ESMM_TASKS = [
@@ -43,15 +43,16 @@ CLICKED_SPACE_TASKS = [
 ]
 
 
-def _int_option(cfg: ModelConfig, key: str, default: int, minimum: int = 1) -> int:
-    value = cfg.options.get(key, default)
+def _int_option(cfg: ModelConfig, key: str, value: int, minimum: int = 1) -> int:
+    """``value`` of option ``key`` checked to be an integer ≥ ``minimum`` (ConfigError if not)."""
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         raise ConfigError(f"model {cfg.name!r}: option {key!r} must be an integer ≥ {minimum}, got {value!r}")
     return value
 
 
-def _sizes_option(cfg: ModelConfig, key: str, default: list[int]) -> list[int]:
-    value = cfg.options.get(key, default)
+def _sizes_option(cfg: ModelConfig, key: str, value: list[int] | int | None, default: list[int]) -> list[int]:
+    """Hidden sizes of option ``key`` (``default`` when unset; one int = one layer)."""
+    value = default if value is None else value
     if isinstance(value, int) and not isinstance(value, bool):
         value = [value]
     if not isinstance(value, list) or not value or not all(isinstance(v, int) and v > 0 for v in value):
@@ -188,10 +189,18 @@ class MultiTaskModel(nn.Module):
     """
 
     entire_space = False
+    plain_tasks = True  # also trains on plain multi-task data (no funnel)
     tasks = CLICKED_SPACE_TASKS
+
+    class Options(ModelOptions):
+        """``tower_hidden``: the towers' hidden sizes (default: the tower after its first layer;
+        may be empty, a linear tower)."""
+
+        tower_hidden: list[int] | None = None
 
     def __init__(self, spec: FeatureSpec, cfg: ModelConfig) -> None:
         super().__init__()
+        self.options = parse_options(self.Options, cfg)
         if self.entire_space and not spec.funnel:
             raise ConfigError(f"{cfg.name} is trained through pCTCVR and needs a funnel dataset (click and conversion labels)")
         self.funnel = spec.funnel
@@ -202,9 +211,9 @@ class MultiTaskModel(nn.Module):
             self.tasks = [TaskLoss(t, label=t, outputs=(f"logit_{t}",)) for t in self.heads]
         self.embedding = FeatureEmbedding(spec.cardinalities, spec.n_numerical, cfg.embedding_dim)
         body_hidden, tower_hidden = split_tower(cfg)
-        if "tower_hidden" in cfg.options:  # may be empty: a linear tower
-            tower_hidden = cfg.options["tower_hidden"]  # type: ignore[assignment]
-            if not isinstance(tower_hidden, list) or not all(isinstance(v, int) and v > 0 for v in tower_hidden):
+        if self.options.tower_hidden is not None:  # may be empty: a linear tower
+            tower_hidden = self.options.tower_hidden
+            if not all(v > 0 for v in tower_hidden):
                 raise ConfigError(f"model {cfg.name!r}: option 'tower_hidden' must be a list of positive sizes, got {tower_hidden!r}")
         self.body = self.build_body(self.embedding.output_dim, len(self.heads), body_hidden, cfg)
         self.towers = nn.ModuleDict({h: MLP(self.body.output_dim, tower_hidden, out=1, dropout=cfg.dropout) for h in self.heads})
@@ -235,26 +244,47 @@ class MultiTaskModel(nn.Module):
 class SharedBottom(MultiTaskModel):
     """Shared-bottom (hard sharing): options ``bottom`` (hidden sizes, default ``tower[:1]``)."""
 
+    class Options(MultiTaskModel.Options):
+        """Plus ``bottom``: the shared bottom's hidden sizes."""
+
+        bottom: list[int] | int | None = None
+
     def build_body(self, in_dim, n_heads, hidden, cfg):
-        return SharedBottomBody(in_dim, n_heads, _sizes_option(cfg, "bottom", hidden), cfg.dropout)
+        return SharedBottomBody(in_dim, n_heads, _sizes_option(cfg, "bottom", self.options.bottom, hidden), cfg.dropout)
 
 
 class MMoE(MultiTaskModel):
     """MMoE (Ma et al. KDD 2018): options ``n_experts`` (default 4) and ``expert_hidden``
     (default ``tower[:1]``)."""
 
+    class Options(MultiTaskModel.Options):
+        """Plus ``n_experts`` and ``expert_hidden`` (each expert's hidden sizes)."""
+
+        n_experts: int = 4
+        expert_hidden: list[int] | int | None = None
+
     def build_body(self, in_dim, n_heads, hidden, cfg):
-        return MMoEBody(in_dim, n_heads, _int_option(cfg, "n_experts", 4), _sizes_option(cfg, "expert_hidden", hidden), cfg.dropout)
+        o = self.options
+        return MMoEBody(in_dim, n_heads, _int_option(cfg, "n_experts", o.n_experts), _sizes_option(cfg, "expert_hidden", o.expert_hidden, hidden), cfg.dropout)
 
 
 class PLE(MultiTaskModel):
     """PLE / CGC (Tang et al. RecSys 2020): options ``n_levels`` (default 1 = CGC),
     ``task_experts`` (per task, default 2), ``shared_experts`` (default 2), ``expert_hidden``."""
 
+    class Options(MultiTaskModel.Options):
+        """Plus ``n_levels``, ``task_experts`` (per task), ``shared_experts``, ``expert_hidden``."""
+
+        n_levels: int = 1
+        task_experts: int = 2
+        shared_experts: int = 2
+        expert_hidden: list[int] | int | None = None
+
     def build_body(self, in_dim, n_heads, hidden, cfg):
+        o = self.options
         return PLEBody(
-            in_dim, n_heads, _int_option(cfg, "n_levels", 1), _int_option(cfg, "task_experts", 2),
-            _int_option(cfg, "shared_experts", 2), _sizes_option(cfg, "expert_hidden", hidden), cfg.dropout,
+            in_dim, n_heads, _int_option(cfg, "n_levels", o.n_levels), _int_option(cfg, "task_experts", o.task_experts),
+            _int_option(cfg, "shared_experts", o.shared_experts), _sizes_option(cfg, "expert_hidden", o.expert_hidden, hidden), cfg.dropout,
         )
 
 
@@ -262,6 +292,7 @@ class ESMMSharedBottom(SharedBottom):
     """ESMM's entire-space loss (CTR + CTCVR = pCTR · pCVR) over a shared-bottom body (``esmm_sb``)."""
 
     entire_space = True
+    plain_tasks = False  # the entire-space loss needs a funnel
     tasks = ESMM_TASKS
 
 
@@ -269,4 +300,5 @@ class ESMMMMoE(MMoE):
     """ESMM's entire-space loss (CTR + CTCVR = pCTR · pCVR) over an MMoE body (``esmm_mmoe``)."""
 
     entire_space = True
+    plain_tasks = False  # the entire-space loss needs a funnel
     tasks = ESMM_TASKS
