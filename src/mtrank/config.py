@@ -264,11 +264,14 @@ def load_config(path: str | Path) -> RunConfig:
 
 
 def dataset_config(dataset: str | None = None) -> RunConfig:
-    """The ready config of a built-in data set (its batch size), or the defaults."""
+    """The ready config of a built-in data set (its batch size; MMoE on data without a
+    funnel), or the defaults."""
     if dataset is None:
         return RunConfig()
-    cfg = RunConfig().override({"data.dataset": dataset}, origin="--dataset")
-    return cfg.override({"training.batch_size": DATASETS[dataset].batch_size}, origin="--dataset")
+    updates = {"data.dataset": dataset, "training.batch_size": DATASETS[dataset].batch_size}
+    if not DATASETS[dataset].schema.is_funnel:
+        updates["model.name"] = "mmoe"
+    return RunConfig().override(updates, origin="--dataset")
 
 
 _HEADER = """\

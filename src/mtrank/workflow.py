@@ -9,7 +9,6 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import polars as pl
 import torch
 
@@ -327,13 +326,8 @@ def evaluate_split(model: torch.nn.Module, data: EncodedData, schema: Schema) ->
 
 
 def predictions_frame(bundle: Bundle, df: pl.DataFrame, source: str) -> pl.DataFrame:
-    """Score a table: its id / price / passthrough columns plus ``p_ctr``, ``p_cvr``, ``p_ctcvr``
-    (or ``p_<task>``), row for row in input order."""
-    data = bundle.encode(df, source)
-    probs = bundle.predict_arrays(data)
-    keep = [c for c in dict.fromkeys([bundle.schema.request_id, bundle.schema.user_id, bundle.schema.item_id, bundle.schema.price, *bundle.schema.passthrough]) if c and c in df.columns]
-    out = df.select(keep) if keep else pl.DataFrame()
-    return out.with_columns(pl.Series(k, v.astype(np.float64)) for k, v in probs.items()) if keep else pl.DataFrame({k: v.astype(np.float64) for k, v in probs.items()})
+    """Score a table with a bundle: :meth:`mtrank.bundle.Bundle.predict`."""
+    return bundle.predict(df, source)
 
 
 __all__ = [

@@ -41,10 +41,8 @@ from mtrank.data.split import SplitConfig, split_data
 from mtrank.errors import BundleError, ConfigError
 from mtrank.io_utils import atomic_write_json, atomic_write_parquet
 from mtrank.models import MODELS
-from mtrank.models.config import ModelConfig
 from mtrank.train.distributed import init_from_env, is_main
-from mtrank.train.trainer import TrainConfig
-from mtrank.workflow import evaluate_split, fit, load_data, load_run_data, predictions_frame, run
+from mtrank.workflow import evaluate_split, load_data, load_run_data, predictions_frame, run
 
 
 def simulate(
@@ -63,14 +61,6 @@ def simulate(
     cfg = SimConfig(rows=rows, seed=seed, ctr=ctr, cvr=cvr, n_users=n_users, n_items=n_items, intent=intent, slate_size=slate_size)
     path = write_simulated(cfg, out, part_rows=part_rows, progress=sys.stderr.isatty())
     console.print(f"wrote {path} ({cfg.rows // cfg.slate_size * cfg.slate_size:,} impressions)")
-
-
-def _configs(model, epochs, batch_size, lr, seed, patience, embedding_dim, tower, dropout, threads) -> tuple[ModelConfig, TrainConfig]:
-    _check_choice(model, MODELS, "--model")
-    return (
-        ModelConfig(name=model, embedding_dim=embedding_dim, tower=_tower(tower), dropout=dropout),
-        TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, patience=patience, threads=threads),
-    )
 
 
 def train(
@@ -269,6 +259,8 @@ def predict(
 
 
 def quickstart(
+    ctx: typer.Context,
+    config: ConfigOpt = None,
     dataset: Annotated[str, typer.Option("--dataset", "-d", help=f"one of {', '.join(DATASETS)}")] = "simulated",
     data_dir: DataDirOpt = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="run directory, rewritten on each run (default: runs/quickstart, runs/quickstart-<dataset> for the others)")] = None,
@@ -279,29 +271,45 @@ def quickstart(
     rows: Annotated[int, typer.Option(help="simulated impressions (simulated dataset only)")] = 1_000_000,
     quiet: QuietOpt = False,
 ) -> None:
-    """Simulate if needed → train ESMM and BASE → evaluate on held-out test → table + metrics.json + report.html."""
+    """Simulate if needed → train ESMM and BASE → evaluate on held-out test → table + metrics.json + report.html.
+
+    With ``--config FILE`` the data, model sizes and training budget come from the run config
+    (flags given on the command line override them); each model of ``--models`` and each seed
+    is one run of that config.
+    """
     _check_choice(dataset, DATASETS, "--dataset")
+    cfg = resolve_config(ctx, config, {
+        "dataset": ("data.dataset", dataset), "data_dir": ("data.data_dir", lambda: _str(data_dir)),
+        "rows": ("data.simulator.rows", rows), "epochs": ("training.epochs", epochs),
+        "batch_size": ("training.batch_size", lambda: batch_size or DATASETS[dataset].batch_size),
+    })
+    dataset = cfg.data.dataset
+    if dataset is None:
+        raise ConfigError("quickstart needs a built-in data.dataset (--dataset)")
     out = out or Path("runs/quickstart" if dataset == "simulated" else f"runs/quickstart-{dataset}")
+    if dataset == "simulated" and cfg.data.data_dir is None:
+        cfg = cfg.override({"data.data_dir": str(out / "data")})
     names = [m.strip() for m in models.split(",") if m.strip()]
     for m in names:
         _check_choice(m, MODELS, "--models")
-    loaded = load_data(dataset, data_dir=data_dir if dataset != "simulated" else (data_dir or out / "data"), sim=SimConfig(rows=rows))
+    phase(f"loading {dataset}", quiet)
+    loaded = load_run_data(cfg)
     _report_validation(loaded)
     runs: dict[str, list[dict]] = {m: [] for m in names}
     for seed in range(seeds):
-        split_cfg = SplitConfig(seed=seed)
-        splits = split_data(loaded, split_cfg)
         if seed == 0:
+            splits = split_data(loaded, cfg.data.split.split_config(seed))
             console.print(f"{dataset}: " + ", ".join(f"{k} {v.height:,} rows" for k, v in splits.items()))
         for m in names:
-            model_cfg, train_cfg = _configs(m, epochs, batch_size or DATASETS[dataset].batch_size, 1e-3, seed, 1, 18, "360,200,80", 0.0, 0)
-            meta = {"dataset": dataset, "sources": loaded.sources, "split": split_cfg.model_dump(), "command": " ".join(sys.argv)}
-            res = fit(splits, loaded.schema, model_cfg, train_cfg, quiet=quiet, meta=meta)
+            phase(f"seed {seed}: training {m}", quiet)
+            run_cfg = cfg.override({"model.name": m, "training.seed": seed})
+            res = run(run_cfg, quiet=quiet, loaded=loaded, meta={"command": " ".join(sys.argv)})
             res.bundle.save(out / f"{m}-seed{seed}", overwrite=True)
             test = dict(res.metrics["test"], seconds=res.seconds, best_epoch=res.result.best_epoch)
             runs[m].append(test)
             if not quiet:
-                err.print(f"seed {seed} {m}: auc_ctr {_fmt(test['auc_ctr'])} auc_cvr_masked {_fmt(test['auc_cvr_masked'])} auc_ctcvr {_fmt(test['auc_ctcvr'])} ({res.seconds:.0f}s)")
+                shown = [k for k in SUMMARY if k in test][:3]
+                err.print(f"seed {seed} {m}: " + " ".join(f"{k} {_fmt(test[k])}" for k in shown) + f" ({res.seconds:.0f}s)")
     summary = {m: _mean_std(r) for m, r in runs.items()}
     keys = [k for k in SUMMARY if any(k in r[0] for r in runs.values())]
     table = Table(title=f"{dataset}: test metrics, {seeds} seed(s)" + (" (mean ± std)" if seeds > 1 else ""))
@@ -311,10 +319,12 @@ def quickstart(
     for m, s in summary.items():
         table.add_row(m, *[s[k]["text"] for k in keys])
     console.print(table)
-    atomic_write_json({"dataset": dataset, "sources": loaded.sources, "seeds": seeds, "epochs": epochs, "runs": runs, "summary": summary}, out / "metrics.json")
+    doc = {"dataset": dataset, "sources": loaded.sources, "seeds": seeds, "epochs": cfg.training.epochs, "runs": runs, "summary": summary}
+    atomic_write_json(doc, out / "metrics.json")
     console.print(f"metrics written to {out / 'metrics.json'}; bundles under {out}/")
     from mtrank.report.build import write_report  # lazy: keeps jinja2 off the start-up path
 
+    phase("writing the report", quiet)
     console.print(f"report written to {write_report([out], out / 'report.html')}")
 
 
