@@ -75,7 +75,7 @@ def test_quadrants_and_fuse_on_the_simulator(sim_bundle, tmp_path):
 def test_fuse_price_policy_and_predictions_without_labels(sim_bundle, tmp_path):
     data, bundle = sim_bundle
     bad = tmp_path / "bad.parquet"
-    pl.read_parquet(data).with_columns(pl.when(pl.int_range(pl.len()) < 3).then(0.0).otherwise(pl.col("price")).alias("price")).write_parquet(bad)
+    pl.read_parquet(data).with_columns(pl.when(pl.int_range(pl.len()) < 3).then(-1.0).otherwise(pl.col("price")).alias("price")).write_parquet(bad)
     r = mtrank("fuse", "--data", bad, "--bundle", bundle, "--split", "all", "--method", "grid", "--grid-points", 2, "--out", tmp_path / "f")
     assert r.returncode == 2 and "'price'" in r.stderr and "rows 1, 2, 3" in r.stderr and "Traceback" not in r.stderr
     r = mtrank("fuse", "--data", bad, "--bundle", bundle, "--split", "all", "--method", "grid", "--grid-points", 2,

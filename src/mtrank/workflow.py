@@ -21,7 +21,7 @@ from mtrank.data.simulate import SimConfig, write_simulated
 from mtrank.data.split import SplitConfig, split_data
 from mtrank.data.weights import mean_log_price, price_weights
 from mtrank.errors import ConfigError, SchemaError
-from mtrank.metrics.evaluate import evaluate_outputs
+from mtrank.metrics.evaluate import CALIBRATION_BINS, calibration_curves, evaluate_outputs
 from mtrank.models import build_model
 from mtrank.models.config import FeatureSpec, ModelConfig
 from mtrank.bundle import Bundle
@@ -92,6 +92,8 @@ def feature_spec(encoder: FeatureEncoder, schema: Schema) -> FeatureSpec:
 
 @dataclass
 class FitOutput:
+    """What :func:`fit` and :func:`run` return: the bundle (not saved), the training result,
+    metrics per held-out split (``val``, ``test``) and the seconds taken."""
     bundle: Bundle
     result: TrainResult
     metrics: dict[str, dict]
@@ -145,7 +147,7 @@ def fit(
         model, train, val,
         checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume,
     )
-    metrics = {name: evaluate_split(model, data, schema) for name, data in encoded.items() if name != "train"}
+    metrics, curves = _evaluate(model, {k: v for k, v in encoded.items() if k != "train"}, schema)
     seconds = time.perf_counter() - start
     bundle_meta = {
         **(meta or {}),
@@ -157,6 +159,7 @@ def fit(
         "metrics": metrics,
         "seconds": seconds,
         **({"weighting": weighting} if weighting else {}),
+        **_calibration_meta(curves),
     }
     bundle = Bundle(model, encoder, schema, model_cfg, spec, bundle_meta)
     return FitOutput(bundle, result, metrics, seconds)
@@ -194,16 +197,16 @@ def fit_stream(
     spec = feature_spec(encoder, schema)
     model = build_model(spec, model_cfg)
     result = Trainer(train_cfg, schema, quiet=quiet, on_epoch=on_epoch).fit(model, train, val, checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume)
-    metrics = {}
-    if val is not None:
-        metrics["val"] = evaluate_split(model, val, schema)
+    held = {"val": val} if val is not None else {}
     if test_paths:
-        metrics["test"] = evaluate_split(model, ParquetStream(test_paths, schema, encoder).load_all(), schema)
+        held["test"] = ParquetStream(test_paths, schema, encoder).load_all()
+    metrics, curves = _evaluate(model, held, schema)
     seconds = time.perf_counter() - start
     bundle_meta = {
         **(meta or {}), "train": train_cfg.model_dump(mode="json"), "rows": {"train": len(train)},
         "best_epoch": result.best_epoch, "stopped_early": result.stopped_early,
         "history": [asdict(h) for h in result.history], "metrics": metrics, "seconds": seconds,
+        **_calibration_meta(curves),
     }
     return FitOutput(Bundle(model, encoder, schema, model_cfg, spec, bundle_meta), result, metrics, seconds)
 
@@ -323,6 +326,24 @@ def evaluate_split(model: torch.nn.Module, data: EncodedData, schema: Schema) ->
     out = predict(model, data)
     labels = {k: v.numpy() for k, v in data.labels.items()}
     return evaluate_outputs(out, labels, schema, data.side)
+
+
+def _evaluate(model: torch.nn.Module, splits: dict[str, EncodedData], schema: Schema) -> tuple[dict, dict]:
+    """Metrics per held-out split, and the test split's calibration curves (one prediction pass
+    per split)."""
+    metrics, curves = {}, {}
+    for name, data in splits.items():
+        out = predict(model, data)
+        labels = {k: v.numpy() for k, v in data.labels.items()}
+        metrics[name] = evaluate_outputs(out, labels, schema, data.side)
+        if name == "test":
+            curves = calibration_curves(out, labels, schema)
+    return metrics, curves
+
+
+def _calibration_meta(curves: dict) -> dict:
+    """The bundle's record of the test split's calibration, which the report draws."""
+    return {"calibration": {"split": "test", "bins": CALIBRATION_BINS, "tasks": curves}} if curves else {}
 
 
 def predictions_frame(bundle: Bundle, df: pl.DataFrame, source: str) -> pl.DataFrame:

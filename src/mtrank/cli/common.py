@@ -14,6 +14,8 @@ from rich.table import Table
 from mtrank.config import RunConfig, load_config
 from mtrank.data.datasets import DATASETS
 from mtrank.errors import ConfigError
+from mtrank.metrics.summary import fmt as _fmt
+from mtrank.metrics.summary import metric_names
 
 # Wide enough for the metric tables when output goes to a file or a CI log.
 console = Console(width=None if sys.stdout.isatty() else 200)
@@ -25,16 +27,9 @@ SchemaOpt = Annotated[str | None, typer.Option("--schema", help="schema YAML, or
 DataDirOpt = Annotated[Path | None, typer.Option("--data-dir", help="folder holding the built-in datasets (default: $MTRANK_DATA_DIR, else ./data)")]
 FunnelOpt = Annotated[str | None, typer.Option("--funnel-violations", help="conversion without click: 'error' (default) or 'drop'")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress output")]
+BundleOpt = Annotated[Path | None, typer.Option("--bundle", "-b", help="bundle directory (default: the config's export.out, runs/model)")]
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="run config YAML (see `mtrank config init`); the flags given on the command line override its keys")]
-SUMMARY = ["auc_ctr", "auc_cvr_masked", "auc_ctcvr", "gauc_ctr", "logloss_ctr", "logloss_cvr_masked", "logloss_ctcvr", "calib_ctcvr", "auc_cvr_entire_truth", "cvr_bias_entire"]
-
-
-def _fmt(v) -> str:
-    if v is None:
-        return "n/a"
-    if isinstance(v, float):
-        return f"{v:.4f}"
-    return str(v)
+SUMMARY = metric_names("cli")
 
 
 def _metric_table(title: str, rows: dict[str, dict], keys: list[str] | None = None) -> Table:
@@ -74,7 +69,8 @@ def _on_command_line(ctx: typer.Context, name: str) -> bool:
 
 def resolve_config(ctx: typer.Context, path: Path | None, flags: dict[str, tuple[str, Any]]) -> RunConfig:
     """The run config of a command: the ``--config`` file (or the defaults) with the flags
-    written over their keys. Without a file every flag counts (its default included), so a
+    written over their keys (a flag left unset, None, changes nothing). Without a file every
+    flag counts (its default included), so a
     command without ``--config`` behaves as its flags say; with a file only the flags given on
     the command line override it.
 
@@ -89,14 +85,21 @@ def resolve_config(ctx: typer.Context, path: Path | None, flags: dict[str, tuple
     updates, flag_of = {}, {}
     for name, (key, value) in flags.items():
         if path is None or _on_command_line(ctx, name):
-            updates[key] = value() if callable(value) else value
-            flag_of[key] = "--" + name.replace("_", "-")
+            value = value() if callable(value) else value
+            if value is not None:  # an unset optional flag leaves the key as it is
+                updates[key] = value
+                flag_of[key] = "--" + name.replace("_", "-")
     try:
         return base.override(updates, origin="command line")
     except ConfigError as exc:
         text = str(exc).removeprefix("command line: ")
         key = text.partition(": ")[0]
         raise ConfigError(f"{flag_of[key]} ({key}): {text.partition(': ')[2]}" if key in flag_of else str(exc)) from None
+
+
+def _str(path: Path | None) -> str | None:
+    """A path option as the config stores it (None stays None)."""
+    return None if path is None else str(path)
 
 
 def phase(message: str, quiet: bool = False) -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import statistics
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -18,6 +17,7 @@ from rich.table import Table
 from mtrank.bundle import Bundle
 from mtrank.cli.common import (
     SUMMARY,
+    BundleOpt,
     ConfigOpt,
     DataDirOpt,
     DatasetOpt,
@@ -28,6 +28,7 @@ from mtrank.cli.common import (
     _check_choice,
     _fmt,
     _metric_table,
+    _str,
     _tower,
     console,
     err,
@@ -36,16 +37,19 @@ from mtrank.cli.common import (
 )
 from mtrank.config import RunConfig
 from mtrank.data.datasets import DATASETS
-from mtrank.data.simulate import SimConfig, write_simulated
+from mtrank.data.simulate import write_simulated
 from mtrank.data.split import SplitConfig, split_data
 from mtrank.errors import BundleError, ConfigError
 from mtrank.io_utils import atomic_write_json, atomic_write_parquet
+from mtrank.metrics.summary import summarise
 from mtrank.models import MODELS
 from mtrank.train.distributed import init_from_env, is_main
 from mtrank.workflow import evaluate_split, load_data, load_run_data, predictions_frame, run
 
 
 def simulate(
+    ctx: typer.Context,
+    config: ConfigOpt = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Parquet file to write")] = Path("data/simulated/simulated.parquet"),
     rows: Annotated[int, typer.Option(help="impressions")] = 1_000_000,
     seed: int = 0,
@@ -57,8 +61,15 @@ def simulate(
     slate_size: Annotated[int, typer.Option(help="candidates shown per request (positions 1..S)")] = 10,
     part_rows: Annotated[int | None, typer.Option(help="write a directory of Parquet parts of this many rows (bounded memory)")] = None,
 ) -> None:
-    """Write a synthetic mall's impression log (known true pCTR / pCVR per row) as Parquet."""
-    cfg = SimConfig(rows=rows, seed=seed, ctr=ctr, cvr=cvr, n_users=n_users, n_items=n_items, intent=intent, slate_size=slate_size)
+    """Write a synthetic mall's impression log (known true pCTR / pCVR per row) as Parquet.
+
+    With ``--config FILE`` the simulator settings are the config's ``data.simulator``."""
+    run_cfg = resolve_config(ctx, config, {
+        name: (f"data.simulator.{name}", value)
+        for name, value in [("rows", rows), ("seed", seed), ("ctr", ctr), ("cvr", cvr), ("n_users", n_users),
+                            ("n_items", n_items), ("intent", intent), ("slate_size", slate_size)]
+    })
+    cfg = run_cfg.data.simulator
     path = write_simulated(cfg, out, part_rows=part_rows, progress=sys.stderr.isatty())
     console.print(f"wrote {path} ({cfg.rows // cfg.slate_size * cfg.slate_size:,} impressions)")
 
@@ -177,10 +188,6 @@ def train_from_config(cfg: RunConfig, *, quiet: bool = False) -> None:
             dist.destroy_process_group()
 
 
-def _str(path: Path | None) -> str | None:
-    return None if path is None else str(path)
-
-
 def _parse_buckets(items: list[str] | None) -> dict[str, int] | None:
     """``["item_id=1000000", ...]`` → ``{"item_id": 1000000}``. Raises ConfigError when malformed."""
     if not items:
@@ -210,7 +217,9 @@ def _report_validation(loaded) -> None:
 
 
 def evaluate(
-    bundle: Annotated[Path, typer.Option("--bundle", "-b", help="bundle directory")],
+    ctx: typer.Context,
+    config: ConfigOpt = None,
+    bundle: BundleOpt = None,
     dataset: DatasetOpt = None,
     data: DataOpt = None,
     data_dir: DataDirOpt = None,
@@ -218,6 +227,15 @@ def evaluate(
     out: Annotated[Path | None, typer.Option("--out", "-o", help="write metrics JSON here")] = None,
 ) -> None:
     """Evaluate a bundle on a file, or on a built-in dataset's split (the split it was trained with)."""
+    _check_choice(split, ("test", "val"), "--split")
+    cfg = resolve_config(ctx, config, {
+        "bundle": ("export.out", lambda: _str(bundle)), "dataset": ("data.dataset", dataset),
+        "data": ("data.paths", lambda: [str(data)] if data else None), "data_dir": ("data.data_dir", lambda: _str(data_dir)),
+        "split": ("evaluation.split", split), "out": ("evaluation.out", lambda: _str(out)),
+    })
+    bundle, dataset, data_dir = Path(cfg.export.out), cfg.data.dataset, cfg.data.data_dir
+    data = Path(cfg.data.paths[0]) if cfg.data.paths else None
+    split, out = cfg.evaluation.split, (Path(cfg.evaluation.out) if cfg.evaluation.out else None)
     b = Bundle.load(bundle)
     if data is not None:
         loaded = load_data(None, data=data, schema=b.schema)
@@ -225,9 +243,7 @@ def evaluate(
     else:
         name = dataset or b.meta.get("dataset")
         loaded = load_data(name, schema=b.schema, data_dir=data_dir)
-        cfg = SplitConfig.model_validate(b.meta.get("split", {}))
-        _check_choice(split, ("test", "val"), "--split")
-        frame = split_data(loaded, cfg)[split]
+        frame = split_data(loaded, SplitConfig.model_validate(b.meta.get("split", {})))[split]
     metrics = evaluate_split(b.model, b.encode(frame, with_labels=True), b.schema)
     console.print(_metric_table(f"{bundle}", {b.model_config.name: metrics}))
     if out is not None:
@@ -236,12 +252,22 @@ def evaluate(
 
 
 def predict(
-    bundle: Annotated[Path, typer.Option("--bundle", "-b", help="bundle directory")],
-    data: Annotated[Path, typer.Option("--data", help="CSV/Parquet file to score (labels optional)")],
+    ctx: typer.Context,
+    config: ConfigOpt = None,
+    bundle: BundleOpt = None,
+    data: Annotated[Path | None, typer.Option("--data", help="CSV/Parquet file to score (labels optional; default: the config's data.paths)")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Parquet file to write")] = Path("predictions.parquet"),
     fusion: Annotated[Path | None, typer.Option("--fusion", help="fusion JSON: also write the fused `score` column")] = None,
 ) -> None:
     """Score a file: writes its ids plus p_ctr, p_cvr, p_ctcvr (and `score` with --fusion) per row, in input order."""
+    cfg = resolve_config(ctx, config, {
+        "bundle": ("export.out", lambda: _str(bundle)), "data": ("data.paths", lambda: [str(data)] if data else None),
+        "fusion": ("fusion.file", lambda: _str(fusion)),
+    })
+    if len(cfg.data.paths) != 1:
+        raise ConfigError("give the file to score: --data (or one data.paths entry in --config)")
+    bundle, data = Path(cfg.export.out), Path(cfg.data.paths[0])
+    fusion = Path(cfg.fusion.file) if cfg.fusion.file else None
     from mtrank.data.io import read_table
     from mtrank.serve.fusion import FusionSpec, fused_score_column
 
@@ -310,14 +336,14 @@ def quickstart(
             if not quiet:
                 shown = [k for k in SUMMARY if k in test][:3]
                 err.print(f"seed {seed} {m}: " + " ".join(f"{k} {_fmt(test[k])}" for k in shown) + f" ({res.seconds:.0f}s)")
-    summary = {m: _mean_std(r) for m, r in runs.items()}
+    summary = {m: summarise(r) for m, r in runs.items()}
     keys = [k for k in SUMMARY if any(k in r[0] for r in runs.values())]
     table = Table(title=f"{dataset}: test metrics, {seeds} seed(s)" + (" (mean ± std)" if seeds > 1 else ""))
     table.add_column("model")
     for k in keys:
         table.add_column(k, justify="right")
     for m, s in summary.items():
-        table.add_row(m, *[s[k]["text"] for k in keys])
+        table.add_row(m, *[_fmt(s[k]["mean"], s[k]["std"] if s[k]["n"] > 1 else None) if k in s else "n/a" for k in keys])
     console.print(table)
     doc = {"dataset": dataset, "sources": loaded.sources, "seeds": seeds, "epochs": cfg.training.epochs, "runs": runs, "summary": summary}
     atomic_write_json(doc, out / "metrics.json")
@@ -326,16 +352,3 @@ def quickstart(
 
     phase("writing the report", quiet)
     console.print(f"report written to {write_report([out], out / 'report.html')}")
-
-
-def _mean_std(runs: list[dict]) -> dict:
-    out = {}
-    for k in runs[0]:
-        vals = [r[k] for r in runs if isinstance(r.get(k), (int, float))]
-        if not vals:
-            out[k] = {"mean": None, "std": None, "text": "n/a"}
-            continue
-        mean = statistics.fmean(vals)
-        std = statistics.stdev(vals) if len(vals) > 1 else 0.0
-        out[k] = {"mean": mean, "std": std, "text": f"{mean:.4f} ± {std:.4f}" if len(vals) > 1 else f"{mean:.4f}"}
-    return out

@@ -80,3 +80,43 @@ def evaluate_outputs(
             m[f"calib_{task}"] = calibration(y, p)
         m["n_rows"] = int(next(iter(labels.values())).size) if labels else 0
     return m
+
+
+CALIBRATION_BINS = 10
+
+
+def reliability_bins(y: np.ndarray, p: np.ndarray, bins: int = CALIBRATION_BINS) -> dict:
+    """Equal-count bins of ``p`` (``[N]`` probabilities, labels ``y`` ``[N]`` 0/1): mean
+    predicted ``pred``, observed rate ``obs`` and count ``n`` per bin (lists)."""
+    order = np.argsort(p, kind="stable")
+    pred, obs, n = [], [], []
+    for idx in np.array_split(order, min(bins, max(len(p), 1))):
+        if len(idx):
+            pred.append(float(p[idx].mean()))
+            obs.append(float(y[idx].mean()))
+            n.append(len(idx))
+    return {"pred": pred, "obs": obs, "n": n}
+
+
+def calibration_curves(outputs: dict[str, np.ndarray], labels: dict[str, np.ndarray], schema: Schema) -> dict[str, dict]:
+    """Reliability bins (:func:`reliability_bins`) and the calibration ratio Σp / Σy per task:
+    ``ctr``, ``cvr (clicked)`` (clicked rows only) and ``ctcvr`` on funnel data, else each task.
+    What a run saves so that the report need not score the data again."""
+    labels = {k: np.asarray(v, dtype=np.float64) for k, v in labels.items()}
+    if schema.is_funnel:
+        click = labels["click"] > 0
+        pairs = {"ctr": (labels["click"], outputs["p_ctr"], None), "cvr (clicked)": (labels["conversion"], outputs["p_cvr"], click),
+                 "ctcvr": (labels["ctcvr"], outputs["p_ctcvr"], None)}
+    else:
+        pairs = {t: (labels[t], outputs[f"p_{t}"], None) for t in labels if f"p_{t}" in outputs}
+    out = {}
+    for task, (y, p, mask) in pairs.items():
+        p = np.asarray(p, dtype=np.float64)
+        if mask is not None:
+            y, p = y[mask], p[mask]
+        if len(y) == 0:
+            continue
+        curve = reliability_bins(y, p)
+        curve["ratio"] = float(p.sum() / y.sum()) if y.sum() > 0 else None
+        out[task] = curve
+    return out

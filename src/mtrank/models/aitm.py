@@ -43,6 +43,8 @@ class AttentionTransfer(nn.Module):
         self.scale = 1.0 / math.sqrt(dim)
 
     def forward(self, transferred: torch.Tensor, own: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention over (transferred, own) ``[B, d]`` each: the fused ``[B, d]`` and the weight
+        on the transferred one ``[B]``."""
         u = torch.stack([transferred, own], dim=1)  # [B, 2, d]
         w = torch.softmax((self.h2(u) * self.h3(u)).sum(-1) * self.scale, dim=1)  # [B, 2]
         return (w.unsqueeze(-1) * self.h1(u)).sum(1), w
@@ -97,6 +99,8 @@ class AITM(nn.Module):
         self.ctcvr_head = nn.Linear(d, 1)
 
     def forward(self, categorical: torch.Tensor, numerical: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Named outputs ``[B]`` (see the class docstring) from ids ``[B, n_cat]`` and numbers
+        ``[B, n_num]``."""
         x = self.embedding(categorical, numerical)
         q_ctr = self.ctr_tower(x)
         z, w = self.attention(self.transfer(q_ctr), self.cvr_tower(x))

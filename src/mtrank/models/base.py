@@ -25,6 +25,7 @@ class SingleTaskNet(nn.Module):
         self.tower = MLP(self.embedding.output_dim, cfg.tower, out=1, dropout=cfg.dropout)
 
     def forward(self, categorical: torch.Tensor, numerical: torch.Tensor) -> torch.Tensor:
+        """The logit ``[B]`` from ids ``[B, n_cat]`` and numbers ``[B, n_num]``."""
         return self.tower(self.embedding(categorical, numerical)).squeeze(-1)
 
 
@@ -52,4 +53,6 @@ class Base(nn.Module):
         self.cvr_model = SingleTaskNet(spec, cfg)
 
     def forward(self, categorical: torch.Tensor, numerical: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``logit_ctr``, ``logit_cvr``, ``p_ctr``, ``p_cvr``, ``p_ctcvr`` ``[B]`` from ids ``[B,
+        n_cat]`` and numbers ``[B, n_num]``."""
         return funnel_outputs(self.ctr_model(categorical, numerical), self.cvr_model(categorical, numerical))

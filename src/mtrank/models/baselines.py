@@ -127,6 +127,7 @@ class ResampledCVR(Base):
     ]
 
     def cvr_indices(self, data: EncodedData, generator: torch.Generator) -> torch.Tensor:
+        """Row indices ``[M]`` of the CVR training resample (the sampler's rule)."""
         raise NotImplementedError
 
     def prepare_split(self, data: EncodedData, role: Literal["train", "val"], seed: int) -> EncodedData:
@@ -154,6 +155,7 @@ class AMAN(ResampledCVR):
         negative_rate: float = 0.1
 
     def cvr_indices(self, data, generator):
+        """All clicked rows plus unclicked rows at ``negative_rate`` as CVR negatives."""
         return aman_indices(data.labels["click"], self.options.negative_rate, generator)
 
 
@@ -168,6 +170,7 @@ class Oversampling(ResampledCVR):
         oversample_rate: int = 5
 
     def cvr_indices(self, data, generator):
+        """Clicked rows, clicked-converted ones ``oversample_rate`` times."""
         return oversampling_indices(data.labels["click"], data.labels["conversion"], self.options.oversample_rate)
 
 
@@ -182,6 +185,8 @@ class Unbias(ResampledCVR):
         unbias_quantile: float = 0.05
 
     def cvr_indices(self, data, generator):
+        """Clicked rows kept by rejection sampling on the shared pCTR (side column
+        ``propensity_ctr``)."""
         if PROPENSITY_COLUMN not in data.side:
             raise ConfigError(
                 "unbias needs pCTR propensities of the training rows (side column "
@@ -218,6 +223,8 @@ class Division(nn.Module):
         self.ctcvr_model = SingleTaskNet(spec, cfg)
 
     def forward(self, categorical: torch.Tensor, numerical: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``logit_ctr``, ``logit_cvr``, ``logit_ctcvr``, ``p_*`` ``[B]``; pCVR = pCTCVR / pCTR,
+        clipped."""
         logit_ctr = self.ctr_model(categorical, numerical)
         logit_ctcvr = self.ctcvr_model(categorical, numerical)
         p_ctr, p_ctcvr = torch.sigmoid(logit_ctr), torch.sigmoid(logit_ctcvr)

@@ -72,6 +72,7 @@ class ESCM2(ESMM):
         self.imputation_tower = MLP(self.embedding.output_dim, cfg.tower, out=1, dropout=cfg.dropout) if self.variant == "dr" else None
 
     def forward(self, categorical: torch.Tensor, numerical: torch.Tensor) -> dict[str, torch.Tensor]:
+        """ESMM's outputs ``[B]``, plus ``cvr_error_imputed`` ``[B]`` for the DR variant."""
         out = super().forward(categorical, numerical)
         if self.imputation_tower is not None:
             x = self.embedding(categorical, numerical)

@@ -52,6 +52,8 @@ class ESMM(nn.Module):
         self.cvr_tower = MLP(d, cfg.tower, out=1, dropout=cfg.dropout)
 
     def forward(self, categorical: torch.Tensor, numerical: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``logit_ctr``, ``logit_cvr``, ``p_ctr``, ``p_cvr``, ``p_ctcvr`` = pCTR · pCVR ``[B]``
+        (Ma et al. 2018, eq. 2)."""
         x = self.embedding(categorical, numerical)
         x_cvr = x if self.cvr_embedding is None else self.cvr_embedding(categorical, numerical)
         return funnel_outputs(self.ctr_tower(x).squeeze(-1), self.cvr_tower(x_cvr).squeeze(-1))

@@ -79,6 +79,7 @@ class SharedBottomBody(nn.Module):
         self.output_dim = self.bottom.output_dim
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """One shared representation ``[B, d]`` per head (the same tensor)."""
         h = self.bottom(x)
         return [h] * self.n_heads
 
@@ -101,9 +102,11 @@ class MMoEBody(nn.Module):
         return self.experts(x)
 
     def gate_weights(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Per head, the gate weights ``[B, E]``."""
         return [g.weights(x) for g in self.gates]
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Per head, its gated mixture of the experts ``[B, d]`` (Ma et al. KDD 2018, eq. 5)."""
         e = self.experts(x)
         return [g(x, e)[0] for g in self.gates]
 
@@ -127,9 +130,12 @@ class CGCLevel(nn.Module):
         self.output_dim = self.shared_experts.output_dim
 
     def all_experts(self, task_inputs: list[torch.Tensor], shared_input: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Each task's own experts' outputs ``[B, E_task, d]`` (a list) and the shared experts'
+        ``[B, E_shared, d]``."""
         return [bank(x) for bank, x in zip(self.task_experts, task_inputs, strict=True)], self.shared_experts(shared_input)
 
     def forward(self, task_inputs: list[torch.Tensor], shared_input: torch.Tensor):
+        """The next level's task inputs and shared input (Tang et al. RecSys 2020, §4.3)."""
         own, shared = self.all_experts(task_inputs, shared_input)
         outs, weights = [], []
         for x, e, gate in zip(task_inputs, own, self.task_gates, strict=True):
@@ -171,9 +177,11 @@ class PLEBody(nn.Module):
         return torch.cat([*own, shared], dim=1)
 
     def gate_weights(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Per head, the last level's gate weights ``[B, E]``."""
         return self._run(x)[1]
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Per head, the last level's representation ``[B, d]``."""
         return self._run(x)[0]
 
 
@@ -219,9 +227,12 @@ class MultiTaskModel(nn.Module):
         self.towers = nn.ModuleDict({h: MLP(self.body.output_dim, tower_hidden, out=1, dropout=cfg.dropout) for h in self.heads})
 
     def build_body(self, in_dim: int, n_heads: int, hidden: list[int], cfg: ModelConfig) -> nn.Module:
+        """The shared body: one representation per head (subclasses choose it)."""
         raise NotImplementedError
 
     def forward(self, categorical: torch.Tensor, numerical: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Named logits and probabilities ``[B]`` per head, from ids ``[B, n_cat]`` and numbers
+        ``[B, n_num]``."""
         reps = self.body(self.embedding(categorical, numerical))
         logits = {h: self.towers[h](r).squeeze(-1) for h, r in zip(self.heads, reps, strict=True)}
         return task_outputs(logits, self.funnel)
@@ -250,6 +261,7 @@ class SharedBottom(MultiTaskModel):
         bottom: list[int] | int | None = None
 
     def build_body(self, in_dim, n_heads, hidden, cfg):
+        """A shared-bottom MLP over the embeddings."""
         return SharedBottomBody(in_dim, n_heads, _sizes_option(cfg, "bottom", self.options.bottom, hidden), cfg.dropout)
 
 
@@ -264,6 +276,7 @@ class MMoE(MultiTaskModel):
         expert_hidden: list[int] | int | None = None
 
     def build_body(self, in_dim, n_heads, hidden, cfg):
+        """An MMoE body with ``n_experts`` experts and one gate per head."""
         o = self.options
         return MMoEBody(in_dim, n_heads, _int_option(cfg, "n_experts", o.n_experts), _sizes_option(cfg, "expert_hidden", o.expert_hidden, hidden), cfg.dropout)
 
@@ -281,6 +294,7 @@ class PLE(MultiTaskModel):
         expert_hidden: list[int] | int | None = None
 
     def build_body(self, in_dim, n_heads, hidden, cfg):
+        """A PLE body of ``n_levels`` CGC levels."""
         o = self.options
         return PLEBody(
             in_dim, n_heads, _int_option(cfg, "n_levels", o.n_levels), _int_option(cfg, "task_experts", o.task_experts),

@@ -62,6 +62,7 @@ class TrainConfig(BaseModel):
 
 @dataclass
 class EpochLog:
+    """One epoch's record: mean train loss, validation loss and metrics, seconds, rows per second."""
     epoch: int
     train_loss: float
     val_loss: float | None
@@ -72,6 +73,7 @@ class EpochLog:
 
 @dataclass
 class TrainResult:
+    """What :meth:`Trainer.fit` returns: the best epoch (1-based), its score, the history."""
     best_epoch: int
     best_score: float | None
     history: list[EpochLog] = field(default_factory=list)
