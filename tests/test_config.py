@@ -6,30 +6,22 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import yaml
-from typer.testing import CliRunner
+
+from conftest import cli_in_process
 
 from mtrank.bundle import Bundle
-from mtrank.cli import app
 from mtrank.config import RunConfig, config_template, dataset_config, load_config, parse_config
 from mtrank.data.datasets import DATASETS
-from mtrank.errors import ConfigError, MtrankError
+from mtrank.errors import ConfigError
 from mtrank.train.progress import EpochProgress
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def mtrank(*args):
-    """In-process CLI run; an mtrank error comes back as exit code 2 with its message."""
-    res = CliRunner().invoke(app, [str(a) for a in args])
-    if res.exception is not None and not isinstance(res.exception, SystemExit):
-        if not isinstance(res.exception, MtrankError):
-            raise res.exception
-        return SimpleNamespace(returncode=2, stdout=res.stdout, stderr=f"error: {res.exception}")
-    return SimpleNamespace(returncode=res.exit_code, stdout=res.stdout, stderr=res.stderr)
+mtrank = cli_in_process
 
 
 def test_config_route_reproduces_flag_route(shared_data, tmp_path):

@@ -2,28 +2,18 @@
 runner: the subprocess path of the CLI is covered by tests/test_cli.py)."""
 
 import json
-from types import SimpleNamespace
 
 import numpy as np
 import polars as pl
 import pytest
-from typer.testing import CliRunner
 
-from mtrank.cli import app
+from conftest import cli_in_process
+
 from mtrank.data.simulate import SimConfig, simulate
-from mtrank.errors import MtrankError
 from mtrank.ranking.fusion import Multiplicative, load_fusion
 
 
-def mtrank(*args):
-    """Run a command in-process; an mtrank error is returned as exit code 2 with its message in
-    ``stderr`` (as ``mtrank.cli.main`` prints it), anything else is re-raised."""
-    res = CliRunner().invoke(app, [str(a) for a in args])
-    if res.exception is not None and not isinstance(res.exception, SystemExit):
-        if not isinstance(res.exception, MtrankError):
-            raise res.exception
-        return SimpleNamespace(returncode=2, stdout=res.stdout, stderr=f"error: {res.exception}")
-    return SimpleNamespace(returncode=res.exit_code, stdout=res.stdout, stderr=res.stderr)
+mtrank = cli_in_process
 
 
 @pytest.fixture(scope="module")
