@@ -35,7 +35,6 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-import mtrank
 from mtrank.data.batch import EncodedData
 from mtrank.data.encoders import FeatureEncoder
 from mtrank.data.io import validate_frame
@@ -45,6 +44,7 @@ from mtrank.io_utils import atomic_replace_dir, atomic_write_json
 from mtrank.models import RANKERS, build_model
 from mtrank.models.config import FeatureSpec, ModelConfig
 from mtrank.train.trainer import predict
+from mtrank.version import __version__
 
 FORMAT = "mtrank.bundle/1"
 FILES = ("config.json", "encoders.json", "model.safetensors")
@@ -59,7 +59,9 @@ class Scorer(Protocol):
 
     outputs: tuple[str, ...]
 
-    def __call__(self, categorical: np.ndarray, numerical: np.ndarray) -> dict[str, np.ndarray]: ...
+    def __call__(self, categorical: np.ndarray, numerical: np.ndarray) -> dict[str, np.ndarray]:
+        """Scores ``[N]`` per output name for encoded rows (see the class docstring)."""
+        ...
 
 
 class TorchScorer:
@@ -72,6 +74,7 @@ class TorchScorer:
         self.outputs = PROBS if spec.funnel else tuple(f"p_{t}" for t in spec.task_names)
 
     def __call__(self, categorical: np.ndarray, numerical: np.ndarray) -> dict[str, np.ndarray]:
+        """``p_*`` float32 ``[N]`` for encoded rows (int64 ``[N, n_cat]``, float32 ``[N, n_num]``)."""
         data = EncodedData(torch.from_numpy(np.ascontiguousarray(categorical)), torch.from_numpy(np.ascontiguousarray(numerical)), {})
         out = predict(self.model, data, self.batch_size)
         return {k: v for k, v in out.items() if k.startswith("p_")}
@@ -84,6 +87,7 @@ class TorchCodec:
 
     @staticmethod
     def save_weights(model: nn.Module, folder: Path) -> None:
+        """Write the state dict to ``folder/model.safetensors``."""
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(state, str(folder / TorchCodec.weights_file), metadata={"format": FORMAT})
 
@@ -107,6 +111,7 @@ class TorchCodec:
 
     @staticmethod
     def scorer(model: nn.Module, spec: FeatureSpec) -> Scorer:
+        """The model as a :class:`Scorer` (:class:`TorchScorer`)."""
         return TorchScorer(model, spec)
 
 
@@ -174,7 +179,7 @@ class Bundle:
             config = {
                 "format": FORMAT,
                 "created": datetime.now(UTC).isoformat(timespec="seconds"),
-                "versions": {"mtrank": mtrank.__version__, "torch": torch.__version__, "python": platform.python_version()},
+                "versions": {"mtrank": __version__, "torch": torch.__version__, "python": platform.python_version()},
                 "schema": self.schema.model_dump(mode="json"),
                 "model": self.model_config.model_dump(mode="json"),
                 "features": self.spec.model_dump(mode="json"),
@@ -269,3 +274,26 @@ class Bundle:
         """The scorer's outputs ``[N]`` for encoded data: probabilities ``p_*`` of a neural
         model, or ``score`` of a ranker (:attr:`Scorer.outputs`)."""
         return self.scorer(data.categorical.numpy(), data.numerical.numpy())
+
+    def predict(self, frame, source: str = "<table>") -> pl.DataFrame:
+        """Score a table, row for row in input order.
+
+        Args:
+            frame: a polars or pandas DataFrame holding the schema's feature columns (by name,
+                any order; labels optional).
+            source: named in error messages (e.g. the file the rows came from).
+
+        Returns:
+            polars DataFrame: the table's id, price and passthrough columns that are present,
+            then ``p_ctr``, ``p_cvr``, ``p_ctcvr`` (or ``p_<task>``; a ranker's ``score``),
+            float64 ``[N]``.
+
+        Raises:
+            DataError: a missing column or a bad value (naming the column and row).
+        """
+        df = frame if isinstance(frame, pl.DataFrame) else pl.from_pandas(frame)
+        probs = self.predict_arrays(self.encode(df, source))
+        s = self.schema
+        keep = [c for c in dict.fromkeys([s.request_id, s.user_id, s.item_id, s.price, *s.passthrough]) if c and c in df.columns]
+        scores = [pl.Series(k, v.astype(np.float64)) for k, v in probs.items()]
+        return df.select(keep).with_columns(scores) if keep else pl.DataFrame(scores)

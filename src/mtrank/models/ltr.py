@@ -204,6 +204,7 @@ class LambdaMART:
         self.n_numerical = n_numerical
 
     def __call__(self, categorical: np.ndarray, numerical: np.ndarray) -> dict[str, np.ndarray]:
+        """``{"score": float64 [N]}`` for encoded rows (int64 ``[N, n_cat]``, float32 ``[N, n_num]``)."""
         x = features_matrix(categorical, numerical)
         if x.shape[0] == 0:
             return {"score": np.zeros(0)}
@@ -212,6 +213,7 @@ class LambdaMART:
     # -- codec ------------------------------------------------------------------------------
     @classmethod
     def scorer(cls, model: LambdaMART, spec: FeatureSpec) -> LambdaMART:
+        """The model itself: a LambdaMART is its own scorer."""
         return model
 
     @classmethod

@@ -116,6 +116,9 @@ def ranking_metrics(split: RankedSplit, score: np.ndarray, k: int, *, position_c
 
 @dataclass
 class LTRFit:
+    """What :func:`fit_ltr` returns: the unsaved bundle, metrics per split (val, test), training
+    info (best iteration, request counts, levels) and wall seconds."""
+
     bundle: Bundle
     metrics: dict[str, dict]
     info: dict
