@@ -262,8 +262,8 @@ def worker_rss(a: dict) -> dict:
     frac = a["fraction"]
 
     class SubsampledStream(ParquetStream):
-        def encoded_pieces(self, order=None):
-            for part in super().encoded_pieces(order):
+        def encoded_pieces(self, order=None, **kw):
+            for part in super().encoded_pieces(order, **kw):
                 yield part if frac >= 1 else part.subset(torch.arange(int(len(part) * frac)))
 
     paths = [Path(p) for p in a["train"]]

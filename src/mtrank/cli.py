@@ -27,6 +27,7 @@ from mtrank.io_utils import atomic_write_json, atomic_write_parquet
 from mtrank.models import MODELS
 from mtrank.models.config import ModelConfig
 from mtrank.serve.bundle import Bundle
+from mtrank.train.device import large_batch_defaults, resolve_device, resolve_precision
 from mtrank.train.trainer import TrainConfig
 from mtrank.data.stream import expand_paths
 from mtrank.train.distributed import init_from_env, is_main
@@ -43,6 +44,8 @@ SchemaOpt = Annotated[str | None, typer.Option("--schema", help="schema YAML, or
 DataDirOpt = Annotated[Path | None, typer.Option("--data-dir", help="folder holding the built-in datasets (default: $MTRANK_DATA_DIR, else ./data)")]
 FunnelOpt = Annotated[str | None, typer.Option("--funnel-violations", help="conversion without click: 'error' (default) or 'drop'")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA when available), cpu, cuda or cuda:N")]
+PrecisionOpt = Annotated[str, typer.Option("--precision", help="forward-pass precision: fp32, bf16 or fp16 (loss and weights stay fp32)")]
 SUMMARY = ["auc_ctr", "auc_cvr_masked", "auc_ctcvr", "gauc_ctr", "logloss_ctr", "logloss_cvr_masked", "logloss_ctcvr", "calib_ctcvr", "auc_cvr_entire_truth", "cvr_bias_entire"]
 
 
@@ -101,11 +104,16 @@ def simulate(
     console.print(f"wrote {path} ({cfg.rows // cfg.slate_size * cfg.slate_size:,} impressions)")
 
 
-def _configs(model, epochs, batch_size, lr, seed, patience, embedding_dim, tower, dropout, threads) -> tuple[ModelConfig, TrainConfig]:
+def _configs(model, epochs, batch_size, lr, seed, patience, embedding_dim, tower, dropout, threads, device="auto", precision="fp32") -> tuple[ModelConfig, TrainConfig]:
+    """The model and training configs of the options; ``batch_size`` / ``lr`` None take the
+    device's defaults (see :func:`mtrank.train.device.large_batch_defaults`)."""
     _check_choice(model, MODELS, "--model")
+    dev = resolve_device(device)
+    resolve_precision(precision, dev)
+    batch_size, lr = large_batch_defaults(dev, batch_size, lr, base_lr=TrainConfig.model_fields["lr"].default)
     return (
         ModelConfig(name=model, embedding_dim=embedding_dim, tower=_tower(tower), dropout=dropout),
-        TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, patience=patience, threads=threads),
+        TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, patience=patience, threads=threads, device=device, precision=precision),
     )
 
 
@@ -118,8 +126,8 @@ def train(
     model: Annotated[str, typer.Option("--model", "-m", help=f"one of {', '.join(MODELS)}")] = "esmm",
     out: Annotated[Path, typer.Option("--out", "-o", help="bundle directory to write")] = Path("runs/model"),
     epochs: int = 3,
-    batch_size: int = 2048,
-    lr: float = 1e-3,
+    batch_size: Annotated[int | None, typer.Option(help="rows per step (default: 2048 on CPU, 16384 on a GPU)")] = None,
+    lr: Annotated[float | None, typer.Option(help="Adam learning rate (default: 1e-3; × √8 with the GPU default batch)")] = None,
     seed: int = 0,
     patience: int = 1,
     embedding_dim: int = 18,
@@ -145,6 +153,9 @@ def train(
     weight_by_price: Annotated[bool, typer.Option("--weight-by-price", help="weight converted rows by 1 + min(log1p(price)/mean, cap) (see mtrank.data.weights)")] = False,
     price_weight_cap: Annotated[float, typer.Option(help="largest extra weight with --weight-by-price")] = 3.0,
     tensorboard: Annotated[Path | None, typer.Option("--tensorboard", help="also write the per-epoch metrics as TensorBoard event files here (needs tensorboard)")] = None,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "fp32",
+    cache_dir: Annotated[Path | None, typer.Option("--cache-dir", help="with --stream: keep encoded pieces here (safetensors) so later epochs skip reading and encoding")] = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Train a model, early-stopped on validation; evaluate on test; write a bundle.
@@ -157,14 +168,16 @@ def train(
         _relaunch_under_torchrun(nproc)
     if out.exists() and not overwrite:
         raise BundleError(f"{out} already exists; pass --overwrite to replace it")
-    model_cfg, train_cfg = _configs(model, epochs, batch_size, lr, seed, patience, embedding_dim, tower, dropout, threads)
+    model_cfg, train_cfg = _configs(model, epochs, batch_size, lr, seed, patience, embedding_dim, tower, dropout, threads, device, precision)
     train_cfg = train_cfg.model_copy(update={"sparse_embeddings": sparse_embeddings})
+    if cache_dir is not None and not stream:
+        raise ConfigError("--cache-dir works with --stream (in-memory data is encoded once anyway)")
     if tensorboard is not None:
         from mtrank.report.tensorboard import check_available, write_history
 
         check_available()
     buckets = _parse_buckets(hash_buckets)
-    created = init_from_env()
+    created = init_from_env(device, sparse=sparse_embeddings)
     try:
         ckpt = checkpoint_dir or out.with_name(out.name + ".ckpt")
         run_kwargs = {"quiet": quiet or not is_main(), "checkpoint": ckpt, "checkpoint_every": checkpoint_every, "resume": resume}
@@ -181,7 +194,7 @@ def train(
                 expand_paths(data), sch, model_cfg, train_cfg,
                 val_paths=expand_paths(val_data) if val_data else None,
                 test_paths=expand_paths(test_data) if test_data else None,
-                meta=meta, shuffle_buffer=shuffle_buffer, min_count=min_count, max_vocab=max_vocab, hash_buckets=buckets, **run_kwargs,
+                meta=meta, shuffle_buffer=shuffle_buffer, min_count=min_count, max_vocab=max_vocab, hash_buckets=buckets, cache_dir=cache_dir, **run_kwargs,
             )
         else:
             if data is not None and len(data) != 1:
@@ -246,9 +259,10 @@ def evaluate(
     data_dir: DataDirOpt = None,
     split: Annotated[str, typer.Option(help="for a built-in dataset: the split to evaluate (test, val)")] = "test",
     out: Annotated[Path | None, typer.Option("--out", "-o", help="write metrics JSON here")] = None,
+    device: DeviceOpt = "cpu",
 ) -> None:
     """Evaluate a bundle on a file, or on a built-in dataset's split (the split it was trained with)."""
-    b = Bundle.load(bundle)
+    b = Bundle.load(bundle, device=device)
     if data is not None:
         loaded = load_data(None, data=data, schema=b.schema)
         frame = loaded.splits["all"]
@@ -271,13 +285,14 @@ def predict(
     data: Annotated[Path, typer.Option("--data", help="CSV/Parquet file to score (labels optional)")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Parquet file to write")] = Path("predictions.parquet"),
     fusion: Annotated[Path | None, typer.Option("--fusion", help="fusion JSON: also write the fused `score` column")] = None,
+    device: DeviceOpt = "cpu",
 ) -> None:
     """Score a file: writes its ids plus p_ctr, p_cvr, p_ctcvr (and `score` with --fusion) per row, in input order."""
     from mtrank.data.io import read_table
     from mtrank.serve.fusion import FusionSpec, fused_score_column
 
     spec = FusionSpec.from_file(fusion).fusion if fusion is not None else None
-    b = Bundle.load(bundle)
+    b = Bundle.load(bundle, device=device)
     table = read_table(data)
     frame = predictions_frame(b, table, str(data))
     if spec is not None:
@@ -299,10 +314,13 @@ def quickstart(
     epochs: int = 3,
     batch_size: Annotated[int | None, typer.Option(help="rows per step (default: the dataset's, see mtrank.data.datasets)")] = None,
     rows: Annotated[int, typer.Option(help="simulated impressions (simulated dataset only)")] = 1_000_000,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "fp32",
     quiet: QuietOpt = False,
 ) -> None:
     """Simulate if needed → train ESMM and BASE → evaluate on held-out test → table + metrics.json + report.html."""
     _check_choice(dataset, DATASETS, "--dataset")
+    resolve_precision(precision, resolve_device(device))
     out = out or Path("runs/quickstart" if dataset == "simulated" else f"runs/quickstart-{dataset}")
     names = [m.strip() for m in models.split(",") if m.strip()]
     for m in names:
@@ -316,7 +334,7 @@ def quickstart(
         if seed == 0:
             console.print(f"{dataset}: " + ", ".join(f"{k} {v.height:,} rows" for k, v in splits.items()))
         for m in names:
-            model_cfg, train_cfg = _configs(m, epochs, batch_size or DATASETS[dataset].batch_size, 1e-3, seed, 1, 18, "360,200,80", 0.0, 0)
+            model_cfg, train_cfg = _configs(m, epochs, batch_size or DATASETS[dataset].batch_size, None, seed, 1, 18, "360,200,80", 0.0, 0, device, precision)
             meta = {"dataset": dataset, "sources": loaded.sources, "split": split_cfg.model_dump(), "command": " ".join(sys.argv)}
             res = fit(splits, loaded.schema, model_cfg, train_cfg, quiet=quiet, meta=meta)
             res.bundle.save(out / f"{m}-seed{seed}", overwrite=True)

@@ -38,6 +38,7 @@ from mtrank.errors import BundleError, MtrankError
 from mtrank.io_utils import atomic_replace_dir, atomic_write_json
 from mtrank.models import build_model
 from mtrank.models.config import FeatureSpec, ModelConfig
+from mtrank.train.device import resolve_device
 from mtrank.train.trainer import predict
 
 FORMAT = "mtrank.bundle/1"
@@ -117,13 +118,20 @@ class Bundle:
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> Bundle:
+    def load(cls, path: str | Path, *, device: str | torch.device = "cpu") -> Bundle:
         """Load a bundle (no pickle: JSON + safetensors only).
 
+        The weights are always read into host memory first (a bundle written on a GPU machine
+        loads on a CPU-only one; :meth:`save` stores CPU tensors), then the model is moved to
+        ``device`` (``cpu`` by default; ``auto``, ``cuda``, ``cuda:N``: see
+        :func:`mtrank.train.device.resolve_device`).
+
         Raises:
+            ConfigError: ``device`` is not available here.
             BundleError: a file is missing, unreadable, tampered with (bad JSON, truncated
                 weights, wrong tensor shapes or names) or of an unknown format.
         """
+        target = resolve_device(device)  # an unavailable device fails before any reading
         path = Path(path)
         if not path.is_dir():
             raise BundleError(f"no bundle at {path} (expected a directory holding {list(FILES)})")
@@ -153,7 +161,7 @@ class Bundle:
         if encoder.cardinalities != spec.cardinalities or len(encoder.numerical) != spec.n_numerical:
             raise BundleError(f"bundle {path}: encoders.json does not match the feature spec in config.json")
         try:
-            state = load_file(str(path / "model.safetensors"))
+            state = load_file(str(path / "model.safetensors"), device="cpu")
         except (SafetensorError, OSError, ValueError) as exc:
             raise BundleError(f"bundle {path}: cannot read model.safetensors ({exc})") from None
         bad = sorted(k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all())
@@ -165,7 +173,7 @@ class Bundle:
         except RuntimeError as exc:
             first = str(exc).splitlines()[0]
             raise BundleError(f"bundle {path}: weights do not fit the model ({first} …)") from None
-        model.eval()
+        model.to(target).eval()
         return cls(model, encoder, schema, model_cfg, spec, config.get("meta", {}))
 
     @staticmethod

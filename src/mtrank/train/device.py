@@ -9,7 +9,8 @@
   Micikevicius et al., "Mixed Precision Training", ICLR 2018, §3.2). Parameters, embeddings and
   optimizer state stay float32; the loss is computed in float32 (see :mod:`mtrank.losses`).
 * :func:`large_batch_defaults`: the batch size and learning rate used when none is given:
-  2,048 and 1e-3 on CPU; 16,384 on a GPU with the learning rate scaled by √(16384 / 2048) ≈ 2.83
+  2,048 and the default learning rate on CPU; 16,384 on a GPU with the learning rate scaled by
+  √(16384 / 2048) ≈ 2.83
   (the square-root rule for Adam: Hoffer et al., NeurIPS 2017, §4; Malladi et al., "On the SDEs
   and Scaling Rules for Adaptive Gradient Algorithms", NeurIPS 2022, §3).
 """
@@ -97,10 +98,11 @@ def grad_scaler(device: torch.device, dtype: torch.dtype | None) -> torch.amp.Gr
     return torch.amp.GradScaler(device.type)
 
 
-def large_batch_defaults(device: torch.device, batch_size: int | None, lr: float | None, base_lr: float = 1e-3) -> tuple[int, float]:
+def large_batch_defaults(device: torch.device, batch_size: int | None, lr: float | None, *, base_lr: float) -> tuple[int, float]:
     """(batch size, learning rate) for a run, filling what the user left out (None).
 
-    On CPU: 2,048 and ``base_lr``. On a GPU the default batch is 16,384 (a GPU step costs about
+    On CPU: 2,048 and ``base_lr`` (the CLI passes :class:`~mtrank.train.trainer.TrainConfig`'s
+    default learning rate). On a GPU the default batch is 16,384 (a GPU step costs about
     the same at 2k and 16k rows for this model size), and when the batch is that default and
     no learning rate is given, the learning rate is ``base_lr · √(16384 / 2048)``. A batch size
     given by the user keeps ``base_lr`` unless a learning rate is given too.

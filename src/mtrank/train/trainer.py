@@ -156,7 +156,7 @@ def validate(model: nn.Module, data: EncodedData, schema: Schema) -> tuple[float
     out = predict(model, local)
     if world > 1:
         out = {k: gather_rows(torch.from_numpy(v), len(data)).numpy() for k, v in out.items()}
-    return loss, evaluate_outputs(out, {k: v.numpy() for k, v in data.labels.items()}, schema, data.side)
+    return loss, evaluate_outputs(out, {k: v.cpu().numpy() for k, v in data.labels.items()}, schema, data.side)
 
 
 def make_optimizers(model: nn.Module, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
