@@ -11,7 +11,7 @@ import polars as pl
 import pytest
 import torch
 
-from mtrank.data.batch import Batch, EncodedData
+from mtrank.data.batch import EncodedData
 from mtrank.data.prefetch import device_batches, prefetch
 from mtrank.data.simulate import SIMULATED_SCHEMA, SimConfig, write_simulated
 from mtrank.data.split import SplitConfig, split_data
@@ -32,7 +32,7 @@ SMALL = ModelConfig(tower=[32, 16], embedding_dim=8)
 
 
 def mtrank(*args):
-    return subprocess.run([sys.executable, "-m", "mtrank", *map(str, args)], capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "mtrank", *map(str, args)], capture_output=True, text=True, timeout=300, check=False)
 
 
 # --------------------------------------------------------------------------- device resolution
@@ -105,7 +105,7 @@ def test_loss_under_autocast_is_float32_and_exact():
     batch = make_batch(512)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(batch.categorical, batch.numerical)
-        loss, parts = total_loss(model.tasks, out, batch)
+        loss, _ = total_loss(model.tasks, out, batch)
     assert out["logit_ctr"].dtype == torch.bfloat16  # the forward pass did run in bf16
     assert loss.dtype == torch.float32
     # the same bf16 logits, upcast and reduced outside autocast: bit-identical
@@ -113,8 +113,8 @@ def test_loss_under_autocast_is_float32_and_exact():
     assert float(loss.detach()) == float(ref.detach())
     # and what a bf16 loss would have given instead: visibly off (so the check above can fail)
     a, b = out["logit_ctr"].detach(), out["logit_cvr"].detach()
-    log_p16, log_1mp16 = log_sigmoid_product([a, b])
-    log_p32, log_1mp32 = log_sigmoid_product([a.float(), b.float()])
+    _, log_1mp16 = log_sigmoid_product([a, b])
+    _, log_1mp32 = log_sigmoid_product([a.float(), b.float()])
     assert log_1mp16.dtype == torch.bfloat16
     assert (log_1mp16.float() - log_1mp32).abs().max() > 1e-4
 
@@ -143,7 +143,7 @@ def test_bf16_training_on_cpu_matches_fp32_test_aucs(splits, fp32_run):
     print({k: (round(t32[k], 4), round(t16[k], 4)) for k in ("auc_ctr", "auc_ctcvr", "auc_cvr_masked")})
     assert t32["auc_ctr"] > 0.65 and t32["auc_ctcvr"] > 0.65  # both learned something real
     for k in ("auc_ctr", "auc_ctcvr"):
-        assert abs(t16[k] - t32[k]) < 0.01, (k, t16[k], t32[k])
+        assert abs(t16[k] - t32[k]) < 0.002, (k, t16[k], t32[k])  # the goal
     # bf16 really ran: the weights differ from the fp32 run's, and stay float32
     w16 = bf16.bundle.model.state_dict()
     w32 = fp32_run.bundle.model.state_dict()
@@ -221,7 +221,7 @@ def test_encoded_data_batches_are_the_same_rows_on_any_device():
     assert data.nbytes() == 10 * 2 * 8 + 10 * 4 + 10 * 4
     a = [b.labels["click"].tolist() for b in data.batches(4, shuffle=True, generator=torch.Generator().manual_seed(1))]
     b = [b.labels["click"].tolist() for b in data.batches(4, shuffle=True, generator=torch.Generator().manual_seed(1))]
-    assert a == b and sorted(sum(a, [])) == list(range(10)) and [len(x) for x in a] == [4, 4, 2]
+    assert a == b and sorted(x for part in a for x in part) == list(range(10)) and [len(x) for x in a] == [4, 4, 2]
     sub = data.subset(torch.tensor([3, 1]))
     assert sub.labels["click"].tolist() == [3.0, 1.0]
 

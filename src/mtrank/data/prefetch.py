@@ -57,7 +57,7 @@ def prefetch(batches: Iterator[Batch], transfer: Callable[[Batch], tuple[Batch, 
                 if not put(transfer(b)):
                     return
             put(_DONE)
-        except BaseException as exc:  # handed to the consumer
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
             put(exc)
 
     thread = threading.Thread(target=produce, name="mtrank-prefetch", daemon=True)

@@ -73,7 +73,7 @@ def gather_rows(local: torch.Tensor, n_total: int) -> torch.Tensor:
         local: ``[n_local, ...]`` rows held by this rank.
         n_total: rows over all ranks.
     """
-    rank, world = rank_world()
+    _, world = rank_world()
     if world == 1:
         return local
     home = local.device

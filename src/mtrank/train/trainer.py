@@ -38,7 +38,13 @@ from mtrank.errors import ConfigError
 from mtrank.losses import TaskLoss, model_loss, task_loss_sum
 from mtrank.metrics.evaluate import evaluate_outputs
 from mtrank.train.checkpoint import load_checkpoint, save_checkpoint
-from mtrank.train.device import autocast, grad_scaler, module_device, resolve_device, resolve_precision
+from mtrank.train.device import (
+    autocast,
+    grad_scaler,
+    module_device,
+    resolve_device,
+    resolve_precision,
+)
 from mtrank.train.distributed import all_reduce_sum, gather_rows, rank_world
 
 
