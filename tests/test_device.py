@@ -63,6 +63,10 @@ def test_cli_unavailable_cuda_is_one_error_line_exit_2(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error: --device cuda: CUDA is not available"), r.stderr
     r = mtrank("evaluate", "--bundle", tmp_path / "none", "--device", "cuda:1")
     assert r.returncode == 2 and r.stderr.strip().startswith("error: --device cuda:1: CUDA is not available"), r.stderr
+    for verb in ("quickstart", "benchmark"):  # fails before any data is simulated or read
+        r = mtrank(verb, "--dataset", "simulated", "--device", "cuda", "--out", tmp_path / verb)
+        assert r.returncode == 2 and r.stderr.strip().startswith("error: --device cuda: CUDA is not available"), (verb, r.stderr)
+        assert not (tmp_path / verb).exists()
 
 
 def test_cli_bad_precision_is_one_error_line_exit_2(tmp_path):

@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from mtrank.cli import DataDirOpt, QuietOpt, _tower, app
+from mtrank.cli import DataDirOpt, DeviceOpt, PrecisionOpt, QuietOpt, _tower, app
 from mtrank.errors import ConfigError
 from mtrank.io_utils import atomic_write_json
 
@@ -48,16 +48,22 @@ def benchmark(
     seed: int = 0,
     threads: Annotated[int, typer.Option(help="torch threads (0 = default)")] = 0,
     data_dir: DataDirOpt = None,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "fp32",
     quiet: QuietOpt = False,
 ) -> None:
     """Train the models on one split under the ESMM paper's protocol; print a markdown table,
     write JSON."""
     from mtrank.benchmark import BenchmarkConfig, log_to_stderr, report_markdown, run_benchmark
+    from mtrank.train.device import resolve_device, resolve_precision
+
+    resolve_precision(precision, resolve_device(device))
 
     names = [m.strip() for m in models.split(",") if m.strip()]
     cfg = BenchmarkConfig(
         dataset=dataset, models=names, repeats=repeats, epochs=epochs, batch_size=batch_size, lr=lr,
         embedding_dim=embedding_dim, tower=_tower(tower), options=_options(option), rows=rows, seed=seed, threads=threads,
+        device=device, precision=precision,
     )
     out = out or Path("runs") / "benchmark" / dataset
     if dataset == "simulated" and data_dir is None:
