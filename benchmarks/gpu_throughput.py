@@ -342,7 +342,7 @@ def main() -> None:
     ap.add_argument("--rechub-rows", type=int, default=1_000_000, help="rows torch-rechub trains on (its loader is per-row)")
     ap.add_argument("--readers", type=int, default=6, help="Parquet pieces read and encoded at once")
     ap.add_argument("--lr", type=float, default=2.83e-3, help="Adam lr (default: 1e-3 × √(16384/2048), mtrank's GPU default)")
-    ap.add_argument("--quick", action="store_true", help="smoke run: 1M rows, small parts")
+    ap.add_argument("--quick", action="store_true", help="smoke run: 200k rows in parts of 100k")
     ap.add_argument("--device", default="cuda", help="cuda (the benchmark); cpu only to smoke-test this script")
     ap.add_argument("--worker")
     ap.add_argument("--worker-args")
@@ -352,8 +352,8 @@ def main() -> None:
         res = WORKERS[args.worker](json.loads(args.worker_args))
         Path(args.worker_out).write_text(json.dumps(res))
         return
-    if args.quick:
-        args.rows, args.part_rows, args.test_rows, args.rechub_rows = 1_000_000, 250_000, 100_000, 100_000
+    if args.quick:  # a smoke run of every code path (also on a CPU: --device cpu)
+        args.rows, args.part_rows, args.test_rows, args.rechub_rows = 200_000, 100_000, 20_000, 20_000
     import torch
 
     if args.device != "cpu" and not torch.cuda.is_available():
@@ -365,45 +365,54 @@ def main() -> None:
     data = make_data(args.workdir, "aliccp", args.rows, args.part_rows, 0, args.test_rows)
     data_seconds = round(time.perf_counter() - t_data, 1)
     train = data["parts"][: max(1, args.rows // args.part_rows)]
+    import polars as pl
+
+    doc = {
+        "gpu": gpu_info(), "started_utc": started, "finished_utc": None,
+        "command": "python benchmarks/gpu_throughput.py " + " ".join(sys.argv[1:]), "lr": args.lr,
+        "train_rows": sum(pl.scan_parquet(p).select(pl.len()).collect().item() for p in train),
+        "test_rows": pl.scan_parquet(data["test"]).select(pl.len()).collect().item(), "data_seconds": data_seconds,
+        "roofline": {}, "runs": {}, "loadavg_1_5_15": None,
+        "notes": [
+            ("samples/s of mtrank streamed: the training loop with reading, validation, encoding, shuffling, pinning and the "
+             "host-to-device copies overlapped (epoch 1 from Parquet, epoch 2 from the encoded-piece cache); 'end to end' "
+             "divides rows × 2 epochs by the whole fit_stream wall time, the streaming encoder fit and the test evaluation included."),
+            "bare: the same model, loss and optimizers over the training tensors already on the GPU (one epoch after 11 warm-up steps).",
+            (f"torch-rechub trains its first {args.rechub_rows:,} rows only (its DataLoader collates dicts row by row on the CPU); "
+             "its AUCs are therefore not comparable with the full-epoch runs. Its ESMM has per-field embeddings, "
+             "BatchNorm1d in the towers and no numerical input."),
+            "GPU utilisation: NVML's 'GPU busy' percentage (a kernel running at any time in the sample period), sampled every 100 ms.",
+        ],
+    }
+    runs = doc["runs"]
+
+    def publish() -> None:  # after every run, so a cut-short session still leaves its figures
+        doc["finished_utc"] = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
+        doc["loadavg_1_5_15"] = [round(x, 2) for x in os.getloadavg()]
+        (args.out / "gpu_throughput.json").write_text(json.dumps(doc, indent=2) + "\n")
+        (args.out / "gpu_throughput.md").write_text(markdown(doc))
+
     base = {"train": train, "test": data["test"], "lr": args.lr, "threads": os.cpu_count(), "device": args.device}
-    runs: dict[str, dict] = {}
-    roof = run_worker("roofline", {"tag": "roof", "device": args.device}, args.workdir, 120)
+    doc["roofline"] = run_worker("roofline", {"tag": "roof", "device": args.device}, args.workdir, 90)
+    publish()
     npz = str(args.workdir / "encoded.npz")
     for prec in ("fp32", "bf16"):
         a = {**base, "precision": prec, "sparse": False, "tag": f"bare-{prec}", **({"export": npz} if prec == "fp32" else {})}
-        runs[f"bare_{prec}_dense"] = {**run_worker("bare", a, args.workdir, 300), "precision": prec, "optimizer": "Adam"}
+        runs[f"bare_{prec}_dense"] = {**run_worker("bare", a, args.workdir, 150), "precision": prec, "optimizer": "Adam"}
+        publish()
     for prec, sparse in (("fp32", False), ("bf16", False), ("fp32", True)):
         cache = args.workdir / f"cache-{prec}-{sparse}"
         a = {**base, "precision": prec, "sparse": sparse, "readers": args.readers, "cache": str(cache), "tag": f"stream-{prec}-{sparse}"}
         key = f"mtrank_stream_{prec}_{'sparse' if sparse else 'dense'}"
-        runs[key] = {**run_worker("mtrank_stream", a, args.workdir, 300), "precision": prec, "optimizer": "SparseAdam+Adam" if sparse else "Adam"}
+        runs[key] = {**run_worker("mtrank_stream", a, args.workdir, 150), "precision": prec, "optimizer": "SparseAdam+Adam" if sparse else "Adam"}
+        publish()
     if Path(npz).exists():
         a = {"npz": npz, "emb": EMB, "tower": TOWER, "batch": BATCH, "threads": os.cpu_count(), "device": args.device, "max_rows": args.rechub_rows, "tag": "rechub"}
-        res = run_worker("rechub", a, args.workdir, 300)
+        res = run_worker("rechub", a, args.workdir, 150)
         if "error" not in res:
             res["test"] = rechub_auc(res, npz)
         runs["rechub"] = {**res, "precision": "fp32", "optimizer": "Adam (wd 0)"}
-    import polars as pl
-
-    doc = {
-        "gpu": gpu_info(), "started_utc": started, "finished_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
-        "command": "python benchmarks/gpu_throughput.py " + " ".join(sys.argv[1:]), "lr": args.lr,
-        "train_rows": sum(pl.scan_parquet(p).select(pl.len()).collect().item() for p in train),
-        "test_rows": pl.scan_parquet(data["test"]).select(pl.len()).collect().item(), "data_seconds": data_seconds,
-        "roofline": roof, "runs": runs, "loadavg_1_5_15": [round(x, 2) for x in os.getloadavg()],
-        "notes": [
-            ("samples/s of mtrank streamed: the training loop with reading, validation, encoding, shuffling, pinning and the "
-            "host-to-device copies overlapped (epoch 1 from Parquet, epoch 2 from the encoded-piece cache); 'end to end' "
-            "divides rows × 2 epochs by the whole fit_stream wall time, the streaming encoder fit and the test evaluation included."),
-            "bare: the same model, loss and optimizers over the training tensors already on the GPU (one epoch after 11 warm-up steps).",
-            (f"torch-rechub trains its first {args.rechub_rows:,} rows only (its DataLoader collates dicts row by row on the CPU); "
-            "its AUCs are therefore not comparable with the full-epoch runs. Its ESMM has per-field embeddings, "
-            "BatchNorm1d in the towers and no numerical input."),
-            "GPU utilisation: NVML's 'GPU busy' percentage (a kernel running at any time in the sample period), sampled every 100 ms.",
-        ],
-    }
-    (args.out / "gpu_throughput.json").write_text(json.dumps(doc, indent=2) + "\n")
-    (args.out / "gpu_throughput.md").write_text(markdown(doc))
+        publish()
     print(markdown(doc))
 
 
