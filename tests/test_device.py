@@ -14,7 +14,6 @@ import torch
 from mtrank.data.batch import EncodedData
 from mtrank.data.prefetch import device_batches, prefetch
 from mtrank.data.simulate import SIMULATED_SCHEMA, SimConfig, write_simulated
-from mtrank.data.split import SplitConfig, split_data
 from mtrank.data.stream import ParquetStream, expand_paths, fit_encoder_streaming
 from mtrank.errors import ConfigError
 from mtrank.losses import log_sigmoid_product, total_loss
@@ -124,12 +123,8 @@ def test_loss_under_autocast_is_float32_and_exact():
 
 
 @pytest.fixture(scope="module")
-def splits(small_sim):
-    from mtrank.data.datasets import LoadedData
-    from mtrank.data.io import validate_frame
-
-    df, _ = validate_frame(small_sim, SIMULATED_SCHEMA, "sim")
-    return split_data(LoadedData(SIMULATED_SCHEMA, {"all": df}, {"all": "sim"}), SplitConfig())
+def splits(sim_splits):
+    return sim_splits
 
 
 @pytest.fixture(scope="module")
