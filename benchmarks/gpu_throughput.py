@@ -40,7 +40,7 @@ from typing import Self
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from throughput import EMB, TOWER, _encode_in_memory, make_data, peak_rss_mib  # sibling script
+from throughput import EMB, TOWER, _encode_in_memory, make_data, peak_rss_mib  # noqa: E402 - sibling script, after sys.path
 
 BATCH = 16_384
 MACS_PER_SAMPLE = None  # computed from the model's shapes in roofline()
@@ -202,6 +202,7 @@ def worker_roofline(a: dict) -> dict:
     from mtrank.data.simulate import SIMULATED_SCHEMA as S
 
     dev = torch.device(a["device"])
+    rows = BATCH if dev.type == "cuda" else 1024  # a CPU smoke run only checks the code path
     in_dim = EMB * len(S.categorical) + len(S.numerical)
     dims = [in_dim, *TOWER, 1]
     layers = list(itertools.pairwise(dims))
@@ -210,7 +211,7 @@ def worker_roofline(a: dict) -> dict:
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         shapes = []
         for i, o in layers:  # forward x·W, backward dX = dY·Wᵀ and dW = Xᵀ·dY
-            shapes += [((BATCH, i), (i, o)), ((BATCH, o), (o, i)), ((i, BATCH), (BATCH, o))]
+            shapes += [((rows, i), (i, o)), ((rows, o), (o, i)), ((i, rows), (rows, o))]
         mats = [(torch.randn(*p, device=dev, dtype=dtype), torch.randn(*q, device=dev, dtype=dtype)) for p, q in shapes]
         flops = sum(2 * p[0] * p[1] * q[1] for p, q in shapes) * 2  # two towers
         for _ in range(20):
@@ -225,7 +226,7 @@ def worker_roofline(a: dict) -> dict:
                     x @ y
         sync(dev)
         sec = (time.perf_counter() - t0) / reps
-        n = 8192 if dev.type == "cuda" else 1024
+        n = 8192 if dev.type == "cuda" else 256
         big = torch.randn(n, n, device=dev, dtype=dtype)
         big @ big
         sync(dev)
@@ -234,7 +235,7 @@ def worker_roofline(a: dict) -> dict:
             big @ big
         sync(dev)
         square = 2 * n**3 * 10 / (time.perf_counter() - t1)
-        out[name] = {"tower_gflops": round(flops / sec / 1e9, 1), "ceiling_samples_per_second": round(BATCH / sec, 0),
+        out[name] = {"tower_gflops": round(flops / sec / 1e9, 1), "ceiling_samples_per_second": round(rows / sec, 0),
                      "square_tflops": round(square / 1e12, 1), "square_n": n}
     return out
 
@@ -244,7 +245,10 @@ WORKERS = {"mtrank_stream": worker_mtrank_stream, "bare": worker_bare, "roofline
 
 # --------------------------------------------------------------------------- driver
 def run_worker(name: str, args: dict, workdir: Path, timeout: float) -> dict:
-    """Run a worker (or the torch-rechub worker) in a fresh process; its JSON result or the error."""
+    """Run a worker (or the torch-rechub worker) in a fresh process; its JSON result or the error.
+    ``timeout`` is sized for a GPU; a CPU smoke run gets 20 times as long."""
+    if args.get("device") == "cpu":
+        timeout *= 20
     tag = args.get("tag", "")
     out = workdir / f"result-{name}-{tag}.json"
     out.unlink(missing_ok=True)

@@ -171,7 +171,7 @@ def test_fp16_with_grad_scaler_trains_on_cpu(splits, tmp_path):
 
 # --------------------------------------------------------------------------- bundles across devices
 def test_bundle_loads_on_the_cpu_with_identical_predictions(fp32_run, splits, tmp_path):
-    from mtrank.serve.bundle import Bundle
+    from mtrank.bundle import Bundle
 
     path = fp32_run.bundle.save(tmp_path / "b")
     df = splits["test"].head(500)
@@ -187,7 +187,7 @@ def test_bundle_loads_on_the_cpu_with_identical_predictions(fp32_run, splits, tm
 
 @needs_cuda
 def test_gpu_trained_bundle_exports_and_predicts_on_cpu(splits, tmp_path):
-    from mtrank.serve.bundle import Bundle
+    from mtrank.bundle import Bundle
     from mtrank.serve.onnx_export import export_onnx
     from mtrank.workflow import fit
 

@@ -6,7 +6,7 @@ import pytest
 
 from mtrank.errors import BundleError
 from mtrank.models.config import ModelConfig
-from mtrank.serve.bundle import Bundle
+from mtrank.bundle import Bundle
 from mtrank.train.trainer import TrainConfig
 from mtrank.workflow import fit, predictions_frame
 
