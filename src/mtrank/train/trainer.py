@@ -339,9 +339,9 @@ class Trainer:
             if skip == 0:
                 running, seen = 0.0, 0
             bar = tqdm(total=n_batches, initial=skip, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", disable=self.quiet, leave=False)
-            # DDP's join() lets ranks with fewer batches (uneven shards) finish the epoch
-            # the loss sum stays on the device (float64): no sync per step
+            # the loss sum stays on the device (float64): no device-to-host sync per step
             total = torch.zeros((), dtype=torch.float64, device=device)
+            # DDP's join() lets ranks with fewer batches (uneven shards) finish the epoch
             with net.join() if world > 1 else contextlib.nullcontext():
                 batches = device_batches(train, cfg.batch_size, shuffle=True, generator=gen, device=device, depth=cfg.prefetch)
                 for i, batch in enumerate(batches):
@@ -366,7 +366,7 @@ class Trainer:
                     bar.update(1)
                     if (i + 1) % check_every == 0 or i + 1 == n_batches:
                         check_finite(total, loss, epoch)
-                    if bar.n % 20 == 0:
+                    if not bar.disable and bar.n % 20 == 0:
                         bar.set_postfix(loss=f"{(running + float(total)) / seen:.4f}")
                     if checkpoint_every and (i + 1) % checkpoint_every == 0 and i + 1 < n_batches:
                         running, total = running + float(total), total.zero_()
