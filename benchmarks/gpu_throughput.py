@@ -207,7 +207,7 @@ def worker_roofline(a: dict) -> dict:
     dims = [in_dim, *TOWER, 1]
     layers = list(itertools.pairwise(dims))
     macs = 2 * sum(i * o for i, o in layers)  # two towers
-    out = {"in_dim": in_dim, "macs_per_sample": macs, "train_flops_per_sample": 6 * macs}
+    out = {"in_dim": in_dim, "batch": rows, "macs_per_sample": macs, "train_flops_per_sample": 6 * macs}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         shapes = []
         for i, o in layers:  # forward x·W, backward dX = dY·Wᵀ and dW = Xᵀ·dY
@@ -302,7 +302,7 @@ def markdown(doc: dict) -> str:
     ]
     if "fp32" in roof:
         lines += [
-            (f"**Roofline** (torch.mm on the towers' fwd+bwd shapes at batch {BATCH:,}; training FLOPs/sample {roof['train_flops_per_sample']:,}): "
+            (f"**Roofline** (torch.mm on the towers' fwd+bwd shapes at batch {roof.get('batch', BATCH):,}; training FLOPs/sample {roof['train_flops_per_sample']:,}): "
             f"fp32 {roof['fp32']['tower_gflops']:,} GFLOP/s → ceiling {roof['fp32']['ceiling_samples_per_second']:,.0f} samples/s "
             f"(square n×n matmul: {roof['fp32']['square_tflops']} TFLOP/s); bf16 {roof['bf16']['tower_gflops']:,} GFLOP/s → "
             f"{roof['bf16']['ceiling_samples_per_second']:,.0f} samples/s (square: {roof['bf16']['square_tflops']} TFLOP/s)."),
