@@ -67,7 +67,8 @@ class Batch:
 class BatchSource(Protocol):
     """Anything the trainer can iterate per epoch (in-memory tensors now, streams later)."""
 
-    def batches(self, batch_size: int, *, shuffle: bool, generator: torch.Generator | None = None) -> Iterator[Batch]: ...
+    def batches(self, batch_size: int, *, shuffle: bool, generator: torch.Generator | None = None) -> Iterator[Batch]:
+        """Batches of at most ``batch_size`` rows, shuffled with ``generator`` when ``shuffle``."""
 
     def __len__(self) -> int: ...
 
@@ -169,9 +170,6 @@ class EncodedData:
         """Bytes held by the tensors (features, labels, weight)."""
         ts = [self.categorical, self.numerical, *self.labels.values(), *([] if self.weight is None else [self.weight])]
         return sum(t.element_size() * t.numel() for t in ts)
-
-    def num_batches(self, batch_size: int) -> int:
-        return (len(self) + batch_size - 1) // batch_size
 
     def subset(self, index: torch.Tensor) -> EncodedData:
         """Rows ``index`` (int64 ``[M]``) as a new EncodedData, side columns included."""
