@@ -31,7 +31,6 @@ import itertools
 import json
 import os
 import platform
-import subprocess
 import sys
 import threading
 import time
@@ -40,7 +39,8 @@ from typing import Self
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from throughput import EMB, TOWER, _encode_in_memory, make_data, peak_rss_mib  # noqa: E402 - sibling script, after sys.path
+import throughput  # noqa: E402 - sibling script, after sys.path
+from throughput import EMB, TOWER, _encode_in_memory, make_data, peak_rss_mib  # noqa: E402
 
 BATCH = 16_384
 MACS_PER_SAMPLE = None  # computed from the model's shapes in roofline()
@@ -245,30 +245,12 @@ WORKERS = {"mtrank_stream": worker_mtrank_stream, "bare": worker_bare, "roofline
 
 # --------------------------------------------------------------------------- driver
 def run_worker(name: str, args: dict, workdir: Path, timeout: float) -> dict:
-    """Run a worker (or the torch-rechub worker) in a fresh process; its JSON result or the error.
-    ``timeout`` is sized for a GPU; a CPU smoke run gets 20 times as long."""
+    """:func:`throughput.run_worker` on this script's workers (torch-rechub's with this
+    interpreter). ``timeout`` is sized for a GPU; a CPU smoke run gets 20 times as long."""
     if args.get("device") == "cpu":
         timeout *= 20
-    tag = args.get("tag", "")
-    out = workdir / f"result-{name}-{tag}.json"
-    out.unlink(missing_ok=True)
-    if name == "rechub":
-        cmd = [sys.executable, str(HERE / "_rechub_worker.py"), json.dumps(args), str(out)]
-    else:
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--worker-args", json.dumps(args), "--worker-out", str(out)]
-    env = {**os.environ, "PYTHONPATH": str(HERE.parent / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    print(f"[{time.strftime('%H:%M:%S', time.gmtime())}] {name} {tag} ...", flush=True)
-    t0 = time.perf_counter()
-    try:
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout}s"}
-    if proc.returncode != 0 or not out.exists():
-        return {"error": f"exit {proc.returncode}: {proc.stderr[-1500:]}"}
-    res = json.loads(out.read_text())
-    res["process_seconds"] = round(time.perf_counter() - t0, 1)
-    print(f"    -> {json.dumps({k: v for k, v in res.items() if k in ('samples_per_second', 'end_to_end_samples_per_second', 'gpu_util_mean_pct', 'test', 'error')})[:300]}", flush=True)
-    return res
+    args = {"threads": os.cpu_count(), **args, "workdir": str(workdir)}
+    return throughput.run_worker(name, args, python=sys.executable, timeout=timeout, script=Path(__file__).resolve())
 
 
 def rechub_auc(res: dict, npz: str) -> dict:
