@@ -4,7 +4,8 @@ for ``throughput.py``. Runs in the torch-rechub virtual environment (no mtrank i
 Usage: ``python _rechub_worker.py ARGS_JSON OUT_JSON``. Reads the encoded ids exported by
 ``throughput.py`` (``npz``: ``train_x`` / ``test_x`` int64 ``[N, n_fields]``, click and
 conversion labels, ``cardinalities``, ``fields``), trains one epoch, times it, and writes the
-test predictions (columns in rechub's order: cvr, ctr, ctcvr) next to the result.
+test predictions (columns in rechub's order: cvr, ctr, ctcvr) next to the result. ``device``
+in ARGS_JSON (default ``cpu``) is passed to its trainer (``gpu_throughput.py`` uses ``cuda``).
 """
 
 from __future__ import annotations
@@ -52,15 +53,18 @@ def main() -> None:
     train_dl, _, test_dl = DataGenerator(x_tr, y_tr).generate_dataloader(x_val=x_te, y_val=y_te, x_test=x_te, y_test=y_te, batch_size=a["batch"])
     n_params = sum(p.numel() for p in model.parameters())
     trainer = MTLTrainer(model, task_types=["classification"] * 3, optimizer_params={"lr": 1e-3, "weight_decay": 0.0},
-                         n_epoch=1, earlystop_patience=1, device="cpu", model_path=tempfile.mkdtemp())
+                         n_epoch=1, earlystop_patience=1, device=a.get("device", "cpu"), model_path=tempfile.mkdtemp())
+    device = torch.device(a.get("device", "cpu"))
     t0 = time.perf_counter()
     trainer.train_one_epoch(train_dl)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     sec = time.perf_counter() - t0
     model.eval()
     preds = []
     with torch.no_grad():
         for x, _ in test_dl:
-            preds.append(model(x).numpy())
+            preds.append(model({k: v.to(device) for k, v in x.items()}).cpu().numpy())
     pred_path = out.with_suffix(".pred.npy")
     np.save(pred_path, np.concatenate(preds))
     rss = 0.0

@@ -93,11 +93,12 @@ def _train_step(model, opts, batch) -> None:
         o.step()
 
 
-def run_worker(name: str, args: dict, *, python: str | None = None, prefix: list[str] | None = None, timeout: float = 1800) -> dict:
-    """Run ``--worker name`` in a fresh process; returns its JSON result (or the error)."""
+def run_worker(name: str, args: dict, *, python: str | None = None, prefix: list[str] | None = None, timeout: float = 1800, script: Path | None = None) -> dict:
+    """Run ``--worker name`` of ``script`` (default: this file) in a fresh process; returns its
+    JSON result (or the error)."""
     out = Path(args["workdir"]) / f"result-{name}-{args.get('tag', '')}.json"
     out.unlink(missing_ok=True)
-    cmd = [*(prefix or []), python or sys.executable, str(Path(__file__).resolve()), "--worker", name, "--worker-args", json.dumps(args), "--worker-out", str(out)]
+    cmd = [*(prefix or []), python or sys.executable, str(script or Path(__file__).resolve()), "--worker", name, "--worker-args", json.dumps(args), "--worker-out", str(out)]
     if name in PEERS:  # a peer library's own worker, run by its own interpreter (no mtrank import)
         cmd = [*(prefix or []), python, str(HERE / f"_{name}_worker.py"), json.dumps(args), str(out)]
     env = {**os.environ, "PYTHONPATH": str(HERE.parent / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -275,8 +276,8 @@ def worker_rss(a: dict) -> dict:
     frac = a["fraction"]
 
     class SubsampledStream(ParquetStream):
-        def encoded_pieces(self, order=None):
-            for part in super().encoded_pieces(order):
+        def encoded_pieces(self, order=None, **kw):
+            for part in super().encoded_pieces(order, **kw):
                 yield part if frac >= 1 else part.subset(torch.arange(int(len(part) * frac)))
 
     paths = [Path(p) for p in a["train"]]

@@ -30,6 +30,17 @@ def small_sim() -> pl.DataFrame:
     return simulate(SimConfig(rows=40_000, n_users=2_000, n_items=500, cvr=0.2, seed=7))
 
 
+@pytest.fixture(scope="session")
+def sim_splits(small_sim) -> dict[str, pl.DataFrame]:
+    """``small_sim`` validated and split by time (train / val / test), shared by training tests."""
+    from mtrank.data.datasets import LoadedData
+    from mtrank.data.io import validate_frame
+    from mtrank.data.split import SplitConfig, split_data
+
+    df, _ = validate_frame(small_sim, SIMULATED_SCHEMA, "sim")
+    return split_data(LoadedData(SIMULATED_SCHEMA, {"all": df}, {"all": "sim"}), SplitConfig())
+
+
 @pytest.fixture()
 def sim_schema():
     return SIMULATED_SCHEMA

@@ -5,8 +5,6 @@ import polars as pl
 import pytest
 import torch
 
-from mtrank.data.datasets import LoadedData
-from mtrank.data.split import SplitConfig, split_data
 from mtrank.errors import BundleError
 from mtrank.models.config import ModelConfig
 from mtrank.bundle import Bundle
@@ -17,12 +15,8 @@ SMALL = ModelConfig(tower=[32, 16], embedding_dim=8)
 
 
 @pytest.fixture(scope="module")
-def splits(small_sim):
-    from mtrank.data.simulate import SIMULATED_SCHEMA
-    from mtrank.data.io import validate_frame
-
-    df, _ = validate_frame(small_sim, SIMULATED_SCHEMA, "sim")
-    return split_data(LoadedData(SIMULATED_SCHEMA, {"all": df}, {"all": "sim"}), SplitConfig())
+def splits(sim_splits):
+    return sim_splits
 
 
 @pytest.fixture(scope="module")

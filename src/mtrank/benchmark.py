@@ -35,6 +35,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -58,6 +59,7 @@ from mtrank.models.base import SingleTaskNet
 from mtrank.models.baselines import PROPENSITY_COLUMN
 from mtrank.models.config import FeatureSpec, ModelConfig
 from mtrank.models.layers import funnel_outputs
+from mtrank.train.device import module_device
 from mtrank.train.trainer import TrainConfig, Trainer, predict
 from mtrank.workflow import feature_spec, load_data, training_views
 
@@ -74,7 +76,7 @@ class BenchmarkConfig(BaseModel):
         options: per-model knobs, ``{model: {key: value}}``.
         rows: simulated impressions (``simulated`` only). seed: first training seed; the split's
         seed. test_fraction, val_fraction: see the module docstring. threads: torch threads
-        (0 = leave as is).
+        (0 = leave as is). device, precision: see :class:`~mtrank.train.trainer.TrainConfig`.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -94,6 +96,8 @@ class BenchmarkConfig(BaseModel):
     test_fraction: float = Field(0.5, gt=0, lt=1)
     val_fraction: float = Field(0.1, ge=0, lt=1)
     threads: int = Field(0, ge=0)
+    device: str = "auto"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
 
 
 class SharedCTR(nn.Module):
@@ -156,7 +160,8 @@ def gate_report(model: nn.Module, data: EncodedData) -> dict[str, object] | None
         return None
     model.eval()
     n = min(len(data), GATE_SAMPLE_ROWS)
-    cat, num = data.categorical[:n], data.numerical[:n]
+    dev = module_device(model)
+    cat, num = data.categorical[:n].to(dev), data.numerical[:n].to(dev)
     tasks = {}
     for task, w in model.gate_weights(cat, num).items():
         ent = -(w * w.clamp_min(1e-12).log()).sum(-1)
@@ -230,7 +235,7 @@ def run_benchmark(cfg: BenchmarkConfig, data_dir: str | Path | None = None, log:
     timings: dict[str, list[float]] = {}
     for r in range(cfg.repeats):
         seed = cfg.seed + r
-        tcfg = TrainConfig(epochs=cfg.epochs, batch_size=batch_size, lr=cfg.lr, patience=cfg.patience, seed=seed)
+        tcfg = TrainConfig(epochs=cfg.epochs, batch_size=batch_size, lr=cfg.lr, patience=cfg.patience, seed=seed, device=cfg.device, precision=cfg.precision)
         train_r = train
         shared_p = None
         if schema.is_funnel:

@@ -43,6 +43,7 @@ from mtrank.errors import BundleError, MtrankError
 from mtrank.io_utils import atomic_replace_dir, atomic_write_json
 from mtrank.models import RANKERS, build_model
 from mtrank.models.config import FeatureSpec, ModelConfig
+from mtrank.train.device import resolve_device
 from mtrank.train.trainer import predict
 from mtrank.version import __version__
 
@@ -200,13 +201,20 @@ class Bundle:
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> Bundle:
+    def load(cls, path: str | Path, *, device: str | torch.device = "cpu") -> Bundle:
         """Load a bundle (no pickle: JSON + safetensors only).
 
+        The weights are always read into host memory first (a bundle written on a GPU machine
+        loads on a CPU-only one; :meth:`save` stores CPU tensors), then the model is moved to
+        ``device`` (``cpu`` by default; ``auto``, ``cuda``, ``cuda:N``: see
+        :func:`mtrank.train.device.resolve_device`).
+
         Raises:
+            ConfigError: ``device`` is not available here.
             BundleError: a file is missing, unreadable, tampered with (bad JSON, truncated
                 weights, wrong tensor shapes or names) or of an unknown format.
         """
+        target = resolve_device(device)  # an unavailable device fails before any reading
         path = Path(path)
         if not path.is_dir():
             raise BundleError(f"no bundle at {path} (expected a directory holding {list(FILES)})")
@@ -239,7 +247,9 @@ class Bundle:
         encoder = FeatureEncoder.from_json(enc_doc)
         if encoder.cardinalities != spec.cardinalities or len(encoder.numerical) != spec.n_numerical:
             raise BundleError(f"bundle {path}: encoders.json does not match the feature spec in config.json")
-        model = weights.load_weights(path, spec, model_cfg)
+        model = weights.load_weights(path, spec, model_cfg)  # read into host memory first
+        if isinstance(model, nn.Module):
+            model.to(target)
         return cls(model, encoder, schema, model_cfg, spec, config.get("meta", {}))
 
     @staticmethod

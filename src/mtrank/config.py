@@ -68,6 +68,7 @@ class DataSection(_Section):
     val_paths: list[str] = Field(default_factory=list, description="validation files (stream)")
     test_paths: list[str] = Field(default_factory=list, description="test files (stream)")
     shuffle_buffer: int = Field(262_144, ge=1, description="rows in the streaming shuffle buffer")
+    cache_dir: str | None = Field(None, description="keep encoded training pieces here (stream; safetensors) so later epochs skip reading and encoding")
 
     @field_validator("dataset")
     @classmethod
@@ -328,6 +329,9 @@ _COMMENTS = {
     "training.seed": "seeds initialisation, shuffling and (by default) the split",
     "training.threads": "torch intra-op threads (0: default)",
     "training.sparse_embeddings": "update only the embedding rows a batch touches (SparseAdam)",
+    "training.device": "auto (CUDA when available), cpu, cuda or cuda:N (docs/gpu.md)",
+    "training.precision": "forward-pass autocast: fp32, bf16 or fp16 (loss, weights and optimizer state stay fp32)",
+    "training.prefetch": "batches copied ahead to a GPU by a background thread (0: none)",
     "model.name": "registry name: esmm, base, esmm_ns, mmoe, ple, aitm, escm2_ipw …",
     "model.embedding_dim": "embedding size per categorical field (ESMM paper: 18)",
     "model.tower": "hidden sizes of each task tower (ESMM paper: 360, 200, 80)",

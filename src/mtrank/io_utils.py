@@ -67,6 +67,14 @@ def _jsonable(x):
     raise TypeError(f"not JSON serialisable: {type(x).__name__}")
 
 
+def atomic_write_safetensors(tensors: dict, path: Path, metadata: dict[str, str] | None = None) -> Path:
+    """Write torch tensors as one safetensors file (no pickle), atomically."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    return _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
 def atomic_write_parquet(df: pl.DataFrame, path: Path, row_group_size: int | None = None) -> Path:
     """Write a Parquet file atomically (temporary file, then rename); returns ``path``."""
     return _atomic_write(path, lambda tmp: df.write_parquet(tmp, row_group_size=row_group_size))

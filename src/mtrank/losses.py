@@ -11,10 +11,16 @@ The second line is exact (1 − σ(a)σ(b) = (e^−a + e^−b + e^−a−b) / ((
 the loss is finite, with a non-zero gradient, for every finite pair of logits, including
 pCTR = pCVR = 1 in float32. It generalises to a product of k sigmoids (a logsumexp over the
 2^k − 1 non-empty subsets), and equals log1p(−exp(log pCTCVR)) wherever the latter is finite.
+
+Under mixed precision (``torch.autocast`` in bf16 / fp16, see :mod:`mtrank.train.device`) the
+logits arrive in the low precision; every loss here is computed in float32 with autocast
+switched off, so the log-space identities above stay exact to float32 rounding (bf16 keeps 8
+significant bits: logsumexp and logsigmoid in bf16 would move the loss by ~1e-2 relative).
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from dataclasses import dataclass
 from typing import Literal
@@ -67,12 +73,29 @@ def log_sigmoid_product(logits: list[torch.Tensor]) -> tuple[torch.Tensor, torch
     return log_p, log_1mp
 
 
+def full_precision(like: torch.Tensor) -> contextlib.AbstractContextManager:
+    """A context with autocast off on ``like``'s device type (losses run in float32 there)."""
+    if not torch.is_autocast_enabled(like.device.type):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=like.device.type, enabled=False)
+
+
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float32 when it is in a lower precision (float64 stays float64)."""
+    return x.float() if x.is_floating_point() and x.element_size() < 4 else x
+
+
 def binary_cross_entropy(task: TaskLoss, outputs: dict[str, torch.Tensor], label: torch.Tensor) -> torch.Tensor:
-    """Per-row BCE ``[B]`` of one task, from logits (never from clipped probabilities)."""
-    if task.kind == "logit":
-        return F.binary_cross_entropy_with_logits(outputs[task.outputs[0]], label, reduction="none")
-    log_p, log_1mp = log_sigmoid_product([outputs[k] for k in task.outputs])
-    return -(label * log_p + (1.0 - label) * log_1mp)
+    """Per-row BCE ``[B]`` of one task, from logits (never from clipped probabilities), in at
+    least float32 whatever the logits' dtype or an enclosing autocast."""
+    logits = [outputs[k] for k in task.outputs]
+    with full_precision(logits[0]):
+        logits = [at_least_fp32(x) for x in logits]
+        label = label.to(logits[0].dtype)
+        if task.kind == "logit":
+            return F.binary_cross_entropy_with_logits(logits[0], label, reduction="none")
+        log_p, log_1mp = log_sigmoid_product(logits)
+        return -(label * log_p + (1.0 - label) * log_1mp)
 
 
 def task_loss_sum(task: TaskLoss, outputs: dict[str, torch.Tensor], batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,19 +110,21 @@ def task_loss_sum(task: TaskLoss, outputs: dict[str, torch.Tensor], batch: Batch
     return (per_row * w).sum(), w.sum()
 
 
-def total_loss(tasks: list[TaskLoss], outputs: dict[str, torch.Tensor], batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
-    """Σ_task weight · mean loss over the task's space. Returns (loss scalar, per-task floats)."""
-    total = outputs[tasks[0].outputs[0]].new_zeros(())
-    parts: dict[str, float] = {}
+def total_loss(tasks: list[TaskLoss], outputs: dict[str, torch.Tensor], batch: Batch, *, parts: bool = True) -> tuple[torch.Tensor, dict[str, float]]:
+    """Σ_task weight · mean loss over the task's space. Returns (float32 loss scalar, per-task
+    floats; empty with ``parts=False``, which spares a GPU a device-to-host sync per task)."""
+    total = outputs[tasks[0].outputs[0]].new_zeros((), dtype=torch.float32)
+    floats: dict[str, float] = {}
     for task in tasks:
         num, den = task_loss_sum(task, outputs, batch)
         mean = num / den.clamp_min(1.0) if task.mask is not None else num / den.clamp_min(1e-12)
         total = total + task.weight * mean
-        parts[task.name] = float(mean.detach())
-    return total, parts
+        if parts:
+            floats[task.name] = float(mean.detach())
+    return total, floats
 
 
-def model_loss(model: torch.nn.Module, outputs: dict[str, torch.Tensor], batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+def model_loss(model: torch.nn.Module, outputs: dict[str, torch.Tensor], batch: Batch, *, parts: bool = True) -> tuple[torch.Tensor, dict[str, float]]:
     """The training loss of any model: :func:`total_loss` of its declared ``tasks``, plus, when
     the model defines it, ``model.extra_loss(outputs, batch) -> scalar Tensor``.
 
@@ -107,12 +132,14 @@ def model_loss(model: torch.nn.Module, outputs: dict[str, torch.Tensor], batch: 
     behavioural calibrator, ESCM²'s counterfactual CVR risk. It is added with weight 1 (the
     model weights it itself) and reported as ``parts["extra"]``. The validation objective used
     for early stopping (:func:`mtrank.train.trainer.validation_loss`) is the declared tasks only,
-    so it is comparable across models.
+    so it is comparable across models. Computed in float32 under any autocast.
     """
-    total, parts = total_loss(model.tasks, outputs, batch)
+    total, floats = total_loss(model.tasks, outputs, batch, parts=parts)
     extra = getattr(model, "extra_loss", None)
     if extra is not None:
-        term = extra(outputs, batch)
+        with full_precision(total):
+            term = at_least_fp32(extra({k: at_least_fp32(v) for k, v in outputs.items()}, batch))
         total = total + term
-        parts["extra"] = float(term.detach())
-    return total, parts
+        if parts:
+            floats["extra"] = float(term.detach())
+    return total, floats

@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from mtrank.cli.common import ConfigOpt, DataDirOpt, QuietOpt, _str, _tower, resolve_config
+from mtrank.cli.common import ConfigOpt, DataDirOpt, DeviceOpt, PrecisionOpt, QuietOpt, _str, _tower, resolve_config
 from mtrank.errors import ConfigError
 from mtrank.io_utils import atomic_write_json
 
@@ -49,13 +49,18 @@ def benchmark(
     seed: int = 0,
     threads: Annotated[int, typer.Option(help="torch threads (0 = default)")] = 0,
     data_dir: DataDirOpt = None,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "fp32",
     quiet: QuietOpt = False,
 ) -> None:
     """Train the models on one split under the ESMM paper's protocol; print a markdown table,
     write JSON."""
     from mtrank.benchmark import BenchmarkConfig, log_to_stderr, report_markdown, run_benchmark
+    from mtrank.train.device import resolve_device, resolve_precision
 
+    resolve_precision(precision, resolve_device(device))
     cfg = resolve_config(ctx, config, {
+        "device": ("training.device", device), "precision": ("training.precision", precision),
         "dataset": ("data.dataset", dataset), "data_dir": ("data.data_dir", lambda: _str(data_dir)),
         "rows": ("data.simulator.rows", rows), "batch_size": ("training.batch_size", batch_size),
         "epochs": ("training.epochs", epochs), "lr": ("training.lr", lr), "seed": ("training.seed", seed),
@@ -67,6 +72,7 @@ def benchmark(
     dataset, rows, seed, lr, epochs = cfg.data.dataset, cfg.data.simulator.rows, cfg.training.seed, cfg.training.lr, cfg.training.epochs
     data_dir = Path(cfg.data.data_dir) if cfg.data.data_dir else None
     threads, embedding_dim = cfg.training.threads, cfg.model.embedding_dim
+    device, precision = cfg.training.device, cfg.training.precision
     if config is not None and batch_size is None:
         batch_size = cfg.training.batch_size
     options = {cfg.model.name: cfg.model.options} if config is not None and cfg.model.options else {}
@@ -74,6 +80,7 @@ def benchmark(
     cfg = BenchmarkConfig(
         dataset=dataset, models=names, repeats=repeats, epochs=epochs, batch_size=batch_size, lr=lr,
         embedding_dim=embedding_dim, tower=cfg.model.tower, options={**options, **_options(option)}, rows=rows, seed=seed, threads=threads,
+        device=device, precision=precision,
     )
     out = out or Path("runs") / "benchmark" / dataset
     if dataset == "simulated" and data_dir is None:

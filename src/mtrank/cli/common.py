@@ -27,6 +27,8 @@ SchemaOpt = Annotated[str | None, typer.Option("--schema", help="schema YAML, or
 DataDirOpt = Annotated[Path | None, typer.Option("--data-dir", help="folder holding the built-in datasets (default: $MTRANK_DATA_DIR, else ./data)")]
 FunnelOpt = Annotated[str | None, typer.Option("--funnel-violations", help="conversion without click: 'error' (default) or 'drop'")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress output")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA when available), cpu, cuda or cuda:N")]
+PrecisionOpt = Annotated[str, typer.Option("--precision", help="forward-pass precision: fp32, bf16 or fp16 (loss and weights stay fp32)")]
 BundleOpt = Annotated[Path | None, typer.Option("--bundle", "-b", help="bundle directory (default: the config's export.out, runs/model)")]
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="run config YAML (see `mtrank config init`); the flags given on the command line override its keys")]
 SUMMARY = metric_names("cli")

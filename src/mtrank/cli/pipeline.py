@@ -22,7 +22,9 @@ from mtrank.cli.common import (
     DataDirOpt,
     DatasetOpt,
     DataOpt,
+    DeviceOpt,
     FunnelOpt,
+    PrecisionOpt,
     QuietOpt,
     SchemaOpt,
     _check_choice,
@@ -43,7 +45,9 @@ from mtrank.errors import BundleError, ConfigError
 from mtrank.io_utils import atomic_write_json, atomic_write_parquet
 from mtrank.metrics.summary import summarise
 from mtrank.models import MODELS, RANKERS
+from mtrank.train.device import large_batch_defaults, resolve_device, resolve_precision
 from mtrank.train.distributed import init_from_env, is_main
+from mtrank.train.trainer import TrainConfig
 from mtrank.workflow import evaluate_split, load_data, load_run_data, predictions_frame, resolve_schema, run
 
 
@@ -84,8 +88,8 @@ def train(
     model: Annotated[str, typer.Option("--model", "-m", help=f"one of {', '.join([*MODELS, *RANKERS])}")] = "esmm",
     out: Annotated[Path, typer.Option("--out", "-o", help="bundle directory to write")] = Path("runs/model"),
     epochs: int = 3,
-    batch_size: int = 2048,
-    lr: float = 1e-3,
+    batch_size: Annotated[int | None, typer.Option(help="rows per step (default: 2048 on CPU, 16384 on a GPU)")] = None,
+    lr: Annotated[float | None, typer.Option(help="Adam learning rate (default: 1e-3; × √8 with the GPU default batch)")] = None,
     seed: int = 0,
     patience: int = 1,
     embedding_dim: int = 18,
@@ -112,6 +116,9 @@ def train(
     price_weight_cap: Annotated[float, typer.Option(help="largest extra weight with --weight-by-price")] = 3.0,
     tensorboard: Annotated[Path | None, typer.Option("--tensorboard", help="also write the per-epoch metrics as TensorBoard event files here (needs tensorboard)")] = None,
     ltr_option: Annotated[list[str] | None, typer.Option("--ltr-option", help="with --model ltr: key=value of mtrank.models.ltr.LTRConfig (k, early_stopping, n_estimators, value_coef …); repeatable")] = None,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "fp32",
+    cache_dir: Annotated[Path | None, typer.Option("--cache-dir", help="with --stream: keep encoded pieces here (safetensors) so later epochs skip reading and encoding")] = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Train a model, early-stopped on validation; evaluate on test; write a bundle.
@@ -131,6 +138,8 @@ def train(
             raise ConfigError("--model ltr takes its settings from the flags and --ltr-option; --config is not supported for it yet")
         return _train_ranker(dataset, data, schema, data_dir, out, overwrite, seed, threads, test_fraction, val_fraction, funnel_violations, ltr_option, quiet)
     _check_choice(model, MODELS, "--model")
+    if config is None:  # without a config file: the device's batch size and learning rate
+        batch_size, lr = _device_defaults(device, precision, batch_size, lr)
     cfg = resolve_config(ctx, config, {
         "dataset": ("data.dataset", dataset), "data": ("data.paths", lambda: data or []),
         "schema": ("data.schema", schema), "data_dir": ("data.data_dir", lambda: _str(data_dir)),
@@ -138,12 +147,14 @@ def train(
         "test_fraction": ("data.split.test_fraction", test_fraction), "val_fraction": ("data.split.val_fraction", val_fraction),
         "stream": ("data.stream", stream), "val_data": ("data.val_paths", lambda: val_data or []),
         "test_data": ("data.test_paths", lambda: test_data or []), "shuffle_buffer": ("data.shuffle_buffer", shuffle_buffer),
+        "cache_dir": ("data.cache_dir", lambda: _str(cache_dir)),
         "min_count": ("features.min_count", min_count), "max_vocab": ("features.max_vocab", max_vocab),
         "hash_buckets": ("features.hash_buckets", lambda: _parse_buckets(hash_buckets) or {}),
         "model": ("model.name", model), "embedding_dim": ("model.embedding_dim", embedding_dim),
         "tower": ("model.tower", lambda: _tower(tower)), "dropout": ("model.dropout", dropout),
         "epochs": ("training.epochs", epochs), "batch_size": ("training.batch_size", batch_size), "lr": ("training.lr", lr),
         "seed": ("training.seed", seed), "patience": ("training.patience", patience), "threads": ("training.threads", threads),
+        "device": ("training.device", device), "precision": ("training.precision", precision),
         "sparse_embeddings": ("training.sparse_embeddings", sparse_embeddings), "nproc": ("training.nproc", nproc),
         "checkpoint_dir": ("training.checkpoint_dir", lambda: _str(checkpoint_dir)),
         "checkpoint_every": ("training.checkpoint_every", checkpoint_every), "resume": ("training.resume", resume),
@@ -151,7 +162,17 @@ def train(
         "tensorboard": ("evaluation.tensorboard", lambda: _str(tensorboard)),
         "out": ("export.out", lambda: str(out)), "overwrite": ("export.overwrite", overwrite),
     })
+    if cfg.data.cache_dir and not cfg.data.stream:
+        raise ConfigError("--cache-dir (data.cache_dir) works with --stream (in-memory data is encoded once anyway)")
     train_from_config(cfg, quiet=quiet)
+
+
+def _device_defaults(device: str, precision: str, batch_size: int | None, lr: float | None) -> tuple[int, float]:
+    """Check ``--device`` / ``--precision`` here (one ``error:`` line) and fill the batch size
+    and learning rate left unset (see :func:`mtrank.train.device.large_batch_defaults`)."""
+    dev = resolve_device(device)
+    resolve_precision(precision, dev)
+    return large_batch_defaults(dev, batch_size, lr, base_lr=TrainConfig.model_fields["lr"].default)
 
 
 def train_from_config(cfg: RunConfig, *, quiet: bool = False) -> None:
@@ -167,7 +188,7 @@ def train_from_config(cfg: RunConfig, *, quiet: bool = False) -> None:
         from mtrank.report.tensorboard import EpochWriter
 
         writer = EpochWriter(cfg.evaluation.tensorboard)  # each epoch is written as soon as it ends
-    created = init_from_env()
+    created = init_from_env(t.device, sparse=t.sparse_embeddings)
     try:
         ckpt = Path(t.checkpoint_dir) if t.checkpoint_dir else out.with_name(out.name + ".ckpt")
         loaded = None
@@ -252,6 +273,7 @@ def evaluate(
     data_dir: DataDirOpt = None,
     split: Annotated[str, typer.Option(help="for a built-in dataset: the split to evaluate (test, val)")] = "test",
     out: Annotated[Path | None, typer.Option("--out", "-o", help="write metrics JSON here")] = None,
+    device: DeviceOpt = "cpu",
 ) -> None:
     """Evaluate a bundle on a file, or on a built-in dataset's split (the split it was trained with)."""
     _check_choice(split, ("test", "val"), "--split")
@@ -263,7 +285,7 @@ def evaluate(
     bundle, dataset, data_dir = Path(cfg.export.out), cfg.data.dataset, cfg.data.data_dir
     data = Path(cfg.data.paths[0]) if cfg.data.paths else None
     split, out = cfg.evaluation.split, (Path(cfg.evaluation.out) if cfg.evaluation.out else None)
-    b = Bundle.load(bundle)
+    b = Bundle.load(bundle, device=device)
     if data is not None:
         loaded = load_data(None, data=data, schema=b.schema)
         frame = loaded.splits["all"]
@@ -292,6 +314,7 @@ def predict(
     data: Annotated[Path | None, typer.Option("--data", help="CSV/Parquet file to score (labels optional; default: the config's data.paths)")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Parquet file to write")] = Path("predictions.parquet"),
     fusion: Annotated[Path | None, typer.Option("--fusion", help="fusion JSON: also write the fused `score` column")] = None,
+    device: DeviceOpt = "cpu",
 ) -> None:
     """Score a file: writes its ids plus p_ctr, p_cvr, p_ctcvr (and `score` with --fusion) per row, in input order; an LTR bundle writes its ranking `score`."""
     cfg = resolve_config(ctx, config, {
@@ -306,7 +329,7 @@ def predict(
     from mtrank.serve.fusion import FusionSpec, fused_score_column
 
     spec = FusionSpec.from_file(fusion).fusion if fusion is not None else None
-    b = Bundle.load(bundle)
+    b = Bundle.load(bundle, device=device)
     table = read_table(data)
     frame = predictions_frame(b, table, str(data))
     if spec is not None and "p_ctr" not in frame.columns:
@@ -331,6 +354,8 @@ def quickstart(
     epochs: int = 3,
     batch_size: Annotated[int | None, typer.Option(help="rows per step (default: the dataset's, see mtrank.data.datasets)")] = None,
     rows: Annotated[int, typer.Option(help="simulated impressions (simulated dataset only)")] = 1_000_000,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "fp32",
     quiet: QuietOpt = False,
 ) -> None:
     """Simulate if needed → train ESMM and BASE → evaluate on held-out test → table + metrics.json + report.html.
@@ -340,7 +365,9 @@ def quickstart(
     is one run of that config.
     """
     _check_choice(dataset, DATASETS, "--dataset")
+    resolve_precision(precision, resolve_device(device))
     cfg = resolve_config(ctx, config, {
+        "device": ("training.device", device), "precision": ("training.precision", precision),
         "dataset": ("data.dataset", dataset), "data_dir": ("data.data_dir", lambda: _str(data_dir)),
         "rows": ("data.simulator.rows", rows), "epochs": ("training.epochs", epochs),
         "batch_size": ("training.batch_size", lambda: batch_size or DATASETS[dataset].batch_size),

@@ -38,6 +38,31 @@ class Batch:
     def __len__(self) -> int:
         return int(self.categorical.shape[0])
 
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor of the batch (features, labels, weight), for moving or pinning."""
+        return [self.categorical, self.numerical, *self.labels.values(), *([] if self.weight is None else [self.weight])]
+
+    def map(self, fn) -> Batch:
+        """A Batch of ``fn(tensor)`` for each tensor (labels keep their keys)."""
+        return Batch(
+            categorical=fn(self.categorical),
+            numerical=fn(self.numerical),
+            labels={k: fn(v) for k, v in self.labels.items()},
+            weight=None if self.weight is None else fn(self.weight),
+        )
+
+    def to(self, device: torch.device, *, non_blocking: bool = False) -> Batch:
+        """The batch on ``device`` (itself when already there). With ``non_blocking`` from pinned
+        host memory the copy overlaps GPU work (the consumer must synchronise, see
+        :mod:`mtrank.data.prefetch`)."""
+        if self.categorical.device == torch.device(device):
+            return self
+        return self.map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> Batch:
+        """The batch in page-locked host memory (needs a CUDA-enabled torch with a GPU)."""
+        return self.map(lambda t: t.pin_memory())
+
 
 class BatchSource(Protocol):
     """Anything the trainer can iterate per epoch (in-memory tensors now, streams later)."""
@@ -72,6 +97,11 @@ class EncodedData:
     def __len__(self) -> int:
         return int(self.categorical.shape[0])
 
+    @property
+    def device(self) -> torch.device:
+        """Where the tensors are (the side columns are always on the host)."""
+        return self.categorical.device
+
     @classmethod
     def from_frame(cls, df: pl.DataFrame, schema: Schema, encoder: FeatureEncoder, *, with_labels: bool = True) -> EncodedData:
         """Encode a validated table (see :func:`mtrank.data.io.validate_frame`)."""
@@ -105,10 +135,13 @@ class EncodedData:
         )
 
     def batches(self, batch_size: int, *, shuffle: bool, generator: torch.Generator | None = None) -> Iterator[Batch]:
-        """Yield batches of ``batch_size`` rows (the last may be smaller); shuffled per call."""
+        """Yield batches of ``batch_size`` rows (the last may be smaller); shuffled per call.
+
+        The permutation is drawn on the CPU ``generator`` and then moved to the tensors' device,
+        so the batches are the same rows on every device."""
         n = len(self)
         if shuffle:
-            order = torch.randperm(n, generator=generator)
+            order = torch.randperm(n, generator=generator).to(self.categorical.device)
             for start in range(0, n, batch_size):
                 yield self.take(order[start : start + batch_size])
         else:
@@ -121,9 +154,27 @@ class EncodedData:
                     weight=None if self.weight is None else self.weight[start:stop],
                 )
 
+    def to(self, device: torch.device) -> EncodedData:
+        """The tensors on ``device`` (side columns stay numpy on the host); itself when already there."""
+        if self.categorical.device == torch.device(device):
+            return self
+        return EncodedData(
+            categorical=self.categorical.to(device),
+            numerical=self.numerical.to(device),
+            labels={k: v.to(device) for k, v in self.labels.items()},
+            weight=None if self.weight is None else self.weight.to(device),
+            side=self.side, n_missing=self.n_missing, n_oov=self.n_oov,
+        )
+
+    def nbytes(self) -> int:
+        """Bytes held by the tensors (features, labels, weight)."""
+        ts = [self.categorical, self.numerical, *self.labels.values(), *([] if self.weight is None else [self.weight])]
+        return sum(t.element_size() * t.numel() for t in ts)
+
     def subset(self, index: torch.Tensor) -> EncodedData:
         """Rows ``index`` (int64 ``[M]``) as a new EncodedData, side columns included."""
-        idx = index.numpy()
+        idx = index.cpu().numpy()
+        index = index.to(self.device)
         return EncodedData(
             categorical=self.categorical.index_select(0, index),
             numerical=self.numerical.index_select(0, index),

@@ -3,9 +3,15 @@
 Files are split into *pieces* (Parquet row groups; a CSV file is one piece). Each epoch the
 pieces are visited in a seeded random order; each piece is read by pyarrow, validated against
 the schema (errors name the file and its own row numbers), encoded into tensors, and poured
-into a shuffle buffer from which batches are drawn. A background thread reads the next piece
-while the current one trains (pyarrow and polars release the GIL). Memory is bounded by the
-buffer and one piece, whatever the number of rows.
+into a shuffle buffer from which batches are drawn. ``readers`` background threads read the
+next pieces while the current one trains (pyarrow and polars release the GIL). Memory is
+bounded by the buffer and ``readers`` + 1 pieces, whatever the number of rows.
+
+With a ``cache_dir``, each training piece is encoded once and kept there as a safetensors file
+(int64 ids, float32 features and labels; no pickle), written atomically and named by a digest
+of the file (path, size, mtime), the row group, the schema and the fitted encoders, so a stale
+entry is never read. Later epochs (and later runs with the same encoders) load the tensors
+instead of reading, validating and encoding the Parquet piece again.
 
 Under data parallelism each rank takes every ``world_size``-th piece.
 """
@@ -14,6 +20,8 @@ from __future__ import annotations
 
 import copy
 import glob
+import hashlib
+import json
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -22,6 +30,8 @@ from pathlib import Path
 import polars as pl
 import pyarrow.parquet as pq
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 from mtrank.data.batch import Batch, EncodedData
 from mtrank.data.encoders import FeatureEncoder
@@ -29,6 +39,7 @@ from mtrank.data.hashing import HashedCategoricalEncoder, check_hash_columns
 from mtrank.data.io import ROW, read_table, validate_frame
 from mtrank.data.schema import Schema
 from mtrank.errors import DataError
+from mtrank.io_utils import atomic_write_safetensors
 
 
 def expand_paths(spec: str | Path | list) -> list[Path]:
@@ -102,14 +113,25 @@ class ParquetStream:
         paths: files (see :func:`expand_paths`).
         schema, encoder: the dataset schema and fitted encoders.
         shuffle_buffer: rows held for shuffling (memory ~ rows × features × 8 bytes).
-        prefetch: read the next piece in a background thread.
+        prefetch: read the next pieces in background threads.
+        readers: pieces read and encoded at once when prefetching (≥ 1).
+        cache_dir: keep encoded training pieces here (see the module docstring).
     """
 
-    def __init__(self, paths: list[Path], schema: Schema, encoder: FeatureEncoder, *, shuffle_buffer: int = 262_144, prefetch: bool = True) -> None:
+    def __init__(
+        self, paths: list[Path], schema: Schema, encoder: FeatureEncoder, *, shuffle_buffer: int = 262_144,
+        prefetch: bool = True, readers: int = 1, cache_dir: Path | None = None,
+    ) -> None:
         self.schema = schema
         self.encoder = encoder
         self.shuffle_buffer = shuffle_buffer
         self.prefetch = prefetch
+        self.readers = max(1, readers)
+        self.cache_dir = None if cache_dir is None else Path(cache_dir)
+        self._fingerprint = None
+        if self.cache_dir is not None:
+            doc = {"schema": schema.model_dump(mode="json"), "encoders": encoder.to_json()}
+            self._fingerprint = hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
         self.pieces = list_pieces(paths)
         if any(p.rows < 0 for p in self.pieces):  # CSV: count rows once, cheaply, by reading
             self.pieces = [p if p.rows >= 0 else Piece(p.path, None, 1, read_table(p.path).height) for p in self.pieces]
@@ -127,23 +149,44 @@ class ParquetStream:
         other._rows = sum(p.rows for p in other.pieces)
         return other
 
-    def encoded_pieces(self, order: list[int] | None = None) -> Iterator[EncodedData]:
-        """Encoded pieces in ``order`` (default: file order), read one ahead in a thread."""
+    def cache_path(self, piece: Piece) -> Path:
+        """The cache file of one piece (see the module docstring)."""
+        st = piece.path.stat()
+        key = json.dumps([self._fingerprint, str(piece.path.resolve()), st.st_size, st.st_mtime_ns, piece.row_group])
+        return self.cache_dir / f"piece-{hashlib.sha256(key.encode()).hexdigest()[:32]}.safetensors"
+
+    def _encode(self, i: int, training: bool) -> EncodedData:
+        piece = self.pieces[i]
+        cached = self.cache_path(piece) if training and self.cache_dir is not None else None
+        if cached is not None and cached.exists():
+            try:
+                t = load_file(str(cached))
+                return EncodedData(t.pop("categorical"), t.pop("numerical"), {k.removeprefix("label."): v for k, v in t.items()})
+            except (SafetensorError, OSError, KeyError):
+                pass  # unreadable entry: encode again and rewrite it
+        data = EncodedData.from_frame(read_piece(piece, self.schema), self.schema, self.encoder)
+        if not training:
+            return data
+        data = EncodedData(data.categorical, data.numerical, data.labels)  # batches need no side columns
+        if cached is not None:
+            tensors = {"categorical": data.categorical, "numerical": data.numerical, **{f"label.{k}": v for k, v in data.labels.items()}}
+            atomic_write_safetensors(tensors, cached)
+        return data
+
+    def encoded_pieces(self, order: list[int] | None = None, *, training: bool = False) -> Iterator[EncodedData]:
+        """Encoded pieces in ``order`` (default: file order), up to ``readers`` read ahead in
+        threads. ``training``: without side columns, through the cache when there is one."""
         order = list(range(len(self.pieces))) if order is None else order
-
-        def load(i: int) -> EncodedData:
-            df = read_piece(self.pieces[i], self.schema)
-            return EncodedData.from_frame(df, self.schema, self.encoder)
-
         if not self.prefetch:
             for i in order:
-                yield load(i)
+                yield self._encode(i, training)
             return
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            future = pool.submit(load, order[0]) if order else None
+        with ThreadPoolExecutor(max_workers=self.readers) as pool:
+            ahead = [pool.submit(self._encode, i, training) for i in order[: self.readers]]
             for k in range(len(order)):
-                current = future.result()
-                future = pool.submit(load, order[k + 1]) if k + 1 < len(order) else None
+                current = ahead.pop(0).result()
+                if k + self.readers < len(order):
+                    ahead.append(pool.submit(self._encode, order[k + self.readers], training))
                 yield current
 
     def batches(self, batch_size: int, *, shuffle: bool, generator: torch.Generator | None = None) -> Iterator[Batch]:
@@ -151,7 +194,7 @@ class ParquetStream:
         order = torch.randperm(len(self.pieces), generator=generator).tolist() if shuffle else None
         buffer: list[EncodedData] = []
         held = 0
-        for part in self.encoded_pieces(order):
+        for part in self.encoded_pieces(order, training=True):
             buffer.append(part)
             held += len(part)
             if held >= self.shuffle_buffer:

@@ -2,9 +2,14 @@
 
 ``torchrun --nproc_per_node=K -m mtrank train ...`` (or ``mtrank train --nproc K``) starts K
 processes; each initialises the default process group from the environment torchrun sets
-(gloo on CPU, NCCL on GPU), trains on its own shard of the data under DDP, and joins the others
-to gather validation predictions, so global metrics are computed on all rows exactly as in a
-single process. Only rank 0 writes checkpoints and the bundle.
+(gloo on CPU, NCCL on GPU: one GPU per process, ``cuda:$LOCAL_RANK``), trains on its own shard
+of the data under DDP, and joins the others to gather validation predictions, so global metrics
+are computed on all rows exactly as in a single process. Only rank 0 writes checkpoints and the
+bundle.
+
+NCCL has no all-reduce of sparse tensors, so GPU training with sparse embedding gradients
+(``--sparse-embeddings``) runs its process group on gloo, which reduces CUDA tensors through
+host memory (slower, but correct); dense training on GPUs uses NCCL.
 """
 
 from __future__ import annotations
@@ -15,16 +20,39 @@ import torch
 import torch.distributed as dist
 
 
-def init_from_env() -> bool:
+def backend_for(device: torch.device, *, sparse: bool = False) -> str:
+    """``nccl`` for dense training on CUDA devices, else ``gloo`` (see the module docstring)."""
+    return "nccl" if device.type == "cuda" and not sparse else "gloo"
+
+
+def init_from_env(device: str = "auto", *, sparse: bool = False) -> bool:
     """Initialise the process group if launched by torchrun with WORLD_SIZE > 1.
 
+    Args:
+        device: the ``--device`` value; on CUDA each process takes ``cuda:$LOCAL_RANK``.
+        sparse: the embeddings get sparse gradients (forces gloo, see the module docstring).
+
     Returns True when this call created the group (the caller then destroys it).
+
+    Raises:
+        ConfigError: ``device`` is not available here.
     """
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         return False
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend=backend)
+    from mtrank.train.device import resolve_device
+
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    dist.init_process_group(backend=backend_for(dev, sparse=sparse))
     return True
+
+
+def comm_device() -> torch.device:
+    """Where collective tensors must live: the current GPU under NCCL, else the host."""
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def rank_world() -> tuple[int, int]:
@@ -46,9 +74,11 @@ def gather_rows(local: torch.Tensor, n_total: int) -> torch.Tensor:
         local: ``[n_local, ...]`` rows held by this rank.
         n_total: rows over all ranks.
     """
-    rank, world = rank_world()
+    _, world = rank_world()
     if world == 1:
         return local
+    home = local.device
+    local = local.to(comm_device())
     size = (n_total + world - 1) // world
     padded = local.new_zeros((size, *local.shape[1:]))
     padded[: local.shape[0]] = local
@@ -58,13 +88,13 @@ def gather_rows(local: torch.Tensor, n_total: int) -> torch.Tensor:
     for r, part in enumerate(parts):
         n_r = len(range(r, n_total, world))
         out[r::world] = part[:n_r]
-    return out
+    return out.to(home)
 
 
 def all_reduce_sum(values: list[float]) -> list[float]:
     """Element-wise sum of a list of floats over all ranks (float64)."""
     if rank_world()[1] == 1:
         return values
-    t = torch.tensor(values, dtype=torch.float64)
+    t = torch.tensor(values, dtype=torch.float64, device=comm_device())
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t.tolist()
+    return t.cpu().tolist()

@@ -4,6 +4,13 @@ validation split (never on test), and the best epoch's weights restored at the e
 The trainer knows nothing of particular models: it sums the loss terms each model declares in
 its ``tasks`` attribute (:class:`mtrank.losses.TaskLoss`), plus the model's optional
 ``extra_loss(outputs, batch)`` (see :func:`mtrank.losses.model_loss`).
+
+Device and precision (``TrainConfig.device`` / ``precision``, resolved by
+:mod:`mtrank.train.device`): the model, its optimizer state and an in-memory training table
+that fits go to the device once; a streamed source is copied there batch by batch through
+:func:`mtrank.data.prefetch.device_batches` (pinned memory, ``non_blocking``, a prefetch
+thread). The forward pass runs under autocast, the loss in float32, and fp16 steps through a
+gradient scaler. Evaluation always runs in float32.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -23,12 +31,20 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from mtrank.data.batch import BatchSource, EncodedData
+from mtrank.data.prefetch import device_batches
 from mtrank.data.schema import Schema
 from mtrank.errors import ConfigError
 from mtrank.losses import TaskLoss, model_loss, task_loss_sum
 from mtrank.metrics.evaluate import evaluate_outputs
 from mtrank.models.layers import init_output_bias
 from mtrank.train.checkpoint import load_checkpoint, save_checkpoint
+from mtrank.train.device import (
+    autocast,
+    grad_scaler,
+    module_device,
+    resolve_device,
+    resolve_precision,
+)
 from mtrank.train.distributed import all_reduce_sum, gather_rows, rank_world
 from mtrank.train.progress import EpochProgress
 
@@ -42,6 +58,10 @@ class TrainConfig(BaseModel):
         before stopping. monitor: ``loss`` (the model's own validation objective, lower is
         better) or a metric name such as ``auc_ctcvr`` (higher is better).
         seed: seeds initialisation and shuffling. threads: torch intra-op threads (0 = default).
+        device: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``.
+        precision: ``fp32``, ``bf16`` or ``fp16`` autocast of the forward pass (loss, weights
+            and optimizer state stay float32; fp16 uses a gradient scaler).
+        prefetch: batches prepared ahead on a CUDA device by a background thread (0 = none).
         prior_output_bias: before the first step, set each head's output bias to the log-odds of
         its base rate (:func:`label_rates`, :func:`mtrank.models.layers.init_output_bias`).
     """
@@ -61,6 +81,13 @@ class TrainConfig(BaseModel):
         description="update only the embedding rows a batch touches (SparseAdam for embedding "
         "tables, Adam for the rest); for large vocabularies",
     )
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N (see mtrank.train.device)")
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="forward-pass autocast dtype")
+    prefetch: int = Field(4, ge=0, description="batches copied ahead to a GPU (0 = in the training thread)")
+
+    def resume_key(self) -> dict:
+        """The settings a checkpoint must match to be resumed: all but where it runs."""
+        return self.model_dump(mode="json", exclude={"device", "prefetch", "threads"})
     prior_output_bias: bool = Field(
         True,
         description="start each head's output bias at the log-odds of its base rate in the "
@@ -93,13 +120,14 @@ class TrainResult:
 def predict(model: nn.Module, data: EncodedData, batch_size: int = 8192) -> dict[str, np.ndarray]:
     """Run a model over a split in eval mode; returns each ``[N]`` output as a numpy array.
 
-    The model's previous train/eval mode is restored afterwards.
+    Runs on the model's device in float32; the model's previous train/eval mode is restored
+    afterwards.
     """
     was_training = model.training
     model.eval()
     chunks: dict[str, list[torch.Tensor]] = {}
     try:
-        for batch in data.batches(batch_size, shuffle=False):
+        for batch in device_batches(data, batch_size, shuffle=False, device=module_device(model)):
             out = model(batch.categorical, batch.numerical)
             for k, v in out.items():
                 chunks.setdefault(k, []).append(v.detach())
@@ -107,7 +135,7 @@ def predict(model: nn.Module, data: EncodedData, batch_size: int = 8192) -> dict
         model.train(was_training)
     if not chunks:
         return {}
-    return {k: torch.cat(v).float().numpy() for k, v in chunks.items()}
+    return {k: torch.cat(v).float().cpu().numpy() for k, v in chunks.items()}
 
 
 @torch.no_grad()
@@ -117,22 +145,22 @@ def validation_loss(model: nn.Module, data: EncodedData, batch_size: int = 8192)
     Under data parallelism ``data`` is this rank's shard and the sums are reduced over ranks.
     """
     tasks: list[TaskLoss] = model.tasks
-    num = dict.fromkeys((t.name for t in tasks), 0.0)
-    den = dict.fromkeys((t.name for t in tasks), 0.0)
     was_training = model.training
     model.eval()
+    sums = {t.name: [0.0, 0.0] for t in tasks}
     try:
-        for batch in data.batches(batch_size, shuffle=False):
+        for batch in device_batches(data, batch_size, shuffle=False, device=module_device(model)):
             out = model(batch.categorical, batch.numerical)
             for t in tasks:
                 n, d = task_loss_sum(t, out, batch)
-                num[t.name] += float(n)
-                den[t.name] += float(d)
+                sums[t.name][0] += n.double()
+                sums[t.name][1] += d.double()
     finally:
         model.train(was_training)
     names = [t.name for t in tasks]
-    sums = all_reduce_sum([num[n] for n in names] + [den[n] for n in names])
-    num, den = dict(zip(names, sums[: len(names)], strict=True)), dict(zip(names, sums[len(names) :], strict=True))
+    num, den = {k: float(v[0]) for k, v in sums.items()}, {k: float(v[1]) for k, v in sums.items()}
+    reduced = all_reduce_sum([num[n] for n in names] + [den[n] for n in names])
+    num, den = dict(zip(names, reduced[: len(names)], strict=True)), dict(zip(names, reduced[len(names) :], strict=True))
     return float(sum(t.weight * num[t.name] / max(den[t.name], 1e-12) for t in tasks))
 
 
@@ -145,7 +173,7 @@ def validate(model: nn.Module, data: EncodedData, schema: Schema) -> tuple[float
     out = predict(model, local)
     if world > 1:
         out = {k: gather_rows(torch.from_numpy(v), len(data)).numpy() for k, v in out.items()}
-    return loss, evaluate_outputs(out, {k: v.numpy() for k, v in data.labels.items()}, schema, data.side)
+    return loss, evaluate_outputs(out, {k: v.cpu().numpy() for k, v in data.labels.items()}, schema, data.side)
 
 
 RATE_ROWS = 262_144  # rows read for the base rates: one stream piece, ~10k clicks at a 4% CTR
@@ -201,6 +229,23 @@ def make_optimizers(model: nn.Module, cfg: TrainConfig) -> list[torch.optim.Opti
     return opts
 
 
+def place(data, device: torch.device):
+    """An in-memory table moved whole to a CUDA device when it takes under half of the free
+    memory there (batches are then gathered on the device, no copies per step); any other
+    source as it is (streams are copied batch by batch, see :mod:`mtrank.data.prefetch`)."""
+    if device.type != "cuda" or not isinstance(data, EncodedData) or data.device == device:
+        return data
+    free, _ = torch.cuda.mem_get_info(device)
+    return data.to(device) if data.nbytes() < 0.5 * free else data
+
+
+def check_finite(total: torch.Tensor, loss: torch.Tensor, epoch: int) -> None:
+    """Raise FloatingPointError when the running loss sum is NaN or infinite."""
+    if not torch.isfinite(total):
+        raise FloatingPointError(
+            f"training loss became {float(loss)} at epoch {epoch}; "
+            "lower the learning rate or check the numerical features"
+        )
 def _epoch_summary(log: EpochLog) -> str:
     """``train loss …, val loss …, auc_… …`` for an epoch's progress line."""
     parts = [f"train loss {log.train_loss:.4f}"]
@@ -265,21 +310,32 @@ class Trainer:
                 are restored, so the result equals an uninterrupted run.
 
         Raises:
-            ConfigError: ``resume`` without a usable checkpoint, or one made with another config.
+            ConfigError: ``resume`` without a usable checkpoint, or one made with another config;
+                an unavailable ``device`` or an unknown ``precision``.
             FloatingPointError: the training loss became NaN or infinite.
         """
         cfg = self.config
+        device = resolve_device(cfg.device, option="device")
+        amp_dtype = resolve_precision(cfg.precision, device, option="precision")
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)
         gen = torch.Generator().manual_seed(cfg.seed)
         rank, world = rank_world()
+        model.to(device)
         optimizers = make_optimizers(model, cfg)
+        scaler = grad_scaler(device, amp_dtype)
         if hasattr(train, "shard"):
             train = train.shard(rank, world)
         if cfg.prior_output_bias and not resume:  # before DDP, which broadcasts rank 0's weights
             init_output_bias(model, label_rates(train, self.schema))
-        net = DistributedDataParallel(model) if world > 1 else model
+        train = place(train, device)
+        if world > 1:
+            net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        else:
+            net = model
+        # A NaN check is a device-to-host sync: every step on CPU (free), every 32 on a GPU.
+        check_every = 1 if device.type == "cpu" else 32
         result = TrainResult(best_epoch=0, best_score=None)
         best_state = None
         bad_epochs = 0
@@ -288,7 +344,7 @@ class Trainer:
             if checkpoint is None or not Path(checkpoint).exists():
                 raise ConfigError(f"--resume: no checkpoint found at {checkpoint}")
             ck = load_checkpoint(Path(checkpoint))
-            if ck.meta.get("config") != cfg.model_dump(mode="json"):
+            if ck.meta.get("config") != cfg.resume_key():
                 raise ConfigError(
                     f"--resume: the checkpoint at {checkpoint} was made with another training "
                     f"config {ck.meta.get('config')}; use the same options"
@@ -298,8 +354,12 @@ class Trainer:
                 raise ConfigError(f"--resume: the checkpoint at {checkpoint} has {len(ck.optimizers)} optimizer(s), this run {len(optimizers)}")
             for opt, state in zip(optimizers, ck.optimizers, strict=True):
                 opt.load_state_dict(state)
-            best_state = ck.best
+            best_state = None if ck.best is None else {k: v.to(device) for k, v in ck.best.items()}
+            if scaler is not None and ck.meta.get("scaler"):
+                scaler.load_state_dict(ck.meta["scaler"])
             torch.set_rng_state(ck.rng["torch"])
+            if device.type == "cuda" and "cuda" in ck.rng:
+                torch.cuda.set_rng_state(ck.rng["cuda"], device)
             gen.set_state(ck.rng["epoch_start"])
             start_epoch, skip = ck.meta["epoch"], ck.meta["batches_done"]
             running, seen = ck.meta["running"], ck.meta["seen"]
@@ -314,15 +374,18 @@ class Trainer:
         def save(epoch: int, done: int, epoch_start: torch.Tensor, stopped: bool = False) -> None:
             if checkpoint is None or rank != 0:
                 return
+            rng = {"torch": torch.get_rng_state(), "epoch_start": epoch_start}
+            if device.type == "cuda":
+                rng["cuda"] = torch.cuda.get_rng_state(device)
             save_checkpoint(
-                Path(checkpoint), model, optimizers, best_state,
-                {"torch": torch.get_rng_state(), "epoch_start": epoch_start},
+                Path(checkpoint), model, optimizers, best_state, rng,
                 {
                     "epoch": epoch, "batches_done": done, "running": running, "seen": seen,
                     "best_epoch": result.best_epoch, "best_score": result.best_score,
                     "bad_epochs": bad_epochs, "stopped": stopped,
                     "history": [asdict(h) for h in result.history],
-                    "config": cfg.model_dump(mode="json"),
+                    "config": cfg.resume_key(),
+                    "scaler": None if scaler is None else scaler.state_dict(),
                 },
             )
 
@@ -334,28 +397,39 @@ class Trainer:
             if skip == 0:
                 running, seen = 0.0, 0
             bar = EpochProgress(f"epoch {epoch}/{cfg.epochs}", n_batches, initial=skip, batch_size=cfg.batch_size, quiet=self.quiet)
+            # the loss sum stays on the device (float64): no device-to-host sync per step
+            total = torch.zeros((), dtype=torch.float64, device=device)
             # DDP's join() lets ranks with fewer batches (uneven shards) finish the epoch
             with net.join() if world > 1 else contextlib.nullcontext():
-                for i, batch in enumerate(train.batches(cfg.batch_size, shuffle=True, generator=gen)):
+                batches = device_batches(train, cfg.batch_size, shuffle=True, generator=gen, device=device, depth=cfg.prefetch)
+                for i, batch in enumerate(batches):
                     if i < skip:
                         continue
-                    out = net(batch.categorical, batch.numerical)
-                    loss, _ = model_loss(model, out, batch)
-                    if not torch.isfinite(loss):
-                        raise FloatingPointError(
-                            f"training loss became {float(loss)} at epoch {epoch}; "
-                            "lower the learning rate or check the numerical features"
-                        )
+                    with autocast(device, amp_dtype):
+                        out = net(batch.categorical, batch.numerical)
+                    loss, _ = model_loss(model, out, batch, parts=False)  # float32, autocast off
                     for opt in optimizers:
                         opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    for opt in optimizers:
-                        opt.step()
-                    running += float(loss.detach()) * len(batch)
+                    if scaler is None:
+                        loss.backward()
+                        for opt in optimizers:
+                            opt.step()
+                    else:
+                        scaler.scale(loss).backward()
+                        for opt in optimizers:
+                            scaler.step(opt)
+                        scaler.update()
+                    total += loss.detach().double() * len(batch)
                     seen += len(batch)
-                    bar.update(running / seen)
+                    if (i + 1) % check_every == 0 or i + 1 == n_batches:
+                        check_finite(total, loss, epoch)
+                    # the running mean for the progress line, read back every 20 steps
+                    bar.update((running + float(total)) / seen if (i + 1) % 20 == 0 else None)
                     if checkpoint_every and (i + 1) % checkpoint_every == 0 and i + 1 < n_batches:
+                        running, total = running + float(total), total.zero_()
                         save(epoch, i + 1, epoch_start)
+            check_finite(total, total, epoch)
+            running += float(total)
             skip = 0
             bar.close()
             seconds = time.perf_counter() - start
