@@ -43,7 +43,7 @@ SchemaOpt = Annotated[str | None, typer.Option("--schema", help="schema YAML, or
 DataDirOpt = Annotated[Path | None, typer.Option("--data-dir", help="folder holding the built-in datasets (default: $MTRANK_DATA_DIR, else ./data)")]
 FunnelOpt = Annotated[str | None, typer.Option("--funnel-violations", help="conversion without click: 'error' (default) or 'drop'")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")]
-SUMMARY = ["auc_ctr", "auc_cvr_masked", "auc_ctcvr", "gauc_ctr", "logloss_ctr", "logloss_cvr_masked", "logloss_ctcvr", "calib_ctcvr", "auc_cvr_entire_truth", "cvr_bias_entire"]
+SUMMARY = ["auc_ctr", "auc_cvr_masked", "auc_ctcvr", "gauc_ctr", "logloss_ctr", "logloss_cvr_masked", "logloss_ctcvr", "calib_ctcvr", "auc_cvr_clicked_all", "auc_cvr_do_all", "bias_cvr_clicked_all"]
 
 
 def _fmt(v) -> str:
@@ -85,20 +85,32 @@ def _check_choice(value: str | None, choices, option: str) -> None:
 @app.command()
 def simulate(
     out: Annotated[Path, typer.Option("--out", "-o", help="Parquet file to write")] = Path("data/simulated/simulated.parquet"),
-    rows: Annotated[int, typer.Option(help="impressions")] = 1_000_000,
+    preset: Annotated[str, typer.Option(help="named settings: default (the original generator), aliccp-like, dense")] = "default",
+    rows: Annotated[int | None, typer.Option(help="impressions (default: the preset's)")] = None,
     seed: int = 0,
-    ctr: Annotated[float, typer.Option(help="target mean CTR")] = 0.04,
-    cvr: Annotated[float, typer.Option(help="target mean CVR given click")] = 0.10,
-    n_users: int = 20_000,
-    n_items: int = 5_000,
-    intent: Annotated[float, typer.Option(help="strength of the unobserved purchase intent (SSB)")] = 0.6,
-    slate_size: Annotated[int, typer.Option(help="candidates shown per request (positions 1..S)")] = 10,
+    ctr: Annotated[float | None, typer.Option(help="target mean CTR")] = None,
+    cvr: Annotated[float | None, typer.Option(help="target mean CVR given click")] = None,
+    n_users: int | None = None,
+    n_items: int | None = None,
+    intent: Annotated[float | None, typer.Option(help="strength λ of the unobserved purchase intent (SSB)")] = None,
+    selection: Annotated[float | None, typer.Option(help="how much λ varies with category, price band, user segment (0 = not)")] = None,
+    sharing: Annotated[float | None, typer.Option(help="click/conversion driver sharing ρ in [0, 1]")] = None,
+    item_zipf: Annotated[float | None, typer.Option(help="Zipf exponent of item popularity")] = None,
+    position_effect: Annotated[float | None, typer.Option(help="π in logit CTR −= π·log(position)")] = None,
+    history_len: Annotated[int | None, typer.Option(help="last N purchased / carted / favourited items per user (0 = none)")] = None,
+    slate_size: Annotated[int | None, typer.Option(help="candidates shown per request (positions 1..S)")] = None,
     part_rows: Annotated[int | None, typer.Option(help="write a directory of Parquet parts of this many rows (bounded memory)")] = None,
 ) -> None:
-    """Write a synthetic mall's impression log (known true pCTR / pCVR per row) as Parquet."""
-    cfg = SimConfig(rows=rows, seed=seed, ctr=ctr, cvr=cvr, n_users=n_users, n_items=n_items, intent=intent, slate_size=slate_size)
+    """Write a synthetic mall's impression log (exact true_ctr, true_cvr_clicked, true_cvr_do,
+    true_ctcvr per row) as Parquet; the settings go into the file's metadata."""
+    from mtrank.data.simulate import preset_config
+
+    cfg = preset_config(
+        preset, rows=rows, seed=seed, ctr=ctr, cvr=cvr, n_users=n_users, n_items=n_items, intent=intent, selection=selection,
+        sharing=sharing, item_zipf=item_zipf, position_effect=position_effect, history_len=history_len, slate_size=slate_size,
+    )
     path = write_simulated(cfg, out, part_rows=part_rows, progress=sys.stderr.isatty())
-    console.print(f"wrote {path} ({cfg.rows // cfg.slate_size * cfg.slate_size:,} impressions)")
+    console.print(f"wrote {path} ({cfg.rows // cfg.slate_size * cfg.slate_size:,} impressions, preset {preset})")
 
 
 def _configs(model, epochs, batch_size, lr, seed, patience, embedding_dim, tower, dropout, threads) -> tuple[ModelConfig, TrainConfig]:

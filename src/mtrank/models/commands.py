@@ -13,7 +13,7 @@ import typer
 
 from mtrank.cli import DataDirOpt, QuietOpt, _tower, app
 from mtrank.errors import ConfigError
-from mtrank.io_utils import atomic_write_json
+from mtrank.io_utils import atomic_write_bytes, atomic_write_json
 
 
 def _options(items: list[str] | None) -> dict[str, dict]:
@@ -36,10 +36,27 @@ def _options(items: list[str] | None) -> dict[str, dict]:
 def benchmark(
     dataset: Annotated[str, typer.Option("--dataset", "-d", help="built-in dataset")],
     models: Annotated[str, typer.Option(help="comma-separated registry names")] = "esmm,base",
-    repeats: Annotated[int, typer.Option(help="training seeds; mean ± std over them")] = 2,
+    repeats: Annotated[int, typer.Option(help="training seeds per simulator seed")] = 2,
     epochs: Annotated[int, typer.Option(help="maximum epochs (early stopping on validation)")] = 3,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="folder for benchmark.json / benchmark.md")] = None,
-    rows: Annotated[int, typer.Option(help="simulated impressions (simulated only)")] = 200_000,
+    rows: Annotated[int, typer.Option(help="simulated impressions per simulator seed (simulated only)")] = 200_000,
+    preset: Annotated[str, typer.Option(help="simulator preset: default, aliccp-like, dense (simulated only)")] = "default",
+    sim_seeds: Annotated[int, typer.Option(help="simulator seeds (new mall and log each; simulated only)")] = 1,
+    ctr: Annotated[float | None, typer.Option(help="simulator: target mean CTR")] = None,
+    cvr: Annotated[float | None, typer.Option(help="simulator: target mean CVR given click")] = None,
+    n_users: Annotated[int | None, typer.Option(help="simulator: users")] = None,
+    n_items: Annotated[int | None, typer.Option(help="simulator: items")] = None,
+    intent: Annotated[float | None, typer.Option(help="simulator: intent strength λ")] = None,
+    selection: Annotated[float | None, typer.Option(help="simulator: feature dependence of λ")] = None,
+    sharing: Annotated[float | None, typer.Option(help="simulator: click/conversion driver sharing ρ")] = None,
+    item_zipf: Annotated[float | None, typer.Option(help="simulator: Zipf exponent of item popularity")] = None,
+    slate_size: Annotated[int | None, typer.Option(help="simulator: candidates per request")] = None,
+    select: Annotated[str, typer.Option(help="model-selection rule for every model: a validation metric (maximised) or 'loss'")] = "auc_ctcvr",
+    reference: Annotated[str, typer.Option(help="model the others are paired against ('' = none)")] = "base",
+    shared_ctr: Annotated[bool, typer.Option("--shared-ctr/--no-shared-ctr", help="the paper's shared CTR network for non-entire-space pCTCVR")] = True,
+    fuse_k: Annotated[int | None, typer.Option(help="simulator: expected GMV@K after tuning a fusion per model")] = None,
+    test_fraction: Annotated[float, typer.Option(help="share of rows (latest, by time) that test")] = 0.5,
+    patience: int = 1,
     batch_size: Annotated[int | None, typer.Option(help="rows per step (default: the dataset's)")] = None,
     lr: float = 1e-3,
     embedding_dim: int = 18,
@@ -50,24 +67,94 @@ def benchmark(
     data_dir: DataDirOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
-    """Train the models on one split under the ESMM paper's protocol; print a markdown table,
-    write JSON."""
-    from mtrank.benchmark import BenchmarkConfig, log_to_stderr, report_markdown, run_benchmark
+    """Train the models on one split per simulator seed under one protocol; print a markdown
+    table with paired differences against the reference; write JSON."""
+    from mtrank.benchmark import log_to_stderr, report_markdown, run_benchmark
 
-    names = [m.strip() for m in models.split(",") if m.strip()]
-    cfg = BenchmarkConfig(
-        dataset=dataset, models=names, repeats=repeats, epochs=epochs, batch_size=batch_size, lr=lr,
-        embedding_dim=embedding_dim, tower=_tower(tower), options=_options(option), rows=rows, seed=seed, threads=threads,
+    knobs = {"ctr": ctr, "cvr": cvr, "n_users": n_users, "n_items": n_items, "intent": intent, "selection": selection,
+             "sharing": sharing, "item_zipf": item_zipf, "slate_size": slate_size}
+    cfg = _benchmark_config(
+        dataset=dataset, models=models, repeats=repeats, epochs=epochs, batch_size=batch_size, lr=lr, embedding_dim=embedding_dim,
+        tower=tower, option=option, rows=rows, seed=seed, threads=threads, preset=preset, knobs=knobs, sim_seeds=sim_seeds,
+        select=select, reference=reference, shared_ctr=shared_ctr, fuse_k=fuse_k, test_fraction=test_fraction, patience=patience,
     )
     out = out or Path("runs") / "benchmark" / dataset
-    if dataset == "simulated" and data_dir is None:
-        data_dir = out / "data"
     results, timings = run_benchmark(cfg, data_dir, log=None if quiet else log_to_stderr)
     command = "mtrank " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     md = report_markdown(results, command)
     atomic_write_json(results, out / "benchmark.json")
     atomic_write_json(timings, out / "timings.json")
-    (out / "benchmark.md").write_text(md)
+    atomic_write_bytes(md.encode(), out / "benchmark.md")
     typer.echo(md)
     if not quiet:
         print(f"wrote {out / 'benchmark.json'} and {out / 'benchmark.md'}", file=sys.stderr)
+
+
+def _benchmark_config(*, models: str, tower: str, option, knobs: dict, reference: str, **kw):
+    """A validated :class:`~mtrank.benchmark.BenchmarkConfig` from CLI values (knobs left
+    unset keep the preset's)."""
+    from mtrank.benchmark import BenchmarkConfig
+
+    names = [m.strip() for m in models.split(",") if m.strip()]
+    sim = {k: v for k, v in knobs.items() if v is not None}
+    return BenchmarkConfig(models=names, tower=_tower(tower), options=_options(option), sim=sim, reference=reference or None, **kw)
+
+
+def _floats(text: str, option: str) -> list[float]:
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"{option} takes comma-separated numbers, got {text!r}") from None
+    if not values:
+        raise ConfigError(f"{option} needs at least one value")
+    return values
+
+
+@app.command()
+def sweep(
+    out: Annotated[Path, typer.Option("--out", "-o", help="folder for sweep.json, sweep.md and the heatmaps")] = Path("runs/sweep"),
+    models: Annotated[str, typer.Option(help="comma-separated registry names")] = "esmm,esmm_ns,base,escm2_dr",
+    cvr: Annotated[str, typer.Option(help="conversion densities (CVR given click), comma-separated")] = "0.01,0.04,0.15",
+    intent: Annotated[str, typer.Option(help="selection strengths λ, comma-separated")] = "0,0.75,1.5",
+    sharing: Annotated[str, typer.Option(help="driver sharing ρ values, comma-separated")] = "0,0.6",
+    preset: Annotated[str, typer.Option(help="simulator preset the other knobs come from")] = "dense",
+    rows: Annotated[int, typer.Option(help="simulated impressions per cell and simulator seed")] = 200_000,
+    n_users: Annotated[int | None, typer.Option(help="simulator: users")] = None,
+    n_items: Annotated[int | None, typer.Option(help="simulator: items")] = None,
+    selection: Annotated[float | None, typer.Option(help="simulator: feature dependence of λ")] = None,
+    repeats: Annotated[int, typer.Option(help="training seeds per cell and simulator seed")] = 2,
+    sim_seeds: Annotated[int, typer.Option(help="simulator seeds per cell")] = 1,
+    epochs: int = 2,
+    select: Annotated[str, typer.Option(help="model-selection rule for every model")] = "auc_ctcvr",
+    reference: str = "base",
+    fuse_k: Annotated[int | None, typer.Option(help="expected GMV@K after fusion tuning (0 = off)")] = 10,
+    test_fraction: float = 0.5,
+    batch_size: int = 2048,
+    lr: float = 1e-3,
+    embedding_dim: int = 18,
+    tower: str = "360,200,80",
+    seed: int = 0,
+    threads: int = 0,
+    quiet: QuietOpt = False,
+) -> None:
+    """The regime map: benchmark every (density × selection × sharing) cell, paired against the
+    reference; write sweep.json, sweep.md and one heatmap PNG per metric."""
+    from mtrank.benchmark import log_to_stderr
+    from mtrank.report.plots import regime_heatmap
+    from mtrank.sweep import SweepConfig, run_sweep, sweep_markdown
+
+    base = _benchmark_config(
+        dataset="simulated", models=models, repeats=repeats, epochs=epochs, batch_size=batch_size, lr=lr, embedding_dim=embedding_dim,
+        tower=tower, option=None, rows=rows, seed=seed, threads=threads, preset=preset, sim_seeds=sim_seeds, select=select,
+        knobs={"n_users": n_users, "n_items": n_items, "selection": selection}, reference=reference, shared_ctr=False,
+        fuse_k=fuse_k or None, test_fraction=test_fraction,
+    )
+    cfg = SweepConfig(base=base, cvr=_floats(cvr, "--cvr"), intent=_floats(intent, "--intent"), sharing=_floats(sharing, "--sharing"))
+    doc = run_sweep(cfg, out / "sweep.json", log=None if quiet else log_to_stderr)
+    command = "mtrank " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    doc["command"] = command
+    atomic_write_json(doc, out / "sweep.json")
+    atomic_write_bytes(sweep_markdown(doc, command).encode(), out / "sweep.md")
+    for metric in doc["metrics"]:
+        atomic_write_bytes(regime_heatmap(doc, metric, dpi=110), out / f"regime_{metric.replace('@', '_at_')}.png")
+    typer.echo(sweep_markdown(doc, command))
