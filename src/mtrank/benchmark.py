@@ -208,14 +208,13 @@ def _funnel_extras(out: dict[str, np.ndarray], labels: dict[str, np.ndarray], sh
     m["ctcvr_source"] = "own" if own else "shared_ctr_x_pcvr"
     m["auc_ctcvr"] = m["auc_ctcvr_own"] if own else m["auc_ctcvr_shared"]
     m["logloss_ctcvr"] = m["logloss_ctcvr_own"] if own else m["logloss_ctcvr_shared"]
-    for k in [k for k in m if k.startswith("gauc_")]:
+    for k in [k for k in m if k.startswith("gauc_") and k not in ("gauc_ctr", "gauc_ctcvr")]:
         del m[k]
     if schema.user_id is not None and schema.user_id in side:
         users = side[schema.user_id]
-        p_ctcvr = out["p_ctcvr"] if own else shared
-        m["gauc_ctr"] = gauc(click, out["p_ctr"], users).value
         m["gauc_cvr_masked"] = gauc(conv, out["p_cvr"], users, weight=click).value
-        m["gauc_ctcvr"] = gauc(y, p_ctcvr, users).value
+        if not own:  # evaluate_outputs scored the model's own pCTCVR
+            m["gauc_ctcvr"] = gauc(y, shared, users).value
 
 
 def check_config(cfg: BenchmarkConfig) -> Schema:

@@ -435,6 +435,6 @@ def read_sim_metadata(path: str | Path) -> dict | None:
     """The simulator settings stored in a Parquet file by :func:`write_simulated` (None if absent)."""
     import pyarrow.parquet as pq
 
-    kv = pq.read_schema(path).metadata or {}
+    kv = pq.ParquetFile(path).metadata.metadata or {}
     raw = kv.get(b"mtrank.simulator")
     return None if raw is None else json.loads(raw)

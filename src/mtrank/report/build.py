@@ -33,9 +33,10 @@ TABLE_KEYS = [
     "auc_ctr", "auc_cvr_masked", "auc_ctcvr", "gauc_ctr", "gauc_cvr_masked", "gauc_ctcvr",
     "logloss_ctr", "logloss_cvr_masked", "logloss_ctcvr",
     "calib_ctr", "calib_cvr_masked", "calib_ctcvr",
-    "auc_cvr_entire_truth", "cvr_bias_entire", "cvr_bias_clicked", "cvr_bias_unclicked",
+    "auc_cvr_clicked_all", "auc_cvr_do_all",
+    "bias_cvr_clicked_all", "bias_cvr_clicked_unclicked", "bias_cvr_do_all", "bias_cvr_do_unclicked",
 ]
-BIAS_KEYS = ["cvr_bias_entire", "cvr_bias_clicked", "cvr_bias_unclicked"]
+BIAS_KEYS = ["bias_cvr_clicked_all", "bias_cvr_clicked_clicked", "bias_cvr_clicked_unclicked", "bias_cvr_do_all", "bias_cvr_do_unclicked"]
 CALIBRATION_BINS = 10
 
 
@@ -50,7 +51,7 @@ def direction(key: str) -> str | None:
         return "min"
     if key.startswith("calib_"):
         return "one"
-    if key.startswith("cvr_bias_"):
+    if key.startswith("bias_"):
         return "zero"
     return None
 
@@ -381,7 +382,7 @@ def _bias(summary: dict[str, dict[str, dict]], title: str) -> str | None:
     values = {m: v for m, v in values.items() if any(x is not None for x in v.values())}
     if not values:
         return None
-    return plots.grouped_bars(values, title, "mean(pCVR) − mean(true CVR)")
+    return plots.grouped_bars(values, title, "mean(pCVR − truth)")
 
 
 def _gates(bench: dict) -> dict | None:
