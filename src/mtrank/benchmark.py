@@ -85,8 +85,9 @@ class BenchmarkConfig(BaseModel):
         embedding_dim, tower: the paper's 18 and 360 × 200 × 80 by default.
         options: per-model knobs, ``{model: {key: value}}``.
         rows: simulated impressions (``simulated`` only). preset, sim: the simulator's preset
-            and knob overrides (:func:`mtrank.data.simulate.preset_config`). sim_seeds:
-            simulator seeds 0 … sim_seeds − 1 (each a new mall and log; ``simulated`` only).
+            and knob overrides (:func:`mtrank.data.simulate.preset_config`). sim_seeds,
+            first_sim_seed: simulator seeds first … first + sim_seeds − 1 (each a new mall and
+            log; ``simulated`` only; :func:`merge_results` joins runs over disjoint seeds).
         seed: first training seed; the split's seed. test_fraction, val_fraction: see the module
             docstring. threads: torch threads (0 = leave as is).
         reference: the model every other is compared with, paired on the same test rows
@@ -113,6 +114,7 @@ class BenchmarkConfig(BaseModel):
     preset: str = "default"
     sim: dict[str, float | int | None] = Field(default_factory=dict)
     sim_seeds: int = Field(1, ge=1)
+    first_sim_seed: int = Field(0, ge=0)
     seed: int = 0
     test_fraction: float = Field(0.5, gt=0, lt=1)
     val_fraction: float = Field(0.1, ge=0, lt=1)
@@ -121,7 +123,7 @@ class BenchmarkConfig(BaseModel):
     shared_ctr: bool = True
     fuse_k: int | None = Field(None, ge=1)
     fuse_grid: int = Field(4, ge=2)
-    fuse_requests: int = Field(20_000, ge=10)
+    fuse_requests: int = Field(10_000, ge=10)
 
 
 class SharedCTR(nn.Module):
@@ -248,7 +250,10 @@ def sim_config(cfg: BenchmarkConfig, sim_seed: int) -> SimConfig:
     return preset_config(cfg.preset, **{**cfg.sim, "rows": cfg.rows, "seed": sim_seed, "history_len": cfg.sim.get("history_len", 0)})
 
 
-def run_benchmark(cfg: BenchmarkConfig, data_dir: str | Path | None = None, log: Callable[[str], None] | None = None) -> tuple[dict, dict]:
+def run_benchmark(
+    cfg: BenchmarkConfig, data_dir: str | Path | None = None, log: Callable[[str], None] | None = None,
+    partial: Callable[[dict], None] | None = None,
+) -> tuple[dict, dict]:
     """Train and evaluate every model of ``cfg`` on one split per simulator seed, ``cfg.repeats``
     training seeds each; compare every model with ``cfg.reference`` paired on the same rows.
 
@@ -258,7 +263,8 @@ def run_benchmark(cfg: BenchmarkConfig, data_dir: str | Path | None = None, log:
 
     Args:
         cfg: :class:`BenchmarkConfig`. data_dir: the built-in datasets' folder (unused for
-            ``simulated``, which is generated in memory). log: progress callback.
+            ``simulated``, which is generated in memory). log: progress callback. partial:
+            called with the results so far after every training seed (to save them).
 
     Returns:
         (results, timings): ``results`` holds the config, split sizes, per-run metrics per model
@@ -282,7 +288,8 @@ def run_benchmark(cfg: BenchmarkConfig, data_dir: str | Path | None = None, log:
     sources: dict = {}
     batch_size = cfg.batch_size or DATASETS[cfg.dataset].batch_size
     n_sims = cfg.sim_seeds if cfg.dataset == "simulated" else 1
-    for sim_seed in range(n_sims):
+    seeds = range(cfg.first_sim_seed, cfg.first_sim_seed + n_sims) if cfg.dataset == "simulated" else range(1)
+    for sim_seed in seeds:
         if cfg.dataset == "simulated":
             sim = sim_config(cfg, sim_seed)
             start = time.perf_counter()
@@ -297,7 +304,7 @@ def run_benchmark(cfg: BenchmarkConfig, data_dir: str | Path | None = None, log:
         train, val, test = enc["train"], enc.get("val"), enc["test"]
         spec = feature_spec(encoder, schema)
         test_labels = {k: v.numpy() for k, v in test.labels.items()}
-        info = _split_info(splits, schema, loaded, test_labels, train)
+        info = {"sim_seed": sim_seed, **_split_info(splits, schema, loaded, test_labels, train)}
         splits_info.append(info)
         if schema.is_funnel and info["conversions_test"] < 1000:
             warnings.append(
@@ -341,12 +348,19 @@ def run_benchmark(cfg: BenchmarkConfig, data_dir: str | Path | None = None, log:
                     gates.setdefault(name, []).append(rep)
                 key = "auc_ctcvr" if schema.is_funnel else f"auc_{spec.task_names[0]}"
                 log(f"sim {sim_seed} seed {seed}: {name} {key} {_fmt(m.get(key))} best epoch {m['best_epoch']} ({timings[name][-1]:.0f}s)")
+            if partial is not None:
+                partial(_results(cfg, seeds, sources, splits_info, schema, warnings, shared_ctr, per_repeat, gates))
+    return _results(cfg, seeds, sources, splits_info, schema, warnings, shared_ctr, per_repeat, gates), timings
+
+
+def _results(cfg, seeds, sources, splits_info, schema, warnings, shared_ctr, per_repeat, gates) -> dict:
+    n_sims = len(seeds)
     first = splits_info[0]
-    results = {
+    return {
         "benchmark": cfg.model_dump(mode="json"),
         "dataset": cfg.dataset,
-        "sources": sources if n_sims > 1 else sources["0"],
-        "simulator": [sim_config(cfg, s).model_dump(mode="json") for s in range(n_sims)] if cfg.dataset == "simulated" else None,
+        "sources": sources if n_sims > 1 else next(iter(sources.values())),
+        "simulator": [sim_config(cfg, s).model_dump(mode="json") for s in seeds] if cfg.dataset == "simulated" else None,
         "split": {**first, "per_sim_seed": splits_info},
         "protocol": {
             "entire_space_models": sorted(ENTIRE_SPACE_MODELS & set(cfg.models)),
@@ -361,10 +375,37 @@ def run_benchmark(cfg: BenchmarkConfig, data_dir: str | Path | None = None, log:
         "shared_ctr": shared_ctr,
         "per_repeat": per_repeat,
         "summary": {m: summarise(runs) for m, runs in per_repeat.items()},
-        "paired": paired_differences(per_repeat, cfg.reference) if cfg.reference else {},
+        "paired": paired_differences(per_repeat, cfg.reference) if cfg.reference and all(per_repeat.values()) else {},
         "gates": gates,
     }
-    return results, timings
+
+
+def merge_results(parts: list[dict]) -> dict:
+    """One result from :func:`run_benchmark` results over disjoint simulator seeds (same
+    config otherwise): runs, splits and warnings joined; summary and paired differences
+    recomputed over all runs.
+
+    Raises:
+        ConfigError: the parts differ in anything but their simulator seeds.
+    """
+    strip = lambda b: {k: v for k, v in b.items() if k not in ("first_sim_seed", "sim_seeds")}
+    if any(strip(p["benchmark"]) != strip(parts[0]["benchmark"]) for p in parts):
+        raise ConfigError("benchmark results to merge must share every setting but the simulator seeds")
+    parts = sorted(parts, key=lambda p: p["benchmark"]["first_sim_seed"])
+    out = dict(parts[0])
+    out["benchmark"] = {**parts[0]["benchmark"], "sim_seeds": sum(p["benchmark"]["sim_seeds"] for p in parts)}
+    out["simulator"] = [s for p in parts for s in (p["simulator"] or [])]
+    out["sources"] = [p["sources"] for p in parts]
+    per_sim = [s for p in parts for s in p["split"]["per_sim_seed"]]
+    out["split"] = {**parts[0]["split"], "per_sim_seed": per_sim}
+    out["warnings"] = [w for p in parts for w in p["warnings"]]
+    out["shared_ctr"] = [r for p in parts for r in p["shared_ctr"]]
+    out["per_repeat"] = {m: [r for p in parts for r in p["per_repeat"][m]] for m in parts[0]["per_repeat"]}
+    out["summary"] = {m: summarise(runs) for m, runs in out["per_repeat"].items()}
+    ref = parts[0]["protocol"]["reference"]
+    out["paired"] = paired_differences(out["per_repeat"], ref) if ref else {}
+    out["gates"] = {m: [g for p in parts for g in p["gates"].get(m, [])] for m in parts[0]["gates"]}
+    return out
 
 
 def _split_info(splits, schema: Schema, loaded, test_labels: dict[str, np.ndarray], train: EncodedData) -> dict:
@@ -607,7 +648,7 @@ def report_markdown(results: dict, command: str) -> str:
         parts.append("Simulator: " + ", ".join(f"{k}={v}" for k, v in knobs.items()) + ".")
     for i, sp in enumerate(per_sim):
         parts.append(
-            (f"Simulator seed {i}: " if len(per_sim) > 1 else "")
+            (f"Simulator seed {sp.get('sim_seed', i)}: " if len(per_sim) > 1 else "")
             + f"split ({'by time' if sp['by_time'] else 'fixed seeded split'}): "
             + ", ".join(f"{k} {v:,}" for k, v in sp["rows"].items())
             + (f"; test clicks {sp['clicks_test']:,}, test conversions {sp['conversions_test']:,}" if sp.get("clicks_test") is not None else "")

@@ -113,3 +113,19 @@ def sweep_markdown(doc: dict, command: str) -> str:
             lines.append(f"| {c['cvr']} | {c['intent']} | {c['sharing']} | {sp.get('spearman_cvr_clicked_do', float('nan')):.3f} | {sp.get('conversions_test')} | " + " | ".join(cells_txt) + " |")
         lines.append("")
     return "\n".join(lines)
+
+
+def merge_sweeps(docs: list[dict]) -> dict:
+    """One map from :func:`run_sweep` results over disjoint cells of the same base config (e.g.
+    one process per sharing value); the axes are the union of the parts', sorted.
+
+    Raises:
+        ConfigError: the parts' base configs differ.
+    """
+    if any(d["config"]["base"] != docs[0]["config"]["base"] for d in docs):
+        raise ConfigError("sweeps to merge must share their base benchmark config")
+    config = dict(docs[0]["config"])
+    for axis in ("cvr", "intent", "sharing"):
+        config[axis] = sorted({v for d in docs for v in d["config"][axis]})
+    cells_ = sorted((c for d in docs for c in d["cells"]), key=lambda c: (c["cvr"], c["intent"], c["sharing"]))
+    return {"config": config, "metrics": docs[0]["metrics"], "cells": cells_}

@@ -42,6 +42,7 @@ def benchmark(
     rows: Annotated[int, typer.Option(help="simulated impressions per simulator seed (simulated only)")] = 200_000,
     preset: Annotated[str, typer.Option(help="simulator preset: default, aliccp-like, dense (simulated only)")] = "default",
     sim_seeds: Annotated[int, typer.Option(help="simulator seeds (new mall and log each; simulated only)")] = 1,
+    first_sim_seed: Annotated[int, typer.Option(help="first simulator seed (to split a long benchmark over processes)")] = 0,
     ctr: Annotated[float | None, typer.Option(help="simulator: target mean CTR")] = None,
     cvr: Annotated[float | None, typer.Option(help="simulator: target mean CVR given click")] = None,
     n_users: Annotated[int | None, typer.Option(help="simulator: users")] = None,
@@ -75,14 +76,16 @@ def benchmark(
              "sharing": sharing, "item_zipf": item_zipf, "slate_size": slate_size}
     cfg = _benchmark_config(
         dataset=dataset, models=models, repeats=repeats, epochs=epochs, batch_size=batch_size, lr=lr, embedding_dim=embedding_dim,
-        tower=tower, option=option, rows=rows, seed=seed, threads=threads, preset=preset, knobs=knobs, sim_seeds=sim_seeds,
+        tower=tower, option=option, rows=rows, seed=seed, threads=threads, preset=preset, knobs=knobs, sim_seeds=sim_seeds, first_sim_seed=first_sim_seed,
         select=select, reference=reference, shared_ctr=shared_ctr, fuse_k=fuse_k, test_fraction=test_fraction, patience=patience,
     )
     out = out or Path("runs") / "benchmark" / dataset
-    results, timings = run_benchmark(cfg, data_dir, log=None if quiet else log_to_stderr)
+    save_partial = lambda res: atomic_write_json(res, out / "benchmark.partial.json")
+    results, timings = run_benchmark(cfg, data_dir, log=None if quiet else log_to_stderr, partial=save_partial)
     command = "mtrank " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     md = report_markdown(results, command)
     atomic_write_json(results, out / "benchmark.json")
+    (out / "benchmark.partial.json").unlink(missing_ok=True)
     atomic_write_json(timings, out / "timings.json")
     atomic_write_bytes(md.encode(), out / "benchmark.md")
     typer.echo(md)
