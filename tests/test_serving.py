@@ -11,7 +11,6 @@ import time
 
 import httpx
 import numpy as np
-import onnx
 import polars as pl
 import pytest
 from fastapi.testclient import TestClient
@@ -28,17 +27,10 @@ from mtrank.errors import ConfigError
 from mtrank.models import build_model
 from mtrank.models.config import FeatureSpec, ModelConfig
 from mtrank.serve.app import create_app
-from mtrank.serve.bundle import Bundle
+from mtrank.bundle import Bundle
 from mtrank.ranking.fusion import Multiplicative, save_fusion
 from mtrank.ranking.replay import rank_order
 from mtrank.serve.fusion import FusionSpec, fused_scores
-from mtrank.serve.onnx_export import (
-    OnnxScorer,
-    example_inputs,
-    to_onnx_bytes,
-    torch_probabilities,
-    verify_onnx,
-)
 from mtrank.serve.service import MAX_CANDIDATES
 from mtrank.train.trainer import TrainConfig
 from mtrank.workflow import fit, predictions_frame

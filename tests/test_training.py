@@ -3,13 +3,12 @@
 import numpy as np
 import polars as pl
 import pytest
-import torch
 
 from mtrank.data.datasets import LoadedData
 from mtrank.data.split import SplitConfig, split_data
 from mtrank.errors import BundleError
 from mtrank.models.config import ModelConfig
-from mtrank.serve.bundle import Bundle
+from mtrank.bundle import Bundle
 from mtrank.train.trainer import TrainConfig
 from mtrank.workflow import fit, predictions_frame
 

@@ -35,7 +35,7 @@ from pydantic import AllowInfNan, Field, Strict, TypeAdapter, ValidationError
 from typing_extensions import TypedDict
 
 from mtrank.errors import BundleError, ConfigError, DataError
-from mtrank.serve.bundle import Bundle
+from mtrank.bundle import Bundle
 from mtrank.ranking.replay import rank_order
 from mtrank.serve.fusion import FusionSpec, fused_scores
 

@@ -1,5 +1,6 @@
-"""``mtrank benchmark``: the model zoo side by side under the ESMM paper's protocol
-(see :mod:`mtrank.benchmark`). Imported by :mod:`mtrank.cli` through ``COMMAND_MODULES``."""
+"""``mtrank benchmark``: the model zoo side by side under one protocol (see
+:mod:`mtrank.benchmark`); ``mtrank sweep``: the regime map (:mod:`mtrank.sweep`). Registered by
+:mod:`mtrank.cli`."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from mtrank.cli import DataDirOpt, QuietOpt, _tower, app
+from mtrank.cli.common import DataDirOpt, QuietOpt, _tower
 from mtrank.errors import ConfigError
 from mtrank.io_utils import atomic_write_bytes, atomic_write_json
 
@@ -32,7 +33,6 @@ def _options(items: list[str] | None) -> dict[str, dict]:
     return out
 
 
-@app.command()
 def benchmark(
     dataset: Annotated[str, typer.Option("--dataset", "-d", help="built-in dataset")],
     models: Annotated[str, typer.Option(help="comma-separated registry names")] = "esmm,base",
@@ -113,7 +113,6 @@ def _floats(text: str, option: str) -> list[float]:
     return values
 
 
-@app.command()
 def sweep(
     out: Annotated[Path, typer.Option("--out", "-o", help="folder for sweep.json, sweep.md and the heatmaps")] = Path("runs/sweep"),
     models: Annotated[str, typer.Option(help="comma-separated registry names")] = "esmm,esmm_ns,base,escm2_dr",
