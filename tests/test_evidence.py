@@ -128,5 +128,12 @@ def test_sweep_cells_merge_and_draw(tmp_path):
     assert json.loads((tmp_path / "s0.0.json").read_text())["cells"][0]["paired"]["esmm"]["auc_ctcvr"]["n"] == 1
     png = regime_heatmap(doc, "auc_cvr_do_all")
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5_000
+    # the HTML report shows one heatmap per metric of a sweep directory
+    from mtrank.io_utils import atomic_write_json
+    from mtrank.report.build import write_report
+
+    atomic_write_json(doc, tmp_path / "map" / "sweep.json")
+    page = write_report([tmp_path / "map"], tmp_path / "r.html").read_text()
+    assert page.count('alt="regime map ') == len(doc["metrics"]) and "Regime map: where does entire-space learning pay?" in page
     with pytest.raises(ConfigError, match="sweep runs on the simulator"):
         run_sweep(SweepConfig(base=base.model_copy(update={"dataset": "hillstrom", "sim": {}, "preset": "default"})))

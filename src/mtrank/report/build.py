@@ -156,11 +156,12 @@ class RunDir:
     benchmarks: list[tuple[Path, dict]] = field(default_factory=list)
     quadrants: list[tuple[Path, dict]] = field(default_factory=list)
     fusions: list[tuple[Path, dict, dict]] = field(default_factory=list)
+    sweeps: list[tuple[Path, dict]] = field(default_factory=list)
 
     @property
     def kinds(self) -> list[str]:
         return [k for k, v in [("quickstart", self.quickstart), ("bundle", self.bundles and not self.quickstart), ("benchmark", self.benchmarks),
-                               ("quadrants", self.quadrants), ("fuse", self.fusions)] if v]
+                               ("quadrants", self.quadrants), ("fuse", self.fusions), ("sweep", self.sweeps)] if v]
 
 
 def _bundle(path: Path) -> BundleRun | None:
@@ -192,6 +193,9 @@ def scan(path: str | Path) -> RunDir:
         fusion, replay = _read_json(d / "fusion.json"), _read_json(d / "replay.json")
         if fusion is not None and "formula" in fusion:
             run.fusions.append((d, fusion, replay or {}))
+        sweep = _read_json(d / "sweep.json")
+        if sweep is not None and "cells" in sweep:
+            run.sweeps.append((d, sweep))
     return run
 
 
@@ -207,7 +211,7 @@ def collect_runs(paths: list[str | Path]) -> list[RunDir]:
             raise MtrankError(f"{p} is not a directory (give run directories: quickstart, train, benchmark, quadrants or fuse outputs)")
         run = scan(p)
         if not run.kinds:
-            raise MtrankError(f"{p} holds no metrics.json, bundle config.json, benchmark.json, quadrants.json or fusion.json")
+            raise MtrankError(f"{p} holds no metrics.json, bundle config.json, benchmark.json, quadrants.json, fusion.json or sweep.json")
         runs.append(run)
     return runs
 
@@ -435,7 +439,7 @@ def build_context(runs: list[RunDir], *, calibrate: bool = True, data_dir: str |
 
     cache = _DataCache(data_dir)
     ctx: dict = {"generated": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "version": __version__,
-                 "runs": [], "tables": [], "curves": [], "calibration": [], "bias": [], "gates": [], "quadrants": [], "fusions": []}
+                 "runs": [], "tables": [], "curves": [], "calibration": [], "bias": [], "gates": [], "quadrants": [], "fusions": [], "regimes": []}
     for run in runs:
         name = run.path.name or str(run.path)
         ctx["runs"].append(_metadata(run))
@@ -471,6 +475,10 @@ def build_context(runs: list[RunDir], *, calibrate: bool = True, data_dir: str |
                 ctx["gates"].append({"title": f"{_path.name or name} ({bench.get('dataset')})", **g})
         ctx["quadrants"] += [_quadrants(p, d) for p, d in run.quadrants]
         ctx["fusions"] += [_fusion(p, f, r) for p, f, r in run.fusions]
+        for p, doc in run.sweeps:
+            for metric in doc.get("metrics") or []:
+                png = plots.regime_heatmap(doc, metric)
+                ctx["regimes"].append({"path": str(p), "metric": metric, "img": base64.b64encode(png).decode("ascii")})
     return ctx
 
 
