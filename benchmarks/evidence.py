@@ -1,7 +1,7 @@
 """The evidence runs behind docs/entire-space.md: the ``aliccp-like`` benchmark (ESMM, ESMM-NS,
 BASE, ESCM²-DR; 5 training seeds × 3 simulator seeds, paired against BASE) and the regime map
 (conversion density × selection strength × driver sharing), each split over a few processes
-(one per simulator seed, one per sharing value) so they share 2 cores fairly, then merged.
+(one per simulator seed, one per conversion density) so they share 2 cores fairly, then merged.
 
     python benchmarks/evidence.py run     # launch everything, wait, merge (~40 min on 2 busy cores)
     python benchmarks/evidence.py merge   # merge finished parts again
@@ -30,19 +30,20 @@ IMG = ROOT / "docs" / "img"
 WORK = Path("/tmp/mtrank-evidence")
 
 MODELS = "esmm,esmm_ns,base,escm2_dr"
-# Sized for 2 shared cores (see docs/entire-space.md for what this costs in sparsity).
+# Sized for 2 cores shared with ~6 other jobs (load 20-30 when this ran); see
+# docs/entire-space.md for what that costs in sparsity and in test conversions.
 BENCH_ARGS = [
-    "--dataset", "simulated", "--preset", "aliccp-like", "--models", MODELS, "--rows", "1200000", "--n-items", "50000",
-    "--test-fraction", "0.7", "--repeats", "5", "--epochs", "2", "--patience", "0", "--batch-size", "4096",
-    "--tower", "128,64", "--no-shared-ctr", "--fuse-k", "10", "--threads", "1",
+    "--dataset", "simulated", "--preset", "aliccp-like", "--models", MODELS, "--rows", "600000", "--n-items", "50000",
+    "--test-fraction", "0.6", "--repeats", "5", "--epochs", "2", "--patience", "0", "--batch-size", "4096",
+    "--tower", "128,64", "--no-shared-ctr", "--fuse-k", "10", "--fuse-grid", "3", "--threads", "1",
 ]
 SWEEP_ARGS = [
-    "--models", MODELS, "--preset", "dense", "--rows", "100000", "--cvr", "0.01,0.04,0.15", "--intent", "0,0.75,1.5",
-    "--repeats", "1", "--sim-seeds", "2", "--epochs", "2", "--batch-size", "2048", "--tower", "128,64", "--fuse-k", "10",
-    "--threads", "1",
+    "--models", MODELS, "--preset", "dense", "--rows", "60000", "--intent", "0,0.75,1.5", "--sharing", "0,0.6",
+    "--repeats", "2", "--sim-seeds", "1", "--epochs", "1", "--batch-size", "2048", "--tower", "128,64", "--fuse-k", "10",
+    "--fuse-grid", "3", "--threads", "1",
 ]
 SIM_SEEDS = [0, 1, 2]
-SHARING = ["0", "0.6"]
+DENSITY = ["0.01", "0.04", "0.15"]  # CVR given click; one sweep process each
 if os.environ.get("EVIDENCE_TINY"):  # a smoke test of the whole pipeline in a minute or two
     WORK, BENCH, SWEEP, IMG = (Path("/tmp/mtrank-evidence-tiny") / n for n in ("work", "bench", "sweep", "img"))
     BENCH_ARGS = [a for a in BENCH_ARGS]
@@ -51,6 +52,7 @@ if os.environ.get("EVIDENCE_TINY"):  # a smoke test of the whole pipeline in a m
     BENCH_ARGS += ["--n-users", "3000"]
     SWEEP_ARGS = [a for a in SWEEP_ARGS]
     SWEEP_ARGS[SWEEP_ARGS.index("--rows") + 1] = "20000"
+    DENSITY = ["0.04", "0.15"]
     SWEEP_ARGS += ["--n-users", "2000", "--n-items", "500"]
 
 
@@ -64,9 +66,9 @@ def launch() -> list[tuple[list[str], subprocess.Popen, Path]]:
         out = WORK / f"bench-{k}"
         cmd = [*_mtrank(), "benchmark", *BENCH_ARGS, "--sim-seeds", "1", "--first-sim-seed", str(k), "--out", str(out)]
         procs.append(_start(cmd, out))
-    for rho in SHARING:
-        out = WORK / f"sweep-{rho}"
-        cmd = [*_mtrank(), "sweep", *SWEEP_ARGS, "--sharing", rho, "--out", str(out)]
+    for cvr in DENSITY:
+        out = WORK / f"sweep-{cvr}"
+        cmd = [*_mtrank(), "sweep", *SWEEP_ARGS, "--cvr", cvr, "--out", str(out)]
         procs.append(_start(cmd, out))
     return procs
 
@@ -96,10 +98,10 @@ def merge() -> None:
         atomic_write_json(res, BENCH / "benchmark.json")
         atomic_write_bytes(report_markdown(res, cmd).encode(), BENCH / "benchmark.md")
         print(f"merged {len(parts)} benchmark part(s) into {BENCH}")
-    docs = [json.loads((WORK / f"sweep-{r}" / "sweep.json").read_text()) for r in SHARING if (WORK / f"sweep-{r}" / "sweep.json").exists()]
+    docs = [json.loads((WORK / f"sweep-{c}" / "sweep.json").read_text()) for c in DENSITY if (WORK / f"sweep-{c}" / "sweep.json").exists()]
     if docs:
         doc = merge_sweeps(docs)
-        cmd = "python benchmarks/evidence.py run  # = for rho in 0 0.6: mtrank sweep " + shlex.join(SWEEP_ARGS) + " --sharing $rho"
+        cmd = "python benchmarks/evidence.py run  # = for cvr in " + " ".join(DENSITY) + ": mtrank sweep " + shlex.join(SWEEP_ARGS) + " --cvr $cvr"
         doc["command"] = cmd
         atomic_write_json(doc, SWEEP / "sweep.json")
         atomic_write_bytes(sweep_markdown(doc, cmd).encode(), SWEEP / "sweep.md")
@@ -107,7 +109,7 @@ def merge() -> None:
         for metric in doc["metrics"]:
             atomic_write_bytes(regime_heatmap(doc, metric, dpi=110), IMG / f"regime_{metric.replace('@', '_at_')}.png")
         print(f"merged {len(doc['cells'])} cell(s) into {SWEEP}; heatmaps in {IMG}")
-    for d in [WORK / f"bench-{k}" for k in SIM_SEEDS] + [WORK / f"sweep-{r}" for r in SHARING]:
+    for d in [WORK / f"bench-{k}" for k in SIM_SEEDS] + [WORK / f"sweep-{c}" for c in DENSITY]:
         if (d / "log.txt").exists():
             dest = (BENCH if d.name.startswith("bench") else SWEEP) / "parts" / f"{d.name}.log"
             dest.parent.mkdir(parents=True, exist_ok=True)

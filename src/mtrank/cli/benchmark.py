@@ -56,6 +56,7 @@ def benchmark(
     reference: Annotated[str, typer.Option(help="model the others are paired against ('' = none)")] = "base",
     shared_ctr: Annotated[bool, typer.Option("--shared-ctr/--no-shared-ctr", help="the paper's shared CTR network for non-entire-space pCTCVR")] = True,
     fuse_k: Annotated[int | None, typer.Option(help="simulator: expected GMV@K after tuning a fusion per model")] = None,
+    fuse_grid: Annotated[int, typer.Option(help="fusion grid values per parameter (n³ points)")] = 4,
     test_fraction: Annotated[float, typer.Option(help="share of rows (latest, by time) that test")] = 0.5,
     patience: int = 1,
     batch_size: Annotated[int | None, typer.Option(help="rows per step (default: the dataset's)")] = None,
@@ -77,7 +78,7 @@ def benchmark(
     cfg = _benchmark_config(
         dataset=dataset, models=models, repeats=repeats, epochs=epochs, batch_size=batch_size, lr=lr, embedding_dim=embedding_dim,
         tower=tower, option=option, rows=rows, seed=seed, threads=threads, preset=preset, knobs=knobs, sim_seeds=sim_seeds, first_sim_seed=first_sim_seed,
-        select=select, reference=reference, shared_ctr=shared_ctr, fuse_k=fuse_k, test_fraction=test_fraction, patience=patience,
+        select=select, reference=reference, shared_ctr=shared_ctr, fuse_k=fuse_k, fuse_grid=fuse_grid, test_fraction=test_fraction, patience=patience,
     )
     out = out or Path("runs") / "benchmark" / dataset
     save_partial = lambda res: atomic_write_json(res, out / "benchmark.partial.json")
@@ -130,6 +131,7 @@ def sweep(
     select: Annotated[str, typer.Option(help="model-selection rule for every model")] = "auc_ctcvr",
     reference: str = "base",
     fuse_k: Annotated[int | None, typer.Option(help="expected GMV@K after fusion tuning (0 = off)")] = 10,
+    fuse_grid: Annotated[int, typer.Option(help="fusion grid values per parameter (n³ points)")] = 4,
     test_fraction: float = 0.5,
     batch_size: int = 2048,
     lr: float = 1e-3,
@@ -149,7 +151,7 @@ def sweep(
         dataset="simulated", models=models, repeats=repeats, epochs=epochs, batch_size=batch_size, lr=lr, embedding_dim=embedding_dim,
         tower=tower, option=None, rows=rows, seed=seed, threads=threads, preset=preset, sim_seeds=sim_seeds, select=select,
         knobs={"n_users": n_users, "n_items": n_items, "selection": selection}, reference=reference, shared_ctr=False,
-        fuse_k=fuse_k or None, test_fraction=test_fraction,
+        fuse_k=fuse_k or None, fuse_grid=fuse_grid, test_fraction=test_fraction,
     )
     cfg = SweepConfig(base=base, cvr=_floats(cvr, "--cvr"), intent=_floats(intent, "--intent"), sharing=_floats(sharing, "--sharing"))
     doc = run_sweep(cfg, out / "sweep.json", log=None if quiet else log_to_stderr)
