@@ -4,6 +4,7 @@ BASE, ESCM²-DR; 5 training seeds × 3 simulator seeds, paired against BASE) and
 (one per simulator seed, one per conversion density) so they share 2 cores fairly, then merged.
 
     python benchmarks/evidence.py run     # launch everything, wait, merge (~40 min on 2 busy cores)
+    python benchmarks/evidence.py late-seeds  # training seeds 3-4 in parallel processes (when short of time)
     python benchmarks/evidence.py merge   # merge finished parts again
 
 Writes ``benchmarks/results/aliccp_like/{benchmark.json,benchmark.md}``,
@@ -73,6 +74,20 @@ def launch() -> list[tuple[list[str], subprocess.Popen, Path]]:
     return procs
 
 
+def launch_late_seeds(first: int = 3, count: int = 2) -> list[tuple[list[str], subprocess.Popen, Path]]:
+    """A second process per simulator seed for training seeds first … first + count − 1 (the
+    split is by time, so the test rows are the same); merge() keeps each (simulator seed,
+    training seed) run once. Used when the first processes run too slowly for the deadline."""
+    procs = []
+    for k in SIM_SEEDS:
+        out = WORK / f"bench-{k}-late"
+        args = [a for a in BENCH_ARGS]
+        args[args.index("--repeats") + 1] = str(count)
+        cmd = [*_mtrank(), "benchmark", *args, "--seed", str(first), "--sim-seeds", "1", "--first-sim-seed", str(k), "--out", str(out)]
+        procs.append(_start(cmd, out))
+    return procs
+
+
 def _start(cmd: list[str], out: Path) -> tuple[list[str], subprocess.Popen, Path]:
     out.mkdir(parents=True, exist_ok=True)
     log = open(out / "log.txt", "w")  # noqa: SIM115 (held open by the child process until it exits)
@@ -87,14 +102,15 @@ def merge() -> None:
     from mtrank.sweep import merge_sweeps, sweep_markdown
 
     parts = []
-    for k in SIM_SEEDS:  # a part still running (or stopped) contributes the training seeds it finished
-        for name in ("benchmark.json", "benchmark.partial.json"):
-            if (WORK / f"bench-{k}" / name).exists():
-                parts.append(json.loads((WORK / f"bench-{k}" / name).read_text()))
+    for d in [WORK / f"bench-{k}{late}" for k in SIM_SEEDS for late in ("", "-late")]:
+        for name in ("benchmark.json", "benchmark.partial.json"):  # a stopped part gives the seeds it finished
+            if (d / name).exists():
+                parts.append(json.loads((d / name).read_text()))
                 break
     if parts:
         res = merge_results(parts)
-        cmd = "python benchmarks/evidence.py run  # = for k in 0 1 2: mtrank benchmark " + shlex.join(BENCH_ARGS) + " --sim-seeds 1 --first-sim-seed $k"
+        cmd = ("python benchmarks/evidence.py run, then late-seeds  # = for k in 0 1 2: mtrank benchmark " + shlex.join(BENCH_ARGS)
+               + " --sim-seeds 1 --first-sim-seed $k (training seeds 0-2 kept), and the same with --seed 3 --repeats 2")
         atomic_write_json(res, BENCH / "benchmark.json")
         atomic_write_bytes(report_markdown(res, cmd).encode(), BENCH / "benchmark.md")
         print(f"merged {len(parts)} benchmark part(s) into {BENCH}")
@@ -109,7 +125,7 @@ def merge() -> None:
         for metric in doc["metrics"]:
             atomic_write_bytes(regime_heatmap(doc, metric, dpi=110), IMG / f"regime_{metric.replace('@', '_at_')}.png")
         print(f"merged {len(doc['cells'])} cell(s) into {SWEEP}; heatmaps in {IMG}")
-    for d in [WORK / f"bench-{k}" for k in SIM_SEEDS] + [WORK / f"sweep-{c}" for c in DENSITY]:
+    for d in [WORK / f"bench-{k}{late}" for k in SIM_SEEDS for late in ("", "-late")] + [WORK / f"sweep-{c}" for c in DENSITY]:
         if (d / "log.txt").exists():
             dest = (BENCH if d.name.startswith("bench") else SWEEP) / "parts" / f"{d.name}.log"
             dest.parent.mkdir(parents=True, exist_ok=True)
@@ -118,11 +134,11 @@ def merge() -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["run", "merge"])
+    ap.add_argument("what", choices=["run", "late-seeds", "merge"])
     args = ap.parse_args()
-    if args.what == "run":
+    if args.what in ("run", "late-seeds"):
         start = time.time()
-        procs = launch()
+        procs = launch() if args.what == "run" else launch_late_seeds()
         for cmd, p, out in procs:
             rc = p.wait()
             print(f"finished rc={rc} after {time.time() - start:.0f}s: {out}", flush=True)

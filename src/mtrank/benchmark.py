@@ -381,29 +381,46 @@ def _results(cfg, seeds, sources, splits_info, schema, warnings, shared_ctr, per
 
 
 def merge_results(parts: list[dict]) -> dict:
-    """One result from :func:`run_benchmark` results over disjoint simulator seeds (same
-    config otherwise): runs, splits and warnings joined; summary and paired differences
-    recomputed over all runs.
+    """One result from :func:`run_benchmark` results over disjoint (simulator seed, training
+    seed) runs of the same config otherwise, e.g. one process per simulator seed, or a second
+    process for the later training seeds: runs, splits and warnings joined (a run present twice
+    is kept once); summary and paired differences recomputed over all runs.
 
     Raises:
-        ConfigError: the parts differ in anything but their simulator seeds.
+        ConfigError: the parts differ in anything but their seeds.
     """
-    strip = lambda b: {k: v for k, v in b.items() if k not in ("first_sim_seed", "sim_seeds")}
+    seeds_only = ("first_sim_seed", "sim_seeds", "seed", "repeats")
+    strip = lambda b: {k: v for k, v in b.items() if k not in seeds_only}  # noqa: E731
     if any(strip(p["benchmark"]) != strip(parts[0]["benchmark"]) for p in parts):
-        raise ConfigError("benchmark results to merge must share every setting but the simulator seeds")
-    parts = sorted(parts, key=lambda p: p["benchmark"]["first_sim_seed"])
+        raise ConfigError("benchmark results to merge must share every setting but their seeds")
+    runs: dict[str, dict[tuple[int, int], dict]] = {m: {} for m in parts[0]["per_repeat"]}
+    for p in parts:
+        for m, rs in p["per_repeat"].items():
+            for r in rs:
+                runs[m].setdefault((r["sim_seed"], r["seed"]), r)
+    per_repeat = {m: [rs[k] for k in sorted(rs)] for m, rs in runs.items()}
+    splits = {}
+    for p in parts:
+        for s_ in p["split"]["per_sim_seed"]:
+            splits.setdefault(s_.get("sim_seed", 0), s_)
+    sims = {}
+    for p in parts:
+        for s_ in p["simulator"] or []:
+            sims.setdefault(s_["seed"], s_)
+    keys = sorted({k for rs in runs.values() for k in rs})
+    train_seeds = sorted({k[1] for k in keys})
     out = dict(parts[0])
-    out["benchmark"] = {**parts[0]["benchmark"], "sim_seeds": sum(p["benchmark"]["sim_seeds"] for p in parts)}
-    out["simulator"] = [s for p in parts for s in (p["simulator"] or [])]
+    out["benchmark"] = {**parts[0]["benchmark"], "sim_seeds": len(splits), "first_sim_seed": min(splits),
+                        "seed": train_seeds[0], "repeats": len(train_seeds)}
+    out["simulator"] = [sims[k] for k in sorted(sims)] or None
     out["sources"] = [p["sources"] for p in parts]
-    per_sim = [s for p in parts for s in p["split"]["per_sim_seed"]]
-    out["split"] = {**parts[0]["split"], "per_sim_seed": per_sim}
-    out["warnings"] = [w for p in parts for w in p["warnings"]]
+    out["split"] = {**splits[min(splits)], "per_sim_seed": [splits[k] for k in sorted(splits)]}
+    out["warnings"] = list(dict.fromkeys(w for p in parts for w in p["warnings"]))
     out["shared_ctr"] = [r for p in parts for r in p["shared_ctr"]]
-    out["per_repeat"] = {m: [r for p in parts for r in p["per_repeat"][m]] for m in parts[0]["per_repeat"]}
-    out["summary"] = {m: summarise(runs) for m, runs in out["per_repeat"].items()}
+    out["per_repeat"] = per_repeat
+    out["summary"] = {m: summarise(rs) for m, rs in per_repeat.items()}
     ref = parts[0]["protocol"]["reference"]
-    out["paired"] = paired_differences(out["per_repeat"], ref) if ref else {}
+    out["paired"] = paired_differences(per_repeat, ref) if ref else {}
     out["gates"] = {m: [g for p in parts for g in p["gates"].get(m, [])] for m in parts[0]["gates"]}
     return out
 
