@@ -61,6 +61,8 @@ from mtrank.errors import ConfigError
 from mtrank.losses import TaskLoss
 from mtrank.metrics.core import auc, gauc, hanley_mcneil_se, logloss
 from mtrank.metrics.evaluate import TRUTH_METRICS, evaluate_outputs
+from mtrank.metrics.summary import fmt as _fmt
+from mtrank.metrics.summary import metric_names, summarise
 from mtrank.models import ENTIRE_SPACE_MODELS, MODELS, PLAIN_TASK_MODELS, build_model
 from mtrank.models.base import SingleTaskNet
 from mtrank.models.baselines import PROPENSITY_COLUMN
@@ -137,6 +139,7 @@ class SharedCTR(nn.Module):
         self.net = SingleTaskNet(spec, cfg)
 
     def forward(self, categorical: torch.Tensor, numerical: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Logits of the CTR network ``[B]``; its CVR outputs are the 0.5 placeholder."""
         logit = self.net(categorical, numerical)
         return funnel_outputs(logit, torch.zeros_like(logit))
 
@@ -555,30 +558,7 @@ def _label_auc_se(key: str, a: float, b: float, run: dict) -> float | None:
     return math.sqrt(hanley_mcneil_se(a, pos, neg) ** 2 + hanley_mcneil_se(b, pos, neg) ** 2)
 
 
-def summarise(runs: list[dict]) -> dict[str, dict[str, float | None]]:
-    """Mean and sample std (0 for one repeat) of every numeric metric over repeats."""
-    out: dict[str, dict[str, float | None]] = {}
-    for k in runs[0]:
-        if k in ("sim_seed", "seed"):
-            continue
-        vals = [float(r[k]) for r in runs if isinstance(r.get(k), (int, float)) and not isinstance(r.get(k), bool)]
-        if not vals:
-            continue
-        out[k] = {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0, "n": len(vals)}
-    return out
-
-
-def _fmt(v: float | None, std: float | None = None, digits: int = 4) -> str:
-    if v is None:
-        return "n/a"
-    return f"{v:.{digits}f}" if std is None else f"{v:.{digits}f} ± {std:.{digits}f}"
-
-
-FUNNEL_COLUMNS = [
-    "auc_ctr", "auc_cvr_masked", "auc_ctcvr", "auc_ctcvr_own", "gauc_ctr", "gauc_cvr_masked", "gauc_ctcvr",
-    "logloss_ctr", "logloss_cvr_masked", "logloss_ctcvr", "auc_cvr_clicked_all", "auc_cvr_do_all",
-    "bias_cvr_clicked_all", "bias_cvr_do_all", "bias_cvr_do_unclicked",
-]
+FUNNEL_COLUMNS = metric_names("benchmark")
 
 
 def paired_table(results: dict) -> str:
@@ -700,4 +680,5 @@ def report_markdown(results: dict, command: str) -> str:
 
 
 def log_to_stderr(msg: str) -> None:
+    """Print one progress line to stderr (flushed at once)."""
     print(msg, file=sys.stderr, flush=True)

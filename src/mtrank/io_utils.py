@@ -55,6 +55,7 @@ def atomic_write_bytes(data: bytes, path: Path) -> Path:
 
 
 def atomic_write_json(obj, path: Path) -> Path:
+    """Write ``obj`` as indented JSON atomically (temporary file, then rename); returns ``path``."""
     return atomic_write_bytes((json.dumps(obj, indent=2, sort_keys=False, default=_jsonable) + "\n").encode(), path)
 
 

@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from mtrank.cli.common import DataDirOpt, QuietOpt, _tower
+from mtrank.cli.common import ConfigOpt, DataDirOpt, QuietOpt, _str, _tower, resolve_config
 from mtrank.errors import ConfigError
 from mtrank.io_utils import atomic_write_bytes, atomic_write_json
 
@@ -34,7 +34,9 @@ def _options(items: list[str] | None) -> dict[str, dict]:
 
 
 def benchmark(
-    dataset: Annotated[str, typer.Option("--dataset", "-d", help="built-in dataset")],
+    ctx: typer.Context,
+    config: ConfigOpt = None,
+    dataset: Annotated[str | None, typer.Option("--dataset", "-d", help="built-in dataset (or the config's data.dataset)")] = None,
     models: Annotated[str, typer.Option(help="comma-separated registry names")] = "esmm,base",
     repeats: Annotated[int, typer.Option(help="training seeds per simulator seed")] = 2,
     epochs: Annotated[int, typer.Option(help="maximum epochs (early stopping on validation)")] = 3,
@@ -73,12 +75,28 @@ def benchmark(
     table with paired differences against the reference; write JSON."""
     from mtrank.benchmark import log_to_stderr, report_markdown, run_benchmark
 
+    run_cfg = resolve_config(ctx, config, {
+        "dataset": ("data.dataset", dataset), "data_dir": ("data.data_dir", lambda: _str(data_dir)),
+        "rows": ("data.simulator.rows", rows), "batch_size": ("training.batch_size", batch_size),
+        "epochs": ("training.epochs", epochs), "lr": ("training.lr", lr), "seed": ("training.seed", seed),
+        "threads": ("training.threads", threads), "embedding_dim": ("model.embedding_dim", embedding_dim),
+        "tower": ("model.tower", lambda: _tower(tower)),
+    })
+    if run_cfg.data.dataset is None:
+        raise ConfigError("give --dataset (a built-in dataset) or a --config with data.dataset")
+    dataset = run_cfg.data.dataset
+    data_dir = Path(run_cfg.data.data_dir) if run_cfg.data.data_dir else None
+    if config is not None and batch_size is None:
+        batch_size = run_cfg.training.batch_size
+    options = {run_cfg.model.name: run_cfg.model.options} if config is not None and run_cfg.model.options else {}
     knobs = {"ctr": ctr, "cvr": cvr, "n_users": n_users, "n_items": n_items, "intent": intent, "selection": selection,
              "sharing": sharing, "item_zipf": item_zipf, "slate_size": slate_size}
     cfg = _benchmark_config(
-        dataset=dataset, models=models, repeats=repeats, epochs=epochs, batch_size=batch_size, lr=lr, embedding_dim=embedding_dim,
-        tower=tower, option=option, rows=rows, seed=seed, threads=threads, preset=preset, knobs=knobs, sim_seeds=sim_seeds, first_sim_seed=first_sim_seed,
-        select=select, reference=reference, shared_ctr=shared_ctr, fuse_k=fuse_k, fuse_grid=fuse_grid, test_fraction=test_fraction, patience=patience,
+        dataset=dataset, models=models, repeats=repeats, epochs=run_cfg.training.epochs, batch_size=batch_size, lr=run_cfg.training.lr,
+        embedding_dim=run_cfg.model.embedding_dim, tower=run_cfg.model.tower, option=option, base_options=options,
+        rows=run_cfg.data.simulator.rows, seed=run_cfg.training.seed, threads=run_cfg.training.threads, preset=preset, knobs=knobs,
+        sim_seeds=sim_seeds, first_sim_seed=first_sim_seed, select=select, reference=reference, shared_ctr=shared_ctr, fuse_k=fuse_k,
+        fuse_grid=fuse_grid, test_fraction=test_fraction, patience=patience,
     )
     out = out or Path("runs") / "benchmark" / dataset
     save_partial = lambda res: atomic_write_json(res, out / "benchmark.partial.json")
@@ -94,14 +112,15 @@ def benchmark(
         print(f"wrote {out / 'benchmark.json'} and {out / 'benchmark.md'}", file=sys.stderr)
 
 
-def _benchmark_config(*, models: str, tower: str, option, knobs: dict, reference: str, **kw):
+def _benchmark_config(*, models: str, tower: str | list[int], option, knobs: dict, reference: str, base_options: dict | None = None, **kw):
     """A validated :class:`~mtrank.benchmark.BenchmarkConfig` from CLI values (knobs left
     unset keep the preset's)."""
     from mtrank.benchmark import BenchmarkConfig
 
     names = [m.strip() for m in models.split(",") if m.strip()]
     sim = {k: v for k, v in knobs.items() if v is not None}
-    return BenchmarkConfig(models=names, tower=_tower(tower), options=_options(option), sim=sim, reference=reference or None, **kw)
+    sizes = _tower(tower) if isinstance(tower, str) else list(tower)
+    return BenchmarkConfig(models=names, tower=sizes, options={**(base_options or {}), **_options(option)}, sim=sim, reference=reference or None, **kw)
 
 
 def _floats(text: str, option: str) -> list[float]:

@@ -52,15 +52,19 @@ class ScoredCandidate(BaseModel):
 
 
 class RankedCandidate(ScoredCandidate):
+    """A candidate of ``/rank`` with its rank (1 = first)."""
     rank: int = Field(description="1 = best")
 
 
 class FeatureCounts(BaseModel):
+    """How many feature values were missing or unseen (out of vocabulary) in a request."""
     missing: dict[str, int] = Field(description="per feature column: null values (encoded as missing / mean-imputed)")
     oov: dict[str, int] = Field(description="per categorical column: values unseen in training, scored with the OOV index")
 
 
 class ScoreResponse(BaseModel):
+    """The response of ``/score``: the candidates' probabilities and fused scores, in request
+    order."""
     model: str
     bundle_sha256: str
     fusion: FusionSpec
@@ -70,6 +74,7 @@ class ScoreResponse(BaseModel):
 
 
 class RankResponse(ScoreResponse):
+    """The response of ``/rank``: the candidates sorted by fused score, best first."""
     candidates: list[RankedCandidate]  # type: ignore[assignment]
 
 
