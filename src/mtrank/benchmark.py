@@ -496,7 +496,8 @@ PAIRED_METRICS = [
 
 def paired_differences(per_repeat: dict[str, list[dict]], reference: str) -> dict[str, dict[str, dict]]:
     """Model − reference on the same test rows, run by run (same simulator seed, same training
-    seed), for :data:`PAIRED_METRICS` and ``exp_gmv_fused@K`` (relative, in %).
+    seed), for :data:`PAIRED_METRICS`, ``exp_gmv_fused@K`` and ``exp_gmv_pctcvr@K`` (relative, in %;
+    the latter ranks by the model's pCTCVR alone, no tuning).
 
     Returns:
         ``{model: {metric: {mean, std, n, better, worse, se_seeds, se_hanley_mcneil}}}``:
@@ -511,7 +512,7 @@ def paired_differences(per_repeat: dict[str, list[dict]], reference: str) -> dic
     for name, runs in per_repeat.items():
         if name == reference:
             continue
-        metrics = list(PAIRED_METRICS) + [k for k in runs[0] if k.startswith("exp_gmv_fused@")]
+        metrics = list(PAIRED_METRICS) + [k for k in runs[0] if k.startswith(("exp_gmv_fused@", "exp_gmv_pctcvr@"))]
         res: dict[str, dict] = {}
         for key in metrics:
             diffs, ses = [], []

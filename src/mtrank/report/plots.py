@@ -153,7 +153,8 @@ def regime_heatmap(doc: dict, metric: str, dpi: int = DPI) -> bytes:
             vals[mi, si, ci, ii], wins[mi, si, ci, ii], runs[mi, si, ci, ii] = d["mean"], d["better"], d["n"]
     lim = np.nanmax(np.abs(vals)) if np.isfinite(vals).any() else 1.0
     lim = lim or 1.0
-    fig, axes = plt.subplots(len(models), len(sharings), figsize=(2.9 * len(sharings) + 1.0, 2.4 * len(models) + 0.6), squeeze=False)
+    fig, axes = plt.subplots(len(models), len(sharings), figsize=(2.9 * len(sharings) + 1.0, 2.7 * len(models) + 0.6), squeeze=False)
+    fig.subplots_adjust(hspace=0.5)
     unit = " (%)" if metric.startswith("exp_gmv") else ""
     for mi, si in itertools.product(range(len(models)), range(len(sharings))):
         ax = axes[mi, si]
