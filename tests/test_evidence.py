@@ -75,8 +75,9 @@ def test_benchmark_options_are_checked_with_the_option_named():
         check_config(BenchmarkConfig(dataset="simulated", models=["esmm", "base"], preset="nope"))
     with pytest.raises(ConfigError, match="--sharing must be ≤ 1"):
         check_config(BenchmarkConfig(dataset="simulated", models=["esmm", "base"], sim={"sharing": 2.0}))
-    with pytest.raises(ConfigError, match="--reference 'base' is not among --models"):
-        check_config(BenchmarkConfig(dataset="simulated", models=["esmm"]))
+    with pytest.raises(ConfigError, match="--reference 'esmm_ns' is not among --models"):
+        check_config(BenchmarkConfig(dataset="simulated", models=["esmm"], reference="esmm_ns"))
+    check_config(BenchmarkConfig(dataset="simulated", models=["esmm", "mmoe"]))  # default reference: pairs only when BASE runs
 
 
 def test_benchmark_cli_truth_metric_on_real_data_is_one_error_line(tmp_path):

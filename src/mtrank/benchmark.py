@@ -93,7 +93,7 @@ class BenchmarkConfig(BaseModel):
         seed: first training seed; the split's seed. test_fraction, val_fraction: see the module
             docstring. threads: torch threads (0 = leave as is).
         reference: the model every other is compared with, paired on the same test rows
-            (None = no paired table). shared_ctr: train the paper's shared CTR network (§3.2).
+            (None = no paired table; the default ``base`` pairs only when BASE is benchmarked). shared_ctr: train the paper's shared CTR network (§3.2).
         fuse_k: with the simulator, tune a multiplicative fusion per model on the test requests
             (grid of ``fuse_grid`` points per parameter on half of up to ``fuse_requests``
             requests) and report exact expected GMV@K on the other half (None = off).
@@ -241,7 +241,7 @@ def check_config(cfg: BenchmarkConfig) -> Schema:
         raise ConfigError(f"--select {cfg.select}: truth metrics exist only on the simulator (true_cvr_clicked / true_cvr_do); {cfg.dataset!r} has no ground truth")
     if not simulated and cfg.fuse_k is not None:
         raise ConfigError(f"--fuse-k needs the simulator's exact truth; {cfg.dataset!r} has none")
-    if cfg.reference is not None and cfg.reference not in cfg.models:
+    if cfg.reference is not None and cfg.reference not in cfg.models and cfg.reference != "base":
         raise ConfigError(f"--reference {cfg.reference!r} is not among --models {cfg.models}")
     if simulated:
         sim_config(cfg, 0)  # range-checks the knobs
@@ -372,13 +372,13 @@ def _results(cfg, seeds, sources, splits_info, schema, warnings, shared_ctr, per
                 if cfg.shared_ctr else "every model's own pCTCVR (no shared CTR network)"
             ),
             "select": cfg.select,
-            "reference": cfg.reference,
+            "reference": cfg.reference if cfg.reference in cfg.models else None,
         },
         "warnings": warnings,
         "shared_ctr": shared_ctr,
         "per_repeat": per_repeat,
         "summary": {m: summarise(runs) for m, runs in per_repeat.items()},
-        "paired": paired_differences(per_repeat, cfg.reference) if cfg.reference and all(per_repeat.values()) else {},
+        "paired": paired_differences(per_repeat, cfg.reference) if cfg.reference in per_repeat and all(per_repeat.values()) else {},
         "gates": gates,
     }
 
@@ -423,7 +423,7 @@ def merge_results(parts: list[dict]) -> dict:
     out["per_repeat"] = per_repeat
     out["summary"] = {m: summarise(rs) for m, rs in per_repeat.items()}
     ref = parts[0]["protocol"]["reference"]
-    out["paired"] = paired_differences(per_repeat, ref) if ref else {}
+    out["paired"] = paired_differences(per_repeat, ref) if ref in per_repeat else {}
     out["gates"] = {m: [g for p in parts for g in p["gates"].get(m, [])] for m in parts[0]["gates"]}
     return out
 
