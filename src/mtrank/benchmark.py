@@ -138,6 +138,10 @@ class SharedCTR(nn.Module):
         super().__init__()
         self.net = SingleTaskNet(spec, cfg)
 
+    def head_outputs(self) -> dict[str, nn.Linear]:
+        """The CTR output layer, so the prior output bias starts it as BASE's CTR network."""
+        return {"ctr": self.net.tower.output_layer}
+
     def forward(self, categorical: torch.Tensor, numerical: torch.Tensor) -> dict[str, torch.Tensor]:
         """Logits of the CTR network ``[B]``; its CVR outputs are the 0.5 placeholder."""
         logit = self.net(categorical, numerical)
