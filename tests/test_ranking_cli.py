@@ -33,7 +33,7 @@ def sim_bundle(tmp_path_factory):
 def test_quadrants_and_fuse_on_the_simulator(sim_bundle, tmp_path):
     data, bundle = sim_bundle
     q = tmp_path / "q"
-    r = mtrank("quadrants", "--data", data, "--bundle", bundle, "--mean-of", "true_cvr", "--out", q)
+    r = mtrank("quadrants", "--data", data, "--bundle", bundle, "--mean-of", "true_cvr_do", "--out", q)
     assert r.returncode == 0, r.stderr
     doc = json.loads((q / "quadrants.json").read_text())
     shares = {row["quadrant"]: row for row in doc["quadrants"]}
@@ -41,7 +41,7 @@ def test_quadrants_and_fuse_on_the_simulator(sim_bundle, tmp_path):
     assert sum(row["impressions_share"] for row in doc["quadrants"]) == pytest.approx(1.0)
     assert sum(row["gmv_share"] for row in doc["quadrants"]) == pytest.approx(1.0)
     # quadrant I converts far better than quadrant III, by the simulator's truth too
-    assert shares["I"]["mean_true_cvr"] > shares["III"]["mean_true_cvr"]
+    assert shares["I"]["mean_true_cvr_do"] > shares["III"]["mean_true_cvr_do"]
     ent = pl.read_csv(q / "entities.csv")
     assert {"item_id", "ctr", "cvr", "p_ctr", "p_cvr", "quadrant"} <= set(ent.columns) and ent.height <= 200
     assert (q / "quadrants.png").stat().st_size > 10_000

@@ -137,7 +137,7 @@ def test_best_per_column_follows_the_metric_direction():
     assert best_rows({"a": 0.7, "b": 0.8}, "auc_ctr") == {"b"}
     assert best_rows({"a": 0.3, "b": 0.2}, "logloss_ctr") == {"b"}
     assert best_rows({"a": 1.3, "b": 0.9}, "calib_ctcvr") == {"b"}
-    assert best_rows({"a": -0.01, "b": 0.05}, "cvr_bias_entire") == {"a"}
+    assert best_rows({"a": -0.01, "b": 0.05}, "bias_cvr_do_all") == {"a"}
     assert best_rows({"a": 1.0, "b": 2.0}, "best_epoch") == set()
     t = comparison_table("t", {"a": {"auc_ctr": {"mean": 0.7, "std": 0.01, "n": 2}}, "b": {"auc_ctr": {"mean": 0.8, "std": 0.02, "n": 2}}})
     assert [c["text"] for r in t["rows"] for c in r["cells"]] == ["0.7000 ± 0.0100", "0.8000 ± 0.0200"]

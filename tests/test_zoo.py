@@ -261,10 +261,10 @@ def test_every_model_learns_on_the_simulator(tiny_bench):
     # a tiny budget (27k training rows, ~1,100 clicks, 3 epochs): thresholds say "learnt", not "good"
     for name, s in tiny_bench["summary"].items():
         assert s["auc_ctr"]["mean"] > 0.55, name
-        assert -0.3 < s["cvr_bias_entire"]["mean"] < 0.5, name
+        assert -0.3 < s["bias_cvr_clicked_all"]["mean"] < 0.5, name
         if name in ENTIRE_SPACE_MODELS:  # the simulator's truth: pCVR ranks the entire space
             assert s["auc_ctcvr"]["mean"] > 0.52, name
-            assert s["auc_cvr_entire_truth"]["mean"] > 0.55, name
+            assert s["auc_cvr_clicked_all"]["mean"] > 0.54, name
     run = tiny_bench["per_repeat"]
     for name in MODELS:
         m = run[name][0]

@@ -75,9 +75,9 @@ def atomic_write_safetensors(tensors: dict, path: Path, metadata: dict[str, str]
     return _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
-def atomic_write_parquet(df: pl.DataFrame, path: Path, row_group_size: int | None = None) -> Path:
-    """Write a Parquet file atomically (temporary file, then rename); returns ``path``."""
-    return _atomic_write(path, lambda tmp: df.write_parquet(tmp, row_group_size=row_group_size))
+def atomic_write_parquet(df: pl.DataFrame, path: Path, row_group_size: int | None = None, metadata: dict[str, str] | None = None) -> Path:
+    """Write ``df`` as Parquet atomically; ``metadata``: key-value pairs stored in the file."""
+    return _atomic_write(path, lambda tmp: df.write_parquet(tmp, row_group_size=row_group_size, metadata=metadata))
 
 
 def atomic_replace_dir(staging: Path, target: Path) -> None:

@@ -4,6 +4,8 @@ evaluate → bundle. Each step is a plain function so tests and notebooks can ca
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import time
 from collections.abc import Callable
@@ -17,8 +19,9 @@ from mtrank.config import RunConfig, load_config
 from mtrank.data.batch import EncodedData
 from mtrank.data.datasets import DATASETS, LoadedData, load_table, resolve_data_dir
 from mtrank.data.encoders import FeatureEncoder
+from mtrank.data.io import validate_frame
 from mtrank.data.schema import Schema
-from mtrank.data.simulate import SimConfig, write_simulated
+from mtrank.data.simulate import SIMULATED_SCHEMA, SimConfig, simulate, write_simulated
 from mtrank.data.split import SplitConfig, split_data
 from mtrank.data.weights import mean_log_price, price_weights
 from mtrank.errors import ConfigError, SchemaError
@@ -53,7 +56,7 @@ def load_data(
     """Load a built-in dataset (``dataset``) or a file (``data`` with ``schema``), validated.
 
     For ``dataset="simulated"`` without ``data``, the simulator's Parquet file is read from
-    ``<data_dir>/simulated/simulated-<rows>-seed<seed>.parquet`` and generated first if absent.
+    ``<data_dir>/simulated/`` (:func:`simulated_file_name`) and generated first if absent.
 
     Raises:
         ConfigError: neither or an unknown dataset; DatasetNotFoundError: files absent;
@@ -72,7 +75,7 @@ def load_data(
     root = resolve_data_dir(data_dir)
     if data is None and dataset == "simulated":
         sim = sim or SimConfig()
-        data = root / "simulated" / f"simulated-{sim.rows}-seed{sim.seed}.parquet"
+        data = root / "simulated" / simulated_file_name(sim)
         if not Path(data).exists():
             write_simulated(sim, data)
     if data is not None:
@@ -80,6 +83,21 @@ def load_data(
         return LoadedData(schema, {"all": df}, {"all": str(data)}, [rep])
     info = DATASETS[dataset]
     return info.loader(root, schema)
+
+
+def simulated_file_name(sim: SimConfig) -> str:
+    """``simulated-<rows>-seed<seed>.parquet`` for the default preset's settings, else the
+    preset and a hash of every knob, so different mall settings never share a cached file."""
+    if sim == SimConfig(rows=sim.rows, seed=sim.seed):
+        return f"simulated-{sim.rows}-seed{sim.seed}.parquet"
+    digest = hashlib.sha256(json.dumps(sim.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:10]
+    return f"simulated-{sim.preset}-{digest}-{sim.rows}-seed{sim.seed}.parquet"
+
+
+def simulated_data(sim: SimConfig) -> LoadedData:
+    """Simulate in memory and validate against the simulator's schema (no file written)."""
+    df, rep = validate_frame(simulate(sim), SIMULATED_SCHEMA, f"simulator(preset={sim.preset}, seed={sim.seed})")
+    return LoadedData(SIMULATED_SCHEMA, {"all": df}, {"all": rep.source}, [rep])
 
 
 def feature_spec(encoder: FeatureEncoder, schema: Schema) -> FeatureSpec:
@@ -141,6 +159,36 @@ def fit(
     weighting = None
     if weight_by_price:
         weighting = _add_price_weights(splits, encoded, schema, price_weight_cap)
+    meta = {**(meta or {}), "rows": {k: v.height for k, v in splits.items()}, **({"weighting": weighting} if weighting else {})}
+    return fit_encoded(
+        encoded, encoder, schema, model_cfg, train_cfg, quiet=quiet, meta=meta,
+        checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume, start=start, on_epoch=on_epoch,
+    )
+
+
+def fit_encoded(
+    encoded: dict[str, EncodedData],
+    encoder: FeatureEncoder,
+    schema: Schema,
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    *,
+    quiet: bool = False,
+    meta: dict | None = None,
+    checkpoint: Path | None = None,
+    checkpoint_every: int = 0,
+    resume: bool = False,
+    evaluate: tuple[str, ...] | None = None,
+    start: float | None = None,
+    on_epoch: Callable[[EpochLog], None] | None = None,
+) -> FitOutput:
+    """The training step of :func:`fit` on already encoded splits (``train``, optional ``val``,
+    ``test`` …): build the model, train it with early stopping on ``val`` (the rule in
+    ``train_cfg.monitor``), evaluate the splits named in ``evaluate`` (default: every split but
+    ``train``). :func:`fit` and the benchmark (:mod:`mtrank.benchmark`) both train through here.
+    """
+    start = time.perf_counter() if start is None else start
+    torch.manual_seed(train_cfg.seed)
     spec = feature_spec(encoder, schema)
     model = build_model(spec, model_cfg)
     train, val = training_views(model, encoded["train"], encoded.get("val"), train_cfg.seed)
@@ -149,18 +197,18 @@ def fit(
         model, train, val,
         checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume,
     )
-    metrics, curves = _evaluate(model, {k: v for k, v in encoded.items() if k != "train"}, schema)
+    names = [k for k in encoded if k != "train"] if evaluate is None else list(evaluate)
+    metrics, curves = _evaluate(model, {k: encoded[k] for k in names if k in encoded}, schema)
     seconds = time.perf_counter() - start
     bundle_meta = {
+        "rows": {k: len(v) for k, v in encoded.items()},
         **(meta or {}),
         "train": train_cfg.model_dump(mode="json"),
-        "rows": {k: v.height for k, v in splits.items()},
         "best_epoch": result.best_epoch,
         "stopped_early": result.stopped_early,
         "history": [asdict(h) for h in result.history],
         "metrics": metrics,
         "seconds": seconds,
-        **({"weighting": weighting} if weighting else {}),
         **_calibration_meta(curves),
     }
     bundle = Bundle(model, encoder, schema, model_cfg, spec, bundle_meta)
@@ -363,6 +411,6 @@ def predictions_frame(bundle: Bundle, df: pl.DataFrame, source: str) -> pl.DataF
 
 
 __all__ = [
-    "FitOutput", "SplitConfig", "evaluate_split", "fit", "load_data", "load_run_data", "predictions_frame", "resolve_schema",
+    "FitOutput", "SplitConfig", "evaluate_split", "fit", "fit_encoded", "load_data", "load_run_data", "predictions_frame", "resolve_schema",
     "run", "split_data", "training_views",
 ]

@@ -3,7 +3,7 @@
 Every command is a plain function in one of the modules below, registered here explicitly:
 
 * :mod:`mtrank.cli.pipeline`: simulate, train, evaluate, predict, quickstart
-* :mod:`mtrank.cli.benchmark`: benchmark
+* :mod:`mtrank.cli.benchmark`: benchmark, sweep
 * :mod:`mtrank.cli.ranking`: quadrants, fuse
 * :mod:`mtrank.cli.serve`: export, serve
 * :mod:`mtrank.cli.report`: report
@@ -35,6 +35,7 @@ for _command in (
     pipeline.predict,
     pipeline.quickstart,
     benchmark.benchmark,
+    benchmark.sweep,
     ranking.quadrants,
     ranking.fuse,
     serve.export,

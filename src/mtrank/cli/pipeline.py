@@ -30,6 +30,7 @@ from mtrank.cli.common import (
     _check_choice,
     _fmt,
     _metric_table,
+    _on_command_line,
     _str,
     _tower,
     console,
@@ -55,27 +56,41 @@ def simulate(
     ctx: typer.Context,
     config: ConfigOpt = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Parquet file to write")] = Path("data/simulated/simulated.parquet"),
-    rows: Annotated[int, typer.Option(help="impressions")] = 1_000_000,
+    preset: Annotated[str, typer.Option(help="named settings: default (the original generator), aliccp-like, dense")] = "default",
+    rows: Annotated[int | None, typer.Option(help="impressions (default: the preset's)")] = None,
     seed: int = 0,
-    ctr: Annotated[float, typer.Option(help="target mean CTR")] = 0.04,
-    cvr: Annotated[float, typer.Option(help="target mean CVR given click")] = 0.10,
-    n_users: int = 20_000,
-    n_items: int = 5_000,
-    intent: Annotated[float, typer.Option(help="strength of the unobserved purchase intent (SSB)")] = 0.6,
-    slate_size: Annotated[int, typer.Option(help="candidates shown per request (positions 1..S)")] = 10,
+    ctr: Annotated[float | None, typer.Option(help="target mean CTR")] = None,
+    cvr: Annotated[float | None, typer.Option(help="target mean CVR given click")] = None,
+    n_users: int | None = None,
+    n_items: int | None = None,
+    intent: Annotated[float | None, typer.Option(help="strength λ of the unobserved purchase intent (SSB)")] = None,
+    selection: Annotated[float | None, typer.Option(help="how much λ varies with category, price band, user segment (0 = not)")] = None,
+    sharing: Annotated[float | None, typer.Option(help="click/conversion driver sharing ρ in [0, 1]")] = None,
+    item_zipf: Annotated[float | None, typer.Option(help="Zipf exponent of item popularity")] = None,
+    position_effect: Annotated[float | None, typer.Option(help="π in logit CTR −= π·log(position)")] = None,
+    history_len: Annotated[int | None, typer.Option(help="last N purchased / carted / favourited items per user (0 = none)")] = None,
+    slate_size: Annotated[int | None, typer.Option(help="candidates shown per request (positions 1..S)")] = None,
     part_rows: Annotated[int | None, typer.Option(help="write a directory of Parquet parts of this many rows (bounded memory)")] = None,
 ) -> None:
-    """Write a synthetic mall's impression log (known true pCTR / pCVR per row) as Parquet.
+    """Write a synthetic mall's impression log (exact true_ctr, true_cvr_clicked, true_cvr_do,
+    true_ctcvr per row) as Parquet; the settings go into the file's metadata.
 
-    With ``--config FILE`` the simulator settings are the config's ``data.simulator``."""
-    run_cfg = resolve_config(ctx, config, {
-        name: (f"data.simulator.{name}", value)
-        for name, value in [("rows", rows), ("seed", seed), ("ctr", ctr), ("cvr", cvr), ("n_users", n_users),
-                            ("n_items", n_items), ("intent", intent), ("slate_size", slate_size)]
-    })
-    cfg = run_cfg.data.simulator
+    ``--preset`` picks named settings, the other flags override them. With ``--config FILE`` the
+    simulator settings are the config's ``data.simulator`` (flags on the command line override)."""
+    from mtrank.data.simulate import preset_config
+
+    knobs = {"rows": rows, "ctr": ctr, "cvr": cvr, "n_users": n_users, "n_items": n_items, "intent": intent, "selection": selection,
+             "sharing": sharing, "item_zipf": item_zipf, "position_effect": position_effect, "history_len": history_len, "slate_size": slate_size}
+    if config is None:
+        cfg = preset_config(preset, seed=seed, **knobs)
+    else:
+        if _on_command_line(ctx, "preset"):
+            raise ConfigError("--preset cannot be combined with --config; write the preset's knobs into data.simulator")
+        run_cfg = resolve_config(ctx, config, {name: (f"data.simulator.{name}", value) for name, value in [("seed", seed), *knobs.items()]})
+        cfg = run_cfg.data.simulator
+        preset = cfg.preset
     path = write_simulated(cfg, out, part_rows=part_rows, progress=sys.stderr.isatty())
-    console.print(f"wrote {path} ({cfg.rows // cfg.slate_size * cfg.slate_size:,} impressions)")
+    console.print(f"wrote {path} ({cfg.rows // cfg.slate_size * cfg.slate_size:,} impressions, preset {preset})")
 
 
 def train(

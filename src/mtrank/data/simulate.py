@@ -1,33 +1,64 @@
 """A synthetic mall whose click and conversion probabilities are known exactly.
 
-Generative model (all draws from one seeded ``numpy.random.Generator``; vectorised):
+Generative model (all draws from seeded ``numpy.random.Generator`` s; vectorised):
 
 * **Items** i: category c(i) (Zipf-like), brand b(i), shop s(i);
   price: ``log price = μ_c + 0.5·ε``;
   *appeal* ``A_i = 0.6·α_c + 0.5·α_b + 0.8·e_i`` drives CTR;
-  *quality* ``Q_i = 0.3·α_b + 0.4·κ_b + 0.5·κ_s + 0.3·e_i + 0.7·ε_i`` drives CVR. Appeal and
-  quality share a part (corr ≈ 0.3, as attractive brands also sell), but most of quality is
-  its own, so all four CTR × CVR quadrants exist, including low-CTR/high-CVR items.
+  *quality* ``Q_i`` drives CVR. Preset ``default``: ``Q_i = 0.3·α_b + 0.4·κ_b + 0.5·κ_s +
+  0.3·e_i + 0.7·ε_i`` (appeal and quality correlate ≈ 0.3). With ``sharing = ρ`` set:
+  ``Q_i = sd(Q)·(ρ·Â_i + √(1−ρ²)·Ô_i)``, Â and Ô the standardised appeal and own quality
+  (``0.4·κ_b + 0.5·κ_s + 0.7·ε_i``), so ρ is how much click and conversion drivers share.
+  Item popularity (how often an item is a candidate) is Zipf with exponent ``item_zipf``: a
+  long tail of items is rarely or never shown.
 * **Users** u: age bucket, gender, purchase power ``w_u ∈ {1..5}``, activity ``a_u``, and a taste
   vector ``t_u ∈ R^4``; each category has a vector ``v_c``; affinity ``f(u,c) = t_u·v_c / 2``.
 * **Requests** r: a user (activity-weighted), a day and hour, and ``slate_size`` candidate items
   (popularity-weighted). The logged ranker orders them by appeal plus noise into positions 1..S.
 * **Impressions**: a latent purchase *intent* ``z ~ N(0,1)`` per impression, never observed,
-  raises both clicking and buying (the source of sample selection bias):
+  raises both clicking and buying (the source of sample selection bias), with a strength
+  ``λ(x)`` that depends on observed features when ``selection = s > 0``:
 
-      logit CTR = θ_ctr + A_i + 0.8·f(u,c) + a_u − 0.35·log(position) + λ·z
-      logit CVR = θ_cvr + Q_i + 0.5·f(u,c) − (0.9 − 0.15·w_u)·(log price − m) + λ·z
+      λ(x) = intent · 2σ(s·h(x)),   h(x) = (η_c + 0.8·p̂_i) / √2 + 0.3·ŵ_u
 
+  (``η_c ~ N(0,1)`` per category, ``p̂_i`` the standardised log price, ``ŵ_u`` the centred
+  purchase power: category, price band and user segment), and
+
+      logit CTR = θ_ctr + A_i + 0.8·f(u,c) + a_u − π·log(position) + λ(x)·z
+      logit CVR = θ_cvr + Q_i + 0.5·f(u,c) − (0.9 − 0.15·w_u)·(log price − m) + λ(x)·z
+
+  with π = ``position_effect`` (0.35). A click selects impressions with high z, and how much
+  depends on λ(x), so the CVR of clicked impressions ranks items differently from the CVR
+  they would have if clicked at random (s > 0 makes selection *reorder*, not only shift).
   ``θ_ctr`` and ``θ_cvr`` are solved by bisection so that the mean CTR and the mean CVR *given
-  click* match the targets (defaults 4 % and 10 %; Ali-CCP has CTR ≈ 4 %).
+  click* match the targets (Ali-CCP has CTR ≈ 4 %, CVR given click ≈ 0.5 %).
   click ~ Bernoulli(CTR); conversion ~ Bernoulli(CVR) if clicked, else 0.
 
-Every row keeps ``true_ctr`` and ``true_cvr`` (the probabilities above, latent intent included)
-as passthrough columns; they are never features.
+Ground truth (passthrough columns, never features), exact given the observed row x, by
+Gauss–Hermite quadrature over z (:func:`truth_columns`; 48 nodes, error < 1e-6 here):
+
+* ``true_ctr`` = p(click | x) = E_z[σ(a + λz)];
+* ``true_cvr_do`` = p(conv | do(click), x) = E_z[σ(b + λz)] (the counterfactual CVR, the target of
+  ESCM², Wang et al. SIGIR 2022, §3; DCMT);
+* ``true_ctcvr`` = p(click ∧ conv | x) = E_z[σ(a + λz)·σ(b + λz)];
+* ``true_cvr_clicked`` = p(conv | click, x) = true_ctcvr / true_ctr (what ESMM's pCVR and BASE
+  estimate, Ma et al. SIGIR 2018, eq. 1).
+
+With ``history_len > 0`` every row also carries the user's behaviour histories
+``hist_purchased``, ``hist_carted``, ``hist_favourited`` (lists of item ids, most recent first,
+at most ``history_len``), drawn from the same process before the log starts (see
+:func:`_histories`); they come from their own random stream, so turning them on or off leaves
+every other column identical.
+
+Presets (:data:`PRESETS`, :func:`preset_config`): ``default`` (the generator as it was, draw for
+draw), ``aliccp-like`` (sparse: CTR 4 %, CVR given click 1 %, 60k items, selection that
+reorders) and ``dense``. The preset and :data:`SIM_VERSION` are stored in the Parquet file's
+key-value metadata (``mtrank.simulator``).
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,14 +68,28 @@ import polars as pl
 from pydantic import BaseModel, ConfigDict, Field
 
 from mtrank.data.schema import Schema
+from mtrank.errors import ConfigError
 from mtrank.io_utils import atomic_write_parquet
+
+SIM_VERSION = 2
+TRUTH_COLUMNS = ("true_ctr", "true_cvr_clicked", "true_cvr_do", "true_ctcvr")
+HISTORY_COLUMNS = ("hist_purchased", "hist_carted", "hist_favourited")
+GH_NODES = 48
 
 
 class SimConfig(BaseModel):
-    """Simulator settings. ``rows`` = impressions (a multiple of ``slate_size`` is used)."""
+    """Simulator settings. ``rows`` = impressions (a multiple of ``slate_size`` is used).
+
+    Knobs beyond the original generator (their defaults reproduce preset ``default``):
+    ``selection`` (s ≥ 0: how much the intent's strength varies with category, price band and
+    user segment), ``sharing`` (ρ ∈ [0, 1] or None for the default's fixed mix),
+    ``item_zipf`` (popularity exponent), ``position_effect`` (π), ``history_len`` (0 = no
+    history columns). ``preset`` is recorded only (use :func:`preset_config` to apply one).
+    """
 
     model_config = ConfigDict(extra="forbid")
 
+    preset: str = "default"
     rows: int = Field(1_000_000, ge=10)
     n_users: int = Field(20_000, ge=1)
     n_items: int = Field(5_000, ge=2)
@@ -55,8 +100,55 @@ class SimConfig(BaseModel):
     n_days: int = Field(14, ge=1)
     ctr: float = Field(0.04, gt=0, lt=1)
     cvr: float = Field(0.10, gt=0, lt=1)
-    intent: float = Field(0.6, ge=0, description="λ, strength of the unobserved purchase intent")
+    intent: float = Field(0.6, ge=0, le=3, description="λ, strength of the unobserved purchase intent")
+    selection: float = Field(0.0, ge=0, le=3, description="s, feature dependence of the intent's strength")
+    sharing: float | None = Field(None, ge=0, le=1, description="ρ, click/conversion driver sharing")
+    item_zipf: float = Field(0.7, ge=0, le=3)
+    position_effect: float = Field(0.35, ge=0, le=5)
+    history_len: int = Field(0, ge=0, le=100)
     seed: int = 0
+
+
+# Named settings; every knob can still be overridden. ``default`` is the generator as it was.
+PRESETS: dict[str, dict] = {
+    "default": {},
+    "aliccp-like": {
+        "rows": 3_000_000, "n_users": 200_000, "n_items": 60_000, "n_categories": 100, "n_brands": 2_000,
+        "n_shops": 4_000, "slate_size": 20, "ctr": 0.04, "cvr": 0.01, "intent": 1.0, "selection": 2.5,
+        "sharing": 0.3, "item_zipf": 1.05, "history_len": 10,
+    },
+    "dense": {
+        "rows": 1_000_000, "n_users": 20_000, "n_items": 5_000, "slate_size": 20, "ctr": 0.04, "cvr": 0.10,
+        "intent": 1.0, "selection": 2.5, "sharing": 0.3, "history_len": 10,
+    },
+}
+
+
+def preset_config(name: str = "default", **overrides) -> SimConfig:
+    """The :class:`SimConfig` of preset ``name`` with ``overrides`` (None values ignored).
+
+    Raises:
+        ConfigError: unknown preset, or an override outside its range (names the option).
+    """
+    if name not in PRESETS:
+        raise ConfigError(f"--preset must be one of {sorted(PRESETS)}, got {name!r}")
+    values = {**PRESETS[name], **{k: v for k, v in overrides.items() if v is not None}, "preset": name}
+    fields = SimConfig.model_fields
+    for key, value in values.items():
+        if key not in fields:
+            raise ConfigError(f"unknown simulator option {key!r}")
+        for meta in fields[key].metadata:
+            for attr, ok in (("ge", lambda v, b: v >= b), ("gt", lambda v, b: v > b), ("le", lambda v, b: v <= b), ("lt", lambda v, b: v < b)):
+                bound = getattr(meta, attr, None)
+                if bound is not None and value is not None and not ok(value, bound):
+                    sign = {"ge": "≥", "gt": ">", "le": "≤", "lt": "<"}[attr]
+                    raise ConfigError(f"--{key.replace('_', '-')} must be {sign} {bound}, got {value}")
+    return SimConfig(**values)
+
+
+def sim_metadata(cfg: SimConfig) -> dict[str, str]:
+    """The Parquet key-value metadata that records how a file was simulated."""
+    return {"mtrank.simulator": json.dumps({"version": SIM_VERSION, **cfg.model_dump(mode="json")}, sort_keys=True)}
 
 
 SIMULATED_SCHEMA = Schema(
@@ -70,7 +162,7 @@ SIMULATED_SCHEMA = Schema(
     time="day",
     categorical=["user_id", "user_age", "user_gender", "user_power", "item_id", "category", "brand", "shop", "hour"],
     numerical=["price"],
-    passthrough=["true_ctr", "true_cvr", "position"],
+    passthrough=[*TRUTH_COLUMNS, "position"],
 )
 
 
@@ -94,13 +186,43 @@ def _zipf_weights(n: int, s: float, rng: np.random.Generator) -> np.ndarray:
     return rng.permutation(w / w.sum())
 
 
+def truth_columns(a: np.ndarray, b: np.ndarray, lam: np.ndarray, chunk: int = 65_536, nodes: int = GH_NODES) -> dict[str, np.ndarray]:
+    """Exact p(click | x), p(conv | click, x), p(conv | do(click), x), p(click ∧ conv | x).
+
+    Args:
+        a, b: ``[N]`` CTR and CVR logits without the intent term (intercepts included).
+        lam: ``[N]`` intent strength λ(x) (or a scalar).
+
+    Returns:
+        ``true_ctr``, ``true_cvr_clicked``, ``true_cvr_do``, ``true_ctcvr``, each ``[N]`` float64:
+        expectations over z ~ N(0, 1) by Gauss–Hermite quadrature (``nodes`` nodes, in
+        chunks of ``chunk`` rows so memory stays bounded).
+    """
+    x, w = np.polynomial.hermite_e.hermegauss(nodes)
+    w = w / math.sqrt(2.0 * math.pi)
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    lam = np.broadcast_to(np.asarray(lam, np.float64), a.shape)
+    out = {k: np.empty(a.size) for k in ("true_ctr", "true_cvr_do", "true_ctcvr")}
+    for s in range(0, a.size, chunk):
+        sl = slice(s, s + chunk)
+        shift = lam[sl, None] * x[None, :]
+        pc = _sigmoid(a[sl, None] + shift)
+        pv = _sigmoid(b[sl, None] + shift)
+        out["true_ctr"][sl] = pc @ w
+        out["true_cvr_do"][sl] = pv @ w
+        out["true_ctcvr"][sl] = (pc * pv) @ w
+    out["true_cvr_clicked"] = out["true_ctcvr"] / np.maximum(out["true_ctr"], 1e-300)
+    return {k: out[k] for k in TRUTH_COLUMNS}
+
+
 def simulate(cfg: SimConfig) -> pl.DataFrame:
     """Generate the impression log. Deterministic for a given config (seed included).
 
     Returns:
         A DataFrame with columns ``request_id, day, hour, position, user_id, user_age,
         user_gender, user_power, item_id, category, brand, shop, price, click, conversion,
-        true_ctr, true_cvr`` (ids are int64; price in currency units, > 0).
+        true_ctr, true_cvr_clicked, true_cvr_do, true_ctcvr`` (ids int64; price in currency
+        units, > 0; truths float64) and, with ``history_len > 0``, the three history list columns.
     """
     rng = np.random.default_rng(cfg.seed)
     world = _world(cfg, rng)
@@ -132,7 +254,8 @@ def simulate_parts(cfg: SimConfig, part_rows: int) -> Iterator[pl.DataFrame]:
 
 
 def _world(cfg: SimConfig, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Items and users (see the module docstring)."""
+    """Items and users (see the module docstring). The draws from ``rng`` are those of the
+    original generator, in the same order; what was added draws from its own stream."""
     cat = rng.choice(cfg.n_categories, size=cfg.n_items, p=_zipf_weights(cfg.n_categories, 0.8, rng))
     brand = rng.integers(0, cfg.n_brands, cfg.n_items)
     shop = rng.integers(0, cfg.n_shops, cfg.n_items)
@@ -142,22 +265,50 @@ def _world(cfg: SimConfig, rng: np.random.Generator) -> dict[str, np.ndarray]:
     brand_appeal = rng.standard_normal(cfg.n_brands)
     item_appeal = rng.standard_normal(cfg.n_items)
     appeal = 0.6 * rng.standard_normal(cfg.n_categories)[cat] + 0.5 * brand_appeal[brand] + 0.8 * item_appeal
-    quality = (
-        0.3 * brand_appeal[brand]
-        + 0.4 * rng.standard_normal(cfg.n_brands)[brand]
-        + 0.5 * rng.standard_normal(cfg.n_shops)[shop]
-        + 0.3 * item_appeal
-        + 0.7 * rng.standard_normal(cfg.n_items)
-    )
-    item_pop = _zipf_weights(cfg.n_items, 0.7, rng)
-    return {
+    brand_q, shop_q, item_q = rng.standard_normal(cfg.n_brands)[brand], rng.standard_normal(cfg.n_shops)[shop], rng.standard_normal(cfg.n_items)
+    quality = 0.3 * brand_appeal[brand] + 0.4 * brand_q + 0.5 * shop_q + 0.3 * item_appeal + 0.7 * item_q
+    if cfg.sharing is not None:
+        rho = cfg.sharing
+        std = lambda v: (v - v.mean()) / max(v.std(), 1e-12)
+        own = 0.4 * brand_q + 0.5 * shop_q + 0.7 * item_q
+        quality = quality.std() * (rho * std(appeal) + math.sqrt(1.0 - rho * rho) * std(own))
+    item_pop = _zipf_weights(cfg.n_items, cfg.item_zipf, rng)
+    w = {
         "cat": cat, "brand": brand, "shop": shop, "log_price": log_price, "price": price,
         "appeal": appeal, "quality": quality, "item_pop": item_pop,
-        "age": rng.integers(0, 7, cfg.n_users), "gender": rng.integers(0, 2, cfg.n_users),
-        "power": rng.integers(1, 6, cfg.n_users), "activity": 0.5 * rng.standard_normal(cfg.n_users),
-        "taste": rng.standard_normal((cfg.n_users, 4)), "cat_vec": rng.standard_normal((cfg.n_categories, 4)),
-        "user_pop": _zipf_weights(cfg.n_users, 0.6, rng),
     }
+    w["age"] = rng.integers(0, 7, cfg.n_users)
+    w["gender"] = rng.integers(0, 2, cfg.n_users)
+    w["power"] = rng.integers(1, 6, cfg.n_users)
+    w["activity"] = 0.5 * rng.standard_normal(cfg.n_users)
+    w["taste"] = rng.standard_normal((cfg.n_users, 4))
+    w["cat_vec"] = rng.standard_normal((cfg.n_categories, 4))
+    w["user_pop"] = _zipf_weights(cfg.n_users, 0.6, rng)
+    # selection: the intent's strength by category, price band and user segment (own stream)
+    srng = np.random.default_rng([cfg.seed, 7919])
+    eta = srng.standard_normal(cfg.n_categories)
+    price_z = (log_price - log_price.mean()) / max(log_price.std(), 1e-12)
+    w["sel_item"] = (eta[cat] + 0.8 * price_z) / math.sqrt(2.0)
+    w["sel_user"] = 0.3 * (w["power"] - 3.0) / math.sqrt(2.0)
+    return w
+
+
+def _intent_strength(cfg: SimConfig, w: dict[str, np.ndarray], items: np.ndarray, user: np.ndarray) -> np.ndarray | float:
+    """λ(x) per impression (a scalar when ``selection`` is 0, so the default draws are unchanged)."""
+    if cfg.selection == 0:
+        return cfg.intent
+    h = w["sel_item"][items] + w["sel_user"][user]
+    return cfg.intent * 2.0 * _sigmoid(cfg.selection * h)
+
+
+def _logits(cfg: SimConfig, w: dict[str, np.ndarray], items: np.ndarray, user: np.ndarray, position: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """CTR and CVR logits without intercepts and without the intent term."""
+    c = w["cat"][items]
+    affinity = (w["taste"][user] * w["cat_vec"][c]).sum(1) / 2.0
+    ctr = w["appeal"][items] + 0.8 * affinity + w["activity"][user] - cfg.position_effect * np.log(position)
+    sens = 0.9 - 0.15 * w["power"][user]
+    cvr = w["quality"][items] + 0.5 * affinity - sens * (w["log_price"][items] - math.log(60.0))
+    return ctr, cvr
 
 
 def _impressions(
@@ -178,20 +329,18 @@ def _impressions(
     items = np.take_along_axis(items, order, axis=1).ravel()
     position = np.tile(np.arange(1, s + 1), n_req)
     user = np.repeat(req_user, s)
-    c = w["cat"][items]
-    affinity = (w["taste"][user] * w["cat_vec"][c]).sum(1) / 2.0
     z = rng.standard_normal(items.size)
-    ctr_logit = w["appeal"][items] + 0.8 * affinity + w["activity"][user] - 0.35 * np.log(position) + cfg.intent * z
-    sens = 0.9 - 0.15 * w["power"][user]
-    cvr_logit = w["quality"][items] + 0.5 * affinity - sens * (w["log_price"][items] - math.log(60.0)) + cfg.intent * z
+    ctr_base, cvr_base = _logits(cfg, w, items, user, position)
+    lam = _intent_strength(cfg, w, items, user)
+    ctr_logit = ctr_base + lam * z
+    cvr_logit = cvr_base + lam * z
     if theta is None:
         t_ctr = _solve_intercept(ctr_logit, cfg.ctr)
         t_cvr = _solve_intercept(cvr_logit, cfg.cvr, weight=_sigmoid(ctr_logit + t_ctr))
         theta = (t_ctr, t_cvr)
-    true_ctr = _sigmoid(ctr_logit + theta[0])
-    true_cvr = _sigmoid(cvr_logit + theta[1])
-    click = (rng.random(items.size) < true_ctr).astype(np.int8)
-    conversion = (click.astype(bool) & (rng.random(items.size) < true_cvr)).astype(np.int8)
+    click = (rng.random(items.size) < _sigmoid(ctr_logit + theta[0])).astype(np.int8)
+    conversion = (click.astype(bool) & (rng.random(items.size) < _sigmoid(cvr_logit + theta[1]))).astype(np.int8)
+    truth = truth_columns(ctr_base + theta[0], cvr_base + theta[1], lam)
     df = pl.DataFrame(
         {
             "request_id": np.repeat(np.arange(req_offset, req_offset + n_req, dtype=np.int64), s),
@@ -203,21 +352,66 @@ def _impressions(
             "user_gender": w["gender"][user].astype(np.int64),
             "user_power": w["power"][user].astype(np.int64),
             "item_id": items.astype(np.int64),
-            "category": c.astype(np.int64),
+            "category": w["cat"][items].astype(np.int64),
             "brand": w["brand"][items].astype(np.int64),
             "shop": w["shop"][items].astype(np.int64),
             "price": w["price"][items],
             "click": click,
             "conversion": conversion,
-            "true_ctr": true_ctr.astype(np.float32),
-            "true_cvr": true_cvr.astype(np.float32),
+            **truth,
         }
     )
+    if cfg.history_len:
+        df = df.join(_histories(cfg, w, theta), on="user_id", how="left", maintain_order="left")
+        df = df.with_columns(pl.col(c).fill_null(pl.lit([], dtype=pl.List(pl.Int64))) for c in HISTORY_COLUMNS)
     return df, theta
 
 
+HISTORY_CANDIDATES = 32
+
+
+def _histories(cfg: SimConfig, w: dict[str, np.ndarray], theta: tuple[float, float]) -> pl.DataFrame:
+    """Each user's behaviour before the log: the last ``history_len`` purchased, carted and
+    favourited item ids, most recent first (``user_id`` plus the three list columns).
+
+    The same process as the log: every user sees ``HISTORY_CANDIDATES`` popularity-drawn items
+    (at position 1), each with its p(click | x) and p(click ∧ conv | x) (to the probit
+    approximation over the intent, which is plenty for sampling weights).
+    Purchases are drawn without replacement with probability ∝ p(click ∧ conv), carts ∝
+    p(click ∧ conv) + 0.3·p(click), favourites ∝ p(click) (Gumbel top-k, whose draw order is
+    the recency); a user keeps Poisson(mean) of each, the mean growing with activity. Own seeded
+    stream, processed in blocks of users (bounded memory).
+    """
+    hrng = np.random.default_rng([cfg.seed, 104_729])
+    n, m, k = cfg.n_users, HISTORY_CANDIDATES, cfg.history_len
+    users_out: dict[str, list[np.ndarray]] = {c: [] for c in HISTORY_COLUMNS}
+    items_out: dict[str, list[np.ndarray]] = {c: [] for c in HISTORY_COLUMNS}
+    for start in range(0, n, 16_384):
+        users = np.arange(start, min(n, start + 16_384))
+        items = hrng.choice(cfg.n_items, size=(users.size, m), p=w["item_pop"])
+        urep = np.repeat(users, m)
+        a, b = _logits(cfg, w, items.ravel(), urep, np.ones(urep.size))
+        # sampling weights only: the probit approximation E_z σ(a + λz) ≈ σ(a / √(1 + πλ²/8))
+        kappa = np.sqrt(1.0 + np.pi * np.asarray(_intent_strength(cfg, w, items.ravel(), urep)) ** 2 / 8.0)
+        ctr = _sigmoid((a + theta[0]) / kappa).reshape(users.size, m)
+        ctcvr = ctr * _sigmoid((b + theta[1]) / kappa).reshape(users.size, m)
+        weights = {"hist_purchased": ctcvr, "hist_carted": ctcvr + 0.3 * ctr, "hist_favourited": ctr}
+        mean_len = k * _sigmoid(2.0 * w["activity"][users])
+        for col, wt in weights.items():
+            keys = np.log(np.maximum(wt, 1e-300)) + hrng.gumbel(size=wt.shape)
+            top = np.argsort(-keys, axis=1, kind="stable")[:, :k]
+            keep = np.arange(top.shape[1])[None, :] < np.minimum(hrng.poisson(mean_len), k)[:, None]
+            users_out[col].append(np.broadcast_to(users[:, None], top.shape)[keep])
+            items_out[col].append(np.take_along_axis(items, top, axis=1)[keep])
+    out = pl.DataFrame({"user_id": np.arange(n, dtype=np.int64)})
+    for col in HISTORY_COLUMNS:
+        long = pl.DataFrame({"user_id": np.concatenate(users_out[col]).astype(np.int64), col: np.concatenate(items_out[col]).astype(np.int64)})
+        out = out.join(long.group_by("user_id", maintain_order=True).agg(pl.col(col)), on="user_id", how="left", maintain_order="left")
+    return out
+
+
 def write_simulated(cfg: SimConfig, path: str | Path, part_rows: int | None = None, *, progress: bool = False) -> Path:
-    """Simulate and write Parquet atomically. Returns the path.
+    """Simulate and write Parquet atomically (the config in the file's metadata). Returns the path.
 
     With ``part_rows`` (and more rows than that), ``path`` is a directory of
     ``part-00000.parquet`` … files from :func:`simulate_parts`, written one at a time, each with
@@ -225,12 +419,22 @@ def write_simulated(cfg: SimConfig, path: str | Path, part_rows: int | None = No
     the parts (stderr).
     """
     path = Path(path)
+    meta = sim_metadata(cfg)
     if part_rows is None or cfg.rows <= part_rows:
-        return atomic_write_parquet(simulate(cfg), path)
+        return atomic_write_parquet(simulate(cfg), path, metadata=meta)
     path.mkdir(parents=True, exist_ok=True)
     from tqdm.auto import tqdm
 
     parts = tqdm(simulate_parts(cfg, part_rows), total=-(-max(1, cfg.rows // cfg.slate_size) // max(1, part_rows // cfg.slate_size)), desc="simulating", unit="part", disable=not progress, leave=False)
     for k, part in enumerate(parts):
-        atomic_write_parquet(part, path / f"part-{k:05d}.parquet", row_group_size=262_144)
+        atomic_write_parquet(part, path / f"part-{k:05d}.parquet", row_group_size=262_144, metadata=meta)
     return path
+
+
+def read_sim_metadata(path: str | Path) -> dict | None:
+    """The simulator settings stored in a Parquet file by :func:`write_simulated` (None if absent)."""
+    import pyarrow.parquet as pq
+
+    kv = pq.ParquetFile(path).metadata.metadata or {}
+    raw = kv.get(b"mtrank.simulator")
+    return None if raw is None else json.loads(raw)

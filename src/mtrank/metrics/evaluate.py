@@ -7,10 +7,13 @@ Funnel datasets (ESMM paper §3.2 protocol):
   **clicked impressions only** (the only rows where conversion is observed);
 * ``auc_ctcvr``, ``logloss_ctcvr``, ``calib_ctcvr``: pCTCVR vs click ∧ conversion, all impressions;
 * ``gauc_ctr`` (and ``gauc_ctcvr``) per user when the schema has a user id;
-* with the simulator's ground truth (``true_cvr`` / ``true_ctr`` columns): ``cvr_bias_entire``
-  (mean pCVR − true CVR over all impressions), ``cvr_bias_clicked``, ``cvr_bias_unclicked``
-  and ``auc_cvr_entire_truth`` (AUC of pCVR at telling impressions whose true CVR is above the
-  median from the rest, over all impressions): the direct measures of sample selection bias.
+* with the simulator's exact ground truth (:data:`mtrank.data.simulate.TRUTH_COLUMNS`), metrics
+  named ``<kind>_<truth>_<rows>``: ``auc_cvr_clicked_all`` and ``auc_cvr_do_all`` (soft AUC,
+  :func:`~mtrank.metrics.core.soft_auc`, of pCVR against ``true_cvr_clicked`` = p(conv | click, x),
+  what ESMM and BASE estimate, and against ``true_cvr_do`` = p(conv | do(click), x), the
+  counterfactual CVR of ESCM², over all impressions), and ``bias_cvr_clicked_{all,clicked,
+  unclicked}``, ``bias_cvr_do_{all,clicked,unclicked}`` (mean pCVR − truth over those rows):
+  the direct measures of sample selection bias.
 
 Plain multi-task datasets: ``auc_<task>``, ``logloss_<task>``, ``calib_<task>``.
 
@@ -26,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mtrank.data.schema import Schema
-from mtrank.metrics.core import auc, calibration, gauc, logloss
+from mtrank.metrics.core import auc, calibration, gauc, logloss, soft_auc
 
 
 @dataclass(frozen=True)
@@ -79,7 +82,7 @@ def evaluate_outputs(
         outputs: model outputs ``p_ctr``, ``p_cvr``, ``p_ctcvr`` (funnel) or ``p_<task>``, ``[N]``.
         labels: ``click``, ``conversion``, ``ctcvr`` (funnel) or task names, ``[N]`` 0/1.
         schema: the dataset schema (says which side columns are user ids and ground truth).
-        side: side columns by name (user ids, ``true_cvr`` …), ``[N]`` each.
+        side: side columns by name (user ids, ``true_cvr_do`` …), ``[N]`` each.
 
     Returns:
         A flat dict of named metrics; a metric that is undefined on this split is None.
@@ -103,15 +106,8 @@ def evaluate_outputs(
                 m[f"gauc_{t.name}"] = g.value
                 m[f"gauc_{t.name}_users"] = g.groups_used
                 m[f"gauc_{t.name}_skipped"] = g.groups_skipped
-        if "true_cvr" in side:
-            true_cvr = np.asarray(side["true_cvr"], dtype=np.float64)
-            p_cvr = np.asarray(outputs["p_cvr"], dtype=np.float64)
-            m["cvr_bias_entire"] = float((p_cvr - true_cvr).mean())
-            clicked = click > 0
-            m["cvr_bias_clicked"] = float((p_cvr[clicked] - true_cvr[clicked]).mean()) if clicked.any() else None
-            m["cvr_bias_unclicked"] = float((p_cvr[~clicked] - true_cvr[~clicked]).mean()) if (~clicked).any() else None
-            high = (true_cvr > np.median(true_cvr)).astype(np.float64)
-            m["auc_cvr_entire_truth"] = auc(high, p_cvr)
+        if "true_cvr_clicked" in side and "true_cvr_do" in side:
+            m.update(truth_metrics(np.asarray(outputs["p_cvr"], dtype=np.float64), click > 0, side))
     else:
         for t in eval_tasks(schema):
             y, p = labels[t.label], outputs[t.prediction]
@@ -123,6 +119,24 @@ def evaluate_outputs(
     return m
 
 
+TRUTH_METRICS = [
+    "auc_cvr_clicked_all", "auc_cvr_do_all",
+    "bias_cvr_clicked_all", "bias_cvr_clicked_clicked", "bias_cvr_clicked_unclicked",
+    "bias_cvr_do_all", "bias_cvr_do_clicked", "bias_cvr_do_unclicked",
+]
+
+
+def truth_metrics(p_cvr: np.ndarray, clicked: np.ndarray, side: dict[str, np.ndarray]) -> dict[str, float | None]:
+    """pCVR ``[N]`` against the simulator's ``true_cvr_clicked`` and ``true_cvr_do`` ``[N]``
+    (``clicked``: ``[N]`` bool). Keys: :data:`TRUTH_METRICS` (None where the rows are empty)."""
+    m: dict[str, float | None] = {}
+    rows = {"all": np.ones(p_cvr.size, bool), "clicked": clicked, "unclicked": ~clicked}
+    for truth in ("cvr_clicked", "cvr_do"):
+        t = np.asarray(side[f"true_{truth}"], dtype=np.float64)
+        m[f"auc_{truth}_all"] = soft_auc(t, p_cvr)
+        for name, keep in rows.items():
+            m[f"bias_{truth}_{name}"] = float((p_cvr[keep] - t[keep]).mean()) if keep.any() else None
+    return m
 CALIBRATION_BINS = 10
 
 

@@ -24,10 +24,13 @@ _METRICS = (
     ("calib_ctr", "r"),
     ("calib_cvr_masked", "r"),
     ("calib_ctcvr", "cr"),
-    ("auc_cvr_entire_truth", "cbr"),
-    ("cvr_bias_entire", "cbr"),
-    ("cvr_bias_clicked", "r"),
-    ("cvr_bias_unclicked", "r"),
+    # the simulator's exact truths (mtrank.metrics.evaluate.truth_metrics), named by truth and rows
+    ("auc_cvr_clicked_all", "cbr"),
+    ("auc_cvr_do_all", "cbr"),
+    ("bias_cvr_clicked_all", "cbr"),
+    ("bias_cvr_clicked_unclicked", "r"),
+    ("bias_cvr_do_all", "br"),
+    ("bias_cvr_do_unclicked", "br"),
 )
 METRIC_NAMES: tuple[str, ...] = tuple(name for name, _ in _METRICS)
 VIEWS = {"cli": "c", "benchmark": "b", "report": "r"}

@@ -297,7 +297,7 @@ def replay_from_frame(
     get = lambda c: frame.get_column(c).cast(pl.Float64).to_numpy() if c in frame.columns else None
     data = ReplayData(
         group=group, click=get(sch.click), conversion=get(sch.conversion), value=value, price=price,
-        p_ctr=get("p_ctr"), p_cvr=get("p_cvr"), position=get("position"), true_ctr=get("true_ctr"), true_cvr=get("true_cvr"),
+        p_ctr=get("p_ctr"), p_cvr=get("p_cvr"), position=get("position"), true_ctr=get("true_ctr"), true_cvr=get("true_cvr_clicked"),
     )
     return data, keep, info
 

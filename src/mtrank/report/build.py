@@ -34,7 +34,7 @@ from mtrank.metrics.summary import number as _num
 
 # Comparison-table columns, in this order, when present.
 TABLE_KEYS = metric_names("report")
-BIAS_KEYS = ["cvr_bias_entire", "cvr_bias_clicked", "cvr_bias_unclicked"]
+BIAS_KEYS = ["bias_cvr_clicked_all", "bias_cvr_clicked_clicked", "bias_cvr_clicked_unclicked", "bias_cvr_do_all", "bias_cvr_do_unclicked"]
 
 
 def direction(key: str) -> str | None:
@@ -48,7 +48,7 @@ def direction(key: str) -> str | None:
         return "min"
     if key.startswith("calib_"):
         return "one"
-    if key.startswith("cvr_bias_"):
+    if key.startswith("bias_"):
         return "zero"
     return None
 
@@ -134,12 +134,13 @@ class RunDir:
     benchmarks: list[tuple[Path, dict]] = field(default_factory=list)
     quadrants: list[tuple[Path, dict]] = field(default_factory=list)
     fusions: list[tuple[Path, dict, dict]] = field(default_factory=list)
+    sweeps: list[tuple[Path, dict]] = field(default_factory=list)
 
     @property
     def kinds(self) -> list[str]:
         """The kinds of output found (quickstart, bundle, benchmark, quadrants, fuse)."""
         return [k for k, v in [("quickstart", self.quickstart), ("bundle", self.bundles and not self.quickstart), ("benchmark", self.benchmarks),
-                               ("quadrants", self.quadrants), ("fuse", self.fusions)] if v]
+                               ("quadrants", self.quadrants), ("fuse", self.fusions), ("sweep", self.sweeps)] if v]
 
 
 def _bundle(path: Path) -> BundleRun | None:
@@ -171,6 +172,9 @@ def scan(path: str | Path) -> RunDir:
         fusion, replay = _read_json(d / "fusion.json"), _read_json(d / "replay.json")
         if fusion is not None and "formula" in fusion:
             run.fusions.append((d, fusion, replay or {}))
+        sweep = _read_json(d / "sweep.json")
+        if sweep is not None and "cells" in sweep:
+            run.sweeps.append((d, sweep))
     return run
 
 
@@ -186,7 +190,7 @@ def collect_runs(paths: list[str | Path]) -> list[RunDir]:
             raise MtrankError(f"{p} is not a directory (give run directories: quickstart, train, benchmark, quadrants or fuse outputs)")
         run = scan(p)
         if not run.kinds:
-            raise MtrankError(f"{p} holds no metrics.json, bundle config.json, benchmark.json, quadrants.json or fusion.json")
+            raise MtrankError(f"{p} holds no metrics.json, bundle config.json, benchmark.json, quadrants.json, fusion.json or sweep.json")
         runs.append(run)
     return runs
 
@@ -291,7 +295,7 @@ def _bias(summary: dict[str, dict[str, dict]], title: str) -> str | None:
     values = {m: v for m, v in values.items() if any(x is not None for x in v.values())}
     if not values:
         return None
-    return plots.grouped_bars(values, title, "mean(pCVR) − mean(true CVR)")
+    return plots.grouped_bars(values, title, "mean(pCVR − truth)")
 
 
 def _gates(bench: dict) -> dict | None:
@@ -343,7 +347,7 @@ def build_context(runs: list[RunDir], *, calibrate: bool = True) -> dict:
     from mtrank.report import plots
 
     ctx: dict = {"generated": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "version": __version__,
-                 "runs": [], "tables": [], "curves": [], "calibration": [], "bias": [], "gates": [], "quadrants": [], "fusions": []}
+                 "runs": [], "tables": [], "curves": [], "calibration": [], "bias": [], "gates": [], "quadrants": [], "fusions": [], "regimes": []}
     for run in runs:
         name = run.path.name or str(run.path)
         ctx["runs"].append(_metadata(run))
@@ -379,6 +383,10 @@ def build_context(runs: list[RunDir], *, calibrate: bool = True) -> dict:
                 ctx["gates"].append({"title": f"{_path.name or name} ({bench.get('dataset')})", **g})
         ctx["quadrants"] += [_quadrants(p, d) for p, d in run.quadrants]
         ctx["fusions"] += [_fusion(p, f, r) for p, f, r in run.fusions]
+        for p, doc in run.sweeps:
+            for metric in doc.get("metrics") or []:
+                png = plots.regime_heatmap(doc, metric)
+                ctx["regimes"].append({"path": str(p), "metric": metric, "img": base64.b64encode(png).decode("ascii")})
     return ctx
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import itertools
 
 import matplotlib
 
@@ -127,3 +128,52 @@ def gate_weights(gates: dict[str, dict[str, list[float]]]) -> str:
         ax.legend(fontsize=8)
     fig.tight_layout()
     return to_base64(fig)
+
+
+def regime_heatmap(doc: dict, metric: str, dpi: int = DPI) -> bytes:
+    """The regime map of one metric as PNG bytes: one panel per (compared model, sharing ρ),
+    conversion density (CVR given click) down, selection strength λ across, colour = mean paired
+    Δ against the reference (diverging, 0 = white), each cell annotated with Δ and the count of
+    runs in which the model beat the reference.
+
+    Args:
+        doc: :func:`mtrank.sweep.run_sweep`'s result. metric: a key of its ``metrics``.
+    """
+    cfg = doc["config"]
+    ref = cfg["base"]["reference"]
+    models = [m for m in cfg["base"]["models"] if m != ref]
+    cvrs, intents, sharings = cfg["cvr"], cfg["intent"], cfg["sharing"]
+    grid = {(c["cvr"], c["intent"], c["sharing"]): c for c in doc["cells"]}
+    vals = np.full((len(models), len(sharings), len(cvrs), len(intents)), np.nan)
+    wins = np.zeros_like(vals)
+    runs = np.zeros_like(vals)
+    for (mi, m), (si, s), (ci, c), (ii, i) in itertools.product(enumerate(models), enumerate(sharings), enumerate(cvrs), enumerate(intents)):
+        d = grid.get((c, i, s), {}).get("paired", {}).get(m, {}).get(metric)
+        if d is not None:
+            vals[mi, si, ci, ii], wins[mi, si, ci, ii], runs[mi, si, ci, ii] = d["mean"], d["better"], d["n"]
+    lim = np.nanmax(np.abs(vals)) if np.isfinite(vals).any() else 1.0
+    lim = lim or 1.0
+    fig, axes = plt.subplots(len(models), len(sharings), figsize=(2.9 * len(sharings) + 1.0, 2.7 * len(models) + 0.6), squeeze=False)
+    fig.subplots_adjust(hspace=0.5)
+    unit = " (%)" if metric.startswith("exp_gmv") else ""
+    for mi, si in itertools.product(range(len(models)), range(len(sharings))):
+        ax = axes[mi, si]
+        im = ax.imshow(vals[mi, si], cmap="RdBu", vmin=-lim, vmax=lim, origin="lower", aspect="auto")
+        for ci, ii in itertools.product(range(len(cvrs)), range(len(intents))):
+            v = vals[mi, si, ci, ii]
+            if np.isfinite(v):
+                text = f"{v:+.2f}" if unit else f"{v:+.3f}"
+                ax.text(ii, ci, f"{text}\n{int(wins[mi, si, ci, ii])}/{int(runs[mi, si, ci, ii])}", ha="center", va="center", fontsize=7)
+        ax.set_xticks(range(len(intents)), [f"{i:g}" for i in intents])
+        ax.set_yticks(range(len(cvrs)), [f"{c:g}" for c in cvrs])
+        ax.set_title(f"{models[mi]} − {ref}, ρ = {sharings[si]:g}", fontsize=9)
+        if mi == len(models) - 1:
+            ax.set_xlabel("selection strength λ")
+        if si == 0:
+            ax.set_ylabel("CVR given click")
+    fig.colorbar(im, ax=axes, shrink=0.8, label=f"Δ {metric}{unit}")
+    fig.suptitle(f"Paired Δ {metric} against {ref} (annotation: Δ, runs better / runs)", fontsize=10)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()

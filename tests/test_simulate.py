@@ -1,0 +1,145 @@
+"""The simulator: presets, exact ground truth against Monte Carlo, selection that reorders."""
+
+import numpy as np
+import polars as pl
+import pytest
+from scipy.stats import spearmanr
+
+from mtrank.data.simulate import (
+    HISTORY_COLUMNS,
+    PRESETS,
+    SIM_VERSION,
+    TRUTH_COLUMNS,
+    SimConfig,
+    preset_config,
+    read_sim_metadata,
+    simulate,
+    truth_columns,
+    write_simulated,
+)
+from mtrank.errors import ConfigError
+
+SMALL = {"n_users": 3_000, "n_items": 2_000, "n_categories": 40, "n_brands": 200, "n_shops": 400}
+
+
+def test_default_preset_reproduces_the_original_generator():
+    # checksums of the generator before presets existed (git a7372d7), same config
+    df = simulate(preset_config("default", rows=20_000, n_users=1000, n_items=300, seed=3))
+    assert df["click"].sum() == 742 and df["conversion"].sum() == 74
+    assert int((df["item_id"] * df["click"]).sum()) == 135913
+    assert int((df["user_id"] * df["conversion"]).sum()) == 36177
+    assert round(float(df["price"].sum()), 2) == 1719977.18
+    assert set(TRUTH_COLUMNS) <= set(df.columns) and "true_cvr" not in df.columns
+
+
+def test_truth_columns_match_monte_carlo_over_the_intent():
+    rng = np.random.default_rng(0)
+    n, draws = 2_000, 20_000
+    a, b, lam = rng.normal(-3.0, 1.0, n), rng.normal(-4.0, 1.0, n), rng.uniform(0.0, 2.0, n)
+    t = truth_columns(a, b, lam)
+    z = rng.standard_normal((n, draws))
+    sig = lambda x: 1.0 / (1.0 + np.exp(-x))
+    pc, pv = sig(a[:, None] + lam[:, None] * z), sig(b[:, None] + lam[:, None] * z)
+    mc = {"true_ctr": pc.mean(1), "true_cvr_do": pv.mean(1), "true_ctcvr": (pc * pv).mean(1)}
+    se = {"true_ctr": pc.std(1), "true_cvr_do": pv.std(1), "true_ctcvr": (pc * pv).std(1)}
+    for k in mc:
+        zscore = np.abs(t[k] - mc[k]) / (se[k] / np.sqrt(draws))
+        assert np.quantile(zscore, 0.99) < 3.5, k  # 1 % of 2,000 rows may lie beyond 2.6 SE by chance
+        assert np.abs(t[k] - mc[k]).max() < 6 * (se[k] / np.sqrt(draws)).max() + 1e-12, k
+    np.testing.assert_allclose(t["true_cvr_clicked"], t["true_ctcvr"] / t["true_ctr"])
+
+
+def test_truth_is_calibrated_against_the_simulated_clicks_and_conversions():
+    df = simulate(preset_config("dense", rows=200_000, **SMALL, history_len=0, seed=1))
+    clicked = df.filter(pl.col("click") == 1)
+    n = df.height
+    # p(click | x) and p(click ∧ conv | x) sum to the realised counts (within 4 binomial SE)
+    for truth, label in (("true_ctr", "click"), ("true_ctcvr", "conversion")):
+        p = df[truth].to_numpy()
+        assert abs(p.sum() - df[label].sum()) < 4 * np.sqrt((p * (1 - p)).sum()), truth
+    # on clicked rows, p(conv | click, x) is calibrated; p(conv | do(click), x) is lower (selection)
+    p = clicked["true_cvr_clicked"].to_numpy()
+    assert abs(p.sum() - clicked["conversion"].sum()) < 4 * np.sqrt((p * (1 - p)).sum())
+    assert clicked["true_cvr_do"].sum() < 0.8 * clicked["conversion"].sum()
+    assert n == 200_000
+
+
+def test_selection_reorders_in_aliccp_like_and_not_without_intent():
+    kw = {"rows": 60_000, "n_users": 20_000, "n_items": 20_000, "history_len": 0, "seed": 2}
+    df = simulate(preset_config("aliccp-like", **kw))
+    rho = spearmanr(df["true_cvr_clicked"], df["true_cvr_do"]).statistic
+    assert rho < 0.9
+    flat = simulate(preset_config("aliccp-like", intent=0.0, **kw))
+    assert spearmanr(flat["true_cvr_clicked"], flat["true_cvr_do"]).statistic > 0.99
+    np.testing.assert_allclose(flat["true_cvr_clicked"], flat["true_cvr_do"], rtol=1e-9)
+    # sparse: CTR ≈ 4 %, CVR given click ≈ 1 %
+    assert 0.035 < df["click"].mean() < 0.045
+    assert 0.006 < df["conversion"].sum() / df["click"].sum() < 0.014
+
+
+def test_driver_sharing_sets_the_correlation_of_appeal_and_quality():
+    from mtrank.data.simulate import _world
+
+    for rho in (0.0, 0.6):
+        w = _world(SimConfig(n_items=20_000, sharing=rho), np.random.default_rng(0))
+        assert abs(np.corrcoef(w["appeal"], w["quality"])[0, 1] - rho) < 0.03
+
+
+def test_zipf_popularity_leaves_a_long_tail_unshown():
+    df = simulate(preset_config("aliccp-like", rows=100_000, n_users=5_000, n_items=50_000, history_len=0))
+    shown = df["item_id"].n_unique()
+    assert shown < 0.6 * 50_000  # many items never shown
+    top = df.group_by("item_id").len().sort("len", descending=True)["len"]
+    assert top[:500].sum() > 0.3 * df.height  # 1 % of items take > 30 % of impressions
+
+
+def test_histories_are_lists_of_known_items_most_recent_first_and_change_nothing_else():
+    cfg = preset_config("dense", rows=20_000, n_users=2_000, n_items=1_000, history_len=5, seed=4)
+    df = simulate(cfg)
+    for col in HISTORY_COLUMNS:
+        assert df.schema[col] == pl.List(pl.Int64)
+        lens = df[col].list.len()
+        assert lens.max() <= 5 and lens.mean() > 1.0
+        ids = df[col].explode().drop_nulls()
+        assert ids.min() >= 0 and ids.max() < 1_000
+    # every row of a user carries the same history
+    per_user = df.group_by("user_id").agg(pl.col("hist_purchased").n_unique())
+    assert per_user["hist_purchased"].max() == 1
+    # purchases follow the process: bought items have above-average true CVR in the log
+    item_cvr = df.group_by("item_id").agg(pl.col("true_cvr_do").mean())
+    bought = df.select(pl.col("hist_purchased").explode().alias("item_id")).drop_nulls().join(item_cvr, on="item_id")
+    assert bought["true_cvr_do"].mean() > item_cvr["true_cvr_do"].mean()
+    plain = simulate(cfg.model_copy(update={"history_len": 0}))
+    assert plain.equals(df.drop(list(HISTORY_COLUMNS)))
+
+
+def test_metadata_records_preset_and_version(tmp_path):
+    cfg = preset_config("dense", rows=2_000, **SMALL, history_len=2)
+    meta = read_sim_metadata(write_simulated(cfg, tmp_path / "d.parquet"))
+    assert meta["version"] == SIM_VERSION and meta["preset"] == "dense" and meta["selection"] == PRESETS["dense"]["selection"]
+
+
+def test_unknown_preset_and_bad_knobs_name_the_option():
+    with pytest.raises(ConfigError, match="--preset must be one of"):
+        preset_config("aliexpress-like")
+    with pytest.raises(ConfigError, match="--sharing must be ≤ 1"):
+        preset_config("dense", sharing=1.5)
+    with pytest.raises(ConfigError, match="--cvr must be < 1"):
+        preset_config("aliccp-like", cvr=1.0)
+    with pytest.raises(ConfigError, match="--selection must be ≥ 0"):
+        preset_config("default", selection=-1.0)
+
+
+def test_simulate_cli_errors_are_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    for args, needle in (
+        (["--preset", "nope"], "--preset must be one of"),
+        (["--preset", "dense", "--intent", "9"], "--intent must be ≤ 3"),
+    ):
+        r = subprocess.run([sys.executable, "-m", "mtrank", "simulate", *args, "--rows", "100", "--out", str(tmp_path / "x.parquet")], capture_output=True, text=True)
+        assert r.returncode == 2
+        lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], r.stderr
+        assert not (tmp_path / "x.parquet").exists()
