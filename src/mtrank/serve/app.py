@@ -28,7 +28,13 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import mtrank
-from mtrank.serve.body import DEFAULT_MAX_BODY_BYTES, check_length, check_media_type, decode_json, too_large
+from mtrank.serve.body import (
+    DEFAULT_MAX_BODY_BYTES,
+    check_length,
+    check_media_type,
+    decode_json,
+    too_large,
+)
 from mtrank.serve.fusion import FusionSpec
 from mtrank.serve.openapi import request_schemas
 from mtrank.serve.service import MAX_CANDIDATES, MAX_ID_CHARS, RankingService, RequestError, Scored

@@ -27,7 +27,15 @@ from typing import Any, Literal
 
 import numpy as np
 import polars as pl
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from mtrank.errors import ConfigError
 from mtrank.ranking.fusion import FORMULAS, Fusion, make_fusion, read_fusion_doc
