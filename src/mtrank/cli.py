@@ -22,15 +22,22 @@ from rich.text import Text
 from mtrank.data.datasets import DATASETS
 from mtrank.data.simulate import SimConfig, write_simulated
 from mtrank.data.split import SplitConfig, split_data
+from mtrank.data.stream import expand_paths
 from mtrank.errors import BundleError, ConfigError, MtrankError
-from mtrank.io_utils import atomic_write_json, atomic_write_parquet
+from mtrank.io_utils import atomic_write_json, atomic_write_parquet, check_output
 from mtrank.models import MODELS
 from mtrank.models.config import ModelConfig
 from mtrank.serve.bundle import Bundle
+from mtrank.train.distributed import init_from_env, is_main, run_under_torchrun
 from mtrank.train.trainer import TrainConfig
-from mtrank.data.stream import expand_paths
-from mtrank.train.distributed import init_from_env, is_main
-from mtrank.workflow import evaluate_split, fit, fit_stream, load_data, predictions_frame, resolve_schema
+from mtrank.workflow import (
+    evaluate_split,
+    fit,
+    fit_stream,
+    load_data,
+    predictions_frame,
+    resolve_schema,
+)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="mtrank: multi-objective ranking for e-commerce around ESMM (pCTR, pCVR, pCTCVR).")
 # Wide enough for the metric tables when output goes to a file or a CI log.
@@ -38,7 +45,7 @@ console = Console(width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
 
 DatasetOpt = Annotated[str | None, typer.Option("--dataset", "-d", help=f"built-in dataset: {', '.join(DATASETS)}")]
-DataOpt = Annotated[Path | None, typer.Option("--data", help="a CSV/Parquet file (with --schema)")]
+DataOpt = Annotated[Path | None, typer.Option("--data", help="a CSV/Parquet file with the bundle's feature and label columns")]
 SchemaOpt = Annotated[str | None, typer.Option("--schema", help="schema YAML, or a built-in dataset name")]
 DataDirOpt = Annotated[Path | None, typer.Option("--data-dir", help="folder holding the built-in datasets (default: $MTRANK_DATA_DIR, else ./data)")]
 FunnelOpt = Annotated[str | None, typer.Option("--funnel-violations", help="conversion without click: 'error' (default) or 'drop'")]
@@ -94,10 +101,12 @@ def simulate(
     intent: Annotated[float, typer.Option(help="strength of the unobserved purchase intent (SSB)")] = 0.6,
     slate_size: Annotated[int, typer.Option(help="candidates shown per request (positions 1..S)")] = 10,
     part_rows: Annotated[int | None, typer.Option(help="write a directory of Parquet parts of this many rows (bounded memory)")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing, non-empty --out whole")] = False,
 ) -> None:
     """Write a synthetic mall's impression log (known true pCTR / pCVR per row) as Parquet."""
+    check_output(out, kind="dir" if part_rows else "file")
     cfg = SimConfig(rows=rows, seed=seed, ctr=ctr, cvr=cvr, n_users=n_users, n_items=n_items, intent=intent, slate_size=slate_size)
-    path = write_simulated(cfg, out, part_rows=part_rows, progress=sys.stderr.isatty())
+    path = write_simulated(cfg, out, part_rows=part_rows, progress=sys.stderr.isatty(), overwrite=overwrite)
     console.print(f"wrote {path} ({cfg.rows // cfg.slate_size * cfg.slate_size:,} impressions)")
 
 
@@ -153,10 +162,13 @@ def train(
     (DistributedDataParallel, gloo on CPU / NCCL on GPU; only rank 0 writes).
     """
     _check_choice(funnel_violations, ("error", "drop"), "--funnel-violations")
-    if nproc > 1:
-        _relaunch_under_torchrun(nproc)
     if out.exists() and not overwrite:
         raise BundleError(f"{out} already exists; pass --overwrite to replace it")
+    check_output(out, kind="dir")
+    if checkpoint_dir is not None:
+        check_output(checkpoint_dir, kind="dir", option="--checkpoint-dir")
+    if nproc > 1:
+        sys.exit(run_under_torchrun(nproc, _args_without_nproc(sys.argv[1:])))
     model_cfg, train_cfg = _configs(model, epochs, batch_size, lr, seed, patience, embedding_dim, tower, dropout, threads)
     train_cfg = train_cfg.model_copy(update={"sparse_embeddings": sparse_embeddings})
     if tensorboard is not None:
@@ -223,13 +235,9 @@ def _parse_buckets(items: list[str] | None) -> dict[str, int] | None:
     return out
 
 
-def _relaunch_under_torchrun(nproc: int) -> None:
-    """Run this same command under torchrun with ``nproc`` processes, then exit with its code."""
-    import subprocess
-
-    args = [a for i, a in enumerate(sys.argv[1:]) if not (a.startswith("--nproc") or (i > 0 and sys.argv[i] == "--nproc"))]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "mtrank", *args]
-    sys.exit(subprocess.call(cmd))
+def _args_without_nproc(argv: list[str]) -> list[str]:
+    """``argv`` less ``--nproc K`` / ``--nproc=K`` (the relaunched processes run one rank each)."""
+    return [a for i, a in enumerate(argv) if not (a.startswith("--nproc") or (i > 0 and argv[i - 1] == "--nproc"))]
 
 
 def _report_validation(loaded) -> None:
@@ -248,6 +256,8 @@ def evaluate(
     out: Annotated[Path | None, typer.Option("--out", "-o", help="write metrics JSON here")] = None,
 ) -> None:
     """Evaluate a bundle on a file, or on a built-in dataset's split (the split it was trained with)."""
+    if out is not None:
+        check_output(out)
     b = Bundle.load(bundle)
     if data is not None:
         loaded = load_data(None, data=data, schema=b.schema)
@@ -276,6 +286,7 @@ def predict(
     from mtrank.data.io import read_table
     from mtrank.serve.fusion import FusionSpec, fused_score_column
 
+    check_output(out)
     spec = FusionSpec.from_file(fusion).fusion if fusion is not None else None
     b = Bundle.load(bundle)
     table = read_table(data)
@@ -406,6 +417,10 @@ def main() -> None:
     except click_errors as exc:
         exc.show()
         code = exc.exit_code
+    except OSError as exc:  # disk full, permission denied, … while writing or reading a path
+        where = f": {exc.filename}" if exc.filename else ""
+        err.print(Text.assemble(("error: ", "bold red"), f"{exc.strerror or exc}{where}"), highlight=False, soft_wrap=True)
+        code = 2
     except aborts:
         code = 130
     # Leave without interpreter teardown on error paths: native thread pools (pyarrow, torch)

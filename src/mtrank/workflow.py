@@ -24,6 +24,7 @@ from mtrank.metrics.evaluate import evaluate_outputs
 from mtrank.models import build_model
 from mtrank.models.config import FeatureSpec, ModelConfig
 from mtrank.serve.bundle import Bundle
+from mtrank.train.checkpoint import run_fingerprint
 from mtrank.train.trainer import TrainConfig, Trainer, TrainResult, predict
 
 
@@ -136,9 +137,17 @@ def fit(
     model = build_model(spec, model_cfg)
     train, val = training_views(model, encoded["train"], encoded.get("val"), train_cfg.seed)
     trainer = Trainer(train_cfg, schema, quiet=quiet)
+    fingerprint = None
+    if checkpoint is not None:
+        t = encoded["train"]
+        fingerprint = run_fingerprint(
+            data=[t.categorical, t.numerical, *(t.labels[k] for k in sorted(t.labels))],
+            schema=schema.model_dump(mode="json"), encoders=encoder.to_json(),
+            model=[model_cfg.model_dump(mode="json"), spec.model_dump(mode="json")],
+        )
     result = trainer.fit(
         model, train, val,
-        checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume,
+        checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume, fingerprint=fingerprint,
     )
     metrics = {name: evaluate_split(model, data, schema) for name, data in encoded.items() if name != "train"}
     seconds = time.perf_counter() - start
@@ -187,7 +196,11 @@ def fit_stream(
     val = ParquetStream(val_paths, schema, encoder).load_all() if val_paths else None
     spec = feature_spec(encoder, schema)
     model = build_model(spec, model_cfg)
-    result = Trainer(train_cfg, schema, quiet=quiet).fit(model, train, val, checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume)
+    fingerprint = None if checkpoint is None else run_fingerprint(
+        data=[Path(p) for p in train_paths], schema=schema.model_dump(mode="json"), encoders=encoder.to_json(),
+        model=[model_cfg.model_dump(mode="json"), spec.model_dump(mode="json")],
+    )
+    result = Trainer(train_cfg, schema, quiet=quiet).fit(model, train, val, checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume, fingerprint=fingerprint)
     metrics = {}
     if val is not None:
         metrics["val"] = evaluate_split(model, val, schema)

@@ -37,7 +37,8 @@ import polars as pl
 from pydantic import BaseModel, ConfigDict, Field
 
 from mtrank.data.schema import Schema
-from mtrank.io_utils import atomic_write_parquet
+from mtrank.errors import ConfigError
+from mtrank.io_utils import atomic_write_parquet, refuse_nonempty, write_parts_dir
 
 
 class SimConfig(BaseModel):
@@ -216,21 +217,25 @@ def _impressions(
     return df, theta
 
 
-def write_simulated(cfg: SimConfig, path: str | Path, part_rows: int | None = None, *, progress: bool = False) -> Path:
+def write_simulated(cfg: SimConfig, path: str | Path, part_rows: int | None = None, *, progress: bool = False, overwrite: bool = False) -> Path:
     """Simulate and write Parquet atomically. Returns the path.
 
     With ``part_rows`` (and more rows than that), ``path`` is a directory of
     ``part-00000.parquet`` … files from :func:`simulate_parts`, written one at a time, each with
     row groups of 256k rows, so memory stays bounded by one part; ``progress`` shows a bar over
-    the parts (stderr).
+    the parts (stderr). The parts go to a staging directory renamed into place at the end
+    (:func:`mtrank.io_utils.write_parts_dir`), so an interrupted run leaves no partial data set.
+
+    Raises:
+        ConfigError: ``path`` exists and is not empty, unless ``overwrite`` (replaced whole).
     """
     path = Path(path)
+    refuse_nonempty(path, overwrite)
     if part_rows is None or cfg.rows <= part_rows:
+        if path.is_dir():
+            raise ConfigError(f"{path} is a directory; give a .parquet file name, or --part-rows to write parts")
         return atomic_write_parquet(simulate(cfg), path)
-    path.mkdir(parents=True, exist_ok=True)
     from tqdm.auto import tqdm
 
     parts = tqdm(simulate_parts(cfg, part_rows), total=-(-max(1, cfg.rows // cfg.slate_size) // max(1, part_rows // cfg.slate_size)), desc="simulating", unit="part", disable=not progress, leave=False)
-    for k, part in enumerate(parts):
-        atomic_write_parquet(part, path / f"part-{k:05d}.parquet", row_group_size=262_144)
-    return path
+    return write_parts_dir(parts, path, overwrite=overwrite, row_group_size=262_144)

@@ -29,19 +29,21 @@ from mtrank.data.hashing import HashedCategoricalEncoder, check_hash_columns
 from mtrank.data.io import ROW, read_table, validate_frame
 from mtrank.data.schema import Schema
 from mtrank.errors import DataError
+from mtrank.io_utils import check_parts_dir
 
 
 def expand_paths(spec: str | Path | list) -> list[Path]:
     """A file, a directory (its ``*.parquet`` / ``*.csv`` files), a glob, or a list of those.
 
     Raises:
-        DataError: nothing matches.
+        DataError: nothing matches, or a directory is incomplete (:func:`check_parts_dir`).
     """
     specs = spec if isinstance(spec, list) else [spec]
     out: list[Path] = []
     for s in specs:
         p = Path(s)
         if p.is_dir():
+            check_parts_dir(p)
             out += sorted(x for x in p.iterdir() if x.suffix in {".parquet", ".pq", ".csv", ".gz"} and not x.name.startswith("."))
         elif any(ch in str(s) for ch in "*?["):
             out += sorted(Path(x) for x in glob.glob(str(s)))

@@ -26,6 +26,7 @@ from mtrank.cli import (
     console,
     err,
 )
+from mtrank.data.io import ROW
 from mtrank.data.schema import Schema
 from mtrank.data.split import SplitConfig, split_data
 from mtrank.errors import ConfigError, DataError
@@ -194,7 +195,8 @@ def _replay_data(frame: pl.DataFrame, sch: Schema, *, value_col, price_col, poli
     for c, what in ((price_col, "--price-col"), (value_col, "--value-col")):
         if c is None or c not in frame.columns:
             raise DataError(f"fusion needs a price column ({what}); {c!r} is not in the table {frame.columns}", file=source)
-    price, keep = clean_prices(frame.get_column(price_col).to_numpy(), policy=policy, floor=floor, column=price_col, source=source)
+    rows = frame.get_column(ROW).to_numpy() if ROW in frame.columns else None  # file rows, not split positions
+    price, keep = clean_prices(frame.get_column(price_col).to_numpy(), policy=policy, floor=floor, column=price_col, source=source, rows=rows)
     if not keep.all():
         info["dropped_price_rows"] = int((~keep).sum())
         frame = frame.filter(pl.Series(keep))

@@ -354,6 +354,7 @@ def clean_prices(
     floor: float = 0.01,
     column: str = "price",
     source: str | None = None,
+    rows: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Validate prices for fusion.
 
@@ -363,6 +364,9 @@ def clean_prices(
             ``clip``: replace them by ``floor``; ``drop``: flag them for removal.
         floor: the replacement price under ``clip`` (currency units, > 0).
         column, source: named in the error message.
+        rows: the 1-based file row of each value (e.g. the ``__row`` column of a split that
+            :func:`mtrank.data.io.read_table` read), so that the error names rows of the file;
+            default: positions 1..N.
 
     Returns:
         (price float64 ``[N]``, keep bool ``[N]``). ``keep`` is all True except under ``drop``.
@@ -380,7 +384,8 @@ def clean_prices(
     keep = np.ones(p.size, dtype=bool)
     if bad.any():
         if policy == "error":
-            rows = (np.flatnonzero(bad) + 1).tolist()
+            where = np.flatnonzero(bad)
+            rows = (np.asarray(rows)[where] if rows is not None else where + 1).tolist()
             raise DataError(
                 f"{len(rows)} missing, non-finite, zero or negative price(s), e.g. {float(p[bad][0])}; "
                 "prices must be finite and > 0 (or pass --price-policy clip / drop)",

@@ -35,7 +35,7 @@ from mtrank.data.encoders import FeatureEncoder
 from mtrank.data.io import validate_frame
 from mtrank.data.schema import Schema
 from mtrank.errors import BundleError, MtrankError
-from mtrank.io_utils import atomic_replace_dir, atomic_write_json
+from mtrank.io_utils import atomic_replace_dir, atomic_write_json, recover_replaced_dir
 from mtrank.models import build_model
 from mtrank.models.config import FeatureSpec, ModelConfig
 from mtrank.train.trainer import predict
@@ -117,14 +117,21 @@ class Bundle:
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> Bundle:
+    def load(cls, path: str | Path, *, allow_unverified: bool = False) -> Bundle:
         """Load a bundle (no pickle: JSON + safetensors only).
+
+        Args:
+            path: the bundle directory (an interrupted replace of it is repaired first, see
+                :func:`~mtrank.io_utils.recover_replaced_dir`).
+            allow_unverified: load even when config.json records no sha256 of the other two
+                files (otherwise such a bundle is refused: its weights cannot be verified).
 
         Raises:
             BundleError: a file is missing, unreadable, tampered with (bad JSON, truncated
-                weights, wrong tensor shapes or names) or of an unknown format.
+                weights, wrong tensor shapes or names, checksums removed) or of an unknown format.
         """
         path = Path(path)
+        recover_replaced_dir(path)
         if not path.is_dir():
             raise BundleError(f"no bundle at {path} (expected a directory holding {list(FILES)})")
         missing = [f for f in FILES if not (path / f).is_file()]
@@ -143,7 +150,14 @@ class Bundle:
             spec = FeatureSpec.model_validate(config["features"])
         except (KeyError, ValidationError, MtrankError) as exc:
             raise BundleError(f"bundle {path}: invalid config.json ({exc})") from None
-        for name, expected in (config.get("sha256") or {}).items():
+        sums = config.get("sha256")
+        unrecorded = [f for f in FILES[1:] if not (isinstance(sums, dict) and isinstance(sums.get(f), str))]
+        if unrecorded and not allow_unverified:
+            raise BundleError(
+                f"bundle {path}: config.json records no sha256 for {unrecorded}, so the files cannot be "
+                "verified; refusing to load it (save the bundle again with mtrank, or load with allow_unverified=True)"
+            )
+        for name, expected in (sums if isinstance(sums, dict) else {}).items():
             if name in FILES and _sha256(path / name) != expected:
                 raise BundleError(
                     f"bundle {path}: {name} does not match the sha256 recorded in config.json "

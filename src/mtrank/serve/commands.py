@@ -10,6 +10,7 @@ import typer
 
 from mtrank.cli import app, console
 from mtrank.errors import ConfigError
+from mtrank.io_utils import check_output
 
 
 @app.command()
@@ -22,6 +23,8 @@ def export(
     sizes 1, 7 and 1000 (max |diff| ≤ 1e-5) before the file is written."""
     if format != "onnx":
         raise ConfigError(f"--format must be 'onnx', got {format!r}")
+    if out is not None:
+        check_output(out)
     from mtrank.serve.onnx_export import export_onnx
 
     path, diffs = export_onnx(bundle, out)

@@ -26,9 +26,10 @@ from tqdm.auto import tqdm
 from mtrank.data.batch import BatchSource, EncodedData
 from mtrank.data.schema import Schema
 from mtrank.errors import ConfigError
+from mtrank.io_utils import recover_replaced_dir
 from mtrank.losses import TaskLoss, model_loss, task_loss_sum
 from mtrank.metrics.evaluate import evaluate_outputs
-from mtrank.train.checkpoint import load_checkpoint, save_checkpoint
+from mtrank.train.checkpoint import check_fingerprint, load_checkpoint, save_checkpoint
 from mtrank.train.distributed import all_reduce_sum, gather_rows, rank_world
 
 
@@ -194,6 +195,7 @@ class Trainer:
         checkpoint: Path | None = None,
         checkpoint_every: int = 0,
         resume: bool = False,
+        fingerprint: dict[str, str] | None = None,
     ) -> TrainResult:
         """Train ``model`` in place and leave it holding the best validation epoch's weights.
 
@@ -205,9 +207,13 @@ class Trainer:
             resume: continue from ``checkpoint`` (same data, model and config) exactly where it
                 stopped: weights, Adam moments, RNG states and the position inside the epoch
                 are restored, so the result equals an uninterrupted run.
+            fingerprint: digests of what the run is made of (data, schema, encoders, model; see
+                :func:`mtrank.train.checkpoint.run_fingerprint`), saved in the checkpoint and
+                compared on ``resume``.
 
         Raises:
-            ConfigError: ``resume`` without a usable checkpoint, or one made with another config.
+            ConfigError: ``resume`` without a usable checkpoint, or one made with another config,
+                other data, schema, encoders or model (the fingerprint differs).
             FloatingPointError: the training loss became NaN or infinite.
         """
         cfg = self.config
@@ -225,9 +231,12 @@ class Trainer:
         bad_epochs = 0
         start_epoch, skip, running, seen = 1, 0, 0.0, 0
         if resume:
+            if checkpoint is not None:
+                recover_replaced_dir(Path(checkpoint))
             if checkpoint is None or not Path(checkpoint).exists():
                 raise ConfigError(f"--resume: no checkpoint found at {checkpoint}")
             ck = load_checkpoint(Path(checkpoint))
+            check_fingerprint(ck.meta.get("fingerprint"), fingerprint, checkpoint)
             if ck.meta.get("config") != cfg.model_dump(mode="json"):
                 raise ConfigError(
                     f"--resume: the checkpoint at {checkpoint} was made with another training "
@@ -263,6 +272,7 @@ class Trainer:
                     "bad_epochs": bad_epochs, "stopped": stopped,
                     "history": [asdict(h) for h in result.history],
                     "config": cfg.model_dump(mode="json"),
+                    **({"fingerprint": fingerprint} if fingerprint else {}),
                 },
             )
 
