@@ -12,7 +12,8 @@ Request semantics (shared by ``POST /rank`` and ``POST /score``; the OpenAPI sch
   candidate; its value may be null (a missing value, encoded like a missing value in training:
   categorical index 0, numerical mean imputation).
 * Types are strict (no coercion): a categorical value is a JSON string of at most
-  :data:`MAX_ID_CHARS` characters, an integer in the int64 range, or null; a numerical value
+  :data:`MAX_ID_CHARS` characters, an integer in the int64 range (``3.0`` is the integer 3, as
+  in JSON Schema; ``2.5``, ``true`` and ``"3"`` are not integers), or null; a numerical value
   is a finite JSON number (not a boolean) whose magnitude keeps its standardised value
   ``(x - mean) / std`` within ±1e30 (the bound per column is in the OpenAPI schema), or null.
 * The price column (schema ``price``), when declared, must end up a finite number ≥ 0 for every
@@ -212,6 +213,8 @@ class RankingService:
             i = next(i for i, c in enumerate(candidates) if type(c) is not dict)
             errors.append(_error(["candidates", i], f"a candidate must be an object, got {_json_type(candidates[i])}", "dict_type"))
         top_k = doc.get("top_k")
+        if type(top_k) is float and top_k.is_integer():  # JSON Schema: 3.0 is the integer 3
+            top_k = int(top_k)
         if top_k is not None and (type(top_k) is not int or top_k < 1):
             errors.append(_error(["top_k"], "must be an integer ≥ 1 (or null)", "int_type"))
         fusion = None
@@ -293,6 +296,10 @@ class RankingService:
         kinds = set(map(type, values))
         kinds.discard(type(None))
         if col in self.categorical:
+            if float in kinds:  # JSON Schema: 3.0 is the integer 3 (2.5 is not an id); beyond 2^53 a
+                # float is not exact (and a JSON integer outside int64 arrives as one): refused
+                values = [int(v) if type(v) is float and v.is_integer() and abs(v) < 2**53 else v for v in values]
+                kinds = set(map(type, values)) - {type(None)}
             if not kinds <= {int, str}:
                 bad = [i for i, v in enumerate(values) if v is not None and type(v) not in (int, str)]
                 errors += [_error(where(i), _CATEGORICAL_MSG, "categorical_type") for i in bad[:5]]
