@@ -28,7 +28,8 @@ from fastapi.testclient import TestClient
 from mtrank.data.encoders import OOV, CategoricalEncoder
 from mtrank.data.simulate import SIMULATED_SCHEMA, SimConfig, simulate
 from mtrank.errors import BundleError, ConfigError, DataError
-from tests.test_bad_input import Case, Raises
+from tests.conftest import start_server
+from tests.test_bad_input import Case, Raises, check_case
 
 USER = ["user_id", "user_age", "user_gender", "user_power", "hour"]
 ITEM = ["item_id", "category", "brand", "shop", "price"]
@@ -141,28 +142,11 @@ def health_while_scoring(tmp: Path):
 
 # --- 3: several worker processes -----------------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def workers_serve_concurrently(tmp: Path):
     from concurrent.futures import ThreadPoolExecutor
 
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "mtrank", "serve", "--bundle", bundle_dir(), "--port", str(port), "--workers", "2", "--engine", "torch"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc, port = start_server("--bundle", bundle_dir(), "--workers", "2", "--engine", "torch")
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None, proc.stdout.read().decode()
-            assert time.monotonic() < deadline, "server did not start"
-            time.sleep(0.3)
         body = json.dumps(request_of(20))
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as c, ThreadPoolExecutor(16) as pool:
             codes = list(pool.map(lambda _: c.post("/rank", content=body, headers={"content-type": "application/json"}).status_code, range(64)))
@@ -577,11 +561,4 @@ ROWS = [
 
 @pytest.mark.parametrize("case", ROWS, ids=[c.id for c in ROWS])
 def test_attack(case: Case, tmp_path: Path):
-    if isinstance(case.expect, Raises):
-        with pytest.raises(case.expect.error) as info:
-            case.action(tmp_path)
-        assert type(info.value) is case.expect.error
-        assert case.expect.fragment in str(info.value), str(info.value)
-    else:
-        result = case.action(tmp_path)
-        assert case.expect(result), result
+    check_case(case, tmp_path)

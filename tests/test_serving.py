@@ -4,14 +4,9 @@ from __future__ import annotations
 
 import json
 import math
-import socket
-import subprocess
-import sys
-import time
 
 import httpx
 import numpy as np
-import onnx
 import polars as pl
 import pytest
 from fastapi.testclient import TestClient
@@ -27,21 +22,15 @@ from mtrank.data.split import SplitConfig, split_data
 from mtrank.errors import ConfigError
 from mtrank.models import build_model
 from mtrank.models.config import FeatureSpec, ModelConfig
-from mtrank.serve.app import create_app
-from mtrank.serve.bundle import Bundle
 from mtrank.ranking.fusion import Multiplicative, save_fusion
 from mtrank.ranking.replay import rank_order
+from mtrank.serve.app import create_app
+from mtrank.serve.bundle import Bundle
 from mtrank.serve.fusion import FusionSpec, fused_scores
-from mtrank.serve.onnx_export import (
-    OnnxScorer,
-    example_inputs,
-    to_onnx_bytes,
-    torch_probabilities,
-    verify_onnx,
-)
 from mtrank.serve.service import MAX_CANDIDATES
 from mtrank.train.trainer import TrainConfig
 from mtrank.workflow import fit, predictions_frame
+from tests.conftest import start_server
 
 USER = ["user_id", "user_age", "user_gender", "user_power", "hour"]
 ITEM = ["item_id", "category", "brand", "shop", "price"]
@@ -356,21 +345,8 @@ def test_nan_price_is_422_not_500(client, sim):
 
 # -- a real server, started and stopped by the test ---------------------------------------------
 def test_mtrank_serve_runs_on_localhost(bundle_dir, sim):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "mtrank", "serve", "--bundle", str(bundle_dir), "--port", str(port), "--engine", "torch"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc, port = start_server("--bundle", bundle_dir, "--engine", "torch")
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None, proc.stdout.read().decode()
-            assert time.monotonic() < deadline, "server did not start in 60 s"
-            time.sleep(0.2)
         r = httpx.post(f"http://127.0.0.1:{port}/rank", json=request_of(sim.slice(0, 5)), timeout=10)
         assert r.status_code == 200 and len(r.json()["candidates"]) == 5
     finally:
