@@ -145,7 +145,7 @@ def health_while_scoring(tmp: Path):
 def workers_serve_concurrently(tmp: Path):
     from concurrent.futures import ThreadPoolExecutor
 
-    proc, port = start_server("--bundle", bundle_dir(), "--workers", "2", "--engine", "torch")
+    proc, port = start_server("--bundle", bundle_dir(), "--workers", "2", "--engine", "torch", timeout=300)
     try:
         body = json.dumps(request_of(20))
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as c, ThreadPoolExecutor(16) as pool:
