@@ -229,19 +229,36 @@ def concurrent(port: int, pid: int, bodies: list[bytes], clients: int = 16, tota
                     lat.append(dt)
                     codes[code] = codes.get(code, 0) + 1
 
+    rss: list[tuple[int, float]] = []
+    done = threading.Event()
+
+    def sample() -> None:  # server RSS every 1,000 requests
+        mark = 0
+        while not done.wait(0.2):
+            if len(lat) >= mark:
+                rss.append((len(lat), server_rss_mb(pid)))
+                mark += 1000
+
     time.sleep(1.0)
     rss_start = server_rss_mb(pid)
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     t0 = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
         list(pool.map(client, range(clients)))
     wall = time.perf_counter() - t0
+    done.set()
+    sampler.join()
     rss_end = server_rss_mb(pid)
+    after_1000 = next((m for n, m in rss if n >= 1000), rss_start)
     ms = np.array(lat) * 1e3
     return {
         "clients": clients, "requests": len(ms), "seconds": wall, "requests_per_s": len(ms) / wall,
         "p50_ms": float(np.percentile(ms, 50)), "p95_ms": float(np.percentile(ms, 95)), "p99_ms": float(np.percentile(ms, 99)),
         "status_counts": {str(k): v for k, v in sorted(codes.items())}, "n_5xx": sum(v for k, v in codes.items() if k >= 500 or k < 0),
-        "server_rss_mb_after_warmup": rss_start, "server_rss_mb_end": rss_end, "rss_growth_fraction": (rss_end - rss_start) / rss_start,
+        "server_rss_mb_after_warmup": rss_start, "server_rss_mb_after_1000": after_1000, "server_rss_mb_end": rss_end,
+        "rss_growth_fraction": (rss_end - rss_start) / rss_start, "rss_growth_fraction_after_1000": (rss_end - after_1000) / after_1000,
+        "rss_mb_by_requests": rss,
     }
 
 
@@ -353,7 +370,7 @@ def print_report(report: dict) -> None:
                 print(f"{engine:<7} 200 candidates: {r['requests_per_s']:.0f} req/s = {r['fraction_of_inference_limit']:.2f} x the inference-only limit ({lim['limit_requests_per_s']:.0f} req/s, ONNX alone {lim['infer_median_ms']:.2f} ms)")
     if "concurrent" in report:
         c = report["concurrent"]
-        print(f"\nconcurrent: {c['clients']} clients, {c['workers']} workers, {c['requests']} requests in {c['seconds']:.0f} s: {c['requests_per_s']:.0f} req/s, p50 {c['p50_ms']:.1f} ms, p99 {c['p99_ms']:.1f} ms, 5xx {c['n_5xx']}, server RSS {c['server_rss_mb_after_warmup']:.0f} → {c['server_rss_mb_end']:.0f} MB ({100 * c['rss_growth_fraction']:+.1f} %)")
+        print(f"\nconcurrent: {c['clients']} clients, {c['workers']} workers, {c['requests']} requests in {c['seconds']:.0f} s: {c['requests_per_s']:.0f} req/s, p50 {c['p50_ms']:.1f} ms, p99 {c['p99_ms']:.1f} ms, 5xx {c['n_5xx']}, server RSS {c['server_rss_mb_after_warmup']:.0f} → {c['server_rss_mb_after_1000']:.0f} (1,000 requests) → {c['server_rss_mb_end']:.0f} MB (end; {100 * c['rss_growth_fraction_after_1000']:+.1f} % after the first 1,000)")
     if "memory" in report:
         m = report["memory"]
         print(f"\nmemory: server RSS {m['server_rss_mb_before']:.0f} MB before; growth over all adversarial bodies {m['server_rss_growth_mb']:.1f} MB")

@@ -13,11 +13,13 @@ decoding, validation, encoding, inference and serialisation run in the worker th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
 from typing import Any
 
+import anyio.to_thread
 import numpy as np
 import orjson
 import polars as pl
@@ -40,6 +42,9 @@ from mtrank.serve.openapi import request_schemas
 from mtrank.serve.service import MAX_CANDIDATES, MAX_ID_CHARS, RankingService, RequestError, Scored
 
 SETTINGS_ENV = "MTRANK_SERVE_SETTINGS"  # create_app's arguments as JSON, for worker processes
+# Requests scored at once per worker process (the thread pool's size). Scoring is CPU-bound with
+# one engine thread, so more threads only add contention and per-thread malloc arenas (RSS).
+SCORING_THREADS = 4
 
 
 class ScoredCandidate(BaseModel):
@@ -120,6 +125,7 @@ def create_app(
     """
     service = RankingService(bundle_path, fusion, engine=engine, threads=threads)
     app = FastAPI(
+        lifespan=_bound_thread_pool,
         title="mtrank ranking service",
         version=mtrank.__version__,
         description=f"Ranks candidates by a fusion of ESMM's pCTR, pCVR and pCTCVR. Model {service.bundle.model_config.name!r}, schema {service.bundle.schema.name!r}. No authentication: run it behind a gateway.",
@@ -193,6 +199,13 @@ def create_app(
 
     app.openapi = openapi  # type: ignore[method-assign]
     return app
+
+
+@contextlib.asynccontextmanager
+async def _bound_thread_pool(app: FastAPI):
+    """Start-up: at most :data:`SCORING_THREADS` requests score at once in this process."""
+    anyio.to_thread.current_default_thread_limiter().total_tokens = SCORING_THREADS
+    yield
 
 
 def app_from_env() -> FastAPI:
