@@ -29,7 +29,7 @@ def main() -> None:
     a = json.loads(sys.argv[1])
     out = Path(sys.argv[2])
     torch.set_num_threads(a["threads"])
-    torch.manual_seed(0)
+    torch.manual_seed(a.get("seed", 0))
     z = np.load(a["npz"])
     fields = [str(f) for f in z["fields"]]
     pad = a.get("pad") or {}  # allocate a field's whole declared catalogue
@@ -50,6 +50,7 @@ def main() -> None:
     tower = {"dims": a["tower"], "dropout": 0.0, "activation": "relu"}
     model = ESMM(user, item, cvr_params=tower, ctr_params=tower)
     train_dl, _, test_dl = DataGenerator(x_tr, y_tr).generate_dataloader(x_val=x_te, y_val=y_te, x_test=x_te, y_test=y_te, batch_size=a["batch"])
+    n_params = sum(p.numel() for p in model.parameters())
     trainer = MTLTrainer(model, task_types=["classification"] * 3, optimizer_params={"lr": 1e-3, "weight_decay": 0.0},
                          n_epoch=1, earlystop_patience=1, device="cpu", model_path=tempfile.mkdtemp())
     t0 = time.perf_counter()
@@ -67,7 +68,7 @@ def main() -> None:
         if line.startswith("VmHWM:"):
             rss = int(line.split()[1]) / 1024
     out.write_text(json.dumps({"samples_per_second": round(len(y_tr) / sec, 1), "train_seconds": round(sec, 2), "rows": len(y_tr),
-                               "pred_path": str(pred_path), "embedding_rows": sum(card), "peak_rss_mib": round(rss, 1),
+                               "pred_path": str(pred_path), "embedding_rows": sum(card), "parameters": n_params, "peak_rss_mib": round(rss, 1),
                                "notes": "rechub ESMM: per-field nn.Embedding, MLP with BatchNorm1d, no numerical input; DataLoader collates per row"}))
 
 

@@ -1,5 +1,5 @@
-"""Training throughput, quality and memory of mtrank's ESMM against a bare loop, torch-rechub
-and the fp32 compute roofline (issue #6).
+"""Training throughput, test AUC and memory of mtrank's ESMM against a bare loop, two peer
+libraries (torch-rechub, DeepCTR-Torch) and the fp32 compute roofline (issues #6, #18).
 
 One run measures, on the same simulated data, the same ESMM (embedding 18, towers 360×200×80,
 batch 4096, one epoch) and the same number of threads, at two vocabulary regimes (``small``:
@@ -7,25 +7,35 @@ batch 4096, one epoch) and the same number of threads, at two vocabulary regimes
 budget realises fewer; the realised embedding-table rows are reported):
 
 1. ``mtrank_stream``: :func:`mtrank.workflow.fit_stream` end to end from Parquet (dense Adam,
-   and ``sparse_embeddings=True``: SparseAdam on the tables);
+   and ``sparse_embeddings=True``: SparseAdam on the tables), mtrank's default learning rate and
+   initialisation;
 2. ``bare``: a loop over pre-materialised tensors of the same model, loss and optimizers (the
    practical limit of this model in PyTorch);
-3. ``rechub``: torch-rechub's ESMM with its own ``MTLTrainer`` and ``DataGenerator`` data
-   loader, run in its own virtual environment (never an mtrank dependency) on the same encoded
-   ids, exported as ``.npz``;
+3. peers, each in its own virtual environment (never an mtrank dependency) on the same encoded
+   ids and standardised price, exported as ``.npz``, trained by the library's own trainer and
+   data loader: ``rechub``, torch-rechub's ESMM (``_rechub_worker.py``), and ``deepctr``,
+   DeepCTR-Torch's ``deepctr_torch.models.multitask.ESMM`` (``_deepctr_worker.py``, offline: its
+   import-time version check is stubbed).
 
-plus the fp32 roofline (torch.mm on the towers' shapes ÷ training FLOPs per sample), the peak
-RSS of streamed training at several sizes (each in its own process, ``VmHWM``), and a py-spy /
-torch.profiler profile of the streamed hot path. Every measurement runs in a fresh subprocess.
+Every system runs ``--reps`` times, interleaved (repetition r runs each system once, with seed r),
+and the report gives median samples/s, the median (range) ratio to the fastest peer, mean test
+AUCs (CTR, CTCVR, CVR on clicked rows) with the paired differences to the best peer, and
+parameter counts. Plus the fp32 roofline (torch.mm on the towers' shapes ÷ training FLOPs per
+sample), the peak RSS of streamed training at several sizes (each in its own process,
+``VmHWM``), and a py-spy / torch.profiler profile of the streamed hot path. Every measurement runs
+in a fresh subprocess; a part left out with ``--skip`` is carried over from the previous
+``throughput.json`` with a note.
 
-One-time setup of the torch-rechub environment (torch pinned to the local CPU wheel)::
+One-time setup of the peer environments (torch pinned to the local CPU wheel)::
 
     python3 -m venv /tmp/rechub-venv
     /tmp/rechub-venv/bin/pip install torch==2.13.0 torch-rechub pandas scikit-learn py-spy
+    python3 -m venv /tmp/deepctr-venv
+    /tmp/deepctr-venv/bin/pip install torch==2.13.0 deepctr-torch==0.3.0 pandas scikit-learn
 
-Run (about 10 minutes on 2 idle cores, data generation included; ``--quick`` is a smoke test of ~2 minutes)::
+Run (about 10 minutes per repetition on 2 idle cores; ``--quick`` is a smoke test)::
 
-    PYTHONPATH=src python benchmarks/throughput.py
+    PYTHONPATH=src python benchmarks/throughput.py --train-rows 300000 --test-rows 100000
     PYTHONPATH=src python benchmarks/throughput.py --quick --out /tmp/tp
 
 Writes ``benchmarks/results/throughput.json`` and ``throughput.md`` (unless ``--out``).
@@ -50,6 +60,7 @@ REGIMES = {
     "aliccp": {"n_users": 400_000, "n_items": 4_000_000, "n_brands": 100_000, "n_shops": 200_000},
 }
 EMB, TOWER, BATCH = 18, [360, 200, 80], 4096
+PEERS = {"rechub": "torch-rechub", "deepctr": "DeepCTR-Torch"}  # worker name → library
 USER_FIELDS = ["user_id", "user_age", "user_gender", "user_power", "hour"]
 ITEM_FIELDS = ["item_id", "category", "brand", "shop"]
 
@@ -87,8 +98,8 @@ def run_worker(name: str, args: dict, *, python: str | None = None, prefix: list
     out = Path(args["workdir"]) / f"result-{name}-{args.get('tag', '')}.json"
     out.unlink(missing_ok=True)
     cmd = [*(prefix or []), python or sys.executable, str(Path(__file__).resolve()), "--worker", name, "--worker-args", json.dumps(args), "--worker-out", str(out)]
-    if name == "rechub":
-        cmd = [*(prefix or []), python, str(HERE / "_rechub_worker.py"), json.dumps(args), str(out)]
+    if name in PEERS:  # a peer library's own worker, run by its own interpreter (no mtrank import)
+        cmd = [*(prefix or []), python, str(HERE / f"_{name}_worker.py"), json.dumps(args), str(out)]
     env = {**os.environ, "PYTHONPATH": str(HERE.parent / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
     env.update({"OMP_NUM_THREADS": str(args["threads"]), "MKL_NUM_THREADS": str(args["threads"])})
     t0 = time.perf_counter()
@@ -145,7 +156,12 @@ def _configs(a: dict, sparse: bool):
     from mtrank.models.config import ModelConfig
     from mtrank.train.trainer import TrainConfig
 
-    return ModelConfig(name="esmm", embedding_dim=EMB, tower=TOWER), TrainConfig(epochs=1, batch_size=BATCH, lr=1e-3, threads=a["threads"], sparse_embeddings=sparse, seed=0)
+    # the budget is fixed (1 epoch, batch, threads); learning rate and initialisation are mtrank's defaults
+    return ModelConfig(name="esmm", embedding_dim=EMB, tower=TOWER), TrainConfig(epochs=1, batch_size=BATCH, threads=a["threads"], sparse_embeddings=sparse, seed=a.get("seed", 0))
+
+
+def n_parameters(model) -> int:
+    return int(sum(p.numel() for p in model.parameters()))
 
 
 def _quality(metrics: dict) -> dict:
@@ -170,7 +186,7 @@ def worker_mtrank_stream(a: dict) -> dict:
         "samples_per_second": round(h.samples_per_second, 1), "train_seconds": round(h.seconds, 2), "rows": out.bundle.meta["rows"]["train"],
         "end_to_end_seconds": round(wall, 2), "end_to_end_samples_per_second": round(out.bundle.meta["rows"]["train"] / wall, 1),
         "embedding_rows": vocab, "cardinalities": dict(zip(SIMULATED_SCHEMA.categorical, out.bundle.spec.cardinalities, strict=True)),
-        "test": _quality(out.metrics["test"]), "peak_rss_mib": round(peak_rss_mib(), 1),
+        "test": _quality(out.metrics["test"]), "peak_rss_mib": round(peak_rss_mib(), 1), "parameters": n_parameters(out.bundle.model),
     }
 
 
@@ -191,29 +207,26 @@ def _encode_in_memory(a: dict):
 
 def worker_bare(a: dict) -> dict:
     """The same model, loss and optimizers over pre-materialised tensors: the practical limit."""
-    import numpy as np
     import torch
 
     from mtrank.data.simulate import SIMULATED_SCHEMA as S
     from mtrank.models import build_model
     from mtrank.models.config import FeatureSpec
-    from mtrank.train.trainer import make_optimizers
+    from mtrank.models.layers import init_output_bias
+    from mtrank.train.trainer import label_rates, make_optimizers
     from mtrank.workflow import evaluate_split
 
     torch.set_num_threads(a["threads"])
     enc, train, test = _encode_in_memory(a)
-    if a.get("export"):  # the same encoded ids for torch-rechub
-        np.savez(a["export"], train_x=train.categorical.numpy(), test_x=test.categorical.numpy(),
-                 train_click=train.labels["click"].numpy(), train_conv=train.labels["conversion"].numpy(),
-                 test_click=test.labels["click"].numpy(), test_conv=test.labels["conversion"].numpy(),
-                 cardinalities=np.array(enc.cardinalities), fields=np.array(S.categorical))
     mcfg, tcfg = _configs(a, a["sparse"])
-    torch.manual_seed(0)
+    torch.manual_seed(a.get("seed", 0))
     # ``pad``: allocate a field's whole declared catalogue (as a full-size log would realise it)
     card = [max(c, a.get("pad", {}).get(f, 0)) for f, c in zip(S.categorical, enc.cardinalities, strict=True)]
     model = build_model(FeatureSpec(cardinalities=card, n_numerical=len(enc.numerical), funnel=True, task_names=list(S.tasks)), mcfg)
+    if tcfg.prior_output_bias:  # as Trainer.fit does before its first step
+        init_output_bias(model, label_rates(train, S))
     opts = make_optimizers(model, tcfg)
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(a.get("seed", 0))
     max_steps = a.get("max_steps") or 10**12
     model.train()
     seen = 0
@@ -225,7 +238,7 @@ def worker_bare(a: dict) -> dict:
             break
     sec = time.perf_counter() - t0
     return {"samples_per_second": round(seen / sec, 1), "train_seconds": round(sec, 2), "rows": seen, "embedding_rows": sum(card),
-            "test": _quality(evaluate_split(model, test, S)), "peak_rss_mib": round(peak_rss_mib(), 1)}
+            "test": _quality(evaluate_split(model, test, S)), "peak_rss_mib": round(peak_rss_mib(), 1), "parameters": n_parameters(model)}
 
 
 def worker_stream_only(a: dict) -> dict:
@@ -341,7 +354,22 @@ def worker_torch_profile(a: dict) -> dict:
     return {"steps": a["steps"], "ms_per_step": tops, "top_self_ops": rows}
 
 
-WORKERS = {"mtrank_stream": worker_mtrank_stream, "mtrank_stream_padded": worker_mtrank_stream_padded, "bare": worker_bare, "stream_only": worker_stream_only, "rss": worker_rss, "torch_profile": worker_torch_profile}
+def worker_export(a: dict) -> dict:
+    """Encode train and test with mtrank's encoders and save them for the peers (``.npz``)."""
+    import numpy as np
+
+    from mtrank.data.simulate import SIMULATED_SCHEMA as S
+
+    enc, train, test = _encode_in_memory(a)
+    np.savez(a["export"], train_x=train.categorical.numpy(), test_x=test.categorical.numpy(),
+             train_num=train.numerical.numpy(), test_num=test.numerical.numpy(), numerical=np.array(S.numerical),
+             train_click=train.labels["click"].numpy(), train_conv=train.labels["conversion"].numpy(),
+             test_click=test.labels["click"].numpy(), test_conv=test.labels["conversion"].numpy(),
+             cardinalities=np.array(enc.cardinalities), fields=np.array(S.categorical))
+    return {"rows": {"train": len(train), "test": len(test)}, "embedding_rows": int(sum(enc.cardinalities))}
+
+
+WORKERS = {"export": worker_export, "mtrank_stream": worker_mtrank_stream, "mtrank_stream_padded": worker_mtrank_stream_padded, "bare": worker_bare, "stream_only": worker_stream_only, "rss": worker_rss, "torch_profile": worker_torch_profile}
 
 
 # --------------------------------------------------------------------------- roofline
@@ -419,36 +447,51 @@ def ratio(a, b):
 
 
 def markdown(res: dict) -> str:
-    L = ["# Training throughput: mtrank vs bare loop vs torch-rechub (issue #6)", "",
+    L = ["# Training throughput and test AUC: mtrank vs bare loop vs torch-rechub vs DeepCTR-Torch (issues #6, #18)", "",
          f"Command: `{res['command']}`  ", f"Machine: {res['machine']}  ",
          f"Load before: {res['load_before']}; after: {res['load_after']}  ",
          (f"ESMM, embedding {EMB}, towers {'×'.join(map(str, TOWER))}, batch {BATCH}, {res['threads']} threads, 1 epoch over {res['train_rows']:,} train rows, "
          f"test {res['test_rows']:,} rows. Samples/s are of the training loop (mtrank streamed: from the first batch read to the last step, "
          "reading and encoding overlapped); `end to end` = train rows ÷ the whole `fit_stream` wall time (streamed encoder fit, "
-         "training, validation and the 200k-row test evaluation)."), ""]
+         f"training, validation and the {res['test_rows']:,}-row test evaluation)."), ""]
     rf = res["roofline"]
     L += [(f"**Roofline**: torch.mm on the towers' fwd+bwd shapes = {rf['tower_shapes_gflops']} GFLOP/s "
           f"(2048² square: {rf['square_2048_gflops']}); training FLOPs/sample = 3 × 2 × {rf['macs_forward_per_sample']:,} MACs = "
           f"{rf['train_flops_per_sample'] / 1e6:.2f} MFLOP → ceiling **{rf['ceiling_samples_per_second']:,.0f} samples/s** "
           "(towers only; embedding gather/scatter and optimizer not counted)."), ""]
-    L += ["| regime | emb. rows | run | optimizer | samples/s | × rechub | × bare (same opt.) | % roofline | AUC CTR | AUC CTCVR | AUC CVR (clicked) | peak RSS MiB |",
-          "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    nrep = max((len(v) for r in res["regimes"].values() for v in r.get("runs", {}).values()), default=1)
+    L += [(f"Every system ran {nrep} times, interleaved (repetition r: every system once with seed r, the order rotated); samples/s is the median, "
+          "`× fastest peer` the median (range) over repetitions of the ratio to the fastest peer of the same repetition; AUCs are means over repetitions."), "",
+          "| regime | emb. rows | run | optimizer | parameters | samples/s | × fastest peer (range) | × bare (same opt.) | % roofline | AUC CTR | AUC CTCVR | AUC CVR (clicked) | peak RSS MiB |",
+          "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for regime, r in res["regimes"].items():
-        rech = r.get("rechub", {}).get("samples_per_second")
+        vs = r.get("vs_peers", {})
         for key, run, opt in [("mtrank_dense", "mtrank streamed", "Adam"), ("mtrank_sparse", "mtrank streamed", "SparseAdam+Adam"),
-                              ("bare_dense", "bare tensors", "Adam"), ("bare_sparse", "bare tensors", "SparseAdam+Adam"), ("rechub", "torch-rechub", "Adam (wd 0)")]:
+                              ("bare_dense", "bare tensors", "Adam"), ("bare_sparse", "bare tensors", "SparseAdam+Adam"),
+                              ("rechub", "torch-rechub", "Adam (wd 0)"), ("deepctr", "DeepCTR-Torch", "Adam (its defaults)")]:
             x = r.get(key)
             if not x:
                 continue
             if "error" in x:
-                L.append(f"| {regime} | | {run} | {opt} | error: {x['error'][:200].replace('|', '/')} | | | | | | | |")
+                L.append(f"| {regime} | | {run} | {opt} | | error: {x['error'][:200].replace('|', '/')} | | | | | | | |")
                 continue
             sps = x["samples_per_second"]
             bare = r.get("bare_" + key.split("_")[1], {}).get("samples_per_second") if key.startswith("mtrank") else None
             t = x.get("test", {})
             e2e = f" (end to end {x['end_to_end_samples_per_second']:,.0f})" if "end_to_end_samples_per_second" in x else ""
-            L.append(f"| {regime} | {x.get('embedding_rows', r.get('embedding_rows', '')):,} | {run} | {opt} | {sps:,.0f}{e2e} | {ratio(sps, rech) or ''} | {ratio(sps, bare) or ''} | "
+            sr = (vs.get(key) or {}).get("speed_ratio_to_fastest_peer")
+            srs = f"{sr['median']} ({sr['min']}–{sr['max']})" if sr else ""
+            L.append(f"| {regime} | {x.get('embedding_rows', ''):,} | {run} | {opt} | {x.get('parameters', 0):,} | {sps:,.0f}{e2e} | {srs} | {ratio(sps, bare) or ''} | "
                      f"{100 * sps / rf['ceiling_samples_per_second']:.0f}% | {t.get('auc_ctr')} | {t.get('auc_ctcvr')} | {t.get('auc_cvr_masked')} | {x.get('peak_rss_mib', '')} |")
+    L += ["", "Paired test-AUC differences, mtrank − best peer on that metric (mean ± sd over seeds; seeds where mtrank ≥ peer):", "",
+          "| regime | run | Δ AUC CTR | Δ AUC CTCVR | Δ AUC CVR (clicked) |", "|---|---|---:|---:|---:|"]
+    for regime, r in res["regimes"].items():
+        for key, v in r.get("vs_peers", {}).items():
+            cells = []
+            for m in METRICS:
+                d = v["auc_minus_best_peer"][m]
+                cells.append("" if d["mean"] is None else f"{d['mean']:+.4f} ± {d['sd'] or 0:.4f} vs {PEERS[d['best_peer']]} ({d['n_not_negative']}/{d['n']})")
+            L.append(f"| {regime} | {key.replace('_', ' ')} | " + " | ".join(cells) + " |")
     L += ["", "Data path alone (streamed read → validate → encode → shuffle → batch, no model): "
           + "; ".join(f"{k}: {v.get('samples_per_second', 0):,.0f} rows/s" if 'error' not in v else f"{k}: {v['error'][:100]}" for k, v in ((k, r.get('stream_only', {'error': 'n/a'})) for k, r in res["regimes"].items())), ""]
     L += ["## Peak RSS of streamed training (own process each, VmHWM)", "", "| train files (rows) | rows trained | samples/s | peak RSS MiB | vs smallest |", "|---:|---:|---:|---:|---:|"]
@@ -511,12 +554,116 @@ def goals(res: dict) -> list[dict]:
         for opt in ("dense", "sparse"):
             r = ratio(sps(reg, f"mtrank_{opt}"), sps(reg, f"bare_{opt}"))
             g.append({"goal": f"{reg}, {opt}: mtrank end to end ≥ 0.7× bare loop", "value": f"{r}×", "met": None if r is None else r >= 0.7})
+    for reg, rr in R.items():
+        vs = rr.get("vs_peers", {})
+        for key in ("mtrank_dense", "mtrank_sparse"):
+            v = vs.get(key)
+            if not v:
+                continue
+            sr = v["speed_ratio_to_fastest_peer"]
+            g.append({"goal": f"{reg}, mtrank streamed {key.split('_')[1]}: samples/s ≥ 1.5× the fastest peer (median over repetitions)",
+                      "value": f"{sr['median']}× (range {sr['min']}–{sr['max']})" if sr else None, "met": None if not sr else sr["median"] >= 1.5})
+            for m in METRICS:
+                d = v["auc_minus_best_peer"][m]
+                if d["mean"] is None:
+                    continue
+                g.append({"goal": f"{reg}, mtrank streamed {key.split('_')[1]}: test {m} ≥ best peer ({PEERS[d['best_peer']]}), paired over {d['n']} seeds",
+                          "value": f"{d['mean']:+.4f} ± {d['sd'] or 0:.4f} ({d['n_not_negative']}/{d['n']} seeds ≥)", "met": d["mean"] >= 0})
     ok = [x for x in res["rss"] if "error" not in x]
     if ok:
         big, small = ok[-1]["peak_rss_mib"], ok[0]["peak_rss_mib"]
         g.append({"goal": f"peak RSS at {ok[-1]['rows_read']:,} streamed rows < 2 GiB", "value": f"{big:.0f} MiB", "met": big < 2048})
         g.append({"goal": f"… and within 20% of {ok[0]['rows_read']:,} rows", "value": f"{big / small:.2f}×", "met": big <= 1.2 * small})
     return g
+
+
+SYSTEMS = [  # (key, worker, sparse embedding updates)
+    ("mtrank_dense", "mtrank_stream", False), ("mtrank_sparse", "mtrank_stream", True),
+    ("bare_dense", "bare", False), ("bare_sparse", "bare", True), ("rechub", "rechub", None), ("deepctr", "deepctr", None),
+]
+PEER_COLUMNS = {"rechub": ("ctr", 1, "cvr", 0, "ctcvr", 2), "deepctr": ("ctr", 0, "cvr", 1, "ctcvr", 2)}  # prediction file columns
+
+
+def peer_quality(export: str, pred_path: str, peer: str) -> dict:
+    """Test AUCs of a peer's saved predictions with mtrank's exact AUC (CVR on clicked rows only)."""
+    import numpy as np
+
+    from mtrank.metrics.core import auc
+
+    z = np.load(export)
+    p = np.load(pred_path)
+    col = dict(zip(PEER_COLUMNS[peer][::2], PEER_COLUMNS[peer][1::2], strict=True))
+    click, conv = z["test_click"], z["test_conv"]
+    m = click > 0
+    return {"auc_ctr": round(auc(click, p[:, col["ctr"]]), 4), "auc_ctcvr": round(auc(click * conv, p[:, col["ctcvr"]]), 4),
+            "auc_cvr_masked": round(auc(conv[m], p[m, col["cvr"]]), 4)}
+
+
+def interleaved_runs(args, regime: str, base: dict, export: str, skip: set, peers: dict) -> dict[str, list[dict]]:
+    """``args.reps`` repetitions of every system, interleaved (repetition r runs each system once,
+    the starting system rotated by r, all with seed r), so machine-load drift hits all alike."""
+    systems = [s for s in SYSTEMS if not (s[1] == "bare" and "bare" in skip) and (s[1] not in PEERS or s[1] in peers)
+               and f"{regime}:{s[0]}" not in skip]
+    runs: dict[str, list[dict]] = {k: [] for k, _, _ in systems}
+    for rep in range(args.reps):
+        for key, worker, sparse in systems[rep % len(systems):] + systems[: rep % len(systems)]:
+            a = {**base, "seed": rep, "tag": f"{regime}-{key}-{rep}"}
+            if worker in PEERS:
+                x = run_worker(worker, {**a, "npz": export, "emb": EMB, "tower": TOWER, "batch": BATCH}, python=peers[worker])
+                if "error" not in x:
+                    x["test"] = peer_quality(export, x.pop("pred_path"), worker)
+            else:
+                x = run_worker(worker, {**a, "sparse": sparse})
+            x["seed"] = rep
+            runs[key].append(x)
+    return runs
+
+
+def summarise(runs: dict[str, list[dict]]) -> dict:
+    """Per system: median samples/s, mean test AUCs, and (as ``<key>`` entries the report reads)
+    a representative result; plus ``vs_peers``: per mtrank system and repetition, the ratio of
+    samples/s to the fastest peer of that repetition and the paired AUC differences to the best
+    peer (the peer with the highest mean AUC on that metric)."""
+    import statistics as st
+
+    out: dict = {}
+    ok = {k: [x for x in v if "error" not in x] for k, v in runs.items()}
+    for k, xs in ok.items():
+        if not xs:
+            out[k] = runs[k][0] if runs[k] else {}
+            continue
+        med = sorted(xs, key=lambda x: x["samples_per_second"])[len(xs) // 2]
+        out[k] = {**med, "samples_per_second": st.median(x["samples_per_second"] for x in xs), "reps": len(xs),
+                  "samples_per_second_all": [x["samples_per_second"] for x in xs],
+                  "test": {m: round(st.mean(x["test"][m] for x in xs), 4) for m in METRICS},
+                  "test_sd": {m: round(st.stdev([x["test"][m] for x in xs]), 4) if len(xs) > 1 else 0.0 for m in METRICS}}
+        if "end_to_end_samples_per_second" in med:
+            out[k]["end_to_end_samples_per_second"] = st.median(x["end_to_end_samples_per_second"] for x in xs)
+    peer_keys = [k for k in PEERS if ok.get(k)]
+    vs: dict = {}
+    for k in ("mtrank_dense", "mtrank_sparse", "bare_dense", "bare_sparse"):
+        if not ok.get(k) or not peer_keys:
+            continue
+        by_seed = {x["seed"]: x for x in ok[k]}
+        ratios = []
+        for seed, x in by_seed.items():
+            fastest = max((y["samples_per_second"] for p in peer_keys for y in ok[p] if y["seed"] == seed), default=None)
+            if fastest:
+                ratios.append(x["samples_per_second"] / fastest)
+        auc_diff = {}
+        for m in METRICS:
+            best = max(peer_keys, key=lambda p: out[p]["test"][m])
+            peer_by_seed = {y["seed"]: y["test"][m] for y in ok[best]}
+            d = [by_seed[s]["test"][m] - peer_by_seed[s] for s in by_seed if s in peer_by_seed]
+            auc_diff[m] = {"best_peer": best, "mean": round(st.mean(d), 4) if d else None, "sd": round(st.stdev(d), 4) if len(d) > 1 else None,
+                           "n_positive": sum(v > 0 for v in d), "n_not_negative": sum(v >= 0 for v in d), "n": len(d)}
+        vs[k] = {"speed_ratio_to_fastest_peer": {"median": round(st.median(ratios), 2), "min": round(min(ratios), 2), "max": round(max(ratios), 2)} if ratios else None,
+                 "auc_minus_best_peer": auc_diff}
+    out["vs_peers"] = vs
+    return out
+
+
+METRICS = ("auc_ctr", "auc_ctcvr", "auc_cvr_masked")
 
 
 def padded_runs(args, base: dict, export: str, with_rechub: bool) -> dict:
@@ -538,6 +685,35 @@ def padded_runs(args, base: dict, export: str, with_rechub: bool) -> dict:
     return out
 
 
+def merge_runs(dirs: list[Path], out: Path) -> None:
+    """One report from runs of the same script over different regimes (run side by side): their
+    regimes, commands, loads and notes together; the other parts from the first run that has them,
+    else from ``out``'s previous ``throughput.json``."""
+    parts = [json.loads((d / "throughput.json").read_text()) for d in dirs]
+    res = {**parts[0], "regimes": {}, "notes": [], "command": "; ".join(p["command"] for p in parts),
+           "load_before": [p["load_before"] for p in parts], "load_after": [p["load_after"] for p in parts]}
+    for p in parts:
+        res["regimes"].update(p["regimes"])
+        res["notes"] += [n for n in p["notes"] if n not in res["notes"]]
+    res["notes"].append(f"merged from {len(parts)} runs started side by side ({', '.join(str(d) for d in dirs)}) with `--merge`")
+    prev_path = out / "throughput.json"
+    prev = json.loads(prev_path.read_text()) if prev_path.exists() else {}
+    for key in ("rss", "profile", "profile_regime", "padded"):
+        if not res.get(key):
+            have = next((p[key] for p in parts if p.get(key)), None)
+            if have is None and prev.get(key):
+                have = prev[key]
+                if key != "profile_regime":
+                    res["notes"].append(f"`{key}` section carried over from the previous run of this script (started {prev['load_before']['utc']} UTC), not rerun this time")
+            if have:
+                res[key] = have
+    res["goals"] = goals(res)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "throughput.json").write_text(json.dumps(res, indent=1))
+    (out / "throughput.md").write_text(markdown(res))
+    print(markdown(res))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny smoke run")
@@ -550,8 +726,11 @@ def main() -> None:
     ap.add_argument("--padded-steps", type=int, default=40, help="steps of the declared-vocabulary (padded) runs")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rechub-python", default="/tmp/rechub-venv/bin/python")
+    ap.add_argument("--deepctr-python", default="/tmp/deepctr-venv/bin/python")
+    ap.add_argument("--reps", type=int, default=3, help="interleaved repetitions; repetition r trains every system with seed r")
     ap.add_argument("--pyspy", default="/tmp/rechub-venv/bin/py-spy")
-    ap.add_argument("--skip", default="", help="comma-separated parts to skip: rechub,rss,profile,bare,stream_only")
+    ap.add_argument("--skip", default="", help="comma-separated parts to skip: rechub,deepctr,rss,profile,padded,bare,stream_only, or REGIME:SYSTEM (e.g. aliccp:mtrank_dense)")
+    ap.add_argument("--merge", help="comma-separated result folders of runs over different regimes: write their union to --out and stop")
     ap.add_argument("--workdir", default="/tmp/mtrank-throughput")
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--only-data", action="store_true", help="generate (or reuse) the simulated files and stop")
@@ -562,6 +741,9 @@ def main() -> None:
     if args.worker:
         res = WORKERS[args.worker](json.loads(args.worker_args))
         Path(args.worker_out).write_text(json.dumps(res))
+        return
+    if args.merge:
+        merge_runs([Path(d) for d in args.merge.split(",")], Path(args.out))
         return
     if args.quick:
         args.train_rows, args.test_rows, args.val_rows, args.rss_sizes, args.rss_train_rows = 40_000, 20_000, 10_000, "40000,80000", 40_000
@@ -590,33 +772,24 @@ def main() -> None:
         return
     res["roofline"] = roofline(args.threads, in_dim, reps=3 if args.quick else 20)
     print("roofline", res["roofline"], flush=True)
-    have_rechub = Path(args.rechub_python).exists()
-    if not have_rechub and "rechub" not in skip:
-        res["notes"].append(f"torch-rechub not run: {args.rechub_python} does not exist (see the setup command in the docstring)")
+    peers = {}  # peer worker → its interpreter
+    for name, python in (("rechub", args.rechub_python), ("deepctr", args.deepctr_python)):
+        if name in skip:
+            continue
+        if Path(python).exists():
+            peers[name] = python
+        else:
+            res["notes"].append(f"{PEERS[name]} not run: {python} does not exist (see the setup commands in the docstring)")
+    have_rechub = "rechub" in peers
     for regime, d in data.items():
         base = {"workdir": str(work), "threads": args.threads, "train": d["parts"][:1], "val": d["val"], "test": d["test"]}
         r: dict = {"sim": d["sim"]["config"]}
         export = str(work / f"{regime}-encoded.npz")
-        for opt in ("dense", "sparse"):
-            r[f"mtrank_{opt}"] = run_worker("mtrank_stream", {**base, "sparse": opt == "sparse", "tag": f"{regime}-{opt}"})
-            if "bare" not in skip:
-                r[f"bare_{opt}"] = run_worker("bare", {**base, "sparse": opt == "sparse", "tag": f"{regime}-{opt}", "export": export if opt == "dense" else None})
+        r["export"] = run_worker("export", {**base, "tag": regime, "export": export})
         if "stream_only" not in skip:
             r["stream_only"] = run_worker("stream_only", {**base, "tag": regime})
-        if have_rechub and "rechub" not in skip and Path(export).exists():
-            x = run_worker("rechub", {**base, "tag": regime, "npz": export, "emb": EMB, "tower": TOWER, "batch": BATCH}, python=args.rechub_python)
-            if "error" not in x:
-                import numpy as np
-
-                from mtrank.metrics.core import auc
-
-                z = np.load(export)
-                p = np.load(x.pop("pred_path"))  # columns: cvr, ctr, ctcvr (rechub's order)
-                click, conv = z["test_click"], z["test_conv"]
-                m = click > 0
-                x["test"] = {"auc_ctr": round(auc(click, p[:, 1]), 4), "auc_ctcvr": round(auc(click * conv, p[:, 2]), 4), "auc_cvr_masked": round(auc(conv[m], p[m, 0]), 4)}
-                x["embedding_rows"] = int(z["cardinalities"].sum())
-            r["rechub"] = x
+        r["runs"] = interleaved_runs(args, regime, base, export, skip, peers)
+        r.update(summarise(r["runs"]))
         res["regimes"][regime] = r
         if regime == "aliccp" and "padded" not in skip:
             res["padded"] = padded_runs(args, base, export, have_rechub and "rechub" not in skip)
@@ -639,8 +812,14 @@ def main() -> None:
         else:
             res["profile"]["pyspy"] = {"error": f"{args.pyspy} not found"}
     res["load_after"] = machine_load()
-    res["goals"] = goals(res)
     out = Path(args.out)
+    prev_path = out / "throughput.json"
+    prev = json.loads(prev_path.read_text()) if prev_path.exists() else {}
+    for part, keys in (("rss", ["rss"]), ("profile", ["profile", "profile_regime"]), ("padded", ["padded"])):
+        if part in skip and prev.get(keys[0]) and not res.get(keys[0]):
+            res.update({k: prev[k] for k in keys if k in prev})
+            res["notes"].append(f"`{part}` section carried over from the previous run of this script (started {prev['load_before']['utc']} UTC), not rerun this time")
+    res["goals"] = goals(res)
     out.mkdir(parents=True, exist_ok=True)
     (out / "throughput.json").write_text(json.dumps(res, indent=1))
     md = markdown(res)

@@ -356,13 +356,13 @@ def resume_with(change: str):
 def killed_between_renames(tmp: Path):
     """A child saves over a bundle and is killed (os._exit) at the moment the new directory
     would be renamed into place, with the renameat2 exchange unavailable (the fallback path)."""
-    from mtrank.serve.bundle import Bundle
+    from mtrank.bundle import Bundle
 
     path = tmp / "b"
     Bundle.load(bundle_dir()).save(path)
     before = Bundle.digest(path)
     code = (
-        "import os, sys; import mtrank.io_utils as io; from mtrank.serve.bundle import Bundle\n"
+        "import os, sys; import mtrank.io_utils as io; from mtrank.bundle import Bundle\n"
         "io._exchange = lambda a, b: False\n"
         "real = os.replace\n"
         "def replace(src, dst):\n"
@@ -381,7 +381,7 @@ def exchange_replaces_in_one_step(tmp: Path):
     """With the exchange available, os.replace never touches the bundle path: there is no
     moment without a bundle."""
     import mtrank.io_utils as io
-    from mtrank.serve.bundle import Bundle
+    from mtrank.bundle import Bundle
 
     path = tmp / "b"
     b = Bundle.load(bundle_dir())
@@ -402,7 +402,7 @@ def exchange_replaces_in_one_step(tmp: Path):
 
 
 def strip_checksums(tmp: Path):
-    from mtrank.serve.bundle import Bundle
+    from mtrank.bundle import Bundle
 
     path = Bundle.load(bundle_dir()).save(tmp / "b")
     cfg = json.loads((path / "config.json").read_text())

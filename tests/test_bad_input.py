@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from mtrank.data.datasets import load_table
-from mtrank.data.encoders import MISSING, OOV, CategoricalEncoder, FeatureEncoder, NumericalEncoder
+from mtrank.data.encoders import MISSING, OOV, CategoricalEncoder, NumericalEncoder
 from mtrank.data.schema import Schema
 from mtrank.errors import BundleError, DataError
 from mtrank.losses import TaskLoss, binary_cross_entropy
@@ -171,7 +171,7 @@ def reload_fresh_process(tmp: Path):
     df.write_parquet(tmp / "rows.parquet")
     here = predictions_frame(res.bundle, df, "rows")
     code = (
-        "import polars as pl, sys; from mtrank.serve.bundle import Bundle; from mtrank.workflow import predictions_frame;"
+        "import polars as pl, sys; from mtrank.bundle import Bundle; from mtrank.workflow import predictions_frame;"
         f"b = Bundle.load({str(tmp / 'b')!r}); predictions_frame(b, pl.read_parquet({str(tmp / 'rows.parquet')!r}), 'r').write_parquet({str(tmp / 'out.parquet')!r})"
     )
     subprocess.run([sys.executable, "-c", code], check=True, env=dict(os.environ, PYTHONHASHSEED="99"))
@@ -187,8 +187,8 @@ def reordered_columns(tmp: Path):
 
 
 def interrupted_bundle_write(tmp: Path):
-    import mtrank.serve.bundle as bundle_mod
-    from mtrank.serve.bundle import Bundle
+    import mtrank.bundle as bundle_mod
+    from mtrank.bundle import Bundle
 
     res = fit_tiny(SCHEMA, tiny_funnel())
     path = res.bundle.save(tmp / "b")
@@ -211,7 +211,7 @@ def interrupted_bundle_write(tmp: Path):
 
 def tampered_bundle(damage: Callable[[Path], None]):
     def run(tmp: Path):
-        from mtrank.serve.bundle import Bundle
+        from mtrank.bundle import Bundle
 
         res = fit_tiny(SCHEMA, tiny_funnel())
         path = res.bundle.save(tmp / "b")

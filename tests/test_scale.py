@@ -141,7 +141,7 @@ def test_fnv1a_matches_published_test_vectors_and_is_process_independent():
 
 
 def test_hashed_column_trains_streams_and_round_trips(parts, tmp_path):
-    from mtrank.serve.bundle import Bundle
+    from mtrank.bundle import Bundle
     from mtrank.workflow import fit_stream
 
     files = expand_paths(parts)

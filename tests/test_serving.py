@@ -25,7 +25,7 @@ from mtrank.models.config import FeatureSpec, ModelConfig
 from mtrank.ranking.fusion import Multiplicative, save_fusion
 from mtrank.ranking.replay import rank_order
 from mtrank.serve.app import create_app
-from mtrank.serve.bundle import Bundle
+from mtrank.bundle import Bundle
 from mtrank.serve.fusion import FusionSpec, fused_scores
 from mtrank.serve.service import MAX_CANDIDATES
 from mtrank.train.trainer import TrainConfig

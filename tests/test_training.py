@@ -9,7 +9,7 @@ from mtrank.data.datasets import LoadedData
 from mtrank.data.split import SplitConfig, split_data
 from mtrank.errors import BundleError
 from mtrank.models.config import ModelConfig
-from mtrank.serve.bundle import Bundle
+from mtrank.bundle import Bundle
 from mtrank.train.trainer import TrainConfig
 from mtrank.workflow import fit, predictions_frame
 
@@ -146,3 +146,56 @@ def test_unseen_and_missing_ids_at_predict_time(esmm_fit, splits):
     assert data.n_oov["item_id"] >= 1 and data.n_missing["item_id"] == 1 and data.n_missing["brand"] == 1
     probs = esmm_fit.bundle.predict_arrays(data)
     assert np.isfinite(probs["p_ctcvr"]).all()
+
+
+def _tiny_funnel(click, conv, weight=None):
+    from mtrank.data.batch import EncodedData
+
+    n = len(click)
+    return EncodedData(
+        categorical=torch.zeros(n, 1, dtype=torch.int64), numerical=torch.zeros(n, 1),
+        labels={"click": torch.tensor(click, dtype=torch.float32), "conversion": torch.tensor(conv, dtype=torch.float32),
+                "ctcvr": torch.tensor(click, dtype=torch.float32) * torch.tensor(conv, dtype=torch.float32)},
+        weight=None if weight is None else torch.tensor(weight, dtype=torch.float32),
+    )
+
+
+def test_label_rates_hand_computed():
+    from mtrank.data.simulate import SIMULATED_SCHEMA
+    from mtrank.train.trainer import label_rates
+
+    data = _tiny_funnel([1, 0, 1, 0, 0, 1, 0, 0], [1, 0, 0, 0, 0, 0, 0, 0])
+    assert label_rates(data, SIMULATED_SCHEMA) == {"ctr": 3 / 8, "cvr": 1 / 3}
+    # weighted: clicks 2 + 1 of total weight 5; conversions 2 of click weight 3
+    weighted = _tiny_funnel([1, 0, 1, 0], [1, 0, 0, 0], weight=[2.0, 1.0, 1.0, 1.0])
+    assert label_rates(weighted, SIMULATED_SCHEMA) == {"ctr": 3 / 5, "cvr": 2 / 3}
+    assert label_rates(data, SIMULATED_SCHEMA, rows=2) == {"ctr": 0.5, "cvr": 1.0}
+    assert label_rates(_tiny_funnel([0, 0], [0, 0]), SIMULATED_SCHEMA) == {"ctr": 0.0}  # no clicks: no cvr
+
+
+def test_trainer_starts_each_head_at_its_base_rate(splits):
+    """With a learning rate of 1e-12, one epoch leaves the output biases where the prior put
+    them: log-odds of the click rate (CTR tower) and of conversions per click (CVR tower)."""
+    from mtrank.data.batch import EncodedData
+    from mtrank.data.encoders import FeatureEncoder
+    from mtrank.data.simulate import SIMULATED_SCHEMA as S
+    from mtrank.models import build_model
+    from mtrank.train.trainer import Trainer
+    from mtrank.workflow import feature_spec
+
+    enc = FeatureEncoder.fit(splits["train"], S)
+    train = EncodedData.from_frame(splits["train"], S, enc)
+    click = splits["train"]["click"].to_numpy().astype(float)
+    conv = splits["train"]["conversion"].to_numpy().astype(float)
+    ctr, cvr = click.mean(), (click * conv).sum() / click.sum()
+    for prior in (True, False):
+        torch.manual_seed(0)
+        model = build_model(feature_spec(enc, S), SMALL)
+        untouched = model.cvr_tower.output_layer.bias.item()
+        Trainer(TrainConfig(epochs=1, batch_size=len(train), lr=1e-12, prior_output_bias=prior), S, quiet=True).fit(model, train, None)
+        b_ctr, b_cvr = model.ctr_tower.output_layer.bias.item(), model.cvr_tower.output_layer.bias.item()
+        if prior:
+            assert b_ctr == pytest.approx(np.log(ctr / (1 - ctr)), abs=1e-5)
+            assert b_cvr == pytest.approx(np.log(cvr / (1 - cvr)), abs=1e-5)
+        else:
+            assert b_cvr == pytest.approx(untouched, abs=1e-6)

@@ -320,7 +320,7 @@ def test_new_models_round_trip_through_a_bundle(small_sim, tmp_path, name):
     from mtrank.data.io import validate_frame
     from mtrank.data.simulate import SIMULATED_SCHEMA
     from mtrank.data.split import SplitConfig, split_data
-    from mtrank.serve.bundle import Bundle
+    from mtrank.bundle import Bundle
     from mtrank.workflow import fit
 
     df, _ = validate_frame(small_sim.head(6_000), SIMULATED_SCHEMA, "sim")

@@ -114,7 +114,7 @@ def atomic_replace_dir(staging: Path, target: Path) -> None:
     ``renameat2(RENAME_EXCHANGE)`` (Linux), and the old one, now at the staging path, removed.
     Where the exchange is not supported, the old directory is renamed to ``.<name>.old`` first;
     a kill between the two renames is repaired by :func:`recover_replaced_dir`, which
-    :meth:`Bundle.load <mtrank.serve.bundle.Bundle.load>` and checkpoint loading call.
+    :meth:`Bundle.load <mtrank.bundle.Bundle.load>` and checkpoint loading call.
     """
     target = Path(target)
     publish_mode(staging)
@@ -140,57 +140,23 @@ def atomic_replace_dir(staging: Path, target: Path) -> None:
         shutil.rmtree(backup, ignore_errors=True)
 
 
-def check_output(path: str | Path, *, kind: str = "file", option: str = "--out") -> Path:
-    """Check, before any work, that ``path`` can be written as a ``kind`` (``file`` or
-    ``dir``): not an existing directory for a file, not an existing file for a directory, and
-    its nearest existing parent a writable directory. Creates nothing.
-
-    Raises:
-        ConfigError: one line naming the option, the path and the reason.
-    """
-    from mtrank.errors import ConfigError
-
-    p = Path(path)
-    if kind == "file" and p.is_dir():
-        raise ConfigError(f"{option} {p} is a directory; give a file name")
-    if kind == "dir" and p.exists() and not p.is_dir():
-        raise ConfigError(f"{option} {p} exists and is a file; give a directory")
-    parent = p.absolute().parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise ConfigError(f"{option} {p}: {parent} is a file, not a directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ConfigError(f"{option} {p}: permission denied (cannot write in {parent})")
-    return p
 
 
 INCOMPLETE = "_INCOMPLETE"  # marker inside a parts directory still being written
 MANIFEST = "_manifest.json"  # parts and their rows, written last
 
 
-def refuse_nonempty(path: Path, overwrite: bool) -> None:
-    """Raise ConfigError when ``path`` exists and is not empty (a file, or a directory with
-    entries) and ``overwrite`` is False: an output never mixes with an earlier run's files."""
-    from mtrank.errors import ConfigError
-
-    if path.exists() and not overwrite and (not path.is_dir() or any(path.iterdir())):
-        raise ConfigError(f"{path} exists and is not empty; pass --overwrite to replace it whole")
-
-
-def write_parts_dir(parts, path: str | Path, *, overwrite: bool = False, row_group_size: int | None = None) -> Path:
+def write_parts_dir(parts, path: str | Path, *, row_group_size: int | None = None) -> Path:
     """Write an iterable of DataFrames as ``path/part-00000.parquet`` … through a staging
     directory renamed into place at the end (:func:`atomic_replace_dir`): a kill at any moment
     leaves ``path`` as it was. The staging directory holds an ``_INCOMPLETE`` marker until the
     last part is written; ``_manifest.json`` lists the parts and their rows (see
-    :func:`check_parts_dir`).
+    :func:`mtrank.data.stream.check_parts_dir`).
 
-    Raises:
-        ConfigError: ``path`` exists and is not empty (a file, or a directory with entries),
-            unless ``overwrite``, which replaces it whole.
+    An existing ``path`` is replaced whole; callers refuse a non-empty one first unless asked
+    to overwrite (:func:`mtrank.data.io.refuse_nonempty`).
     """
     path = Path(path)
-    refuse_nonempty(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
@@ -209,29 +175,3 @@ def write_parts_dir(parts, path: str | Path, *, overwrite: bool = False, row_gro
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return path
-
-
-def check_parts_dir(path: str | Path) -> None:
-    """Refuse a parts directory that is incomplete: it holds the ``_INCOMPLETE`` marker (a
-    writer was interrupted), or its ``_manifest.json`` lists parts that are missing or it holds
-    parts the manifest does not list. A directory without a manifest (written by other tools)
-    passes.
-
-    Raises:
-        DataError: naming the directory and what is wrong.
-    """
-    from mtrank.errors import DataError
-
-    p = Path(path)
-    if (p / INCOMPLETE).exists():
-        raise DataError(f"the directory is incomplete (it holds {INCOMPLETE}: its writer was interrupted); write it again", file=str(p))
-    if not (p / MANIFEST).is_file():
-        return
-    try:
-        listed = {e["name"] for e in json.loads((p / MANIFEST).read_text())["parts"]}
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise DataError(f"unreadable {MANIFEST} ({exc})", file=str(p)) from None
-    present = {x.name for x in p.glob("part-*.parquet")}
-    if listed != present:
-        missing, extra = sorted(listed - present), sorted(present - listed)
-        raise DataError(f"the directory does not match its {MANIFEST}: missing parts {missing[:5]}, unlisted parts {extra[:5]}", file=str(p))

@@ -23,7 +23,7 @@ from mtrank.errors import ConfigError, SchemaError
 from mtrank.metrics.evaluate import evaluate_outputs
 from mtrank.models import build_model
 from mtrank.models.config import FeatureSpec, ModelConfig
-from mtrank.serve.bundle import Bundle
+from mtrank.bundle import Bundle
 from mtrank.train.checkpoint import run_fingerprint
 from mtrank.train.trainer import TrainConfig, Trainer, TrainResult, predict
 

@@ -2,7 +2,7 @@
 on every machine and in every release (never Python's salted ``hash()``).
 
 The hash is 64-bit FNV-1a (Fowler–Noll–Vo) over the UTF-8 bytes of the canonical id string
-(see :func:`mtrank.data.encoders.canonical_ids`), vectorised over rows with numpy: one pass per
+(see :func:`mtrank.data.ids.canonical_ids`), vectorised over rows with numpy: one pass per
 byte position, so the cost is O(rows × longest id) with no per-row Python.
 """
 
@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import polars as pl
 import pyarrow as pa
+
+from mtrank.data.ids import MISSING, canonical_ids
 
 FNV_OFFSET = np.uint64(0xCBF29CE484222325)
 FNV_PRIME = np.uint64(0x100000001B3)
@@ -63,8 +65,6 @@ class HashedCategoricalEncoder:
 
     def transform(self, series: pl.Series) -> tuple[np.ndarray, int, int]:
         """Encode a column. Returns (indices int64 [N], n_missing, n_oov = 0)."""
-        from mtrank.data.encoders import MISSING, canonical_ids
-
         ids = canonical_ids(series)
         missing = ids.is_null().to_numpy()
         idx = (fnv1a_64(ids) % np.uint64(self.buckets)).astype(np.int64) + 2

@@ -38,7 +38,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from mtrank.data.schema import Schema
 from mtrank.errors import ConfigError
-from mtrank.io_utils import atomic_write_parquet, refuse_nonempty, write_parts_dir
+from mtrank.data.io import refuse_nonempty
+from mtrank.io_utils import atomic_write_parquet, write_parts_dir
 
 
 class SimConfig(BaseModel):
@@ -238,4 +239,4 @@ def write_simulated(cfg: SimConfig, path: str | Path, part_rows: int | None = No
     from tqdm.auto import tqdm
 
     parts = tqdm(simulate_parts(cfg, part_rows), total=-(-max(1, cfg.rows // cfg.slate_size) // max(1, part_rows // cfg.slate_size)), desc="simulating", unit="part", disable=not progress, leave=False)
-    return write_parts_dir(parts, path, overwrite=overwrite, row_group_size=262_144)
+    return write_parts_dir(parts, path, row_group_size=262_144)

@@ -13,6 +13,7 @@ Under data parallelism each rank takes every ``world_size``-th piece.
 from __future__ import annotations
 
 import copy
+import json
 import glob
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -29,7 +30,31 @@ from mtrank.data.hashing import HashedCategoricalEncoder, check_hash_columns
 from mtrank.data.io import ROW, read_table, validate_frame
 from mtrank.data.schema import Schema
 from mtrank.errors import DataError
-from mtrank.io_utils import check_parts_dir
+from mtrank.io_utils import INCOMPLETE, MANIFEST
+
+
+def check_parts_dir(path: str | Path) -> None:
+    """Refuse a parts directory that is incomplete: it holds the ``_INCOMPLETE`` marker (a
+    writer was interrupted), or its ``_manifest.json`` lists parts that are missing or it holds
+    parts the manifest does not list. A directory without a manifest (written by other tools)
+    passes.
+
+    Raises:
+        DataError: naming the directory and what is wrong.
+    """
+    p = Path(path)
+    if (p / INCOMPLETE).exists():
+        raise DataError(f"the directory is incomplete (it holds {INCOMPLETE}: its writer was interrupted); write it again", file=str(p))
+    if not (p / MANIFEST).is_file():
+        return
+    try:
+        listed = {e["name"] for e in json.loads((p / MANIFEST).read_text())["parts"]}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"unreadable {MANIFEST} ({exc})", file=str(p)) from None
+    present = {x.name for x in p.glob("part-*.parquet")}
+    if listed != present:
+        missing, extra = sorted(listed - present), sorted(present - listed)
+        raise DataError(f"the directory does not match its {MANIFEST}: missing parts {missing[:5]}, unlisted parts {extra[:5]}", file=str(p))
 
 
 def expand_paths(spec: str | Path | list) -> list[Path]:

@@ -48,5 +48,9 @@ class Base(nn.Module):
         self.ctr_model = SingleTaskNet(spec, cfg)
         self.cvr_model = SingleTaskNet(spec, cfg)
 
+    def head_outputs(self) -> dict[str, nn.Linear]:
+        """The output layer of each network (for :func:`~mtrank.models.layers.init_output_bias`)."""
+        return {"ctr": self.ctr_model.tower.output_layer, "cvr": self.cvr_model.tower.output_layer}
+
     def forward(self, categorical: torch.Tensor, numerical: torch.Tensor) -> dict[str, torch.Tensor]:
         return funnel_outputs(self.ctr_model(categorical, numerical), self.cvr_model(categorical, numerical))

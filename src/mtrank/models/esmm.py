@@ -44,6 +44,10 @@ class ESMM(nn.Module):
         self.ctr_tower = MLP(d, cfg.tower, out=1, dropout=cfg.dropout)
         self.cvr_tower = MLP(d, cfg.tower, out=1, dropout=cfg.dropout)
 
+    def head_outputs(self) -> dict[str, nn.Linear]:
+        """The output layer of each tower (for :func:`~mtrank.models.layers.init_output_bias`)."""
+        return {"ctr": self.ctr_tower.output_layer, "cvr": self.cvr_tower.output_layer}
+
     def forward(self, categorical: torch.Tensor, numerical: torch.Tensor) -> dict[str, torch.Tensor]:
         x = self.embedding(categorical, numerical)
         x_cvr = x if self.cvr_embedding is None else self.cvr_embedding(categorical, numerical)

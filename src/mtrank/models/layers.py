@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -58,7 +59,8 @@ class FeatureEmbedding(nn.Module):
 
 
 class MLP(nn.Module):
-    """Linear → ReLU (→ dropout) per hidden layer, then an optional linear output of size ``out``.
+    """Linear → ReLU (→ dropout) per hidden layer, then an optional linear output of size ``out``
+    (``output_layer``, whose bias :func:`init_output_bias` may set to a base rate's log-odds).
 
     Shapes: ``[B, in_dim]`` → ``[B, out]`` (or ``[B, hidden[-1]]`` when ``out`` is None).
     """
@@ -77,9 +79,44 @@ class MLP(nn.Module):
             d = out
         self.net = nn.Sequential(*layers)
         self.output_dim = d
+        self.has_output_layer = out is not None
+
+    @property
+    def output_layer(self) -> nn.Linear | None:
+        """The final linear layer of size ``out`` (None without one); not a separate submodule,
+        so state dicts are unchanged."""
+        return self.net[-1] if self.has_output_layer else None  # type: ignore[return-value]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+
+def prior_logit(rate: float, eps: float = 1e-6) -> float:
+    """log(r / (1 − r)) of a base rate ``r`` clipped to [eps, 1 − eps]: the logit whose sigmoid is
+    the rate."""
+    r = min(max(float(rate), eps), 1.0 - eps)
+    return math.log(r / (1.0 - r))
+
+
+def init_output_bias(model: nn.Module, rates: dict[str, float]) -> dict[str, float]:
+    """Start every head at its base rate: set the output bias of each head the model declares
+    (``model.head_outputs()``, head name → final ``nn.Linear`` with one output) to
+    :func:`prior_logit` of ``rates[head]``, so the first steps do not have to move σ(logit) from
+    0.5 to the click or conversion rate ("init well", Karpathy 2019, *A Recipe for Training
+    Neural Networks*; the bias is then trained as usual). Heads without a rate and models without
+    ``head_outputs`` are left as they are.
+
+    Returns the logits set, by head name. See docs/models.md (“Defaults”) for the ablation that
+    chose this default.
+    """
+    heads = model.head_outputs() if hasattr(model, "head_outputs") else {}
+    done: dict[str, float] = {}
+    with torch.no_grad():
+        for name, layer in heads.items():
+            if name in rates and layer.bias is not None:
+                done[name] = prior_logit(rates[name])
+                layer.bias.fill_(done[name])
+    return done
 
 
 def funnel_outputs(logit_ctr: torch.Tensor, logit_cvr: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -212,6 +212,10 @@ class MultiTaskModel(nn.Module):
     def build_body(self, in_dim: int, n_heads: int, hidden: list[int], cfg: ModelConfig) -> nn.Module:
         raise NotImplementedError
 
+    def head_outputs(self) -> dict[str, nn.Linear]:
+        """The output layer of each head's tower (for :func:`~mtrank.models.layers.init_output_bias`)."""
+        return {h: t.output_layer for h, t in self.towers.items()}
+
     def forward(self, categorical: torch.Tensor, numerical: torch.Tensor) -> dict[str, torch.Tensor]:
         reps = self.body(self.embedding(categorical, numerical))
         logits = {h: self.towers[h](r).squeeze(-1) for h, r in zip(self.heads, reps, strict=True)}

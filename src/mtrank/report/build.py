@@ -318,7 +318,7 @@ def reliability_bins(y: np.ndarray, p: np.ndarray, bins: int = CALIBRATION_BINS)
 
 def calibration_curves(b: BundleRun, cache: _DataCache) -> dict[str, dict]:
     """Reliability bins and calibration ratio (Σp / Σy) per task of one bundle on its test split."""
-    from mtrank.serve.bundle import Bundle
+    from mtrank.bundle import Bundle
 
     bundle = Bundle.load(b.path)
     frame = cache.test_frame(b, bundle.schema)

@@ -1,5 +1,2 @@
-"""Model bundles and serving."""
-
-from mtrank.serve.bundle import Bundle
-
-__all__ = ["Bundle"]
+"""Serving: the HTTP ranking service, ONNX export and fused scores (the bundle format itself is
+:mod:`mtrank.bundle`)."""

@@ -24,7 +24,7 @@ from torch import nn
 
 from mtrank.errors import BundleError, MtrankError
 from mtrank.io_utils import atomic_write_bytes
-from mtrank.serve.bundle import Bundle
+from mtrank.bundle import Bundle
 
 OPSET = 18
 INPUTS = ("categorical", "numerical")

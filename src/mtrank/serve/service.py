@@ -40,9 +40,9 @@ import polars as pl
 import torch
 from pydantic import ValidationError
 
+from mtrank.bundle import Bundle
 from mtrank.errors import BundleError, ConfigError
 from mtrank.ranking.replay import rank_order
-from mtrank.serve.bundle import Bundle
 from mtrank.serve.fusion import FusionSpec, fused_scores
 
 MAX_CANDIDATES = 2000

@@ -29,6 +29,7 @@ from mtrank.errors import ConfigError
 from mtrank.io_utils import recover_replaced_dir
 from mtrank.losses import TaskLoss, model_loss, task_loss_sum
 from mtrank.metrics.evaluate import evaluate_outputs
+from mtrank.models.layers import init_output_bias
 from mtrank.train.checkpoint import check_fingerprint, load_checkpoint, save_checkpoint
 from mtrank.train.distributed import all_reduce_sum, gather_rows, rank_world
 
@@ -42,6 +43,8 @@ class TrainConfig(BaseModel):
         before stopping. monitor: ``loss`` (the model's own validation objective, lower is
         better) or a metric name such as ``auc_ctcvr`` (higher is better).
         seed: seeds initialisation and shuffling. threads: torch intra-op threads (0 = default).
+        prior_output_bias: before the first step, set each head's output bias to the log-odds of
+        its base rate (:func:`label_rates`, :func:`mtrank.models.layers.init_output_bias`).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -58,6 +61,12 @@ class TrainConfig(BaseModel):
         False,
         description="update only the embedding rows a batch touches (SparseAdam for embedding "
         "tables, Adam for the rest); for large vocabularies",
+    )
+    prior_output_bias: bool = Field(
+        True,
+        description="start each head's output bias at the log-odds of its base rate in the "
+        "training data (click rate, conversion rate among clicks, plain task rates); chosen by "
+        "the ablation in docs/models.md",
     )
 
 
@@ -136,6 +145,37 @@ def validate(model: nn.Module, data: EncodedData, schema: Schema) -> tuple[float
     if world > 1:
         out = {k: gather_rows(torch.from_numpy(v), len(data)).numpy() for k, v in out.items()}
     return loss, evaluate_outputs(out, {k: v.numpy() for k, v in data.labels.items()}, schema, data.side)
+
+
+RATE_ROWS = 262_144  # rows read for the base rates: one stream piece, ~10k clicks at a 4% CTR
+
+
+def label_rates(train: BatchSource, schema: Schema, rows: int = RATE_ROWS) -> dict[str, float]:
+    """Base rates of each head from the first ``rows`` training rows in file order (all of them
+    when fewer; sample weights respected): ``ctr`` = clicks / impressions and ``cvr`` =
+    conversions / clicks for a funnel, else the positive rate per plain task. A rate with no
+    denominator (no clicks) is left out.
+
+    Returns: head name → rate in [0, 1].
+    """
+    batch = next(iter(train.batches(max(1, min(rows, len(train))), shuffle=False)), None)
+    if batch is None:
+        return {}
+    w = torch.ones_like(next(iter(batch.labels.values()))) if batch.weight is None else batch.weight
+    rates: dict[str, float] = {}
+
+    def put(name: str, num: torch.Tensor, den: torch.Tensor) -> None:
+        if float(den) > 0:
+            rates[name] = float(num) / float(den)
+
+    if schema.is_funnel:
+        click = batch.labels["click"]
+        put("ctr", (w * click).sum(), w.sum())
+        put("cvr", (w * click * batch.labels["conversion"]).sum(), (w * click).sum())
+    else:
+        for t in schema.tasks:
+            put(t, (w * batch.labels[t]).sum(), w.sum())
+    return rates
 
 
 def make_optimizers(model: nn.Module, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
@@ -225,6 +265,8 @@ class Trainer:
         optimizers = make_optimizers(model, cfg)
         if hasattr(train, "shard"):
             train = train.shard(rank, world)
+        if cfg.prior_output_bias and not resume:  # before DDP, which broadcasts rank 0's weights
+            init_output_bias(model, label_rates(train, self.schema))
         net = DistributedDataParallel(model) if world > 1 else model
         result = TrainResult(best_epoch=0, best_score=None)
         best_state = None

@@ -1,7 +1,4 @@
-"""CLI command of the report part: ``mtrank report``.
-
-Registered on :data:`mtrank.cli.app` when this module is imported (see ``COMMAND_MODULES``).
-"""
+"""The report command: ``mtrank report`` (registered by :mod:`mtrank.cli`)."""
 
 from __future__ import annotations
 
@@ -10,11 +7,10 @@ from typing import Annotated
 
 import typer
 
-from mtrank.cli import DataDirOpt, app, console
+from mtrank.cli.common import DataDirOpt, console
 from mtrank.report.build import write_report
 
 
-@app.command()
 def report(
     run_dirs: Annotated[list[Path], typer.Argument(help="run directories: quickstart, train (bundle), benchmark, quadrants or fuse outputs")],
     out: Annotated[Path, typer.Option("--out", "-o", help="HTML file to write")] = Path("report.html"),

@@ -1,5 +1,5 @@
 """``mtrank benchmark``: the model zoo side by side under the ESMM paper's protocol
-(see :mod:`mtrank.benchmark`). Imported by :mod:`mtrank.cli` through ``COMMAND_MODULES``."""
+(see :mod:`mtrank.benchmark`). Registered by :mod:`mtrank.cli`."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from mtrank.cli import DataDirOpt, QuietOpt, _tower, app
+from mtrank.cli.common import DataDirOpt, QuietOpt, _tower
 from mtrank.errors import ConfigError
 from mtrank.io_utils import atomic_write_json
 
@@ -32,7 +32,6 @@ def _options(items: list[str] | None) -> dict[str, dict]:
     return out
 
 
-@app.command()
 def benchmark(
     dataset: Annotated[str, typer.Option("--dataset", "-d", help="built-in dataset")],
     models: Annotated[str, typer.Option(help="comma-separated registry names")] = "esmm,base",

@@ -1,5 +1,4 @@
-"""CLI commands of the serving part: ``mtrank export`` and ``mtrank serve`` (registered on the
-main app when :mod:`mtrank.cli` imports this module)."""
+"""The serving commands: ``mtrank export`` and ``mtrank serve`` (registered by :mod:`mtrank.cli`)."""
 
 from __future__ import annotations
 
@@ -8,12 +7,11 @@ from typing import Annotated
 
 import typer
 
-from mtrank.cli import app, console
+from mtrank.cli.common import console
 from mtrank.errors import ConfigError
-from mtrank.io_utils import check_output
+from mtrank.data.io import check_output
 
 
-@app.command()
 def export(
     bundle: Annotated[Path, typer.Option("--bundle", "-b", help="bundle directory")],
     format: Annotated[str, typer.Option("--format", help="export format: onnx")] = "onnx",
@@ -32,7 +30,6 @@ def export(
     console.print(f"wrote {path}; inputs categorical int64 [B, n_cat], numerical float32 [B, n_num]; outputs p_ctr, p_cvr, p_ctcvr [B]; max |onnx - torch| {checks}")
 
 
-@app.command()
 def serve(
     bundle: Annotated[Path, typer.Option("--bundle", "-b", help="bundle directory")],
     fusion: Annotated[Path | None, typer.Option("--fusion", help="fusion JSON (as written by `mtrank fuse`); default score = p_ctcvr")] = None,

@@ -1,13 +1,10 @@
-"""The ``mtrank`` command: simulate, train, evaluate, predict, quickstart.
+"""The pipeline commands: ``mtrank simulate``, ``train``, ``evaluate``, ``predict``, ``quickstart``.
 
-Every expected failure (bad data, missing files, bad bundle, bad option) is printed as one
-``error:`` line naming what to change, with exit code 2; never a stack trace.
+Plain functions; :mod:`mtrank.cli` registers them on the app.
 """
 
 from __future__ import annotations
 
-import importlib
-import os
 import shutil
 import statistics
 import sys
@@ -15,81 +12,37 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
-from rich.text import Text
 
+from mtrank.bundle import Bundle
+from mtrank.cli.common import (
+    SUMMARY,
+    DataDirOpt,
+    DatasetOpt,
+    FunnelOpt,
+    QuietOpt,
+    SchemaOpt,
+    _check_choice,
+    _fmt,
+    _metric_table,
+    _tower,
+    console,
+    err,
+)
 from mtrank.data.datasets import DATASETS
 from mtrank.data.simulate import SimConfig, write_simulated
 from mtrank.data.split import SplitConfig, split_data
 from mtrank.data.stream import expand_paths
-from mtrank.errors import BundleError, ConfigError, MtrankError
-from mtrank.io_utils import atomic_write_json, atomic_write_parquet, check_output
+from mtrank.errors import BundleError, ConfigError
+from mtrank.data.io import check_output
+from mtrank.io_utils import atomic_write_json, atomic_write_parquet
 from mtrank.models import MODELS
 from mtrank.models.config import ModelConfig
-from mtrank.serve.bundle import Bundle
 from mtrank.train.distributed import init_from_env, is_main, run_under_torchrun
 from mtrank.train.trainer import TrainConfig
-from mtrank.workflow import (
-    evaluate_split,
-    fit,
-    fit_stream,
-    load_data,
-    predictions_frame,
-    resolve_schema,
-)
-
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="mtrank: multi-objective ranking for e-commerce around ESMM (pCTR, pCVR, pCTCVR).")
-# Wide enough for the metric tables when output goes to a file or a CI log.
-console = Console(width=None if sys.stdout.isatty() else 200)
-err = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
-
-DatasetOpt = Annotated[str | None, typer.Option("--dataset", "-d", help=f"built-in dataset: {', '.join(DATASETS)}")]
-DataOpt = Annotated[Path | None, typer.Option("--data", help="a CSV/Parquet file with the bundle's feature and label columns")]
-SchemaOpt = Annotated[str | None, typer.Option("--schema", help="schema YAML, or a built-in dataset name")]
-DataDirOpt = Annotated[Path | None, typer.Option("--data-dir", help="folder holding the built-in datasets (default: $MTRANK_DATA_DIR, else ./data)")]
-FunnelOpt = Annotated[str | None, typer.Option("--funnel-violations", help="conversion without click: 'error' (default) or 'drop'")]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")]
-SUMMARY = ["auc_ctr", "auc_cvr_masked", "auc_ctcvr", "gauc_ctr", "logloss_ctr", "logloss_cvr_masked", "logloss_ctcvr", "calib_ctcvr", "auc_cvr_entire_truth", "cvr_bias_entire"]
+from mtrank.workflow import evaluate_split, fit, fit_stream, load_data, predictions_frame, resolve_schema
 
 
-def _fmt(v) -> str:
-    if v is None:
-        return "n/a"
-    if isinstance(v, float):
-        return f"{v:.4f}"
-    return str(v)
-
-
-def _metric_table(title: str, rows: dict[str, dict], keys: list[str] | None = None) -> Table:
-    keys = keys or [k for k in SUMMARY if any(k in r for r in rows.values())]
-    if not keys:  # plain multi-task data (e.g. census): auc_<task>, logloss_<task>
-        keys = [k for k in next(iter(rows.values()), {}) if k.startswith(("auc_", "logloss_"))]
-    table = Table(title=title)
-    table.add_column("model")
-    for k in keys:
-        table.add_column(k, justify="right")
-    for name, r in rows.items():
-        table.add_row(name, *[_fmt(r.get(k)) for k in keys])
-    return table
-
-
-def _tower(text: str) -> list[int]:
-    try:
-        sizes = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ConfigError(f"--tower takes comma-separated integers, got {text!r}") from None
-    if not sizes or min(sizes) <= 0:
-        raise ConfigError(f"--tower needs positive sizes, got {text!r}")
-    return sizes
-
-
-def _check_choice(value: str | None, choices, option: str) -> None:
-    if value is not None and value not in choices:
-        raise ConfigError(f"{option} must be one of {sorted(choices)}, got {value!r}")
-
-
-@app.command()
 def simulate(
     out: Annotated[Path, typer.Option("--out", "-o", help="Parquet file to write")] = Path("data/simulated/simulated.parquet"),
     rows: Annotated[int, typer.Option(help="impressions")] = 1_000_000,
@@ -118,7 +71,6 @@ def _configs(model, epochs, batch_size, lr, seed, patience, embedding_dim, tower
     )
 
 
-@app.command(context_settings={"allow_extra_args": False})
 def train(
     dataset: DatasetOpt = None,
     data: Annotated[list[str] | None, typer.Option("--data", help="CSV/Parquet file, directory or glob (with --schema); repeatable")] = None,
@@ -246,11 +198,10 @@ def _report_validation(loaded) -> None:
             err.print(f"[yellow]dropped {len(rep.dropped_rows)} funnel-violating row(s) (conversion without click) from {rep.source}; first rows: {rep.dropped_rows[:10]}[/yellow]")
 
 
-@app.command()
 def evaluate(
     bundle: Annotated[Path, typer.Option("--bundle", "-b", help="bundle directory")],
     dataset: DatasetOpt = None,
-    data: DataOpt = None,
+    data: Annotated[Path | None, typer.Option("--data", help="a CSV/Parquet file with the bundle's feature and label columns")] = None,
     data_dir: DataDirOpt = None,
     split: Annotated[str, typer.Option(help="for a built-in dataset: the split to evaluate (test, val)")] = "test",
     out: Annotated[Path | None, typer.Option("--out", "-o", help="write metrics JSON here")] = None,
@@ -275,7 +226,6 @@ def evaluate(
         console.print(f"metrics written to {out}")
 
 
-@app.command()
 def predict(
     bundle: Annotated[Path, typer.Option("--bundle", "-b", help="bundle directory")],
     data: Annotated[Path, typer.Option("--data", help="CSV/Parquet file to score (labels optional)")],
@@ -300,7 +250,6 @@ def predict(
     console.print(f"wrote {frame.height:,} predictions to {out}")
 
 
-@app.command()
 def quickstart(
     dataset: Annotated[str, typer.Option("--dataset", "-d", help=f"one of {', '.join(DATASETS)}")] = "simulated",
     data_dir: DataDirOpt = None,
@@ -362,74 +311,3 @@ def _mean_std(runs: list[dict]) -> dict:
         std = statistics.stdev(vals) if len(vals) > 1 else 0.0
         out[k] = {"mean": mean, "std": std, "text": f"{mean:.4f} ± {std:.4f}" if len(vals) > 1 else f"{mean:.4f}"}
     return out
-
-
-# Other parts of mtrank add their commands to `app` when their `commands` module is imported;
-# a part that is not there yet is simply absent from the CLI.
-COMMAND_MODULES = (
-    "mtrank.models.commands",  # benchmark
-    "mtrank.ranking.commands",  # quadrants, fuse
-    "mtrank.serve.commands",  # export, serve
-    "mtrank.report.commands",  # report
-    "mtrank.train.commands",  # distributed / streaming training
-)
-for _name in COMMAND_MODULES:
-    try:
-        importlib.import_module(_name)
-    except ModuleNotFoundError as _exc:
-        # absent: the commands module itself, or a parent package of it (mtrank.ranking)
-        if _exc.name is None or not (_name == _exc.name or _name.startswith(_exc.name + ".")):
-            raise
-
-
-def _click_exception_types() -> tuple[tuple[type, ...], tuple[type, ...]]:
-    """Usage-error and abort classes of click, and of the copy of click that typer vendors."""
-    import click
-
-    errors, aborts = [click.exceptions.ClickException], [click.exceptions.Abort]
-    try:
-        from typer._click import exceptions as vendored  # typer ≥ 0.2x ships its own click
-    except ImportError:
-        vendored = None
-    if vendored is not None:
-        errors += [c for c in (getattr(vendored, "ClickException", None),) if c]
-        aborts += [c for c in (getattr(vendored, "Abort", None), getattr(vendored, "Exit", None)) if c]
-    return tuple(errors), tuple(aborts)
-
-
-def main() -> None:
-    """Entry point: run the app, turning mtrank's own errors and invalid options into one
-    ``error:`` line and exit code 2 (never a stack trace)."""
-    from pydantic import ValidationError
-
-    click_errors, aborts = _click_exception_types()
-
-    code = 0
-    try:
-        app(standalone_mode=False)
-    except MtrankError as exc:
-        err.print(Text.assemble(("error: ", "bold red"), str(exc)), highlight=False, soft_wrap=True)
-        code = 2
-    except ValidationError as exc:  # an option value out of range (pydantic config models)
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        err.print(Text.assemble(("error: ", "bold red"), f"invalid option value: {problems}"), highlight=False, soft_wrap=True)
-        code = 2
-    except click_errors as exc:
-        exc.show()
-        code = exc.exit_code
-    except OSError as exc:  # disk full, permission denied, … while writing or reading a path
-        where = f": {exc.filename}" if exc.filename else ""
-        err.print(Text.assemble(("error: ", "bold red"), f"{exc.strerror or exc}{where}"), highlight=False, soft_wrap=True)
-        code = 2
-    except aborts:
-        code = 130
-    # Leave without interpreter teardown on error paths: native thread pools (pyarrow, torch)
-    # still shutting down can abort the process ("terminate called …") and mask the exit code.
-    if code:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,7 +1,4 @@
-"""CLI commands of the ranking part: ``mtrank quadrants`` and ``mtrank fuse``.
-
-Registered on :data:`mtrank.cli.app` when this module is imported (see ``COMMAND_MODULES``).
-"""
+"""The ranking commands: ``mtrank quadrants`` and ``mtrank fuse`` (registered by :mod:`mtrank.cli`)."""
 
 from __future__ import annotations
 
@@ -15,14 +12,14 @@ import polars as pl
 import typer
 from rich.table import Table
 
-from mtrank.cli import (
+from mtrank.bundle import Bundle
+from mtrank.cli.common import (
     DataDirOpt,
     DataOpt,
     DatasetOpt,
     SchemaOpt,
     _check_choice,
     _fmt,
-    app,
     console,
     err,
 )
@@ -48,7 +45,6 @@ from mtrank.ranking.replay import (
     top_k_share,
 )
 from mtrank.ranking.tune import TuneConfig, tune
-from mtrank.serve.bundle import Bundle
 from mtrank.workflow import load_data, predictions_frame, resolve_schema
 
 # Per-dataset defaults (by schema name). ``value``: the GMV of a converted row; ``price``: the
@@ -127,7 +123,6 @@ def _table(title: str, df: pl.DataFrame, cols: list[str]) -> Table:
     return t
 
 
-@app.command()
 def quadrants(
     dataset: DatasetOpt = None,
     data: DataOpt = None,
@@ -247,7 +242,6 @@ def _plot_frontier(trials: pl.DataFrame, frontier: pl.DataFrame, refs: dict[str,
     plt.close(fig)
 
 
-@app.command()
 def fuse(
     dataset: DatasetOpt = None,
     data: DataOpt = None,
