@@ -29,7 +29,6 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-import mtrank
 from mtrank.data.batch import EncodedData
 from mtrank.data.encoders import FeatureEncoder
 from mtrank.data.io import validate_frame
@@ -39,6 +38,7 @@ from mtrank.io_utils import atomic_replace_dir, atomic_write_json, recover_repla
 from mtrank.models import build_model
 from mtrank.models.config import FeatureSpec, ModelConfig
 from mtrank.train.trainer import predict
+from mtrank.version import __version__
 
 FORMAT = "mtrank.bundle/1"
 FILES = ("config.json", "encoders.json", "model.safetensors")
@@ -97,7 +97,7 @@ class Bundle:
             config = {
                 "format": FORMAT,
                 "created": datetime.now(UTC).isoformat(timespec="seconds"),
-                "versions": {"mtrank": mtrank.__version__, "torch": torch.__version__, "python": platform.python_version()},
+                "versions": {"mtrank": __version__, "torch": torch.__version__, "python": platform.python_version()},
                 "schema": self.schema.model_dump(mode="json"),
                 "model": self.model_config.model_dump(mode="json"),
                 "features": self.spec.model_dump(mode="json"),
@@ -200,3 +200,25 @@ class Bundle:
         """Probabilities ``p_*`` ``[N]`` for encoded data."""
         out = predict(self.model, data, batch_size)
         return {k: v for k, v in out.items() if k.startswith("p_")}
+
+    def predict(self, frame, source: str = "<table>") -> pl.DataFrame:
+        """Score a table, row for row in input order.
+
+        Args:
+            frame: a polars or pandas DataFrame holding the schema's feature columns (by name,
+                any order; labels optional).
+            source: named in error messages (e.g. the file the rows came from).
+
+        Returns:
+            polars DataFrame: the table's id, price and passthrough columns that are present,
+            then ``p_ctr``, ``p_cvr``, ``p_ctcvr`` (or ``p_<task>``), float64 ``[N]``.
+
+        Raises:
+            DataError: a missing column or a bad value (naming the column and row).
+        """
+        df = frame if isinstance(frame, pl.DataFrame) else pl.from_pandas(frame)
+        probs = self.predict_arrays(self.encode(df, source))
+        s = self.schema
+        keep = [c for c in dict.fromkeys([s.request_id, s.user_id, s.item_id, s.price, *s.passthrough]) if c and c in df.columns]
+        scores = [pl.Series(k, v.astype(np.float64)) for k, v in probs.items()]
+        return df.select(keep).with_columns(scores) if keep else pl.DataFrame(scores)

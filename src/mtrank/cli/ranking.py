@@ -17,11 +17,14 @@ from mtrank.cli.common import (
     DataDirOpt,
     DataOpt,
     DatasetOpt,
+    ConfigOpt,
     SchemaOpt,
     _check_choice,
     _fmt,
+    _str,
     console,
     err,
+    resolve_config,
 )
 from mtrank.data.io import ROW
 from mtrank.data.schema import Schema
@@ -64,6 +67,23 @@ PREDICTION_COLUMNS = ("p_ctr", "p_cvr")
 def _defaults(schema: Schema) -> dict:
     generic = {"by": [schema.item_id] if schema.item_id else [], "value": schema.price, "price": schema.price, "pseudo_size": 10, "position_coef": 0.0}
     return {**generic, **RANKING_DEFAULTS.get(schema.name, {})}
+
+
+def _from_config(ctx, config, dataset, data, schema, data_dir, bundle) -> tuple:
+    """(dataset, data, schema, data_dir, bundle): the flags, or with ``--config`` the config's
+    keys with the flags given on the command line written over them."""
+    if config is None:
+        return dataset, data, schema, data_dir, bundle
+    cfg = resolve_config(ctx, config, {
+        "dataset": ("data.dataset", dataset), "data": ("data.paths", lambda: [str(data)] if data else None),
+        "schema": ("data.schema", schema), "data_dir": ("data.data_dir", lambda: _str(data_dir)),
+        "bundle": ("export.out", lambda: _str(bundle)),
+    })
+    d = cfg.data
+    if len(d.paths) > 1:
+        raise ConfigError("data.paths (--data) takes one file here")
+    path = Path(d.paths[0]) if d.paths else None
+    return d.dataset, path, d.schema_, (Path(d.data_dir) if d.data_dir else None), Path(cfg.export.out)
 
 
 def _columns(text: str | None) -> list[str] | None:
@@ -124,6 +144,8 @@ def _table(title: str, df: pl.DataFrame, cols: list[str]) -> Table:
 
 
 def quadrants(
+    ctx: typer.Context,
+    config: ConfigOpt = None,
     dataset: DatasetOpt = None,
     data: DataOpt = None,
     schema: SchemaOpt = None,
@@ -138,6 +160,7 @@ def quadrants(
     out: Annotated[Path, typer.Option("--out", "-o", help="output directory")] = Path("runs/quadrants"),
 ) -> None:
     """Four-quadrant CTR × CVR analysis of items (or shops, segments …): tables, JSON and a plot."""
+    dataset, data, schema, data_dir, bundle = _from_config(ctx, config, dataset, data, schema, data_dir, bundle)
     _check_choice(threshold, ("mean", "median"), "--threshold")
     frame, _, sch, b, source = _load(dataset, data, schema, data_dir, bundle, split)
     if not sch.is_funnel:
@@ -243,6 +266,8 @@ def _plot_frontier(trials: pl.DataFrame, frontier: pl.DataFrame, refs: dict[str,
 
 
 def fuse(
+    ctx: typer.Context,
+    config: ConfigOpt = None,
     dataset: DatasetOpt = None,
     data: DataOpt = None,
     schema: SchemaOpt = None,
@@ -260,7 +285,7 @@ def fuse(
     eps: Annotated[float, typer.Option(help="ε of the multiplicative formula (price + ε)")] = 1.0,
     price_col: Annotated[str | None, typer.Option(help="the price factor column (default per dataset)")] = None,
     value_col: Annotated[str | None, typer.Option(help="GMV of a converted row (default per dataset)")] = None,
-    price_policy: Annotated[str, typer.Option(help="bad (missing, non-finite, ≤ 0) prices: error, clip or drop")] = "error",
+    price_policy: Annotated[str, typer.Option(help="bad (missing, non-finite, negative) prices: error, clip or drop")] = "error",
     price_floor: Annotated[float, typer.Option(help="replacement price under --price-policy clip")] = 0.01,
     pseudo_request_size: Annotated[int | None, typer.Option(help="rows per pseudo-request when there is no request id")] = None,
     position_coef: Annotated[float | None, typer.Option(help="position effect on logit CTR for expected metrics (simulator: 0.35)")] = None,
@@ -270,6 +295,7 @@ def fuse(
     out: Annotated[Path, typer.Option("--out", "-o", help="output directory")] = Path("runs/fuse"),
 ) -> None:
     """Tune a ranking-score fusion of pCTR, pCVR and price offline by replay; write fusion.json."""
+    dataset, data, schema, data_dir, bundle = _from_config(ctx, config, dataset, data, schema, data_dir, bundle)
     _check_choice(method, ("optuna", "grid"), "--method")
     _check_choice(price_policy, ("error", "clip", "drop"), "--price-policy")
     _check_choice(objective, ("gmv", "exp_gmv"), "--objective")

@@ -60,20 +60,26 @@ class ScoredCandidate(BaseModel):
 
 
 class RankedCandidate(ScoredCandidate):
+    """A candidate of ``/rank`` with its rank (1 = first)."""
     rank: int = Field(description="1 = best")
 
 
 class FeatureCounts(BaseModel):
+    """How many feature values were missing or unseen (out of vocabulary) in a request."""
     missing: dict[str, int] = Field(description="per feature column: null values (encoded as missing / mean-imputed)")
     oov: dict[str, int] = Field(description="per categorical column: values unseen in training, scored with the OOV index")
 
 
 class FusionOut(BaseModel):
+    """The fusion a response was ranked with: formula and every parameter."""
+
     formula: str
     params: dict[str, float | str]
 
 
 class ScoreResponse(BaseModel):
+    """The response of ``/score``: the candidates' probabilities and fused scores, in request
+    order."""
     model: str
     bundle_sha256: str
     fusion: FusionOut
@@ -83,10 +89,13 @@ class ScoreResponse(BaseModel):
 
 
 class RankResponse(ScoreResponse):
+    """The response of ``/rank``: the candidates sorted by fused score, best first."""
     candidates: list[RankedCandidate]  # type: ignore[assignment]
 
 
 class ErrorDetail(BaseModel):
+    """One problem of a request: where (``loc``), what (``msg``), its kind (``type``)."""
+
     loc: list[str | int] = Field(description='path in the request, e.g. ["body", "candidates", 3, "price"]')
     msg: str
     type: str

@@ -33,6 +33,7 @@ _QUOTE, _BACKSLASH, _COLON = ord('"'), ord("\\"), ord(":")
 
 
 def body_error(status: int, msg: str, kind: str) -> RequestError:
+    """A body-level error (``loc`` = ``["body"]``) with its HTTP status."""
     return RequestError([{"loc": ["body"], "msg": msg, "type": kind}], status=status)
 
 
@@ -50,6 +51,7 @@ def check_length(content_length: str | None, limit: int) -> None:
 
 
 def too_large(limit: int) -> RequestError:
+    """413 for a body that passed ``limit`` bytes while it arrived."""
     return body_error(413, f"the body is larger than the limit of {limit:,} bytes (mtrank serve --max-body-bytes)", "too_large")
 
 

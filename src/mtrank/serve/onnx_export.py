@@ -127,6 +127,8 @@ class OnnxScorer:
         self.outputs = [o.name for o in self.session.get_outputs()]
 
     def __call__(self, categorical: np.ndarray, numerical: np.ndarray) -> dict[str, np.ndarray]:
+        """``p_ctr``, ``p_cvr``, ``p_ctcvr`` ``[B]`` from ids ``[B, n_cat]`` int64 and numbers
+        ``[B, n_num]`` float32."""
         res = self.session.run(self.outputs, {"categorical": categorical, "numerical": numerical})
         return dict(zip(self.outputs, res, strict=True))
 
