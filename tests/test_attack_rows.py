@@ -427,7 +427,7 @@ def fuse_bad_prices(tmp: Path):
     df = sim()
     bad = [3, 10, 5990]  # 0-based file positions: 5990 lies in the (time-ordered) test split
     price = df["price"].to_numpy().copy()
-    price[bad] = 0.0
+    price[bad] = -1.0  # a negative price is invalid (0 is a valid price)
     data = tmp / "rows.parquet"
     df.with_columns(pl.Series("price", price)).write_parquet(data)
     r = cli("fuse", "--bundle", bundle_dir(), "--data", data, "--out", tmp / "fusion.json", "--trials", 2)
