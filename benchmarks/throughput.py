@@ -138,6 +138,7 @@ def make_data(workdir: Path, regime: str, total_rows: int, part_rows: int, val_r
         parts = sorted((d / "parts").glob("part-*.parquet"))
         last = pl.read_parquet(parts[-1])
         parts[-1].rename(d / "eval.parquet")
+        (d / "parts" / "_manifest.json").unlink()  # the directory no longer holds what it lists
         last.slice(0, val_rows).write_parquet(d / "val.parquet")
         last.slice(val_rows, test_rows).write_parquet(d / "test.parquet")
         marker.write_text(json.dumps({"config": cfg.model_dump(), "seconds": round(time.perf_counter() - t0, 1)}))

@@ -62,6 +62,33 @@ def rng() -> np.random.Generator:
     return np.random.default_rng(0)
 
 
+def start_server(*args: str, timeout: float = 120):
+    """Start ``mtrank serve <args> --port P`` on 127.0.0.1 and wait until /health answers.
+    Returns (process, port); the caller terminates the process."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "mtrank", "serve", *map(str, args), "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return proc, port
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"server did not start: {proc.stdout.read().decode()[-2000:]}")
+        time.sleep(0.2)
+
+
 def cli_in_process(*args):
     """Run an ``mtrank`` command in-process through typer's runner; an mtrank error comes back as
     exit code 2 with its message in ``stderr`` (as ``mtrank.cli.main`` prints it), anything else

@@ -357,8 +357,9 @@ def _rows_of(action, tmp):
     return None
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_case(case: Case, tmp_path: Path):
+def check_case(case: Case, tmp_path: Path) -> None:
+    """Run one row: its action raises the expected error (exact class, message fragment), or
+    its result satisfies the predicate."""
     if isinstance(case.expect, Raises):
         with pytest.raises(case.expect.error) as info:
             case.action(tmp_path)
@@ -367,6 +368,11 @@ def test_case(case: Case, tmp_path: Path):
     else:
         result = case.action(tmp_path)
         assert case.expect(result), result
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_case(case: Case, tmp_path: Path):
+    check_case(case, tmp_path)
 
 
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path):

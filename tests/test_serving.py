@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import socket
-import subprocess
-import sys
-import time
 
 import httpx
 import numpy as np
@@ -26,14 +22,15 @@ from mtrank.data.split import SplitConfig, split_data
 from mtrank.errors import ConfigError
 from mtrank.models import build_model
 from mtrank.models.config import FeatureSpec, ModelConfig
-from mtrank.serve.app import create_app
-from mtrank.bundle import Bundle
 from mtrank.ranking.fusion import Multiplicative, save_fusion
 from mtrank.ranking.replay import rank_order
+from mtrank.serve.app import create_app
+from mtrank.bundle import Bundle
 from mtrank.serve.fusion import FusionSpec, fused_scores
 from mtrank.serve.service import MAX_CANDIDATES
 from mtrank.train.trainer import TrainConfig
 from mtrank.workflow import fit, predictions_frame
+from tests.conftest import start_server
 
 USER = ["user_id", "user_age", "user_gender", "user_power", "hour"]
 ITEM = ["item_id", "category", "brand", "shop", "price"]
@@ -312,8 +309,14 @@ def test_candidate_values_override_the_context(client, sim):
         (lambda r: r["context"].pop("user_id"), "candidates.0.user_id", "in `context` or in every candidate"),
         (lambda r: r["candidates"][2].update(price="cheap"), "candidates.2.price", "valid number"),
         (lambda r: r["candidates"][0].update(price=-3.0), "candidates.0.price", "greater than or equal to 0"),
-        (lambda r: r["candidates"][0].update(price=None), "candidates.0.price", "valid number"),
-        (lambda r: r["candidates"][0].update(price=1e308), "candidates.price", "overflows float32"),
+        (lambda r: r["candidates"][0].update(price=None), "candidates.0.price", "Field required: a price (a number ≥ 0) in the candidate or in `context`"),
+        (lambda r: r["candidates"][0].update(price=1e308), "candidates.0.price", "value too large: |x| must be ≤"),
+        (lambda r: r["candidates"][0].update(price=True), "candidates.0.price", "valid number"),
+        (lambda r: r["candidates"][0].update(category=True), "candidates.0.category", "string, a 64-bit integer or null"),
+        (lambda r: r.update(top_k="2"), "body.top_k", "integer ≥ 1"),
+        (lambda r: r.update(top_k=True), "body.top_k", "integer ≥ 1"),
+        (lambda r: r.update(fusion={"formula": "multiplicative", "params": {"alpha": True}}), "body.fusion", "params.alpha: must be a number, got bool"),
+        (lambda r: r.update(fusion={"params": {"x": ""}}), "body.fusion", "bad params ['x']: not parameters of this formula"),
         (lambda r: r["candidates"][0].update(category=[1, 2]), "candidates.0.category", "string, a 64-bit integer or null"),
         (lambda r: r["candidates"][0].update(category=2.5), "candidates.0.category", "string, a 64-bit integer or null"),
         (lambda r: r["context"].update(user_age={"a": 1}), "context.user_age", "string, a 64-bit integer or null"),
@@ -342,21 +345,8 @@ def test_nan_price_is_422_not_500(client, sim):
 
 # -- a real server, started and stopped by the test ---------------------------------------------
 def test_mtrank_serve_runs_on_localhost(bundle_dir, sim):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "mtrank", "serve", "--bundle", str(bundle_dir), "--port", str(port), "--engine", "torch"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc, port = start_server("--bundle", bundle_dir, "--engine", "torch")
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None, proc.stdout.read().decode()
-            assert time.monotonic() < deadline, "server did not start in 60 s"
-            time.sleep(0.2)
         r = httpx.post(f"http://127.0.0.1:{port}/rank", json=request_of(sim.slice(0, 5)), timeout=10)
         assert r.status_code == 200 and len(r.json()["candidates"]) == 5
     finally:

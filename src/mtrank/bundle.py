@@ -40,7 +40,7 @@ from mtrank.data.encoders import FeatureEncoder
 from mtrank.data.io import validate_frame
 from mtrank.data.schema import Schema
 from mtrank.errors import BundleError, MtrankError
-from mtrank.io_utils import atomic_replace_dir, atomic_write_json
+from mtrank.io_utils import atomic_replace_dir, atomic_write_json, recover_replaced_dir
 from mtrank.models import RANKERS, build_model
 from mtrank.models.config import FeatureSpec, ModelConfig
 from mtrank.train.device import resolve_device
@@ -201,21 +201,27 @@ class Bundle:
         return path
 
     @classmethod
-    def load(cls, path: str | Path, *, device: str | torch.device = "cpu") -> Bundle:
-        """Load a bundle (no pickle: JSON + safetensors only).
+    def load(cls, path: str | Path, *, device: str | torch.device = "cpu", allow_unverified: bool = False) -> Bundle:
+        """Load a bundle (no pickle: JSON + safetensors, or a ranker's text model, only).
 
-        The weights are always read into host memory first (a bundle written on a GPU machine
-        loads on a CPU-only one; :meth:`save` stores CPU tensors), then the model is moved to
-        ``device`` (``cpu`` by default; ``auto``, ``cuda``, ``cuda:N``: see
-        :func:`mtrank.train.device.resolve_device`).
+        Args:
+            path: the bundle directory (an interrupted replace of it is repaired first, see
+                :func:`~mtrank.io_utils.recover_replaced_dir`).
+            device: where the model runs. The weights are always read into host memory first (a
+                bundle written on a GPU machine loads on a CPU-only one; :meth:`save` stores CPU
+                tensors), then moved to ``device`` (``cpu`` by default; ``auto``, ``cuda``,
+                ``cuda:N``: see :func:`mtrank.train.device.resolve_device`).
+            allow_unverified: load even when config.json records no sha256 of the other files
+                (otherwise such a bundle is refused: its weights cannot be verified).
 
         Raises:
             ConfigError: ``device`` is not available here.
             BundleError: a file is missing, unreadable, tampered with (bad JSON, truncated
-                weights, wrong tensor shapes or names) or of an unknown format.
+                weights, wrong tensor shapes or names, checksums removed) or of an unknown format.
         """
         target = resolve_device(device)  # an unavailable device fails before any reading
         path = Path(path)
+        recover_replaced_dir(path)
         if not path.is_dir():
             raise BundleError(f"no bundle at {path} (expected a directory holding {list(FILES)})")
         missing = [f for f in FILES[:2] if not (path / f).is_file()]
@@ -238,7 +244,14 @@ class Bundle:
         files = _files(weights.weights_file)
         if not (path / weights.weights_file).is_file():
             raise BundleError(f"bundle {path} is incomplete: missing {[weights.weights_file]}")
-        for name, expected in (config.get("sha256") or {}).items():
+        sums = config.get("sha256")
+        unrecorded = [f for f in files[1:] if not (isinstance(sums, dict) and isinstance(sums.get(f), str))]
+        if unrecorded and not allow_unverified:
+            raise BundleError(
+                f"bundle {path}: config.json records no sha256 for {unrecorded}, so the files cannot be "
+                "verified; refusing to load it (save the bundle again with mtrank, or load with allow_unverified=True)"
+            )
+        for name, expected in (sums if isinstance(sums, dict) else {}).items():
             if name in files and _sha256(path / name) != expected:
                 raise BundleError(
                     f"bundle {path}: {name} does not match the sha256 recorded in config.json "

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
-import stat
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -80,19 +81,62 @@ def atomic_write_parquet(df: pl.DataFrame, path: Path, row_group_size: int | Non
     return _atomic_write(path, lambda tmp: df.write_parquet(tmp, row_group_size=row_group_size, metadata=metadata))
 
 
+_RENAME_EXCHANGE = 2  # renameat2 flag (Linux ≥ 3.15): swap two paths atomically
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap the directory entries ``a`` and ``b`` (renameat2 RENAME_EXCHANGE).
+    False where the system or file system does not support it."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EXDEV):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _backup_name(target: Path) -> Path:
+    return target.with_name(f".{target.name}.old")
+
+
+def recover_replaced_dir(target: Path) -> None:
+    """Finish an interrupted :func:`atomic_replace_dir` that used the rename-aside fallback:
+    when ``target`` is missing but its backup is there, put the backup back."""
+    target = Path(target)
+    backup = _backup_name(target)
+    if not target.exists() and backup.is_dir():
+        os.replace(backup, target)
+
+
 def atomic_replace_dir(staging: Path, target: Path) -> None:
     """Move a fully written ``staging`` directory to ``target``, replacing any old one.
 
-    The old directory is renamed aside first and removed only after the new one is in place,
-    so an interruption leaves either the old or the new directory, never a mixture.
+    ``target`` is never absent: an existing directory is swapped with ``staging`` in one atomic
+    ``renameat2(RENAME_EXCHANGE)`` (Linux), and the old one, now at the staging path, removed.
+    Where the exchange is not supported, the old directory is renamed to ``.<name>.old`` first;
+    a kill between the two renames is repaired by :func:`recover_replaced_dir`, which
+    :meth:`Bundle.load <mtrank.bundle.Bundle.load>` and checkpoint loading call.
     """
     target = Path(target)
     publish_mode(staging)
     for child in Path(staging).iterdir():
         publish_mode(child)
+    recover_replaced_dir(target)
+    if target.is_dir() and _exchange(Path(staging), target):
+        shutil.rmtree(staging, ignore_errors=True)
+        return
     backup = None
     if target.exists():
-        backup = target.with_name(f".{target.name}.old-{os.getpid()}")
+        backup = _backup_name(target)
         if backup.exists():
             shutil.rmtree(backup)
         os.replace(target, backup)
@@ -104,3 +148,41 @@ def atomic_replace_dir(staging: Path, target: Path) -> None:
         raise
     if backup is not None:
         shutil.rmtree(backup, ignore_errors=True)
+
+
+
+
+INCOMPLETE = "_INCOMPLETE"  # marker inside a parts directory still being written
+MANIFEST = "_manifest.json"  # parts and their rows, written last
+
+
+def write_parts_dir(parts, path: str | Path, *, row_group_size: int | None = None, metadata: dict[str, str] | None = None) -> Path:
+    """Write an iterable of DataFrames as ``path/part-00000.parquet`` … through a staging
+    directory renamed into place at the end (:func:`atomic_replace_dir`): a kill at any moment
+    leaves ``path`` as it was. The staging directory holds an ``_INCOMPLETE`` marker until the
+    last part is written; ``_manifest.json`` lists the parts and their rows (see
+    :func:`mtrank.data.stream.check_parts_dir`).
+
+    An existing ``path`` is replaced whole; callers refuse a non-empty one first unless asked
+    to overwrite (:func:`mtrank.data.io.refuse_nonempty`). ``metadata``: key-value pairs stored
+    in every part.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        (staging / INCOMPLETE).write_text("parts are being written; this directory is not a data set yet\n")
+        listed = []
+        for k, part in enumerate(parts):
+            name = f"part-{k:05d}.parquet"
+            part.write_parquet(staging / name, row_group_size=row_group_size, metadata=metadata)
+            listed.append({"name": name, "rows": part.height})
+        atomic_write_json({"format": "mtrank.parts/1", "parts": listed, "rows": sum(p["rows"] for p in listed)}, staging / MANIFEST)
+        (staging / INCOMPLETE).unlink()
+        if path.exists() and not path.is_dir():
+            path.unlink()
+        atomic_replace_dir(staging, path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return path

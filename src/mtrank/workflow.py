@@ -29,6 +29,7 @@ from mtrank.metrics.evaluate import CALIBRATION_BINS, calibration_curves, evalua
 from mtrank.models import build_model
 from mtrank.models.config import FeatureSpec, ModelConfig
 from mtrank.bundle import Bundle
+from mtrank.train.checkpoint import run_fingerprint
 from mtrank.train.device import resolve_device
 from mtrank.train.trainer import EpochLog, TrainConfig, Trainer, TrainResult, predict
 
@@ -193,9 +194,17 @@ def fit_encoded(
     model = build_model(spec, model_cfg)
     train, val = training_views(model, encoded["train"], encoded.get("val"), train_cfg.seed)
     trainer = Trainer(train_cfg, schema, quiet=quiet, on_epoch=on_epoch)
+    fingerprint = None
+    if checkpoint is not None:
+        t = encoded["train"]
+        fingerprint = run_fingerprint(
+            data=[t.categorical, t.numerical, *(t.labels[k] for k in sorted(t.labels))],
+            schema=schema.model_dump(mode="json"), encoders=encoder.to_json(),
+            model=[model_cfg.model_dump(mode="json"), spec.model_dump(mode="json")],
+        )
     result = trainer.fit(
         model, train, val,
-        checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume,
+        checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume, fingerprint=fingerprint,
     )
     names = [k for k in encoded if k != "train"] if evaluate is None else list(evaluate)
     metrics, curves = _evaluate(model, {k: encoded[k] for k in names if k in encoded}, schema)
@@ -255,7 +264,11 @@ def fit_stream(
     val = ParquetStream(val_paths, schema, encoder).load_all() if val_paths else None
     spec = feature_spec(encoder, schema)
     model = build_model(spec, model_cfg)
-    result = Trainer(train_cfg, schema, quiet=quiet, on_epoch=on_epoch).fit(model, train, val, checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume)
+    fingerprint = None if checkpoint is None else run_fingerprint(
+        data=[Path(p) for p in train_paths], schema=schema.model_dump(mode="json"), encoders=encoder.to_json(),
+        model=[model_cfg.model_dump(mode="json"), spec.model_dump(mode="json")],
+    )
+    result = Trainer(train_cfg, schema, quiet=quiet, on_epoch=on_epoch).fit(model, train, val, checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume, fingerprint=fingerprint)
     held = {"val": val} if val is not None else {}
     if test_paths:
         held["test"] = ParquetStream(test_paths, schema, encoder).load_all()

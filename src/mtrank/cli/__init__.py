@@ -81,6 +81,10 @@ def main() -> None:
     except click_errors as exc:
         exc.show()
         code = exc.exit_code
+    except OSError as exc:  # disk full, permission denied, … while writing or reading a path
+        where = f": {exc.filename}" if exc.filename else ""
+        err.print(Text.assemble(("error: ", "bold red"), f"{exc.strerror or exc}{where}"), highlight=False, soft_wrap=True)
+        code = 2
     except aborts:
         code = 130
     # Leave without interpreter teardown on error paths: native thread pools (pyarrow, torch)

@@ -21,7 +21,6 @@ from mtrank.cli.common import (
     ConfigOpt,
     DataDirOpt,
     DatasetOpt,
-    DataOpt,
     DeviceOpt,
     FunnelOpt,
     PrecisionOpt,
@@ -43,11 +42,12 @@ from mtrank.data.datasets import DATASETS
 from mtrank.data.simulate import write_simulated
 from mtrank.data.split import SplitConfig, split_data
 from mtrank.errors import BundleError, ConfigError
+from mtrank.data.io import check_output
 from mtrank.io_utils import atomic_write_json, atomic_write_parquet
 from mtrank.metrics.summary import summarise
 from mtrank.models import MODELS, RANKERS
 from mtrank.train.device import large_batch_defaults, resolve_device, resolve_precision
-from mtrank.train.distributed import init_from_env, is_main
+from mtrank.train.distributed import init_from_env, is_main, run_under_torchrun
 from mtrank.train.trainer import TrainConfig
 from mtrank.workflow import evaluate_split, load_data, load_run_data, predictions_frame, resolve_schema, run
 
@@ -71,6 +71,7 @@ def simulate(
     history_len: Annotated[int | None, typer.Option(help="last N purchased / carted / favourited items per user (0 = none)")] = None,
     slate_size: Annotated[int | None, typer.Option(help="candidates shown per request (positions 1..S)")] = None,
     part_rows: Annotated[int | None, typer.Option(help="write a directory of Parquet parts of this many rows (bounded memory)")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing, non-empty --out whole")] = False,
 ) -> None:
     """Write a synthetic mall's impression log (exact true_ctr, true_cvr_clicked, true_cvr_do,
     true_ctcvr per row) as Parquet; the settings go into the file's metadata.
@@ -89,7 +90,8 @@ def simulate(
         run_cfg = resolve_config(ctx, config, {name: (f"data.simulator.{name}", value) for name, value in [("seed", seed), *knobs.items()]})
         cfg = run_cfg.data.simulator
         preset = cfg.preset
-    path = write_simulated(cfg, out, part_rows=part_rows, progress=sys.stderr.isatty())
+    check_output(out, kind="dir" if part_rows else "file")
+    path = write_simulated(cfg, out, part_rows=part_rows, progress=sys.stderr.isatty(), overwrite=overwrite)
     console.print(f"wrote {path} ({cfg.rows // cfg.slate_size * cfg.slate_size:,} impressions, preset {preset})")
 
 
@@ -193,11 +195,14 @@ def _device_defaults(device: str, precision: str, batch_size: int | None, lr: fl
 def train_from_config(cfg: RunConfig, *, quiet: bool = False) -> None:
     """``mtrank train`` once its settings are resolved: train, print the metrics, write the bundle."""
     t = cfg.training
-    if t.nproc > 1 and "LOCAL_RANK" not in os.environ:
-        _relaunch_under_torchrun(t.nproc)
     out = Path(cfg.export.out)
     if out.exists() and not cfg.export.overwrite:
         raise BundleError(f"{out} already exists; pass --overwrite to replace it")
+    check_output(out, kind="dir")
+    if t.checkpoint_dir:
+        check_output(t.checkpoint_dir, kind="dir", option="--checkpoint-dir")
+    if t.nproc > 1 and "LOCAL_RANK" not in os.environ:
+        sys.exit(run_under_torchrun(t.nproc, _args_without_nproc(sys.argv[1:])))
     writer = None
     if cfg.evaluation.tensorboard is not None and is_main():
         from mtrank.report.tensorboard import EpochWriter
@@ -264,13 +269,9 @@ def _parse_buckets(items: list[str] | None) -> dict[str, int] | None:
     return out
 
 
-def _relaunch_under_torchrun(nproc: int) -> None:
-    """Run this same command under torchrun with ``nproc`` processes, then exit with its code."""
-    import subprocess
-
-    args = [a for i, a in enumerate(sys.argv[1:]) if not (a.startswith("--nproc") or (i > 0 and sys.argv[i] == "--nproc"))]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "mtrank", *args]
-    sys.exit(subprocess.call(cmd))
+def _args_without_nproc(argv: list[str]) -> list[str]:
+    """``argv`` less ``--nproc K`` / ``--nproc=K`` (the relaunched processes run one rank each)."""
+    return [a for i, a in enumerate(argv) if not (a.startswith("--nproc") or (i > 0 and argv[i - 1] == "--nproc"))]
 
 
 def _report_validation(loaded) -> None:
@@ -284,7 +285,7 @@ def evaluate(
     config: ConfigOpt = None,
     bundle: BundleOpt = None,
     dataset: DatasetOpt = None,
-    data: DataOpt = None,
+    data: Annotated[Path | None, typer.Option("--data", help="a CSV/Parquet file with the bundle's feature and label columns")] = None,
     data_dir: DataDirOpt = None,
     split: Annotated[str, typer.Option(help="for a built-in dataset: the split to evaluate (test, val)")] = "test",
     out: Annotated[Path | None, typer.Option("--out", "-o", help="write metrics JSON here")] = None,
@@ -300,6 +301,8 @@ def evaluate(
     bundle, dataset, data_dir = Path(cfg.export.out), cfg.data.dataset, cfg.data.data_dir
     data = Path(cfg.data.paths[0]) if cfg.data.paths else None
     split, out = cfg.evaluation.split, (Path(cfg.evaluation.out) if cfg.evaluation.out else None)
+    if out is not None:
+        check_output(out)
     b = Bundle.load(bundle, device=device)
     if data is not None:
         loaded = load_data(None, data=data, schema=b.schema)
@@ -343,6 +346,7 @@ def predict(
     from mtrank.data.io import read_table
     from mtrank.serve.fusion import FusionSpec, fused_score_column
 
+    check_output(out)
     spec = FusionSpec.from_file(fusion).fusion if fusion is not None else None
     b = Bundle.load(bundle, device=device)
     table = read_table(data)

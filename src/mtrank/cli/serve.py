@@ -9,6 +9,7 @@ import typer
 
 from mtrank.cli.common import BundleOpt, ConfigOpt, _str, console, resolve_config
 from mtrank.errors import ConfigError
+from mtrank.data.io import check_output
 
 
 def export(
@@ -24,6 +25,8 @@ def export(
         raise ConfigError(f"--format must be 'onnx', got {format!r}")
     cfg = resolve_config(ctx, config, {"bundle": ("export.out", lambda: _str(bundle)), "out": ("export.onnx", lambda: _str(out))})
     bundle, out = Path(cfg.export.out), (Path(cfg.export.onnx) if cfg.export.onnx else None)
+    if out is not None:
+        check_output(out)
     from mtrank.serve.onnx_export import export_onnx
 
     path, diffs = export_onnx(bundle, out)
@@ -36,16 +39,17 @@ def serve(
     config: ConfigOpt = None,
     bundle: BundleOpt = None,
     fusion: Annotated[Path | None, typer.Option("--fusion", help="fusion JSON (as written by `mtrank fuse`); default score = p_ctcvr")] = None,
-    host: Annotated[str, typer.Option(help="interface to listen on")] = "127.0.0.1",
+    host: Annotated[str, typer.Option(help="interface to listen on (127.0.0.1: this machine only; 0.0.0.0: every interface, put a gateway in front)")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port", min=1, max=65535)] = 8000,
+    workers: Annotated[int, typer.Option(help="worker processes (one per core suits --threads 1)", min=1)] = 1,
     engine: Annotated[str, typer.Option(help="inference engine: onnx (onnxruntime) or torch")] = "onnx",
-    threads: Annotated[int, typer.Option(help="engine intra-op threads (0 = library default)")] = 1,
+    threads: Annotated[int, typer.Option(help="engine intra-op threads per worker (0 = library default)")] = 1,
+    max_body_bytes: Annotated[int, typer.Option(help="larger request bodies get 413 before they are parsed", min=1024)] = 1 << 20,
     log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "warning",
 ) -> None:
     """Run the HTTP ranking service (POST /rank, POST /score, GET /health, GET /metadata, /docs)
-    with uvicorn, one worker."""
-    import uvicorn
-
+    with uvicorn: the port is bound first, the bundle loaded and checked, then --workers
+    processes serve it."""
     cfg = resolve_config(ctx, config, {
         "bundle": ("export.out", lambda: _str(bundle)), "fusion": ("fusion.file", lambda: _str(fusion)),
         **{name: (f"serve.{name}", value) for name, value in
@@ -56,7 +60,11 @@ def serve(
     host, port, engine, threads, log_level = s.host, s.port, s.engine, s.threads, s.log_level
 
     from mtrank.serve.app import create_app
+    from mtrank.serve.server import ServeSettings, bind
+    from mtrank.serve.server import serve as run_server
 
-    application = create_app(bundle, fusion, engine=engine, threads=threads)
-    console.print(f"serving {bundle} ({engine}) on http://{host}:{port} — docs at /docs")
-    uvicorn.run(application, host=host, port=port, workers=1, log_level=log_level, access_log=False)
+    sock = bind(host, port)
+    settings = ServeSettings(str(bundle.resolve()), str(fusion.resolve()) if fusion else None, engine, threads, max_body_bytes)
+    application = create_app(settings.bundle_path, settings.fusion, engine=engine, threads=threads, max_body_bytes=max_body_bytes)
+    console.print(f"serving {bundle} ({engine}, {workers} worker(s)) on http://{host}:{port} — docs at /docs")
+    run_server(settings, sock, workers=workers, log_level=log_level, app=application if workers == 1 else None)

@@ -42,6 +42,7 @@ class CategoricalEncoder:
     column: str
     values: list[str]
     _table: tuple | None = field(default=None, init=False, repr=False, compare=False)
+    _ints: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def cardinality(self) -> int:
@@ -63,30 +64,68 @@ class CategoricalEncoder:
             values = values[:max_size]
         return cls(column=series.name, values=values)
 
-    def _lookup(self) -> tuple[np.ndarray, np.ndarray]:
-        """(sorted vocabulary, its indices): the values with a ``"\\x01"`` suffix as a
-        fixed-width numpy string array (so a value ending in NUL, which numpy would strip, never
-        matches another one), sorted, and the index of each. Built once and cached."""
+    def _lookup(self) -> tuple[np.ndarray, np.ndarray, int]:
+        """(sorted vocabulary, its indices, longest value in characters): the values with a
+        ``"\\x01"`` suffix as a fixed-width numpy string array (so a value ending in NUL, which
+        numpy would strip, never matches another one), sorted, and the index of each. Built
+        once and cached."""
         if self._table is None or self._table[0] is not self.values or self._table[1] != len(self.values):
             vocab = np.asarray([v + _END for v in self.values] or [_END], dtype=str)
             order = np.argsort(vocab, kind="stable")
             index = order.astype(np.int64) + N_RESERVED
             if not self.values:  # the placeholder matches nothing real: "" is never a value
                 index[:] = OOV
-            self._table = (self.values, len(self.values), vocab[order], index)
-        return self._table[2], self._table[3]
+            width = max((len(v) for v in self.values), default=0)
+            self._table = (self.values, len(self.values), vocab[order], index, width)
+        return self._table[2], self._table[3], self._table[4]
+
+    def _int_lookup(self) -> tuple[np.ndarray, np.ndarray]:
+        """(sorted int64 ids, their indices) for the vocabulary values that are canonical
+        integers (``"42"``, ``"-7"``): an integer column is looked up without strings. Cached."""
+        if self._ints is None or self._ints[0] is not self.values or self._ints[1] != len(self.values):
+            ids = pl.Series(self.values, dtype=pl.String).str.to_integer(strict=False)
+            canon = ids.cast(pl.String) == pl.Series(self.values, dtype=pl.String)
+            keep = canon.fill_null(False).to_numpy()
+            pos = np.flatnonzero(keep)
+            table = ids.to_numpy()[pos].astype(np.int64) if pos.size else np.zeros(0, np.int64)
+            order = np.argsort(table, kind="stable")
+            self._ints = (self.values, len(self.values), table[order], pos[order].astype(np.int64) + N_RESERVED)
+        return self._ints[2], self._ints[3]
+
+    def _transform_ints(self, series: pl.Series) -> tuple[np.ndarray, int, int]:
+        """:meth:`transform` of an integer column: the same indices as the string path (an
+        integer's canonical id is its decimal string), by a searchsorted on int64."""
+        table, index = self._int_lookup()
+        missing = series.is_null().to_numpy()
+        x = series.cast(pl.Int64).fill_null(0).to_numpy()
+        if table.size:
+            pos = np.minimum(np.searchsorted(table, x), table.size - 1)
+            idx = np.where(table[pos] == x, index[pos], OOV)
+        else:
+            idx = np.full(x.size, OOV, dtype=np.int64)
+        idx[missing] = MISSING
+        return idx.astype(np.int64, copy=False), int(missing.sum()), int((idx == OOV).sum())
 
     def transform(self, series: pl.Series) -> tuple[np.ndarray, int, int]:
         """Encode a column. Returns (indices int64 [N], n_missing, n_oov).
 
         Canonical ids (:func:`canonical_ids`) are looked up by ``numpy.searchsorted`` in the
-        cached sorted vocabulary (:meth:`_lookup`)."""
-        vocab, index = self._lookup()
-        ids = canonical_ids(series).to_numpy()  # object array of str, None where missing
+        cached sorted vocabulary (:meth:`_lookup`). A value longer than the longest vocabulary
+        value cannot be in it: it is OOV at once and never enters the fixed-width query array,
+        whose width (and memory) is therefore bounded by the vocabulary's, whatever the input
+        (a 5 MB id costs its own bytes, not 5 MB × rows). An integer column (up to 64 bits)
+        takes an int64 lookup instead (:meth:`_transform_ints`), with the same result."""
+        if series.dtype.is_integer() and series.dtype != pl.UInt64:
+            return self._transform_ints(series)
+        vocab, index, width = self._lookup()
+        canon = canonical_ids(series)
+        too_long = canon.str.len_chars().gt(width).fill_null(False).to_numpy()
+        ids = canon.to_numpy()  # object array of str, None where missing
         missing = np.equal(ids, None)
-        query = (np.where(missing, "", ids) + _END).astype(str)
+        query = (np.where(missing | too_long, "", ids) + _END).astype(str)
         pos = np.minimum(np.searchsorted(vocab, query), len(vocab) - 1)
         idx = np.where(vocab[pos] == query, index[pos], OOV)
+        idx[too_long] = OOV
         idx[missing] = MISSING
         return idx.astype(np.int64, copy=False), int(missing.sum()), int((idx == OOV).sum())
 

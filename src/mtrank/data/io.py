@@ -7,6 +7,7 @@ funnel violations are an error by default, or dropped and counted under the ``dr
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 
 from mtrank.data.schema import Schema
-from mtrank.errors import DataError
+from mtrank.errors import ConfigError, DataError
 
 ROW = "__row"  # 1-based data-row number in the source file, kept for error messages
 _MAX_ROWS_SHOWN = 10
@@ -239,3 +240,35 @@ def validate_frame(
                     file=source, column=feat,
                 )
     return df, report
+
+
+# --- output paths ------------------------------------------------------------------------------
+
+def check_output(path: str | Path, *, kind: str = "file", option: str = "--out") -> Path:
+    """Check, before any work, that ``path`` can be written as a ``kind`` (``file`` or
+    ``dir``): not an existing directory for a file, not an existing file for a directory, and
+    its nearest existing parent a writable directory. Creates nothing.
+
+    Raises:
+        ConfigError: one line naming the option, the path and the reason.
+    """
+    p = Path(path)
+    if kind == "file" and p.is_dir():
+        raise ConfigError(f"{option} {p} is a directory; give a file name")
+    if kind == "dir" and p.exists() and not p.is_dir():
+        raise ConfigError(f"{option} {p} exists and is a file; give a directory")
+    parent = p.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"{option} {p}: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"{option} {p}: permission denied (cannot write in {parent})")
+    return p
+
+
+def refuse_nonempty(path: Path, overwrite: bool) -> None:
+    """Raise ConfigError when ``path`` exists and is not empty (a file, or a directory with
+    entries) and ``overwrite`` is False: an output never mixes with an earlier run's files."""
+    if path.exists() and not overwrite and (not path.is_dir() or any(path.iterdir())):
+        raise ConfigError(f"{path} exists and is not empty; pass --overwrite to replace it whole")

@@ -69,7 +69,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from mtrank.data.schema import Schema
 from mtrank.errors import ConfigError
-from mtrank.io_utils import atomic_write_parquet
+from mtrank.data.io import refuse_nonempty
+from mtrank.io_utils import atomic_write_parquet, write_parts_dir
 
 SIM_VERSION = 2
 TRUTH_COLUMNS = ("true_ctr", "true_cvr_clicked", "true_cvr_do", "true_ctcvr")
@@ -410,25 +411,29 @@ def _histories(cfg: SimConfig, w: dict[str, np.ndarray], theta: tuple[float, flo
     return out
 
 
-def write_simulated(cfg: SimConfig, path: str | Path, part_rows: int | None = None, *, progress: bool = False) -> Path:
+def write_simulated(cfg: SimConfig, path: str | Path, part_rows: int | None = None, *, progress: bool = False, overwrite: bool = False) -> Path:
     """Simulate and write Parquet atomically (the config in the file's metadata). Returns the path.
 
     With ``part_rows`` (and more rows than that), ``path`` is a directory of
     ``part-00000.parquet`` … files from :func:`simulate_parts`, written one at a time, each with
     row groups of 256k rows, so memory stays bounded by one part; ``progress`` shows a bar over
-    the parts (stderr).
+    the parts (stderr). The parts go to a staging directory renamed into place at the end
+    (:func:`mtrank.io_utils.write_parts_dir`), so an interrupted run leaves no partial data set.
+
+    Raises:
+        ConfigError: ``path`` exists and is not empty, unless ``overwrite`` (replaced whole).
     """
     path = Path(path)
+    refuse_nonempty(path, overwrite)
     meta = sim_metadata(cfg)
     if part_rows is None or cfg.rows <= part_rows:
+        if path.is_dir():
+            raise ConfigError(f"{path} is a directory; give a .parquet file name, or --part-rows to write parts")
         return atomic_write_parquet(simulate(cfg), path, metadata=meta)
-    path.mkdir(parents=True, exist_ok=True)
     from tqdm.auto import tqdm
 
     parts = tqdm(simulate_parts(cfg, part_rows), total=-(-max(1, cfg.rows // cfg.slate_size) // max(1, part_rows // cfg.slate_size)), desc="simulating", unit="part", disable=not progress, leave=False)
-    for k, part in enumerate(parts):
-        atomic_write_parquet(part, path / f"part-{k:05d}.parquet", row_group_size=262_144, metadata=meta)
-    return path
+    return write_parts_dir(parts, path, row_group_size=262_144, metadata=meta)
 
 
 def read_sim_metadata(path: str | Path) -> dict | None:

@@ -39,20 +39,45 @@ from mtrank.data.hashing import HashedCategoricalEncoder, check_hash_columns
 from mtrank.data.io import ROW, read_table, validate_frame
 from mtrank.data.schema import Schema
 from mtrank.errors import DataError
-from mtrank.io_utils import atomic_write_safetensors
+from mtrank.io_utils import INCOMPLETE, MANIFEST, atomic_write_safetensors
+
+
+def check_parts_dir(path: str | Path) -> None:
+    """Refuse a parts directory that is incomplete: it holds the ``_INCOMPLETE`` marker (a
+    writer was interrupted), or its ``_manifest.json`` lists parts that are missing or it holds
+    parts the manifest does not list. A directory without a manifest (written by other tools)
+    passes.
+
+    Raises:
+        DataError: naming the directory and what is wrong.
+    """
+    p = Path(path)
+    if (p / INCOMPLETE).exists():
+        raise DataError(f"the directory is incomplete (it holds {INCOMPLETE}: its writer was interrupted); write it again", file=str(p))
+    if not (p / MANIFEST).is_file():
+        return
+    try:
+        listed = {e["name"] for e in json.loads((p / MANIFEST).read_text())["parts"]}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"unreadable {MANIFEST} ({exc})", file=str(p)) from None
+    present = {x.name for x in p.glob("part-*.parquet")}
+    if listed != present:
+        missing, extra = sorted(listed - present), sorted(present - listed)
+        raise DataError(f"the directory does not match its {MANIFEST}: missing parts {missing[:5]}, unlisted parts {extra[:5]}", file=str(p))
 
 
 def expand_paths(spec: str | Path | list) -> list[Path]:
     """A file, a directory (its ``*.parquet`` / ``*.csv`` files), a glob, or a list of those.
 
     Raises:
-        DataError: nothing matches.
+        DataError: nothing matches, or a directory is incomplete (:func:`check_parts_dir`).
     """
     specs = spec if isinstance(spec, list) else [spec]
     out: list[Path] = []
     for s in specs:
         p = Path(s)
         if p.is_dir():
+            check_parts_dir(p)
             out += sorted(x for x in p.iterdir() if x.suffix in {".parquet", ".pq", ".csv", ".gz"} and not x.name.startswith("."))
         elif any(ch in str(s) for ch in "*?["):
             out += sorted(Path(x) for x in glob.glob(str(s)))

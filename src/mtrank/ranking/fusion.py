@@ -37,7 +37,7 @@ to ``-inf`` so that it ranks last, never first.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import ClassVar, Literal
 
@@ -110,8 +110,19 @@ class Fusion:
             return key, np.where(key > 0, np.log(np.where(key > 0, key, 1.0)), np.nan)
 
     def rank_key(self, score: np.ndarray, log_score: np.ndarray) -> np.ndarray:
-        """The array to rank by among :meth:`fused`'s outputs (the log for log-space formulas)."""
-        return log_score if self.log_space else score
+        """The array to rank by among :meth:`fused`'s outputs (the log for log-space formulas),
+        NaN wherever the score itself is not finite (e.g. ``exp`` of a log-space key above 709
+        overflows): a candidate whose score is null in a response always ranks after every
+        candidate with a finite score (:func:`~mtrank.ranking.replay.rank_order`), never first.
+        A score that underflows to 0 is finite and keeps its (log) key."""
+        key = log_score if self.log_space else score
+        with np.errstate(invalid="ignore"):
+            return np.where(np.isfinite(score) & np.isfinite(key), key, np.nan)
+
+    @classmethod
+    def param_types(cls) -> dict[str, type]:
+        """Parameter name → ``float`` or ``str`` (the dataclass fields)."""
+        return {f.name: (str if f.type in (str, "str") else float) for f in fields(cls)}
 
     def problems(self) -> list[tuple[str, str]]:
         """(parameter, message) for every parameter outside :attr:`limits` or not finite;
@@ -309,10 +320,12 @@ def make_fusion(formula: str, params: dict | None = None) -> Fusion:
     """Build a fusion by name. Raises ConfigError for an unknown formula or parameter."""
     if formula not in FORMULAS:
         raise ConfigError(f"unknown fusion formula {formula!r}; choose one of {sorted(FORMULAS)}")
-    try:
-        return FORMULAS[formula](**(params or {}))
-    except TypeError as exc:
-        raise ConfigError(f"fusion {formula!r}: bad params {params} ({exc})") from None
+    cls = FORMULAS[formula]
+    unknown = sorted(set(params or {}) - set(cls.param_types()))
+    if unknown:  # named here, never as a TypeError from the dataclass's __init__
+        names = sorted(cls.param_types()) or "none"
+        raise ConfigError(f"fusion {formula!r}: bad params {[ascii(k)[1:-1] for k in unknown]}: not parameters of this formula (its parameters: {names})")
+    return cls(**(params or {}))
 
 
 def save_fusion(fusion: Fusion, path: str | Path, **meta) -> Path:
@@ -386,6 +399,7 @@ def clean_prices(
     floor: float = 0.01,
     column: str = "price",
     source: str | None = None,
+    rows: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Validate prices for fusion.
 
@@ -396,6 +410,9 @@ def clean_prices(
             ``clip``: replace them by ``floor``; ``drop``: flag them for removal.
         floor: the replacement price under ``clip`` (currency units, > 0).
         column, source: named in the error message.
+        rows: the 1-based file row of each value (e.g. the ``__row`` column of a split that
+            :func:`mtrank.data.io.read_table` read), so that the error names rows of the file;
+            default: positions 1..N.
 
     Returns:
         (price float64 ``[N]``, keep bool ``[N]``). ``keep`` is all True except under ``drop``.
@@ -413,7 +430,8 @@ def clean_prices(
     keep = np.ones(p.size, dtype=bool)
     if bad.any():
         if policy == "error":
-            rows = (np.flatnonzero(bad) + 1).tolist()
+            where = np.flatnonzero(bad)
+            rows = (np.asarray(rows)[where] if rows is not None else where + 1).tolist()
             raise DataError(
                 f"{len(rows)} missing, non-finite or negative price(s), e.g. {float(p[bad][0])}; "
                 "prices must be finite and ≥ 0 (or pass --price-policy clip / drop)",

@@ -31,6 +31,7 @@ import polars as pl
 
 from mtrank.data.schema import Schema
 from mtrank.errors import ConfigError, DataError
+from mtrank.data.io import ROW
 from mtrank.ranking.fusion import clean_prices, safe_scores
 
 # Per-dataset defaults (by schema name). ``value``: the GMV of a converted row; ``price``: the
@@ -278,7 +279,8 @@ def replay_from_frame(
     for c, what in ((price_col, "--price-col"), (value_col, "--value-col")):
         if c is None or c not in frame.columns:
             raise DataError(f"fusion needs a price column ({what}); {c!r} is not in the table {frame.columns}", file=source)
-    price, keep = clean_prices(frame.get_column(price_col).to_numpy(), policy=policy, floor=floor, column=price_col, source=source)
+    rows = frame.get_column(ROW).to_numpy() if ROW in frame.columns else None  # file rows, not split positions
+    price, keep = clean_prices(frame.get_column(price_col).to_numpy(), policy=policy, floor=floor, column=price_col, source=source, rows=rows)
     if not keep.all():
         info["dropped_price_rows"] = int((~keep).sum())
         frame = frame.filter(pl.Series(keep))

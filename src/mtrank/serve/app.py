@@ -1,47 +1,55 @@
 """The HTTP ranking service (FastAPI): ``POST /rank``, ``POST /score``, ``GET /health``,
-``GET /metadata``; OpenAPI docs at ``/docs``.
+``GET /metadata``; OpenAPI docs at ``/docs`` (schema at ``/openapi.json``).
 
 Build it with :func:`create_app` (tests use ``fastapi.testclient.TestClient`` on it; ``mtrank
-serve`` runs it under uvicorn). See ``docs/serving.md`` for the request and response shapes.
+serve`` runs it under uvicorn, one process per ``--workers``). See ``docs/serving.md`` for the
+request and response shapes.
+
+The event loop only reads request bodies (with the size limit of :mod:`mtrank.serve.body`);
+decoding, validation, encoding, inference and serialisation run in the worker thread pool, so
+``/health`` and other requests are answered while one request scores. Every 4xx has one shape,
+:class:`ErrorResponse`, listed in the OpenAPI schema for each status.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
+import anyio.to_thread
 import numpy as np
+import orjson
 import polars as pl
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi.responses import Response
+from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import mtrank
+from mtrank.serve.body import (
+    DEFAULT_MAX_BODY_BYTES,
+    check_length,
+    check_media_type,
+    decode_json,
+    too_large,
+)
 from mtrank.serve.fusion import FusionSpec
-from mtrank.serve.service import MAX_CANDIDATES, RankingService, RequestError, Scored
+from mtrank.serve.openapi import request_schemas
+from mtrank.serve.service import MAX_CANDIDATES, MAX_ID_CHARS, RankingService, RequestError, Scored
 
-
-class ScoreRequest(BaseModel):
-    """Body of ``POST /rank`` and ``POST /score``."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    context: dict[str, Any] = Field(default_factory=dict, description="column → value shared by every candidate (e.g. user features); a candidate's non-null value overrides it")
-    candidates: list[dict[str, Any]] = Field(min_length=1, max_length=MAX_CANDIDATES, description=f"1 to {MAX_CANDIDATES} candidates, each a dict of column → value (item features, price)")
-    fusion: FusionSpec | None = Field(None, description="score fusion for this request (default: the server's --fusion, else score = p_ctcvr)")
-
-
-class RankRequest(ScoreRequest):
-    """Body of ``POST /rank``: a :class:`ScoreRequest` plus an optional cut-off."""
-
-    top_k: int | None = Field(None, ge=1, description="return only the best k candidates (all by default)")
+SETTINGS_ENV = "MTRANK_SERVE_SETTINGS"  # create_app's arguments as JSON, for worker processes
+# Requests scored at once per worker process (the thread pool's size). Scoring is CPU-bound with
+# one engine thread, so more threads only add contention and per-thread malloc arenas (RSS).
+SCORING_THREADS = 4
 
 
 class ScoredCandidate(BaseModel):
     """One candidate's scores. Probabilities in [0, 1]; ``score`` = fused score
-    (``log_score`` its natural log); null only if not finite."""
+    (``log_score`` its natural log); null only if not finite (such a candidate ranks last)."""
 
     index: int = Field(description="position of the candidate in the request (0-based)")
     p_ctr: float | None
@@ -62,13 +70,20 @@ class FeatureCounts(BaseModel):
     oov: dict[str, int] = Field(description="per categorical column: values unseen in training, scored with the OOV index")
 
 
+class FusionOut(BaseModel):
+    """The fusion a response was ranked with: formula and every parameter."""
+
+    formula: str
+    params: dict[str, float | str]
+
+
 class ScoreResponse(BaseModel):
     """The response of ``/score``: the candidates' probabilities and fused scores, in request
     order."""
     model: str
     bundle_sha256: str
     score_source: str = Field(description="'fusion': score = the fusion of the model's pCTR/pCVR/pCTCVR; 'ranker': the model's own ranking score (LTR), and p_ctr, p_cvr, p_ctcvr, log_score are null")
-    fusion: FusionSpec
+    fusion: FusionOut
     n_candidates: int
     candidates: list[ScoredCandidate]
     counts: FeatureCounts
@@ -79,33 +94,59 @@ class RankResponse(ScoreResponse):
     candidates: list[RankedCandidate]  # type: ignore[assignment]
 
 
-def create_app(bundle_path: str | Path, fusion: FusionSpec | str | Path | None = None, *, engine: str = "onnx", threads: int = 1) -> FastAPI:
+class ErrorDetail(BaseModel):
+    """One problem of a request: where (``loc``), what (``msg``), its kind (``type``)."""
+
+    loc: list[str | int] = Field(description='path in the request, e.g. ["body", "candidates", 3, "price"]')
+    msg: str
+    type: str
+
+
+class ErrorResponse(BaseModel):
+    """The one shape of every 4xx answer (400 bad JSON, 404, 405, 413 too large, 415 not JSON,
+    422 invalid request)."""
+
+    message: str = Field(description="one line naming up to 5 fields and what is wrong")
+    n_errors: int
+    detail: list[ErrorDetail] = Field(description="at most 100 structured errors")
+
+
+ERRORS = {
+    400: "the body is not UTF-8 or not valid JSON (line and column given), or nested too deeply",
+    413: "the body exceeds the size limit (--max-body-bytes); refused before it is parsed",
+    415: "the content-type is not application/json",
+    422: "the request is valid JSON but not a valid request (fields named in `message`)",
+}
+
+
+def create_app(
+    bundle_path: str | Path, fusion: FusionSpec | str | Path | None = None, *,
+    engine: str = "onnx", threads: int = 1, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+) -> FastAPI:
     """Build the service for one bundle.
 
     Args:
         bundle_path: bundle directory. fusion: default fusion (spec, JSON path, or None for
             ``ctcvr``). engine: ``onnx`` (default) or ``torch``. threads: engine threads.
+        max_body_bytes: larger request bodies get 413 before they are parsed (default 1 MiB).
 
     Raises:
         BundleError, ConfigError: see :class:`RankingService`.
     """
     service = RankingService(bundle_path, fusion, engine=engine, threads=threads)
     app = FastAPI(
+        lifespan=_bound_thread_pool,
         title="mtrank ranking service",
         version=mtrank.__version__,
-        description=f"Ranks candidates by a fusion of ESMM's pCTR, pCVR and pCTCVR. Model {service.bundle.model_config.name!r}, schema {service.bundle.schema.name!r}.",
+        description=f"Ranks candidates by a fusion of ESMM's pCTR, pCVR and pCTCVR. Model {service.bundle.model_config.name!r}, schema {service.bundle.schema.name!r}. No authentication: run it behind a gateway.",
     )
     app.state.service = service
     header = {"model": service.bundle.model_config.name, "bundle_sha256": service.digest, "score_source": service.score_source}
+    error_docs = {code: {"model": ErrorResponse, "description": text} for code, text in ERRORS.items()}
 
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
-        return _unprocessable(errors)
-
-    @app.exception_handler(RequestError)
-    async def _bad_features(request: Request, exc: RequestError) -> JSONResponse:
-        return _unprocessable([{**e, "loc": ["body", *e["loc"]]} for e in exc.errors])
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        return error_response(RequestError([{"loc": [], "msg": str(exc.detail), "type": "http"}], status=exc.status_code))
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -114,50 +155,103 @@ def create_app(bundle_path: str | Path, fusion: FusionSpec | str | Path | None =
 
     @app.get("/metadata")
     async def metadata() -> dict[str, Any]:
-        """Model name, schema, feature names, bundle sha256, engine and default fusion."""
+        """Model name, schema, feature names, bundle sha256, engine, default fusion and limits
+        (no file system paths)."""
         b = service.bundle
         return {
             **header,
-            "bundle": str(service.bundle_path),
             "schema": b.schema.model_dump(mode="json"),
             "features": {"categorical": service.categorical, "numerical": service.numerical, "price": service.price},
             "model_config": b.model_config.model_dump(mode="json"),
             "engine": service.engine,
             "fusion": service.fusion.model_dump(mode="json"),
+            "limits": {"max_candidates": MAX_CANDIDATES, "max_body_bytes": max_body_bytes, "max_id_chars": MAX_ID_CHARS},
             "max_candidates": MAX_CANDIDATES,
             "trained": {k: b.meta[k] for k in ("dataset", "best_epoch", "rows") if k in b.meta},
             "mtrank_version": mtrank.__version__,
         }
 
-    @app.post("/rank", response_model=RankResponse)
-    async def rank(req: RankRequest) -> Response:
-        """Score the candidates and return them best first (ties by request index)."""
-        scored = service.score(req.context, req.candidates, req.fusion)
-        order = scored.order()
-        if req.top_k is not None:
-            order = order[: req.top_k]
-        return _respond(header, scored, order, ranked=True)
+    async def handle(request: Request, ranked: bool) -> Response:
+        try:
+            check_media_type(request.headers.get("content-type"))
+            check_length(request.headers.get("content-length"), max_body_bytes)
+            body = bytearray()
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > max_body_bytes:
+                    raise too_large(max_body_bytes)
+        except RequestError as exc:
+            return error_response(exc)
+        return await run_in_threadpool(answer, service, header, bytes(body), ranked)
 
-    @app.post("/score", response_model=ScoreResponse)
-    async def score(req: ScoreRequest) -> Response:
+    def body_doc(name: str) -> dict:
+        return {"requestBody": {"required": True, "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{name}"}}}}}
+
+    @app.post("/rank", response_model=RankResponse, responses=error_docs, openapi_extra=body_doc("RankRequest"))
+    async def rank(request: Request) -> Response:
+        """Score the candidates and return them best first (ties by request index; a
+        candidate whose score is not finite after every finite one)."""
+        return await handle(request, ranked=True)
+
+    @app.post("/score", response_model=ScoreResponse, responses=error_docs, openapi_extra=body_doc("ScoreRequest"))
+    async def score(request: Request) -> Response:
         """Score the candidates, in request order (no ranking)."""
-        scored = service.score(req.context, req.candidates, req.fusion)
-        return _respond(header, scored, np.arange(len(scored.score)), ranked=False)
+        return await handle(request, ranked=False)
 
+    generated = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            spec = generated()
+            spec.setdefault("components", {}).setdefault("schemas", {}).update(request_schemas(service))
+            app.openapi_schema = spec
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app
 
 
-def _unprocessable(errors: list[dict]) -> JSONResponse:
-    """422 with a one-line ``message`` naming the fields, and at most 100 structured errors."""
+@contextlib.asynccontextmanager
+async def _bound_thread_pool(app: FastAPI):
+    """Start-up: at most :data:`SCORING_THREADS` requests score at once in this process."""
+    anyio.to_thread.current_default_thread_limiter().total_tokens = SCORING_THREADS
+    yield
+
+
+def app_from_env() -> FastAPI:
+    """The app of one worker process of ``mtrank serve --workers N`` (uvicorn factory): the
+    arguments of :func:`create_app` come as JSON in ``$MTRANK_SERVE_SETTINGS``."""
+    return create_app(**json.loads(os.environ[SETTINGS_ENV]))
+
+
+def answer(service: RankingService, header: dict, body: bytes, ranked: bool) -> Response:
+    """Decode, validate, score and serialise one request (runs in a worker thread)."""
+    try:
+        req = service.parse(decode_json(body), ranked=ranked)
+        scored = service.score(req.context, req.candidates, req.fusion)
+    except RequestError as exc:
+        return error_response(exc)
+    order = scored.order() if ranked else np.arange(len(scored.score))
+    if ranked and req.top_k is not None:
+        order = order[: req.top_k]
+    return _respond(header, scored, order, ranked=ranked)
+
+
+def error_response(exc: RequestError) -> Response:
+    """``exc`` in the one error shape: a one-line ``message`` naming up to 5 fields, the count,
+    at most 100 structured errors; locations start with ``body``. ASCII JSON (a lone surrogate
+    in a key or value is escaped, never an encoding error)."""
+    errors = [{**e, "loc": ["body", *e["loc"]] if e["loc"][:1] != ["body"] else e["loc"]} for e in exc.errors]
     message = "; ".join(f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in errors[:5])
     if len(errors) > 5:
         message += f" (and {len(errors) - 5} more)"
-    return JSONResponse(status_code=422, content={"message": message, "n_errors": len(errors), "detail": errors[:100]})
+    content = {"message": message, "n_errors": len(errors), "detail": errors[:100]}
+    return Response(json.dumps(content, ensure_ascii=True), status_code=exc.status, media_type="application/json")
 
 
 def _respond(header: dict, scored: Scored, order: np.ndarray, *, ranked: bool) -> Response:
     """Serialise without a per-candidate Python loop: the candidate array is written by polars
-    (non-finite floats become null; floats are printed round-trip exact)."""
+    (non-finite floats become null; floats are printed round-trip exact), the rest by orjson."""
     cols: dict[str, np.ndarray] = {"index": order}
     if ranked:
         cols["rank"] = np.arange(1, len(order) + 1)
@@ -165,9 +259,11 @@ def _respond(header: dict, scored: Scored, order: np.ndarray, *, ranked: bool) -
         cols[k] = v[order]
     cols["score"] = scored.score[order]
     cols["log_score"] = scored.log_score[order]
+    for k in ("p_ctr", "p_cvr", "p_ctcvr", "score", "log_score"):
+        cols[k] = np.where(np.isfinite(cols[k]), cols[k], np.nan)
     table = pl.DataFrame(cols).with_columns(pl.col(pl.Float64).fill_nan(None)).write_json()
-    head = json.dumps({**header, "fusion": scored.fusion.model_dump(mode="json"), "n_candidates": len(scored.score)})
-    counts = json.dumps({"missing": scored.n_missing, "oov": scored.n_oov})
-    body = f'{head[:-1]}, "candidates": {table}, "counts": {counts}}}'
+    head = orjson.dumps({**header, "fusion": scored.fusion.model_dump(mode="json"), "n_candidates": len(scored.score)})
+    counts = orjson.dumps({"missing": scored.n_missing, "oov": scored.n_oov})
+    body = b"".join((head[:-1], b',"candidates":', table.encode(), b',"counts":', counts, b"}"))
     timing = ", ".join(f"{k};dur={v:.3f}" for k, v in scored.timings_ms.items())
     return Response(body, media_type="application/json", headers={"server-timing": timing})

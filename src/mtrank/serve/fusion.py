@@ -24,7 +24,7 @@ formula whose score depends on the price, :attr:`Fusion.uses_price`):
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import polars as pl
@@ -48,7 +48,7 @@ class FusionSpec(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     formula: FormulaName = "ctcvr"
-    params: dict[str, float | str] = Field(default_factory=dict)
+    params: dict[str, Any] = Field(default_factory=dict)
     _fusion: Fusion = PrivateAttr()
 
     @field_validator("params", mode="before")
@@ -58,8 +58,26 @@ class FusionSpec(BaseModel):
 
     @model_validator(mode="after")
     def _build(self) -> FusionSpec:
-        try:  # built twice: the second time from the params as the class reads them (floats)
-            fusion = make_fusion(self.formula, make_fusion(self.formula, self.params).params)
+        # strict types: a number parameter takes a JSON number (never true/"2"), a text one a string
+        types = FORMULAS[self.formula].param_types()
+        problems, values = [], {}
+        for k, v in self.params.items():
+            want = types.get(k)
+            if want is float and type(v) in (int, float):
+                try:
+                    values[k] = float(v)
+                except OverflowError:
+                    problems.append((k, "must be a finite number"))
+            elif want is float:
+                problems.append((k, f"must be a number, got {type(v).__name__}"))
+            elif want is str and type(v) is not str:
+                problems.append((k, f"must be a string, got {type(v).__name__}"))
+            else:
+                values[k] = v
+        if problems:
+            raise ValueError("; ".join(f"params.{k}: {msg}" for k, msg in problems))
+        try:
+            fusion = make_fusion(self.formula, values)
         except ConfigError as exc:
             raise ValueError(str(exc)) from None
         problems = fusion.problems()

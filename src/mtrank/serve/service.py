@@ -1,18 +1,24 @@
-"""The ranking service's core, independent of the web framework: validate a request's features,
-encode them with the bundle's own encoders, run the model, fuse, rank.
+"""The ranking service's core, independent of the web framework: validate a request, encode its
+features with the bundle's own encoders, run the model, fuse, rank.
 
-Request semantics (shared by ``POST /rank`` and ``POST /score``):
+Request semantics (shared by ``POST /rank`` and ``POST /score``; the OpenAPI schema that
+:mod:`mtrank.serve.openapi` builds from the bundle's schema states the same rules):
 
 * ``context``: column → value shared by every candidate (typically the user's features);
-* ``candidates``: 1 to :data:`MAX_CANDIDATES` dicts of column → value (item features, price).
+* ``candidates``: 1 to :data:`MAX_CANDIDATES` objects of column → value (item features, price).
   A candidate's non-null value overrides the context; a null (or absent) one takes the
   context's value. Keys that are not features are ignored.
 * Every feature column of the bundle's schema must be given, in the context or in every
   candidate; its value may be null (a missing value, encoded like a missing value in training:
-  categorical index 0, numerical mean imputation). Categorical values are strings or integers
-  (an integral float such as ``3.0`` is read as ``3``, a boolean as 0/1); numerical values are
-  finite numbers. The price column (schema ``price``), when declared, is required, finite and
-  ≥ 0 for every candidate (see :mod:`mtrank.serve.fusion` for the price policy).
+  categorical index 0, numerical mean imputation).
+* Types are strict (no coercion): a categorical value is a JSON string of at most
+  :data:`MAX_ID_CHARS` characters, an integer in the int64 range (``3.0`` is the integer 3, as
+  in JSON Schema; ``2.5``, ``true`` and ``"3"`` are not integers), or null; a numerical value
+  is a finite JSON number (not a boolean) whose magnitude keeps its standardised value
+  ``(x - mean) / std`` within ±1e30 (the bound per column is in the OpenAPI schema), or null.
+* The price column (schema ``price``), when declared, must end up a finite number ≥ 0 for every
+  candidate: a candidate's null or absent price takes the context's (see
+  :mod:`mtrank.serve.fusion` for the price policy).
 * Unseen categorical values are scored with the OOV index (1) and counted, never an error.
 
 A bundle whose scorer has its own ranking ``score`` and no probabilities (a LambdaMART LTR
@@ -20,47 +26,53 @@ ranker, :mod:`mtrank.models.ltr`) is served by that score: ``p_ctr``, ``p_cvr``,
 and ``log_score`` are null (never invented), ``score_source`` is ``"ranker"`` (``"fusion"``
 otherwise), and a request that asks for a fusion is rejected (422): there is nothing to fuse.
 
-Scoring is vectorised: the candidate list becomes one polars DataFrame, encoded by
-:meth:`Bundle.encode` (the training encoders themselves), scored in one batch, fused by the
-ranking module's formulas (:mod:`mtrank.ranking.fusion`).
+Validation and encoding are columnar: each feature's values are gathered once per column, their
+types checked as a set, and the column built as one polars Series and encoded by the training
+encoders (:meth:`FeatureEncoder.transform`); no per-candidate model object is created. The
+whole batch is scored at once and fused by the ranking module's formulas
+(:mod:`mtrank.ranking.fusion`).
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Any, Literal, NotRequired, Required
+from typing import Any
 
 import numpy as np
 import polars as pl
 import torch
-from pydantic import AllowInfNan, Field, Strict, TypeAdapter, ValidationError
-from typing_extensions import TypedDict
+from pydantic import ValidationError
 
-from mtrank.errors import BundleError, ConfigError, DataError
 from mtrank.bundle import Bundle
+from mtrank.errors import BundleError, ConfigError
 from mtrank.ranking.replay import rank_order
 from mtrank.serve.fusion import FusionSpec, fused_scores
 
 MAX_CANDIDATES = 2000
+MAX_ID_CHARS = 1024  # a longer categorical string is a 422: ids are short; memory stays bounded
+MAX_STANDARDISED = 1e30  # |(x - mean) / std| allowed for a numerical value (float32 holds 3.4e38)
 ENGINES = ("onnx", "torch")
 PROBS = ("p_ctr", "p_cvr", "p_ctcvr")
-
-# ids are int64 in every table mtrank reads; a larger integer is a mistyped id (422)
-CategoricalValue = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)] | str | None
-NumericalValue = Annotated[float, Strict(), AllowInfNan(False)] | None
-PriceValue = Annotated[float, Strict(), AllowInfNan(False), Field(ge=0.0)]
+INT64 = (-(2**63), 2**63 - 1)
+_ABSENT = object()
+_CATEGORICAL_MSG = f"a categorical value must be a string, a 64-bit integer or null (a string of at most {MAX_ID_CHARS} characters)"
+_TOP_LEVEL = {"context", "candidates", "fusion"}
 
 
 class RequestError(Exception):
-    """Invalid request features. ``errors`` are pydantic-style dicts (``loc``, ``msg``,
-    ``type``) whose ``loc`` starts with ``"context"`` or ``"candidates"``."""
+    """Invalid request. ``errors`` are dicts (``loc``, ``msg``, ``type``) whose ``loc`` is the
+    path inside the body (``["candidates", 3, "price"]``); ``status`` the HTTP status."""
 
-    def __init__(self, errors: list[dict]) -> None:
+    def __init__(self, errors: list[dict], status: int = 422) -> None:
         self.errors = errors
+        self.status = status
         super().__init__("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors))
+
+
+def _error(loc: list, msg: str, kind: str = "value_error") -> dict:
+    return {"loc": loc, "msg": msg, "type": kind}
 
 
 @dataclass
@@ -71,7 +83,7 @@ class Scored:
         probs: float64 ``[N]`` per name (``p_ctr``, ``p_cvr``, ``p_ctcvr``).
         score, log_score: float64 ``[N]`` fused score and its log (NaN when not finite).
         rank_key: float64 ``[N]`` what :meth:`order` ranks by (``log_score``, or ``score`` for a
-            fusion that is not computed in log space).
+            fusion that is not computed in log space; NaN where the score is not finite).
         n_missing: per feature column, missing values (after the context fill).
         n_oov: per categorical column, values unseen in training (scored with index 1).
         timings_ms: wall time per stage (validate, encode, infer, fuse).
@@ -89,6 +101,16 @@ class Scored:
     def order(self) -> np.ndarray:
         """Candidate indices best first (see :func:`mtrank.ranking.replay.rank_order`)."""
         return rank_order(self.rank_key)
+
+
+@dataclass
+class ParsedRequest:
+    """A request body after top-level validation (features are checked by :meth:`RankingService.frame`)."""
+
+    context: dict[str, Any]
+    candidates: list[dict[str, Any]]
+    fusion: FusionSpec | None
+    top_k: int | None
 
 
 class RankingService:
@@ -131,19 +153,26 @@ class RankingService:
         self.numerical: list[str] = list(schema.numerical)
         self.price: str | None = schema.price
         self.features: list[str] = list(dict.fromkeys([*self.categorical, *self.numerical, *([self.price] if self.price else [])]))
-        self._feature_set = frozenset(self.features)
         self.engine = engine
         self.threads = threads
         self._infer = self._make_engine(engine, threads)  # may set self.engine = "native"
-        self._context_adapter = TypeAdapter(self._typed_dict("Context", required=frozenset()))
-        # columns validate_frame requires that are not features (ids, time): added as nulls
-        self._filler = [c for c in schema.required_columns() if c not in schema.label_columns and c not in self.features]
+        self.bounds = self._numerical_bounds()
 
     # -- setup ---------------------------------------------------------------------------------
     def check_fusion(self, spec: FusionSpec) -> None:
         """Raises ConfigError when ``spec`` needs a price and the schema declares none."""
         if spec.needs_price and self.bundle.schema.price is None:
             raise ConfigError(f"fusion {spec.formula!r} {spec.params} needs a price, but schema {self.bundle.schema.name!r} declares no price column")
+
+    def _numerical_bounds(self) -> dict[str, float]:
+        """Largest |x| accepted per numerical column (and the price): standardised by the
+        training mean and std, such a value stays within ±:data:`MAX_STANDARDISED`."""
+        out = {}
+        for e in self.bundle.encoder.numerical:
+            out[e.column] = float(min(1e300, max(1.0, MAX_STANDARDISED * e.std - abs(e.mean))))
+        if self.price and self.price not in out:
+            out[self.price] = 1e300
+        return out
 
     def _make_engine(self, engine: str, threads: int):
         if self.own_score:  # not a neural network: the model's own scorer (e.g. LightGBM)
@@ -166,69 +195,167 @@ class RankingService:
         verify_onnx(self.bundle, onnx_bytes, batches=(1, 7), atol=1e-5)
         return OnnxScorer(onnx_bytes, threads=threads)
 
-    def _value_type(self, column: str):
-        if column == self.price:
-            return PriceValue
-        return CategoricalValue if column in self.categorical else NumericalValue
-
-    def _typed_dict(self, name: str, required: frozenset[str]) -> type:
-        fields = {c: (Required if c in required else NotRequired)[self._value_type(c)] for c in self.features}
-        return TypedDict(name, fields)  # type: ignore[operator]
-
-    @lru_cache(maxsize=64)  # noqa: B019 - one service per process; keyed by the context's columns
-    def _candidates_adapter(self, given: frozenset[str]) -> TypeAdapter:
-        required = frozenset(c for c in self.features if c not in given)
-        return TypeAdapter(list[self._typed_dict("Candidate", required)])
-
-    # -- request → frame ----------------------------------------------------------------------
-    def frame(self, context: dict[str, Any], candidates: list[dict[str, Any]]) -> pl.DataFrame:
-        """Validate the features and build one row per candidate (context filled in).
+    # -- request body → parts -----------------------------------------------------------------
+    def parse(self, doc: Any, *, ranked: bool) -> ParsedRequest:
+        """Top-level validation of a decoded JSON body: an object with ``candidates`` (1 to
+        :data:`MAX_CANDIDATES` objects), optional ``context`` (object or null), ``fusion``
+        (object or null) and, for ``/rank``, ``top_k`` (integer ≥ 1 or null). Strict types.
 
         Raises:
-            RequestError: a feature is absent from both the context and a candidate, mistyped,
-                non-finite, or a price is negative/null; an empty or over-long list.
+            RequestError: any of the above violated, or an unknown top-level key.
         """
-        if not candidates:
-            raise RequestError([{"loc": ["candidates"], "msg": "give at least one candidate", "type": "too_short"}])
-        if len(candidates) > MAX_CANDIDATES:
-            raise RequestError([{"loc": ["candidates"], "msg": f"at most {MAX_CANDIDATES} candidates per request, got {len(candidates)}", "type": "too_long"}])
-        errors: list[dict] = []
-        try:
-            ctx = self._context_adapter.validate_python(context)
-        except ValidationError as exc:
-            errors += _errors(exc, "context", self.categorical)
-            ctx = {}
-        try:
-            rows = self._candidates_adapter(frozenset(c for c in context if c in self._feature_set)).validate_python(candidates)
-        except ValidationError as exc:
-            errors += _errors(exc, "candidates", self.categorical)
-            rows = []
+        if type(doc) is not dict:
+            raise RequestError([_error([], f"the body must be a JSON object, got {_json_type(doc)}", "model_type")])
+        allowed = _TOP_LEVEL | ({"top_k"} if ranked else set())
+        errors = [_error([ascii(k)[1:-1]], "Extra inputs are not permitted", "extra_forbidden") for k in doc if k not in allowed]
+        context = doc.get("context")
+        if context is None:
+            context = {}
+        elif type(context) is not dict:
+            errors.append(_error(["context"], f"must be an object, got {_json_type(context)}", "dict_type"))
+        candidates = doc.get("candidates", _ABSENT)
+        if candidates is _ABSENT:
+            errors.append(_error(["candidates"], "Field required", "missing"))
+        elif type(candidates) is not list:
+            errors.append(_error(["candidates"], f"must be an array, got {_json_type(candidates)}", "list_type"))
+        elif not candidates:
+            errors.append(_error(["candidates"], "give at least 1 item (a candidate)", "too_short"))
+        elif len(candidates) > MAX_CANDIDATES:
+            errors.append(_error(["candidates"], f"give at most {MAX_CANDIDATES} items (candidates), got {len(candidates)}", "too_long"))
+        elif set(map(type, candidates)) != {dict}:
+            i = next(i for i, c in enumerate(candidates) if type(c) is not dict)
+            errors.append(_error(["candidates", i], f"a candidate must be an object, got {_json_type(candidates[i])}", "dict_type"))
+        top_k = doc.get("top_k")
+        if type(top_k) is float and top_k.is_integer():  # JSON Schema: 3.0 is the integer 3
+            top_k = int(top_k)
+        if top_k is not None and (type(top_k) is not int or top_k < 1):
+            errors.append(_error(["top_k"], "must be an integer ≥ 1 (or null)", "int_type"))
+        fusion = None
+        if doc.get("fusion") is not None:
+            try:
+                fusion = self.validate_fusion(doc["fusion"])
+            except RequestError as exc:
+                errors += exc.errors
         if errors:
             raise RequestError(errors)
-        # Categorical columns: Int64 when every value is an integer, else String (integers
-        # written as "3"): canonical_ids maps both to the same strings, and the Int64 path avoids
-        # string cleaning. Numerical columns: Float64.
-        numeric = {c: pl.Float64 for c in self.features if c not in self.categorical}
-        df = pl.from_dicts(rows, schema_overrides=numeric, infer_schema_length=None, strict=False)
-        cols = []
+        return ParsedRequest(context, candidates, fusion, top_k)
+
+    def validate_fusion(self, value: Any) -> FusionSpec:
+        """A request's ``fusion`` object as a :class:`FusionSpec`. Raises RequestError."""
+        if type(value) is not dict:
+            raise RequestError([_error(["fusion"], f"must be an object, got {_json_type(value)}", "dict_type")])
+        try:
+            spec = FusionSpec.model_validate(value, strict=False)
+        except ValidationError as exc:
+            raise RequestError([
+                _error(["fusion", *e["loc"]], _ascii_safe(e["msg"]).removeprefix("Value error, "), e["type"])
+                for e in exc.errors(include_url=False, include_input=False, include_context=False)
+            ]) from None
+        try:
+            self.check_fusion(spec)
+        except ConfigError as exc:
+            raise RequestError([_error(["fusion"], str(exc))]) from None
+        return spec
+
+    # -- features → frame ---------------------------------------------------------------------
+    def frame(self, context: dict[str, Any], candidates: list[dict[str, Any]]) -> pl.DataFrame:
+        """Validate the features and build one column per feature, one row per candidate
+        (context filled in), column by column.
+
+        Raises:
+            RequestError: a feature absent from both the context and a candidate, mistyped,
+                non-finite, too large, an over-long string, or a price that is negative or
+                null in both the candidate and the context.
+        """
+        errors: list[dict] = []
+        cols: dict[str, pl.Series] = {}
+        n = len(candidates)
         for col in self.features:
-            dtype = df.schema.get(col, pl.Null)
-            value = ctx.get(col)
-            if col in numeric:
-                expr = pl.col(col) if col in df.columns else pl.lit(None, dtype=pl.Float64).alias(col)
-                if value is not None:
-                    expr = expr.fill_null(float(value))
-            elif value is not None and isinstance(value, int) and dtype in (pl.Int64, pl.Null):
-                expr = (pl.col(col) if col in df.columns else pl.lit(None)).cast(pl.Int64).fill_null(value).alias(col)
-            elif value is not None:
-                expr = (pl.col(col) if col in df.columns else pl.lit(None)).cast(pl.String).fill_null(str(value)).alias(col)
-            elif dtype == pl.Null:
-                expr = (pl.col(col) if col in df.columns else pl.lit(None)).cast(pl.String).alias(col)
+            ctx_given = col in context
+            ctx = None if context.get(col) is None else self._column(col, [context[col]], errors, loc=["context", col])
+            if ctx_given:
+                values = [c.get(col) for c in candidates]
             else:
+                values = [c.get(col, _ABSENT) for c in candidates]
+                if _ABSENT in values:
+                    bad = [i for i, v in enumerate(values) if v is _ABSENT]
+                    errors += [_error(["candidates", i, col], "Field required: give this feature in `context` or in every candidate (null for a missing value)", "missing") for i in bad[:5]]
+                    continue
+            series = self._column(col, values, errors)
+            if series is None:
                 continue
-            cols.append(expr)
-        cols += [pl.lit(None).alias(c) for c in self._filler]
-        return df.with_columns(cols) if cols else df
+            if ctx is not None and series.null_count():
+                if series.dtype == pl.Null:
+                    series = ctx.new_from_index(0, n).alias(col)
+                else:
+                    if series.dtype != ctx.dtype:  # ids given as integers and as strings: "3" == 3
+                        series, ctx = series.cast(pl.String), ctx.cast(pl.String)
+                    series = series.fill_null(ctx[0])
+            if col == self.price and (series.dtype == pl.Null or series.null_count()):
+                nulls = range(n) if series.dtype == pl.Null else np.flatnonzero(series.is_null().to_numpy()).tolist()
+                errors += [_error(["candidates", i, col], "Field required: a price (a number ≥ 0) in the candidate or in `context`", "missing") for i in list(nulls)[:5]]
+                continue
+            cols[col] = series
+        if errors:
+            raise RequestError(errors)
+        return pl.DataFrame(list(cols.values()))
+
+    def _column(self, col: str, values: list, errors: list[dict], loc: list | None = None) -> pl.Series | None:
+        """The values of one column as a typed Series (Int64 / String / Float64), or None after
+        appending errors that name the first offending candidates."""
+        def where(i: int) -> list:
+            return loc if loc is not None else ["candidates", i, col]
+
+        kinds = set(map(type, values))
+        kinds.discard(type(None))
+        if col in self.categorical:
+            if float in kinds:  # JSON Schema: 3.0 is the integer 3 (2.5 is not an id); beyond 2^53 a
+                # float is not exact (and a JSON integer outside int64 arrives as one): refused
+                values = [int(v) if type(v) is float and v.is_integer() and abs(v) < 2**53 else v for v in values]
+                kinds = set(map(type, values)) - {type(None)}
+            if not kinds <= {int, str}:
+                bad = [i for i, v in enumerate(values) if v is not None and type(v) not in (int, str)]
+                errors += [_error(where(i), _CATEGORICAL_MSG, "categorical_type") for i in bad[:5]]
+                return None
+            if kinds == {int} or not kinds:
+                try:
+                    return pl.Series(col, values, dtype=pl.Int64 if kinds else pl.Null, strict=True)
+                except (TypeError, OverflowError, ValueError, pl.exceptions.PolarsError):
+                    bad = [i for i, v in enumerate(values) if type(v) is int and not INT64[0] <= v <= INT64[1]]
+                    errors += [_error(where(i), _CATEGORICAL_MSG, "categorical_type") for i in bad[:5]]
+                    return None
+            bad = [i for i, v in enumerate(values) if type(v) is int and not INT64[0] <= v <= INT64[1]]
+            bad += [i for i, v in enumerate(values) if type(v) is str and (len(v) > MAX_ID_CHARS or not _utf8(v))]
+            if bad:
+                errors += [_error(where(i), _bad_string(values[i]), "categorical_type") for i in sorted(bad)[:5]]
+                return None
+            return pl.Series(col, [str(v) if type(v) is int else v for v in values] if int in kinds else values, dtype=pl.String)
+        if not kinds <= {int, float}:
+            bad = [i for i, v in enumerate(values) if v is not None and type(v) not in (int, float)]
+            errors += [_error(where(i), "Input should be a valid number (or null)", "float_type") for i in bad[:5]]
+            return None
+        bound = self.bounds[col]
+        try:
+            series = pl.Series(col, values, dtype=pl.Float64, strict=True)
+        except (OverflowError, TypeError, ValueError, pl.exceptions.PolarsError):  # an integer beyond float64
+            bad = [i for i, v in enumerate(values) if type(v) is int and abs(v) > bound]
+            errors += [_error(where(i), f"value too large: |x| must be ≤ {bound:.6g}", "less_than_equal") for i in bad[:5]]
+            return None
+        x = series.to_numpy()
+        with np.errstate(invalid="ignore"):
+            nonfinite = ~np.isfinite(x) & ~series.is_null().to_numpy()
+            large = np.abs(x) > bound
+            negative = (x < 0) if col == self.price else np.zeros(x.size, bool)
+        if nonfinite.any() or large.any() or negative.any():
+            for i in np.flatnonzero(nonfinite | large | negative)[:5].tolist():
+                if nonfinite[i]:
+                    errors.append(_error(where(i), "Input should be a finite number", "finite_number"))
+                elif negative[i]:
+                    errors.append(_error(where(i), "Input should be greater than or equal to 0", "greater_than_equal"))
+                else:
+                    errors.append(_error(where(i), f"value too large: |x| must be ≤ {bound:.6g} (its standardised value would overflow float32)", "less_than_equal"))
+            return None
+        return series
 
     # -- scoring ------------------------------------------------------------------------------
     def score(self, context: dict[str, Any], candidates: list[dict[str, Any]], fusion: FusionSpec | None = None) -> Scored:
@@ -245,21 +372,17 @@ class RankingService:
             try:
                 self.check_fusion(fusion)
             except ConfigError as exc:
-                raise RequestError([{"loc": ["fusion"], "msg": str(exc), "type": "value_error"}]) from None
+                raise RequestError([_error(["fusion"], str(exc))]) from None
         df = self.frame(context, candidates)
         t1 = time.perf_counter()
-        try:
-            with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported below
-                data = self.bundle.encode(df, "request")
-        except DataError as exc:  # validated above; a defensive net so a bad value is never a 500
-            raise RequestError([{"loc": ["candidates", exc.column or ""], "msg": str(exc), "type": "value_error"}]) from None
-        num = data.numerical.numpy()
-        finite = np.isfinite(num).all(axis=0)
-        if not finite.all():  # e.g. 1e308: finite as float64, overflows once standardised in float32
-            bad = [c for c, ok in zip(self.bundle.encoder.numerical, finite, strict=True) if not ok]
-            raise RequestError([{"loc": ["candidates", e.column], "msg": f"value too large: its standardised value (x - {e.mean:.4g}) / {e.std:.4g} overflows float32", "type": "value_error"} for e in bad])
+        with np.errstate(over="ignore", invalid="ignore"):
+            data = self.bundle.encoder.transform(df)
+        num = data.numerical
+        if not np.isfinite(num).all():  # defensive: the bounds above keep every value finite
+            bad = [c for c, ok in zip(self.numerical, np.isfinite(num).all(axis=0), strict=True) if not ok]
+            raise RequestError([_error(["candidates", c], "value too large: its standardised value overflows float32") for c in bad])
         t2 = time.perf_counter()
-        raw = self._infer(data.categorical.numpy(), num)
+        raw = self._infer(data.categorical, num)
         t3 = time.perf_counter()
         if self.own_score:
             score = raw["score"].astype(np.float64)
@@ -276,20 +399,26 @@ class RankingService:
         return Scored(probs, score, log_score, key, n_missing, n_oov, spec, {k: v * 1e3 for k, v in timings.items()})
 
 
-def _errors(exc: ValidationError, where: Literal["context", "candidates"], categorical: list[str]) -> list[dict]:
-    """pydantic errors as JSON-safe dicts (no ``input``: it may be NaN), one per field, with
-    the union branch tags (``int`` / ``str``) folded into one readable message."""
-    out: dict[tuple, dict] = {}
-    for e in exc.errors(include_url=False, include_input=False, include_context=False):
-        loc = list(e["loc"])
-        if len(loc) >= 2 and loc[-1] in ("int", "constrained-int", "str") and str(loc[-2]) in categorical:
-            loc = loc[:-1]
-            msg = "a categorical value must be a string, a 64-bit integer or null"
-        elif e["type"] == "missing" and where == "candidates":
-            msg = "Field required: give this feature in `context` or in every candidate (null for a missing value)"
-        else:
-            msg = e["msg"]
-        key = (where, *loc)
-        if key not in out:
-            out[key] = {"loc": [where, *loc], "msg": msg, "type": e["type"]}
-    return list(out.values())
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _ascii_safe(text: str) -> str:
+    """``text`` with any lone surrogate escaped (such text cannot be encoded as UTF-8)."""
+    return text if _utf8(text) else text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _bad_string(value: Any) -> str:
+    if type(value) is int:
+        return _CATEGORICAL_MSG
+    if len(value) > MAX_ID_CHARS:
+        return f"a categorical string has at most {MAX_ID_CHARS} characters, got {len(value):,}"
+    return "a categorical string must be valid Unicode text (it holds a lone UTF-16 surrogate)"
+
+
+def _json_type(value: Any) -> str:
+    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null", int: "an integer", float: "a number"}.get(type(value), type(value).__name__)

@@ -9,17 +9,19 @@ and renamed into place, so a kill at any moment leaves the previous checkpoint w
 
 from __future__ import annotations
 
+import hashlib
 import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from mtrank.errors import ConfigError
-from mtrank.io_utils import atomic_replace_dir, atomic_write_json
+from mtrank.io_utils import atomic_replace_dir, atomic_write_json, recover_replaced_dir
 
 STATE = "state.safetensors"
 META = "trainer.json"
@@ -68,6 +70,7 @@ def save_checkpoint(
 def load_checkpoint(path: Path) -> Checkpoint:
     """Read a checkpoint directory. Raises ConfigError if it is missing or unreadable."""
     path = Path(path)
+    recover_replaced_dir(path)
     try:
         meta = json.loads((path / META).read_text())
         tensors = load_file(str(path / STATE))
@@ -88,3 +91,35 @@ def load_checkpoint(path: Path) -> Checkpoint:
     groups = meta.pop("param_groups")
     optimizers = [{"state": optim_state.get(j, {}), "param_groups": g} for j, g in enumerate(groups)]
     return Checkpoint(meta, model, best or None, optimizers, rng)
+
+
+def run_fingerprint(**parts: Any) -> dict[str, str]:
+    """A short blake2b digest per part of a training run: tensors and arrays by their bytes
+    (``data``: the encoded training split), paths by name, size and modification time (streamed
+    files), anything else by its canonical JSON (schema, encoders, model config)."""
+    out = {}
+    for name, value in parts.items():
+        h = hashlib.blake2b(digest_size=16)
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if torch.is_tensor(item):
+                h.update(str((item.dtype, tuple(item.shape))).encode())
+                h.update(item.detach().contiguous().cpu().numpy().tobytes())
+            elif isinstance(item, Path):
+                st = item.stat()
+                h.update(f"{item.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
+            else:
+                h.update(json.dumps(item, sort_keys=True, default=str).encode())
+        out[name] = h.hexdigest()
+    return out
+
+
+def check_fingerprint(saved: dict[str, str] | None, current: dict[str, str] | None, path: Path) -> None:
+    """Raise ConfigError when a checkpoint's fingerprint differs from this run's (both given)."""
+    if not saved or not current:
+        return
+    differ = [k for k in current if saved.get(k) != current[k]]
+    if differ:
+        raise ConfigError(
+            f"--resume: the checkpoint at {path} was made with other {', '.join(differ)} than this run; "
+            "resume with the same data, schema, encoder and model options, or start afresh without --resume"
+        )

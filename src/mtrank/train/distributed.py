@@ -15,6 +15,9 @@ host memory (slower, but correct); dense training on GPUs uses NCCL.
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 
 import torch
 import torch.distributed as dist
@@ -39,6 +42,7 @@ def init_from_env(device: str = "auto", *, sparse: bool = False) -> bool:
     """
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         return False
+    die_with_parent()  # a rank never outlives its launcher (torchrun)
     from mtrank.train.device import resolve_device
 
     dev = resolve_device(device)
@@ -98,3 +102,37 @@ def all_reduce_sum(values: list[float]) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=comm_device())
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t.cpu().tolist()
+
+
+def die_with_parent(sig: int = signal.SIGTERM) -> None:
+    """Ask Linux to send ``sig`` to this process when its parent dies (``PR_SET_PDEATHSIG``);
+    a no-op elsewhere. If the parent is already gone (re-parented to init), exit now."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(sig), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:
+        os.kill(os.getpid(), sig)
+
+
+def run_under_torchrun(nproc: int, args: list[str]) -> int:
+    """Run ``python -m mtrank <args>`` under torchrun with ``nproc`` processes and return its
+    exit code. The children die with this process: torchrun gets SIGTERM if this process is
+    killed, even by SIGKILL (``PR_SET_PDEATHSIG``), and stops its ranks, which also watch their
+    own parent; SIGINT, SIGTERM and SIGHUP sent to this process are forwarded to torchrun."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "mtrank", *args]
+    proc = subprocess.Popen(cmd, preexec_fn=die_with_parent)  # noqa: PLW1509 - only prctl, async-signal-safe enough
+
+    def forward(signum, frame):
+        proc.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        return proc.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)

@@ -34,10 +34,11 @@ from mtrank.data.batch import BatchSource, EncodedData
 from mtrank.data.prefetch import device_batches
 from mtrank.data.schema import Schema
 from mtrank.errors import ConfigError
+from mtrank.io_utils import recover_replaced_dir
 from mtrank.losses import TaskLoss, model_loss, task_loss_sum
 from mtrank.metrics.evaluate import evaluate_outputs
 from mtrank.models.layers import init_output_bias
-from mtrank.train.checkpoint import load_checkpoint, save_checkpoint
+from mtrank.train.checkpoint import check_fingerprint, load_checkpoint, save_checkpoint
 from mtrank.train.device import (
     autocast,
     grad_scaler,
@@ -297,6 +298,7 @@ class Trainer:
         checkpoint: Path | None = None,
         checkpoint_every: int = 0,
         resume: bool = False,
+        fingerprint: dict[str, str] | None = None,
     ) -> TrainResult:
         """Train ``model`` in place and leave it holding the best validation epoch's weights.
 
@@ -308,10 +310,14 @@ class Trainer:
             resume: continue from ``checkpoint`` (same data, model and config) exactly where it
                 stopped: weights, Adam moments, RNG states and the position inside the epoch
                 are restored, so the result equals an uninterrupted run.
+            fingerprint: digests of what the run is made of (data, schema, encoders, model; see
+                :func:`mtrank.train.checkpoint.run_fingerprint`), saved in the checkpoint and
+                compared on ``resume``.
 
         Raises:
-            ConfigError: ``resume`` without a usable checkpoint, or one made with another config;
-                an unavailable ``device`` or an unknown ``precision``.
+            ConfigError: ``resume`` without a usable checkpoint, or one made with another config,
+                other data, schema, encoders or model (the fingerprint differs); an unavailable
+                ``device`` or an unknown ``precision``.
             FloatingPointError: the training loss became NaN or infinite.
         """
         cfg = self.config
@@ -341,9 +347,12 @@ class Trainer:
         bad_epochs = 0
         start_epoch, skip, running, seen = 1, 0, 0.0, 0
         if resume:
+            if checkpoint is not None:
+                recover_replaced_dir(Path(checkpoint))
             if checkpoint is None or not Path(checkpoint).exists():
                 raise ConfigError(f"--resume: no checkpoint found at {checkpoint}")
             ck = load_checkpoint(Path(checkpoint))
+            check_fingerprint(ck.meta.get("fingerprint"), fingerprint, checkpoint)
             if ck.meta.get("config") != cfg.resume_key():
                 raise ConfigError(
                     f"--resume: the checkpoint at {checkpoint} was made with another training "
@@ -386,6 +395,7 @@ class Trainer:
                     "history": [asdict(h) for h in result.history],
                     "config": cfg.resume_key(),
                     "scaler": None if scaler is None else scaler.state_dict(),
+                    **({"fingerprint": fingerprint} if fingerprint else {}),
                 },
             )
 
