@@ -104,6 +104,10 @@ class SharedCTR(nn.Module):
         super().__init__()
         self.net = SingleTaskNet(spec, cfg)
 
+    def head_outputs(self) -> dict[str, nn.Linear]:
+        """Its CTR output layer, started at the click rate like BASE's (``init_output_bias``)."""
+        return {"ctr": self.net.tower.output_layer}
+
     def forward(self, categorical: torch.Tensor, numerical: torch.Tensor) -> dict[str, torch.Tensor]:
         logit = self.net(categorical, numerical)
         return funnel_outputs(logit, torch.zeros_like(logit))
