@@ -764,6 +764,7 @@ def main() -> None:
     ap.add_argument("--pyspy", default="/tmp/rechub-venv/bin/py-spy")
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: rechub,deepctr,rss,profile,padded,bare,stream_only, or REGIME:SYSTEM (e.g. aliccp:mtrank_dense)")
     ap.add_argument("--collect", action="store_true", help="rebuild the report from the worker files in --workdir (a run stopped early) and stop")
+    ap.add_argument("--note", action="append", default=[], help="a note for the report (with --collect; repeatable)")
     ap.add_argument("--merge", help="comma-separated result folders of runs over different regimes: write their union to --out and stop")
     ap.add_argument("--workdir", default="/tmp/mtrank-throughput")
     ap.add_argument("--out", default=str(HERE / "results"))
@@ -777,9 +778,10 @@ def main() -> None:
         Path(args.worker_out).write_text(json.dumps(res))
         return
     if args.collect:
-        d = Path(args.out) / "collected"
+        d = Path(args.workdir) / "collected"
         d.mkdir(parents=True, exist_ok=True)
         res = collect_runs(args, Path(args.workdir), args.regimes.split(","))
+        res["notes"] += [n for n in args.note]
         from mtrank.data.simulate import SIMULATED_SCHEMA as S
 
         res["roofline"] = roofline(args.threads, len(S.categorical) * EMB + len(S.numerical), reps=3)
