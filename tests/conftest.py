@@ -49,3 +49,22 @@ def make_batch(n: int = 8, n_cat: int = 2, n_num: int = 1, seed: int = 0) -> Bat
 @pytest.fixture()
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)
+
+
+def cli_in_process(*args):
+    """Run an ``mtrank`` command in-process through typer's runner; an mtrank error comes back as
+    exit code 2 with its message in ``stderr`` (as ``mtrank.cli.main`` prints it), anything else
+    is re-raised."""
+    from types import SimpleNamespace
+
+    from typer.testing import CliRunner
+
+    from mtrank.cli import app
+    from mtrank.errors import MtrankError
+
+    res = CliRunner().invoke(app, [str(a) for a in args])
+    if res.exception is not None and not isinstance(res.exception, SystemExit):
+        if not isinstance(res.exception, MtrankError):
+            raise res.exception
+        return SimpleNamespace(returncode=2, stdout=res.stdout, stderr=f"error: {res.exception}")
+    return SimpleNamespace(returncode=res.exit_code, stdout=res.stdout, stderr=res.stderr)

@@ -18,6 +18,7 @@ from mtrank.ranking.fusion import (
     load_fusion,
     make_fusion,
     save_fusion,
+    usable_prices,
 )
 from mtrank.ranking.quadrants import (
     BetaPrior,
@@ -86,7 +87,7 @@ def test_fusion_json_round_trip(tmp_path):
 # --- prices --------------------------------------------------------------------------------
 
 def test_bad_prices_error_clip_drop():
-    raw = [10, 0, -1, float("nan"), None, float("inf")]
+    raw = [10, -2, -1, float("nan"), None, float("inf")]
     with pytest.raises(DataError) as e:
         clean_prices(raw, column="price", source="x.parquet")
     assert "x.parquet" in str(e.value) and "'price'" in str(e.value) and "rows 2, 3, 4, 5, 6" in str(e.value)
@@ -97,6 +98,10 @@ def test_bad_prices_error_clip_drop():
     np.testing.assert_array_equal(keep, [True, False, False, False, False, False])
     cents, _ = clean_prices(np.array([1999, 5], dtype=np.int64))
     assert cents.dtype == np.float64 and cents.tolist() == [1999.0, 5.0]
+    # one price policy offline and in serving: 0 (a free item) is a price, a negative one is not
+    free, keep = clean_prices([0.0, 3.0])
+    assert free.tolist() == [0.0, 3.0] and keep.all()
+    np.testing.assert_array_equal(usable_prices([0.0, -0.01, np.nan, np.inf, 5.0]), [True, False, False, False, True])
 
 
 def test_non_finite_scores_never_rank_first():

@@ -2,28 +2,18 @@
 runner: the subprocess path of the CLI is covered by tests/test_cli.py)."""
 
 import json
-from types import SimpleNamespace
 
 import numpy as np
 import polars as pl
 import pytest
-from typer.testing import CliRunner
 
-from mtrank.cli import app
+from conftest import cli_in_process
+
 from mtrank.data.simulate import SimConfig, simulate
-from mtrank.errors import MtrankError
 from mtrank.ranking.fusion import Multiplicative, load_fusion
 
 
-def mtrank(*args):
-    """Run a command in-process; an mtrank error is returned as exit code 2 with its message in
-    ``stderr`` (as ``mtrank.cli.main`` prints it), anything else is re-raised."""
-    res = CliRunner().invoke(app, [str(a) for a in args])
-    if res.exception is not None and not isinstance(res.exception, SystemExit):
-        if not isinstance(res.exception, MtrankError):
-            raise res.exception
-        return SimpleNamespace(returncode=2, stdout=res.stdout, stderr=f"error: {res.exception}")
-    return SimpleNamespace(returncode=res.exit_code, stdout=res.stdout, stderr=res.stderr)
+mtrank = cli_in_process
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +65,7 @@ def test_quadrants_and_fuse_on_the_simulator(sim_bundle, tmp_path):
 def test_fuse_price_policy_and_predictions_without_labels(sim_bundle, tmp_path):
     data, bundle = sim_bundle
     bad = tmp_path / "bad.parquet"
-    pl.read_parquet(data).with_columns(pl.when(pl.int_range(pl.len()) < 3).then(0.0).otherwise(pl.col("price")).alias("price")).write_parquet(bad)
+    pl.read_parquet(data).with_columns(pl.when(pl.int_range(pl.len()) < 3).then(-1.0).otherwise(pl.col("price")).alias("price")).write_parquet(bad)
     r = mtrank("fuse", "--data", bad, "--bundle", bundle, "--split", "all", "--method", "grid", "--grid-points", 2, "--out", tmp_path / "f")
     assert r.returncode == 2 and "'price'" in r.stderr and "rows 1, 2, 3" in r.stderr and "Traceback" not in r.stderr
     r = mtrank("fuse", "--data", bad, "--bundle", bundle, "--split", "all", "--method", "grid", "--grid-points", 2,

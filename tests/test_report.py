@@ -102,7 +102,9 @@ def test_report_command_with_benchmark_quadrants_and_fusion(quickstart_run, tmp_
     assert 'id="calibration"' not in page
 
 
-def test_calibration_skipped_with_a_note_when_data_is_gone(quickstart_run, tmp_path):
+def test_calibration_comes_from_what_the_run_saved(quickstart_run, tmp_path):
+    # The report reads the bins each bundle recorded at training time: with the data gone (the
+    # run moved, its sources renamed) the section is still drawn, and no data is loaded.
     run = tmp_path / "moved"
     shutil.copytree(quickstart_run, run, ignore=shutil.ignore_patterns("data", "report.html"))
     for cfg_path in run.glob("*-seed0/config.json"):
@@ -111,8 +113,19 @@ def test_calibration_skipped_with_a_note_when_data_is_gone(quickstart_run, tmp_p
         cfg["meta"]["dataset"] = "mine"
         cfg_path.write_text(json.dumps(cfg))
     page = write_report([run], tmp_path / "r.html").read_text()
-    assert "calibration skipped" in page and "not reachable" in page
-    assert "Model comparison" in page
+    assert "calibration skipped" not in page and 'id="calibration"' in page and "Model comparison" in page
+    saved = json.loads((run / "esmm-seed0" / "config.json").read_text())["meta"]["calibration"]
+    assert saved["split"] == "test" and saved["bins"] == 10 and set(saved["tasks"]) == {"ctr", "cvr (clicked)", "ctcvr"}
+    ctr = saved["tasks"]["ctr"]
+    assert sum(ctr["n"]) == json.loads((run / "metrics.json").read_text())["runs"]["esmm"][0]["n_impressions"]
+    assert ctr["pred"] == sorted(ctr["pred"])  # equal-count bins of the predicted pCTR, ascending
+    # a bundle without the record (an older mtrank) gets a note; the rest of the page stays
+    for cfg_path in run.glob("*-seed0/config.json"):
+        cfg = json.loads(cfg_path.read_text())
+        del cfg["meta"]["calibration"]
+        cfg_path.write_text(json.dumps(cfg))
+    page = write_report([run], tmp_path / "r2.html").read_text()
+    assert "calibration skipped" in page and "no calibration record" in page and "Model comparison" in page
 
 
 def test_report_of_a_non_run_directory_is_one_error_line(tmp_path):

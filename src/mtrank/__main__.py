@@ -1,3 +1,5 @@
+"""``python -m mtrank``: the command line (:func:`mtrank.cli.main`)."""
+
 from mtrank.cli import main
 
 main()

@@ -51,6 +51,8 @@ from mtrank.errors import ConfigError
 from mtrank.losses import TaskLoss
 from mtrank.metrics.core import auc, gauc, logloss
 from mtrank.metrics.evaluate import evaluate_outputs
+from mtrank.metrics.summary import fmt as _fmt
+from mtrank.metrics.summary import metric_names, summarise
 from mtrank.models import ENTIRE_SPACE_MODELS, MODELS, PLAIN_TASK_MODELS, build_model
 from mtrank.models.base import SingleTaskNet
 from mtrank.models.baselines import PROPENSITY_COLUMN
@@ -105,10 +107,11 @@ class SharedCTR(nn.Module):
         self.net = SingleTaskNet(spec, cfg)
 
     def head_outputs(self) -> dict[str, nn.Linear]:
-        """Its CTR output layer, started at the click rate like BASE's (``init_output_bias``)."""
+        """The CTR output layer, so the prior output bias starts it as BASE's CTR network."""
         return {"ctr": self.net.tower.output_layer}
 
     def forward(self, categorical: torch.Tensor, numerical: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Logits of the CTR network ``[B]``; its CVR outputs are the 0.5 placeholder."""
         logit = self.net(categorical, numerical)
         return funnel_outputs(logit, torch.zeros_like(logit))
 
@@ -286,27 +289,7 @@ def run_benchmark(cfg: BenchmarkConfig, data_dir: str | Path | None = None, log:
     return results, timings
 
 
-def summarise(runs: list[dict]) -> dict[str, dict[str, float | None]]:
-    """Mean and sample std (0 for one repeat) of every numeric metric over repeats."""
-    out: dict[str, dict[str, float | None]] = {}
-    for k in runs[0]:
-        vals = [float(r[k]) for r in runs if isinstance(r.get(k), (int, float)) and not isinstance(r.get(k), bool)]
-        if not vals:
-            continue
-        out[k] = {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0, "n": len(vals)}
-    return out
-
-
-def _fmt(v: float | None, std: float | None = None, digits: int = 4) -> str:
-    if v is None:
-        return "n/a"
-    return f"{v:.{digits}f}" if std is None else f"{v:.{digits}f} ± {std:.{digits}f}"
-
-
-FUNNEL_COLUMNS = [
-    "auc_ctr", "auc_cvr_masked", "auc_ctcvr", "auc_ctcvr_own", "gauc_ctr", "gauc_cvr_masked", "gauc_ctcvr",
-    "logloss_ctr", "logloss_cvr_masked", "logloss_ctcvr", "auc_cvr_entire_truth", "cvr_bias_entire",
-]
+FUNNEL_COLUMNS = metric_names("benchmark")
 
 
 def markdown_table(results: dict) -> str:
@@ -383,4 +366,5 @@ def report_markdown(results: dict, command: str) -> str:
 
 
 def log_to_stderr(msg: str) -> None:
+    """Print one progress line to stderr (flushed at once)."""
     print(msg, file=sys.stderr, flush=True)

@@ -55,6 +55,7 @@ def atomic_write_bytes(data: bytes, path: Path) -> Path:
 
 
 def atomic_write_json(obj, path: Path) -> Path:
+    """Write ``obj`` as indented JSON atomically (temporary file, then rename); returns ``path``."""
     return atomic_write_bytes((json.dumps(obj, indent=2, sort_keys=False, default=_jsonable) + "\n").encode(), path)
 
 
@@ -67,6 +68,7 @@ def _jsonable(x):
 
 
 def atomic_write_parquet(df: pl.DataFrame, path: Path, row_group_size: int | None = None) -> Path:
+    """Write a Parquet file atomically (temporary file, then rename); returns ``path``."""
     return _atomic_write(path, lambda tmp: df.write_parquet(tmp, row_group_size=row_group_size))
 
 

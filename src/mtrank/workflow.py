@@ -5,13 +5,14 @@ evaluate → bundle. Each step is a plain function so tests and notebooks can ca
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import polars as pl
 import torch
 
+from mtrank.config import RunConfig, load_config
 from mtrank.data.batch import EncodedData
 from mtrank.data.datasets import DATASETS, LoadedData, load_table, resolve_data_dir
 from mtrank.data.encoders import FeatureEncoder
@@ -20,11 +21,11 @@ from mtrank.data.simulate import SimConfig, write_simulated
 from mtrank.data.split import SplitConfig, split_data
 from mtrank.data.weights import mean_log_price, price_weights
 from mtrank.errors import ConfigError, SchemaError
-from mtrank.metrics.evaluate import evaluate_outputs
+from mtrank.metrics.evaluate import CALIBRATION_BINS, calibration_curves, evaluate_outputs
 from mtrank.models import build_model
 from mtrank.models.config import FeatureSpec, ModelConfig
 from mtrank.bundle import Bundle
-from mtrank.train.trainer import TrainConfig, Trainer, TrainResult, predict
+from mtrank.train.trainer import EpochLog, TrainConfig, Trainer, TrainResult, predict
 
 
 def resolve_schema(spec: str | Path | None, dataset: str | None = None) -> Schema:
@@ -91,6 +92,8 @@ def feature_spec(encoder: FeatureEncoder, schema: Schema) -> FeatureSpec:
 
 @dataclass
 class FitOutput:
+    """What :func:`fit` and :func:`run` return: the bundle (not saved), the training result,
+    metrics per held-out split (``val``, ``test``) and the seconds taken."""
     bundle: Bundle
     result: TrainResult
     metrics: dict[str, dict]
@@ -111,11 +114,15 @@ def fit(
     weight_by_price: bool = False,
     price_weight_cap: float = 3.0,
     hash_buckets: dict[str, int] | None = None,
+    on_epoch: Callable[[EpochLog], None] | None = None,
+    min_count: int = 1,
+    max_vocab: int | None = None,
 ) -> FitOutput:
     """Fit encoders on train only, train the model with early stopping on val, and evaluate on
     val and test. Returns the bundle (not yet saved) and metrics per split.
 
-    ``checkpoint``, ``checkpoint_every`` and ``resume`` are passed to :meth:`Trainer.fit`.
+    ``checkpoint``, ``checkpoint_every`` and ``resume`` are passed to :meth:`Trainer.fit`;
+    ``on_epoch`` (called with each epoch's log as it ends) to :class:`Trainer`.
 
     With ``weight_by_price`` the train and val rows get the sample weights of
     :func:`mtrank.data.weights.price_weights` from the schema's price column (normaliser from
@@ -127,7 +134,7 @@ def fit(
     """
     start = time.perf_counter()
     torch.manual_seed(train_cfg.seed)
-    encoder = FeatureEncoder.fit(splits["train"], schema, hash_buckets=hash_buckets)
+    encoder = FeatureEncoder.fit(splits["train"], schema, min_count=min_count, max_size=max_vocab, hash_buckets=hash_buckets)
     encoded = {k: EncodedData.from_frame(v, schema, encoder) for k, v in splits.items() if v.height}
     weighting = None
     if weight_by_price:
@@ -135,12 +142,12 @@ def fit(
     spec = feature_spec(encoder, schema)
     model = build_model(spec, model_cfg)
     train, val = training_views(model, encoded["train"], encoded.get("val"), train_cfg.seed)
-    trainer = Trainer(train_cfg, schema, quiet=quiet)
+    trainer = Trainer(train_cfg, schema, quiet=quiet, on_epoch=on_epoch)
     result = trainer.fit(
         model, train, val,
         checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume,
     )
-    metrics = {name: evaluate_split(model, data, schema) for name, data in encoded.items() if name != "train"}
+    metrics, curves = _evaluate(model, {k: v for k, v in encoded.items() if k != "train"}, schema)
     seconds = time.perf_counter() - start
     bundle_meta = {
         **(meta or {}),
@@ -152,6 +159,7 @@ def fit(
         "metrics": metrics,
         "seconds": seconds,
         **({"weighting": weighting} if weighting else {}),
+        **_calibration_meta(curves),
     }
     bundle = Bundle(model, encoder, schema, model_cfg, spec, bundle_meta)
     return FitOutput(bundle, result, metrics, seconds)
@@ -174,6 +182,7 @@ def fit_stream(
     checkpoint: Path | None = None,
     checkpoint_every: int = 0,
     resume: bool = False,
+    on_epoch: Callable[[EpochLog], None] | None = None,
 ) -> FitOutput:
     """Like :func:`fit`, but the training files are streamed piece by piece (flat memory):
     encoders are fitted in one streaming pass, batches come from a shuffle buffer. Validation
@@ -187,19 +196,105 @@ def fit_stream(
     val = ParquetStream(val_paths, schema, encoder).load_all() if val_paths else None
     spec = feature_spec(encoder, schema)
     model = build_model(spec, model_cfg)
-    result = Trainer(train_cfg, schema, quiet=quiet).fit(model, train, val, checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume)
-    metrics = {}
-    if val is not None:
-        metrics["val"] = evaluate_split(model, val, schema)
+    result = Trainer(train_cfg, schema, quiet=quiet, on_epoch=on_epoch).fit(model, train, val, checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume)
+    held = {"val": val} if val is not None else {}
     if test_paths:
-        metrics["test"] = evaluate_split(model, ParquetStream(test_paths, schema, encoder).load_all(), schema)
+        held["test"] = ParquetStream(test_paths, schema, encoder).load_all()
+    metrics, curves = _evaluate(model, held, schema)
     seconds = time.perf_counter() - start
     bundle_meta = {
         **(meta or {}), "train": train_cfg.model_dump(mode="json"), "rows": {"train": len(train)},
         "best_epoch": result.best_epoch, "stopped_early": result.stopped_early,
         "history": [asdict(h) for h in result.history], "metrics": metrics, "seconds": seconds,
+        **_calibration_meta(curves),
     }
     return FitOutput(Bundle(model, encoder, schema, model_cfg, spec, bundle_meta), result, metrics, seconds)
+
+def load_run_data(config: RunConfig) -> LoadedData:
+    """The validated rows a config names: its built-in ``data.dataset`` (the simulator's file is
+    generated if absent), or its one file ``data.paths[0]`` with ``data.schema``.
+
+    Raises:
+        ConfigError: more than one path without ``data.stream``, or no data named;
+        DatasetNotFoundError, DataError: see :func:`load_data`.
+    """
+    d = config.data
+    if len(d.paths) > 1:
+        raise ConfigError("without data.stream (--stream), data.paths (--data) takes one file")
+    path = Path(d.paths[0]) if d.paths else None
+    schema = resolve_schema(d.schema_, d.dataset) if (d.schema_ or path) else None
+    sim = d.simulator if d.dataset == "simulated" else None
+    return load_data(d.dataset, data=path, schema=schema, data_dir=d.data_dir, funnel_violations=d.funnel_violations, sim=sim)
+
+
+def run(
+    config: RunConfig | str | Path,
+    *,
+    quiet: bool = False,
+    on_epoch: Callable[[EpochLog], None] | None = None,
+    loaded: LoadedData | None = None,
+    checkpoint: Path | None = None,
+    meta: dict | None = None,
+) -> FitOutput:
+    """Train and evaluate as a run config says: the one training path of ``mtrank train``,
+    ``mtrank quickstart`` and the Python API (``mtrank.run``).
+
+    Args:
+        config: a :class:`~mtrank.config.RunConfig`, or the path of its YAML file.
+        quiet: no progress output. on_epoch: called with each epoch's log as it ends.
+        loaded: the rows, when already loaded (else :func:`load_run_data`); ignored with
+            ``data.stream``.
+        checkpoint: checkpoint folder (default: ``training.checkpoint_dir``, else none).
+        meta: extra JSON-able facts to record in the bundle (e.g. the command line).
+
+    Returns:
+        :class:`FitOutput`: the bundle (not saved; ``.bundle.save(path)``) with the resolved
+        config in ``bundle.meta["config"]``, the training result, metrics per split
+        (``val``, ``test``), seconds.
+
+    Raises:
+        ConfigError: a bad config or combination; DataError, DatasetNotFoundError: the data.
+    """
+    if not isinstance(config, RunConfig):
+        config = load_config(config)
+    d, t, f = config.data, config.training, config.features
+    model_cfg, train_cfg = config.model.to_model_config(), t.train_config()
+    if checkpoint is None and t.checkpoint_dir:
+        checkpoint = Path(t.checkpoint_dir)
+    common = {
+        "quiet": quiet, "checkpoint": checkpoint, "checkpoint_every": t.checkpoint_every, "resume": t.resume,
+        "hash_buckets": f.hash_buckets or None, "on_epoch": on_epoch, "min_count": f.min_count, "max_vocab": f.max_vocab,
+    }
+    if d.stream:
+        from mtrank.data.stream import expand_paths
+
+        if not d.paths:
+            raise ConfigError("data.stream (--stream) needs data.paths (--data: files, a directory or a glob)")
+        if t.weight_by_price:
+            raise ConfigError("training.weight_by_price (--weight-by-price) is not available with --stream yet")
+        schema = resolve_schema(d.schema_, d.dataset)
+        if d.funnel_violations is not None:
+            schema = schema.model_copy(update={"funnel_violations": d.funnel_violations})
+        sources = {"train": d.paths, "val": d.val_paths or None, "test": d.test_paths or None}
+        res = fit_stream(
+            expand_paths(d.paths), schema, model_cfg, train_cfg,
+            val_paths=expand_paths(d.val_paths) if d.val_paths else None,
+            test_paths=expand_paths(d.test_paths) if d.test_paths else None,
+            meta={"dataset": d.dataset or schema.name, "sources": sources, **(meta or {})},
+            shuffle_buffer=d.shuffle_buffer, **common,
+        )
+    else:
+        loaded = loaded if loaded is not None else load_run_data(config)
+        split_cfg = d.split.split_config(t.seed)
+        splits = split_data(loaded, split_cfg)
+        run_meta = {"dataset": d.dataset or loaded.schema.name, "sources": loaded.sources, "split": split_cfg.model_dump(), **(meta or {})}
+        res = fit(
+            splits, loaded.schema, model_cfg, train_cfg, meta=run_meta,
+            weight_by_price=t.weight_by_price, price_weight_cap=t.price_weight_cap, **common,
+        )
+    res.bundle.meta["config"] = config.to_dict()
+    return res
+
 
 def _add_price_weights(splits: dict[str, pl.DataFrame], encoded: dict[str, EncodedData], schema: Schema, cap: float) -> dict:
     if schema.price is None or not schema.is_funnel:
@@ -233,14 +328,30 @@ def evaluate_split(model: torch.nn.Module, data: EncodedData, schema: Schema) ->
     return evaluate_outputs(out, labels, schema, data.side)
 
 
+def _evaluate(model: torch.nn.Module, splits: dict[str, EncodedData], schema: Schema) -> tuple[dict, dict]:
+    """Metrics per held-out split, and the test split's calibration curves (one prediction pass
+    per split)."""
+    metrics, curves = {}, {}
+    for name, data in splits.items():
+        out = predict(model, data)
+        labels = {k: v.numpy() for k, v in data.labels.items()}
+        metrics[name] = evaluate_outputs(out, labels, schema, data.side)
+        if name == "test":
+            curves = calibration_curves(out, labels, schema)
+    return metrics, curves
+
+
+def _calibration_meta(curves: dict) -> dict:
+    """The bundle's record of the test split's calibration, which the report draws."""
+    return {"calibration": {"split": "test", "bins": CALIBRATION_BINS, "tasks": curves}} if curves else {}
+
+
 def predictions_frame(bundle: Bundle, df: pl.DataFrame, source: str) -> pl.DataFrame:
-    """Score a table: its id / price / passthrough columns plus ``p_ctr``, ``p_cvr``, ``p_ctcvr``
-    (or ``p_<task>``), row for row in input order."""
-    data = bundle.encode(df, source)
-    probs = bundle.predict_arrays(data)
-    keep = [c for c in dict.fromkeys([bundle.schema.request_id, bundle.schema.user_id, bundle.schema.item_id, bundle.schema.price, *bundle.schema.passthrough]) if c and c in df.columns]
-    out = df.select(keep) if keep else pl.DataFrame()
-    return out.with_columns(pl.Series(k, v.astype(np.float64)) for k, v in probs.items()) if keep else pl.DataFrame({k: v.astype(np.float64) for k, v in probs.items()})
+    """Score a table with a bundle: :meth:`mtrank.bundle.Bundle.predict`."""
+    return bundle.predict(df, source)
 
 
-__all__ = ["FitOutput", "SplitConfig", "evaluate_split", "fit", "load_data", "predictions_frame", "resolve_schema", "split_data", "training_views"]
+__all__ = [
+    "FitOutput", "SplitConfig", "evaluate_split", "fit", "load_data", "load_run_data", "predictions_frame", "resolve_schema",
+    "run", "split_data", "training_views",
+]

@@ -7,6 +7,7 @@ Every command is a plain function in one of the modules below, registered here e
 * :mod:`mtrank.cli.ranking`: quadrants, fuse
 * :mod:`mtrank.cli.serve`: export, serve
 * :mod:`mtrank.cli.report`: report
+* :mod:`mtrank.cli.config`: config init, config show
 
 Every expected failure (bad data, missing files, bad bundle, bad option) is printed as one
 ``error:`` line naming what to change, with exit code 2; never a stack trace.
@@ -21,6 +22,7 @@ import typer
 from rich.text import Text
 
 from mtrank.cli import benchmark, pipeline, ranking, report, serve
+from mtrank.cli.config import config_app
 from mtrank.cli.common import err
 from mtrank.errors import MtrankError
 
@@ -40,6 +42,7 @@ for _command in (
     report.report,
 ):
     app.command()(_command)
+app.add_typer(config_app, name="config")
 
 
 def _click_exception_types() -> tuple[tuple[type, ...], tuple[type, ...]]:

@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from mtrank.cli.common import DataDirOpt, QuietOpt, _tower
+from mtrank.cli.common import ConfigOpt, DataDirOpt, QuietOpt, _str, _tower, resolve_config
 from mtrank.errors import ConfigError
 from mtrank.io_utils import atomic_write_json
 
@@ -33,7 +33,9 @@ def _options(items: list[str] | None) -> dict[str, dict]:
 
 
 def benchmark(
-    dataset: Annotated[str, typer.Option("--dataset", "-d", help="built-in dataset")],
+    ctx: typer.Context,
+    config: ConfigOpt = None,
+    dataset: Annotated[str | None, typer.Option("--dataset", "-d", help="built-in dataset (or the config's data.dataset)")] = None,
     models: Annotated[str, typer.Option(help="comma-separated registry names")] = "esmm,base",
     repeats: Annotated[int, typer.Option(help="training seeds; mean ± std over them")] = 2,
     epochs: Annotated[int, typer.Option(help="maximum epochs (early stopping on validation)")] = 3,
@@ -53,10 +55,25 @@ def benchmark(
     write JSON."""
     from mtrank.benchmark import BenchmarkConfig, log_to_stderr, report_markdown, run_benchmark
 
+    cfg = resolve_config(ctx, config, {
+        "dataset": ("data.dataset", dataset), "data_dir": ("data.data_dir", lambda: _str(data_dir)),
+        "rows": ("data.simulator.rows", rows), "batch_size": ("training.batch_size", batch_size),
+        "epochs": ("training.epochs", epochs), "lr": ("training.lr", lr), "seed": ("training.seed", seed),
+        "threads": ("training.threads", threads), "embedding_dim": ("model.embedding_dim", embedding_dim),
+        "tower": ("model.tower", lambda: _tower(tower)),
+    })
+    if cfg.data.dataset is None:
+        raise ConfigError("give --dataset (a built-in dataset) or a --config with data.dataset")
+    dataset, rows, seed, lr, epochs = cfg.data.dataset, cfg.data.simulator.rows, cfg.training.seed, cfg.training.lr, cfg.training.epochs
+    data_dir = Path(cfg.data.data_dir) if cfg.data.data_dir else None
+    threads, embedding_dim = cfg.training.threads, cfg.model.embedding_dim
+    if config is not None and batch_size is None:
+        batch_size = cfg.training.batch_size
+    options = {cfg.model.name: cfg.model.options} if config is not None and cfg.model.options else {}
     names = [m.strip() for m in models.split(",") if m.strip()]
     cfg = BenchmarkConfig(
         dataset=dataset, models=names, repeats=repeats, epochs=epochs, batch_size=batch_size, lr=lr,
-        embedding_dim=embedding_dim, tower=_tower(tower), options=_options(option), rows=rows, seed=seed, threads=threads,
+        embedding_dim=embedding_dim, tower=cfg.model.tower, options={**options, **_options(option)}, rows=rows, seed=seed, threads=threads,
     )
     out = out or Path("runs") / "benchmark" / dataset
     if dataset == "simulated" and data_dir is None:

@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from mtrank.config import RunConfig, load_config
 from mtrank.data.datasets import DATASETS
 from mtrank.errors import ConfigError
+from mtrank.metrics.summary import fmt as _fmt
+from mtrank.metrics.summary import metric_names
 
 # Wide enough for the metric tables when output goes to a file or a CI log.
 console = Console(width=None if sys.stdout.isatty() else 200)
@@ -23,16 +26,10 @@ DataOpt = Annotated[Path | None, typer.Option("--data", help="a CSV/Parquet file
 SchemaOpt = Annotated[str | None, typer.Option("--schema", help="schema YAML, or a built-in dataset name")]
 DataDirOpt = Annotated[Path | None, typer.Option("--data-dir", help="folder holding the built-in datasets (default: $MTRANK_DATA_DIR, else ./data)")]
 FunnelOpt = Annotated[str | None, typer.Option("--funnel-violations", help="conversion without click: 'error' (default) or 'drop'")]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")]
-SUMMARY = ["auc_ctr", "auc_cvr_masked", "auc_ctcvr", "gauc_ctr", "logloss_ctr", "logloss_cvr_masked", "logloss_ctcvr", "calib_ctcvr", "auc_cvr_entire_truth", "cvr_bias_entire"]
-
-
-def _fmt(v) -> str:
-    if v is None:
-        return "n/a"
-    if isinstance(v, float):
-        return f"{v:.4f}"
-    return str(v)
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress output")]
+BundleOpt = Annotated[Path | None, typer.Option("--bundle", "-b", help="bundle directory (default: the config's export.out, runs/model)")]
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="run config YAML (see `mtrank config init`); the flags given on the command line override its keys")]
+SUMMARY = metric_names("cli")
 
 
 def _metric_table(title: str, rows: dict[str, dict], keys: list[str] | None = None) -> Table:
@@ -61,3 +58,53 @@ def _tower(text: str) -> list[int]:
 def _check_choice(value: str | None, choices, option: str) -> None:
     if value is not None and value not in choices:
         raise ConfigError(f"{option} must be one of {sorted(choices)}, got {value!r}")
+
+
+def _on_command_line(ctx: typer.Context, name: str) -> bool:
+    from click.core import ParameterSource
+
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name in (ParameterSource.COMMANDLINE.name, ParameterSource.ENVIRONMENT.name)
+
+
+def resolve_config(ctx: typer.Context, path: Path | None, flags: dict[str, tuple[str, Any]]) -> RunConfig:
+    """The run config of a command: the ``--config`` file (or the defaults) with the flags
+    written over their keys (a flag left unset, None, changes nothing). Without a file every
+    flag counts (its default included), so a
+    command without ``--config`` behaves as its flags say; with a file only the flags given on
+    the command line override it.
+
+    Args:
+        flags: ``{parameter name: (config key, value or a function returning it)}``.
+
+    Raises:
+        ConfigError: an unreadable file, an unknown key, or a bad value (naming the file and
+            key, or the flag).
+    """
+    base = load_config(path) if path is not None else RunConfig()
+    updates, flag_of = {}, {}
+    for name, (key, value) in flags.items():
+        if path is None or _on_command_line(ctx, name):
+            value = value() if callable(value) else value
+            if value is not None:  # an unset optional flag leaves the key as it is
+                updates[key] = value
+                flag_of[key] = "--" + name.replace("_", "-")
+    try:
+        return base.override(updates, origin="command line")
+    except ConfigError as exc:
+        text = str(exc).removeprefix("command line: ")
+        key = text.partition(": ")[0]
+        raise ConfigError(f"{flag_of[key]} ({key}): {text.partition(': ')[2]}" if key in flag_of else str(exc)) from None
+
+
+def _str(path: Path | None) -> str | None:
+    """A path option as the config stores it (None stays None)."""
+    return None if path is None else str(path)
+
+
+def phase(message: str, quiet: bool = False) -> None:
+    """A progress line naming the phase a long command has reached (stderr; not when quiet)."""
+    if not quiet:
+        err.print(f"[dim]» {message}[/dim]", highlight=False)
+
+

@@ -5,8 +5,8 @@ Plain functions; :mod:`mtrank.cli` registers them on the app.
 
 from __future__ import annotations
 
+import os
 import shutil
-import statistics
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -17,6 +17,8 @@ from rich.table import Table
 from mtrank.bundle import Bundle
 from mtrank.cli.common import (
     SUMMARY,
+    BundleOpt,
+    ConfigOpt,
     DataDirOpt,
     DatasetOpt,
     DataOpt,
@@ -26,24 +28,28 @@ from mtrank.cli.common import (
     _check_choice,
     _fmt,
     _metric_table,
+    _str,
     _tower,
     console,
     err,
+    phase,
+    resolve_config,
 )
+from mtrank.config import RunConfig
 from mtrank.data.datasets import DATASETS
-from mtrank.data.simulate import SimConfig, write_simulated
+from mtrank.data.simulate import write_simulated
 from mtrank.data.split import SplitConfig, split_data
-from mtrank.data.stream import expand_paths
 from mtrank.errors import BundleError, ConfigError
 from mtrank.io_utils import atomic_write_json, atomic_write_parquet
-from mtrank.models import MODELS
-from mtrank.models.config import ModelConfig
+from mtrank.metrics.summary import summarise
+from mtrank.models import MODELS, RANKERS
 from mtrank.train.distributed import init_from_env, is_main
-from mtrank.train.trainer import TrainConfig
-from mtrank.workflow import evaluate_split, fit, fit_stream, load_data, predictions_frame, resolve_schema
+from mtrank.workflow import evaluate_split, load_data, load_run_data, predictions_frame, resolve_schema, run
 
 
 def simulate(
+    ctx: typer.Context,
+    config: ConfigOpt = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Parquet file to write")] = Path("data/simulated/simulated.parquet"),
     rows: Annotated[int, typer.Option(help="impressions")] = 1_000_000,
     seed: int = 0,
@@ -55,26 +61,27 @@ def simulate(
     slate_size: Annotated[int, typer.Option(help="candidates shown per request (positions 1..S)")] = 10,
     part_rows: Annotated[int | None, typer.Option(help="write a directory of Parquet parts of this many rows (bounded memory)")] = None,
 ) -> None:
-    """Write a synthetic mall's impression log (known true pCTR / pCVR per row) as Parquet."""
-    cfg = SimConfig(rows=rows, seed=seed, ctr=ctr, cvr=cvr, n_users=n_users, n_items=n_items, intent=intent, slate_size=slate_size)
+    """Write a synthetic mall's impression log (known true pCTR / pCVR per row) as Parquet.
+
+    With ``--config FILE`` the simulator settings are the config's ``data.simulator``."""
+    run_cfg = resolve_config(ctx, config, {
+        name: (f"data.simulator.{name}", value)
+        for name, value in [("rows", rows), ("seed", seed), ("ctr", ctr), ("cvr", cvr), ("n_users", n_users),
+                            ("n_items", n_items), ("intent", intent), ("slate_size", slate_size)]
+    })
+    cfg = run_cfg.data.simulator
     path = write_simulated(cfg, out, part_rows=part_rows, progress=sys.stderr.isatty())
     console.print(f"wrote {path} ({cfg.rows // cfg.slate_size * cfg.slate_size:,} impressions)")
 
 
-def _configs(model, epochs, batch_size, lr, seed, patience, embedding_dim, tower, dropout, threads) -> tuple[ModelConfig, TrainConfig]:
-    _check_choice(model, MODELS, "--model")
-    return (
-        ModelConfig(name=model, embedding_dim=embedding_dim, tower=_tower(tower), dropout=dropout),
-        TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, patience=patience, threads=threads),
-    )
-
-
 def train(
+    ctx: typer.Context,
+    config: ConfigOpt = None,
     dataset: DatasetOpt = None,
     data: Annotated[list[str] | None, typer.Option("--data", help="CSV/Parquet file, directory or glob (with --schema); repeatable")] = None,
     schema: SchemaOpt = None,
     data_dir: DataDirOpt = None,
-    model: Annotated[str, typer.Option("--model", "-m", help=f"one of {', '.join(MODELS)}")] = "esmm",
+    model: Annotated[str, typer.Option("--model", "-m", help=f"one of {', '.join([*MODELS, *RANKERS])}")] = "esmm",
     out: Annotated[Path, typer.Option("--out", "-o", help="bundle directory to write")] = Path("runs/model"),
     epochs: int = 3,
     batch_size: int = 2048,
@@ -104,69 +111,108 @@ def train(
     weight_by_price: Annotated[bool, typer.Option("--weight-by-price", help="weight converted rows by 1 + min(log1p(price)/mean, cap) (see mtrank.data.weights)")] = False,
     price_weight_cap: Annotated[float, typer.Option(help="largest extra weight with --weight-by-price")] = 3.0,
     tensorboard: Annotated[Path | None, typer.Option("--tensorboard", help="also write the per-epoch metrics as TensorBoard event files here (needs tensorboard)")] = None,
+    ltr_option: Annotated[list[str] | None, typer.Option("--ltr-option", help="with --model ltr: key=value of mtrank.models.ltr.LTRConfig (k, early_stopping, n_estimators, value_coef …); repeatable")] = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Train a model, early-stopped on validation; evaluate on test; write a bundle.
+
+    `--model ltr`: LambdaMART (LightGBM lambdarank) on graded relevance, early-stopped on
+    validation NDCG@K, evaluated with ranking metrics (see docs/ltr.md).
+
+    With ``--config FILE`` the run config gives every setting and the flags given on the
+    command line override its keys; the bundle records the resolved config.
 
     Data parallel: `mtrank train --nproc K ...` or `torchrun --nproc_per_node=K -m mtrank train ...`
     (DistributedDataParallel, gloo on CPU / NCCL on GPU; only rank 0 writes).
     """
     _check_choice(funnel_violations, ("error", "drop"), "--funnel-violations")
-    if nproc > 1:
-        _relaunch_under_torchrun(nproc)
-    if out.exists() and not overwrite:
-        raise BundleError(f"{out} already exists; pass --overwrite to replace it")
-    model_cfg, train_cfg = _configs(model, epochs, batch_size, lr, seed, patience, embedding_dim, tower, dropout, threads)
-    train_cfg = train_cfg.model_copy(update={"sparse_embeddings": sparse_embeddings})
-    if tensorboard is not None:
-        from mtrank.report.tensorboard import check_available, write_history
+    if model in RANKERS:
+        if config is not None:
+            raise ConfigError("--model ltr takes its settings from the flags and --ltr-option; --config is not supported for it yet")
+        return _train_ranker(dataset, data, schema, data_dir, out, overwrite, seed, threads, test_fraction, val_fraction, funnel_violations, ltr_option, quiet)
+    _check_choice(model, MODELS, "--model")
+    cfg = resolve_config(ctx, config, {
+        "dataset": ("data.dataset", dataset), "data": ("data.paths", lambda: data or []),
+        "schema": ("data.schema", schema), "data_dir": ("data.data_dir", lambda: _str(data_dir)),
+        "funnel_violations": ("data.funnel_violations", funnel_violations),
+        "test_fraction": ("data.split.test_fraction", test_fraction), "val_fraction": ("data.split.val_fraction", val_fraction),
+        "stream": ("data.stream", stream), "val_data": ("data.val_paths", lambda: val_data or []),
+        "test_data": ("data.test_paths", lambda: test_data or []), "shuffle_buffer": ("data.shuffle_buffer", shuffle_buffer),
+        "min_count": ("features.min_count", min_count), "max_vocab": ("features.max_vocab", max_vocab),
+        "hash_buckets": ("features.hash_buckets", lambda: _parse_buckets(hash_buckets) or {}),
+        "model": ("model.name", model), "embedding_dim": ("model.embedding_dim", embedding_dim),
+        "tower": ("model.tower", lambda: _tower(tower)), "dropout": ("model.dropout", dropout),
+        "epochs": ("training.epochs", epochs), "batch_size": ("training.batch_size", batch_size), "lr": ("training.lr", lr),
+        "seed": ("training.seed", seed), "patience": ("training.patience", patience), "threads": ("training.threads", threads),
+        "sparse_embeddings": ("training.sparse_embeddings", sparse_embeddings), "nproc": ("training.nproc", nproc),
+        "checkpoint_dir": ("training.checkpoint_dir", lambda: _str(checkpoint_dir)),
+        "checkpoint_every": ("training.checkpoint_every", checkpoint_every), "resume": ("training.resume", resume),
+        "weight_by_price": ("training.weight_by_price", weight_by_price), "price_weight_cap": ("training.price_weight_cap", price_weight_cap),
+        "tensorboard": ("evaluation.tensorboard", lambda: _str(tensorboard)),
+        "out": ("export.out", lambda: str(out)), "overwrite": ("export.overwrite", overwrite),
+    })
+    train_from_config(cfg, quiet=quiet)
 
-        check_available()
-    buckets = _parse_buckets(hash_buckets)
+
+def train_from_config(cfg: RunConfig, *, quiet: bool = False) -> None:
+    """``mtrank train`` once its settings are resolved: train, print the metrics, write the bundle."""
+    t = cfg.training
+    if t.nproc > 1 and "LOCAL_RANK" not in os.environ:
+        _relaunch_under_torchrun(t.nproc)
+    out = Path(cfg.export.out)
+    if out.exists() and not cfg.export.overwrite:
+        raise BundleError(f"{out} already exists; pass --overwrite to replace it")
+    writer = None
+    if cfg.evaluation.tensorboard is not None and is_main():
+        from mtrank.report.tensorboard import EpochWriter
+
+        writer = EpochWriter(cfg.evaluation.tensorboard)  # each epoch is written as soon as it ends
     created = init_from_env()
     try:
-        ckpt = checkpoint_dir or out.with_name(out.name + ".ckpt")
-        run_kwargs = {"quiet": quiet or not is_main(), "checkpoint": ckpt, "checkpoint_every": checkpoint_every, "resume": resume}
-        if stream:
-            if not data:
-                raise ConfigError("--stream needs --data (files, a directory or a glob)")
-            if weight_by_price:
-                raise ConfigError("--weight-by-price is not available with --stream yet")
-            sch = resolve_schema(schema, dataset)
-            if funnel_violations is not None:
-                sch = sch.model_copy(update={"funnel_violations": funnel_violations})
-            meta = {"dataset": dataset or sch.name, "sources": {"train": data, "val": val_data, "test": test_data}, "command": " ".join(sys.argv)}
-            res = fit_stream(
-                expand_paths(data), sch, model_cfg, train_cfg,
-                val_paths=expand_paths(val_data) if val_data else None,
-                test_paths=expand_paths(test_data) if test_data else None,
-                meta=meta, shuffle_buffer=shuffle_buffer, min_count=min_count, max_vocab=max_vocab, hash_buckets=buckets, **run_kwargs,
-            )
-        else:
-            if data is not None and len(data) != 1:
-                raise ConfigError("without --stream, --data takes one file")
-            data_path = Path(data[0]) if data else None
-            sch = resolve_schema(schema, dataset) if (schema or data_path) else None
-            loaded = load_data(dataset, data=data_path, schema=sch, data_dir=data_dir, funnel_violations=funnel_violations)
+        ckpt = Path(t.checkpoint_dir) if t.checkpoint_dir else out.with_name(out.name + ".ckpt")
+        loaded = None
+        if not cfg.data.stream:
+            phase("loading data", quiet or not is_main())
+            loaded = load_run_data(cfg)
             if is_main():
                 _report_validation(loaded)
-            split_cfg = SplitConfig(test_fraction=test_fraction, val_fraction=val_fraction, seed=seed)
-            splits = split_data(loaded, split_cfg)
-            meta = {"dataset": dataset or loaded.schema.name, "sources": loaded.sources, "split": split_cfg.model_dump(), "command": " ".join(sys.argv)}
-            res = fit(splits, loaded.schema, model_cfg, train_cfg, meta=meta, weight_by_price=weight_by_price, price_weight_cap=price_weight_cap, hash_buckets=buckets, **run_kwargs)
+        phase(f"training {cfg.model.name}", quiet or not is_main())
+        res = run(cfg, quiet=quiet or not is_main(), on_epoch=writer, loaded=loaded, checkpoint=ckpt, meta={"command": " ".join(sys.argv)})
         if is_main():
-            res.bundle.save(out, overwrite=overwrite)
-            if checkpoint_dir is None and ckpt.is_dir():  # the default checkpoint has served its purpose
+            res.bundle.save(out, overwrite=cfg.export.overwrite)
+            if not t.checkpoint_dir and ckpt.is_dir():  # the default checkpoint has served its purpose
                 shutil.rmtree(ckpt, ignore_errors=True)
-            console.print(_metric_table(f"{model} on {meta['dataset']} (best epoch {res.result.best_epoch})", {f"{model} ({k})": v for k, v in res.metrics.items()}))
+            name, dataset = cfg.model.name, res.bundle.meta["dataset"]
+            console.print(_metric_table(f"{name} on {dataset} (best epoch {res.result.best_epoch})", {f"{name} ({k})": v for k, v in res.metrics.items()}))
             console.print(f"bundle written to {out}")
-            if tensorboard is not None:
-                console.print(f"TensorBoard events written to {write_history(res.result.history, tensorboard)}")
+            if writer is not None:
+                console.print(f"TensorBoard events written to {writer.path}")
     finally:
+        if writer is not None:
+            writer.close()
         if created:
             import torch.distributed as dist
 
             dist.destroy_process_group()
+
+
+def _train_ranker(dataset, data, schema, data_dir, out, overwrite, seed, threads, test_fraction, val_fraction, funnel_violations, options, quiet) -> None:
+    """`mtrank train --model ltr`: :func:`mtrank.ranking.ltr.train_ltr_run`, save, print metrics."""
+    from mtrank.ranking.ltr import log_to_stderr, ltr_options, train_ltr_run
+
+    if out.exists() and not overwrite:
+        raise BundleError(f"{out} already exists; pass --overwrite to replace it")
+    if data is not None and len(data) != 1:
+        raise ConfigError("--model ltr takes one --data file")
+    cfg = ltr_options(options, seed=seed, threads=threads)
+    data_path = Path(data[0]) if data else None
+    sch = resolve_schema(schema, dataset) if (schema or data_path) else None
+    split_cfg = SplitConfig(test_fraction=test_fraction, val_fraction=val_fraction, seed=seed)
+    res = train_ltr_run(dataset, data_path, sch, data_dir, split_cfg, cfg, funnel_violations=funnel_violations, meta={"command": " ".join(sys.argv)}, log=None if quiet else log_to_stderr)
+    res.bundle.save(out, overwrite=overwrite)
+    keys = [k for k in next(iter(res.metrics.values()), {}) if "@" in k]
+    console.print(_metric_table(f"ltr on {res.bundle.meta['dataset']} (best iteration {res.info['best_iteration']})", {f"ltr ({k})": v for k, v in res.metrics.items()}, keys))
+    console.print(f"bundle written to {out} (LightGBM model.txt; scores are ranking scores, no pCTR/pCVR)")
 
 
 def _parse_buckets(items: list[str] | None) -> dict[str, int] | None:
@@ -198,7 +244,9 @@ def _report_validation(loaded) -> None:
 
 
 def evaluate(
-    bundle: Annotated[Path, typer.Option("--bundle", "-b", help="bundle directory")],
+    ctx: typer.Context,
+    config: ConfigOpt = None,
+    bundle: BundleOpt = None,
     dataset: DatasetOpt = None,
     data: DataOpt = None,
     data_dir: DataDirOpt = None,
@@ -206,6 +254,15 @@ def evaluate(
     out: Annotated[Path | None, typer.Option("--out", "-o", help="write metrics JSON here")] = None,
 ) -> None:
     """Evaluate a bundle on a file, or on a built-in dataset's split (the split it was trained with)."""
+    _check_choice(split, ("test", "val"), "--split")
+    cfg = resolve_config(ctx, config, {
+        "bundle": ("export.out", lambda: _str(bundle)), "dataset": ("data.dataset", dataset),
+        "data": ("data.paths", lambda: [str(data)] if data else None), "data_dir": ("data.data_dir", lambda: _str(data_dir)),
+        "split": ("evaluation.split", split), "out": ("evaluation.out", lambda: _str(out)),
+    })
+    bundle, dataset, data_dir = Path(cfg.export.out), cfg.data.dataset, cfg.data.data_dir
+    data = Path(cfg.data.paths[0]) if cfg.data.paths else None
+    split, out = cfg.evaluation.split, (Path(cfg.evaluation.out) if cfg.evaluation.out else None)
     b = Bundle.load(bundle)
     if data is not None:
         loaded = load_data(None, data=data, schema=b.schema)
@@ -213,23 +270,38 @@ def evaluate(
     else:
         name = dataset or b.meta.get("dataset")
         loaded = load_data(name, schema=b.schema, data_dir=data_dir)
-        cfg = SplitConfig.model_validate(b.meta.get("split", {}))
-        _check_choice(split, ("test", "val"), "--split")
-        frame = split_data(loaded, cfg)[split]
-    metrics = evaluate_split(b.model, b.encode(frame, with_labels=True), b.schema)
-    console.print(_metric_table(f"{bundle}", {b.model_config.name: metrics}))
+        frame = split_data(loaded, SplitConfig.model_validate(b.meta.get("split", {})))[split]
+    if b.model_config.name in RANKERS:
+        from mtrank.ranking.ltr import evaluate_ranker
+
+        metrics = evaluate_ranker(b, frame, source=str(data or split))
+        table = _metric_table(f"{bundle}", {b.model_config.name: metrics}, [k for k in metrics if "@" in k])
+    else:
+        metrics = evaluate_split(b.model, b.encode(frame, with_labels=True), b.schema)
+        table = _metric_table(f"{bundle}", {b.model_config.name: metrics})
+    console.print(table)
     if out is not None:
         atomic_write_json(metrics, out)
         console.print(f"metrics written to {out}")
 
 
 def predict(
-    bundle: Annotated[Path, typer.Option("--bundle", "-b", help="bundle directory")],
-    data: Annotated[Path, typer.Option("--data", help="CSV/Parquet file to score (labels optional)")],
+    ctx: typer.Context,
+    config: ConfigOpt = None,
+    bundle: BundleOpt = None,
+    data: Annotated[Path | None, typer.Option("--data", help="CSV/Parquet file to score (labels optional; default: the config's data.paths)")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Parquet file to write")] = Path("predictions.parquet"),
     fusion: Annotated[Path | None, typer.Option("--fusion", help="fusion JSON: also write the fused `score` column")] = None,
 ) -> None:
-    """Score a file: writes its ids plus p_ctr, p_cvr, p_ctcvr (and `score` with --fusion) per row, in input order."""
+    """Score a file: writes its ids plus p_ctr, p_cvr, p_ctcvr (and `score` with --fusion) per row, in input order; an LTR bundle writes its ranking `score`."""
+    cfg = resolve_config(ctx, config, {
+        "bundle": ("export.out", lambda: _str(bundle)), "data": ("data.paths", lambda: [str(data)] if data else None),
+        "fusion": ("fusion.file", lambda: _str(fusion)),
+    })
+    if len(cfg.data.paths) != 1:
+        raise ConfigError("give the file to score: --data (or one data.paths entry in --config)")
+    bundle, data = Path(cfg.export.out), Path(cfg.data.paths[0])
+    fusion = Path(cfg.fusion.file) if cfg.fusion.file else None
     from mtrank.data.io import read_table
     from mtrank.serve.fusion import FusionSpec, fused_score_column
 
@@ -237,6 +309,8 @@ def predict(
     b = Bundle.load(bundle)
     table = read_table(data)
     frame = predictions_frame(b, table, str(data))
+    if spec is not None and "p_ctr" not in frame.columns:
+        raise ConfigError(f"--fusion needs pCTR and pCVR; model {b.model_config.name!r} writes its own ranking score `score` (no probabilities), so drop --fusion")
     if spec is not None:
         frame = frame.with_columns(fused_score_column(spec, frame, table, b.schema.price))
         n_null = frame.get_column("score").null_count()
@@ -247,6 +321,8 @@ def predict(
 
 
 def quickstart(
+    ctx: typer.Context,
+    config: ConfigOpt = None,
     dataset: Annotated[str, typer.Option("--dataset", "-d", help=f"one of {', '.join(DATASETS)}")] = "simulated",
     data_dir: DataDirOpt = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="run directory, rewritten on each run (default: runs/quickstart, runs/quickstart-<dataset> for the others)")] = None,
@@ -257,53 +333,58 @@ def quickstart(
     rows: Annotated[int, typer.Option(help="simulated impressions (simulated dataset only)")] = 1_000_000,
     quiet: QuietOpt = False,
 ) -> None:
-    """Simulate if needed → train ESMM and BASE → evaluate on held-out test → table + metrics.json + report.html."""
+    """Simulate if needed → train ESMM and BASE → evaluate on held-out test → table + metrics.json + report.html.
+
+    With ``--config FILE`` the data, model sizes and training budget come from the run config
+    (flags given on the command line override them); each model of ``--models`` and each seed
+    is one run of that config.
+    """
     _check_choice(dataset, DATASETS, "--dataset")
+    cfg = resolve_config(ctx, config, {
+        "dataset": ("data.dataset", dataset), "data_dir": ("data.data_dir", lambda: _str(data_dir)),
+        "rows": ("data.simulator.rows", rows), "epochs": ("training.epochs", epochs),
+        "batch_size": ("training.batch_size", lambda: batch_size or DATASETS[dataset].batch_size),
+    })
+    dataset = cfg.data.dataset
+    if dataset is None:
+        raise ConfigError("quickstart needs a built-in data.dataset (--dataset)")
     out = out or Path("runs/quickstart" if dataset == "simulated" else f"runs/quickstart-{dataset}")
+    if dataset == "simulated" and cfg.data.data_dir is None:
+        cfg = cfg.override({"data.data_dir": str(out / "data")})
     names = [m.strip() for m in models.split(",") if m.strip()]
     for m in names:
         _check_choice(m, MODELS, "--models")
-    loaded = load_data(dataset, data_dir=data_dir if dataset != "simulated" else (data_dir or out / "data"), sim=SimConfig(rows=rows))
+    phase(f"loading {dataset}", quiet)
+    loaded = load_run_data(cfg)
     _report_validation(loaded)
     runs: dict[str, list[dict]] = {m: [] for m in names}
     for seed in range(seeds):
-        split_cfg = SplitConfig(seed=seed)
-        splits = split_data(loaded, split_cfg)
         if seed == 0:
+            splits = split_data(loaded, cfg.data.split.split_config(seed))
             console.print(f"{dataset}: " + ", ".join(f"{k} {v.height:,} rows" for k, v in splits.items()))
         for m in names:
-            model_cfg, train_cfg = _configs(m, epochs, batch_size or DATASETS[dataset].batch_size, 1e-3, seed, 1, 18, "360,200,80", 0.0, 0)
-            meta = {"dataset": dataset, "sources": loaded.sources, "split": split_cfg.model_dump(), "command": " ".join(sys.argv)}
-            res = fit(splits, loaded.schema, model_cfg, train_cfg, quiet=quiet, meta=meta)
+            phase(f"seed {seed}: training {m}", quiet)
+            run_cfg = cfg.override({"model.name": m, "training.seed": seed})
+            res = run(run_cfg, quiet=quiet, loaded=loaded, meta={"command": " ".join(sys.argv)})
             res.bundle.save(out / f"{m}-seed{seed}", overwrite=True)
             test = dict(res.metrics["test"], seconds=res.seconds, best_epoch=res.result.best_epoch)
             runs[m].append(test)
             if not quiet:
-                err.print(f"seed {seed} {m}: auc_ctr {_fmt(test['auc_ctr'])} auc_cvr_masked {_fmt(test['auc_cvr_masked'])} auc_ctcvr {_fmt(test['auc_ctcvr'])} ({res.seconds:.0f}s)")
-    summary = {m: _mean_std(r) for m, r in runs.items()}
+                shown = [k for k in SUMMARY if k in test][:3]
+                err.print(f"seed {seed} {m}: " + " ".join(f"{k} {_fmt(test[k])}" for k in shown) + f" ({res.seconds:.0f}s)")
+    summary = {m: summarise(r) for m, r in runs.items()}
     keys = [k for k in SUMMARY if any(k in r[0] for r in runs.values())]
     table = Table(title=f"{dataset}: test metrics, {seeds} seed(s)" + (" (mean ± std)" if seeds > 1 else ""))
     table.add_column("model")
     for k in keys:
         table.add_column(k, justify="right")
     for m, s in summary.items():
-        table.add_row(m, *[s[k]["text"] for k in keys])
+        table.add_row(m, *[_fmt(s[k]["mean"], s[k]["std"] if s[k]["n"] > 1 else None) if k in s else "n/a" for k in keys])
     console.print(table)
-    atomic_write_json({"dataset": dataset, "sources": loaded.sources, "seeds": seeds, "epochs": epochs, "runs": runs, "summary": summary}, out / "metrics.json")
+    doc = {"dataset": dataset, "sources": loaded.sources, "seeds": seeds, "epochs": cfg.training.epochs, "runs": runs, "summary": summary}
+    atomic_write_json(doc, out / "metrics.json")
     console.print(f"metrics written to {out / 'metrics.json'}; bundles under {out}/")
     from mtrank.report.build import write_report  # lazy: keeps jinja2 off the start-up path
 
+    phase("writing the report", quiet)
     console.print(f"report written to {write_report([out], out / 'report.html')}")
-
-
-def _mean_std(runs: list[dict]) -> dict:
-    out = {}
-    for k in runs[0]:
-        vals = [r[k] for r in runs if isinstance(r.get(k), (int, float))]
-        if not vals:
-            out[k] = {"mean": None, "std": None, "text": "n/a"}
-            continue
-        mean = statistics.fmean(vals)
-        std = statistics.stdev(vals) if len(vals) > 1 else 0.0
-        out[k] = {"mean": mean, "std": std, "text": f"{mean:.4f} ± {std:.4f}" if len(vals) > 1 else f"{mean:.4f}"}
-    return out

@@ -7,7 +7,6 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
 
-import numpy as np
 import polars as pl
 import typer
 from rich.table import Table
@@ -17,17 +16,20 @@ from mtrank.cli.common import (
     DataDirOpt,
     DataOpt,
     DatasetOpt,
+    ConfigOpt,
     SchemaOpt,
     _check_choice,
     _fmt,
+    _str,
     console,
     err,
+    resolve_config,
 )
 from mtrank.data.schema import Schema
 from mtrank.data.split import SplitConfig, split_data
 from mtrank.errors import ConfigError, DataError
 from mtrank.io_utils import atomic_write_bytes, atomic_write_json
-from mtrank.ranking.fusion import Single, clean_prices, save_fusion
+from mtrank.ranking.fusion import Single, save_fusion
 from mtrank.ranking.quadrants import (
     QUADRANT_NAMES,
     assign_quadrants,
@@ -37,32 +39,34 @@ from mtrank.ranking.quadrants import (
     thresholds,
 )
 from mtrank.ranking.replay import (
-    ReplayData,
+    PREDICTION_COLUMNS,
     bootstrap_lift,
     per_request,
-    pseudo_requests,
+    replay_defaults,
+    replay_from_frame,
     top_k_share,
 )
 from mtrank.ranking.tune import TuneConfig, tune
 from mtrank.workflow import load_data, predictions_frame, resolve_schema
 
-# Per-dataset defaults (by schema name). ``value``: the GMV of a converted row; ``price``: the
-# price factor a fusion sees (must be known before the conversion: Hillstrom's ``spend`` is the
-# realised amount, 0 unless converted, so using it as a ranking factor would leak the label;
-# its ``history``, the customer's past-year spend, is the ex-ante value proxy).
-# ``pseudo_size``: rows per pseudo-request when the data has no request id.
-# ``position_coef``: the simulator's position effect on logit CTR (see mtrank.data.simulate).
-RANKING_DEFAULTS: dict[str, dict] = {
-    "simulated": {"by": ["item_id"], "value": "price", "price": "price", "position_coef": 0.35},
-    "hillstrom": {"by": ["segment", "channel", "history_segment"], "value": "spend", "price": "history", "pseudo_size": 50},
-    "aliccp": {"by": ["205"], "value": None, "price": None},
-}
-PREDICTION_COLUMNS = ("p_ctr", "p_cvr")
+_defaults = replay_defaults
 
 
-def _defaults(schema: Schema) -> dict:
-    generic = {"by": [schema.item_id] if schema.item_id else [], "value": schema.price, "price": schema.price, "pseudo_size": 10, "position_coef": 0.0}
-    return {**generic, **RANKING_DEFAULTS.get(schema.name, {})}
+def _from_config(ctx, config, dataset, data, schema, data_dir, bundle) -> tuple:
+    """(dataset, data, schema, data_dir, bundle): the flags, or with ``--config`` the config's
+    keys with the flags given on the command line written over them."""
+    if config is None:
+        return dataset, data, schema, data_dir, bundle
+    cfg = resolve_config(ctx, config, {
+        "dataset": ("data.dataset", dataset), "data": ("data.paths", lambda: [str(data)] if data else None),
+        "schema": ("data.schema", schema), "data_dir": ("data.data_dir", lambda: _str(data_dir)),
+        "bundle": ("export.out", lambda: _str(bundle)),
+    })
+    d = cfg.data
+    if len(d.paths) > 1:
+        raise ConfigError("data.paths (--data) takes one file here")
+    path = Path(d.paths[0]) if d.paths else None
+    return d.dataset, path, d.schema_, (Path(d.data_dir) if d.data_dir else None), Path(cfg.export.out)
 
 
 def _columns(text: str | None) -> list[str] | None:
@@ -105,6 +109,8 @@ def _attach_predictions(bundle: Bundle, frame: pl.DataFrame, source: str) -> pl.
     preds = predictions_frame(bundle, frame, source)
     missing = [c for c in PREDICTION_COLUMNS if c not in preds.columns]
     if missing:
+        if "score" in preds.columns:  # a ranker (LTR) with its own score: nothing to fuse
+            raise ConfigError(f"model {bundle.model_config.name!r} ranks by its own score and has no pCTR/pCVR to fuse; compare it with fused rankings in benchmarks/ltr_side_by_side.py (docs/ltr.md)")
         raise ConfigError(f"the bundle does not predict {missing}: fusion needs a funnel model (ESMM)")
     return frame.with_columns(preds.get_column(c) for c in PREDICTION_COLUMNS)
 
@@ -123,6 +129,8 @@ def _table(title: str, df: pl.DataFrame, cols: list[str]) -> Table:
 
 
 def quadrants(
+    ctx: typer.Context,
+    config: ConfigOpt = None,
     dataset: DatasetOpt = None,
     data: DataOpt = None,
     schema: SchemaOpt = None,
@@ -137,6 +145,7 @@ def quadrants(
     out: Annotated[Path, typer.Option("--out", "-o", help="output directory")] = Path("runs/quadrants"),
 ) -> None:
     """Four-quadrant CTR × CVR analysis of items (or shops, segments …): tables, JSON and a plot."""
+    dataset, data, schema, data_dir, bundle = _from_config(ctx, config, dataset, data, schema, data_dir, bundle)
     _check_choice(threshold, ("mean", "median"), "--threshold")
     frame, _, sch, b, source = _load(dataset, data, schema, data_dir, bundle, split)
     if not sch.is_funnel:
@@ -181,36 +190,7 @@ def quadrants(
     console.print(f"wrote {out}/quadrants.csv, entities.csv, quadrants.json, quadrants.png")
 
 
-def _replay_data(frame: pl.DataFrame, sch: Schema, *, value_col, price_col, policy, floor, pseudo_size, seed, source) -> tuple[ReplayData, np.ndarray, dict]:
-    info: dict = {}
-    for c in PREDICTION_COLUMNS:
-        if c not in frame.columns:
-            raise DataError(f"no {c!r} column: give --bundle (with --dataset/--data) or a predictions file that has it", file=source)
-    for c, what in ((price_col, "--price-col"), (value_col, "--value-col")):
-        if c is None or c not in frame.columns:
-            raise DataError(f"fusion needs a price column ({what}); {c!r} is not in the table {frame.columns}", file=source)
-    price, keep = clean_prices(frame.get_column(price_col).to_numpy(), policy=policy, floor=floor, column=price_col, source=source)
-    if not keep.all():
-        info["dropped_price_rows"] = int((~keep).sum())
-        frame = frame.filter(pl.Series(keep))
-        price = price[keep]
-    if sch.request_id and sch.request_id in frame.columns:
-        group = frame.get_column(sch.request_id).to_numpy()
-        info["requests"] = f"logged request id {sch.request_id!r}"
-    else:
-        group = pseudo_requests(frame.height, pseudo_size, seed)
-        info["requests"] = f"pseudo-requests: rows shuffled with seed {seed}, cut into groups of {pseudo_size}"
-    value = frame.get_column(value_col).cast(pl.Float64).to_numpy()
-    bad_value = ~np.isfinite(value)
-    if bad_value.any():
-        info["missing_values_set_to_0"] = int(bad_value.sum())
-        value = np.where(bad_value, 0.0, value)
-    get = lambda c: frame.get_column(c).cast(pl.Float64).to_numpy() if c in frame.columns else None
-    data = ReplayData(
-        group=group, click=get(sch.click), conversion=get(sch.conversion), value=value, price=price,
-        p_ctr=get("p_ctr"), p_cvr=get("p_cvr"), position=get("position"), true_ctr=get("true_ctr"), true_cvr=get("true_cvr"),
-    )
-    return data, keep, info
+_replay_data = replay_from_frame
 
 
 def _plot_frontier(trials: pl.DataFrame, frontier: pl.DataFrame, refs: dict[str, dict], best: dict, k: int, objective: str, path: Path, floor: float | None = None) -> None:
@@ -241,6 +221,8 @@ def _plot_frontier(trials: pl.DataFrame, frontier: pl.DataFrame, refs: dict[str,
 
 
 def fuse(
+    ctx: typer.Context,
+    config: ConfigOpt = None,
     dataset: DatasetOpt = None,
     data: DataOpt = None,
     schema: SchemaOpt = None,
@@ -258,7 +240,7 @@ def fuse(
     eps: Annotated[float, typer.Option(help="ε of the multiplicative formula (price + ε)")] = 1.0,
     price_col: Annotated[str | None, typer.Option(help="the price factor column (default per dataset)")] = None,
     value_col: Annotated[str | None, typer.Option(help="GMV of a converted row (default per dataset)")] = None,
-    price_policy: Annotated[str, typer.Option(help="bad (missing, non-finite, ≤ 0) prices: error, clip or drop")] = "error",
+    price_policy: Annotated[str, typer.Option(help="bad (missing, non-finite, negative) prices: error, clip or drop")] = "error",
     price_floor: Annotated[float, typer.Option(help="replacement price under --price-policy clip")] = 0.01,
     pseudo_request_size: Annotated[int | None, typer.Option(help="rows per pseudo-request when there is no request id")] = None,
     position_coef: Annotated[float | None, typer.Option(help="position effect on logit CTR for expected metrics (simulator: 0.35)")] = None,
@@ -268,6 +250,7 @@ def fuse(
     out: Annotated[Path, typer.Option("--out", "-o", help="output directory")] = Path("runs/fuse"),
 ) -> None:
     """Tune a ranking-score fusion of pCTR, pCVR and price offline by replay; write fusion.json."""
+    dataset, data, schema, data_dir, bundle = _from_config(ctx, config, dataset, data, schema, data_dir, bundle)
     _check_choice(method, ("optuna", "grid"), "--method")
     _check_choice(price_policy, ("error", "clip", "drop"), "--price-policy")
     _check_choice(objective, ("gmv", "exp_gmv"), "--objective")

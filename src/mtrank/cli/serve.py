@@ -7,12 +7,14 @@ from typing import Annotated
 
 import typer
 
-from mtrank.cli.common import console
+from mtrank.cli.common import BundleOpt, ConfigOpt, _str, console, resolve_config
 from mtrank.errors import ConfigError
 
 
 def export(
-    bundle: Annotated[Path, typer.Option("--bundle", "-b", help="bundle directory")],
+    ctx: typer.Context,
+    config: ConfigOpt = None,
+    bundle: BundleOpt = None,
     format: Annotated[str, typer.Option("--format", help="export format: onnx")] = "onnx",
     out: Annotated[Path | None, typer.Option("--out", "-o", help="file to write (default: <bundle>/model.onnx)")] = None,
 ) -> None:
@@ -20,6 +22,8 @@ def export(
     sizes 1, 7 and 1000 (max |diff| ≤ 1e-5) before the file is written."""
     if format != "onnx":
         raise ConfigError(f"--format must be 'onnx', got {format!r}")
+    cfg = resolve_config(ctx, config, {"bundle": ("export.out", lambda: _str(bundle)), "out": ("export.onnx", lambda: _str(out))})
+    bundle, out = Path(cfg.export.out), (Path(cfg.export.onnx) if cfg.export.onnx else None)
     from mtrank.serve.onnx_export import export_onnx
 
     path, diffs = export_onnx(bundle, out)
@@ -28,7 +32,9 @@ def export(
 
 
 def serve(
-    bundle: Annotated[Path, typer.Option("--bundle", "-b", help="bundle directory")],
+    ctx: typer.Context,
+    config: ConfigOpt = None,
+    bundle: BundleOpt = None,
     fusion: Annotated[Path | None, typer.Option("--fusion", help="fusion JSON (as written by `mtrank fuse`); default score = p_ctcvr")] = None,
     host: Annotated[str, typer.Option(help="interface to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port", min=1, max=65535)] = 8000,
@@ -39,6 +45,15 @@ def serve(
     """Run the HTTP ranking service (POST /rank, POST /score, GET /health, GET /metadata, /docs)
     with uvicorn, one worker."""
     import uvicorn
+
+    cfg = resolve_config(ctx, config, {
+        "bundle": ("export.out", lambda: _str(bundle)), "fusion": ("fusion.file", lambda: _str(fusion)),
+        **{name: (f"serve.{name}", value) for name, value in
+           [("host", host), ("port", port), ("engine", engine), ("threads", threads), ("log_level", log_level)]},
+    })
+    s = cfg.serve
+    bundle, fusion = Path(cfg.export.out), (Path(cfg.fusion.file) if cfg.fusion.file else None)
+    host, port, engine, threads, log_level = s.host, s.port, s.engine, s.threads, s.log_level
 
     from mtrank.serve.app import create_app
 

@@ -42,7 +42,8 @@ class Batch:
 class BatchSource(Protocol):
     """Anything the trainer can iterate per epoch (in-memory tensors now, streams later)."""
 
-    def batches(self, batch_size: int, *, shuffle: bool, generator: torch.Generator | None = None) -> Iterator[Batch]: ...
+    def batches(self, batch_size: int, *, shuffle: bool, generator: torch.Generator | None = None) -> Iterator[Batch]:
+        """Batches of at most ``batch_size`` rows, shuffled with ``generator`` when ``shuffle``."""
 
     def __len__(self) -> int: ...
 
@@ -119,9 +120,6 @@ class EncodedData:
                     labels={k: v[start:stop] for k, v in self.labels.items()},
                     weight=None if self.weight is None else self.weight[start:stop],
                 )
-
-    def num_batches(self, batch_size: int) -> int:
-        return (len(self) + batch_size - 1) // batch_size
 
     def subset(self, index: torch.Tensor) -> EncodedData:
         """Rows ``index`` (int64 ``[M]``) as a new EncodedData, side columns included."""

@@ -50,6 +50,8 @@ class CategoricalEncoder:
 
     @classmethod
     def fit(cls, series: pl.Series, min_count: int = 1, max_size: int | None = None) -> CategoricalEncoder:
+        """Fit a vocabulary on one column: ids seen at least ``min_count`` times, most frequent
+        first, at most ``max_size``."""
         ids = canonical_ids(series).drop_nulls()
         counts = (
             ids.value_counts(name="n")
@@ -99,6 +101,8 @@ class NumericalEncoder:
 
     @classmethod
     def fit(cls, series: pl.Series) -> NumericalEncoder:
+        """Fit on one column: mean and standard deviation of its finite values (std 1 when
+        constant)."""
         x = series.cast(pl.Float64, strict=False).to_numpy()
         x = x[np.isfinite(x)]
         mean = float(x.mean()) if x.size else 0.0
@@ -150,6 +154,7 @@ class FeatureEncoder:
 
     @property
     def cardinalities(self) -> list[int]:
+        """Embedding rows per categorical field (vocabulary or hash buckets plus the 2 reserved)."""
         return [e.cardinality for e in self.categorical]
 
     def transform(self, df: pl.DataFrame) -> EncodedFeatures:
@@ -166,6 +171,7 @@ class FeatureEncoder:
         return EncodedFeatures(cat, num, n_missing, n_oov)
 
     def to_json(self) -> dict:
+        """The JSON document a bundle stores as ``encoders.json`` (see :meth:`from_json`)."""
         return {
             "format": "mtrank.encoders/1",
             "categorical": [

@@ -61,6 +61,7 @@ class HashedCategoricalEncoder:
 
     @property
     def cardinality(self) -> int:
+        """Embedding rows: ``buckets`` plus the 2 reserved indices."""
         return self.buckets + 2
 
     def transform(self, series: pl.Series) -> tuple[np.ndarray, int, int]:

@@ -30,10 +30,6 @@ class ValidationReport:
     funnel_violations: int = 0
     dropped_rows: list[int] = field(default_factory=list)
 
-    @property
-    def rows_kept(self) -> int:
-        return self.rows_read - len(self.dropped_rows)
-
 
 def read_table(
     path: str | Path,

@@ -75,10 +75,12 @@ class Schema(BaseModel):
 
     @property
     def is_funnel(self) -> bool:
+        """True when the schema has a click → conversion funnel (ESMM's data)."""
         return self.click is not None
 
     @property
     def label_columns(self) -> list[str]:
+        """Every label column: click and conversion, or the plain tasks' columns."""
         if self.is_funnel:
             return [self.click, self.conversion]  # type: ignore[list-item]
         return list(self.tasks.values())
@@ -90,9 +92,11 @@ class Schema(BaseModel):
 
     @property
     def feature_columns(self) -> list[str]:
+        """Categorical then numerical feature columns, as the encoders order them."""
         return self.categorical + self.numerical
 
     def required_columns(self) -> list[str]:
+        """Columns a file must hold: the features and the labels."""
         cols = self.label_columns + self.feature_columns
         for c in (self.price, self.user_id, self.item_id, self.request_id, self.time):
             if c is not None and c not in cols:

@@ -66,6 +66,7 @@ class Piece:
 
 
 def list_pieces(paths: list[Path]) -> list[Piece]:
+    """The Parquet pieces (files, row groups) of ``paths``, in order."""
     pieces: list[Piece] = []
     for p in paths:
         if p.suffix in {".parquet", ".pq"}:
@@ -146,6 +147,7 @@ class ParquetStream:
                 yield current
 
     def batches(self, batch_size: int, *, shuffle: bool, generator: torch.Generator | None = None) -> Iterator[Batch]:
+        """Batches from the shuffle buffer (shuffled) or piece by piece in file order."""
         order = torch.randperm(len(self.pieces), generator=generator).tolist() if shuffle else None
         buffer: list[EncodedData] = []
         held = 0

@@ -13,14 +13,58 @@ Funnel datasets (ESMM paper §3.2 protocol):
   median from the rest, over all impressions): the direct measures of sample selection bias.
 
 Plain multi-task datasets: ``auc_<task>``, ``logloss_<task>``, ``calib_<task>``.
+
+Each evaluated task is declared once (:class:`EvalTask`, like TorchRec's ``RecTaskInfo``): its
+label, its prediction, the rows its metrics cover and which metrics; :func:`eval_tasks` gives a
+schema's tasks, and the metrics and the calibration curves are both derived from them.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
 from mtrank.data.schema import Schema
 from mtrank.metrics.core import auc, calibration, gauc, logloss
+
+
+@dataclass(frozen=True)
+class EvalTask:
+    """One evaluated task.
+
+    Attributes:
+        name: the metrics' suffix (``auc_<name>`` …): ``ctr``, ``cvr_masked``, ``ctcvr`` or a
+            plain task's name.
+        label: the label key, ``[N]`` 0/1.
+        prediction: the model output key, ``[N]`` probabilities (``p_ctr`` …).
+        rows: the label key whose 1-rows the metrics cover (``click`` for CVR: conversion is
+            only observed after a click); None covers every row.
+        gauc: also report the per-user GAUC when the schema has a user id.
+        curve: the task's name in calibration plots.
+    """
+
+    name: str
+    label: str
+    prediction: str
+    rows: str | None = None
+    gauc: bool = False
+    curve: str = ""
+
+
+# The ESMM paper's protocol (§3.2): CTR and CTCVR over all impressions, CVR over clicked ones.
+FUNNEL_TASKS = (
+    EvalTask("ctr", "click", "p_ctr", gauc=True, curve="ctr"),
+    EvalTask("cvr_masked", "conversion", "p_cvr", rows="click", curve="cvr (clicked)"),
+    EvalTask("ctcvr", "ctcvr", "p_ctcvr", gauc=True, curve="ctcvr"),
+)
+
+
+def eval_tasks(schema: Schema) -> tuple[EvalTask, ...]:
+    """The tasks evaluated on a schema's data: the funnel's three, or one per plain task."""
+    if schema.is_funnel:
+        return FUNNEL_TASKS
+    return tuple(EvalTask(t, t, f"p_{t}", curve=t) for t in schema.tasks)
 
 
 def evaluate_outputs(
@@ -43,25 +87,22 @@ def evaluate_outputs(
     side = side or {}
     m: dict[str, float | int | None] = {}
     if schema.is_funnel:
-        click, conv, ctcvr = labels["click"], labels["conversion"], labels["ctcvr"]
+        click, ctcvr = labels["click"], labels["ctcvr"]
         m["n_impressions"] = int(click.size)
         m["n_clicks"] = int(click.sum())
         m["n_conversions"] = int(ctcvr.sum())
-        spaces = {
-            "ctr": (click, outputs["p_ctr"], None),
-            "cvr_masked": (conv, outputs["p_cvr"], click),
-            "ctcvr": (ctcvr, outputs["p_ctcvr"], None),
-        }
-        for name, (y, p, w) in spaces.items():
-            m[f"auc_{name}"] = auc(y, p, w)
-            m[f"logloss_{name}"] = logloss(y, p, w)
-            m[f"calib_{name}"] = calibration(y, p, w)
+        tasks = eval_tasks(schema)
+        for t in tasks:
+            y, p, w = labels[t.label], outputs[t.prediction], (None if t.rows is None else labels[t.rows])
+            m[f"auc_{t.name}"] = auc(y, p, w)
+            m[f"logloss_{t.name}"] = logloss(y, p, w)
+            m[f"calib_{t.name}"] = calibration(y, p, w)
         if schema.user_id is not None and schema.user_id in side:
-            for name in ("ctr", "ctcvr"):
-                g = gauc(spaces[name][0], spaces[name][1], side[schema.user_id])
-                m[f"gauc_{name}"] = g.value
-                m[f"gauc_{name}_users"] = g.groups_used
-                m[f"gauc_{name}_skipped"] = g.groups_skipped
+            for t in (t for t in tasks if t.gauc):
+                g = gauc(labels[t.label], outputs[t.prediction], side[schema.user_id])
+                m[f"gauc_{t.name}"] = g.value
+                m[f"gauc_{t.name}_users"] = g.groups_used
+                m[f"gauc_{t.name}_skipped"] = g.groups_skipped
         if "true_cvr" in side:
             true_cvr = np.asarray(side["true_cvr"], dtype=np.float64)
             p_cvr = np.asarray(outputs["p_cvr"], dtype=np.float64)
@@ -72,11 +113,49 @@ def evaluate_outputs(
             high = (true_cvr > np.median(true_cvr)).astype(np.float64)
             m["auc_cvr_entire_truth"] = auc(high, p_cvr)
     else:
-        for task in schema.tasks:
-            y, p = labels[task], outputs[f"p_{task}"]
-            m[f"n_{task}_positive"] = int(y.sum())
-            m[f"auc_{task}"] = auc(y, p)
-            m[f"logloss_{task}"] = logloss(y, p)
-            m[f"calib_{task}"] = calibration(y, p)
+        for t in eval_tasks(schema):
+            y, p = labels[t.label], outputs[t.prediction]
+            m[f"n_{t.name}_positive"] = int(y.sum())
+            m[f"auc_{t.name}"] = auc(y, p)
+            m[f"logloss_{t.name}"] = logloss(y, p)
+            m[f"calib_{t.name}"] = calibration(y, p)
         m["n_rows"] = int(next(iter(labels.values())).size) if labels else 0
     return m
+
+
+CALIBRATION_BINS = 10
+
+
+def reliability_bins(y: np.ndarray, p: np.ndarray, bins: int = CALIBRATION_BINS) -> dict:
+    """Equal-count bins of ``p`` (``[N]`` probabilities, labels ``y`` ``[N]`` 0/1): mean
+    predicted ``pred``, observed rate ``obs`` and count ``n`` per bin (lists)."""
+    order = np.argsort(p, kind="stable")
+    pred, obs, n = [], [], []
+    for idx in np.array_split(order, min(bins, max(len(p), 1))):
+        if len(idx):
+            pred.append(float(p[idx].mean()))
+            obs.append(float(y[idx].mean()))
+            n.append(len(idx))
+    return {"pred": pred, "obs": obs, "n": n}
+
+
+def calibration_curves(outputs: dict[str, np.ndarray], labels: dict[str, np.ndarray], schema: Schema) -> dict[str, dict]:
+    """Reliability bins (:func:`reliability_bins`) and the calibration ratio Σp / Σy per task of
+    :func:`eval_tasks` over the rows it covers: ``ctr``, ``cvr (clicked)`` and ``ctcvr`` on
+    funnel data, else each task. What a run saves so that the report need not score the data
+    again."""
+    labels = {k: np.asarray(v, dtype=np.float64) for k, v in labels.items()}
+    out = {}
+    for t in eval_tasks(schema):
+        if t.label not in labels or t.prediction not in outputs:
+            continue
+        task, y, p = t.curve, labels[t.label], np.asarray(outputs[t.prediction], dtype=np.float64)
+        if t.rows is not None:
+            covered = labels[t.rows] > 0
+            y, p = y[covered], p[covered]
+        if len(y) == 0:
+            continue
+        curve = reliability_bins(y, p)
+        curve["ratio"] = float(p.sum() / y.sum()) if y.sum() > 0 else None
+        out[task] = curve
+    return out

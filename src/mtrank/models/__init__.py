@@ -10,9 +10,10 @@ from mtrank.errors import ConfigError
 from mtrank.models.aitm import AITM
 from mtrank.models.base import Base
 from mtrank.models.baselines import AMAN, Division, Oversampling, Unbias
-from mtrank.models.config import FeatureSpec, ModelConfig
+from mtrank.models.config import FeatureSpec, ModelConfig, parse_options
 from mtrank.models.escm2 import ESCM2DR, ESCM2IPW
 from mtrank.models.esmm import ESMM, ESMMNS
+from mtrank.models.ltr import LambdaMART
 from mtrank.models.multitask import PLE, ESMMMMoE, ESMMSharedBottom, MMoE, SharedBottom
 
 MODELS: dict[str, type[nn.Module]] = {
@@ -33,12 +34,34 @@ MODELS: dict[str, type[nn.Module]] = {
     "division": Division,
 }
 
+# Rankers that are not neural networks: trained by their own fit (not the trainer), stored
+# by their own codec (a class with weights_file, save_weights, load_weights, scorer; see
+# mtrank.bundle), scored with one ranking score ``score`` and no probabilities.
+RANKERS: dict[str, type] = {"ltr": LambdaMART}
+
+# The traits are declared on the model classes (``entire_space``, ``plain_tasks``); these sets
+# are read from them.
 # Models whose CVR estimate is trained over the entire space (through pCTCVR, or a
 # counterfactual risk): the ESMM paper reports their own pCTCVR. The others' pCTCVR is
 # formed, in the benchmark, as a shared independently trained pCTR × their pCVR (§3.2).
-ENTIRE_SPACE_MODELS = frozenset({"esmm", "esmm_ns", "esmm_sb", "esmm_mmoe", "aitm", "escm2_ipw", "escm2_dr"})
+ENTIRE_SPACE_MODELS = frozenset(n for n, c in MODELS.items() if getattr(c, "entire_space", False))
 # Models that also train on plain multi-task data (FeatureSpec.funnel = False).
-PLAIN_TASK_MODELS = frozenset({"shared_bottom", "mmoe", "ple"})
+PLAIN_TASK_MODELS = frozenset(n for n, c in MODELS.items() if getattr(c, "plain_tasks", False))
+
+
+def check_options(cfg: ModelConfig) -> ModelConfig:
+    """``cfg`` unchanged when its model name is known and its options fit that model's typed
+    ``Options``.
+
+    Raises:
+        ConfigError: an unknown model name, an unknown option or a value of the wrong type.
+    """
+    try:
+        cls = MODELS[cfg.name]
+    except KeyError:
+        raise ConfigError(f"unknown model {cfg.name!r}; choose one of {sorted(MODELS)}") from None
+    parse_options(cls.Options, cfg)
+    return cfg
 
 
 def build_model(spec: FeatureSpec, cfg: ModelConfig) -> nn.Module:
@@ -61,15 +84,18 @@ __all__ = [
     "MODELS",
     "PLAIN_TASK_MODELS",
     "PLE",
+    "RANKERS",
     "Base",
     "Division",
     "ESMMMMoE",
     "ESMMSharedBottom",
     "FeatureSpec",
+    "LambdaMART",
     "MMoE",
     "ModelConfig",
     "Oversampling",
     "SharedBottom",
     "Unbias",
     "build_model",
+    "check_options",
 ]

@@ -27,7 +27,7 @@ from torch import nn
 from mtrank.data.batch import Batch
 from mtrank.errors import ConfigError
 from mtrank.losses import TaskLoss
-from mtrank.models.config import FeatureSpec, ModelConfig, require_funnel
+from mtrank.models.config import FeatureSpec, ModelConfig, ModelOptions, parse_options, require_funnel
 from mtrank.models.layers import MLP, FeatureEmbedding
 
 PROB_EPS = 1e-6
@@ -43,6 +43,8 @@ class AttentionTransfer(nn.Module):
         self.scale = 1.0 / math.sqrt(dim)
 
     def forward(self, transferred: torch.Tensor, own: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention over (transferred, own) ``[B, d]`` each: the fused ``[B, d]`` and the weight
+        on the transferred one ``[B]``."""
         u = torch.stack([transferred, own], dim=1)  # [B, 2, d]
         w = torch.softmax((self.h2(u) * self.h3(u)).sum(-1) * self.scale, dim=1)  # [B, 2]
         return (w.unsqueeze(-1) * self.h1(u)).sum(1), w
@@ -72,11 +74,18 @@ class AITM(nn.Module):
         TaskLoss("ctr", label="click", outputs=("logit_ctr",)),
         TaskLoss("ctcvr", label="ctcvr", outputs=("logit_ctcvr",)),
     ]
+    entire_space = True  # trained through pCTCVR over all impressions
+
+    class Options(ModelOptions):
+        """``calibrator_weight``: α of the behavioural calibrator (≥ 0)."""
+
+        calibrator_weight: float = 0.6
 
     def __init__(self, spec: FeatureSpec, cfg: ModelConfig) -> None:
         super().__init__()
         require_funnel(spec, "AITM")
-        self.calibrator_weight = float(cfg.options.get("calibrator_weight", 0.6))
+        self.options = parse_options(self.Options, cfg)
+        self.calibrator_weight = self.options.calibrator_weight
         if self.calibrator_weight < 0:
             raise ConfigError(f"aitm: calibrator_weight must be ≥ 0, got {self.calibrator_weight}")
         self.embedding = FeatureEmbedding(spec.cardinalities, spec.n_numerical, cfg.embedding_dim)
@@ -90,6 +99,8 @@ class AITM(nn.Module):
         self.ctcvr_head = nn.Linear(d, 1)
 
     def forward(self, categorical: torch.Tensor, numerical: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Named outputs ``[B]`` (see the class docstring) from ids ``[B, n_cat]`` and numbers
+        ``[B, n_num]``."""
         x = self.embedding(categorical, numerical)
         q_ctr = self.ctr_tower(x)
         z, w = self.attention(self.transfer(q_ctr), self.cvr_tower(x))

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from mtrank.losses import TaskLoss
-from mtrank.models.config import FeatureSpec, ModelConfig, require_funnel
+from mtrank.models.config import FeatureSpec, ModelConfig, ModelOptions, parse_options, require_funnel
 from mtrank.models.layers import MLP, FeatureEmbedding, funnel_outputs
 
 
@@ -25,6 +25,7 @@ class SingleTaskNet(nn.Module):
         self.tower = MLP(self.embedding.output_dim, cfg.tower, out=1, dropout=cfg.dropout)
 
     def forward(self, categorical: torch.Tensor, numerical: torch.Tensor) -> torch.Tensor:
+        """The logit ``[B]`` from ids ``[B, n_cat]`` and numbers ``[B, n_num]``."""
         return self.tower(self.embedding(categorical, numerical)).squeeze(-1)
 
 
@@ -41,10 +42,13 @@ class Base(nn.Module):
         TaskLoss("ctr", label="click", outputs=("logit_ctr",)),
         TaskLoss("cvr", label="conversion", outputs=("logit_cvr",), space="clicked", mask="click"),
     ]
+    entire_space = False  # pCVR is learnt on clicked impressions only
+    Options = ModelOptions  # no options
 
     def __init__(self, spec: FeatureSpec, cfg: ModelConfig) -> None:
         super().__init__()
         require_funnel(spec, "BASE")
+        self.options = parse_options(self.Options, cfg)
         self.ctr_model = SingleTaskNet(spec, cfg)
         self.cvr_model = SingleTaskNet(spec, cfg)
 
@@ -53,4 +57,6 @@ class Base(nn.Module):
         return {"ctr": self.ctr_model.tower.output_layer, "cvr": self.cvr_model.tower.output_layer}
 
     def forward(self, categorical: torch.Tensor, numerical: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``logit_ctr``, ``logit_cvr``, ``p_ctr``, ``p_cvr``, ``p_ctcvr`` ``[B]`` from ids ``[B,
+        n_cat]`` and numbers ``[B, n_num]``."""
         return funnel_outputs(self.ctr_model(categorical, numerical), self.cvr_model(categorical, numerical))

@@ -34,7 +34,7 @@ from mtrank.errors import ConfigError
 from mtrank.losses import TaskLoss
 from mtrank.models.aitm import derived_cvr
 from mtrank.models.base import Base, SingleTaskNet
-from mtrank.models.config import FeatureSpec, ModelConfig, require_funnel
+from mtrank.models.config import FeatureSpec, ModelConfig, ModelOptions, parse_options, require_funnel
 
 PROPENSITY_COLUMN = "propensity_ctr"
 
@@ -126,11 +126,8 @@ class ResampledCVR(Base):
         TaskLoss("cvr", label="conversion", outputs=("logit_cvr",), space="clicked", mask="cvr_space"),
     ]
 
-    def __init__(self, spec: FeatureSpec, cfg: ModelConfig) -> None:
-        super().__init__(spec, cfg)
-        self.options = dict(cfg.options)
-
     def cvr_indices(self, data: EncodedData, generator: torch.Generator) -> torch.Tensor:
+        """Row indices ``[M]`` of the CVR training resample (the sampler's rule)."""
         raise NotImplementedError
 
     def prepare_split(self, data: EncodedData, role: Literal["train", "val"], seed: int) -> EncodedData:
@@ -152,8 +149,14 @@ class AMAN(ResampledCVR):
 
     sampler = "aman"
 
+    class Options(ModelOptions):
+        """``negative_rate``: share of unclicked rows kept as CVR negatives."""
+
+        negative_rate: float = 0.1
+
     def cvr_indices(self, data, generator):
-        return aman_indices(data.labels["click"], float(self.options.get("negative_rate", 0.1)), generator)
+        """All clicked rows plus unclicked rows at ``negative_rate`` as CVR negatives."""
+        return aman_indices(data.labels["click"], self.options.negative_rate, generator)
 
 
 class Oversampling(ResampledCVR):
@@ -161,9 +164,14 @@ class Oversampling(ResampledCVR):
 
     sampler = "oversampling"
 
+    class Options(ModelOptions):
+        """``oversample_rate``: copies of each clicked-converted row (integer ≥ 1)."""
+
+        oversample_rate: int = 5
+
     def cvr_indices(self, data, generator):
-        k = self.options.get("oversample_rate", 5)
-        return oversampling_indices(data.labels["click"], data.labels["conversion"], k)  # type: ignore[arg-type]
+        """Clicked rows, clicked-converted ones ``oversample_rate`` times."""
+        return oversampling_indices(data.labels["click"], data.labels["conversion"], self.options.oversample_rate)
 
 
 class Unbias(ResampledCVR):
@@ -171,7 +179,14 @@ class Unbias(ResampledCVR):
 
     sampler = "unbias"
 
+    class Options(ModelOptions):
+        """``unbias_quantile``: pCTR quantile that bounds the rejection sampling's weights."""
+
+        unbias_quantile: float = 0.05
+
     def cvr_indices(self, data, generator):
+        """Clicked rows kept by rejection sampling on the shared pCTR (side column
+        ``propensity_ctr``)."""
         if PROPENSITY_COLUMN not in data.side:
             raise ConfigError(
                 "unbias needs pCTR propensities of the training rows (side column "
@@ -179,7 +194,7 @@ class Unbias(ResampledCVR):
                 "provides them"
             )
         p = torch.as_tensor(data.side[PROPENSITY_COLUMN], dtype=torch.float32)
-        return unbias_indices(data.labels["click"], p, float(self.options.get("unbias_quantile", 0.05)), generator)
+        return unbias_indices(data.labels["click"], p, self.options.unbias_quantile, generator)
 
 
 class Division(nn.Module):
@@ -197,14 +212,19 @@ class Division(nn.Module):
         TaskLoss("ctr", label="click", outputs=("logit_ctr",)),
         TaskLoss("ctcvr", label="ctcvr", outputs=("logit_ctcvr",)),
     ]
+    entire_space = False  # pCVR = pCTCVR / pCTR, not a CVR network trained over all rows
+    Options = ModelOptions  # no options
 
     def __init__(self, spec: FeatureSpec, cfg: ModelConfig) -> None:
         super().__init__()
         require_funnel(spec, "DIVISION")
+        self.options = parse_options(self.Options, cfg)
         self.ctr_model = SingleTaskNet(spec, cfg)
         self.ctcvr_model = SingleTaskNet(spec, cfg)
 
     def forward(self, categorical: torch.Tensor, numerical: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``logit_ctr``, ``logit_cvr``, ``logit_ctcvr``, ``p_*`` ``[B]``; pCVR = pCTCVR / pCTR,
+        clipped."""
         logit_ctr = self.ctr_model(categorical, numerical)
         logit_ctcvr = self.ctcvr_model(categorical, numerical)
         p_ctr, p_ctcvr = torch.sigmoid(logit_ctr), torch.sigmoid(logit_ctcvr)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 
 class FeatureSpec(BaseModel):
@@ -32,7 +32,9 @@ class ModelConfig(BaseModel):
         embedding_dim: embedding size per categorical field (paper: 18).
         tower: hidden sizes of each task tower (paper: 360 × 200 × 80).
         dropout: dropout after each hidden layer.
-        options: model-specific knobs (for example the number of experts).
+        options: model-specific knobs (for example the number of experts), as stored in a
+            bundle; each model reads them through its typed ``Options`` (:func:`parse_options`),
+            which rejects unknown keys.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -42,3 +44,33 @@ class ModelConfig(BaseModel):
     tower: list[int] = Field(default_factory=lambda: [360, 200, 80])
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     options: dict[str, float | int | str | list[int]] = Field(default_factory=dict)
+
+
+class ModelOptions(BaseModel):
+    """Base of a model's typed options (the class attribute ``Options`` of every model): each
+    subclass declares its knobs with their types and defaults; unknown keys are rejected."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+def parse_options(options: type[ModelOptions], cfg: ModelConfig) -> ModelOptions:
+    """``cfg.options`` validated by a model's ``Options`` class.
+
+    Raises:
+        ConfigError: an unknown option (the message lists the known ones) or a value of the
+            wrong type, naming the model and the option.
+    """
+    from mtrank.errors import ConfigError
+
+    try:
+        return options.model_validate(cfg.options)
+    except ValidationError as exc:
+        known = sorted(options.model_fields)
+        problems = []
+        for e in exc.errors():
+            key = ".".join(map(str, e["loc"]))
+            if e["type"] == "extra_forbidden":
+                problems.append(f"unknown option {key!r} (options of {cfg.name!r}: {known or 'none'})")
+            else:
+                problems.append(f"option {key!r}: {e['msg']}")
+        raise ConfigError(f"model {cfg.name!r}: " + "; ".join(problems)) from None

@@ -50,13 +50,21 @@ class ESCM2(ESMM):
 
     variant = "ipw"
 
+    class Options(ESMM.Options):
+        """ESMM's options plus the counterfactual risk's weight, the pCTR clip of the inverse
+        propensity and (DR) the imputation loss weight."""
+
+        risk_weight: float = 1.0
+        propensity_clip: float = 0.01
+        imputation_weight: float = 1.0
+
     def __init__(self, spec: FeatureSpec, cfg: ModelConfig) -> None:
         super().__init__(spec, cfg)
         if self.variant not in ("ipw", "dr"):
             raise ConfigError(f"escm2: unknown variant {self.variant!r}; choose ipw or dr")
-        self.risk_weight = float(cfg.options.get("risk_weight", 1.0))
-        self.propensity_clip = float(cfg.options.get("propensity_clip", 0.01))
-        self.imputation_weight = float(cfg.options.get("imputation_weight", 1.0))
+        self.risk_weight = self.options.risk_weight
+        self.propensity_clip = self.options.propensity_clip
+        self.imputation_weight = self.options.imputation_weight
         if not 0.0 < self.propensity_clip <= 1.0:
             raise ConfigError(f"escm2: propensity_clip must be in (0, 1], got {self.propensity_clip}")
         if self.risk_weight < 0 or self.imputation_weight < 0:
@@ -64,6 +72,7 @@ class ESCM2(ESMM):
         self.imputation_tower = MLP(self.embedding.output_dim, cfg.tower, out=1, dropout=cfg.dropout) if self.variant == "dr" else None
 
     def forward(self, categorical: torch.Tensor, numerical: torch.Tensor) -> dict[str, torch.Tensor]:
+        """ESMM's outputs ``[B]``, plus ``cvr_error_imputed`` ``[B]`` for the DR variant."""
         out = super().forward(categorical, numerical)
         if self.imputation_tower is not None:
             x = self.embedding(categorical, numerical)

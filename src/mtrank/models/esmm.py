@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from mtrank.losses import TaskLoss
-from mtrank.models.config import FeatureSpec, ModelConfig, require_funnel
+from mtrank.models.config import FeatureSpec, ModelConfig, ModelOptions, parse_options, require_funnel
 from mtrank.models.layers import MLP, FeatureEmbedding, funnel_outputs
 
 
@@ -30,11 +30,18 @@ class ESMM(nn.Module):
         TaskLoss("ctr", label="click", outputs=("logit_ctr",)),
         TaskLoss("ctcvr", label="ctcvr", outputs=("logit_ctr", "logit_cvr"), kind="logit_product"),
     ]
+    entire_space = True  # pCVR is learnt through pCTCVR over all impressions
+
+    class Options(ModelOptions):
+        """``shared_embedding``: CTR and CVR share the embedding table (ESMM-NS: false)."""
+
+        shared_embedding: bool = True
 
     def __init__(self, spec: FeatureSpec, cfg: ModelConfig) -> None:
         super().__init__()
         require_funnel(spec, "ESMM")
-        self.shared_embedding = bool(cfg.options.get("shared_embedding", 1))
+        self.options = parse_options(self.Options, cfg)
+        self.shared_embedding = self.options.shared_embedding
         self.embedding = FeatureEmbedding(spec.cardinalities, spec.n_numerical, cfg.embedding_dim)
         self.cvr_embedding = (
             None if self.shared_embedding
@@ -49,6 +56,8 @@ class ESMM(nn.Module):
         return {"ctr": self.ctr_tower.output_layer, "cvr": self.cvr_tower.output_layer}
 
     def forward(self, categorical: torch.Tensor, numerical: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``logit_ctr``, ``logit_cvr``, ``p_ctr``, ``p_cvr``, ``p_ctcvr`` = pCTR · pCVR ``[B]``
+        (Ma et al. 2018, eq. 2)."""
         x = self.embedding(categorical, numerical)
         x_cvr = x if self.cvr_embedding is None else self.cvr_embedding(categorical, numerical)
         return funnel_outputs(self.ctr_tower(x).squeeze(-1), self.cvr_tower(x_cvr).squeeze(-1))

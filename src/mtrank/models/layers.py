@@ -46,9 +46,12 @@ class FeatureEmbedding(nn.Module):
 
     @property
     def output_dim(self) -> int:
+        """Width of the concatenated embeddings and numbers: ``n_cat · dim + n_num``."""
         return self.n_categorical * self.dim + self.n_numerical
 
     def forward(self, categorical: torch.Tensor, numerical: torch.Tensor) -> torch.Tensor:
+        """``[B, n_cat · dim + n_num]`` from ids ``[B, n_cat]`` and numbers ``[B, n_num]`` (one
+        gather)."""
         parts = []
         if self.n_categorical:
             emb = self.table(categorical + self.offsets)  # [B, n_cat, dim]
@@ -88,6 +91,7 @@ class MLP(nn.Module):
         return self.net[-1] if self.has_output_layer else None  # type: ignore[return-value]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, out]`` from ``[B, in_dim]``."""
         return self.net(x)
 
 
@@ -187,6 +191,7 @@ class ExpertBank(nn.Module):
         self.n_experts = n_experts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Every expert's output ``[B, E, d]`` from ``[B, in_dim]``."""
         return torch.stack([e(x) for e in self.experts], dim=1)
 
 
@@ -204,8 +209,10 @@ class Gate(nn.Module):
         self.linear = nn.Linear(in_dim, n_experts)
 
     def weights(self, x: torch.Tensor) -> torch.Tensor:
+        """Softmax gate weights ``[B, E]`` from ``[B, in_dim]``."""
         return torch.softmax(self.linear(x), dim=-1)
 
     def forward(self, x: torch.Tensor, experts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The gated mixture ``[B, d]`` of experts ``[B, E, d]``, and the weights ``[B, E]``."""
         w = self.weights(x)
         return torch.einsum("be,bed->bd", w, experts), w

@@ -30,7 +30,7 @@ from torch import nn
 
 from mtrank.errors import ConfigError
 from mtrank.losses import TaskLoss
-from mtrank.models.config import FeatureSpec, ModelConfig
+from mtrank.models.config import FeatureSpec, ModelConfig, ModelOptions, parse_options
 from mtrank.models.layers import MLP, ExpertBank, FeatureEmbedding, Gate, head_names, task_outputs
 
 ESMM_TASKS = [
@@ -43,15 +43,16 @@ CLICKED_SPACE_TASKS = [
 ]
 
 
-def _int_option(cfg: ModelConfig, key: str, default: int, minimum: int = 1) -> int:
-    value = cfg.options.get(key, default)
+def _int_option(cfg: ModelConfig, key: str, value: int, minimum: int = 1) -> int:
+    """``value`` of option ``key`` checked to be an integer ≥ ``minimum`` (ConfigError if not)."""
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         raise ConfigError(f"model {cfg.name!r}: option {key!r} must be an integer ≥ {minimum}, got {value!r}")
     return value
 
 
-def _sizes_option(cfg: ModelConfig, key: str, default: list[int]) -> list[int]:
-    value = cfg.options.get(key, default)
+def _sizes_option(cfg: ModelConfig, key: str, value: list[int] | int | None, default: list[int]) -> list[int]:
+    """Hidden sizes of option ``key`` (``default`` when unset; one int = one layer)."""
+    value = default if value is None else value
     if isinstance(value, int) and not isinstance(value, bool):
         value = [value]
     if not isinstance(value, list) or not value or not all(isinstance(v, int) and v > 0 for v in value):
@@ -78,6 +79,7 @@ class SharedBottomBody(nn.Module):
         self.output_dim = self.bottom.output_dim
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """One shared representation ``[B, d]`` per head (the same tensor)."""
         h = self.bottom(x)
         return [h] * self.n_heads
 
@@ -100,9 +102,11 @@ class MMoEBody(nn.Module):
         return self.experts(x)
 
     def gate_weights(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Per head, the gate weights ``[B, E]``."""
         return [g.weights(x) for g in self.gates]
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Per head, its gated mixture of the experts ``[B, d]`` (Ma et al. KDD 2018, eq. 5)."""
         e = self.experts(x)
         return [g(x, e)[0] for g in self.gates]
 
@@ -126,9 +130,12 @@ class CGCLevel(nn.Module):
         self.output_dim = self.shared_experts.output_dim
 
     def all_experts(self, task_inputs: list[torch.Tensor], shared_input: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Each task's own experts' outputs ``[B, E_task, d]`` (a list) and the shared experts'
+        ``[B, E_shared, d]``."""
         return [bank(x) for bank, x in zip(self.task_experts, task_inputs, strict=True)], self.shared_experts(shared_input)
 
     def forward(self, task_inputs: list[torch.Tensor], shared_input: torch.Tensor):
+        """The next level's task inputs and shared input (Tang et al. RecSys 2020, §4.3)."""
         own, shared = self.all_experts(task_inputs, shared_input)
         outs, weights = [], []
         for x, e, gate in zip(task_inputs, own, self.task_gates, strict=True):
@@ -170,9 +177,11 @@ class PLEBody(nn.Module):
         return torch.cat([*own, shared], dim=1)
 
     def gate_weights(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Per head, the last level's gate weights ``[B, E]``."""
         return self._run(x)[1]
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Per head, the last level's representation ``[B, d]``."""
         return self._run(x)[0]
 
 
@@ -188,10 +197,18 @@ class MultiTaskModel(nn.Module):
     """
 
     entire_space = False
+    plain_tasks = True  # also trains on plain multi-task data (no funnel)
     tasks = CLICKED_SPACE_TASKS
+
+    class Options(ModelOptions):
+        """``tower_hidden``: the towers' hidden sizes (default: the tower after its first layer;
+        may be empty, a linear tower)."""
+
+        tower_hidden: list[int] | None = None
 
     def __init__(self, spec: FeatureSpec, cfg: ModelConfig) -> None:
         super().__init__()
+        self.options = parse_options(self.Options, cfg)
         if self.entire_space and not spec.funnel:
             raise ConfigError(f"{cfg.name} is trained through pCTCVR and needs a funnel dataset (click and conversion labels)")
         self.funnel = spec.funnel
@@ -202,14 +219,15 @@ class MultiTaskModel(nn.Module):
             self.tasks = [TaskLoss(t, label=t, outputs=(f"logit_{t}",)) for t in self.heads]
         self.embedding = FeatureEmbedding(spec.cardinalities, spec.n_numerical, cfg.embedding_dim)
         body_hidden, tower_hidden = split_tower(cfg)
-        if "tower_hidden" in cfg.options:  # may be empty: a linear tower
-            tower_hidden = cfg.options["tower_hidden"]  # type: ignore[assignment]
-            if not isinstance(tower_hidden, list) or not all(isinstance(v, int) and v > 0 for v in tower_hidden):
+        if self.options.tower_hidden is not None:  # may be empty: a linear tower
+            tower_hidden = self.options.tower_hidden
+            if not all(v > 0 for v in tower_hidden):
                 raise ConfigError(f"model {cfg.name!r}: option 'tower_hidden' must be a list of positive sizes, got {tower_hidden!r}")
         self.body = self.build_body(self.embedding.output_dim, len(self.heads), body_hidden, cfg)
         self.towers = nn.ModuleDict({h: MLP(self.body.output_dim, tower_hidden, out=1, dropout=cfg.dropout) for h in self.heads})
 
     def build_body(self, in_dim: int, n_heads: int, hidden: list[int], cfg: ModelConfig) -> nn.Module:
+        """The shared body: one representation per head (subclasses choose it)."""
         raise NotImplementedError
 
     def head_outputs(self) -> dict[str, nn.Linear]:
@@ -217,6 +235,8 @@ class MultiTaskModel(nn.Module):
         return {h: t.output_layer for h, t in self.towers.items()}
 
     def forward(self, categorical: torch.Tensor, numerical: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Named logits and probabilities ``[B]`` per head, from ids ``[B, n_cat]`` and numbers
+        ``[B, n_num]``."""
         reps = self.body(self.embedding(categorical, numerical))
         logits = {h: self.towers[h](r).squeeze(-1) for h, r in zip(self.heads, reps, strict=True)}
         return task_outputs(logits, self.funnel)
@@ -239,26 +259,50 @@ class MultiTaskModel(nn.Module):
 class SharedBottom(MultiTaskModel):
     """Shared-bottom (hard sharing): options ``bottom`` (hidden sizes, default ``tower[:1]``)."""
 
+    class Options(MultiTaskModel.Options):
+        """Plus ``bottom``: the shared bottom's hidden sizes."""
+
+        bottom: list[int] | int | None = None
+
     def build_body(self, in_dim, n_heads, hidden, cfg):
-        return SharedBottomBody(in_dim, n_heads, _sizes_option(cfg, "bottom", hidden), cfg.dropout)
+        """A shared-bottom MLP over the embeddings."""
+        return SharedBottomBody(in_dim, n_heads, _sizes_option(cfg, "bottom", self.options.bottom, hidden), cfg.dropout)
 
 
 class MMoE(MultiTaskModel):
     """MMoE (Ma et al. KDD 2018): options ``n_experts`` (default 4) and ``expert_hidden``
     (default ``tower[:1]``)."""
 
+    class Options(MultiTaskModel.Options):
+        """Plus ``n_experts`` and ``expert_hidden`` (each expert's hidden sizes)."""
+
+        n_experts: int = 4
+        expert_hidden: list[int] | int | None = None
+
     def build_body(self, in_dim, n_heads, hidden, cfg):
-        return MMoEBody(in_dim, n_heads, _int_option(cfg, "n_experts", 4), _sizes_option(cfg, "expert_hidden", hidden), cfg.dropout)
+        """An MMoE body with ``n_experts`` experts and one gate per head."""
+        o = self.options
+        return MMoEBody(in_dim, n_heads, _int_option(cfg, "n_experts", o.n_experts), _sizes_option(cfg, "expert_hidden", o.expert_hidden, hidden), cfg.dropout)
 
 
 class PLE(MultiTaskModel):
     """PLE / CGC (Tang et al. RecSys 2020): options ``n_levels`` (default 1 = CGC),
     ``task_experts`` (per task, default 2), ``shared_experts`` (default 2), ``expert_hidden``."""
 
+    class Options(MultiTaskModel.Options):
+        """Plus ``n_levels``, ``task_experts`` (per task), ``shared_experts``, ``expert_hidden``."""
+
+        n_levels: int = 1
+        task_experts: int = 2
+        shared_experts: int = 2
+        expert_hidden: list[int] | int | None = None
+
     def build_body(self, in_dim, n_heads, hidden, cfg):
+        """A PLE body of ``n_levels`` CGC levels."""
+        o = self.options
         return PLEBody(
-            in_dim, n_heads, _int_option(cfg, "n_levels", 1), _int_option(cfg, "task_experts", 2),
-            _int_option(cfg, "shared_experts", 2), _sizes_option(cfg, "expert_hidden", hidden), cfg.dropout,
+            in_dim, n_heads, _int_option(cfg, "n_levels", o.n_levels), _int_option(cfg, "task_experts", o.task_experts),
+            _int_option(cfg, "shared_experts", o.shared_experts), _sizes_option(cfg, "expert_hidden", o.expert_hidden, hidden), cfg.dropout,
         )
 
 
@@ -266,6 +310,7 @@ class ESMMSharedBottom(SharedBottom):
     """ESMM's entire-space loss (CTR + CTCVR = pCTR · pCVR) over a shared-bottom body (``esmm_sb``)."""
 
     entire_space = True
+    plain_tasks = False  # the entire-space loss needs a funnel
     tasks = ESMM_TASKS
 
 
@@ -273,4 +318,5 @@ class ESMMMMoE(MMoE):
     """ESMM's entire-space loss (CTR + CTCVR = pCTR · pCVR) over an MMoE body (``esmm_mmoe``)."""
 
     entire_space = True
+    plain_tasks = False  # the entire-space loss needs a funnel
     tasks = ESMM_TASKS

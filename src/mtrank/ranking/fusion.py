@@ -23,9 +23,13 @@ serving service reads; see :func:`save_fusion`)::
      "params": {"alpha": 1.0, "beta": 0.8, "gamma": 0.4, "eps": 1.0},
      "k": 10, "price_policy": "error", ...metadata...}
 
-Price policy (:func:`clean_prices`): prices must be finite and > 0. ``error`` (default) raises
-:class:`~mtrank.errors.DataError` naming the rows; ``clip`` replaces missing, non-finite, zero or
-negative prices by ``price_floor``; ``drop`` removes those rows. Integer prices (cents) are
+Price policy (:func:`usable_prices`, the one rule, offline and in serving): a price is usable
+when it is finite and ≥ 0 (0 is a free item: every formula scores it finitely). Offline,
+:func:`clean_prices` applies it to a whole table: ``error`` (default) raises
+:class:`~mtrank.errors.DataError` naming the rows; ``clip`` replaces missing, non-finite or
+negative prices by ``price_floor``; ``drop`` removes those rows. In serving, the HTTP service
+rejects such a request and batch scoring gives such a row a null score
+(:mod:`mtrank.serve.fusion`). Integer prices (cents) are
 accepted and cast to float64. Whatever the inputs, :func:`safe_scores` maps a non-finite score
 to ``-inf`` so that it ranks last, never first.
 """
@@ -81,6 +85,7 @@ class Fusion:
 
     @property
     def params(self) -> dict[str, float]:
+        """The formula's parameters as floats, by name (what the JSON document stores)."""
         return {k: float(v) for k, v in asdict(self).items()}
 
     @property
@@ -146,9 +151,11 @@ class Multiplicative(Fusion):
 
     @property
     def uses_price(self) -> bool:
+        """True unless γ = 0."""
         return self.gamma != 0.0
 
     def score(self, p_ctr, p_cvr, price) -> np.ndarray:
+        """``α·log pCTR + β·log pCVR + γ·log(price + ε)`` ``[N]``."""
         a, b, c = _arrays(p_ctr, p_cvr, price)
         return self.alpha * _log(a) + self.beta * _log(b) + self.gamma * _log(c + self.eps)
 
@@ -174,9 +181,11 @@ class OffsetMultiplicative(Fusion):
 
     @property
     def uses_price(self) -> bool:
+        """True unless γ = 0."""
         return self.gamma != 0.0
 
     def score(self, p_ctr, p_cvr, price) -> np.ndarray:
+        """``α·log(b1 + pCTR) + β·log(b2 + pCVR) + γ·log(b3 + price)`` ``[N]``."""
         a, b, c = _arrays(p_ctr, p_cvr, price)
         return self.alpha * _log(self.b1 + a) + self.beta * _log(self.b2 + b) + self.gamma * _log(self.b3 + c)
 
@@ -204,9 +213,11 @@ class Linear(Fusion):
 
     @property
     def uses_price(self) -> bool:
+        """True unless w3 = 0."""
         return self.w3 != 0.0
 
     def score(self, p_ctr, p_cvr, price) -> np.ndarray:
+        """``w1·pCTR/m1 + w2·pCVR/m2 + w3·log1p(price)/m3`` ``[N]`` (not a log)."""
         a, b, c = _arrays(p_ctr, p_cvr, price)
         with np.errstate(invalid="ignore", divide="ignore"):
             return self.w1 * a / self.m1 + self.w2 * b / self.m2 + self.w3 * np.log1p(np.maximum(c, 0.0)) / self.m3
@@ -227,6 +238,7 @@ class ExpectedGMV(Fusion):
     name: ClassVar[str] = "expected_gmv"
 
     def score(self, p_ctr, p_cvr, price) -> np.ndarray:
+        """``log pCTR + log pCVR + log price`` ``[N]``."""
         a, b, c = _arrays(p_ctr, p_cvr, price)
         return _log(a) + _log(b) + _log(c)
 
@@ -241,16 +253,20 @@ class Single(Fusion):
 
     @property
     def params(self) -> dict:
+        """``{"which": "ctr" | "ctcvr"}``."""
         return {"which": self.which}
 
     @property
     def uses_price(self) -> bool:
+        """Never: the score ignores the price."""
         return False
 
     def problems(self) -> list[tuple[str, str]]:
+        """A problem when ``which`` is neither ``ctr`` nor ``ctcvr``."""
         return [] if self.which in ("ctr", "ctcvr") else [("which", f"must be 'ctr' or 'ctcvr', got {self.which!r}")]
 
     def score(self, p_ctr, p_cvr, price) -> np.ndarray:
+        """``log pCTR`` or ``log pCTR + log pCVR`` ``[N]``."""
         a, b, _ = _arrays(p_ctr, p_cvr, price)
         return _log(a) if self.which == "ctr" else _log(a) + _log(b)
 
@@ -267,12 +283,15 @@ class CTCVR(Fusion):
 
     @property
     def uses_price(self) -> bool:
+        """Never: the score ignores the price."""
         return False
 
     def score(self, p_ctr, p_cvr, price) -> np.ndarray:
+        """``log pCTR + log pCVR`` ``[N]`` (without the model's own pCTCVR)."""
         return Single("ctcvr").score(p_ctr, p_cvr, price)
 
     def fused(self, p_ctr, p_cvr, price=None, p_ctcvr=None) -> tuple[np.ndarray, np.ndarray]:
+        """The model's own pCTCVR as the score and its log ``[N]``, when given."""
         if p_ctcvr is None:
             return super().fused(p_ctr, p_cvr, price)
         score = np.array(p_ctcvr, dtype=np.float64).ravel()
@@ -319,19 +338,45 @@ def read_fusion_doc(path: str | Path) -> dict:
 
 
 def load_fusion(path: str | Path) -> Fusion:
-    """Read a fusion JSON document written by :func:`save_fusion` (``mtrank fuse``).
+    """Read a fusion JSON document written by :func:`save_fusion` (``mtrank fuse``): the one
+    loader of fusion files, for replay, batch scoring and serving
+    (:meth:`mtrank.serve.fusion.FusionSpec.from_file` wraps it).
 
     Raises:
-        ConfigError: the file is missing, not JSON, of another format, or has bad params.
+        ConfigError: the file is missing, not JSON, of another format, names an unknown formula
+            or parameter, or a parameter is outside the formula's :attr:`Fusion.limits` (the
+            message names the file and the field).
     """
     doc = read_fusion_doc(path)
-    return make_fusion(doc["formula"], doc.get("params", {}))
+    params = doc.get("params")
+    if params is not None and not isinstance(params, dict):
+        raise ConfigError(f"fusion file {path}: params: expected an object, got {type(params).__name__}")
+    try:
+        fusion = make_fusion(doc["formula"], params or {})
+        fusion = make_fusion(fusion.name, fusion.params)  # the params as the class reads them
+    except (ConfigError, TypeError, ValueError) as exc:
+        raise ConfigError(f"fusion file {path}: {exc}") from None
+    problems = fusion.problems()
+    if problems:
+        raise ConfigError(f"fusion file {path}: " + "; ".join(f"params.{k}: {msg}" for k, msg in problems))
+    return fusion
 
 
 def safe_scores(score: np.ndarray) -> np.ndarray:
     """Scores with every NaN / ±inf replaced by -inf, so a non-finite score ranks last."""
     s = np.asarray(score, dtype=np.float64)
     return np.where(np.isfinite(s), s, -np.inf)
+
+
+def usable_prices(price) -> np.ndarray:
+    """The price policy: bool ``[N]``, True where a price is finite and ≥ 0 (currency units).
+
+    Args:
+        price: ``[N]`` numbers (NaN for missing).
+    """
+    p = np.asarray(price, dtype=np.float64)
+    with np.errstate(invalid="ignore"):
+        return np.isfinite(p) & (p >= 0)
 
 
 def clean_prices(
@@ -346,7 +391,8 @@ def clean_prices(
 
     Args:
         price: ``[N]`` numbers (int or float; None / NaN allowed on input).
-        policy: ``error``: raise on any missing, non-finite, zero or negative price;
+        policy: ``error``: raise on any price :func:`usable_prices` rejects (missing,
+            non-finite or negative);
             ``clip``: replace them by ``floor``; ``drop``: flag them for removal.
         floor: the replacement price under ``clip`` (currency units, > 0).
         column, source: named in the error message.
@@ -363,14 +409,14 @@ def clean_prices(
     if not floor > 0:
         raise ConfigError(f"price floor must be > 0, got {floor}")
     p = np.array([np.nan if v is None else v for v in price], dtype=np.float64) if isinstance(price, list) else np.asarray(price, dtype=np.float64).ravel()
-    bad = ~np.isfinite(p) | (p <= 0)
+    bad = ~usable_prices(p)
     keep = np.ones(p.size, dtype=bool)
     if bad.any():
         if policy == "error":
             rows = (np.flatnonzero(bad) + 1).tolist()
             raise DataError(
-                f"{len(rows)} missing, non-finite, zero or negative price(s), e.g. {float(p[bad][0])}; "
-                "prices must be finite and > 0 (or pass --price-policy clip / drop)",
+                f"{len(rows)} missing, non-finite or negative price(s), e.g. {float(p[bad][0])}; "
+                "prices must be finite and ≥ 0 (or pass --price-policy clip / drop)",
                 file=source, column=column, rows=rows[:10], count=len(rows),
             )
         if policy == "clip":
@@ -382,5 +428,5 @@ def clean_prices(
 
 __all__ = [
     "CTCVR", "FORMULAS", "TINY", "ExpectedGMV", "Fusion", "Linear", "Multiplicative", "OffsetMultiplicative", "Single",
-    "clean_prices", "load_fusion", "make_fusion", "read_fusion_doc", "safe_scores", "save_fusion",
+    "clean_prices", "load_fusion", "usable_prices", "make_fusion", "read_fusion_doc", "safe_scores", "save_fusion",
 ]

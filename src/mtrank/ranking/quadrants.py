@@ -48,6 +48,7 @@ class BetaPrior:
 
     @property
     def mean(self) -> float:
+        """The prior mean rate α / (α + β)."""
         return self.alpha / (self.alpha + self.beta)
 
     @classmethod

@@ -27,9 +27,31 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import polars as pl
 
-from mtrank.errors import ConfigError
-from mtrank.ranking.fusion import safe_scores
+from mtrank.data.schema import Schema
+from mtrank.errors import ConfigError, DataError
+from mtrank.ranking.fusion import clean_prices, safe_scores
+
+# Per-dataset defaults (by schema name). ``value``: the GMV of a converted row; ``price``: the
+# price factor a fusion sees (must be known before the conversion: Hillstrom's ``spend`` is the
+# realised amount, 0 unless converted, so using it as a ranking factor would leak the label;
+# its ``history``, the customer's past-year spend, is the ex-ante value proxy).
+# ``pseudo_size``: rows per pseudo-request when the data has no request id.
+# ``position_coef``: the simulator's position effect on logit CTR (see mtrank.data.simulate).
+RANKING_DEFAULTS: dict[str, dict] = {
+    "simulated": {"by": ["item_id"], "value": "price", "price": "price", "position_coef": 0.35},
+    "hillstrom": {"by": ["segment", "channel", "history_segment"], "value": "spend", "price": "history", "pseudo_size": 50},
+    "aliccp": {"by": ["205"], "value": None, "price": None},
+}
+PREDICTION_COLUMNS = ("p_ctr", "p_cvr")
+
+
+def replay_defaults(schema: Schema) -> dict:
+    """Replay settings of a schema: entity columns ``by``, ``value`` and ``price`` columns,
+    ``pseudo_size`` and ``position_coef`` (:data:`RANKING_DEFAULTS` over generic ones)."""
+    generic = {"by": [schema.item_id] if schema.item_id else [], "value": schema.price, "price": schema.price, "pseudo_size": 10, "position_coef": 0.0}
+    return {**generic, **RANKING_DEFAULTS.get(schema.name, {})}
 
 
 def dense_groups(request_id) -> np.ndarray:
@@ -87,7 +109,8 @@ class ReplayData:
         group: dense request index. click, conversion: 0/1 labels.
         value: GMV of the row if it converts (price or amount, currency units; ≥ 0).
         price: the price factor a fusion sees (> 0, see :func:`~mtrank.ranking.fusion.clean_prices`).
-        p_ctr, p_cvr: model predictions. position: logged 1-based position, optional.
+        p_ctr, p_cvr: model predictions (optional: a ranker with its own score has none; the
+            fusion tuner needs them). position: logged 1-based position, optional.
         true_ctr, true_cvr: true probabilities (simulator), optional.
     """
 
@@ -96,8 +119,8 @@ class ReplayData:
     conversion: np.ndarray
     value: np.ndarray
     price: np.ndarray
-    p_ctr: np.ndarray
-    p_cvr: np.ndarray
+    p_ctr: np.ndarray | None = None
+    p_cvr: np.ndarray | None = None
     position: np.ndarray | None = None
     true_ctr: np.ndarray | None = None
     true_cvr: np.ndarray | None = None
@@ -122,7 +145,7 @@ class ReplayData:
         pick = lambda v: None if v is None else v[mask]
         return ReplayData(
             self.group[mask], self.click[mask], self.conversion[mask], self.value[mask], self.price[mask],
-            self.p_ctr[mask], self.p_cvr[mask], pick(self.position), pick(self.true_ctr), pick(self.true_cvr),
+            pick(self.p_ctr), pick(self.p_cvr), pick(self.position), pick(self.true_ctr), pick(self.true_cvr),
         )
 
 
@@ -138,6 +161,27 @@ def _moved_ctr(data: ReplayData, rank: np.ndarray, position_coef: float) -> np.n
 
 def _per_request_mean(data: ReplayData, weights: np.ndarray) -> float:
     return float(weights.sum() / max(data.n_requests, 1))
+
+
+def ndcg_per_request(
+    group: np.ndarray, gain: np.ndarray, rank: np.ndarray, k: int, *,
+    ideal_rank: np.ndarray | None = None, n_requests: int | None = None,
+) -> np.ndarray:
+    """NDCG@k per request ``[R]`` (float64; NaN where the ideal DCG is 0, i.e. no gain).
+
+    DCG@k = Σ_{rank < k} gain / log2(rank + 2) with 0-based ``rank`` within the request
+    (Järvelin & Kekäläinen 2002); the ideal DCG ranks by ``gain`` itself. ``group``: dense
+    request index ``[N]``; ``gain`` ≥ 0 ``[N]``; ``rank``: from :func:`rank_within`.
+    """
+    group = np.asarray(group)
+    gain = np.asarray(gain, dtype=np.float64)
+    R = int(group.max()) + 1 if n_requests is None and group.size else (n_requests or 0)
+    if ideal_rank is None:
+        ideal_rank = rank_within(group, gain)
+    dcg = np.bincount(group, weights=(rank < k) * gain / np.log2(rank + 2.0), minlength=R)
+    idcg = np.bincount(group, weights=(ideal_rank < k) * gain / np.log2(ideal_rank + 2.0), minlength=R)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(idcg > 0, dcg / np.where(idcg > 0, idcg, 1.0), np.nan)
 
 
 def replay_metrics(data: ReplayData, score: np.ndarray, k: int = 10, *, position_coef: float = 0.0) -> dict[str, float]:
@@ -157,12 +201,9 @@ def replay_metrics(data: ReplayData, score: np.ndarray, k: int = 10, *, position
         f"orders@{k}": _per_request_mean(data, top * data.conversion),
         f"clicks@{k}": _per_request_mean(data, top * data.click),
     }
-    disc = 1.0 / np.log2(rank + 2.0)
-    dcg = np.bincount(data.group, weights=top * data.gain * disc, minlength=data.n_requests)
-    itop = data._ideal_rank < k
-    idcg = np.bincount(data.group, weights=itop * data.gain / np.log2(data._ideal_rank + 2.0), minlength=data.n_requests)
-    has = idcg > 0
-    out[f"ndcg@{k}"] = float((dcg[has] / idcg[has]).mean()) if has.any() else None
+    ndcg = ndcg_per_request(data.group, data.gain, rank, k, ideal_rank=data._ideal_rank, n_requests=data.n_requests)
+    has = np.isfinite(ndcg)
+    out[f"ndcg@{k}"] = float(ndcg[has].mean()) if has.any() else None
     out["ndcg_requests"] = int(has.sum())
     if data.true_ctr is not None and data.true_cvr is not None:
         ctr = _moved_ctr(data, rank, position_coef)
@@ -210,4 +251,58 @@ def top_k_share(data: ReplayData, score: np.ndarray, flag: np.ndarray, k: int = 
     return float((top & np.asarray(flag, bool)).sum() / max(top.sum(), 1))
 
 
-__all__ = ["ReplayData", "bootstrap_lift", "dense_groups", "per_request", "pseudo_requests", "rank_within", "replay_metrics", "top_k_share"]
+def replay_from_frame(
+    frame: pl.DataFrame, sch: Schema, *, value_col: str | None, price_col: str | None, policy: str = "error",
+    floor: float = 0.01, pseudo_size: int = 10, seed: int = 0, source: str = "<table>",
+    predictions: tuple[str, ...] = PREDICTION_COLUMNS,
+) -> tuple[ReplayData, np.ndarray, dict]:
+    """A :class:`ReplayData` from a labelled table: requests by the schema's request id (else
+    pseudo-requests of ``pseudo_size`` rows, seeded), GMV from ``value_col`` (missing → 0,
+    counted), the fusion's price factor from ``price_col`` under ``policy`` (see
+    :func:`~mtrank.ranking.fusion.clean_prices`), and the ``predictions`` columns (``p_ctr``,
+    ``p_cvr``; pass ``()`` for a ranker with its own score).
+
+    Returns:
+        (data, keep, info): ``keep`` bool ``[rows of frame]`` marks the rows replayed (all but
+        those the price policy dropped); ``info`` says how requests were formed and what was
+        dropped or set to 0.
+
+    Raises:
+        DataError: a prediction, price or value column is missing (naming it and the source),
+            or a bad price under ``policy="error"``.
+    """
+    info: dict = {}
+    for c in predictions:
+        if c not in frame.columns:
+            raise DataError(f"no {c!r} column: give --bundle (with --dataset/--data) or a predictions file that has it", file=source)
+    for c, what in ((price_col, "--price-col"), (value_col, "--value-col")):
+        if c is None or c not in frame.columns:
+            raise DataError(f"fusion needs a price column ({what}); {c!r} is not in the table {frame.columns}", file=source)
+    price, keep = clean_prices(frame.get_column(price_col).to_numpy(), policy=policy, floor=floor, column=price_col, source=source)
+    if not keep.all():
+        info["dropped_price_rows"] = int((~keep).sum())
+        frame = frame.filter(pl.Series(keep))
+        price = price[keep]
+    if sch.request_id and sch.request_id in frame.columns:
+        group = frame.get_column(sch.request_id).to_numpy()
+        info["requests"] = f"logged request id {sch.request_id!r}"
+    else:
+        group = pseudo_requests(frame.height, pseudo_size, seed)
+        info["requests"] = f"pseudo-requests: rows shuffled with seed {seed}, cut into groups of {pseudo_size}"
+    value = frame.get_column(value_col).cast(pl.Float64).to_numpy()
+    bad_value = ~np.isfinite(value)
+    if bad_value.any():
+        info["missing_values_set_to_0"] = int(bad_value.sum())
+        value = np.where(bad_value, 0.0, value)
+    get = lambda c: frame.get_column(c).cast(pl.Float64).to_numpy() if c in frame.columns else None
+    data = ReplayData(
+        group=group, click=get(sch.click), conversion=get(sch.conversion), value=value, price=price,
+        p_ctr=get("p_ctr"), p_cvr=get("p_cvr"), position=get("position"), true_ctr=get("true_ctr"), true_cvr=get("true_cvr"),
+    )
+    return data, keep, info
+
+
+__all__ = [
+    "PREDICTION_COLUMNS", "RANKING_DEFAULTS", "ReplayData", "bootstrap_lift", "dense_groups", "ndcg_per_request", "per_request",
+    "pseudo_requests", "rank_within", "replay_defaults", "replay_from_frame", "replay_metrics", "top_k_share",
+]

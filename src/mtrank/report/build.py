@@ -9,15 +9,15 @@ searched):
 - quadrants (``mtrank quadrants``): ``quadrants.json`` (+ ``quadrants.png``);
 - fusion (``mtrank fuse``): ``fusion.json`` + ``replay.json`` (+ ``frontier.png``).
 
-Sections that do not apply are left out; calibration needs the run's data and is skipped with
-a note when it cannot be reached.
+Sections that do not apply are left out. Everything comes from what the runs saved: metrics,
+training histories and the test split's calibration bins (a bundle's ``meta.calibration``); no
+data is loaded and nothing is scored again.
 """
 
 from __future__ import annotations
 
 import base64
 import json
-import math
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import resources
@@ -27,16 +27,14 @@ import jinja2
 import numpy as np
 
 from mtrank.errors import MtrankError
+from mtrank.metrics.evaluate import CALIBRATION_BINS, reliability_bins  # noqa: F401 (re-exported)
+from mtrank.metrics.summary import fmt as _fmt
+from mtrank.metrics.summary import metric_names, summarise
+from mtrank.metrics.summary import number as _num
 
 # Comparison-table columns, in this order, when present.
-TABLE_KEYS = [
-    "auc_ctr", "auc_cvr_masked", "auc_ctcvr", "gauc_ctr", "gauc_cvr_masked", "gauc_ctcvr",
-    "logloss_ctr", "logloss_cvr_masked", "logloss_ctcvr",
-    "calib_ctr", "calib_cvr_masked", "calib_ctcvr",
-    "auc_cvr_entire_truth", "cvr_bias_entire", "cvr_bias_clicked", "cvr_bias_unclicked",
-]
+TABLE_KEYS = metric_names("report")
 BIAS_KEYS = ["cvr_bias_entire", "cvr_bias_clicked", "cvr_bias_unclicked"]
-CALIBRATION_BINS = 10
 
 
 def direction(key: str) -> str | None:
@@ -55,10 +53,6 @@ def direction(key: str) -> str | None:
     return None
 
 
-def _num(v) -> float | None:
-    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
-
-
 def best_rows(values: dict[str, float | None], key: str) -> set[str]:
     """Names of the rows holding the best value of ``key`` (ties all marked)."""
     how = direction(key)
@@ -68,12 +62,6 @@ def best_rows(values: dict[str, float | None], key: str) -> set[str]:
     score = {"max": lambda v: -v, "min": lambda v: v, "one": lambda v: abs(v - 1.0), "zero": abs}[how]
     best = min(score(v) for v in vals.values())
     return {n for n, v in vals.items() if abs(score(v) - best) <= 1e-12}
-
-
-def _fmt(mean: float | None, std: float | None = None, n: int = 1) -> str:
-    if mean is None:
-        return "n/a"
-    return f"{mean:.4f} ± {std:.4f}" if n > 1 and std is not None else f"{mean:.4f}"
 
 
 def comparison_table(title: str, summary: dict[str, dict[str, dict]], note: str = "") -> dict:
@@ -91,21 +79,11 @@ def comparison_table(title: str, summary: dict[str, dict[str, dict]], note: str 
         cells = []
         for k in keys:
             c = s.get(k) or {}
-            cells.append({"text": _fmt(_num(c.get("mean")), _num(c.get("std")), int(c.get("n", 1) or 1)), "best": m in best[k]})
+            std = _num(c.get("std")) if int(c.get("n", 1) or 1) > 1 else None
+            cells.append({"text": _fmt(_num(c.get("mean")), std), "best": m in best[k]})
         rows.append({"name": m, "cells": cells})
     legend = {"max": "↑", "min": "↓", "one": "→1", "zero": "→0"}
     return {"title": title, "columns": [{"name": k, "dir": legend.get(direction(k) or "", "")} for k in keys], "rows": rows, "note": note}
-
-
-def summarise(runs: list[dict]) -> dict[str, dict]:
-    """Mean, sample std and count of every numeric metric over runs (seeds)."""
-    out: dict[str, dict] = {}
-    for k in dict.fromkeys(k for r in runs for k in r):
-        vals = [v for r in runs if (v := _num(r.get(k))) is not None]
-        if vals:
-            std = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
-            out[k] = {"mean": float(np.mean(vals)), "std": std, "n": len(vals)}
-    return out
 
 
 def funnel_rates(m: dict) -> dict | None:
@@ -142,6 +120,7 @@ class BundleRun:
 
     @property
     def meta(self) -> dict:
+        """The bundle's ``meta`` (training config, metrics, history, calibration)."""
         return self.config.get("meta") or {}
 
 
@@ -158,6 +137,7 @@ class RunDir:
 
     @property
     def kinds(self) -> list[str]:
+        """The kinds of output found (quickstart, bundle, benchmark, quadrants, fuse)."""
         return [k for k, v in [("quickstart", self.quickstart), ("bundle", self.bundles and not self.quickstart), ("benchmark", self.benchmarks),
                                ("quadrants", self.quadrants), ("fuse", self.fusions)] if v]
 
@@ -259,92 +239,22 @@ def _curve_keys(histories: dict[str, list[dict]]) -> list[str]:
     return funnel or [k for k in seen if k.startswith("auc_")][:3]
 
 
-class _DataCache:
-    """Test splits by (dataset, source, split), loaded once for all bundles of a report.
+def calibration_curves(b: BundleRun) -> dict[str, dict]:
+    """Reliability bins and calibration ratio (Σp / Σy) per task of one bundle on its test
+    split, as the run saved them (``meta.calibration`` of its config.json; see
+    :func:`mtrank.metrics.evaluate.calibration_curves`); nothing is scored again.
 
-    The simulator's file (and a custom file trained with ``--data``) is read from the bundle's
-    recorded source; a built-in dataset is loaded by its loader from ``data_dir``, else from the
-    folders around its recorded sources, else from the default data folder.
+    Raises:
+        MtrankError: the bundle holds no calibration record (written by an older mtrank, or
+            trained without a test split).
     """
-
-    def __init__(self, data_dir: str | Path | None = None) -> None:
-        self.data_dir = data_dir
-        self.frames: dict[str, object] = {}
-
-    def _load(self, dataset: str | None, sources: dict, schema):
-        from mtrank.data.datasets import DATASETS
-        from mtrank.workflow import load_data
-
-        source = sources.get("all")
-        if (dataset == "simulated" or dataset not in DATASETS) and source and Path(source).is_file():
-            return load_data(dataset if dataset in DATASETS else None, data=source, schema=schema)
-        if dataset not in DATASETS:
-            raise MtrankError(f"data {source or dataset!r} is not reachable from here")
-        files = [Path(s) for v in sources.values() if v for s in str(v).split(", ")]
-        dirs = list(dict.fromkeys([*([Path(self.data_dir)] if self.data_dir else []), *(d for f in files for d in (f.parent.parent, f.parent)), None]))
-        last: Exception | None = None
-        for d in dirs:
-            try:
-                return load_data(dataset, schema=schema, data_dir=d)
-            except (MtrankError, OSError) as exc:
-                last = exc
-        raise MtrankError(f"dataset {dataset!r} is not reachable from here ({last}); pass --data-dir")
-
-    def test_frame(self, b: BundleRun, schema):
-        from mtrank.data.split import SplitConfig, split_data
-
-        meta = b.meta
-        if "split" not in meta:
-            raise MtrankError("the bundle has no split config (trained with --stream?)")
-        dataset, sources = meta.get("dataset"), meta.get("sources") or {}
-        key = json.dumps([dataset, sources, meta["split"]], sort_keys=True, default=str)
-        if key not in self.frames:
-            loaded = self._load(dataset, sources, schema)
-            self.frames[key] = split_data(loaded, SplitConfig.model_validate(meta["split"]))["test"]
-        return self.frames[key]
+    saved = b.meta.get("calibration") or {}
+    if not saved.get("tasks"):
+        raise MtrankError("the bundle holds no calibration record (no test split, or written by an older mtrank: retrain it)")
+    return saved["tasks"]
 
 
-def reliability_bins(y: np.ndarray, p: np.ndarray, bins: int = CALIBRATION_BINS) -> dict:
-    """Equal-count bins of ``p``: mean predicted, observed rate and count per bin."""
-    order = np.argsort(p, kind="stable")
-    pred, obs, n = [], [], []
-    for idx in np.array_split(order, min(bins, max(len(p), 1))):
-        if len(idx):
-            pred.append(float(p[idx].mean()))
-            obs.append(float(y[idx].mean()))
-            n.append(len(idx))
-    return {"pred": pred, "obs": obs, "n": n}
-
-
-def calibration_curves(b: BundleRun, cache: _DataCache) -> dict[str, dict]:
-    """Reliability bins and calibration ratio (Σp / Σy) per task of one bundle on its test split."""
-    from mtrank.bundle import Bundle
-
-    bundle = Bundle.load(b.path)
-    frame = cache.test_frame(b, bundle.schema)
-    data = bundle.encode(frame, "test split", with_labels=True)
-    probs = bundle.predict_arrays(data)
-    labels = {k: v.numpy().astype(np.float64) for k, v in data.labels.items()}
-    if bundle.schema.is_funnel:
-        click = labels["click"] > 0
-        pairs = {"ctr": (labels["click"], probs["p_ctr"], None), "cvr (clicked)": (labels["conversion"], probs["p_cvr"], click),
-                 "ctcvr": (labels["ctcvr"], probs["p_ctcvr"], None)}
-    else:
-        pairs = {t: (labels[t], probs[f"p_{t}"], None) for t in labels if f"p_{t}" in probs}
-    out = {}
-    for task, (y, p, mask) in pairs.items():
-        p = np.asarray(p, dtype=np.float64)
-        if mask is not None:
-            y, p = y[mask], p[mask]
-        if len(y) == 0:
-            continue
-        curve = reliability_bins(y, p)
-        curve["ratio"] = float(p.sum() / y.sum()) if y.sum() > 0 else None
-        out[task] = curve
-    return out
-
-
-def _calibration(run: RunDir, cache: _DataCache) -> dict | None:
+def _calibration(run: RunDir) -> dict | None:
     from mtrank.report import plots
 
     if not run.bundles:
@@ -355,8 +265,8 @@ def _calibration(run: RunDir, cache: _DataCache) -> dict | None:
     notes = []
     for b in chosen:
         try:
-            per_task = calibration_curves(b, cache)
-        except (MtrankError, OSError, KeyError, ValueError) as exc:
+            per_task = calibration_curves(b)
+        except MtrankError as exc:
             notes.append(f"{b.path.name}: calibration skipped ({exc})")
             continue
         for task, c in per_task.items():
@@ -427,12 +337,11 @@ def _fusion(path: Path, fusion: dict, replay: dict) -> dict:
             "lift": (replay.get("lift") or {}).get("lines") or [], "columns": ["ranking", *metrics], "rows": rows}
 
 
-def build_context(runs: list[RunDir], *, calibrate: bool = True, data_dir: str | Path | None = None) -> dict:
+def build_context(runs: list[RunDir], *, calibrate: bool = True) -> dict:
     """Everything the template shows, section by section (lists are empty when n/a)."""
     from mtrank import __version__
     from mtrank.report import plots
 
-    cache = _DataCache(data_dir)
     ctx: dict = {"generated": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "version": __version__,
                  "runs": [], "tables": [], "curves": [], "calibration": [], "bias": [], "gates": [], "quadrants": [], "fusions": []}
     for run in runs:
@@ -462,7 +371,7 @@ def build_context(runs: list[RunDir], *, calibrate: bool = True, data_dir: str |
         if hist:
             ctx["curves"].append({"title": name, "img": plots.training_curves(hist, _curve_keys(hist))})
         if calibrate and run.bundles:
-            cal = _calibration(run, cache)
+            cal = _calibration(run)
             if cal is not None:
                 ctx["calibration"].append({"title": name, **cal})
         for _path, bench in run.benchmarks:
@@ -480,13 +389,12 @@ def render_report(ctx: dict) -> str:
     return env.from_string(text).render(**ctx)
 
 
-def write_report(paths: list[str | Path], out: str | Path, *, calibrate: bool = True, data_dir: str | Path | None = None) -> Path:
+def write_report(paths: list[str | Path], out: str | Path, *, calibrate: bool = True) -> Path:
     """Build the report of run directories ``paths`` and write it to ``out`` (atomically).
 
     Args:
         paths: run directories (quickstart, train, benchmark, quadrants or fuse outputs).
-        out: the HTML file to write. calibrate: score the test splits for calibration plots.
-        data_dir: folder of the built-in datasets (default: found from the bundles' sources).
+        out: the HTML file to write. calibrate: draw the calibration the bundles recorded.
 
     Returns:
         The path written.
@@ -497,5 +405,5 @@ def write_report(paths: list[str | Path], out: str | Path, *, calibrate: bool = 
     from mtrank.io_utils import atomic_write_bytes
 
     runs = collect_runs(list(paths))
-    page = render_report(build_context(runs, calibrate=calibrate, data_dir=data_dir))
+    page = render_report(build_context(runs, calibrate=calibrate))
     return atomic_write_bytes(page.encode("utf-8"), Path(out))

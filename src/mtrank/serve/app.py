@@ -52,17 +52,22 @@ class ScoredCandidate(BaseModel):
 
 
 class RankedCandidate(ScoredCandidate):
+    """A candidate of ``/rank`` with its rank (1 = first)."""
     rank: int = Field(description="1 = best")
 
 
 class FeatureCounts(BaseModel):
+    """How many feature values were missing or unseen (out of vocabulary) in a request."""
     missing: dict[str, int] = Field(description="per feature column: null values (encoded as missing / mean-imputed)")
     oov: dict[str, int] = Field(description="per categorical column: values unseen in training, scored with the OOV index")
 
 
 class ScoreResponse(BaseModel):
+    """The response of ``/score``: the candidates' probabilities and fused scores, in request
+    order."""
     model: str
     bundle_sha256: str
+    score_source: str = Field(description="'fusion': score = the fusion of the model's pCTR/pCVR/pCTCVR; 'ranker': the model's own ranking score (LTR), and p_ctr, p_cvr, p_ctcvr, log_score are null")
     fusion: FusionSpec
     n_candidates: int
     candidates: list[ScoredCandidate]
@@ -70,6 +75,7 @@ class ScoreResponse(BaseModel):
 
 
 class RankResponse(ScoreResponse):
+    """The response of ``/rank``: the candidates sorted by fused score, best first."""
     candidates: list[RankedCandidate]  # type: ignore[assignment]
 
 
@@ -90,7 +96,7 @@ def create_app(bundle_path: str | Path, fusion: FusionSpec | str | Path | None =
         description=f"Ranks candidates by a fusion of ESMM's pCTR, pCVR and pCTCVR. Model {service.bundle.model_config.name!r}, schema {service.bundle.schema.name!r}.",
     )
     app.state.service = service
-    header = {"model": service.bundle.model_config.name, "bundle_sha256": service.digest}
+    header = {"model": service.bundle.model_config.name, "bundle_sha256": service.digest, "score_source": service.score_source}
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:

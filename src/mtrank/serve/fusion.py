@@ -11,7 +11,8 @@ formula class's defaults)::
 ``formula`` defaults to ``ctcvr`` (score = the model's pCTCVR). Parameters must be finite and
 within the formula's :attr:`~mtrank.ranking.fusion.Fusion.limits` (e.g. ``eps > 0``).
 
-Price policy (a formula whose score depends on the price, :attr:`Fusion.uses_price`):
+Price policy (:func:`mtrank.ranking.fusion.usable_prices`, the same offline and here; for a
+formula whose score depends on the price, :attr:`Fusion.uses_price`):
 
 * ``price ≥ 0`` and finite: used as is (``price = 0`` gives a finite score).
 * ``price < 0``, NaN, ±inf or null: invalid. The HTTP service rejects such a request with 422
@@ -27,10 +28,10 @@ from typing import Literal
 
 import numpy as np
 import polars as pl
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from mtrank.errors import ConfigError
-from mtrank.ranking.fusion import FORMULAS, Fusion, make_fusion, read_fusion_doc
+from mtrank.ranking.fusion import FORMULAS, Fusion, load_fusion, make_fusion, usable_prices
 
 FormulaName = Literal[tuple(FORMULAS)]  # type: ignore[valid-type]
 
@@ -70,16 +71,13 @@ class FusionSpec(BaseModel):
 
     @property
     def fusion(self) -> Fusion:
+        """The ranking :class:`~mtrank.ranking.fusion.Fusion` this spec builds."""
         return self._fusion
 
     @property
     def needs_price(self) -> bool:
         """True when the score depends on the price."""
         return self._fusion.uses_price
-
-    @classmethod
-    def from_fusion(cls, fusion: Fusion) -> FusionSpec:
-        return cls(formula=fusion.name, params=fusion.params)
 
     @classmethod
     def from_file(cls, path: str | Path) -> FusionSpec:
@@ -89,12 +87,8 @@ class FusionSpec(BaseModel):
             ConfigError: the file is missing, not JSON, or not a valid fusion spec (the message
                 names the file and the field).
         """
-        doc = read_fusion_doc(path)
-        try:
-            return cls.model_validate(doc)
-        except ValidationError as exc:
-            errs = "; ".join(f"{'.'.join(map(str, e['loc'])) or '<root>'}: {e['msg']}" for e in exc.errors())
-            raise ConfigError(f"fusion file {path}: {errs}") from None
+        fusion = load_fusion(path)  # the one loader of fusion files (mtrank.ranking.fusion)
+        return cls(formula=fusion.name, params=fusion.params)
 
 
 def fused_scores(fusion: Fusion, p_ctr: np.ndarray, p_cvr: np.ndarray, p_ctcvr: np.ndarray, price: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -109,7 +103,7 @@ def fused_scores(fusion: Fusion, p_ctr: np.ndarray, p_cvr: np.ndarray, p_ctcvr: 
         if price is None:
             raise ConfigError(f"fusion {fusion.name!r} {fusion.params} needs a price column")
         price = np.asarray(price, dtype=np.float64)
-        valid = np.isfinite(price) & (price >= 0)
+        valid = usable_prices(price)
         price = np.where(valid, price, 0.0)
     score, log_score = fusion.fused(p_ctr, p_cvr, price, p_ctcvr)
     if valid is not None:

@@ -24,7 +24,7 @@ from torch import nn
 
 from mtrank.errors import BundleError, MtrankError
 from mtrank.io_utils import atomic_write_bytes
-from mtrank.bundle import Bundle
+from mtrank.bundle import Bundle, codec
 
 OPSET = 18
 INPUTS = ("categorical", "numerical")
@@ -77,8 +77,11 @@ def to_onnx_bytes(bundle: Bundle) -> bytes:
     """The model as a serialized ONNX ``ModelProto`` (opset 18, dynamic batch axis).
 
     Raises:
-        ExportError: torch.onnx cannot export the model.
+        ExportError: torch.onnx cannot export the model, or it is not a neural model (a
+            LambdaMART ranker stays in LightGBM's own ``model.txt``).
     """
+    if not isinstance(bundle.model, torch.nn.Module):
+        raise ExportError(f"model {bundle.model_config.name!r} is not a neural network: ONNX export covers the neural models; this bundle's model is served from its own {codec(bundle.model_config).weights_file}")
     names = output_names(bundle)
     head = _ProbabilityHead(bundle.model, names).eval()
     cat, num = example_inputs(bundle, batch=3)
@@ -127,6 +130,8 @@ class OnnxScorer:
         self.outputs = [o.name for o in self.session.get_outputs()]
 
     def __call__(self, categorical: np.ndarray, numerical: np.ndarray) -> dict[str, np.ndarray]:
+        """``p_ctr``, ``p_cvr``, ``p_ctcvr`` ``[B]`` from ids ``[B, n_cat]`` int64 and numbers
+        ``[B, n_num]`` float32."""
         res = self.session.run(self.outputs, {"categorical": categorical, "numerical": numerical})
         return dict(zip(self.outputs, res, strict=True))
 

@@ -15,6 +15,11 @@ Request semantics (shared by ``POST /rank`` and ``POST /score``):
   ≥ 0 for every candidate (see :mod:`mtrank.serve.fusion` for the price policy).
 * Unseen categorical values are scored with the OOV index (1) and counted, never an error.
 
+A bundle whose scorer has its own ranking ``score`` and no probabilities (a LambdaMART LTR
+ranker, :mod:`mtrank.models.ltr`) is served by that score: ``p_ctr``, ``p_cvr``, ``p_ctcvr``
+and ``log_score`` are null (never invented), ``score_source`` is ``"ranker"`` (``"fusion"``
+otherwise), and a request that asks for a fusion is rejected (422): there is nothing to fuse.
+
 Scoring is vectorised: the candidate list becomes one polars DataFrame, encoded by
 :meth:`Bundle.encode` (the training encoders themselves), scored in one batch, fused by the
 ranking module's formulas (:mod:`mtrank.ranking.fusion`).
@@ -112,6 +117,11 @@ class RankingService:
             raise BundleError(f"bundle {bundle_path}: the ranking service needs a funnel model (click → conversion); this one predicts {bundle.spec.task_names}")
         self.bundle = bundle
         self.digest = Bundle.digest(bundle_path)
+        # a ranker with its own score (LTR) is served by that score: nothing to fuse
+        self.own_score = "score" in bundle.scorer.outputs
+        self.score_source = "ranker" if self.own_score else "fusion"
+        if self.own_score and fusion is not None:
+            raise ConfigError(f"model {bundle.model_config.name!r} ranks by its own score and has no pCTR/pCVR: a fusion does not apply; drop --fusion")
         if not isinstance(fusion, FusionSpec):
             fusion = FusionSpec() if fusion is None else FusionSpec.from_file(fusion)
         self.fusion = fusion
@@ -124,7 +134,7 @@ class RankingService:
         self._feature_set = frozenset(self.features)
         self.engine = engine
         self.threads = threads
-        self._infer = self._make_engine(engine, threads)
+        self._infer = self._make_engine(engine, threads)  # may set self.engine = "native"
         self._context_adapter = TypeAdapter(self._typed_dict("Context", required=frozenset()))
         # columns validate_frame requires that are not features (ids, time): added as nulls
         self._filler = [c for c in schema.required_columns() if c not in schema.label_columns and c not in self.features]
@@ -136,6 +146,9 @@ class RankingService:
             raise ConfigError(f"fusion {spec.formula!r} {spec.params} needs a price, but schema {self.bundle.schema.name!r} declares no price column")
 
     def _make_engine(self, engine: str, threads: int):
+        if self.own_score:  # not a neural network: the model's own scorer (e.g. LightGBM)
+            self.engine = "native"
+            return self.bundle.scorer
         if engine == "torch":
             if threads > 0:
                 torch.set_num_threads(threads)
@@ -226,6 +239,8 @@ class RankingService:
         """
         t0 = time.perf_counter()
         spec = fusion or self.fusion
+        if fusion is not None and self.own_score:
+            raise RequestError([{"loc": ["fusion"], "msg": f"model {self.bundle.model_config.name!r} ranks by its own score and has no pCTR/pCVR: a fusion does not apply", "type": "value_error"}])
         if fusion is not None:
             try:
                 self.check_fusion(fusion)
@@ -245,10 +260,15 @@ class RankingService:
             raise RequestError([{"loc": ["candidates", e.column], "msg": f"value too large: its standardised value (x - {e.mean:.4g}) / {e.std:.4g} overflows float32", "type": "value_error"} for e in bad])
         t2 = time.perf_counter()
         raw = self._infer(data.categorical.numpy(), num)
-        probs = {k: raw[k].astype(np.float64) for k in PROBS}
         t3 = time.perf_counter()
-        price = df.get_column(self.price).to_numpy() if self.price else None
-        score, log_score, key = fused_scores(spec.fusion, probs["p_ctr"], probs["p_cvr"], probs["p_ctcvr"], price)
+        if self.own_score:
+            score = raw["score"].astype(np.float64)
+            probs = {k: np.full(score.size, np.nan) for k in PROBS}
+            log_score, key = np.full(score.size, np.nan), score
+        else:
+            probs = {k: raw[k].astype(np.float64) for k in PROBS}
+            price = df.get_column(self.price).to_numpy() if self.price else None
+            score, log_score, key = fused_scores(spec.fusion, probs["p_ctr"], probs["p_cvr"], probs["p_ctcvr"], price)
         t4 = time.perf_counter()
         timings = {"validate": t1 - t0, "encode": t2 - t1, "infer": t3 - t2, "fuse": t4 - t3}
         n_missing = {c: data.n_missing.get(c, 0) for c in self.features if c in data.n_missing}

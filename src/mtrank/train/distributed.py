@@ -35,6 +35,7 @@ def rank_world() -> tuple[int, int]:
 
 
 def is_main() -> bool:
+    """True in the process that writes outputs (rank 0, or the only process)."""
     return rank_world()[0] == 0
 
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -21,7 +21,6 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from tqdm.auto import tqdm
 
 from mtrank.data.batch import BatchSource, EncodedData
 from mtrank.data.schema import Schema
@@ -31,6 +30,7 @@ from mtrank.metrics.evaluate import evaluate_outputs
 from mtrank.models.layers import init_output_bias
 from mtrank.train.checkpoint import load_checkpoint, save_checkpoint
 from mtrank.train.distributed import all_reduce_sum, gather_rows, rank_world
+from mtrank.train.progress import EpochProgress
 
 
 class TrainConfig(BaseModel):
@@ -71,6 +71,7 @@ class TrainConfig(BaseModel):
 
 @dataclass
 class EpochLog:
+    """One epoch's record: mean train loss, validation loss and metrics, seconds, rows per second."""
     epoch: int
     train_loss: float
     val_loss: float | None
@@ -81,6 +82,7 @@ class EpochLog:
 
 @dataclass
 class TrainResult:
+    """What :meth:`Trainer.fit` returns: the best epoch (1-based), its score, the history."""
     best_epoch: int
     best_score: float | None
     history: list[EpochLog] = field(default_factory=list)
@@ -199,19 +201,35 @@ def make_optimizers(model: nn.Module, cfg: TrainConfig) -> list[torch.optim.Opti
     return opts
 
 
+def _epoch_summary(log: EpochLog) -> str:
+    """``train loss …, val loss …, auc_… …`` for an epoch's progress line."""
+    parts = [f"train loss {log.train_loss:.4f}"]
+    if log.val_loss is not None:
+        parts.append(f"val loss {log.val_loss:.4f}")
+    parts += [f"{k} {v:.4f}" for k, v in log.val_metrics.items() if k.startswith("auc_") and isinstance(v, float)]
+    return ", ".join(parts)
+
+
 class Trainer:
     """Trains any registered model on a :class:`BatchSource`.
 
     Args:
         config: :class:`TrainConfig`.
         schema: the dataset schema (for validation metrics).
-        quiet: hide the progress bar (it is also hidden when stderr is not a terminal).
+        quiet: no progress output. Otherwise a bar on a terminal, and plain lines when
+            stderr is a file or a pipe (:class:`mtrank.train.progress.EpochProgress`).
+        on_epoch: called with each epoch's :class:`EpochLog` as soon as it is known (e.g. to
+            write TensorBoard events while training).
     """
 
-    def __init__(self, config: TrainConfig, schema: Schema, quiet: bool = False) -> None:
+    def __init__(
+        self, config: TrainConfig, schema: Schema, quiet: bool = False,
+        on_epoch: Callable[[EpochLog], None] | None = None,
+    ) -> None:
         self.config = config
         self.schema = schema
-        self.quiet = quiet or not sys.stderr.isatty()
+        self.quiet = quiet
+        self.on_epoch = on_epoch
 
     def _score(self, val_loss: float | None, metrics: dict) -> float | None:
         """Higher is better."""
@@ -315,7 +333,7 @@ class Trainer:
             start = time.perf_counter()
             if skip == 0:
                 running, seen = 0.0, 0
-            bar = tqdm(total=n_batches, initial=skip, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", disable=self.quiet, leave=False)
+            bar = EpochProgress(f"epoch {epoch}/{cfg.epochs}", n_batches, initial=skip, batch_size=cfg.batch_size, quiet=self.quiet)
             # DDP's join() lets ranks with fewer batches (uneven shards) finish the epoch
             with net.join() if world > 1 else contextlib.nullcontext():
                 for i, batch in enumerate(train.batches(cfg.batch_size, shuffle=True, generator=gen)):
@@ -335,9 +353,7 @@ class Trainer:
                         opt.step()
                     running += float(loss.detach()) * len(batch)
                     seen += len(batch)
-                    bar.update(1)
-                    if bar.n % 20 == 0:
-                        bar.set_postfix(loss=f"{running / seen:.4f}")
+                    bar.update(running / seen)
                     if checkpoint_every and (i + 1) % checkpoint_every == 0 and i + 1 < n_batches:
                         save(epoch, i + 1, epoch_start)
             skip = 0
@@ -349,6 +365,9 @@ class Trainer:
             result.history.append(
                 EpochLog(epoch, running / max(seen, 1), val_loss, metrics, seconds, seen / max(seconds, 1e-9))
             )
+            bar.report(_epoch_summary(result.history[-1]))
+            if self.on_epoch is not None:
+                self.on_epoch(result.history[-1])
             score = self._score(val_loss, metrics)
             stop = False
             if val is None or (score is not None and (result.best_score is None or score > result.best_score)):
