@@ -718,7 +718,7 @@ def collect_runs(args, work: Path, regimes: list[str]) -> dict:
     return res
 
 
-def merge_runs(dirs: list[Path], out: Path) -> None:
+def merge_runs(dirs: list[Path], out: Path, notes: list[str] | None = None) -> None:
     """One report from runs of the same script over different regimes (run side by side): their
     regimes, commands, loads and notes together; the other parts from the first run that has them,
     else from ``out``'s previous ``throughput.json``."""
@@ -729,6 +729,7 @@ def merge_runs(dirs: list[Path], out: Path) -> None:
         res["regimes"].update(p["regimes"])
         res["notes"] += [n for n in p["notes"] if n not in res["notes"]]
     res["notes"].append(f"merged from {len(parts)} runs started side by side ({', '.join(str(d) for d in dirs)}) with `--merge`")
+    res["notes"] += notes or []
     prev_path = out / "throughput.json"
     prev = json.loads(prev_path.read_text()) if prev_path.exists() else {}
     for key in ("rss", "profile", "profile_regime", "padded"):
@@ -764,7 +765,7 @@ def main() -> None:
     ap.add_argument("--pyspy", default="/tmp/rechub-venv/bin/py-spy")
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: rechub,deepctr,rss,profile,padded,bare,stream_only, or REGIME:SYSTEM (e.g. aliccp:mtrank_dense)")
     ap.add_argument("--collect", action="store_true", help="rebuild the report from the worker files in --workdir (a run stopped early) and stop")
-    ap.add_argument("--note", action="append", default=[], help="a note for the report (with --collect; repeatable)")
+    ap.add_argument("--note", action="append", default=[], help="a note for the report (with --collect or --merge; repeatable)")
     ap.add_argument("--merge", help="comma-separated result folders of runs over different regimes: write their union to --out and stop")
     ap.add_argument("--workdir", default="/tmp/mtrank-throughput")
     ap.add_argument("--out", default=str(HERE / "results"))
@@ -789,7 +790,7 @@ def main() -> None:
         merge_runs([d], Path(args.out))
         return
     if args.merge:
-        merge_runs([Path(d) for d in args.merge.split(",")], Path(args.out))
+        merge_runs([Path(d) for d in args.merge.split(",")], Path(args.out), args.note)
         return
     if args.quick:
         args.train_rows, args.test_rows, args.val_rows, args.rss_sizes, args.rss_train_rows = 40_000, 20_000, 10_000, "40000,80000", 40_000
