@@ -241,11 +241,12 @@ def _r(x):
 
 # --------------------------------------------------------------------------- report
 METRICS = ("auc_ctr", "auc_ctcvr", "auc_cvr_masked")
+CHOSEN = "out_bias_prior"  # the variant that became mtrank's default (TrainConfig.prior_output_bias)
 
 
 def report(out: Path) -> str:
     L = ["# ESMM defaults ablation (issue #18)", "",
-         ("Paired differences variant − baseline of test AUC over seeds (mean ± sd, then the number of seeds where the variant is higher). "
+         ("Test AUC means over the variant's seeds; Δ = paired difference variant − baseline on the same seeds (mean ± sd, then the number of seeds where the variant is higher). "
          "`baseline` = mtrank's defaults before issue #18 (no prior output bias). Produced by `benchmarks/defaults_ablation.py` (commands below)."), ""]
     merged: dict[str, dict] = {}
     for f in sorted(out.glob("*.json")):  # one dataset may come from several runs (--tag)
@@ -264,8 +265,8 @@ def report(out: Path) -> str:
         for bud in res["budgets"]:
             cells = res["cells"].get(bud, {})
             base = cells.get("baseline", {})
-            L += [f"### budget `{bud}`", "", "| variant | AUC CTR | Δ CTR | AUC CTCVR | Δ CTCVR | AUC CVR (clicked) | Δ CVR | epochs run |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+            L += [f"### budget `{bud}`", "", "| variant | seeds | AUC CTR | Δ CTR | AUC CTCVR | Δ CTCVR | AUC CVR (clicked) | Δ CVR | epochs run (best) |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
             for name, per_seed in cells.items():
                 seeds = [s for s in per_seed if s in base]
                 row = [name]
@@ -279,9 +280,20 @@ def report(out: Path) -> str:
                         sd = statistics.stdev(d) if len(d) > 1 else 0.0
                         row.append(f"{statistics.mean(d):+.4f} ± {sd:.4f} ({sum(x > 0 for x in d)}/{len(d)})")
                 ep = [per_seed[s]["epochs_run"] for s in per_seed]
-                row.append(f"{statistics.mean(ep):.1f}")
+                best = [1 + min(range(len(c)), key=lambda i, c=c: c[i]["val_loss"]) for c in (per_seed[s]["val_curve"] for s in per_seed) if c]
+                row.append(f"{statistics.mean(ep):.1f}" + (f" ({statistics.mean(best):.1f})" if res["budgets"][bud][2] and best else ""))
+                row.insert(1, ",".join(sorted(per_seed)))
                 L.append("| " + " | ".join(row) + " |")
             L.append("")
+            peer, chosen = cells.get("peer_deepctr"), cells.get(CHOSEN)
+            if peer and chosen:
+                seeds = [x for x in chosen if x in peer]
+                parts = []
+                for m in METRICS:
+                    d = [chosen[x]["test"][m] - peer[x]["test"][m] for x in seeds]
+                    sd = statistics.stdev(d) if len(d) > 1 else 0.0
+                    parts.append(f"{m} {statistics.mean(d):+.4f} ± {sd:.4f} ({sum(x >= 0 for x in d)}/{len(d)} seeds ≥ 0)")
+                L += [f"Chosen default (`{CHOSEN}`) − DeepCTR-Torch, paired on seeds {','.join(seeds)}: " + "; ".join(parts), ""]
         curves = res["cells"].get("default", {}).get("baseline", {})
         if curves:
             L += ["Validation AUC per epoch of `baseline` at the `default` budget (the one-epoch behaviour):", "",

@@ -687,7 +687,40 @@ def padded_runs(args, base: dict, export: str, with_rechub: bool) -> dict:
     return out
 
 
-def merge_runs(dirs: list[Path], out: Path) -> None:
+def collect_runs(args, work: Path, regimes: list[str]) -> dict:
+    """Rebuild a result from the worker files a run left in ``work`` (``result-<worker>-<regime>-
+    <system>-<rep>.json`` and the peers' predictions), for a run stopped before its last
+    repetition: only completed worker runs are used, and the report says so."""
+    import re
+
+    res: dict = {"command": " ".join(["python", *sys.argv]), "machine": f"{platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
+                 "threads": args.threads, "train_rows": args.train_rows, "test_rows": args.test_rows, "load_before": machine_load(), "load_after": machine_load(),
+                 "regimes": {}, "rss": [], "notes": [f"collected with --collect from the worker files in {work} of a run stopped before all repetitions finished"]}
+    pat = re.compile(r"result-(mtrank_stream|bare|rechub|deepctr)-(\w+)-(\w+)-(\d+)\.json$")
+    for regime in regimes:
+        export = str(work / f"{regime}-encoded.npz")
+        runs: dict[str, list[dict]] = {}
+        for f in sorted(work.glob(f"result-*-{regime}-*.json")):
+            m = pat.search(f.name)
+            if not m:
+                continue
+            worker, _reg, key, rep_ = m.groups()
+            x = json.loads(f.read_text())
+            if worker in PEERS:
+                pred = f.with_suffix(".pred.npy")
+                if not pred.exists():
+                    continue
+                x.pop("pred_path", None)
+                x["test"] = peer_quality(export, str(pred), worker)
+            x["seed"] = int(rep_)
+            runs.setdefault(key, []).append(x)
+        r = {"runs": runs}
+        r.update(summarise(runs))
+        res["regimes"][regime] = r
+    return res
+
+
+def merge_runs(dirs: list[Path], out: Path, notes: list[str] | None = None) -> None:
     """One report from runs of the same script over different regimes (run side by side): their
     regimes, commands, loads and notes together; the other parts from the first run that has them,
     else from ``out``'s previous ``throughput.json``."""
@@ -698,6 +731,7 @@ def merge_runs(dirs: list[Path], out: Path) -> None:
         res["regimes"].update(p["regimes"])
         res["notes"] += [n for n in p["notes"] if n not in res["notes"]]
     res["notes"].append(f"merged from {len(parts)} runs started side by side ({', '.join(str(d) for d in dirs)}) with `--merge`")
+    res["notes"] += notes or []
     prev_path = out / "throughput.json"
     prev = json.loads(prev_path.read_text()) if prev_path.exists() else {}
     for key in ("rss", "profile", "profile_regime", "padded"):
@@ -732,6 +766,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3, help="interleaved repetitions; repetition r trains every system with seed r")
     ap.add_argument("--pyspy", default="/tmp/rechub-venv/bin/py-spy")
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: rechub,deepctr,rss,profile,padded,bare,stream_only, or REGIME:SYSTEM (e.g. aliccp:mtrank_dense)")
+    ap.add_argument("--collect", action="store_true", help="rebuild the report from the worker files in --workdir (a run stopped early) and stop")
+    ap.add_argument("--note", action="append", default=[], help="a note for the report (with --collect or --merge; repeatable)")
     ap.add_argument("--merge", help="comma-separated result folders of runs over different regimes: write their union to --out and stop")
     ap.add_argument("--workdir", default="/tmp/mtrank-throughput")
     ap.add_argument("--out", default=str(HERE / "results"))
@@ -744,8 +780,19 @@ def main() -> None:
         res = WORKERS[args.worker](json.loads(args.worker_args))
         Path(args.worker_out).write_text(json.dumps(res))
         return
+    if args.collect:
+        d = Path(args.workdir) / "collected"
+        d.mkdir(parents=True, exist_ok=True)
+        res = collect_runs(args, Path(args.workdir), args.regimes.split(","))
+        res["notes"] += [n for n in args.note]
+        from mtrank.data.simulate import SIMULATED_SCHEMA as S
+
+        res["roofline"] = roofline(args.threads, len(S.categorical) * EMB + len(S.numerical), reps=3)
+        (d / "throughput.json").write_text(json.dumps(res, indent=1))
+        merge_runs([d], Path(args.out))
+        return
     if args.merge:
-        merge_runs([Path(d) for d in args.merge.split(",")], Path(args.out))
+        merge_runs([Path(d) for d in args.merge.split(",")], Path(args.out), args.note)
         return
     if args.quick:
         args.train_rows, args.test_rows, args.val_rows, args.rss_sizes, args.rss_train_rows = 40_000, 20_000, 10_000, "40000,80000", 40_000
