@@ -50,20 +50,27 @@ def main() -> None:
     nums = [str(f) for f in z["numerical"]]
     pad = a.get("pad") or {}
     card = [max(int(c), pad.get(f, 0)) for f, c in zip(fields, z["cardinalities"], strict=True)]
-    cols = [SparseFeat(f, vocabulary_size=c, embedding_dim=a["emb"]) for f, c in zip(fields, card, strict=True)]
+    cols = [
+        SparseFeat(f, vocabulary_size=c, embedding_dim=a["emb"])
+        for f, c in zip(fields, card, strict=True)
+    ]
     cols += [DenseFeat(f, 1) for f in nums]
 
     def xy(split: str):
         x = {f: z[f"{split}_x"][:, j] for j, f in enumerate(fields)}
         x.update({f: z[f"{split}_num"][:, j] for j, f in enumerate(nums)})
         click, conv = z[f"{split}_click"], z[f"{split}_conv"]
-        return x, np.stack([click, click * conv], axis=1).astype(np.float32)  # DeepCTR's ESMM: ctr, ctcvr
+        return x, np.stack([click, click * conv], axis=1).astype(
+            np.float32
+        )  # DeepCTR's ESMM: ctr, ctcvr
 
     x_tr, y_tr = xy("train")
     if a.get("max_rows"):
         x_tr, y_tr = {k: v[: a["max_rows"]] for k, v in x_tr.items()}, y_tr[: a["max_rows"]]
     x_te, _ = xy("test")
-    model = ESMM(cols, tower_dnn_hidden_units=tuple(a["tower"]), seed=a.get("seed", 0), device="cpu")
+    model = ESMM(
+        cols, tower_dnn_hidden_units=tuple(a["tower"]), seed=a.get("seed", 0), device="cpu"
+    )
     model.compile("adam", loss=["binary_crossentropy", "binary_crossentropy"])  # Adam lr 1e-3
     n_params = sum(p.numel() for p in model.parameters())
     t0 = time.perf_counter()
@@ -77,10 +84,21 @@ def main() -> None:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
             rss = int(line.split()[1]) / 1024
-    out.write_text(json.dumps({"samples_per_second": round(len(y_tr) / sec, 1), "train_seconds": round(sec, 2), "rows": len(y_tr),
-                               "pred_path": str(pred_path), "embedding_rows": sum(card), "parameters": n_params, "peak_rss_mib": round(rss, 1),
-                               "notes": "DeepCTR-Torch ESMM: per-field nn.Embedding N(0,1e-4), DNN weights N(0,1e-4), one output bias for both "
-                                        "towers, BCE on probabilities summed over the batch, L2 1e-5 on all embedding tables; TensorDataset loader"}))
+    out.write_text(
+        json.dumps(
+            {
+                "samples_per_second": round(len(y_tr) / sec, 1),
+                "train_seconds": round(sec, 2),
+                "rows": len(y_tr),
+                "pred_path": str(pred_path),
+                "embedding_rows": sum(card),
+                "parameters": n_params,
+                "peak_rss_mib": round(rss, 1),
+                "notes": "DeepCTR-Torch ESMM: per-field nn.Embedding N(0,1e-4), DNN weights N(0,1e-4), one output bias for both "
+                "towers, BCE on probabilities summed over the batch, L2 1e-5 on all embedding tables; TensorDataset loader",
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

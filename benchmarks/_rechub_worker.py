@@ -35,14 +35,19 @@ def main() -> None:
     fields = [str(f) for f in z["fields"]]
     pad = a.get("pad") or {}  # allocate a field's whole declared catalogue
     card = [max(int(c), pad.get(f, 0)) for f, c in zip(fields, z["cardinalities"], strict=True)]
-    feats = {f: SparseFeature(f, vocab_size=c, embed_dim=a["emb"]) for f, c in zip(fields, card, strict=True)}
+    feats = {
+        f: SparseFeature(f, vocab_size=c, embed_dim=a["emb"])
+        for f, c in zip(fields, card, strict=True)
+    }
     user = [feats[f] for f in fields if f in USER_FIELDS]
     item = [feats[f] for f in fields if f not in USER_FIELDS]
 
     def xy(split: str):
         x = {f: z[f"{split}_x"][:, j] for j, f in enumerate(fields)}
         click, conv = z[f"{split}_click"], z[f"{split}_conv"]
-        return x, np.stack([conv, click, click * conv], axis=1).astype(np.float32)  # rechub's ESMM order: cvr, ctr, ctcvr
+        return x, np.stack([conv, click, click * conv], axis=1).astype(
+            np.float32
+        )  # rechub's ESMM order: cvr, ctr, ctcvr
 
     x_tr, y_tr = xy("train")
     if a.get("max_rows"):
@@ -50,10 +55,19 @@ def main() -> None:
     x_te, y_te = xy("test")
     tower = {"dims": a["tower"], "dropout": 0.0, "activation": "relu"}
     model = ESMM(user, item, cvr_params=tower, ctr_params=tower)
-    train_dl, _, test_dl = DataGenerator(x_tr, y_tr).generate_dataloader(x_val=x_te, y_val=y_te, x_test=x_te, y_test=y_te, batch_size=a["batch"])
+    train_dl, _, test_dl = DataGenerator(x_tr, y_tr).generate_dataloader(
+        x_val=x_te, y_val=y_te, x_test=x_te, y_test=y_te, batch_size=a["batch"]
+    )
     n_params = sum(p.numel() for p in model.parameters())
-    trainer = MTLTrainer(model, task_types=["classification"] * 3, optimizer_params={"lr": 1e-3, "weight_decay": 0.0},
-                         n_epoch=1, earlystop_patience=1, device=a.get("device", "cpu"), model_path=tempfile.mkdtemp())
+    trainer = MTLTrainer(
+        model,
+        task_types=["classification"] * 3,
+        optimizer_params={"lr": 1e-3, "weight_decay": 0.0},
+        n_epoch=1,
+        earlystop_patience=1,
+        device=a.get("device", "cpu"),
+        model_path=tempfile.mkdtemp(),
+    )
     device = torch.device(a.get("device", "cpu"))
     t0 = time.perf_counter()
     trainer.train_one_epoch(train_dl)
@@ -71,9 +85,20 @@ def main() -> None:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
             rss = int(line.split()[1]) / 1024
-    out.write_text(json.dumps({"samples_per_second": round(len(y_tr) / sec, 1), "train_seconds": round(sec, 2), "rows": len(y_tr),
-                               "pred_path": str(pred_path), "embedding_rows": sum(card), "parameters": n_params, "peak_rss_mib": round(rss, 1),
-                               "notes": "rechub ESMM: per-field nn.Embedding, MLP with BatchNorm1d, no numerical input; DataLoader collates per row"}))
+    out.write_text(
+        json.dumps(
+            {
+                "samples_per_second": round(len(y_tr) / sec, 1),
+                "train_seconds": round(sec, 2),
+                "rows": len(y_tr),
+                "pred_path": str(pred_path),
+                "embedding_rows": sum(card),
+                "parameters": n_params,
+                "peak_rss_mib": round(rss, 1),
+                "notes": "rechub ESMM: per-field nn.Embedding, MLP with BatchNorm1d, no numerical input; DataLoader collates per row",
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -34,21 +34,75 @@ MODELS = "esmm,esmm_ns,base,escm2_dr"
 # Sized for 2 cores shared with ~6 other jobs (load 20-30 when this ran); see
 # docs/entire-space.md for what that costs in sparsity and in test conversions.
 BENCH_ARGS = [
-    "--dataset", "simulated", "--preset", "aliccp-like", "--models", MODELS, "--rows", "600000", "--n-items", "50000",
-    "--test-fraction", "0.6", "--repeats", "5", "--epochs", "2", "--patience", "0", "--batch-size", "4096",
-    "--tower", "128,64", "--no-shared-ctr", "--fuse-k", "10", "--fuse-grid", "3", "--threads", "1",
+    "--dataset",
+    "simulated",
+    "--preset",
+    "aliccp-like",
+    "--models",
+    MODELS,
+    "--rows",
+    "600000",
+    "--n-items",
+    "50000",
+    "--test-fraction",
+    "0.6",
+    "--repeats",
+    "5",
+    "--epochs",
+    "2",
+    "--patience",
+    "0",
+    "--batch-size",
+    "4096",
+    "--tower",
+    "128,64",
+    "--no-shared-ctr",
+    "--fuse-k",
+    "10",
+    "--fuse-grid",
+    "3",
+    "--threads",
+    "1",
 ]
 SWEEP_ARGS = [
-    "--models", MODELS, "--preset", "dense", "--rows", "60000", "--intent", "0,0.75,1.5", "--sharing", "0,0.6",
-    "--repeats", "2", "--sim-seeds", "1", "--epochs", "1", "--batch-size", "2048", "--tower", "128,64", "--fuse-k", "10",
-    "--fuse-grid", "3", "--threads", "1",
+    "--models",
+    MODELS,
+    "--preset",
+    "dense",
+    "--rows",
+    "60000",
+    "--intent",
+    "0,0.75,1.5",
+    "--sharing",
+    "0,0.6",
+    "--repeats",
+    "2",
+    "--sim-seeds",
+    "1",
+    "--epochs",
+    "1",
+    "--batch-size",
+    "2048",
+    "--tower",
+    "128,64",
+    "--fuse-k",
+    "10",
+    "--fuse-grid",
+    "3",
+    "--threads",
+    "1",
 ]
 SIM_SEEDS = [0, 1, 2]
 DENSITY = ["0.01", "0.04", "0.15"]  # CVR given click; one sweep process each
 if os.environ.get("EVIDENCE_TINY"):  # a smoke test of the whole pipeline in a minute or two
-    WORK, BENCH, SWEEP, IMG = (Path("/tmp/mtrank-evidence-tiny") / n for n in ("work", "bench", "sweep", "img"))
+    WORK, BENCH, SWEEP, IMG = (
+        Path("/tmp/mtrank-evidence-tiny") / n for n in ("work", "bench", "sweep", "img")
+    )
     BENCH_ARGS = [a for a in BENCH_ARGS]
-    BENCH_ARGS[BENCH_ARGS.index("--rows") + 1], BENCH_ARGS[BENCH_ARGS.index("--n-items") + 1] = "40000", "2000"
+    BENCH_ARGS[BENCH_ARGS.index("--rows") + 1], BENCH_ARGS[BENCH_ARGS.index("--n-items") + 1] = (
+        "40000",
+        "2000",
+    )
     BENCH_ARGS[BENCH_ARGS.index("--repeats") + 1] = "2"
     BENCH_ARGS += ["--n-users", "3000"]
     SWEEP_ARGS = [a for a in SWEEP_ARGS]
@@ -65,7 +119,17 @@ def launch() -> list[tuple[list[str], subprocess.Popen, Path]]:
     procs = []
     for k in SIM_SEEDS:
         out = WORK / f"bench-{k}"
-        cmd = [*_mtrank(), "benchmark", *BENCH_ARGS, "--sim-seeds", "1", "--first-sim-seed", str(k), "--out", str(out)]
+        cmd = [
+            *_mtrank(),
+            "benchmark",
+            *BENCH_ARGS,
+            "--sim-seeds",
+            "1",
+            "--first-sim-seed",
+            str(k),
+            "--out",
+            str(out),
+        ]
         procs.append(_start(cmd, out))
     for cvr in DENSITY:
         out = WORK / f"sweep-{cvr}"
@@ -74,7 +138,9 @@ def launch() -> list[tuple[list[str], subprocess.Popen, Path]]:
     return procs
 
 
-def launch_late_seeds(first: int = 3, count: int = 2) -> list[tuple[list[str], subprocess.Popen, Path]]:
+def launch_late_seeds(
+    first: int = 3, count: int = 2
+) -> list[tuple[list[str], subprocess.Popen, Path]]:
     """A second process per simulator seed for training seeds first … first + count − 1 (the
     split is by time, so the test rows are the same); merge() keeps each (simulator seed,
     training seed) run once. Used when the first processes run too slowly for the deadline."""
@@ -83,7 +149,19 @@ def launch_late_seeds(first: int = 3, count: int = 2) -> list[tuple[list[str], s
         out = WORK / f"bench-{k}-late"
         args = [a for a in BENCH_ARGS]
         args[args.index("--repeats") + 1] = str(count)
-        cmd = [*_mtrank(), "benchmark", *args, "--seed", str(first), "--sim-seeds", "1", "--first-sim-seed", str(k), "--out", str(out)]
+        cmd = [
+            *_mtrank(),
+            "benchmark",
+            *args,
+            "--seed",
+            str(first),
+            "--sim-seeds",
+            "1",
+            "--first-sim-seed",
+            str(k),
+            "--out",
+            str(out),
+        ]
         procs.append(_start(cmd, out))
     return procs
 
@@ -103,29 +181,50 @@ def merge() -> None:
 
     parts = []
     for d in [WORK / f"bench-{k}{late}" for k in SIM_SEEDS for late in ("", "-late")]:
-        for name in ("benchmark.json", "benchmark.partial.json"):  # a stopped part gives the seeds it finished
+        for name in (
+            "benchmark.json",
+            "benchmark.partial.json",
+        ):  # a stopped part gives the seeds it finished
             if (d / name).exists():
                 parts.append(json.loads((d / name).read_text()))
                 break
     if parts:
         res = merge_results(parts)
-        cmd = ("python benchmarks/evidence.py run, then late-seeds  # = for k in 0 1 2: mtrank benchmark " + shlex.join(BENCH_ARGS)
-               + " --sim-seeds 1 --first-sim-seed $k (training seeds 0-2 kept), and the same with --seed 3 --repeats 2")
+        cmd = (
+            "python benchmarks/evidence.py run, then late-seeds  # = for k in 0 1 2: mtrank benchmark "
+            + shlex.join(BENCH_ARGS)
+            + " --sim-seeds 1 --first-sim-seed $k (training seeds 0-2 kept), and the same with --seed 3 --repeats 2"
+        )
         atomic_write_json(res, BENCH / "benchmark.json")
         atomic_write_bytes(report_markdown(res, cmd).encode(), BENCH / "benchmark.md")
         print(f"merged {len(parts)} benchmark part(s) into {BENCH}")
-    docs = [json.loads((WORK / f"sweep-{c}" / "sweep.json").read_text()) for c in DENSITY if (WORK / f"sweep-{c}" / "sweep.json").exists()]
+    docs = [
+        json.loads((WORK / f"sweep-{c}" / "sweep.json").read_text())
+        for c in DENSITY
+        if (WORK / f"sweep-{c}" / "sweep.json").exists()
+    ]
     if docs:
         doc = merge_sweeps(docs)
-        cmd = "python benchmarks/evidence.py run  # = for cvr in " + " ".join(DENSITY) + ": mtrank sweep " + shlex.join(SWEEP_ARGS) + " --cvr $cvr"
+        cmd = (
+            "python benchmarks/evidence.py run  # = for cvr in "
+            + " ".join(DENSITY)
+            + ": mtrank sweep "
+            + shlex.join(SWEEP_ARGS)
+            + " --cvr $cvr"
+        )
         doc["command"] = cmd
         atomic_write_json(doc, SWEEP / "sweep.json")
         atomic_write_bytes(sweep_markdown(doc, cmd).encode(), SWEEP / "sweep.md")
         IMG.mkdir(parents=True, exist_ok=True)
         for metric in doc["metrics"]:
-            atomic_write_bytes(regime_heatmap(doc, metric, dpi=110), IMG / f"regime_{metric.replace('@', '_at_')}.png")
+            atomic_write_bytes(
+                regime_heatmap(doc, metric, dpi=110),
+                IMG / f"regime_{metric.replace('@', '_at_')}.png",
+            )
         print(f"merged {len(doc['cells'])} cell(s) into {SWEEP}; heatmaps in {IMG}")
-    for d in [WORK / f"bench-{k}{late}" for k in SIM_SEEDS for late in ("", "-late")] + [WORK / f"sweep-{c}" for c in DENSITY]:
+    for d in [WORK / f"bench-{k}{late}" for k in SIM_SEEDS for late in ("", "-late")] + [
+        WORK / f"sweep-{c}" for c in DENSITY
+    ]:
         if (d / "log.txt").exists():
             dest = (BENCH if d.name.startswith("bench") else SWEEP) / "parts" / f"{d.name}.log"
             dest.parent.mkdir(parents=True, exist_ok=True)
@@ -133,7 +232,9 @@ def merge() -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("what", choices=["run", "late-seeds", "merge"])
     args = ap.parse_args()
     if args.what in ("run", "late-seeds"):

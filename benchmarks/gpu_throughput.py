@@ -85,19 +85,34 @@ class GpuSampler:
         if not self.samples:
             return {"gpu_util_mean_pct": None, "gpu_util_max_pct": None, "gpu_mem_peak_mib": None}
         util = [s[0] for s in self.samples]
-        return {"gpu_util_mean_pct": round(sum(util) / len(util), 1), "gpu_util_max_pct": max(util),
-                "gpu_mem_peak_mib": max(s[1] for s in self.samples), "gpu_samples": len(util)}
+        return {
+            "gpu_util_mean_pct": round(sum(util) / len(util), 1),
+            "gpu_util_max_pct": max(util),
+            "gpu_mem_peak_mib": max(s[1] for s in self.samples),
+            "gpu_samples": len(util),
+        }
 
 
 def gpu_info() -> dict:
     import torch
 
     if not torch.cuda.is_available():
-        return {"name": f"no GPU (CPU smoke run, {platform.processor() or platform.machine()})", "torch": torch.__version__, "cpu_cores": os.cpu_count()}
+        return {
+            "name": f"no GPU (CPU smoke run, {platform.processor() or platform.machine()})",
+            "torch": torch.__version__,
+            "cpu_cores": os.cpu_count(),
+        }
     p = torch.cuda.get_device_properties(0)
-    return {"name": p.name, "memory_gib": round(p.total_memory / 2**30, 1), "multiprocessors": p.multi_processor_count,
-            "capability": f"{p.major}.{p.minor}", "torch": torch.__version__, "cuda": torch.version.cuda,
-            "cpu_cores": os.cpu_count(), "python": platform.python_version()}
+    return {
+        "name": p.name,
+        "memory_gib": round(p.total_memory / 2**30, 1),
+        "multiprocessors": p.multi_processor_count,
+        "capability": f"{p.major}.{p.minor}",
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cpu_cores": os.cpu_count(),
+        "python": platform.python_version(),
+    }
 
 
 def sync(device) -> None:
@@ -108,7 +123,10 @@ def sync(device) -> None:
 
 
 def _quality(metrics: dict) -> dict:
-    return {k: (None if metrics.get(k) is None else round(float(metrics[k]), 4)) for k in ("auc_ctr", "auc_ctcvr", "auc_cvr_masked")}
+    return {
+        k: (None if metrics.get(k) is None else round(float(metrics[k]), 4))
+        for k in ("auc_ctr", "auc_ctcvr", "auc_cvr_masked")
+    }
 
 
 # --------------------------------------------------------------------------- workers (own process each)
@@ -120,21 +138,43 @@ def worker_mtrank_stream(a: dict) -> dict:
     from mtrank.workflow import fit_stream
 
     mcfg = ModelConfig(name="esmm", embedding_dim=EMB, tower=TOWER)
-    tcfg = TrainConfig(epochs=2, batch_size=BATCH, lr=a["lr"], device=a["device"], precision=a["precision"], sparse_embeddings=a["sparse"], seed=0)
+    tcfg = TrainConfig(
+        epochs=2,
+        batch_size=BATCH,
+        lr=a["lr"],
+        device=a["device"],
+        precision=a["precision"],
+        sparse_embeddings=a["sparse"],
+        seed=0,
+    )
     t0 = time.perf_counter()
     with GpuSampler() as gpu:
-        out = fit_stream([Path(p) for p in a["train"]], SIMULATED_SCHEMA, mcfg, tcfg, test_paths=[Path(a["test"])], quiet=True,
-                         cache_dir=Path(a["cache"]), readers=a["readers"])
+        out = fit_stream(
+            [Path(p) for p in a["train"]],
+            SIMULATED_SCHEMA,
+            mcfg,
+            tcfg,
+            test_paths=[Path(a["test"])],
+            quiet=True,
+            cache_dir=Path(a["cache"]),
+            readers=a["readers"],
+        )
         sync(a["device"])
     wall = time.perf_counter() - t0
     h = out.result.history
     rows = out.bundle.meta["rows"]["train"]
     return {
-        "epoch1_parquet_samples_per_second": round(h[0].samples_per_second, 1), "epoch2_cache_samples_per_second": round(h[1].samples_per_second, 1),
-        "samples_per_second": round(h[0].samples_per_second, 1), "rows": rows, "epochs": len(h),
-        "end_to_end_seconds": round(wall, 2), "end_to_end_samples_per_second": round(rows * len(h) / wall, 1),
-        "embedding_rows": sum(out.bundle.spec.cardinalities), "test": _quality(out.metrics["test"]),
-        **gpu.summary(), "peak_rss_mib": round(peak_rss_mib(), 1),
+        "epoch1_parquet_samples_per_second": round(h[0].samples_per_second, 1),
+        "epoch2_cache_samples_per_second": round(h[1].samples_per_second, 1),
+        "samples_per_second": round(h[0].samples_per_second, 1),
+        "rows": rows,
+        "epochs": len(h),
+        "end_to_end_seconds": round(wall, 2),
+        "end_to_end_samples_per_second": round(rows * len(h) / wall, 1),
+        "embedding_rows": sum(out.bundle.spec.cardinalities),
+        "test": _quality(out.metrics["test"]),
+        **gpu.summary(),
+        "peak_rss_mib": round(peak_rss_mib(), 1),
     }
 
 
@@ -154,15 +194,29 @@ def worker_bare(a: dict) -> dict:
     dev = torch.device(a["device"])
     enc, train, test = _encode_in_memory(a)
     if a.get("export"):  # the same encoded ids for torch-rechub
-        np.savez(a["export"], train_x=train.categorical.numpy(), test_x=test.categorical.numpy(),
-                 train_click=train.labels["click"].numpy(), train_conv=train.labels["conversion"].numpy(),
-                 test_click=test.labels["click"].numpy(), test_conv=test.labels["conversion"].numpy(),
-                 cardinalities=np.array(enc.cardinalities), fields=np.array(S.categorical))
+        np.savez(
+            a["export"],
+            train_x=train.categorical.numpy(),
+            test_x=test.categorical.numpy(),
+            train_click=train.labels["click"].numpy(),
+            train_conv=train.labels["conversion"].numpy(),
+            test_click=test.labels["click"].numpy(),
+            test_conv=test.labels["conversion"].numpy(),
+            cardinalities=np.array(enc.cardinalities),
+            fields=np.array(S.categorical),
+        )
     train = train.to(dev)
     torch.manual_seed(0)
-    spec = FeatureSpec(cardinalities=enc.cardinalities, n_numerical=len(enc.numerical), funnel=True, task_names=list(S.tasks))
+    spec = FeatureSpec(
+        cardinalities=enc.cardinalities,
+        n_numerical=len(enc.numerical),
+        funnel=True,
+        task_names=list(S.tasks),
+    )
     model = build_model(spec, ModelConfig(name="esmm", embedding_dim=EMB, tower=TOWER)).to(dev)
-    opts = make_optimizers(model, TrainConfig(batch_size=BATCH, lr=a["lr"], sparse_embeddings=a["sparse"]))
+    opts = make_optimizers(
+        model, TrainConfig(batch_size=BATCH, lr=a["lr"], sparse_embeddings=a["sparse"])
+    )
     dtype = resolve_precision(a["precision"], dev)
     gen = torch.Generator().manual_seed(0)
 
@@ -190,8 +244,15 @@ def worker_bare(a: dict) -> dict:
             seen += len(batch)
         sync(dev)
         sec = time.perf_counter() - t0
-    return {"samples_per_second": round(seen / sec, 1), "train_seconds": round(sec, 2), "rows": seen, "embedding_rows": sum(enc.cardinalities),
-            "test": _quality(evaluate_split(model, test, S)), **gpu.summary(), "peak_rss_mib": round(peak_rss_mib(), 1)}
+    return {
+        "samples_per_second": round(seen / sec, 1),
+        "train_seconds": round(sec, 2),
+        "rows": seen,
+        "embedding_rows": sum(enc.cardinalities),
+        "test": _quality(evaluate_split(model, test, S)),
+        **gpu.summary(),
+        "peak_rss_mib": round(peak_rss_mib(), 1),
+    }
 
 
 def worker_roofline(a: dict) -> dict:
@@ -207,12 +268,20 @@ def worker_roofline(a: dict) -> dict:
     dims = [in_dim, *TOWER, 1]
     layers = list(itertools.pairwise(dims))
     macs = 2 * sum(i * o for i, o in layers)  # two towers
-    out = {"in_dim": in_dim, "batch": rows, "macs_per_sample": macs, "train_flops_per_sample": 6 * macs}
+    out = {
+        "in_dim": in_dim,
+        "batch": rows,
+        "macs_per_sample": macs,
+        "train_flops_per_sample": 6 * macs,
+    }
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         shapes = []
         for i, o in layers:  # forward x·W, backward dX = dY·Wᵀ and dW = Xᵀ·dY
             shapes += [((rows, i), (i, o)), ((rows, o), (o, i)), ((i, rows), (rows, o))]
-        mats = [(torch.randn(*p, device=dev, dtype=dtype), torch.randn(*q, device=dev, dtype=dtype)) for p, q in shapes]
+        mats = [
+            (torch.randn(*p, device=dev, dtype=dtype), torch.randn(*q, device=dev, dtype=dtype))
+            for p, q in shapes
+        ]
         flops = sum(2 * p[0] * p[1] * q[1] for p, q in shapes) * 2  # two towers
         for _ in range(20):
             for x, y in mats:
@@ -235,8 +304,12 @@ def worker_roofline(a: dict) -> dict:
             big @ big
         sync(dev)
         square = 2 * n**3 * 10 / (time.perf_counter() - t1)
-        out[name] = {"tower_gflops": round(flops / sec / 1e9, 1), "ceiling_samples_per_second": round(rows / sec, 0),
-                     "square_tflops": round(square / 1e12, 1), "square_n": n}
+        out[name] = {
+            "tower_gflops": round(flops / sec / 1e9, 1),
+            "ceiling_samples_per_second": round(rows / sec, 0),
+            "square_tflops": round(square / 1e12, 1),
+            "square_n": n,
+        }
     return out
 
 
@@ -250,7 +323,9 @@ def run_worker(name: str, args: dict, workdir: Path, timeout: float) -> dict:
     if args.get("device") == "cpu":
         timeout *= 20
     args = {"threads": os.cpu_count(), **args, "workdir": str(workdir)}
-    return throughput.run_worker(name, args, python=sys.executable, timeout=timeout, script=Path(__file__).resolve())
+    return throughput.run_worker(
+        name, args, python=sys.executable, timeout=timeout, script=Path(__file__).resolve()
+    )
 
 
 def rechub_auc(res: dict, npz: str) -> dict:
@@ -265,8 +340,11 @@ def rechub_auc(res: dict, npz: str) -> dict:
     z = np.load(npz)
     click, conv = z["test_click"], z["test_conv"]
     clicked = click == 1
-    return {"auc_ctr": round(auc(click, p[:, 1]), 4), "auc_ctcvr": round(auc(click * conv, p[:, 2]), 4),
-            "auc_cvr_masked": round(auc(conv[clicked], p[clicked, 0]), 4)}
+    return {
+        "auc_ctr": round(auc(click, p[:, 1]), 4),
+        "auc_ctcvr": round(auc(click * conv, p[:, 2]), 4),
+        "auc_cvr_masked": round(auc(conv[clicked], p[clicked, 0]), 4),
+    }
 
 
 def markdown(doc: dict) -> str:
@@ -275,30 +353,42 @@ def markdown(doc: dict) -> str:
     lines = [
         f"# mtrank on one GPU: {g.get('name')}",
         "",
-        (f"{g.get('name')} ({g.get('memory_gib')} GiB, {g.get('multiprocessors')} SMs), torch {g.get('torch')} CUDA {g.get('cuda')}, "
-        f"{g.get('cpu_cores')} CPU cores; {doc['started_utc']} UTC. ESMM, embedding {EMB}, towers {'×'.join(map(str, TOWER))}, batch {BATCH:,}, "
-        f"Adam lr {doc['lr']}; {doc['train_rows']:,} training rows (Ali-CCP-like vocabulary), test {doc['test_rows']:,} rows."),
+        (
+            f"{g.get('name')} ({g.get('memory_gib')} GiB, {g.get('multiprocessors')} SMs), torch {g.get('torch')} CUDA {g.get('cuda')}, "
+            f"{g.get('cpu_cores')} CPU cores; {doc['started_utc']} UTC. ESMM, embedding {EMB}, towers {'×'.join(map(str, TOWER))}, batch {BATCH:,}, "
+            f"Adam lr {doc['lr']}; {doc['train_rows']:,} training rows (Ali-CCP-like vocabulary), test {doc['test_rows']:,} rows."
+        ),
         "",
         f"Command: `{doc['command']}`",
         "",
     ]
     if "fp32" in roof:
         lines += [
-            (f"**Roofline** (torch.mm on the towers' fwd+bwd shapes at batch {roof.get('batch', BATCH):,}; training FLOPs/sample {roof['train_flops_per_sample']:,}): "
-            f"fp32 {roof['fp32']['tower_gflops']:,} GFLOP/s → ceiling {roof['fp32']['ceiling_samples_per_second']:,.0f} samples/s "
-            f"(square n×n matmul: {roof['fp32']['square_tflops']} TFLOP/s); bf16 {roof['bf16']['tower_gflops']:,} GFLOP/s → "
-            f"{roof['bf16']['ceiling_samples_per_second']:,.0f} samples/s (square: {roof['bf16']['square_tflops']} TFLOP/s)."),
+            (
+                f"**Roofline** (torch.mm on the towers' fwd+bwd shapes at batch {roof.get('batch', BATCH):,}; training FLOPs/sample {roof['train_flops_per_sample']:,}): "
+                f"fp32 {roof['fp32']['tower_gflops']:,} GFLOP/s → ceiling {roof['fp32']['ceiling_samples_per_second']:,.0f} samples/s "
+                f"(square n×n matmul: {roof['fp32']['square_tflops']} TFLOP/s); bf16 {roof['bf16']['tower_gflops']:,} GFLOP/s → "
+                f"{roof['bf16']['ceiling_samples_per_second']:,.0f} samples/s (square: {roof['bf16']['square_tflops']} TFLOP/s)."
+            ),
             "",
         ]
-    lines += ["| run | precision | optimizer | samples/s | end to end | × rechub | × bare (same prec./opt.) | % roofline | GPU util mean/max % | AUC CTR | AUC CTCVR | AUC CVR (clicked) |",
-              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += [
+        "| run | precision | optimizer | samples/s | end to end | × rechub | × bare (same prec./opt.) | % roofline | GPU util mean/max % | AUC CTR | AUC CTCVR | AUC CVR (clicked) |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for key, r in doc["runs"].items():
         if "error" in r:
-            lines.append(f"| {key} | | | error: {r['error'][:120].replace('|', '/')} | | | | | | | | |")
+            lines.append(
+                f"| {key} | | | error: {r['error'][:120].replace('|', '/')} | | | | | | | | |"
+            )
             continue
         sps = r.get("samples_per_second")
         prec, opt = r.get("precision", "fp32"), r.get("optimizer", "Adam")
-        bare = doc["runs"].get(f"bare_{prec}_{'sparse' if opt != 'Adam' else 'dense'}", {}).get("samples_per_second")
+        bare = (
+            doc["runs"]
+            .get(f"bare_{prec}_{'sparse' if opt != 'Adam' else 'dense'}", {})
+            .get("samples_per_second")
+        )
         ceiling = roof.get(prec, {}).get("ceiling_samples_per_second")
         t = r.get("test", {})
         e2e = r.get("end_to_end_samples_per_second")
@@ -319,17 +409,35 @@ def ratio(a, b) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--out", type=Path, default=HERE / "results")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/mtrank-gpu-bench"))
-    ap.add_argument("--rows", type=int, default=6_000_000, help="training rows (Parquet parts of --part-rows)")
+    ap.add_argument(
+        "--rows", type=int, default=6_000_000, help="training rows (Parquet parts of --part-rows)"
+    )
     ap.add_argument("--part-rows", type=int, default=1_000_000)
     ap.add_argument("--test-rows", type=int, default=500_000)
-    ap.add_argument("--rechub-rows", type=int, default=1_000_000, help="rows torch-rechub trains on (its loader is per-row)")
-    ap.add_argument("--readers", type=int, default=6, help="Parquet pieces read and encoded at once")
-    ap.add_argument("--lr", type=float, default=2.83e-3, help="Adam lr (default: 1e-3 × √(16384/2048), mtrank's GPU default)")
+    ap.add_argument(
+        "--rechub-rows",
+        type=int,
+        default=1_000_000,
+        help="rows torch-rechub trains on (its loader is per-row)",
+    )
+    ap.add_argument(
+        "--readers", type=int, default=6, help="Parquet pieces read and encoded at once"
+    )
+    ap.add_argument(
+        "--lr",
+        type=float,
+        default=2.83e-3,
+        help="Adam lr (default: 1e-3 × √(16384/2048), mtrank's GPU default)",
+    )
     ap.add_argument("--quick", action="store_true", help="smoke run: 200k rows in parts of 100k")
-    ap.add_argument("--device", default="cuda", help="cuda (the benchmark); cpu only to smoke-test this script")
+    ap.add_argument(
+        "--device", default="cuda", help="cuda (the benchmark); cpu only to smoke-test this script"
+    )
     ap.add_argument("--worker")
     ap.add_argument("--worker-args")
     ap.add_argument("--worker-out")
@@ -339,11 +447,18 @@ def main() -> None:
         Path(args.worker_out).write_text(json.dumps(res))
         return
     if args.quick:  # a smoke run of every code path (also on a CPU: --device cpu)
-        args.rows, args.part_rows, args.test_rows, args.rechub_rows = 200_000, 100_000, 20_000, 20_000
+        args.rows, args.part_rows, args.test_rows, args.rechub_rows = (
+            200_000,
+            100_000,
+            20_000,
+            20_000,
+        )
     import torch
 
     if args.device != "cpu" and not torch.cuda.is_available():
-        raise SystemExit("gpu_throughput.py needs a CUDA GPU (torch.cuda.is_available() is False); --device cpu smoke-tests it")
+        raise SystemExit(
+            "gpu_throughput.py needs a CUDA GPU (torch.cuda.is_available() is False); --device cpu smoke-tests it"
+        )
     args.workdir.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
@@ -354,19 +469,29 @@ def main() -> None:
     import polars as pl
 
     doc = {
-        "gpu": gpu_info(), "started_utc": started, "finished_utc": None,
-        "command": "python benchmarks/gpu_throughput.py " + " ".join(sys.argv[1:]), "lr": args.lr,
+        "gpu": gpu_info(),
+        "started_utc": started,
+        "finished_utc": None,
+        "command": "python benchmarks/gpu_throughput.py " + " ".join(sys.argv[1:]),
+        "lr": args.lr,
         "train_rows": sum(pl.scan_parquet(p).select(pl.len()).collect().item() for p in train),
-        "test_rows": pl.scan_parquet(data["test"]).select(pl.len()).collect().item(), "data_seconds": data_seconds,
-        "roofline": {}, "runs": {}, "loadavg_1_5_15": None,
+        "test_rows": pl.scan_parquet(data["test"]).select(pl.len()).collect().item(),
+        "data_seconds": data_seconds,
+        "roofline": {},
+        "runs": {},
+        "loadavg_1_5_15": None,
         "notes": [
-            ("samples/s of mtrank streamed: the training loop with reading, validation, encoding, shuffling, pinning and the "
-             "host-to-device copies overlapped (epoch 1 from Parquet, epoch 2 from the encoded-piece cache); 'end to end' "
-             "divides rows × 2 epochs by the whole fit_stream wall time, the streaming encoder fit and the test evaluation included."),
+            (
+                "samples/s of mtrank streamed: the training loop with reading, validation, encoding, shuffling, pinning and the "
+                "host-to-device copies overlapped (epoch 1 from Parquet, epoch 2 from the encoded-piece cache); 'end to end' "
+                "divides rows × 2 epochs by the whole fit_stream wall time, the streaming encoder fit and the test evaluation included."
+            ),
             "bare: the same model, loss and optimizers over the training tensors already on the GPU (one epoch after 11 warm-up steps).",
-            (f"torch-rechub trains its first {args.rechub_rows:,} rows only (its DataLoader collates dicts row by row on the CPU); "
-             "its AUCs are therefore not comparable with the full-epoch runs. Its ESMM has per-field embeddings, "
-             "BatchNorm1d in the towers and no numerical input."),
+            (
+                f"torch-rechub trains its first {args.rechub_rows:,} rows only (its DataLoader collates dicts row by row on the CPU); "
+                "its AUCs are therefore not comparable with the full-epoch runs. Its ESMM has per-field embeddings, "
+                "BatchNorm1d in the towers and no numerical input."
+            ),
             "GPU utilisation: NVML's 'GPU busy' percentage (a kernel running at any time in the sample period), sampled every 100 ms.",
         ],
     }
@@ -378,22 +503,60 @@ def main() -> None:
         (args.out / "gpu_throughput.json").write_text(json.dumps(doc, indent=2) + "\n")
         (args.out / "gpu_throughput.md").write_text(markdown(doc))
 
-    base = {"train": train, "test": data["test"], "lr": args.lr, "threads": os.cpu_count(), "device": args.device}
-    doc["roofline"] = run_worker("roofline", {"tag": "roof", "device": args.device}, args.workdir, 90)
+    base = {
+        "train": train,
+        "test": data["test"],
+        "lr": args.lr,
+        "threads": os.cpu_count(),
+        "device": args.device,
+    }
+    doc["roofline"] = run_worker(
+        "roofline", {"tag": "roof", "device": args.device}, args.workdir, 90
+    )
     publish()
     npz = str(args.workdir / "encoded.npz")
     for prec in ("fp32", "bf16"):
-        a = {**base, "precision": prec, "sparse": False, "tag": f"bare-{prec}", **({"export": npz} if prec == "fp32" else {})}
-        runs[f"bare_{prec}_dense"] = {**run_worker("bare", a, args.workdir, 150), "precision": prec, "optimizer": "Adam"}
+        a = {
+            **base,
+            "precision": prec,
+            "sparse": False,
+            "tag": f"bare-{prec}",
+            **({"export": npz} if prec == "fp32" else {}),
+        }
+        runs[f"bare_{prec}_dense"] = {
+            **run_worker("bare", a, args.workdir, 150),
+            "precision": prec,
+            "optimizer": "Adam",
+        }
         publish()
     for prec, sparse in (("fp32", False), ("bf16", False), ("fp32", True)):
         cache = args.workdir / f"cache-{prec}-{sparse}"
-        a = {**base, "precision": prec, "sparse": sparse, "readers": args.readers, "cache": str(cache), "tag": f"stream-{prec}-{sparse}"}
+        a = {
+            **base,
+            "precision": prec,
+            "sparse": sparse,
+            "readers": args.readers,
+            "cache": str(cache),
+            "tag": f"stream-{prec}-{sparse}",
+        }
         key = f"mtrank_stream_{prec}_{'sparse' if sparse else 'dense'}"
-        runs[key] = {**run_worker("mtrank_stream", a, args.workdir, 150), "precision": prec, "optimizer": "SparseAdam+Adam" if sparse else "Adam"}
+        runs[key] = {
+            **run_worker("mtrank_stream", a, args.workdir, 150),
+            "precision": prec,
+            "optimizer": "SparseAdam+Adam" if sparse else "Adam",
+        }
         publish()
     if Path(npz).exists():
-        a = {"npz": npz, "emb": EMB, "tower": TOWER, "batch": BATCH, "threads": os.cpu_count(), "device": args.device, "max_rows": args.rechub_rows, "tag": "rechub"}
+        a = {
+            "npz": npz,
+            "emb": EMB,
+            "tower": TOWER,
+            "batch": BATCH,
+            "threads": os.cpu_count(),
+            "device": args.device,
+            "max_rows": args.rechub_rows,
+            "tag": "rechub",
+        }
         res = run_worker("rechub", a, args.workdir, 150)
         if "error" not in res:
             res["test"] = rechub_auc(res, npz)

@@ -41,7 +41,9 @@ from mtrank.workflow import load_data
 
 def uptime() -> str:
     try:
-        return subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
+        return subprocess.run(
+            ["uptime"], capture_output=True, text=True, check=False
+        ).stdout.strip()
     except OSError:
         return "n/a"
 
@@ -60,14 +62,26 @@ def run_dataset(name: str, args: argparse.Namespace, log) -> tuple[dict, str]:
     else:
         loaded = load_data(name, data_dir=args.data_dir)
         splits = split_data(loaded, SplitConfig(seed=args.seed))
-        splits, schema = with_pseudo_requests(splits, loaded.schema, replay_defaults(loaded.schema)["pseudo_size"], args.seed)
+        splits, schema = with_pseudo_requests(
+            splits, loaded.schema, replay_defaults(loaded.schema)["pseudo_size"], args.seed
+        )
         title = f"{name} (64,000 customers, random split, pseudo-requests of {replay_defaults(loaded.schema)['pseudo_size']})"
         batch = 256
     res = compare_strategies(
-        splits, schema, models=tuple(args.models.split(",")), k=args.k,
-        train_cfg=TrainConfig(epochs=args.epochs, batch_size=batch, seed=args.seed, patience=1, threads=args.threads),
-        model_cfg=ModelConfig(), ltr_cfg=LTRConfig(k=args.k, seed=args.seed, threads=args.threads, early_stopping=args.ltr_early_stopping),
-        trials=args.trials, seed=args.seed, log=log,
+        splits,
+        schema,
+        models=tuple(args.models.split(",")),
+        k=args.k,
+        train_cfg=TrainConfig(
+            epochs=args.epochs, batch_size=batch, seed=args.seed, patience=1, threads=args.threads
+        ),
+        model_cfg=ModelConfig(),
+        ltr_cfg=LTRConfig(
+            k=args.k, seed=args.seed, threads=args.threads, early_stopping=args.ltr_early_stopping
+        ),
+        trials=args.trials,
+        seed=args.seed,
+        log=log,
     )
     return res, report_markdown(res, title)
 
@@ -76,10 +90,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--datasets", default="simulated,hillstrom")
     ap.add_argument("--data-dir", type=Path, default=Path("/work/shared/data"))
-    ap.add_argument("--models", default="esmm", help="multi-task models next to BASE, comma-separated")
+    ap.add_argument(
+        "--models", default="esmm", help="multi-task models next to BASE, comma-separated"
+    )
     ap.add_argument("--rows", type=int, default=300_000)
     ap.add_argument("--slate-size", type=int, default=30)
-    ap.add_argument("--preset", default=None, help="simulator preset (e.g. aliccp-like), when the simulator has presets")
+    ap.add_argument(
+        "--preset",
+        default=None,
+        help="simulator preset (e.g. aliccp-like), when the simulator has presets",
+    )
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--trials", type=int, default=100)
@@ -94,7 +114,9 @@ def main() -> None:
         args.rows, args.epochs, args.trials = 30_000, 1, 20
     torch.set_num_threads(args.threads)
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
-    command = "PYTHONPATH=src python benchmarks/ltr_side_by_side.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = "PYTHONPATH=src python benchmarks/ltr_side_by_side.py " + " ".join(
+        shlex.quote(a) for a in sys.argv[1:]
+    )
     doc = {"command": command, "uptime_start": uptime(), "datasets": {}}
     md = [f"Command: `{command}`", "", f"Load at start: `{doc['uptime_start']}`", ""]
     start = time.perf_counter()
@@ -107,7 +129,9 @@ def main() -> None:
     doc["seconds"] = time.perf_counter() - start
     md.append(f"Load at end: `{doc['uptime_end']}`; {doc['seconds'] / 60:.1f} minutes.")
     args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(json.loads(json.dumps(doc, default=float)), args.out / "ltr_side_by_side.json")
+    atomic_write_json(
+        json.loads(json.dumps(doc, default=float)), args.out / "ltr_side_by_side.json"
+    )
     (args.out / "ltr_side_by_side.md").write_text("\n".join(md) + "\n")
     print(f"wrote {args.out / 'ltr_side_by_side.json'} and .md", file=sys.stderr)
 

@@ -62,17 +62,60 @@ def build_bundle(workdir: Path) -> tuple[Path, Path]:
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     data = workdir / "sim.parquet"
     run = [sys.executable, "-m", "mtrank"]
-    subprocess.run([*run, "simulate", "--rows", "20000", "--out", str(data)], check=True, env=env, capture_output=True, timeout=300)
+    subprocess.run(
+        [*run, "simulate", "--rows", "20000", "--out", str(data)],
+        check=True,
+        env=env,
+        capture_output=True,
+        timeout=300,
+    )
     bundle = workdir / "esmm"
-    subprocess.run([*run, "train", "--data", str(data), "--schema", "simulated", "--epochs", "1", "--out", str(bundle), "-q"], check=True, env=env, capture_output=True, timeout=600)
+    subprocess.run(
+        [
+            *run,
+            "train",
+            "--data",
+            str(data),
+            "--schema",
+            "simulated",
+            "--epochs",
+            "1",
+            "--out",
+            str(bundle),
+            "-q",
+        ],
+        check=True,
+        env=env,
+        capture_output=True,
+        timeout=600,
+    )
     return bundle, data
 
 
 def start_server(bundle: Path, engine: str, port: int, workers: int = 1) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mtrank", "serve", "--bundle", str(bundle), "--host", "127.0.0.1", "--port", str(port), "--engine", engine, "--threads", "1", "--workers", str(workers)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        [
+            sys.executable,
+            "-m",
+            "mtrank",
+            "serve",
+            "--bundle",
+            str(bundle),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--engine",
+            engine,
+            "--threads",
+            "1",
+            "--workers",
+            str(workers),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -107,7 +150,14 @@ def measure(ports: dict[str, int], bodies: list[bytes]) -> dict[str, dict]:
     server = {e: [] for e in ports}
     stages: dict[str, dict[str, list[float]]] = {e: {} for e in ports}
     busy = dict.fromkeys(ports, 0.0)
-    clients = {e: httpx.Client(base_url=f"http://127.0.0.1:{p}", timeout=10, headers={"content-type": "application/json"}) for e, p in ports.items()}
+    clients = {
+        e: httpx.Client(
+            base_url=f"http://127.0.0.1:{p}",
+            timeout=10,
+            headers={"content-type": "application/json"},
+        )
+        for e, p in ports.items()
+    }
     try:
         for body in bodies[:WARMUP]:
             for c in clients.values():
@@ -170,7 +220,11 @@ def inference_limit(bundle: Path, bodies: list[bytes], repeat: int = 300) -> dic
         service._infer(cat, num)
         times.append(time.perf_counter() - t)
     ms = float(np.median(times) * 1e3)
-    return {"infer_median_ms": ms, "infer_p99_ms": float(np.percentile(times, 99) * 1e3), "limit_requests_per_s": 1e3 / ms}
+    return {
+        "infer_median_ms": ms,
+        "infer_p99_ms": float(np.percentile(times, 99) * 1e3),
+        "limit_requests_per_s": 1e3 / ms,
+    }
 
 
 def server_rss_mb(pid: int) -> float:
@@ -197,7 +251,14 @@ def server_rss_mb(pid: int) -> float:
     return total / 1024
 
 
-def concurrent(port: int, pid: int, bodies: list[bytes], clients: int = 16, total: int = 10_000, max_seconds: float = 240.0) -> dict:
+def concurrent(
+    port: int,
+    pid: int,
+    bodies: list[bytes],
+    clients: int = 16,
+    total: int = 10_000,
+    max_seconds: float = 240.0,
+) -> dict:
     """``clients`` threads, one keep-alive connection each, until ``total`` requests or
     ``max_seconds``; latency, throughput, status counts, server RSS after warm-up and at the end."""
     import threading
@@ -210,7 +271,11 @@ def concurrent(port: int, pid: int, bodies: list[bytes], clients: int = 16, tota
     stop = time.monotonic() + max_seconds
 
     def client(k: int) -> None:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30, headers={"content-type": "application/json"}) as c:
+        with httpx.Client(
+            base_url=f"http://127.0.0.1:{port}",
+            timeout=30,
+            headers={"content-type": "application/json"},
+        ) as c:
             for body in bodies[:5]:  # warm-up, not counted
                 c.post("/rank", content=body)
             while time.monotonic() < stop:
@@ -253,11 +318,20 @@ def concurrent(port: int, pid: int, bodies: list[bytes], clients: int = 16, tota
     after_1000 = next((m for n, m in rss if n >= 1000), rss_start)
     ms = np.array(lat) * 1e3
     return {
-        "clients": clients, "requests": len(ms), "seconds": wall, "requests_per_s": len(ms) / wall,
-        "p50_ms": float(np.percentile(ms, 50)), "p95_ms": float(np.percentile(ms, 95)), "p99_ms": float(np.percentile(ms, 99)),
-        "status_counts": {str(k): v for k, v in sorted(codes.items())}, "n_5xx": sum(v for k, v in codes.items() if k >= 500 or k < 0),
-        "server_rss_mb_after_warmup": rss_start, "server_rss_mb_after_1000": after_1000, "server_rss_mb_end": rss_end,
-        "rss_growth_fraction": (rss_end - rss_start) / rss_start, "rss_growth_fraction_after_1000": (rss_end - after_1000) / after_1000,
+        "clients": clients,
+        "requests": len(ms),
+        "seconds": wall,
+        "requests_per_s": len(ms) / wall,
+        "p50_ms": float(np.percentile(ms, 50)),
+        "p95_ms": float(np.percentile(ms, 95)),
+        "p99_ms": float(np.percentile(ms, 99)),
+        "status_counts": {str(k): v for k, v in sorted(codes.items())},
+        "n_5xx": sum(v for k, v in codes.items() if k >= 500 or k < 0),
+        "server_rss_mb_after_warmup": rss_start,
+        "server_rss_mb_after_1000": after_1000,
+        "server_rss_mb_end": rss_end,
+        "rss_growth_fraction": (rss_end - rss_start) / rss_start,
+        "rss_growth_fraction_after_1000": (rss_end - after_1000) / after_1000,
         "rss_mb_by_requests": rss,
     }
 
@@ -267,7 +341,9 @@ def adversarial_bodies() -> dict[str, bytes]:
     mb = 1_000_000
     bodies = {
         "one_1MB_string_id": json.dumps({"candidates": [{"item_id": "x" * (mb - 100)}]}).encode(),
-        "2000_candidates_500_char_ids": json.dumps({"candidates": [{"shop": "s" * 480, "item_id": i} for i in range(2000)]}).encode(),
+        "2000_candidates_500_char_ids": json.dumps(
+            {"candidates": [{"shop": "s" * 480, "item_id": i} for i in range(2000)]}
+        ).encode(),
         "100000_deep_arrays": b"[" * 100_000 + b"]" * 100_000,
         "300000_empty_objects": b'{"candidates": [' + b",".join([b"{}"] * 300_000) + b"]}",
         "1MB_invalid_utf8": b'{"candidates": [{"item_id": "' + b"\xff" * (mb - 100) + b'"}]}',
@@ -277,11 +353,22 @@ def adversarial_bodies() -> dict[str, bytes]:
 
 def memory(port: int, pid: int, repeat: int = 20) -> dict:
     out = {"server_rss_mb_before": server_rss_mb(pid)}
-    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60, headers={"content-type": "application/json"}) as c:
+    with httpx.Client(
+        base_url=f"http://127.0.0.1:{port}",
+        timeout=60,
+        headers={"content-type": "application/json"},
+    ) as c:
         for name, body in adversarial_bodies().items():
             codes = sorted({c.post("/rank", content=body).status_code for _ in range(repeat)})
-            out[name] = {"bytes": len(body), "status": codes, "server_rss_mb_after": server_rss_mb(pid)}
-    out["server_rss_growth_mb"] = max(v["server_rss_mb_after"] for k, v in out.items() if isinstance(v, dict)) - out["server_rss_mb_before"]
+            out[name] = {
+                "bytes": len(body),
+                "status": codes,
+                "server_rss_mb_after": server_rss_mb(pid),
+            }
+    out["server_rss_growth_mb"] = (
+        max(v["server_rss_mb_after"] for k, v in out.items() if isinstance(v, dict))
+        - out["server_rss_mb_before"]
+    )
     return out
 
 
@@ -291,19 +378,34 @@ def main() -> None:
     ap.add_argument("--data", type=Path, help="simulated Parquet to draw users and items from")
     ap.add_argument("--engines", default="onnx,torch")
     ap.add_argument("--modes", default="sequential,concurrent,memory")
-    ap.add_argument("--workers", type=int, default=2, help="server workers in the concurrent and memory modes")
+    ap.add_argument(
+        "--workers", type=int, default=2, help="server workers in the concurrent and memory modes"
+    )
     ap.add_argument("--total", type=int, default=10_000, help="requests in the concurrent mode")
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "serve_latency.json")
+    ap.add_argument(
+        "--out", type=Path, default=ROOT / "benchmarks" / "results" / "serve_latency.json"
+    )
     args = ap.parse_args()
     modes = args.modes.split(",")
-    report: dict = {"benchmark": "serve_latency", "command": " ".join([Path(sys.executable).name, *sys.argv]), "uptime_before": subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()}
+    report: dict = {
+        "benchmark": "serve_latency",
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "uptime_before": subprocess.run(
+            ["uptime"], capture_output=True, text=True, check=False
+        ).stdout.strip(),
+    }
     with tempfile.TemporaryDirectory() as tmp:
         bundle, data = args.bundle, args.data
         if bundle is None:
-            print("training a benchmark bundle (20k simulated rows, 1 epoch, tower 360x200x80) …", flush=True)
+            print(
+                "training a benchmark bundle (20k simulated rows, 1 epoch, tower 360x200x80) …",
+                flush=True,
+            )
             bundle, data = build_bundle(Path(tmp))
         if data is None:
-            raise SystemExit("--data is required with --bundle (the simulated file the bundle was trained on)")
+            raise SystemExit(
+                "--data is required with --bundle (the simulated file the bundle was trained on)"
+            )
         frame = pl.read_parquet(data)
         load_before = os.getloadavg()
         if "sequential" in modes:
@@ -314,13 +416,27 @@ def main() -> None:
             try:
                 bodies = make_requests(frame, 200, 200, seed=7)
                 if "concurrent" in modes:
-                    report["concurrent"] = {"workers": args.workers, "candidates": 200, **concurrent(port, proc.pid, bodies, total=args.total)}
+                    report["concurrent"] = {
+                        "workers": args.workers,
+                        "candidates": 200,
+                        **concurrent(port, proc.pid, bodies, total=args.total),
+                    }
                 if "memory" in modes:
                     report["memory"] = {"workers": args.workers, **memory(port, proc.pid)}
             finally:
                 proc.terminate()
                 proc.wait(timeout=30)
-    report["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(), "loadavg_before": load_before, "loadavg_after": os.getloadavg(), "uptime_after": subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip(), "note": "2 CPU cores shared with other jobs (other helpers' tests and trainings) while measured; the client runs on the same 2 cores: numbers are noisy upper bounds"}
+    report["machine"] = {
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "loadavg_before": load_before,
+        "loadavg_after": os.getloadavg(),
+        "uptime_after": subprocess.run(
+            ["uptime"], capture_output=True, text=True, check=False
+        ).stdout.strip(),
+        "note": "2 CPU cores shared with other jobs (other helpers' tests and trainings) while measured; the client runs on the same 2 cores: numbers are noisy upper bounds",
+    }
     report["goals"] = {
         "sequential_200": "requests/s >= 0.6 x inference-only limit, p99 < 10 ms (1 worker)",
         "concurrent_200": "16 clients, 2 workers: p99 < 50 ms, 0 x 5xx, RSS flat within 10 % over 10,000 requests",
@@ -353,30 +469,45 @@ def sequential(bundle: Path, frame: pl.DataFrame, engines: list[str]) -> dict:
         r = results[e]["200"]
         r["inference_only"] = limit
         r["fraction_of_inference_limit"] = r["requests_per_s"] / limit["limit_requests_per_s"]
-    return {"setup": "one uvicorn server (1 worker, 127.0.0.1) per engine, engine threads = 1; sequential keep-alive requests with httpx from a separate process, each body sent to every engine in turn (same background load)", "results": results}
+    return {
+        "setup": "one uvicorn server (1 worker, 127.0.0.1) per engine, engine threads = 1; sequential keep-alive requests with httpx from a separate process, each body sent to every engine in turn (same background load)",
+        "results": results,
+    }
 
 
 def print_report(report: dict) -> None:
     if "sequential" in report:
-        print(f"\n{'engine':<7}{'candidates':>11}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'req/s':>8}{'scoring p50/p99':>17}   median server stages (ms)")
+        print(
+            f"\n{'engine':<7}{'candidates':>11}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'req/s':>8}{'scoring p50/p99':>17}   median server stages (ms)"
+        )
         for engine, by_n in report["sequential"]["results"].items():
             for n, r in by_n.items():
                 stages = " ".join(f"{k} {v:.2f}" for k, v in r["median_stage_ms"].items())
                 scoring = f"{r['scoring_p50_ms']:.2f}/{r['scoring_p99_ms']:.2f}"
-                print(f"{engine:<7}{n:>11}{r['p50_ms']:>9.2f}{r['p95_ms']:>9.2f}{r['p99_ms']:>9.2f}{r['requests_per_s']:>8.0f}{scoring:>17}   {stages}")
+                print(
+                    f"{engine:<7}{n:>11}{r['p50_ms']:>9.2f}{r['p95_ms']:>9.2f}{r['p99_ms']:>9.2f}{r['requests_per_s']:>8.0f}{scoring:>17}   {stages}"
+                )
             r = by_n.get("200")
             if r:
                 lim = r["inference_only"]
-                print(f"{engine:<7} 200 candidates: {r['requests_per_s']:.0f} req/s = {r['fraction_of_inference_limit']:.2f} x the inference-only limit ({lim['limit_requests_per_s']:.0f} req/s, ONNX alone {lim['infer_median_ms']:.2f} ms)")
+                print(
+                    f"{engine:<7} 200 candidates: {r['requests_per_s']:.0f} req/s = {r['fraction_of_inference_limit']:.2f} x the inference-only limit ({lim['limit_requests_per_s']:.0f} req/s, ONNX alone {lim['infer_median_ms']:.2f} ms)"
+                )
     if "concurrent" in report:
         c = report["concurrent"]
-        print(f"\nconcurrent: {c['clients']} clients, {c['workers']} workers, {c['requests']} requests in {c['seconds']:.0f} s: {c['requests_per_s']:.0f} req/s, p50 {c['p50_ms']:.1f} ms, p99 {c['p99_ms']:.1f} ms, 5xx {c['n_5xx']}, server RSS {c['server_rss_mb_after_warmup']:.0f} → {c['server_rss_mb_after_1000']:.0f} (1,000 requests) → {c['server_rss_mb_end']:.0f} MB (end; {100 * c['rss_growth_fraction_after_1000']:+.1f} % after the first 1,000)")
+        print(
+            f"\nconcurrent: {c['clients']} clients, {c['workers']} workers, {c['requests']} requests in {c['seconds']:.0f} s: {c['requests_per_s']:.0f} req/s, p50 {c['p50_ms']:.1f} ms, p99 {c['p99_ms']:.1f} ms, 5xx {c['n_5xx']}, server RSS {c['server_rss_mb_after_warmup']:.0f} → {c['server_rss_mb_after_1000']:.0f} (1,000 requests) → {c['server_rss_mb_end']:.0f} MB (end; {100 * c['rss_growth_fraction_after_1000']:+.1f} % after the first 1,000)"
+        )
     if "memory" in report:
         m = report["memory"]
-        print(f"\nmemory: server RSS {m['server_rss_mb_before']:.0f} MB before; growth over all adversarial bodies {m['server_rss_growth_mb']:.1f} MB")
+        print(
+            f"\nmemory: server RSS {m['server_rss_mb_before']:.0f} MB before; growth over all adversarial bodies {m['server_rss_growth_mb']:.1f} MB"
+        )
         for k, v in m.items():
             if isinstance(v, dict):
-                print(f"  {k:<32}{v['bytes']:>9} bytes  status {v['status']}  RSS after {v['server_rss_mb_after']:.0f} MB")
+                print(
+                    f"  {k:<32}{v['bytes']:>9} bytes  status {v['status']}  RSS after {v['server_rss_mb_after']:.0f} MB"
+                )
 
 
 if __name__ == "__main__":

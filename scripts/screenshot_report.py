@@ -37,9 +37,18 @@ def screenshot(report: Path, png: Path, size: str) -> list[str]:
     png.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as profile:
         cmd = [
-            find_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-            "--disable-component-update", "--no-first-run", f"--user-data-dir={profile}",
-            "--enable-logging=stderr", "--v=0", f"--screenshot={png.resolve()}", f"--window-size={size}",
+            find_chromium(),
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--no-first-run",
+            f"--user-data-dir={profile}",
+            "--enable-logging=stderr",
+            "--v=0",
+            f"--screenshot={png.resolve()}",
+            f"--window-size={size}",
             report.resolve().as_uri(),
         ]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, check=False)
@@ -56,12 +65,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("report", type=Path, help="the HTML report")
     ap.add_argument("png", type=Path, help="the screenshot to write")
-    ap.add_argument("--size", default="1400,3000", help="window size WIDTH,HEIGHT (default 1400,3000)")
+    ap.add_argument(
+        "--size", default="1400,3000", help="window size WIDTH,HEIGHT (default 1400,3000)"
+    )
     args = ap.parse_args()
     problems = screenshot(args.report, args.png, args.size)
     for p in problems:
         print(f"console: {p}", file=sys.stderr)
-    print(f"wrote {args.png} ({args.png.stat().st_size / 1e6:.2f} MB); console errors: {len(problems)}")
+    print(
+        f"wrote {args.png} ({args.png.stat().st_size / 1e6:.2f} MB); console errors: {len(problems)}"
+    )
     sys.exit(1 if problems else 0)
 
 

@@ -48,6 +48,7 @@ class Case:
 
 # --- actions ---------------------------------------------------------------------------------
 
+
 def csv(text: str | bytes, schema: Schema = SCHEMA) -> Callable[[Path], object]:
     def run(tmp: Path):
         p = tmp / "data.csv"
@@ -83,13 +84,19 @@ def autocast_step(tmp: Path):
     from tests.conftest import make_batch
 
     torch.manual_seed(0)
-    model = build_model(FeatureSpec(cardinalities=[7, 7], n_numerical=1), ModelConfig(tower=[32, 16]))
+    model = build_model(
+        FeatureSpec(cardinalities=[7, 7], n_numerical=1), ModelConfig(tower=[32, 16])
+    )
     batch = make_batch(256)
     fp32, _ = total_loss(model.tasks, model(batch.categorical, batch.numerical), batch)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         bf16, _ = total_loss(model.tasks, model(batch.categorical, batch.numerical), batch)
     bf16.backward()
-    return float(fp32.detach()), float(bf16.detach()), all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    return (
+        float(fp32.detach()),
+        float(bf16.detach()),
+        all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None),
+    )
 
 
 def gauc_mixed(tmp: Path):
@@ -126,7 +133,11 @@ def hashseed_vocab(tmp: Path):
     outs = []
     for seed in ("1", "12345"):
         env = dict(os.environ, PYTHONHASHSEED=seed)
-        outs.append(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout)
+        outs.append(
+            subprocess.run(
+                [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+            ).stdout
+        )
     return outs
 
 
@@ -136,21 +147,35 @@ def fit_tiny(schema: Schema, df: pl.DataFrame, batch_size: int = 16):
     from mtrank.workflow import fit
 
     splits = {"train": df.head(60), "val": df.slice(60, 20), "test": df.tail(20)}
-    return fit(splits, schema, ModelConfig(tower=[8], embedding_dim=4), TrainConfig(epochs=1, batch_size=batch_size), quiet=True)
+    return fit(
+        splits,
+        schema,
+        ModelConfig(tower=[8], embedding_dim=4),
+        TrainConfig(epochs=1, batch_size=batch_size),
+        quiet=True,
+    )
 
 
 def tiny_funnel(n: int = 100) -> pl.DataFrame:
     rng = np.random.default_rng(0)
     click = (rng.random(n) < 0.4).astype(np.int8)
-    return pl.DataFrame({
-        "click": click, "buy": (click * (rng.random(n) < 0.5)).astype(np.int8),
-        "item": rng.integers(0, 5, n), "x": rng.normal(size=n),
-    })
+    return pl.DataFrame(
+        {
+            "click": click,
+            "buy": (click * (rng.random(n) < 0.5)).astype(np.int8),
+            "item": rng.integers(0, 5, n),
+            "x": rng.normal(size=n),
+        }
+    )
 
 
 def only(kind: str):
     def run(tmp: Path):
-        schema = Schema(click="click", conversion="buy", **({"numerical": ["x"]} if kind == "dense" else {"categorical": ["item"]}))
+        schema = Schema(
+            click="click",
+            conversion="buy",
+            **({"numerical": ["x"]} if kind == "dense" else {"categorical": ["item"]}),
+        )
         res = fit_tiny(schema, tiny_funnel())
         return res.metrics["test"]["n_impressions"]
 
@@ -159,7 +184,9 @@ def only(kind: str):
 
 def batch_size_one(tmp: Path):
     res = fit_tiny(SCHEMA, tiny_funnel(), batch_size=1)
-    return res.metrics["test"]["n_impressions"], res.bundle.predict_arrays(res.bundle.encode(tiny_funnel().head(1)))["p_ctr"].shape
+    return res.metrics["test"]["n_impressions"], res.bundle.predict_arrays(
+        res.bundle.encode(tiny_funnel().head(1))
+    )["p_ctr"].shape
 
 
 def reload_fresh_process(tmp: Path):
@@ -174,7 +201,9 @@ def reload_fresh_process(tmp: Path):
         "import polars as pl, sys; from mtrank.bundle import Bundle; from mtrank.workflow import predictions_frame;"
         f"b = Bundle.load({str(tmp / 'b')!r}); predictions_frame(b, pl.read_parquet({str(tmp / 'rows.parquet')!r}), 'r').write_parquet({str(tmp / 'out.parquet')!r})"
     )
-    subprocess.run([sys.executable, "-c", code], check=True, env=dict(os.environ, PYTHONHASHSEED="99"))
+    subprocess.run(
+        [sys.executable, "-c", code], check=True, env=dict(os.environ, PYTHONHASHSEED="99")
+    )
     return here.equals(pl.read_parquet(tmp / "out.parquet"))
 
 
@@ -183,7 +212,9 @@ def reordered_columns(tmp: Path):
 
     res = fit_tiny(SCHEMA, tiny_funnel())
     df = tiny_funnel().tail(20)
-    return predictions_frame(res.bundle, df, "a").equals(predictions_frame(res.bundle, df.select(["x", "item", "buy", "click"]), "b"))
+    return predictions_frame(res.bundle, df, "a").equals(
+        predictions_frame(res.bundle, df.select(["x", "item", "buy", "click"]), "b")
+    )
 
 
 def interrupted_bundle_write(tmp: Path):
@@ -232,7 +263,9 @@ def rewrite_weights(change: Callable[[dict], None]) -> Callable[[Path], None]:
         change(state)
         save_file(state, str(path / "model.safetensors"))
         cfg = json.loads((path / "config.json").read_text())
-        cfg["sha256"]["model.safetensors"] = hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest()
+        cfg["sha256"]["model.safetensors"] = hashlib.sha256(
+            (path / "model.safetensors").read_bytes()
+        ).hexdigest()
         (path / "config.json").write_text(json.dumps(cfg))
 
     return damage
@@ -290,55 +323,236 @@ def no_pickle_anywhere(tmp: Path):
 # --- the table -------------------------------------------------------------------------------
 
 CASES = [
-    Case("01-feature-identical-to-conversion", csv("click,buy,item,x,leak\n" + "1,1,a,0.1,1\n1,0,b,0.2,0\n0,0,c,0.3,0\n", Schema(click="click", conversion="buy", categorical=["item", "leak"], numerical=["x"])), Raises(DataError, "'leak' is identical to label column 'buy'")),
-    Case("01-feature-is-one-minus-the-label", csv("click,buy,item,x,inv\n1,1,a,0.1,0\n1,0,b,0.2,1\n0,0,c,0.3,1\n", Schema(click="click", conversion="buy", categorical=["item"], numerical=["x", "inv"])), Raises(DataError, "'inv' is identical to label column 'buy' (or to 1 − label)")),
-    Case("01-two-valued-feature-that-is-not-the-label", csv("click,buy,item,x\n1,1,a,0.1\n1,0,a,0.2\n0,0,b,0.3\n1,1,b,0.3\n", SCHEMA), lambda r: r[0].height == 4),
-    Case("02-conversion-without-click", csv(HEADER + "1,1,a,1\n0,1,b,1\n0,0,c,1\n0,1,d,1\n"), Raises(DataError, "2 row(s) with buy=1 but click=0")),
-    Case("02-conversion-without-click-rows", lambda t: _rows_of(csv(HEADER + "1,1,a,1\n0,1,b,1\n0,0,c,1\n0,1,d,1\n"), t), lambda r: r == [2, 4]),
-    Case("02-drop-policy", csv(HEADER + "1,1,a,1\n0,1,b,1\n0,0,c,1\n0,1,d,1\n", SCHEMA.model_copy(update={"funnel_violations": "drop"})), lambda r: r[0].height == 2 and r[1].dropped_rows == [2, 4]),
-    Case("03-label-2", csv(HEADER + "0,0,a,1\n2,0,a,1\n"), Raises(DataError, "column 'click'; row 2] 1 label value(s) that are not 0 or 1, e.g. 2")),
-    Case("03-label-minus-1", csv(HEADER + "0,0,a,1\n-1,0,a,1\n"), Raises(DataError, "not 0 or 1, e.g. -1")),
-    Case("03-label-half", csv(HEADER + "0,0,a,1\n0.5,0,a,1\n"), Raises(DataError, "not 0 or 1, e.g. 0.5")),
-    Case("03-label-yes", csv(HEADER + "0,0,a,1\nyes,0,a,1\n"), Raises(DataError, "non-numeric label value(s), e.g. 'yes'")),
-    Case("03-label-empty", csv(HEADER + "0,0,a,1\n,0,a,1\n"), Raises(DataError, "column 'click'; row 2] 1 missing label")),
+    Case(
+        "01-feature-identical-to-conversion",
+        csv(
+            "click,buy,item,x,leak\n" + "1,1,a,0.1,1\n1,0,b,0.2,0\n0,0,c,0.3,0\n",
+            Schema(click="click", conversion="buy", categorical=["item", "leak"], numerical=["x"]),
+        ),
+        Raises(DataError, "'leak' is identical to label column 'buy'"),
+    ),
+    Case(
+        "01-feature-is-one-minus-the-label",
+        csv(
+            "click,buy,item,x,inv\n1,1,a,0.1,0\n1,0,b,0.2,1\n0,0,c,0.3,1\n",
+            Schema(click="click", conversion="buy", categorical=["item"], numerical=["x", "inv"]),
+        ),
+        Raises(DataError, "'inv' is identical to label column 'buy' (or to 1 − label)"),
+    ),
+    Case(
+        "01-two-valued-feature-that-is-not-the-label",
+        csv("click,buy,item,x\n1,1,a,0.1\n1,0,a,0.2\n0,0,b,0.3\n1,1,b,0.3\n", SCHEMA),
+        lambda r: r[0].height == 4,
+    ),
+    Case(
+        "02-conversion-without-click",
+        csv(HEADER + "1,1,a,1\n0,1,b,1\n0,0,c,1\n0,1,d,1\n"),
+        Raises(DataError, "2 row(s) with buy=1 but click=0"),
+    ),
+    Case(
+        "02-conversion-without-click-rows",
+        lambda t: _rows_of(csv(HEADER + "1,1,a,1\n0,1,b,1\n0,0,c,1\n0,1,d,1\n"), t),
+        lambda r: r == [2, 4],
+    ),
+    Case(
+        "02-drop-policy",
+        csv(
+            HEADER + "1,1,a,1\n0,1,b,1\n0,0,c,1\n0,1,d,1\n",
+            SCHEMA.model_copy(update={"funnel_violations": "drop"}),
+        ),
+        lambda r: r[0].height == 2 and r[1].dropped_rows == [2, 4],
+    ),
+    Case(
+        "03-label-2",
+        csv(HEADER + "0,0,a,1\n2,0,a,1\n"),
+        Raises(DataError, "column 'click'; row 2] 1 label value(s) that are not 0 or 1, e.g. 2"),
+    ),
+    Case(
+        "03-label-minus-1",
+        csv(HEADER + "0,0,a,1\n-1,0,a,1\n"),
+        Raises(DataError, "not 0 or 1, e.g. -1"),
+    ),
+    Case(
+        "03-label-half",
+        csv(HEADER + "0,0,a,1\n0.5,0,a,1\n"),
+        Raises(DataError, "not 0 or 1, e.g. 0.5"),
+    ),
+    Case(
+        "03-label-yes",
+        csv(HEADER + "0,0,a,1\nyes,0,a,1\n"),
+        Raises(DataError, "non-numeric label value(s), e.g. 'yes'"),
+    ),
+    Case(
+        "03-label-empty",
+        csv(HEADER + "0,0,a,1\n,0,a,1\n"),
+        Raises(DataError, "column 'click'; row 2] 1 missing label"),
+    ),
     Case("04-pctr-pcvr-exactly-one-negative", ctcvr_loss(200.0, 200.0, 0.0), finite_and_moving),
-    Case("04-logits-minus-50-positive", ctcvr_loss(-50.0, -50.0, 1.0), lambda r: finite_and_moving(r) and abs(r[0] - 100.0) < 1e-3),
+    Case(
+        "04-logits-minus-50-positive",
+        ctcvr_loss(-50.0, -50.0, 1.0),
+        lambda r: finite_and_moving(r) and abs(r[0] - 100.0) < 1e-3,
+    ),
     Case("05-bf16-autocast-step", autocast_step, lambda r: abs(r[0] - r[1]) < 1e-2 and r[2]),
-    Case("06-gauc-skips-single-class-users", gauc_mixed, lambda r: r.groups_used == 1 and r.groups_skipped == 2 and abs(r.value - 0.5) < 1e-12),
-    Case("06-all-one-class-auc-undefined", lambda t: auc(np.zeros(10), np.linspace(0, 1, 10)), lambda r: r is None),
+    Case(
+        "06-gauc-skips-single-class-users",
+        gauc_mixed,
+        lambda r: r.groups_used == 1 and r.groups_skipped == 2 and abs(r.value - 0.5) < 1e-12,
+    ),
+    Case(
+        "06-all-one-class-auc-undefined",
+        lambda t: auc(np.zeros(10), np.linspace(0, 1, 10)),
+        lambda r: r is None,
+    ),
     Case("07-evaluation-has-no-state", evaluate_twice, lambda r: r is True),
-    Case("08-id-larger-than-any-seen", encode_cat([1, 2, 3], [10**15]), lambda r: r[0].tolist() == [OOV] and r[2] == 1),
-    Case("08-nan-id", encode_cat([1.0, 2.0], [float("nan")]), lambda r: r[0].tolist() == [MISSING] and r[1] == 1),
+    Case(
+        "08-id-larger-than-any-seen",
+        encode_cat([1, 2, 3], [10**15]),
+        lambda r: r[0].tolist() == [OOV] and r[2] == 1,
+    ),
+    Case(
+        "08-nan-id",
+        encode_cat([1.0, 2.0], [float("nan")]),
+        lambda r: r[0].tolist() == [MISSING] and r[1] == 1,
+    ),
     Case("08-empty-string-id", encode_cat(["a", "b"], [""]), lambda r: r[0].tolist() == [MISSING]),
-    Case("08-id-seen-only-in-validation", encode_cat(["a", "b"], ["only-in-val"]), lambda r: r[0].tolist() == [OOV]),
-    Case("09-zero-never-seen-is-oov-not-alias", encode_cat([1, 2, 2], [0, 1, 2]), lambda r: r[0].tolist() == [OOV, 3, 2]),
-    Case("10-same-vocab-under-any-hashseed", hashseed_vocab, lambda r: r[0] == r[1] and json.loads(r[0])[1] == [4, 2, OOV]),
-    Case("11-dense-negative-nan-empty", lambda t: NumericalEncoder.fit(load_table(_write(t, "click,buy,item,x\n0,0,a,-3\n0,0,a,-1\n0,0,a,0\n0,0,a,5\n0,0,a,NaN\n0,0,a,\n"), SCHEMA)[0]["x"]).transform(load_table(t / "d.csv", SCHEMA)[0]["x"])[0], lambda r: np.isfinite(r).all() and r[4] == r[5] == 0.0),
+    Case(
+        "08-id-seen-only-in-validation",
+        encode_cat(["a", "b"], ["only-in-val"]),
+        lambda r: r[0].tolist() == [OOV],
+    ),
+    Case(
+        "09-zero-never-seen-is-oov-not-alias",
+        encode_cat([1, 2, 2], [0, 1, 2]),
+        lambda r: r[0].tolist() == [OOV, 3, 2],
+    ),
+    Case(
+        "10-same-vocab-under-any-hashseed",
+        hashseed_vocab,
+        lambda r: r[0] == r[1] and json.loads(r[0])[1] == [4, 2, OOV],
+    ),
+    Case(
+        "11-dense-negative-nan-empty",
+        lambda t: NumericalEncoder.fit(
+            load_table(
+                _write(
+                    t, "click,buy,item,x\n0,0,a,-3\n0,0,a,-1\n0,0,a,0\n0,0,a,5\n0,0,a,NaN\n0,0,a,\n"
+                ),
+                SCHEMA,
+            )[0]["x"]
+        ).transform(load_table(t / "d.csv", SCHEMA)[0]["x"])[0],
+        lambda r: np.isfinite(r).all() and r[4] == r[5] == 0.0,
+    ),
     Case("12-only-dense-features", only("dense"), lambda r: r == 20),
     Case("12-only-categorical-features", only("categorical"), lambda r: r == 20),
     Case("13-batch-size-one-and-tiny-test", batch_size_one, lambda r: r == (20, (1,))),
     Case("14-reload-in-fresh-process", reload_fresh_process, lambda r: r is True),
     Case("15-columns-in-another-order", reordered_columns, lambda r: r is True),
-    Case("16-negative-price-is-an-error-by-default", prices([10.0, -0.5, 5.0]), Raises(DataError, "row 2] 1 missing, non-finite or negative price")),
-    Case("16-negative-price-clip-policy", prices([10.0, -3.0], "clip"), lambda r: r[0].tolist() == [10.0, 0.01] and r[1].all()),
-    Case("16-nan-price-drop-policy", prices([10.0, float("nan"), 5.0], "drop"), lambda r: r[1].tolist() == [True, False, True]),
-    Case("16-string-price-in-data", csv("click,buy,item,x,price\n1,1,a,0.5,12.5\n0,0,b,1.5,abc\n", SCHEMA.model_copy(update={"price": "price"})), Raises(DataError, "column 'price'; row 2] 1 non-numeric value(s)")),
-    Case("16-gamma-negative-price-zero-finite", fused("multiplicative", [0.0, 10.0, 0.0], alpha=1.0, beta=1.0, gamma=-1.0, eps=0.0), lambda r: np.isfinite(r).all()),
-    Case("16-nan-score-never-ranks-first", nan_score_ranked, lambda r: r[:2] == [1, 4] and set(r[2:]) == {0, 2, 3}),
-    Case("17-integer-prices-in-cents", lambda t: (fused("multiplicative", np.array([1999, 250, 0], dtype=np.int64), gamma=0.5)(t), fused("multiplicative", np.array([1999.0, 250.0, 0.0]), gamma=0.5)(t)), lambda r: np.array_equal(r[0], r[1]) and np.isfinite(r[0]).all()),
+    Case(
+        "16-negative-price-is-an-error-by-default",
+        prices([10.0, -0.5, 5.0]),
+        Raises(DataError, "row 2] 1 missing, non-finite or negative price"),
+    ),
+    Case(
+        "16-negative-price-clip-policy",
+        prices([10.0, -3.0], "clip"),
+        lambda r: r[0].tolist() == [10.0, 0.01] and r[1].all(),
+    ),
+    Case(
+        "16-nan-price-drop-policy",
+        prices([10.0, float("nan"), 5.0], "drop"),
+        lambda r: r[1].tolist() == [True, False, True],
+    ),
+    Case(
+        "16-string-price-in-data",
+        csv(
+            "click,buy,item,x,price\n1,1,a,0.5,12.5\n0,0,b,1.5,abc\n",
+            SCHEMA.model_copy(update={"price": "price"}),
+        ),
+        Raises(DataError, "column 'price'; row 2] 1 non-numeric value(s)"),
+    ),
+    Case(
+        "16-gamma-negative-price-zero-finite",
+        fused("multiplicative", [0.0, 10.0, 0.0], alpha=1.0, beta=1.0, gamma=-1.0, eps=0.0),
+        lambda r: np.isfinite(r).all(),
+    ),
+    Case(
+        "16-nan-score-never-ranks-first",
+        nan_score_ranked,
+        lambda r: r[:2] == [1, 4] and set(r[2:]) == {0, 2, 3},
+    ),
+    Case(
+        "17-integer-prices-in-cents",
+        lambda t: (
+            fused("multiplicative", np.array([1999, 250, 0], dtype=np.int64), gamma=0.5)(t),
+            fused("multiplicative", np.array([1999.0, 250.0, 0.0]), gamma=0.5)(t),
+        ),
+        lambda r: np.array_equal(r[0], r[1]) and np.isfinite(r[0]).all(),
+    ),
     Case("18-empty-csv", csv(""), Raises(DataError, "empty (0 bytes)")),
     Case("18-header-only", csv(HEADER), Raises(DataError, "no data rows")),
-    Case("18-truncated-last-line", csv(HEADER + "1,1,a,0.5\n0,0\n"), Raises(DataError, "row 2] 1 malformed line")),
-    Case("18-short-line-mid-file", csv(HEADER + "1,1,a,0.5\n0,0\n0,0,b,1\n"), Raises(DataError, "row 2] 1 malformed line")),
-    Case("18-utf8-bom", csv("\ufeff" + HEADER + "1,1,a,0.5\n"), lambda r: r[0]["click"].to_list() == [1]),
-    Case("18-windows-line-endings", csv((HEADER + "1,1,a,0.5\n0,0,b,1.5\n").replace("\n", "\r\n")), lambda r: r[0]["item"].to_list() == ["a", "b"] and r[0]["x"].to_list() == [0.5, 1.5]),
-    Case("20-bundle-overwrite-and-interrupted-write", interrupted_bundle_write, lambda r: r is True),
-    Case("21-truncated-safetensors", tampered_bundle(lambda p: (p / "model.safetensors").write_bytes((p / "model.safetensors").read_bytes()[:64])), Raises(BundleError, "model.safetensors does not match the sha256")),
-    Case("21-bytes-flipped-same-size", tampered_bundle(flip_bytes_in_place), Raises(BundleError, "model.safetensors does not match the sha256")),
-    Case("21-non-finite-weights", tampered_bundle(nan_weights), Raises(BundleError, "non-finite weights")),
-    Case("20-overwrite-refuses-a-non-bundle", lambda t: (t / "notes").mkdir() or fit_tiny(SCHEMA, tiny_funnel()).bundle.save(t / "notes", overwrite=True), Raises(BundleError, "is not an mtrank bundle")),
-    Case("21-wrong-tensor-shape", tampered_bundle(wrong_shape), Raises(BundleError, "weights do not fit the model")),
-    Case("21-truncated-json", tampered_bundle(lambda p: (p / "config.json").write_text((p / "config.json").read_text()[:50])), Raises(BundleError, "unreadable JSON")),
+    Case(
+        "18-truncated-last-line",
+        csv(HEADER + "1,1,a,0.5\n0,0\n"),
+        Raises(DataError, "row 2] 1 malformed line"),
+    ),
+    Case(
+        "18-short-line-mid-file",
+        csv(HEADER + "1,1,a,0.5\n0,0\n0,0,b,1\n"),
+        Raises(DataError, "row 2] 1 malformed line"),
+    ),
+    Case(
+        "18-utf8-bom",
+        csv("\ufeff" + HEADER + "1,1,a,0.5\n"),
+        lambda r: r[0]["click"].to_list() == [1],
+    ),
+    Case(
+        "18-windows-line-endings",
+        csv((HEADER + "1,1,a,0.5\n0,0,b,1.5\n").replace("\n", "\r\n")),
+        lambda r: r[0]["item"].to_list() == ["a", "b"] and r[0]["x"].to_list() == [0.5, 1.5],
+    ),
+    Case(
+        "20-bundle-overwrite-and-interrupted-write", interrupted_bundle_write, lambda r: r is True
+    ),
+    Case(
+        "21-truncated-safetensors",
+        tampered_bundle(
+            lambda p: (p / "model.safetensors").write_bytes(
+                (p / "model.safetensors").read_bytes()[:64]
+            )
+        ),
+        Raises(BundleError, "model.safetensors does not match the sha256"),
+    ),
+    Case(
+        "21-bytes-flipped-same-size",
+        tampered_bundle(flip_bytes_in_place),
+        Raises(BundleError, "model.safetensors does not match the sha256"),
+    ),
+    Case(
+        "21-non-finite-weights",
+        tampered_bundle(nan_weights),
+        Raises(BundleError, "non-finite weights"),
+    ),
+    Case(
+        "20-overwrite-refuses-a-non-bundle",
+        lambda t: (
+            (t / "notes").mkdir()
+            or fit_tiny(SCHEMA, tiny_funnel()).bundle.save(t / "notes", overwrite=True)
+        ),
+        Raises(BundleError, "is not an mtrank bundle"),
+    ),
+    Case(
+        "21-wrong-tensor-shape",
+        tampered_bundle(wrong_shape),
+        Raises(BundleError, "weights do not fit the model"),
+    ),
+    Case(
+        "21-truncated-json",
+        tampered_bundle(
+            lambda p: (p / "config.json").write_text((p / "config.json").read_text()[:50])
+        ),
+        Raises(BundleError, "unreadable JSON"),
+    ),
     Case("21-no-pickle-anywhere", no_pickle_anywhere, lambda r: r == []),
 ]
 
@@ -377,15 +591,49 @@ def test_case(case: Case, tmp_path: Path):
 
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path):
     """Case 19: SIGKILL during an epoch, then --resume: the same final test metrics."""
+
     def cli(*args):
         return [sys.executable, "-m", "mtrank", *map(str, args)]
 
-    subprocess.run(cli("simulate", "--rows", 30_000, "--n-items", 300, "--n-users", 500, "--out", tmp_path / "s.parquet"), check=True, capture_output=True)
-    common = ["train", "--data", tmp_path / "s.parquet", "--schema", "simulated", "--epochs", 2, "--batch-size", 256, "--tower", "64,32", "--threads", 1, "-q"]
+    subprocess.run(
+        cli(
+            "simulate",
+            "--rows",
+            30_000,
+            "--n-items",
+            300,
+            "--n-users",
+            500,
+            "--out",
+            tmp_path / "s.parquet",
+        ),
+        check=True,
+        capture_output=True,
+    )
+    common = [
+        "train",
+        "--data",
+        tmp_path / "s.parquet",
+        "--schema",
+        "simulated",
+        "--epochs",
+        2,
+        "--batch-size",
+        256,
+        "--tower",
+        "64,32",
+        "--threads",
+        1,
+        "-q",
+    ]
     full = subprocess.run(cli(*common, "--out", tmp_path / "full"), capture_output=True, text=True)
     assert full.returncode == 0, full.stderr
     ckpt = tmp_path / "cut.ckpt"
-    proc = subprocess.Popen(cli(*common, "--out", tmp_path / "cut", "--checkpoint-every", 10), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        cli(*common, "--out", tmp_path / "cut", "--checkpoint-every", 10),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 300
     while time.time() < deadline:
         meta = ckpt / "trainer.json"
@@ -397,7 +645,11 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path):
     state = json.loads((ckpt / "trainer.json").read_text())
     assert state["epoch"] == 1 and state["batches_done"] > 0  # killed mid-epoch 1
     assert not (tmp_path / "cut").exists()
-    resumed = subprocess.run(cli(*common, "--out", tmp_path / "cut", "--checkpoint-every", 10, "--resume"), capture_output=True, text=True)
+    resumed = subprocess.run(
+        cli(*common, "--out", tmp_path / "cut", "--checkpoint-every", 10, "--resume"),
+        capture_output=True,
+        text=True,
+    )
     assert resumed.returncode == 0, resumed.stderr
     a = json.loads((tmp_path / "full" / "config.json").read_text())["meta"]["metrics"]["test"]
     b = json.loads((tmp_path / "cut" / "config.json").read_text())["meta"]["metrics"]["test"]

@@ -9,13 +9,31 @@ import pytest
 
 
 def mtrank(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "mtrank", *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "mtrank", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=600,
+    )
 
 
 @pytest.fixture(scope="module")
 def sim_file(tmp_path_factory):
     out = tmp_path_factory.mktemp("sim") / "sim.parquet"
-    r = mtrank("simulate", "--rows", 30_000, "--n-items", 300, "--n-users", 1000, "--cvr", 0.2, "--out", out)
+    r = mtrank(
+        "simulate",
+        "--rows",
+        30_000,
+        "--n-items",
+        300,
+        "--n-users",
+        1000,
+        "--cvr",
+        0.2,
+        "--out",
+        out,
+    )
     assert r.returncode == 0, r.stderr
     return out
 
@@ -23,7 +41,24 @@ def sim_file(tmp_path_factory):
 @pytest.fixture(scope="module")
 def bundle(sim_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "esmm"
-    r = mtrank("train", "--data", sim_file, "--schema", "simulated", "--epochs", 1, "--batch-size", 256, "--lr", 0.01, "--tower", "32,16", "--out", out, "-q")
+    r = mtrank(
+        "train",
+        "--data",
+        sim_file,
+        "--schema",
+        "simulated",
+        "--epochs",
+        1,
+        "--batch-size",
+        256,
+        "--lr",
+        0.01,
+        "--tower",
+        "32,16",
+        "--out",
+        out,
+        "-q",
+    )
     assert r.returncode == 0, r.stderr
     assert "auc_cvr_masked" in r.stdout and "bundle written" in r.stdout
     return out
@@ -44,7 +79,18 @@ def test_train_predict_evaluate(bundle, sim_file, tmp_path):
 
 
 def test_quickstart_on_hillstrom(shared_data, tmp_path):
-    r = mtrank("quickstart", "--dataset", "hillstrom", "--data-dir", shared_data, "--epochs", 1, "--out", tmp_path / "qs", "-q")
+    r = mtrank(
+        "quickstart",
+        "--dataset",
+        "hillstrom",
+        "--data-dir",
+        shared_data,
+        "--epochs",
+        1,
+        "--out",
+        tmp_path / "qs",
+        "-q",
+    )
     assert r.returncode == 0, r.stderr
     m = json.loads((tmp_path / "qs" / "metrics.json").read_text())
     assert set(m["summary"]) == {"esmm", "base"}
@@ -60,7 +106,10 @@ def test_quickstart_simulated_small(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "esmm" in r.stdout and "base" in r.stdout
     assert (tmp_path / "qs" / "data" / "simulated" / "simulated-20000-seed0.parquet").exists()
-    assert "report written to" in r.stdout and 'src="data:image/png;base64,' in (tmp_path / "qs" / "report.html").read_text()
+    assert (
+        "report written to" in r.stdout
+        and 'src="data:image/png;base64,' in (tmp_path / "qs" / "report.html").read_text()
+    )
 
 
 @pytest.mark.parametrize(
@@ -88,6 +137,19 @@ def test_bad_data_file_error_names_file_column_row(tmp_path):
     assert r.returncode == 2
     assert "bad.csv" in r.stderr and "'buy'" in r.stderr and "row 2" in r.stderr
     assert "Traceback" not in r.stderr
-    r = mtrank("train", "--data", bad, "--schema", schema, "--out", tmp_path / "o", "--funnel-violations", "drop", "--epochs", 1, "-q")
+    r = mtrank(
+        "train",
+        "--data",
+        bad,
+        "--schema",
+        schema,
+        "--out",
+        tmp_path / "o",
+        "--funnel-violations",
+        "drop",
+        "--epochs",
+        1,
+        "-q",
+    )
     assert r.returncode == 0, r.stderr
     assert "dropped 1 funnel-violating row" in r.stderr

@@ -21,11 +21,23 @@ def test_hillstrom_funnel_rates(shared_data):
 def test_aliccp_processed_schema(shared_data):
     data = load_data("aliccp", data_dir=shared_data)
     assert {k: v.height for k, v in data.splits.items()} == {"train": 100, "val": 50, "test": 50}
-    assert int(data.splits["train"]["click"].sum()) == 7 and int(data.splits["train"]["purchase"].sum()) == 1
+    assert (
+        int(data.splits["train"]["click"].sum()) == 7
+        and int(data.splits["train"]["purchase"].sum()) == 1
+    )
 
 
 def test_aliccp_aitm_copy_has_funnel_violations_reported(shared_data):
-    schema = DATASETS["aliccp"].schema.model_copy(update={"categorical": [c for c in DATASETS["aliccp"].schema.categorical if c not in ("210", "109_14", "110_14", "127_14", "150_14")], "numerical": []})
+    schema = DATASETS["aliccp"].schema.model_copy(
+        update={
+            "categorical": [
+                c
+                for c in DATASETS["aliccp"].schema.categorical
+                if c not in ("210", "109_14", "110_14", "127_14", "150_14")
+            ],
+            "numerical": [],
+        }
+    )
     path = shared_data / "ali-ccp" / "paddlerec-aitm" / "train.csv"
     from mtrank.errors import DataError
 
@@ -67,7 +79,9 @@ def test_simulator_is_deterministic_and_calibrated():
 
 def test_simulator_has_all_four_quadrants():
     df = simulate(SimConfig(rows=200_000, seed=0))
-    items = df.group_by("item_id").agg(pl.col("true_ctr").mean(), pl.col("true_cvr_do").mean(), pl.len())
+    items = df.group_by("item_id").agg(
+        pl.col("true_ctr").mean(), pl.col("true_cvr_do").mean(), pl.len()
+    )
     items = items.filter(pl.col("len") >= 20)
     ctr_hi = items["true_ctr"] > items["true_ctr"].median()
     cvr_hi = items["true_cvr_do"] > items["true_cvr_do"].median()

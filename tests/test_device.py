@@ -31,14 +31,24 @@ SMALL = ModelConfig(tower=[32, 16], embedding_dim=8)
 
 
 def mtrank(*args):
-    return subprocess.run([sys.executable, "-m", "mtrank", *map(str, args)], capture_output=True, text=True, timeout=300, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "mtrank", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
 
 
 # --------------------------------------------------------------------------- device resolution
 def test_auto_resolves_to_cuda_only_when_available():
-    assert resolve_device("auto") == (torch.device("cuda", torch.cuda.current_device()) if CUDA else torch.device("cpu"))
+    assert resolve_device("auto") == (
+        torch.device("cuda", torch.cuda.current_device()) if CUDA else torch.device("cpu")
+    )
     assert resolve_device(None) == resolve_device("auto")
-    assert resolve_device("cpu") == torch.device("cpu") and resolve_device(" CPU ") == torch.device("cpu")
+    assert resolve_device("cpu") == torch.device("cpu") and resolve_device(" CPU ") == torch.device(
+        "cpu"
+    )
 
 
 @pytest.mark.parametrize("bad", ["gpu", "cuda:x", "tpu:0", "cpu:1"])
@@ -50,7 +60,9 @@ def test_unknown_device_is_a_config_error_naming_the_option(bad):
 @no_cuda
 @pytest.mark.parametrize("spec", ["cuda", "cuda:0", "cuda:3"])
 def test_unavailable_cuda_is_a_config_error_naming_the_option(spec):
-    with pytest.raises(ConfigError, match=rf"^--device {spec}: CUDA is not available on this machine"):
+    with pytest.raises(
+        ConfigError, match=rf"^--device {spec}: CUDA is not available on this machine"
+    ):
         resolve_device(spec)
 
 
@@ -59,38 +71,70 @@ def test_cli_unavailable_cuda_is_one_error_line_exit_2(tmp_path):
     r = mtrank("train", "--dataset", "simulated", "--device", "cuda", "--out", tmp_path / "b", "-q")
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: --device cuda: CUDA is not available"), r.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: --device cuda: CUDA is not available"), (
+        r.stderr
+    )
     r = mtrank("evaluate", "--bundle", tmp_path / "none", "--device", "cuda:1")
-    assert r.returncode == 2 and r.stderr.strip().startswith("error: --device cuda:1: CUDA is not available"), r.stderr
+    assert r.returncode == 2 and r.stderr.strip().startswith(
+        "error: --device cuda:1: CUDA is not available"
+    ), r.stderr
     for verb in ("quickstart", "benchmark"):  # fails before any data is simulated or read
         r = mtrank(verb, "--dataset", "simulated", "--device", "cuda", "--out", tmp_path / verb)
-        assert r.returncode == 2 and r.stderr.strip().startswith("error: --device cuda: CUDA is not available"), (verb, r.stderr)
+        assert r.returncode == 2 and r.stderr.strip().startswith(
+            "error: --device cuda: CUDA is not available"
+        ), (verb, r.stderr)
         assert not (tmp_path / verb).exists()
 
 
 def test_cli_bad_precision_is_one_error_line_exit_2(tmp_path):
-    r = mtrank("train", "--dataset", "simulated", "--device", "cpu", "--precision", "fp8", "--out", tmp_path / "b", "-q")
+    r = mtrank(
+        "train",
+        "--dataset",
+        "simulated",
+        "--device",
+        "cpu",
+        "--precision",
+        "fp8",
+        "--out",
+        tmp_path / "b",
+        "-q",
+    )
     assert r.returncode == 2
-    assert r.stderr.strip() == "error: --precision must be one of ['fp32', 'bf16', 'fp16'], got 'fp8'", r.stderr
+    assert (
+        r.stderr.strip() == "error: --precision must be one of ['fp32', 'bf16', 'fp16'], got 'fp8'"
+    ), r.stderr
 
 
 def test_precisions_map_to_autocast_dtypes():
     cpu = torch.device("cpu")
-    assert [resolve_precision(p, cpu) for p in ("fp32", "bf16", "fp16")] == [None, torch.bfloat16, torch.float16]
+    assert [resolve_precision(p, cpu) for p in ("fp32", "bf16", "fp16")] == [
+        None,
+        torch.bfloat16,
+        torch.float16,
+    ]
 
 
 def test_large_batch_defaults_scale_the_learning_rate_by_the_square_root_rule():
     cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)  # constructing a device needs no GPU
     assert large_batch_defaults(cpu, None, None, base_lr=1e-3) == (2048, 1e-3)
     bs, lr = large_batch_defaults(gpu, None, None, base_lr=1e-3)
-    assert bs == 16_384 and lr == pytest.approx(1e-3 * math.sqrt(8)) and lr == pytest.approx(2.828e-3, rel=1e-3)
-    assert large_batch_defaults(gpu, 4096, None, base_lr=1e-3) == (4096, 1e-3)  # user's batch: lr untouched
+    assert (
+        bs == 16_384
+        and lr == pytest.approx(1e-3 * math.sqrt(8))
+        and lr == pytest.approx(2.828e-3, rel=1e-3)
+    )
+    assert large_batch_defaults(gpu, 4096, None, base_lr=1e-3) == (
+        4096,
+        1e-3,
+    )  # user's batch: lr untouched
     assert large_batch_defaults(gpu, None, 5e-4, base_lr=1e-3) == (16_384, 5e-4)  # user's lr wins
 
 
 def test_ddp_backend_nccl_for_dense_gpu_gloo_otherwise():
     assert backend_for(torch.device("cuda", 0)) == "nccl"
-    assert backend_for(torch.device("cuda", 0), sparse=True) == "gloo"  # NCCL has no sparse all-reduce
+    assert (
+        backend_for(torch.device("cuda", 0), sparse=True) == "gloo"
+    )  # NCCL has no sparse all-reduce
     assert backend_for(torch.device("cpu")) == "gloo"
 
 
@@ -104,7 +148,9 @@ def test_resume_key_ignores_where_the_run_happens():
 # --------------------------------------------------------------------------- mixed precision
 def test_loss_under_autocast_is_float32_and_exact():
     torch.manual_seed(0)
-    model = build_model(FeatureSpec(cardinalities=[7, 7], n_numerical=1), ModelConfig(tower=[32, 16]))
+    model = build_model(
+        FeatureSpec(cardinalities=[7, 7], n_numerical=1), ModelConfig(tower=[32, 16])
+    )
     batch = make_batch(512)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(batch.categorical, batch.numerical)
@@ -131,15 +177,32 @@ def splits(sim_splits):
 def fp32_run(splits):
     from mtrank.workflow import fit
 
-    return fit(splits, SIMULATED_SCHEMA, SMALL, TrainConfig(epochs=2, batch_size=512, lr=3e-3, device="cpu"), quiet=True)
+    return fit(
+        splits,
+        SIMULATED_SCHEMA,
+        SMALL,
+        TrainConfig(epochs=2, batch_size=512, lr=3e-3, device="cpu"),
+        quiet=True,
+    )
 
 
 def test_bf16_training_on_cpu_matches_fp32_test_aucs(splits, fp32_run):
     from mtrank.workflow import fit
 
-    bf16 = fit(splits, SIMULATED_SCHEMA, SMALL, TrainConfig(epochs=2, batch_size=512, lr=3e-3, device="cpu", precision="bf16"), quiet=True)
+    bf16 = fit(
+        splits,
+        SIMULATED_SCHEMA,
+        SMALL,
+        TrainConfig(epochs=2, batch_size=512, lr=3e-3, device="cpu", precision="bf16"),
+        quiet=True,
+    )
     t32, t16 = fp32_run.metrics["test"], bf16.metrics["test"]
-    print({k: (round(t32[k], 4), round(t16[k], 4)) for k in ("auc_ctr", "auc_ctcvr", "auc_cvr_masked")})
+    print(
+        {
+            k: (round(t32[k], 4), round(t16[k], 4))
+            for k in ("auc_ctr", "auc_ctcvr", "auc_cvr_masked")
+        }
+    )
     assert t32["auc_ctr"] > 0.65 and t32["auc_ctcvr"] > 0.65  # both learned something real
     for k in ("auc_ctr", "auc_ctcvr"):
         assert abs(t16[k] - t32[k]) < 0.002, (k, t16[k], t32[k])  # the goal
@@ -157,16 +220,31 @@ def test_fp16_with_grad_scaler_trains_on_cpu(splits, tmp_path):
 
     few = {k: v.head(12_000) for k, v in splits.items()}
     runs = {
-        p: fit(few, SIMULATED_SCHEMA, SMALL, TrainConfig(epochs=1, batch_size=512, lr=3e-3, device="cpu", precision=p), quiet=True, checkpoint=tmp_path / p)
+        p: fit(
+            few,
+            SIMULATED_SCHEMA,
+            SMALL,
+            TrainConfig(epochs=1, batch_size=512, lr=3e-3, device="cpu", precision=p),
+            quiet=True,
+            checkpoint=tmp_path / p,
+        )
         for p in ("fp32", "fp16")
     }
     t32, t16 = runs["fp32"].metrics["test"], runs["fp16"].metrics["test"]
     assert t32["auc_ctcvr"] > 0.58  # one epoch of 12k rows: weak, but above chance
-    assert abs(t16["auc_ctr"] - t32["auc_ctr"]) < 0.005 and abs(t16["auc_ctcvr"] - t32["auc_ctcvr"]) < 0.005
-    assert runs["fp16"].result.history[0].train_loss == pytest.approx(runs["fp32"].result.history[0].train_loss, rel=1e-3)
+    assert (
+        abs(t16["auc_ctr"] - t32["auc_ctr"]) < 0.005
+        and abs(t16["auc_ctcvr"] - t32["auc_ctcvr"]) < 0.005
+    )
+    assert runs["fp16"].result.history[0].train_loss == pytest.approx(
+        runs["fp32"].result.history[0].train_loss, rel=1e-3
+    )
     # the loss scaler ran and its state is checkpointed (for an exact resume); none in fp32
     scaler = json.loads((tmp_path / "fp16" / "trainer.json").read_text())["scaler"]
-    assert scaler["scale"] >= 2.0**16 and json.loads((tmp_path / "fp32" / "trainer.json").read_text())["scaler"] is None
+    assert (
+        scaler["scale"] >= 2.0**16
+        and json.loads((tmp_path / "fp32" / "trainer.json").read_text())["scaler"] is None
+    )
 
 
 # --------------------------------------------------------------------------- bundles across devices
@@ -191,7 +269,13 @@ def test_gpu_trained_bundle_exports_and_predicts_on_cpu(splits, tmp_path):
     from mtrank.serve.onnx_export import export_onnx
     from mtrank.workflow import fit
 
-    res = fit(splits, SIMULATED_SCHEMA, SMALL, TrainConfig(epochs=1, batch_size=2048, device="cuda", precision="bf16"), quiet=True)
+    res = fit(
+        splits,
+        SIMULATED_SCHEMA,
+        SMALL,
+        TrainConfig(epochs=1, batch_size=2048, device="cuda", precision="bf16"),
+        quiet=True,
+    )
     assert next(res.bundle.model.parameters()).is_cuda
     path = res.bundle.save(tmp_path / "b")
     df = splits["test"].head(2000)
@@ -209,18 +293,36 @@ def test_gpu_trained_bundle_exports_and_predicts_on_cpu(splits, tmp_path):
 def test_cuda_training_dense_and_sparse_matches_cpu_quality(splits, fp32_run, sparse):
     from mtrank.workflow import fit
 
-    res = fit(splits, SIMULATED_SCHEMA, SMALL, TrainConfig(epochs=2, batch_size=512, lr=3e-3, device="cuda", sparse_embeddings=sparse), quiet=True)
+    res = fit(
+        splits,
+        SIMULATED_SCHEMA,
+        SMALL,
+        TrainConfig(epochs=2, batch_size=512, lr=3e-3, device="cuda", sparse_embeddings=sparse),
+        quiet=True,
+    )
     assert abs(res.metrics["test"]["auc_ctr"] - fp32_run.metrics["test"]["auc_ctr"]) < 0.01
 
 
 # --------------------------------------------------------------------------- data path
 def test_encoded_data_batches_are_the_same_rows_on_any_device():
-    data = EncodedData(torch.arange(20).reshape(10, 2), torch.zeros(10, 1), {"click": torch.arange(10).float()})
+    data = EncodedData(
+        torch.arange(20).reshape(10, 2), torch.zeros(10, 1), {"click": torch.arange(10).float()}
+    )
     assert data.device == torch.device("cpu") and data.to("cpu") is data
     assert data.nbytes() == 10 * 2 * 8 + 10 * 4 + 10 * 4
-    a = [b.labels["click"].tolist() for b in data.batches(4, shuffle=True, generator=torch.Generator().manual_seed(1))]
-    b = [b.labels["click"].tolist() for b in data.batches(4, shuffle=True, generator=torch.Generator().manual_seed(1))]
-    assert a == b and sorted(x for part in a for x in part) == list(range(10)) and [len(x) for x in a] == [4, 4, 2]
+    a = [
+        b.labels["click"].tolist()
+        for b in data.batches(4, shuffle=True, generator=torch.Generator().manual_seed(1))
+    ]
+    b = [
+        b.labels["click"].tolist()
+        for b in data.batches(4, shuffle=True, generator=torch.Generator().manual_seed(1))
+    ]
+    assert (
+        a == b
+        and sorted(x for part in a for x in part) == list(range(10))
+        and [len(x) for x in a] == [4, 4, 2]
+    )
     sub = data.subset(torch.tensor([3, 1]))
     assert sub.labels["click"].tolist() == [3.0, 1.0]
 
@@ -253,16 +355,24 @@ def test_prefetch_raises_the_producers_error_and_stops_when_the_consumer_does():
     gen = prefetch(iter(range(10**6)), lambda x: (x, None), depth=2)
     assert next(gen)[0] == 0
     gen.close()  # the consumer stops early: the producer thread must end
-    assert not any(t.name == "mtrank-prefetch" and t.is_alive() and t.ident not in before for t in threading.enumerate())
+    assert not any(
+        t.name == "mtrank-prefetch" and t.is_alive() and t.ident not in before
+        for t in threading.enumerate()
+    )
 
 
 def test_device_batches_on_cpu_are_the_source_batches():
-    data = EncodedData(torch.arange(40).reshape(20, 2), torch.ones(20, 1), {"click": torch.zeros(20)})
+    data = EncodedData(
+        torch.arange(40).reshape(20, 2), torch.ones(20, 1), {"click": torch.zeros(20)}
+    )
     got = list(device_batches(data, 8, shuffle=False, device=torch.device("cpu")))
     assert [b.categorical[0, 0].item() for b in got] == [0, 16, 32]
 
 
-@pytest.mark.skipif(not CUDA, reason="torch cannot pin host memory without a CUDA device ('Cannot access accelerator device when none is available')")
+@pytest.mark.skipif(
+    not CUDA,
+    reason="torch cannot pin host memory without a CUDA device ('Cannot access accelerator device when none is available')",
+)
 def test_pinned_non_blocking_path():
     b = make_batch(64)
     pinned = b.pin_memory()
@@ -283,13 +393,18 @@ def test_batch_to_the_same_device_is_free():
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory):
     out = tmp_path_factory.mktemp("parts") / "sim"
-    write_simulated(SimConfig(rows=30_000, n_items=300, n_users=1000, cvr=0.2, seed=3), out, part_rows=10_000)
+    write_simulated(
+        SimConfig(rows=30_000, n_items=300, n_users=1000, cvr=0.2, seed=3), out, part_rows=10_000
+    )
     return expand_paths(out)
 
 
 def _epoch(stream, seed):
     g = torch.Generator().manual_seed(seed)
-    return [(b.categorical.clone(), b.labels["ctcvr"].clone()) for b in stream.batches(1000, shuffle=True, generator=g)]
+    return [
+        (b.categorical.clone(), b.labels["ctcvr"].clone())
+        for b in stream.batches(1000, shuffle=True, generator=g)
+    ]
 
 
 def test_encoded_piece_cache_gives_the_same_batches_without_reading(parts, tmp_path, monkeypatch):
@@ -298,7 +413,9 @@ def test_encoded_piece_cache_gives_the_same_batches_without_reading(parts, tmp_p
     enc = fit_encoder_streaming(parts, SIMULATED_SCHEMA)
     enc_other = fit_encoder_streaming(parts, SIMULATED_SCHEMA, min_count=50)
     plain = ParquetStream(parts, SIMULATED_SCHEMA, enc, shuffle_buffer=12_000)
-    cached = ParquetStream(parts, SIMULATED_SCHEMA, enc, shuffle_buffer=12_000, cache_dir=tmp_path / "c")
+    cached = ParquetStream(
+        parts, SIMULATED_SCHEMA, enc, shuffle_buffer=12_000, cache_dir=tmp_path / "c"
+    )
     want = _epoch(plain, 5)
     first = _epoch(cached, 5)
     files = sorted((tmp_path / "c").glob("piece-*.safetensors"))
@@ -324,15 +441,45 @@ def test_several_readers_keep_the_piece_order(parts):
     a = [p.categorical for p in one.encoded_pieces(order)]
     b = [p.categorical for p in three.encoded_pieces(order)]
     assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
-    assert [len(x) for x in b] == [10_000] * 3 and torch.equal(b[1], one.load_all().categorical[:10_000])
+    assert [len(x) for x in b] == [10_000] * 3 and torch.equal(
+        b[1], one.load_all().categorical[:10_000]
+    )
 
 
 def test_streamed_training_with_cache_and_bf16_via_cli(parts, tmp_path):
     test = tmp_path / "test.parquet"
     pl.read_parquet(parts[2]).write_parquet(test)
-    r = mtrank("train", "--stream", "--data", parts[0], "--data", parts[1], "--test-data", test, "--schema", "simulated",
-               "--epochs", 2, "--batch-size", 512, "--lr", 0.01, "--tower", "16", "--embedding-dim", 4,
-               "--device", "auto", "--precision", "bf16", "--cache-dir", tmp_path / "cache", "--out", tmp_path / "b", "-q")
+    r = mtrank(
+        "train",
+        "--stream",
+        "--data",
+        parts[0],
+        "--data",
+        parts[1],
+        "--test-data",
+        test,
+        "--schema",
+        "simulated",
+        "--epochs",
+        2,
+        "--batch-size",
+        512,
+        "--lr",
+        0.01,
+        "--tower",
+        "16",
+        "--embedding-dim",
+        4,
+        "--device",
+        "auto",
+        "--precision",
+        "bf16",
+        "--cache-dir",
+        tmp_path / "cache",
+        "--out",
+        tmp_path / "b",
+        "-q",
+    )
     assert r.returncode == 0, r.stderr
     assert len(list((tmp_path / "cache").glob("piece-*.safetensors"))) == 2
     import json

@@ -2,7 +2,15 @@ import numpy as np
 import polars as pl
 import pytest
 
-from mtrank.data.encoders import MISSING, N_RESERVED, OOV, CategoricalEncoder, FeatureEncoder, NumericalEncoder, canonical_ids
+from mtrank.data.encoders import (
+    MISSING,
+    N_RESERVED,
+    OOV,
+    CategoricalEncoder,
+    FeatureEncoder,
+    NumericalEncoder,
+    canonical_ids,
+)
 from mtrank.data.schema import Schema
 
 
@@ -16,7 +24,10 @@ def naive_transform(enc: CategoricalEncoder, series: pl.Series) -> tuple[list[in
 @pytest.mark.parametrize(
     "train,query",
     [
-        (["a", "b", "b", " c", "", None, "longer value", "é"], ["b", "c ", "zz", None, "", "é", "longer valu", "longer value!", "a"]),
+        (
+            ["a", "b", "b", " c", "", None, "longer value", "é"],
+            ["b", "c ", "zz", None, "", "é", "longer valu", "longer value!", "a"],
+        ),
         ([3, 1, 1, 7, None], [1.0, 3.0, 7.0, 8.0, None, float("nan")]),
         ([10, 2, 2], [2, 10, 100, -2]),
         (["a\x00", "a"], ["a", "a\x00", "b"]),
@@ -32,11 +43,13 @@ def test_sorted_lookup_equals_a_naive_mapping(train, query):
 
 def test_sorted_lookup_mixed_case_is_built_once_and_matches_a_naive_mapping():
     # vocabulary from ints, integral floats with NaN, and strings with empty / padded values
-    train = pl.concat([
-        canonical_ids(pl.Series("c", [7, 7, 3, -1, 2**40])),
-        canonical_ids(pl.Series("c", [3.0, float("nan"), 12.0, None])),
-        canonical_ids(pl.Series("c", ["x", "", "  y ", "x", "3", None])),
-    ])
+    train = pl.concat(
+        [
+            canonical_ids(pl.Series("c", [7, 7, 3, -1, 2**40])),
+            canonical_ids(pl.Series("c", [3.0, float("nan"), 12.0, None])),
+            canonical_ids(pl.Series("c", ["x", "", "  y ", "x", "3", None])),
+        ]
+    )
     enc = CategoricalEncoder.fit(train.rename("c"))
     assert enc.values[:2] == ["3", "7"] and "" not in enc.values and "y" in enc.values
     assert enc._table is None  # built lazily, on the first transform

@@ -9,7 +9,9 @@ from mtrank.data.datasets import load_table
 from mtrank.data.schema import Schema
 from mtrank.errors import DataError, SchemaError
 
-SCHEMA = Schema(name="t", click="click", conversion="buy", price="price", categorical=["item"], numerical=["x"])
+SCHEMA = Schema(
+    name="t", click="click", conversion="buy", price="price", categorical=["item"], numerical=["x"]
+)
 HEADER = "click,buy,item,x,price\n"
 
 
@@ -42,7 +44,13 @@ def test_missing_column_names_file_and_columns(tmp_path):
 
 @pytest.mark.parametrize(
     "value,fragment",
-    [("2", "not 0 or 1"), ("-1", "not 0 or 1"), ("0.5", "not 0 or 1"), ("yes", "non-numeric label"), ("", "missing label")],
+    [
+        ("2", "not 0 or 1"),
+        ("-1", "not 0 or 1"),
+        ("0.5", "not 0 or 1"),
+        ("yes", "non-numeric label"),
+        ("", "missing label"),
+    ],
 )
 def test_bad_label_names_column_and_row(tmp_path, value, fragment):
     p = write(tmp_path, HEADER + "0,0,a,1,1\n0,0,a,1,1\n" + f"{value},0,a,1,1\n")
@@ -96,7 +104,11 @@ def test_non_numeric_numerical_value(tmp_path):
 def test_bom_and_windows_line_endings(tmp_path):
     text = ("\ufeff" + HEADER + "1,1,a,0.5,1\n0,0,b,1.5,2\n").replace("\n", "\r\n").encode("utf-8")
     df, _ = load(write(tmp_path, text, mode="wb"))
-    assert df.columns[1] == "click" and df["x"].to_list() == [0.5, 1.5] and df["item"].to_list() == ["a", "b"]
+    assert (
+        df.columns[1] == "click"
+        and df["x"].to_list() == [0.5, 1.5]
+        and df["item"].to_list() == ["a", "b"]
+    )
 
 
 def test_truncated_last_line_is_reported(tmp_path):
@@ -113,6 +125,8 @@ def test_missing_file(tmp_path):
 
 def test_parquet_is_read_by_schema(tmp_path):
     p = tmp_path / "d.parquet"
-    pl.DataFrame({"x": [1.0, 2.0], "item": ["a", "b"], "price": [1, 2], "buy": [0, 1], "click": [1, 1]}).write_parquet(p)
+    pl.DataFrame(
+        {"x": [1.0, 2.0], "item": ["a", "b"], "price": [1, 2], "buy": [0, 1], "click": [1, 1]}
+    ).write_parquet(p)
     df, _ = load(p)
     assert df["buy"].to_list() == [0, 1]

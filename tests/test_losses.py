@@ -31,7 +31,9 @@ def test_hand_computed_value():
     assert got.tolist() == pytest.approx([math.log(4), -math.log(0.75)], rel=1e-6)
 
 
-@pytest.mark.parametrize("a,b", [(60.0, 60.0), (-60.0, -60.0), (60.0, -60.0), (-50.0, -50.0), (200.0, 200.0)])
+@pytest.mark.parametrize(
+    "a,b", [(60.0, 60.0), (-60.0, -60.0), (60.0, -60.0), (-50.0, -50.0), (200.0, 200.0)]
+)
 @pytest.mark.parametrize("y", [0.0, 1.0])
 def test_finite_at_extreme_logits(a, b, y):
     ta = torch.tensor([a], requires_grad=True)
@@ -43,7 +45,16 @@ def test_finite_at_extreme_logits(a, b, y):
 
 
 # wrong, confident predictions: the loss is large and must still push the logits
-@pytest.mark.parametrize("a,b,y", [(60.0, 60.0, 0.0), (200.0, 200.0, 0.0), (-60.0, -60.0, 1.0), (-50.0, -50.0, 1.0), (60.0, -60.0, 1.0)])
+@pytest.mark.parametrize(
+    "a,b,y",
+    [
+        (60.0, 60.0, 0.0),
+        (200.0, 200.0, 0.0),
+        (-60.0, -60.0, 1.0),
+        (-50.0, -50.0, 1.0),
+        (60.0, -60.0, 1.0),
+    ],
+)
 def test_nonzero_gradient_when_confidently_wrong(a, b, y):
     ta = torch.tensor([a], requires_grad=True)
     tb = torch.tensor([b], requires_grad=True)
@@ -78,5 +89,7 @@ def test_masked_task_ignores_unclicked_rows():
     loss2, _ = total_loss([cvr], {"logit_cvr": changed}, batch)
     assert loss1.item() == pytest.approx(loss2.item())
     clicked = batch.labels["click"] == 1
-    expected = F.binary_cross_entropy_with_logits(out["logit_cvr"][clicked], batch.labels["conversion"][clicked])
+    expected = F.binary_cross_entropy_with_logits(
+        out["logit_cvr"][clicked], batch.labels["conversion"][clicked]
+    )
     assert loss1.item() == pytest.approx(expected.item(), rel=1e-6)

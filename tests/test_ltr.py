@@ -30,7 +30,15 @@ from mtrank.ranking.ltr import evaluate_ranker, fit_ltr, ranked_split, ranking_m
 from mtrank.serve.app import create_app
 from mtrank.bundle import Bundle
 
-SCHEMA = Schema(name="hand", click="click", conversion="conversion", price="price", request_id="request_id", categorical=["item"], numerical=["x"])
+SCHEMA = Schema(
+    name="hand",
+    click="click",
+    conversion="conversion",
+    price="price",
+    request_id="request_id",
+    categorical=["item"],
+    numerical=["x"],
+)
 
 # Three requests: A (3 candidates: no click, click, purchase at price 9), B (click, nothing),
 # C (three impressions, no positive).
@@ -55,9 +63,21 @@ def hand(tmp_path):
 
 
 def test_grades_default_and_configurable():
-    grade, bad = relevance_grades(np.array([0, 1, 1, 1]), np.array([0, 0, 1, 1]), np.array([5.0, 7.0, 9.0, np.nan]), LTRConfig())
-    assert grade.tolist() == [0.0, 1.0, 1.0 + math.log(10.0), 1.0] and bad == 1  # NaN value: a purchase of value 0, counted
-    grade, _ = relevance_grades(np.array([1, 1]), np.array([0, 1]), np.array([3.0, 3.0]), LTRConfig(click_grade=2, order_grade=5, value_coef=0.5))
+    grade, bad = relevance_grades(
+        np.array([0, 1, 1, 1]),
+        np.array([0, 0, 1, 1]),
+        np.array([5.0, 7.0, 9.0, np.nan]),
+        LTRConfig(),
+    )
+    assert (
+        grade.tolist() == [0.0, 1.0, 1.0 + math.log(10.0), 1.0] and bad == 1
+    )  # NaN value: a purchase of value 0, counted
+    grade, _ = relevance_grades(
+        np.array([1, 1]),
+        np.array([0, 1]),
+        np.array([3.0, 3.0]),
+        LTRConfig(click_grade=2, order_grade=5, value_coef=0.5),
+    )
     assert grade.tolist() == [2.0, 2.0 + 5.0 + 0.5 * math.log(4.0)]
 
 
@@ -70,12 +90,18 @@ def test_ndcg_on_a_hand_made_three_request_file(hand):
     # grade NDCG: A has grades (0, 1, 1 + ln 10) in rank order; ideal order (1 + ln 10, 1, 0)
     g = 1 + math.log(10)
     ndcg_a = (1 / math.log2(3) + g / math.log2(4)) / (g + 1 / math.log2(3))
-    assert m["ndcg_grade@3"] == pytest.approx((ndcg_a + 1.0) / 2, abs=1e-12)  # C has no positive: left out
+    assert m["ndcg_grade@3"] == pytest.approx(
+        (ndcg_a + 1.0) / 2, abs=1e-12
+    )  # C has no positive: left out
     # GMV NDCG (replay's gain = conversion × price): only A has a purchase, at rank 3 of 3
-    assert m["ndcg@3"] == pytest.approx((9 / math.log2(4)) / 9, abs=1e-12) and m["ndcg_requests"] == 1
+    assert (
+        m["ndcg@3"] == pytest.approx((9 / math.log2(4)) / 9, abs=1e-12) and m["ndcg_requests"] == 1
+    )
     m1 = ranking_metrics(split, score, 1)
     assert m1["gmv@1"] == 0.0 and m1["clicks@1"] == pytest.approx(1 / 3) and m1["orders@1"] == 0.0
-    assert ranking_metrics(split, -score, 1)["gmv@1"] == pytest.approx(9 / 3)  # reversed: a3 first in A
+    assert ranking_metrics(split, -score, 1)["gmv@1"] == pytest.approx(
+        9 / 3
+    )  # reversed: a3 first in A
 
 
 def test_request_grouping_is_required_and_checked(hand):
@@ -115,7 +141,11 @@ def ltr_fit():
     sim = simulate(SimConfig(rows=12_000, n_users=400, n_items=200, slate_size=20, cvr=0.2, seed=3))
     df, _ = validate_frame(sim, SIMULATED_SCHEMA, "sim")
     splits = split_data(LoadedData(SIMULATED_SCHEMA, {"all": df}, {"all": "sim"}), SplitConfig())
-    res = fit_ltr(splits, SIMULATED_SCHEMA, LTRConfig(n_estimators=40, patience=40, threads=1, min_data_in_leaf=20))
+    res = fit_ltr(
+        splits,
+        SIMULATED_SCHEMA,
+        LTRConfig(n_estimators=40, patience=40, threads=1, min_data_in_leaf=20),
+    )
     return res, splits
 
 
@@ -125,7 +155,10 @@ def test_ltr_learns_better_than_random_and_logs_its_counts(ltr_fit):
     split = ranked_split(splits["test"], SIMULATED_SCHEMA, res.bundle.encoder, LTRConfig())
     rand = ranking_metrics(split, np.random.default_rng(0).random(split.grade.size), 10)
     assert test["ndcg_grade@10"] > rand["ndcg_grade@10"] + 0.05
-    assert res.info["train_requests"]["no_positive"] > 0 and res.info["train_requests"]["one_candidate"] == 0
+    assert (
+        res.info["train_requests"]["no_positive"] > 0
+        and res.info["train_requests"]["one_candidate"] == 0
+    )
 
 
 def test_ltr_bundle_has_no_pickle_and_reloads_to_identical_scores(ltr_fit, tmp_path):
@@ -138,7 +171,9 @@ def test_ltr_bundle_has_no_pickle_and_reloads_to_identical_scores(ltr_fit, tmp_p
     a, b = res.bundle.predict_arrays(data), loaded.predict_arrays(data)
     assert list(a) == ["score"] and np.array_equal(a["score"], b["score"])
     assert evaluate_ranker(loaded, splits["test"]) == pytest.approx(res.metrics["test"])
-    (path / "model.txt").write_text((path / "model.txt").read_text().replace("Tree=0", "Tree=0x", 1))
+    (path / "model.txt").write_text(
+        (path / "model.txt").read_text().replace("Tree=0", "Tree=0x", 1)
+    )
     with pytest.raises(Exception, match="sha256"):
         Bundle.load(path)
 
@@ -152,10 +187,20 @@ def test_ltr_is_served_by_its_own_score_and_says_it_has_no_probabilities(ltr_fit
     body = client.post("/rank", json={"candidates": rows.select(cols).to_dicts()}).json()
     expected = res.bundle.predict_arrays(res.bundle.encode(rows))["score"]
     assert body["score_source"] == "ranker" and body["n_candidates"] == 7
-    assert [c["index"] for c in body["candidates"]] == np.lexsort((np.arange(7), -expected)).tolist()
-    assert [c["score"] for c in body["candidates"]] == pytest.approx(np.sort(expected)[::-1].tolist(), rel=1e-12)
-    assert all(c["p_ctr"] is None and c["p_ctcvr"] is None and c["log_score"] is None for c in body["candidates"])
-    r = client.post("/rank", json={"candidates": rows.select(cols).to_dicts(), "fusion": {"formula": "expected_gmv"}})
+    assert [c["index"] for c in body["candidates"]] == np.lexsort(
+        (np.arange(7), -expected)
+    ).tolist()
+    assert [c["score"] for c in body["candidates"]] == pytest.approx(
+        np.sort(expected)[::-1].tolist(), rel=1e-12
+    )
+    assert all(
+        c["p_ctr"] is None and c["p_ctcvr"] is None and c["log_score"] is None
+        for c in body["candidates"]
+    )
+    r = client.post(
+        "/rank",
+        json={"candidates": rows.select(cols).to_dicts(), "fusion": {"formula": "expected_gmv"}},
+    )
     assert r.status_code == 422 and "has no pCTR/pCVR" in r.json()["message"]
     with pytest.raises(ConfigError, match="a fusion does not apply"):
         create_app(path, tmp_path / "fusion.json")
@@ -163,16 +208,51 @@ def test_ltr_is_served_by_its_own_score_and_says_it_has_no_probabilities(ltr_fit
 
 def test_cli_train_ltr_predict_and_bad_schema(tmp_path):
     data = tmp_path / "sim.parquet"
-    simulate(SimConfig(rows=6_000, n_users=300, n_items=150, slate_size=20, cvr=0.2, seed=5)).write_parquet(data)
-    run = lambda *a: subprocess.run([sys.executable, "-m", "mtrank", *map(str, a)], capture_output=True, text=True, timeout=600, check=False)
+    simulate(
+        SimConfig(rows=6_000, n_users=300, n_items=150, slate_size=20, cvr=0.2, seed=5)
+    ).write_parquet(data)
+    run = lambda *a: subprocess.run(
+        [sys.executable, "-m", "mtrank", *map(str, a)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     out = tmp_path / "ltr"
-    r = run("train", "--data", data, "--schema", "simulated", "--model", "ltr", "--out", out, "--ltr-option", "n_estimators=10", "-q")
+    r = run(
+        "train",
+        "--data",
+        data,
+        "--schema",
+        "simulated",
+        "--model",
+        "ltr",
+        "--out",
+        out,
+        "--ltr-option",
+        "n_estimators=10",
+        "-q",
+    )
     assert r.returncode == 0, r.stderr
-    assert "ndcg_grade@10" in r.stdout and "no pCTR/pCVR" in r.stdout and (out / "model.txt").is_file()
+    assert (
+        "ndcg_grade@10" in r.stdout and "no pCTR/pCVR" in r.stdout and (out / "model.txt").is_file()
+    )
     r = run("predict", "--bundle", out, "--data", data, "--out", tmp_path / "p.parquet")
     assert r.returncode == 0, r.stderr
     assert "score" in pl.read_parquet(tmp_path / "p.parquet").columns
-    r = run("train", "--data", data, "--schema", "simulated", "--model", "ltr", "--out", tmp_path / "x", "--ltr-option", "levels=99")
+    r = run(
+        "train",
+        "--data",
+        data,
+        "--schema",
+        "simulated",
+        "--model",
+        "ltr",
+        "--out",
+        tmp_path / "x",
+        "--ltr-option",
+        "levels=99",
+    )
     assert r.returncode == 2 and "levels" in r.stderr
 
 
@@ -185,16 +265,30 @@ def test_side_by_side_ranks_the_same_requests_and_its_lifts_are_paired_ratios():
     df, _ = validate_frame(sim, SIMULATED_SCHEMA, "sim")
     splits = split_data(LoadedData(SIMULATED_SCHEMA, {"all": df}, {"all": "sim"}), SplitConfig())
     res = compare_strategies(
-        splits, SIMULATED_SCHEMA, k=5, trials=5, bootstrap=200,
-        train_cfg=TrainConfig(epochs=1, batch_size=512, seed=0), model_cfg=ModelConfig(tower=[16, 8], embedding_dim=4),
+        splits,
+        SIMULATED_SCHEMA,
+        k=5,
+        trials=5,
+        bootstrap=200,
+        train_cfg=TrainConfig(epochs=1, batch_size=512, seed=0),
+        model_cfg=ModelConfig(tower=[16, 8], embedding_dim=4),
         ltr_cfg=LTRConfig(k=5, n_estimators=10, threads=1, min_data_in_leaf=20),
     )
     m = res["metrics"]
-    assert list(m)[:4] == ["base+fusion", "ltr", "listwise nn", "esmm+fusion"] and "oracle: true expected GMV" in m
-    assert res["test"]["requests"] == splits["test"].get_column("request_id").n_unique() == m["ltr"]["requests"]
+    assert (
+        list(m)[:4] == ["base+fusion", "ltr", "listwise nn", "esmm+fusion"]
+        and "oracle: true expected GMV" in m
+    )
+    assert (
+        res["test"]["requests"]
+        == splits["test"].get_column("request_id").n_unique()
+        == m["ltr"]["requests"]
+    )
     for name in ("ltr", "listwise nn", "esmm+fusion", "logged order"):
         lift = res["vs_base_fusion"][name]["exp_gmv@5"]
-        assert lift["lift"] == pytest.approx(m[name]["exp_gmv@5"] / m["base+fusion"]["exp_gmv@5"] - 1, rel=1e-9)
+        assert lift["lift"] == pytest.approx(
+            m[name]["exp_gmv@5"] / m["base+fusion"]["exp_gmv@5"] - 1, rel=1e-9
+        )
         assert lift["low"] <= lift["lift"] <= lift["high"]
     assert "| ltr |" in report_markdown(res, "tiny")
 

@@ -71,7 +71,9 @@ def test_auc_cvr_masked_uses_clicked_rows_only(rng):
     out, labels, side = _funnel(rng)
     m1 = evaluate_outputs(out, labels, SIMULATED_SCHEMA, side)
     clicked = labels["click"] == 1
-    assert m1["auc_cvr_masked"] == pytest.approx(roc_auc_score(labels["conversion"][clicked], out["p_cvr"][clicked]))
+    assert m1["auc_cvr_masked"] == pytest.approx(
+        roc_auc_score(labels["conversion"][clicked], out["p_cvr"][clicked])
+    )
     out2 = dict(out, p_cvr=np.where(clicked, out["p_cvr"], 1.0 - out["p_cvr"]))
     m2 = evaluate_outputs(out2, labels, SIMULATED_SCHEMA, side)
     assert m2["auc_cvr_masked"] == m1["auc_cvr_masked"]

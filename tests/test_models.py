@@ -80,6 +80,9 @@ def test_unknown_model_and_no_features():
 
 
 def test_only_numerical_or_only_categorical_features():
-    for spec, b in ((FeatureSpec(cardinalities=[], n_numerical=1), make_batch(4, n_cat=0)), (FeatureSpec(cardinalities=[7], n_numerical=0), make_batch(4, n_cat=1, n_num=0))):
+    for spec, b in (
+        (FeatureSpec(cardinalities=[], n_numerical=1), make_batch(4, n_cat=0)),
+        (FeatureSpec(cardinalities=[7], n_numerical=0), make_batch(4, n_cat=1, n_num=0)),
+    ):
         out = build_model(spec, ModelConfig(tower=[4]))(b.categorical, b.numerical)
         assert np.isfinite(out["p_ctcvr"].detach().numpy()).all()

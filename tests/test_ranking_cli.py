@@ -20,10 +20,27 @@ mtrank = cli_in_process
 def sim_bundle(tmp_path_factory):
     root = tmp_path_factory.mktemp("rank")
     data = root / "sim.parquet"
-    simulate(SimConfig(rows=12_000, slate_size=20, n_items=200, n_users=500, cvr=0.2, seed=3)).write_parquet(data)
+    simulate(
+        SimConfig(rows=12_000, slate_size=20, n_items=200, n_users=500, cvr=0.2, seed=3)
+    ).write_parquet(data)
     bundle = root / "esmm"
-    r = mtrank("train", "--data", data, "--schema", "simulated", "--epochs", 1, "--tower", "16", "--embedding-dim", 4,
-               "--weight-by-price", "--out", bundle, "-q")
+    r = mtrank(
+        "train",
+        "--data",
+        data,
+        "--schema",
+        "simulated",
+        "--epochs",
+        1,
+        "--tower",
+        "16",
+        "--embedding-dim",
+        4,
+        "--weight-by-price",
+        "--out",
+        bundle,
+        "-q",
+    )
     assert r.returncode == 0, r.stderr
     meta = json.loads((bundle / "config.json").read_text())["meta"]
     assert meta["weighting"]["cap"] == 3.0 and meta["weighting"]["mean_log1p_price_converted"] > 0
@@ -33,7 +50,9 @@ def sim_bundle(tmp_path_factory):
 def test_quadrants_and_fuse_on_the_simulator(sim_bundle, tmp_path):
     data, bundle = sim_bundle
     q = tmp_path / "q"
-    r = mtrank("quadrants", "--data", data, "--bundle", bundle, "--mean-of", "true_cvr_do", "--out", q)
+    r = mtrank(
+        "quadrants", "--data", data, "--bundle", bundle, "--mean-of", "true_cvr_do", "--out", q
+    )
     assert r.returncode == 0, r.stderr
     doc = json.loads((q / "quadrants.json").read_text())
     shares = {row["quadrant"]: row for row in doc["quadrants"]}
@@ -43,12 +62,31 @@ def test_quadrants_and_fuse_on_the_simulator(sim_bundle, tmp_path):
     # quadrant I converts far better than quadrant III, by the simulator's truth too
     assert shares["I"]["mean_true_cvr_do"] > shares["III"]["mean_true_cvr_do"]
     ent = pl.read_csv(q / "entities.csv")
-    assert {"item_id", "ctr", "cvr", "p_ctr", "p_cvr", "quadrant"} <= set(ent.columns) and ent.height <= 200
+    assert {"item_id", "ctr", "cvr", "p_ctr", "p_cvr", "quadrant"} <= set(
+        ent.columns
+    ) and ent.height <= 200
     assert (q / "quadrants.png").stat().st_size > 10_000
 
     f = tmp_path / "f"
-    r = mtrank("fuse", "--data", data, "--bundle", bundle, "--method", "grid", "--grid-points", 3, "--k", 5,
-               "--objective", "exp_gmv", "--split", "all", "--out", f)
+    r = mtrank(
+        "fuse",
+        "--data",
+        data,
+        "--bundle",
+        bundle,
+        "--method",
+        "grid",
+        "--grid-points",
+        3,
+        "--k",
+        5,
+        "--objective",
+        "exp_gmv",
+        "--split",
+        "all",
+        "--out",
+        f,
+    )
     assert r.returncode == 0, r.stderr
     fusion = load_fusion(f / "fusion.json")
     assert isinstance(fusion, Multiplicative) and fusion.eps == 1.0
@@ -65,13 +103,51 @@ def test_quadrants_and_fuse_on_the_simulator(sim_bundle, tmp_path):
 def test_fuse_price_policy_and_predictions_without_labels(sim_bundle, tmp_path):
     data, bundle = sim_bundle
     bad = tmp_path / "bad.parquet"
-    pl.read_parquet(data).with_columns(pl.when(pl.int_range(pl.len()) < 3).then(-1.0).otherwise(pl.col("price")).alias("price")).write_parquet(bad)
-    r = mtrank("fuse", "--data", bad, "--bundle", bundle, "--split", "all", "--method", "grid", "--grid-points", 2, "--out", tmp_path / "f")
-    assert r.returncode == 2 and "'price'" in r.stderr and "rows 1, 2, 3" in r.stderr and "Traceback" not in r.stderr
-    r = mtrank("fuse", "--data", bad, "--bundle", bundle, "--split", "all", "--method", "grid", "--grid-points", 2,
-               "--price-policy", "drop", "--out", tmp_path / "f")
+    pl.read_parquet(data).with_columns(
+        pl.when(pl.int_range(pl.len()) < 3).then(-1.0).otherwise(pl.col("price")).alias("price")
+    ).write_parquet(bad)
+    r = mtrank(
+        "fuse",
+        "--data",
+        bad,
+        "--bundle",
+        bundle,
+        "--split",
+        "all",
+        "--method",
+        "grid",
+        "--grid-points",
+        2,
+        "--out",
+        tmp_path / "f",
+    )
+    assert (
+        r.returncode == 2
+        and "'price'" in r.stderr
+        and "rows 1, 2, 3" in r.stderr
+        and "Traceback" not in r.stderr
+    )
+    r = mtrank(
+        "fuse",
+        "--data",
+        bad,
+        "--bundle",
+        bundle,
+        "--split",
+        "all",
+        "--method",
+        "grid",
+        "--grid-points",
+        2,
+        "--price-policy",
+        "drop",
+        "--out",
+        tmp_path / "f",
+    )
     assert r.returncode == 0, r.stderr
-    assert json.loads((tmp_path / "f" / "replay.json").read_text())["data"]["dropped_price_rows"] == 3
+    assert (
+        json.loads((tmp_path / "f" / "replay.json").read_text())["data"]["dropped_price_rows"] == 3
+    )
     preds = tmp_path / "p.parquet"
     assert mtrank("predict", "--bundle", bundle, "--data", data, "--out", preds).returncode == 0
     r = mtrank("fuse", "--predictions", preds, "--schema", "simulated", "--out", tmp_path / "g")

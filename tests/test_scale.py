@@ -20,14 +20,22 @@ from mtrank.train.trainer import TrainConfig
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory):
     out = tmp_path_factory.mktemp("parts") / "sim"
-    write_simulated(SimConfig(rows=60_000, n_items=400, n_users=1500, cvr=0.2, seed=2), out, part_rows=20_000)
+    write_simulated(
+        SimConfig(rows=60_000, n_items=400, n_users=1500, cvr=0.2, seed=2), out, part_rows=20_000
+    )
     return out
 
 
 def test_multi_part_simulation_is_deterministic_and_in_time_order(parts):
     files = expand_paths(parts)
-    assert [f.name for f in files] == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
-    again = list(simulate_parts(SimConfig(rows=60_000, n_items=400, n_users=1500, cvr=0.2, seed=2), 20_000))
+    assert [f.name for f in files] == [
+        "part-00000.parquet",
+        "part-00001.parquet",
+        "part-00002.parquet",
+    ]
+    again = list(
+        simulate_parts(SimConfig(rows=60_000, n_items=400, n_users=1500, cvr=0.2, seed=2), 20_000)
+    )
     assert again[1].equals(pl.read_parquet(files[1]))
     days = [pl.read_parquet(f)["day"] for f in files]
     assert days[0].max() <= days[1].min() and days[1].max() <= days[2].min()
@@ -49,8 +57,12 @@ def test_stream_yields_every_row_once_per_epoch_in_shuffled_order(parts):
     stream = ParquetStream(files, SIMULATED_SCHEMA, enc, shuffle_buffer=15_000)
     assert len(stream) == 60_000
     g = torch.Generator().manual_seed(0)
-    epoch1 = torch.cat([b.categorical[:, 0] for b in stream.batches(1000, shuffle=True, generator=g)])
-    epoch2 = torch.cat([b.categorical[:, 0] for b in stream.batches(1000, shuffle=True, generator=g)])
+    epoch1 = torch.cat(
+        [b.categorical[:, 0] for b in stream.batches(1000, shuffle=True, generator=g)]
+    )
+    epoch2 = torch.cat(
+        [b.categorical[:, 0] for b in stream.batches(1000, shuffle=True, generator=g)]
+    )
     in_order = torch.cat([b.categorical[:, 0] for b in stream.batches(1000, shuffle=False)])
     assert len(epoch1) == len(in_order) == 60_000
     assert torch.equal(epoch1.sort().values, in_order.sort().values)  # same multiset of rows
@@ -88,7 +100,9 @@ def test_sparse_embedding_updates_train_and_touch_only_batch_rows(parts):
     df, _ = validate_frame(pl.read_parquet(expand_paths(parts)[0]), SIMULATED_SCHEMA, "p")
     splits = {"train": df.head(15_000), "val": df.slice(15_000, 2_000), "test": df.tail(3_000)}
     cfg = TrainConfig(epochs=1, batch_size=256, lr=1e-2, sparse_embeddings=True)
-    res = fit(splits, SIMULATED_SCHEMA, ModelConfig(tower=[32, 16], embedding_dim=8), cfg, quiet=True)
+    res = fit(
+        splits, SIMULATED_SCHEMA, ModelConfig(tower=[32, 16], embedding_dim=8), cfg, quiet=True
+    )
     assert res.metrics["test"]["auc_ctr"] > 0.68  # dense Adam at the same lr: 0.72
     model = res.bundle.model
     opts = make_optimizers(model, cfg)
@@ -111,8 +125,31 @@ def test_sparse_embedding_updates_train_and_touch_only_batch_rows(parts):
 def test_two_process_ddp_trains_and_gathered_metrics_match_single_process(tmp_path, sparse):
     data = tmp_path / "s.parquet"
     write_simulated(SimConfig(rows=30_000, n_items=400, n_users=1000, cvr=0.2, seed=4), data)
-    cmd = [sys.executable, "-m", "mtrank", "train", "--data", str(data), "--schema", "simulated", "--epochs", "1",
-           "--batch-size", "256", "--lr", "0.01", "--tower", "32,16", "--threads", "1", "--nproc", "2", "--out", str(tmp_path / "b"), "-q"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mtrank",
+        "train",
+        "--data",
+        str(data),
+        "--schema",
+        "simulated",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "256",
+        "--lr",
+        "0.01",
+        "--tower",
+        "32,16",
+        "--threads",
+        "1",
+        "--nproc",
+        "2",
+        "--out",
+        str(tmp_path / "b"),
+        "-q",
+    ]
     cmd += ["--sparse-embeddings"] if sparse else []
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
@@ -130,13 +167,28 @@ def test_fnv1a_matches_published_test_vectors_and_is_process_independent():
     from mtrank.data.hashing import HashedCategoricalEncoder, fnv1a_64
 
     got = fnv1a_64(pl.Series(["", "a", "foobar"])).tolist()
-    assert got == [0xCBF29CE484222325, 0xAF63DC4C8601EC8C, 0x85944171F73967E8]  # FNV reference values
+    assert got == [
+        0xCBF29CE484222325,
+        0xAF63DC4C8601EC8C,
+        0x85944171F73967E8,
+    ]  # FNV reference values
     enc = HashedCategoricalEncoder("c", 1000)
-    idx, n_missing, n_oov = enc.transform(pl.Series("c", [1.0, 2.0, None, 1.0]))  # floats canonicalise to "1"
+    idx, n_missing, n_oov = enc.transform(
+        pl.Series("c", [1.0, 2.0, None, 1.0])
+    )  # floats canonicalise to "1"
     assert idx[0] == idx[3] and idx[2] == 0 and (n_missing, n_oov) == (1, 0)
     assert idx[0] == enc.transform(pl.Series("c", ["1"]))[0][0] and 2 <= idx[0] < enc.cardinality
     code = "import polars as pl; from mtrank.data.hashing import fnv1a_64; print(fnv1a_64(pl.Series(['item-42', 'é'])).tolist())"
-    outs = {subprocess.run([sys.executable, "-c", code], env={**__import__("os").environ, "PYTHONHASHSEED": s}, capture_output=True, text=True, check=True).stdout for s in ("0", "777")}
+    outs = {
+        subprocess.run(
+            [sys.executable, "-c", code],
+            env={**__import__("os").environ, "PYTHONHASHSEED": s},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        for s in ("0", "777")
+    }
     assert len(outs) == 1
 
 
@@ -145,8 +197,15 @@ def test_hashed_column_trains_streams_and_round_trips(parts, tmp_path):
     from mtrank.workflow import fit_stream
 
     files = expand_paths(parts)
-    res = fit_stream(files[:2], SIMULATED_SCHEMA, ModelConfig(tower=[16], embedding_dim=4), TrainConfig(epochs=1, batch_size=512, lr=1e-2),
-                     test_paths=files[2:], hash_buckets={"item_id": 64, "user_id": 128}, quiet=True)
+    res = fit_stream(
+        files[:2],
+        SIMULATED_SCHEMA,
+        ModelConfig(tower=[16], embedding_dim=4),
+        TrainConfig(epochs=1, batch_size=512, lr=1e-2),
+        test_paths=files[2:],
+        hash_buckets={"item_id": 64, "user_id": 128},
+        quiet=True,
+    )
     enc = res.bundle.encoder
     card = dict(zip(SIMULATED_SCHEMA.categorical, enc.cardinalities, strict=True))
     assert card["item_id"] == 66 and card["user_id"] == 130
@@ -156,4 +215,7 @@ def test_hashed_column_trains_streams_and_round_trips(parts, tmp_path):
     a = res.bundle.predict_arrays(res.bundle.encode(df))["p_ctr"]
     b = loaded.predict_arrays(loaded.encode(df))["p_ctr"]
     assert np.array_equal(a, b)
-    assert json.loads((tmp_path / "b" / "encoders.json").read_text())["categorical"][0] == {"column": "user_id", "hash_buckets": 128}
+    assert json.loads((tmp_path / "b" / "encoders.json").read_text())["categorical"][0] == {
+        "column": "user_id",
+        "hash_buckets": 128,
+    }

@@ -27,7 +27,6 @@ from tests.test_attack_rows import bundle_dir
 EXAMPLES = 25  # per operation and mode: about a minute for both modes on 2 busy cores
 
 
-
 def generation_schema(app, mode: GenerationMode) -> dict:
     """The published schema with its request-level ``if``/``else`` rules (a feature absent from
     ``context`` is required in every candidate; a candidate's price may be null only when the
@@ -42,7 +41,9 @@ def generation_schema(app, mode: GenerationMode) -> dict:
         rules = body.pop("allOf")
         if mode == GenerationMode.POSITIVE:
             item = {"$ref": "#/components/schemas/Features"}
-            strict = {"allOf": [item, *(r["else"]["properties"]["candidates"]["items"] for r in rules)]}
+            strict = {
+                "allOf": [item, *(r["else"]["properties"]["candidates"]["items"] for r in rules)]
+            }
             body["properties"]["candidates"] = {**body["properties"]["candidates"], "items": strict}
     return spec
 
@@ -50,7 +51,9 @@ def generation_schema(app, mode: GenerationMode) -> dict:
 def fuzz_schema(mode: GenerationMode):
     loaded = schemathesis.openapi.from_dict(generation_schema(APP, mode))
     loaded.app = APP
-    loaded.config.generation.update(modes=[mode], max_examples=EXAMPLES, database="none", deterministic=True)
+    loaded.config.generation.update(
+        modes=[mode], max_examples=EXAMPLES, database="none", deterministic=True
+    )
     return loaded
 
 
@@ -58,8 +61,19 @@ def fuzz_schema(mode: GenerationMode):
 APP = create_app(bundle_dir(), threads=0)
 positive = fuzz_schema(GenerationMode.POSITIVE)
 negative = fuzz_schema(GenerationMode.NEGATIVE)
-CONFORMS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
-SETTINGS = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
+CONFORMS = [
+    not_a_server_error,
+    status_code_conformance,
+    content_type_conformance,
+    response_schema_conformance,
+]
+SETTINGS = settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=list(HealthCheck),
+)
 
 
 @positive.parametrize()

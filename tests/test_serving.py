@@ -34,7 +34,10 @@ from tests.conftest import start_server
 
 USER = ["user_id", "user_age", "user_gender", "user_power", "hour"]
 ITEM = ["item_id", "category", "brand", "shop", "price"]
-MULT = {"formula": "multiplicative", "params": {"alpha": 1.0, "beta": 2.0, "gamma": 0.5, "eps": 1e-6}}
+MULT = {
+    "formula": "multiplicative",
+    "params": {"alpha": 1.0, "beta": 2.0, "gamma": 0.5, "eps": 1e-6},
+}
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +49,13 @@ def sim() -> pl.DataFrame:
 def bundle_dir(sim, tmp_path_factory):
     df, _ = validate_frame(sim, SIMULATED_SCHEMA, "sim")
     splits = split_data(LoadedData(SIMULATED_SCHEMA, {"all": df}, {"all": "sim"}), SplitConfig())
-    res = fit(splits, SIMULATED_SCHEMA, ModelConfig(tower=[16, 8], embedding_dim=4), TrainConfig(epochs=1, batch_size=512, seed=0), quiet=True)
+    res = fit(
+        splits,
+        SIMULATED_SCHEMA,
+        ModelConfig(tower=[16, 8], embedding_dim=4),
+        TrainConfig(epochs=1, batch_size=512, seed=0),
+        quiet=True,
+    )
     return res.bundle.save(tmp_path_factory.mktemp("serve") / "esmm")
 
 
@@ -63,15 +72,24 @@ def client(clients):
 
 def request_of(rows: pl.DataFrame) -> dict:
     """One request: the first row's user features as context, items as candidates."""
-    return {"context": rows.select(USER).row(0, named=True), "candidates": rows.select(ITEM).to_dicts()}
+    return {
+        "context": rows.select(USER).row(0, named=True),
+        "candidates": rows.select(ITEM).to_dicts(),
+    }
 
 
 # -- fusion -------------------------------------------------------------------------------------
 def test_multiplicative_fusion_is_the_formula_in_log_space():
     spec = FusionSpec.model_validate(MULT)
-    p_ctr, p_cvr, price = np.array([0.1, 0.5, 0.0, 1.0]), np.array([0.2, 0.01, 0.3, 0.0]), np.array([10.0, 0.0, 5.0, 1e9])
+    p_ctr, p_cvr, price = (
+        np.array([0.1, 0.5, 0.0, 1.0]),
+        np.array([0.2, 0.01, 0.3, 0.0]),
+        np.array([10.0, 0.0, 5.0, 1e9]),
+    )
     score, log_score, _ = fused_scores(spec.fusion, p_ctr, p_cvr, p_ctr * p_cvr, price)
-    np.testing.assert_allclose(score[:2], p_ctr[:2] * p_cvr[:2] ** 2 * np.sqrt(price[:2] + 1e-6), rtol=1e-12)
+    np.testing.assert_allclose(
+        score[:2], p_ctr[:2] * p_cvr[:2] ** 2 * np.sqrt(price[:2] + 1e-6), rtol=1e-12
+    )
     # probabilities of exactly 0 give a tiny but finite score, never -inf / NaN
     assert np.isfinite(log_score).all() and log_score[2] < -700 and log_score[3] < -1400
     assert (score >= 0).all() and np.isfinite(score).all()
@@ -80,13 +98,22 @@ def test_multiplicative_fusion_is_the_formula_in_log_space():
 def test_invalid_prices_give_nan_and_rank_last():
     spec = FusionSpec.model_validate(MULT)
     p = np.full(5, 0.5)
-    score, log_score, _ = fused_scores(spec.fusion, p, p, p * p, np.array([1.0, -1.0, np.nan, np.inf, 0.0]))
+    score, log_score, _ = fused_scores(
+        spec.fusion, p, p, p * p, np.array([1.0, -1.0, np.nan, np.inf, 0.0])
+    )
     assert np.isnan(score[1:4]).all() and np.isfinite(score[[0, 4]]).all()
     assert rank_order(log_score).tolist() == [0, 4, 1, 2, 3]
 
 
 def test_rank_order_breaks_ties_by_index():
-    assert rank_order(np.array([0.5, 0.7, 0.5, np.nan, 0.7, -np.inf])).tolist() == [1, 4, 0, 2, 3, 5]
+    assert rank_order(np.array([0.5, 0.7, 0.5, np.nan, 0.7, -np.inf])).tolist() == [
+        1,
+        4,
+        0,
+        2,
+        3,
+        5,
+    ]
 
 
 def test_ctcvr_is_the_default_and_fuse_json_extra_keys_are_ignored(tmp_path):
@@ -115,41 +142,85 @@ def test_bundle_encoder_matches_a_naive_mapping_on_a_whole_table(bundle_dir, sim
 
 
 def test_service_without_categorical_features_or_price(tmp_path):
-    df = pl.DataFrame({"click": [0, 1, 1, 0], "buy": [0, 1, 0, 0], "x": [1.0, 2.0, 3.0, 4.0], "y": [0.5, 0.1, 0.2, 0.3]})
+    df = pl.DataFrame(
+        {
+            "click": [0, 1, 1, 0],
+            "buy": [0, 1, 0, 0],
+            "x": [1.0, 2.0, 3.0, 4.0],
+            "y": [0.5, 0.1, 0.2, 0.3],
+        }
+    )
     schema = Schema(click="click", conversion="buy", numerical=["x", "y"])
     enc = FeatureEncoder.fit(df, schema)
     spec = FeatureSpec(cardinalities=enc.cardinalities, n_numerical=len(enc.numerical))
     cfg = ModelConfig(tower=[8], embedding_dim=3)
     path = Bundle(build_model(spec, cfg).eval(), enc, schema, cfg, spec).save(tmp_path / "b")
     client = TestClient(create_app(path))
-    body = client.post("/rank", json={"candidates": [{"x": 1.0, "y": None}, {"x": 2, "y": 0.3}]}).json()
+    body = client.post(
+        "/rank", json={"candidates": [{"x": 1.0, "y": None}, {"x": 2, "y": 0.3}]}
+    ).json()
     assert body["counts"] == {"missing": {"x": 0, "y": 1}, "oov": {}}
-    want = predictions_frame(Bundle.load(path), pl.DataFrame({"x": [1.0, 2.0], "y": [None, 0.3]}), "t")
+    want = predictions_frame(
+        Bundle.load(path), pl.DataFrame({"x": [1.0, 2.0], "y": [None, 0.3]}), "t"
+    )
     got = sorted(body["candidates"], key=lambda c: c["index"])
-    np.testing.assert_allclose([c["p_ctr"] for c in got], want["p_ctr"].to_numpy(), atol=1e-6, rtol=0)
+    np.testing.assert_allclose(
+        [c["p_ctr"] for c in got], want["p_ctr"].to_numpy(), atol=1e-6, rtol=0
+    )
     r = client.post("/rank", json={"candidates": [{"x": 1.0, "y": 2.0}], "fusion": MULT})
-    assert r.status_code == 422 and "body.fusion" in r.json()["message"] and "no price column" in r.json()["message"]
+    assert (
+        r.status_code == 422
+        and "body.fusion" in r.json()["message"]
+        and "no price column" in r.json()["message"]
+    )
     with pytest.raises(ConfigError, match="no price column"):
         create_app(path, FusionSpec.model_validate(MULT))
 
 
-def test_a_mtrank_fuse_file_loads_in_serve_and_in_the_request_field(bundle_dir, client, sim, tmp_path):
+def test_a_mtrank_fuse_file_loads_in_serve_and_in_the_request_field(
+    bundle_dir, client, sim, tmp_path
+):
     """save_fusion (what `mtrank fuse` writes) → `mtrank serve --fusion` and `/rank`'s `fusion`."""
-    path = save_fusion(Multiplicative(alpha=1.0, beta=2.0, gamma=0.5, eps=1e-6), tmp_path / "fusion.json", k=10, metrics={"gmv@10": 1.5})
+    path = save_fusion(
+        Multiplicative(alpha=1.0, beta=2.0, gamma=0.5, eps=1e-6),
+        tmp_path / "fusion.json",
+        k=10,
+        metrics={"gmv@10": 1.5},
+    )
     assert json.loads(path.read_text())["format"] == "mtrank.fusion/1"
     req = {"candidates": sim.slice(0, 20).select(SIMULATED_SCHEMA.feature_columns).to_dicts()}
     want = client.post("/rank", json={**req, "fusion": MULT}).json()
     served = TestClient(create_app(bundle_dir, path, threads=0))
-    assert served.get("/metadata").json()["fusion"] == {"formula": "multiplicative", "params": MULT["params"]}
+    assert served.get("/metadata").json()["fusion"] == {
+        "formula": "multiplicative",
+        "params": MULT["params"],
+    }
     by_default = served.post("/rank", json=req).json()
     by_field = client.post("/rank", json={**req, "fusion": json.loads(path.read_text())}).json()
     for body in (by_default, by_field):
         assert body["candidates"] == want["candidates"] and body["fusion"] == want["fusion"]
     data, preds = tmp_path / "rows.parquet", tmp_path / "preds.parquet"
     sim.slice(0, 20).write_parquet(data)
-    r = CliRunner().invoke(cli_app, ["predict", "--bundle", str(bundle_dir), "--data", str(data), "--out", str(preds), "--fusion", str(path)])
+    r = CliRunner().invoke(
+        cli_app,
+        [
+            "predict",
+            "--bundle",
+            str(bundle_dir),
+            "--data",
+            str(data),
+            "--out",
+            str(preds),
+            "--fusion",
+            str(path),
+        ],
+    )
     assert r.exit_code == 0, r.output
-    np.testing.assert_allclose(pl.read_parquet(preds)["score"].to_numpy(), [c["score"] for c in sorted(want["candidates"], key=lambda c: c["index"])], rtol=1e-5)
+    np.testing.assert_allclose(
+        pl.read_parquet(preds)["score"].to_numpy(),
+        [c["score"] for c in sorted(want["candidates"], key=lambda c: c["index"])],
+        rtol=1e-5,
+    )
 
 
 @pytest.mark.parametrize(
@@ -185,7 +256,11 @@ def test_fusion_params_out_of_range_are_422(client, sim):
         ({"formula": "single", "params": {"which": "gmv"}}, "params.which"),
     ):
         r = client.post("/rank", json={**req, "fusion": fusion})
-        assert r.status_code == 422 and "body.fusion" in r.json()["message"] and fragment in r.json()["message"], r.text
+        assert (
+            r.status_code == 422
+            and "body.fusion" in r.json()["message"]
+            and fragment in r.json()["message"]
+        ), r.text
 
 
 # -- the HTTP service ---------------------------------------------------------------------------
@@ -199,7 +274,10 @@ def test_openapi_health_metadata(client, bundle_dir):
     assert client.get("/health").json() == {"status": "ok"}
     meta = client.get("/metadata").json()
     assert meta["bundle_sha256"] == Bundle.digest(bundle_dir) and meta["model"] == "esmm"
-    assert meta["features"]["categorical"] == SIMULATED_SCHEMA.categorical and meta["features"]["price"] == "price"
+    assert (
+        meta["features"]["categorical"] == SIMULATED_SCHEMA.categorical
+        and meta["features"]["price"] == "price"
+    )
     assert meta["schema"]["name"] == "simulated" and meta["engine"] == "onnx"
 
 
@@ -213,7 +291,20 @@ def test_train_serve_parity(engine, clients, bundle_dir, sim, tmp_path):
     fusion.write_text(json.dumps(MULT))
     data, preds = tmp_path / "rows.parquet", tmp_path / "preds.parquet"
     rows.write_parquet(data)
-    r = CliRunner().invoke(cli_app, ["predict", "--bundle", str(bundle_dir), "--data", str(data), "--out", str(preds), "--fusion", str(fusion)])
+    r = CliRunner().invoke(
+        cli_app,
+        [
+            "predict",
+            "--bundle",
+            str(bundle_dir),
+            "--data",
+            str(data),
+            "--out",
+            str(preds),
+            "--fusion",
+            str(fusion),
+        ],
+    )
     assert r.exit_code == 0, r.output
     cli = pl.read_parquet(preds)
     assert cli.select("p_ctr", "p_cvr", "p_ctcvr").equals(batch.select("p_ctr", "p_cvr", "p_ctcvr"))
@@ -280,7 +371,9 @@ def test_unseen_and_missing_values_are_scored_and_counted(client, sim):
     assert body["counts"]["missing"]["brand"] == 1 and body["counts"]["missing"]["item_id"] == 0
     # both unseen ids use the same OOV row: same item features otherwise → same pCTR iff same rest
     same = dict(req["candidates"][1], item_id="another-unseen")
-    twin = client.post("/score", json={**req, "candidates": [req["candidates"][1], same]}).json()["candidates"]
+    twin = client.post("/score", json={**req, "candidates": [req["candidates"][1], same]}).json()[
+        "candidates"
+    ]
     assert twin[0]["p_ctr"] == twin[1]["p_ctr"] and 0 < twin[0]["p_ctr"] < 1
 
 
@@ -292,7 +385,13 @@ def test_candidate_values_override_the_context(client, sim):
     # the context holds the right user but wrong other values; candidates override them, and a
     # candidate's null user_id inherits the context's
     hour = rows["hour"][0]
-    ctx = {"user_id": rows["user_id"][0], "hour": (hour + 1) % 24, "user_age": 0, "user_gender": 0, "user_power": 0}
+    ctx = {
+        "user_id": rows["user_id"][0],
+        "hour": (hour + 1) % 24,
+        "user_age": 0,
+        "user_gender": 0,
+        "user_power": 0,
+    }
     mixed = [dict(c, user_id=None) for c in full["candidates"]]
     got = client.post("/score", json={"context": ctx, "candidates": mixed}).json()["candidates"]
     assert [c["p_ctr"] for c in got] == want
@@ -306,24 +405,76 @@ def test_candidate_values_override_the_context(client, sim):
     "mutate,field,fragment",
     [
         (lambda r: r["candidates"][1].pop("price"), "candidates.1.price", "Field required"),
-        (lambda r: r["context"].pop("user_id"), "candidates.0.user_id", "in `context` or in every candidate"),
+        (
+            lambda r: r["context"].pop("user_id"),
+            "candidates.0.user_id",
+            "in `context` or in every candidate",
+        ),
         (lambda r: r["candidates"][2].update(price="cheap"), "candidates.2.price", "valid number"),
-        (lambda r: r["candidates"][0].update(price=-3.0), "candidates.0.price", "greater than or equal to 0"),
-        (lambda r: r["candidates"][0].update(price=None), "candidates.0.price", "Field required: a price (a number ≥ 0) in the candidate or in `context`"),
-        (lambda r: r["candidates"][0].update(price=1e308), "candidates.0.price", "value too large: |x| must be ≤"),
+        (
+            lambda r: r["candidates"][0].update(price=-3.0),
+            "candidates.0.price",
+            "greater than or equal to 0",
+        ),
+        (
+            lambda r: r["candidates"][0].update(price=None),
+            "candidates.0.price",
+            "Field required: a price (a number ≥ 0) in the candidate or in `context`",
+        ),
+        (
+            lambda r: r["candidates"][0].update(price=1e308),
+            "candidates.0.price",
+            "value too large: |x| must be ≤",
+        ),
         (lambda r: r["candidates"][0].update(price=True), "candidates.0.price", "valid number"),
-        (lambda r: r["candidates"][0].update(category=True), "candidates.0.category", "string, a 64-bit integer or null"),
+        (
+            lambda r: r["candidates"][0].update(category=True),
+            "candidates.0.category",
+            "string, a 64-bit integer or null",
+        ),
         (lambda r: r.update(top_k="2"), "body.top_k", "integer ≥ 1"),
         (lambda r: r.update(top_k=True), "body.top_k", "integer ≥ 1"),
-        (lambda r: r.update(fusion={"formula": "multiplicative", "params": {"alpha": True}}), "body.fusion", "params.alpha: must be a number, got bool"),
-        (lambda r: r.update(fusion={"params": {"x": ""}}), "body.fusion", "bad params ['x']: not parameters of this formula"),
-        (lambda r: r["candidates"][0].update(category=[1, 2]), "candidates.0.category", "string, a 64-bit integer or null"),
-        (lambda r: r["candidates"][0].update(category=2.5), "candidates.0.category", "string, a 64-bit integer or null"),
-        (lambda r: r["context"].update(user_age={"a": 1}), "context.user_age", "string, a 64-bit integer or null"),
-        (lambda r: r["candidates"][0].update(item_id=2**70), "candidates.0.item_id", "string, a 64-bit integer or null"),
+        (
+            lambda r: r.update(fusion={"formula": "multiplicative", "params": {"alpha": True}}),
+            "body.fusion",
+            "params.alpha: must be a number, got bool",
+        ),
+        (
+            lambda r: r.update(fusion={"params": {"x": ""}}),
+            "body.fusion",
+            "bad params ['x']: not parameters of this formula",
+        ),
+        (
+            lambda r: r["candidates"][0].update(category=[1, 2]),
+            "candidates.0.category",
+            "string, a 64-bit integer or null",
+        ),
+        (
+            lambda r: r["candidates"][0].update(category=2.5),
+            "candidates.0.category",
+            "string, a 64-bit integer or null",
+        ),
+        (
+            lambda r: r["context"].update(user_age={"a": 1}),
+            "context.user_age",
+            "string, a 64-bit integer or null",
+        ),
+        (
+            lambda r: r["candidates"][0].update(item_id=2**70),
+            "candidates.0.item_id",
+            "string, a 64-bit integer or null",
+        ),
         (lambda r: r.update(candidates=[]), "body.candidates", "at least 1 item"),
-        (lambda r: r.update(candidates=r["candidates"] * 1000), "body.candidates", f"at most {MAX_CANDIDATES} items"),
-        (lambda r: r.update(fusion={"formula": "sum"}), "body.fusion.formula", "'multiplicative', 'offset_multiplicative', 'linear', 'expected_gmv', 'single' or 'ctcvr'"),
+        (
+            lambda r: r.update(candidates=r["candidates"] * 1000),
+            "body.candidates",
+            f"at most {MAX_CANDIDATES} items",
+        ),
+        (
+            lambda r: r.update(fusion={"formula": "sum"}),
+            "body.fusion.formula",
+            "'multiplicative', 'offset_multiplicative', 'linear', 'expected_gmv', 'single' or 'ctcvr'",
+        ),
         (lambda r: r.update(candidate=[]), "body.candidate", "Extra inputs"),
     ],
 )
@@ -340,14 +491,19 @@ def test_nan_price_is_422_not_500(client, sim):
     req = request_of(sim.slice(0, 2))
     text = json.dumps(req).replace(str(req["candidates"][1]["price"]), "NaN", 1)
     r = client.post("/rank", content=text, headers={"content-type": "application/json"})
-    assert r.status_code == 422 and "candidates.1.price: Input should be a finite number" in r.json()["message"]
+    assert (
+        r.status_code == 422
+        and "candidates.1.price: Input should be a finite number" in r.json()["message"]
+    )
 
 
 # -- a real server, started and stopped by the test ---------------------------------------------
 def test_mtrank_serve_runs_on_localhost(bundle_dir, sim):
     proc, port = start_server("--bundle", bundle_dir, "--engine", "torch")
     try:
-        r = httpx.post(f"http://127.0.0.1:{port}/rank", json=request_of(sim.slice(0, 5)), timeout=10)
+        r = httpx.post(
+            f"http://127.0.0.1:{port}/rank", json=request_of(sim.slice(0, 5)), timeout=10
+        )
         assert r.status_code == 200 and len(r.json()["candidates"]) == 5
     finally:
         proc.terminate()

@@ -44,7 +44,9 @@ def test_truth_columns_match_monte_carlo_over_the_intent():
     se = {"true_ctr": pc.std(1), "true_cvr_do": pv.std(1), "true_ctcvr": (pc * pv).std(1)}
     for k in mc:
         zscore = np.abs(t[k] - mc[k]) / (se[k] / np.sqrt(draws))
-        assert np.quantile(zscore, 0.99) < 3.5, k  # 1 % of 2,000 rows may lie beyond 2.6 SE by chance
+        assert np.quantile(zscore, 0.99) < 3.5, (
+            k
+        )  # 1 % of 2,000 rows may lie beyond 2.6 SE by chance
         assert np.abs(t[k] - mc[k]).max() < 6 * (se[k] / np.sqrt(draws)).max() + 1e-12, k
     np.testing.assert_allclose(t["true_cvr_clicked"], t["true_ctcvr"] / t["true_ctr"])
 
@@ -86,7 +88,9 @@ def test_driver_sharing_sets_the_correlation_of_appeal_and_quality():
 
 
 def test_zipf_popularity_leaves_a_long_tail_unshown():
-    df = simulate(preset_config("aliccp-like", rows=100_000, n_users=5_000, n_items=50_000, history_len=0))
+    df = simulate(
+        preset_config("aliccp-like", rows=100_000, n_users=5_000, n_items=50_000, history_len=0)
+    )
     shown = df["item_id"].n_unique()
     assert shown < 0.6 * 50_000  # many items never shown
     top = df.group_by("item_id").len().sort("len", descending=True)["len"]
@@ -107,7 +111,11 @@ def test_histories_are_lists_of_known_items_most_recent_first_and_change_nothing
     assert per_user["hist_purchased"].max() == 1
     # purchases follow the process: bought items have above-average true CVR in the log
     item_cvr = df.group_by("item_id").agg(pl.col("true_cvr_do").mean())
-    bought = df.select(pl.col("hist_purchased").explode().alias("item_id")).drop_nulls().join(item_cvr, on="item_id")
+    bought = (
+        df.select(pl.col("hist_purchased").explode().alias("item_id"))
+        .drop_nulls()
+        .join(item_cvr, on="item_id")
+    )
     assert bought["true_cvr_do"].mean() > item_cvr["true_cvr_do"].mean()
     plain = simulate(cfg.model_copy(update={"history_len": 0}))
     assert plain.equals(df.drop(list(HISTORY_COLUMNS)))
@@ -116,7 +124,11 @@ def test_histories_are_lists_of_known_items_most_recent_first_and_change_nothing
 def test_metadata_records_preset_and_version(tmp_path):
     cfg = preset_config("dense", rows=2_000, **SMALL, history_len=2)
     meta = read_sim_metadata(write_simulated(cfg, tmp_path / "d.parquet"))
-    assert meta["version"] == SIM_VERSION and meta["preset"] == "dense" and meta["selection"] == PRESETS["dense"]["selection"]
+    assert (
+        meta["version"] == SIM_VERSION
+        and meta["preset"] == "dense"
+        and meta["selection"] == PRESETS["dense"]["selection"]
+    )
 
 
 def test_unknown_preset_and_bad_knobs_name_the_option():
@@ -138,7 +150,21 @@ def test_simulate_cli_errors_are_one_line(tmp_path):
         (["--preset", "nope"], "--preset must be one of"),
         (["--preset", "dense", "--intent", "9"], "--intent must be ≤ 3"),
     ):
-        r = subprocess.run([sys.executable, "-m", "mtrank", "simulate", *args, "--rows", "100", "--out", str(tmp_path / "x.parquet")], capture_output=True, text=True)
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "mtrank",
+                "simulate",
+                *args,
+                "--rows",
+                "100",
+                "--out",
+                str(tmp_path / "x.parquet"),
+            ],
+            capture_output=True,
+            text=True,
+        )
         assert r.returncode == 2
         lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
         assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], r.stderr

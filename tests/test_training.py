@@ -23,7 +23,9 @@ def splits(sim_splits):
 def esmm_fit(splits):
     from mtrank.data.simulate import SIMULATED_SCHEMA
 
-    return fit(splits, SIMULATED_SCHEMA, SMALL, TrainConfig(epochs=2, batch_size=512, seed=0), quiet=True)
+    return fit(
+        splits, SIMULATED_SCHEMA, SMALL, TrainConfig(epochs=2, batch_size=512, seed=0), quiet=True
+    )
 
 
 def test_time_split_puts_the_future_in_test(splits):
@@ -54,7 +56,13 @@ def test_training_is_reproducible(splits):
 def test_early_stopping_restores_best_validation_epoch(splits):
     from mtrank.data.simulate import SIMULATED_SCHEMA
 
-    res = fit(splits, SIMULATED_SCHEMA, SMALL, TrainConfig(epochs=4, batch_size=256, lr=1e-2, patience=0, seed=0), quiet=True)
+    res = fit(
+        splits,
+        SIMULATED_SCHEMA,
+        SMALL,
+        TrainConfig(epochs=4, batch_size=256, lr=1e-2, patience=0, seed=0),
+        quiet=True,
+    )
     losses = [h.val_loss for h in res.result.history]
     assert res.result.best_epoch == int(np.argmin(losses)) + 1
     # the restored weights are the best epoch's: recomputing the validation metric matches it
@@ -65,8 +73,18 @@ def test_early_stopping_restores_best_validation_epoch(splits):
 def test_batch_size_one_and_tiny_test_set(splits):
     from mtrank.data.simulate import SIMULATED_SCHEMA
 
-    tiny = {"train": splits["train"].head(64), "val": splits["val"].head(5), "test": splits["test"].head(3)}
-    res = fit(tiny, SIMULATED_SCHEMA, ModelConfig(tower=[4], embedding_dim=2), TrainConfig(epochs=1, batch_size=1), quiet=True)
+    tiny = {
+        "train": splits["train"].head(64),
+        "val": splits["val"].head(5),
+        "test": splits["test"].head(3),
+    }
+    res = fit(
+        tiny,
+        SIMULATED_SCHEMA,
+        ModelConfig(tower=[4], embedding_dim=2),
+        TrainConfig(epochs=1, batch_size=1),
+        quiet=True,
+    )
     assert res.metrics["test"]["n_impressions"] == 3
 
 
@@ -75,7 +93,13 @@ def test_dropout_active_in_training_after_validation(splits):
     from mtrank.train.trainer import Trainer
 
     seen = []
-    res = fit({k: v.head(2000) for k, v in splits.items()}, SIMULATED_SCHEMA, ModelConfig(tower=[8], dropout=0.5), TrainConfig(epochs=2, batch_size=500), quiet=True)
+    res = fit(
+        {k: v.head(2000) for k, v in splits.items()},
+        SIMULATED_SCHEMA,
+        ModelConfig(tower=[8], dropout=0.5),
+        TrainConfig(epochs=2, batch_size=500),
+        quiet=True,
+    )
     model = res.bundle.model
     hook = model.ctr_tower.register_forward_hook(lambda m, i, o: seen.append(m.training))
     Trainer(TrainConfig(epochs=2, batch_size=1000), SIMULATED_SCHEMA, quiet=True).fit(
@@ -119,9 +143,19 @@ def test_bundle_refuses_to_overwrite_and_replaces_atomically(esmm_fit, tmp_path)
     "damage,fragment",
     [
         (lambda p: (p / "config.json").write_text("{not json"), "unreadable JSON"),
-        (lambda p: (p / "model.safetensors").write_bytes((p / "model.safetensors").read_bytes()[:100]), "model.safetensors"),
+        (
+            lambda p: (p / "model.safetensors").write_bytes(
+                (p / "model.safetensors").read_bytes()[:100]
+            ),
+            "model.safetensors",
+        ),
         (lambda p: (p / "encoders.json").unlink(), "missing"),
-        (lambda p: (p / "encoders.json").write_text('{"format": "mtrank.encoders/1", "categorical": [], "numerical": []}'), "does not match"),
+        (
+            lambda p: (p / "encoders.json").write_text(
+                '{"format": "mtrank.encoders/1", "categorical": [], "numerical": []}'
+            ),
+            "does not match",
+        ),
     ],
 )
 def test_tampered_bundle_is_a_clear_error(esmm_fit, tmp_path, damage, fragment):
@@ -132,12 +166,20 @@ def test_tampered_bundle_is_a_clear_error(esmm_fit, tmp_path, damage, fragment):
 
 
 def test_unseen_and_missing_ids_at_predict_time(esmm_fit, splits):
-    df = splits["test"].head(4).with_columns(
-        pl.Series("item_id", [10**9, None, 3, 4], dtype=pl.Int64),
-        pl.Series("brand", ["", "x", "y", "z"]),
+    df = (
+        splits["test"]
+        .head(4)
+        .with_columns(
+            pl.Series("item_id", [10**9, None, 3, 4], dtype=pl.Int64),
+            pl.Series("brand", ["", "x", "y", "z"]),
+        )
     )
     data = esmm_fit.bundle.encode(df)
-    assert data.n_oov["item_id"] >= 1 and data.n_missing["item_id"] == 1 and data.n_missing["brand"] == 1
+    assert (
+        data.n_oov["item_id"] >= 1
+        and data.n_missing["item_id"] == 1
+        and data.n_missing["brand"] == 1
+    )
     probs = esmm_fit.bundle.predict_arrays(data)
     assert np.isfinite(probs["p_ctcvr"]).all()
 
@@ -147,9 +189,14 @@ def _tiny_funnel(click, conv, weight=None):
 
     n = len(click)
     return EncodedData(
-        categorical=torch.zeros(n, 1, dtype=torch.int64), numerical=torch.zeros(n, 1),
-        labels={"click": torch.tensor(click, dtype=torch.float32), "conversion": torch.tensor(conv, dtype=torch.float32),
-                "ctcvr": torch.tensor(click, dtype=torch.float32) * torch.tensor(conv, dtype=torch.float32)},
+        categorical=torch.zeros(n, 1, dtype=torch.int64),
+        numerical=torch.zeros(n, 1),
+        labels={
+            "click": torch.tensor(click, dtype=torch.float32),
+            "conversion": torch.tensor(conv, dtype=torch.float32),
+            "ctcvr": torch.tensor(click, dtype=torch.float32)
+            * torch.tensor(conv, dtype=torch.float32),
+        },
         weight=None if weight is None else torch.tensor(weight, dtype=torch.float32),
     )
 
@@ -164,7 +211,9 @@ def test_label_rates_hand_computed():
     weighted = _tiny_funnel([1, 0, 1, 0], [1, 0, 0, 0], weight=[2.0, 1.0, 1.0, 1.0])
     assert label_rates(weighted, SIMULATED_SCHEMA) == {"ctr": 3 / 5, "cvr": 2 / 3}
     assert label_rates(data, SIMULATED_SCHEMA, rows=2) == {"ctr": 0.5, "cvr": 1.0}
-    assert label_rates(_tiny_funnel([0, 0], [0, 0]), SIMULATED_SCHEMA) == {"ctr": 0.0}  # no clicks: no cvr
+    assert label_rates(_tiny_funnel([0, 0], [0, 0]), SIMULATED_SCHEMA) == {
+        "ctr": 0.0
+    }  # no clicks: no cvr
 
 
 def test_trainer_starts_each_head_at_its_base_rate(splits):
@@ -186,8 +235,15 @@ def test_trainer_starts_each_head_at_its_base_rate(splits):
         torch.manual_seed(0)
         model = build_model(feature_spec(enc, S), SMALL)
         untouched = model.cvr_tower.output_layer.bias.item()
-        Trainer(TrainConfig(epochs=1, batch_size=len(train), lr=1e-12, prior_output_bias=prior), S, quiet=True).fit(model, train, None)
-        b_ctr, b_cvr = model.ctr_tower.output_layer.bias.item(), model.cvr_tower.output_layer.bias.item()
+        Trainer(
+            TrainConfig(epochs=1, batch_size=len(train), lr=1e-12, prior_output_bias=prior),
+            S,
+            quiet=True,
+        ).fit(model, train, None)
+        b_ctr, b_cvr = (
+            model.ctr_tower.output_layer.bias.item(),
+            model.cvr_tower.output_layer.bias.item(),
+        )
         if prior:
             assert b_ctr == pytest.approx(np.log(ctr / (1 - ctr)), abs=1e-5)
             assert b_cvr == pytest.approx(np.log(cvr / (1 - cvr)), abs=1e-5)

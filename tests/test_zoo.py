@@ -28,7 +28,9 @@ from mtrank.train.trainer import TrainConfig, Trainer
 from tests.conftest import make_batch
 
 SPEC = FeatureSpec(cardinalities=[7, 7], n_numerical=1)
-PLAIN = FeatureSpec(cardinalities=[7, 7], n_numerical=1, funnel=False, task_names=["income", "never_married"])
+PLAIN = FeatureSpec(
+    cardinalities=[7, 7], n_numerical=1, funnel=False, task_names=["income", "never_married"]
+)
 TINY = ModelConfig(tower=[16, 8], embedding_dim=4)
 
 
@@ -49,6 +51,7 @@ def _plain_batch(n=12):
 
 # --- shapes ------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("name", sorted(PLAIN_TASK_MODELS))
 def test_plain_multitask_outputs_and_losses(name):
     torch.manual_seed(0)
@@ -60,7 +63,10 @@ def test_plain_multitask_outputs_and_losses(name):
         assert v.shape == (12,)
         if k.startswith("p_"):
             assert ((v >= 0) & (v <= 1)).all()
-    assert [(t.name, t.label, t.mask) for t in model.tasks] == [("income", "income", None), ("never_married", "never_married", None)]
+    assert [(t.name, t.label, t.mask) for t in model.tasks] == [
+        ("income", "income", None),
+        ("never_married", "never_married", None),
+    ]
     loss, parts = model_loss(model, out, b)
     loss.backward()
     assert set(parts) == {"income", "never_married"} and torch.isfinite(loss)
@@ -73,7 +79,13 @@ def test_funnel_only_models_refuse_plain_tasks(name):
 
 
 def test_loss_spaces_of_the_zoo():
-    names = {n: {t.name: (t.label, t.kind, t.mask) for t in build_model(SPEC, TINY.model_copy(update={"name": n})).tasks} for n in MODELS}
+    names = {
+        n: {
+            t.name: (t.label, t.kind, t.mask)
+            for t in build_model(SPEC, TINY.model_copy(update={"name": n})).tasks
+        }
+        for n in MODELS
+    }
     for n in ("esmm", "esmm_ns", "esmm_sb", "esmm_mmoe", "escm2_ipw", "escm2_dr"):
         assert names[n]["ctcvr"] == ("ctcvr", "logit_product", None)  # through pCTR · pCVR
     for n in ("shared_bottom", "mmoe", "ple", "base"):
@@ -89,8 +101,20 @@ def test_esmm_ns_has_its_own_cvr_embedding():
 
 
 def test_ple_levels_and_bad_options():
-    m = build_model(SPEC, TINY.model_copy(update={"name": "ple", "options": {"n_levels": 2, "task_experts": 1, "shared_experts": 3}}))
-    assert len(m.body.levels) == 2 and m.body.levels[0].shared_gate is not None and m.body.levels[1].shared_gate is None
+    m = build_model(
+        SPEC,
+        TINY.model_copy(
+            update={
+                "name": "ple",
+                "options": {"n_levels": 2, "task_experts": 1, "shared_experts": 3},
+            }
+        ),
+    )
+    assert (
+        len(m.body.levels) == 2
+        and m.body.levels[0].shared_gate is not None
+        and m.body.levels[1].shared_gate is None
+    )
     b = make_batch(5)
     w = m.gate_weights(b.categorical, b.numerical)
     assert w["ctr"].shape == (5, 4)  # 1 task expert + 3 shared
@@ -98,14 +122,24 @@ def test_ple_levels_and_bad_options():
     with pytest.raises(ConfigError, match="n_experts"):
         build_model(SPEC, TINY.model_copy(update={"name": "mmoe", "options": {"n_experts": 0}}))
     with pytest.raises(ConfigError, match="tower_hidden"):
-        build_model(SPEC, TINY.model_copy(update={"name": "ple", "options": {"tower_hidden": "wide"}}))
-    linear = build_model(SPEC, TINY.model_copy(update={"name": "shared_bottom", "options": {"tower_hidden": []}}))
-    assert isinstance(linear.towers["ctr"].net[0], torch.nn.Linear) and len(linear.towers["ctr"].net) == 1
+        build_model(
+            SPEC, TINY.model_copy(update={"name": "ple", "options": {"tower_hidden": "wide"}})
+        )
+    linear = build_model(
+        SPEC, TINY.model_copy(update={"name": "shared_bottom", "options": {"tower_hidden": []}})
+    )
+    assert (
+        isinstance(linear.towers["ctr"].net[0], torch.nn.Linear)
+        and len(linear.towers["ctr"].net) == 1
+    )
     with pytest.raises(ConfigError, match="has no gates"):
-        build_model(SPEC, TINY.model_copy(update={"name": "shared_bottom"})).gate_weights(b.categorical, b.numerical)
+        build_model(SPEC, TINY.model_copy(update={"name": "shared_bottom"})).gate_weights(
+            b.categorical, b.numerical
+        )
 
 
 # --- MMoE experts --------------------------------------------------------------------------------
+
 
 def test_mmoe_experts_differ_at_init_and_after_training(small_sim):
     from mtrank.data.encoders import FeatureEncoder
@@ -115,13 +149,17 @@ def test_mmoe_experts_differ_at_init_and_after_training(small_sim):
     enc = FeatureEncoder.fit(small_sim, SIMULATED_SCHEMA)
     data = EncodedData.from_frame(small_sim, SIMULATED_SCHEMA, enc)
     spec = FeatureSpec(cardinalities=enc.cardinalities, n_numerical=len(enc.numerical))
-    model = build_model(spec, ModelConfig(name="mmoe", tower=[16, 8], embedding_dim=4, options={"n_experts": 3}))
+    model = build_model(
+        spec, ModelConfig(name="mmoe", tower=[16, 8], embedding_dim=4, options={"n_experts": 3})
+    )
     weights = [e.net[0].weight.detach().clone() for e in model.body.experts.experts]
     assert not torch.equal(weights[0], weights[1]) and not torch.equal(weights[1], weights[2])
     x = (data.categorical[:2000], data.numerical[:2000])
     with torch.no_grad():
         before = expert_divergence(model.expert_outputs(*x))
-    Trainer(TrainConfig(epochs=1, batch_size=1024, seed=0), SIMULATED_SCHEMA, quiet=True).fit(model, data)
+    Trainer(TrainConfig(epochs=1, batch_size=1024, seed=0), SIMULATED_SCHEMA, quiet=True).fit(
+        model, data
+    )
     with torch.no_grad():
         after = expert_divergence(model.expert_outputs(*x))
     assert before["divergence"] > 0.05 and after["divergence"] > 0.01
@@ -139,6 +177,7 @@ def test_identical_experts_have_zero_divergence():
 
 
 # --- the ESMM paper's baselines ------------------------------------------------------------------
+
 
 def _funnel_tensors():
     g = torch.Generator().manual_seed(0)
@@ -173,12 +212,20 @@ def test_resampling_counts_on_a_fixed_seed():
 def test_prepare_split_flags_ctr_and_cvr_rows():
     click, conv, p_ctr = _funnel_tensors()
     n = click.numel()
-    data = EncodedData(torch.zeros(n, 2, dtype=torch.int64), torch.zeros(n, 1), {"click": click, "conversion": conv, "ctcvr": click * conv},
-                       side={"propensity_ctr": p_ctr.numpy()})
-    model = build_model(SPEC, TINY.model_copy(update={"name": "aman", "options": {"negative_rate": 0.1}}))
+    data = EncodedData(
+        torch.zeros(n, 2, dtype=torch.int64),
+        torch.zeros(n, 1),
+        {"click": click, "conversion": conv, "ctcvr": click * conv},
+        side={"propensity_ctr": p_ctr.numpy()},
+    )
+    model = build_model(
+        SPEC, TINY.model_copy(update={"name": "aman", "options": {"negative_rate": 0.1}})
+    )
     train = model.prepare_split(data, "train", seed=1)
     assert len(train) == n + 3661
-    assert int(train.labels["ctr_space"].sum()) == n and int(train.labels["cvr_space"].sum()) == 3661
+    assert (
+        int(train.labels["ctr_space"].sum()) == n and int(train.labels["cvr_space"].sum()) == 3661
+    )
     val = model.prepare_split(data, "val", seed=1)
     assert len(val) == n and torch.equal(val.labels["cvr_space"], click)
     unbias = build_model(SPEC, TINY.model_copy(update={"name": "unbias"}))
@@ -208,24 +255,37 @@ def test_division_pcvr_is_clipped_to_one():
 
 # --- AITM and ESCM² -----------------------------------------------------------------------------
 
+
 def test_aitm_calibrator_penalises_only_pctcvr_above_pctr():
-    model = build_model(SPEC, TINY.model_copy(update={"name": "aitm", "options": {"calibrator_weight": 0.5}}))
+    model = build_model(
+        SPEC, TINY.model_copy(update={"name": "aitm", "options": {"calibrator_weight": 0.5}})
+    )
     b = make_batch(4)
-    outs = {"p_ctr": torch.tensor([0.5, 0.2, 0.1, 0.3]), "p_ctcvr": torch.tensor([0.1, 0.2, 0.3, 0.7])}
+    outs = {
+        "p_ctr": torch.tensor([0.5, 0.2, 0.1, 0.3]),
+        "p_ctcvr": torch.tensor([0.1, 0.2, 0.3, 0.7]),
+    }
     assert float(model.extra_loss(outs, b)) == pytest.approx(0.5 * (0.2 + 0.4) / 4)
     outs["p_ctcvr"] = outs["p_ctr"] / 2
     assert float(model.extra_loss(outs, b)) == 0.0
     out = model(b.categorical, b.numerical)
     assert ((out["transfer_weight"] > 0) & (out["transfer_weight"] < 1)).all()
     total, parts = model_loss(model, out, b)
-    assert "extra" in parts and float(total.detach()) == pytest.approx(parts["ctr"] + parts["ctcvr"] + parts["extra"], rel=1e-5)
+    assert "extra" in parts and float(total.detach()) == pytest.approx(
+        parts["ctr"] + parts["ctcvr"] + parts["extra"], rel=1e-5
+    )
     total.backward()
-    assert model.transfer[0].weight.grad.abs().sum() > 0  # the CTCVR loss reaches the transfer layer
+    assert (
+        model.transfer[0].weight.grad.abs().sum() > 0
+    )  # the CTCVR loss reaches the transfer layer
 
 
 @pytest.mark.parametrize("name", ["escm2_ipw", "escm2_dr"])
 def test_escm2_ipw_weight_is_finite_for_pctr_near_zero(name):
-    assert torch.equal(ipw_weights(torch.tensor([0.0, 1e-30, 0.005, 0.5, 1.0]), 0.01), torch.tensor([100.0, 100.0, 100.0, 2.0, 1.0]))
+    assert torch.equal(
+        ipw_weights(torch.tensor([0.0, 1e-30, 0.005, 0.5, 1.0]), 0.01),
+        torch.tensor([100.0, 100.0, 100.0, 2.0, 1.0]),
+    )
     torch.manual_seed(0)
     model = build_model(SPEC, TINY.model_copy(update={"name": name}))
     b = make_batch(16)
@@ -235,23 +295,44 @@ def test_escm2_ipw_weight_is_finite_for_pctr_near_zero(name):
     extra = model.extra_loss(out, b)
     assert torch.isfinite(extra)  # (a DR risk may be negative: ê + o(e − ê)/p̂)
     extra.backward()
-    assert logit_ctr.grad is None or torch.equal(logit_ctr.grad, torch.zeros(16))  # the propensity is detached
+    assert logit_ctr.grad is None or torch.equal(
+        logit_ctr.grad, torch.zeros(16)
+    )  # the propensity is detached
     risk, imputation = model.counterfactual_risk(out, b)
     if name == "escm2_ipw":
-        err = torch.nn.functional.binary_cross_entropy_with_logits(out["logit_cvr"], b.labels["conversion"], reduction="none")
-        assert float(risk.detach()) == pytest.approx(float((b.labels["click"] * err.detach() * 100).mean()), rel=1e-5)
+        err = torch.nn.functional.binary_cross_entropy_with_logits(
+            out["logit_cvr"], b.labels["conversion"], reduction="none"
+        )
+        assert float(risk.detach()) == pytest.approx(
+            float((b.labels["click"] * err.detach() * 100).mean()), rel=1e-5
+        )
         assert imputation is None
     else:
         assert imputation is not None and torch.isfinite(imputation)
     with pytest.raises(ConfigError, match="propensity_clip"):
-        build_model(SPEC, TINY.model_copy(update={"name": name, "options": {"propensity_clip": 0.0}}))
+        build_model(
+            SPEC, TINY.model_copy(update={"name": name, "options": {"propensity_clip": 0.0}})
+        )
 
 
 # --- learning, through the benchmark ----------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def tiny_bench(tmp_path_factory):
-    cfg = BenchmarkConfig(dataset="simulated", models=sorted(MODELS), repeats=1, epochs=3, batch_size=512, lr=2e-3, embedding_dim=8, tower=[32, 16], rows=40_000, test_fraction=0.25, threads=1)
+    cfg = BenchmarkConfig(
+        dataset="simulated",
+        models=sorted(MODELS),
+        repeats=1,
+        epochs=3,
+        batch_size=512,
+        lr=2e-3,
+        embedding_dim=8,
+        tower=[32, 16],
+        rows=40_000,
+        test_fraction=0.25,
+        threads=1,
+    )
     return run_benchmark(cfg, tmp_path_factory.mktemp("sim"))[0]
 
 
@@ -269,7 +350,9 @@ def test_every_model_learns_on_the_simulator(tiny_bench):
     for name in MODELS:
         m = run[name][0]
         assert m["ctcvr_source"] == ("own" if name in ENTIRE_SPACE_MODELS else "shared_ctr_x_pcvr")
-        assert m["auc_ctcvr"] == (m["auc_ctcvr_own"] if name in ENTIRE_SPACE_MODELS else m["auc_ctcvr_shared"])
+        assert m["auc_ctcvr"] == (
+            m["auc_ctcvr_own"] if name in ENTIRE_SPACE_MODELS else m["auc_ctcvr_shared"]
+        )
         assert m["gauc_ctr"] is not None and m["gauc_cvr_masked"] is not None
     assert set(tiny_bench["gates"]) == {"mmoe", "esmm_mmoe", "ple"}
     table = markdown_table(tiny_bench)
@@ -279,13 +362,33 @@ def test_every_model_learns_on_the_simulator(tiny_bench):
 def test_base_ctr_network_equals_the_shared_ctr_network(tmp_path):
     # BASE's CTR network is built first from the same seed as the shared CTR network, sees the
     # same batches, and (one epoch, so no early-stopping choice) ends with identical weights
-    cfg = BenchmarkConfig(dataset="simulated", models=["base"], repeats=1, epochs=1, batch_size=512, embedding_dim=4, tower=[8], rows=8_000, threads=1)
+    cfg = BenchmarkConfig(
+        dataset="simulated",
+        models=["base"],
+        repeats=1,
+        epochs=1,
+        batch_size=512,
+        embedding_dim=4,
+        tower=[8],
+        rows=8_000,
+        threads=1,
+    )
     res, _ = run_benchmark(cfg, tmp_path)
     assert res["per_repeat"]["base"][0]["auc_ctr"] == res["shared_ctr"][0]["auc_ctr"]
 
 
 def test_benchmark_is_reproducible_and_checks_models(tmp_path):
-    cfg = BenchmarkConfig(dataset="simulated", models=["esmm", "mmoe"], repeats=2, epochs=1, batch_size=1024, embedding_dim=4, tower=[8], rows=5_000, threads=1)
+    cfg = BenchmarkConfig(
+        dataset="simulated",
+        models=["esmm", "mmoe"],
+        repeats=2,
+        epochs=1,
+        batch_size=1024,
+        embedding_dim=4,
+        tower=[8],
+        rows=5_000,
+        threads=1,
+    )
     a, _ = run_benchmark(cfg, tmp_path)
     b, _ = run_benchmark(cfg, tmp_path)
     assert json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
@@ -304,12 +407,25 @@ def test_plain_multitask_models_learn(small_sim):
     from mtrank.data.split import SplitConfig, split_data
     from mtrank.workflow import fit
 
-    schema = Schema(name="two_tasks", tasks={"cheap": "cheap", "young": "young"}, categorical=["item_id", "category", "user_id", "user_age"], numerical=[])
-    df = small_sim.with_columns(cheap=(small_sim["price"] < 60).cast(int), young=(small_sim["user_age"] < 3).cast(int))
+    schema = Schema(
+        name="two_tasks",
+        tasks={"cheap": "cheap", "young": "young"},
+        categorical=["item_id", "category", "user_id", "user_age"],
+        numerical=[],
+    )
+    df = small_sim.with_columns(
+        cheap=(small_sim["price"] < 60).cast(int), young=(small_sim["user_age"] < 3).cast(int)
+    )
     df, _ = validate_frame(df, schema, "sim")
     splits = split_data(LoadedData(schema, {"all": df}, {"all": "sim"}), SplitConfig())
     for name in sorted(PLAIN_TASK_MODELS):
-        res = fit(splits, schema, ModelConfig(name=name, tower=[16, 8], embedding_dim=4), TrainConfig(epochs=1, batch_size=512), quiet=True)
+        res = fit(
+            splits,
+            schema,
+            ModelConfig(name=name, tower=[16, 8], embedding_dim=4),
+            TrainConfig(epochs=1, batch_size=512),
+            quiet=True,
+        )
         test = res.metrics["test"]
         assert test["auc_cheap"] > 0.85 and test["auc_young"] > 0.85, name
 
@@ -325,7 +441,9 @@ def test_new_models_round_trip_through_a_bundle(small_sim, tmp_path, name):
 
     df, _ = validate_frame(small_sim.head(6_000), SIMULATED_SCHEMA, "sim")
     splits = split_data(LoadedData(SIMULATED_SCHEMA, {"all": df}, {"all": "sim"}), SplitConfig())
-    cfg = ModelConfig(name=name, tower=[8], embedding_dim=4, options={"n_levels": 2} if name == "ple" else {})
+    cfg = ModelConfig(
+        name=name, tower=[8], embedding_dim=4, options={"n_levels": 2} if name == "ple" else {}
+    )
     res = fit(splits, SIMULATED_SCHEMA, cfg, TrainConfig(epochs=1, batch_size=1024), quiet=True)
     res.bundle.save(tmp_path / "b")
     loaded = Bundle.load(tmp_path / "b")

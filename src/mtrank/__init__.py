@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from mtrank.config import RunConfig, load_config
     from mtrank.workflow import FitOutput, run
 
+
 def __getattr__(name: str) -> Any:
     """The Python API, imported on first use (``import mtrank`` stays light for the CLI)."""
     if name == "run":

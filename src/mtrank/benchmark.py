@@ -147,7 +147,9 @@ class SharedCTR(nn.Module):
         """The CTR output layer, so the prior output bias starts it as BASE's CTR network."""
         return {"ctr": self.net.tower.output_layer}
 
-    def forward(self, categorical: torch.Tensor, numerical: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(
+        self, categorical: torch.Tensor, numerical: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
         """Logits of the CTR network ``[B]``; its CVR outputs are the 0.5 placeholder."""
         logit = self.net(categorical, numerical)
         return funnel_outputs(logit, torch.zeros_like(logit))
@@ -181,7 +183,10 @@ def expert_divergence(experts: torch.Tensor) -> dict[str, object]:
     cos = torch.einsum("bed,bfd->ef", z, z) / experts.shape[0]  # [E, E]
     e = cos.shape[0]
     off = (cos.sum() - cos.diagonal().sum()) / max(e * (e - 1), 1)
-    return {"divergence": round(float(1.0 - off), 6), "cosine": [[round(float(v), 4) for v in row] for row in cos]}
+    return {
+        "divergence": round(float(1.0 - off), 6),
+        "cosine": [[round(float(v), 4) for v in row] for row in cos],
+    }
 
 
 @torch.no_grad()
@@ -189,7 +194,9 @@ def gate_report(model: nn.Module, data: EncodedData) -> dict[str, object] | None
     """Gate statistics of a gated model on up to 20k rows of ``data`` (None for other models):
     per task ``mean`` weight per expert ``[E]``, mean per-row ``entropy`` (nats; ln E = uniform),
     and :func:`expert_divergence`."""
-    if not (hasattr(model, "gate_weights") and hasattr(getattr(model, "body", None), "gate_weights")):
+    if not (
+        hasattr(model, "gate_weights") and hasattr(getattr(model, "body", None), "gate_weights")
+    ):
         return None
     model.eval()
     n = min(len(data), GATE_SAMPLE_ROWS)
@@ -206,12 +213,22 @@ def gate_report(model: nn.Module, data: EncodedData) -> dict[str, object] | None
     return {"gates": tasks, "experts": expert_divergence(model.expert_outputs(cat, num))}
 
 
-def _train(model: nn.Module, train: EncodedData, val: EncodedData | None, schema: Schema, tcfg: TrainConfig) -> int:
+def _train(
+    model: nn.Module, train: EncodedData, val: EncodedData | None, schema: Schema, tcfg: TrainConfig
+) -> int:
     train_v, val_v = training_views(model, train, val, tcfg.seed)
     return Trainer(tcfg, schema, quiet=True).fit(model, train_v, val_v).best_epoch
 
 
-def _funnel_extras(out: dict[str, np.ndarray], labels: dict[str, np.ndarray], shared_p_ctr: np.ndarray | None, name: str, schema: Schema, side: dict[str, np.ndarray], m: dict) -> None:
+def _funnel_extras(
+    out: dict[str, np.ndarray],
+    labels: dict[str, np.ndarray],
+    shared_p_ctr: np.ndarray | None,
+    name: str,
+    schema: Schema,
+    side: dict[str, np.ndarray],
+    m: dict,
+) -> None:
     """Adds the paper's CTCVR protocol and per-task GAUC to the metrics ``m`` (in place);
     without a shared CTR network (``shared_p_ctr`` None) every model's own pCTCVR counts."""
     y, click, conv = labels["ctcvr"], labels["click"], labels["conversion"]
@@ -246,9 +263,13 @@ def check_config(cfg: BenchmarkConfig) -> Schema:
     check_models(cfg.models, schema)
     simulated = cfg.dataset == "simulated"
     if not simulated and (cfg.preset != "default" or cfg.sim or cfg.sim_seeds > 1):
-        raise ConfigError(f"--preset, --sim-seeds and simulator knobs apply to --dataset simulated only, not {cfg.dataset!r}")
+        raise ConfigError(
+            f"--preset, --sim-seeds and simulator knobs apply to --dataset simulated only, not {cfg.dataset!r}"
+        )
     if not simulated and cfg.select in TRUTH_METRICS:
-        raise ConfigError(f"--select {cfg.select}: truth metrics exist only on the simulator (true_cvr_clicked / true_cvr_do); {cfg.dataset!r} has no ground truth")
+        raise ConfigError(
+            f"--select {cfg.select}: truth metrics exist only on the simulator (true_cvr_clicked / true_cvr_do); {cfg.dataset!r} has no ground truth"
+        )
     if not simulated and cfg.fuse_k is not None:
         raise ConfigError(f"--fuse-k needs the simulator's exact truth; {cfg.dataset!r} has none")
     if cfg.reference is not None and cfg.reference not in cfg.models and cfg.reference != "base":
@@ -260,11 +281,21 @@ def check_config(cfg: BenchmarkConfig) -> Schema:
 
 def sim_config(cfg: BenchmarkConfig, sim_seed: int) -> SimConfig:
     """The simulator settings of simulator seed ``sim_seed``."""
-    return preset_config(cfg.preset, **{**cfg.sim, "rows": cfg.rows, "seed": sim_seed, "history_len": cfg.sim.get("history_len", 0)})
+    return preset_config(
+        cfg.preset,
+        **{
+            **cfg.sim,
+            "rows": cfg.rows,
+            "seed": sim_seed,
+            "history_len": cfg.sim.get("history_len", 0),
+        },
+    )
 
 
 def run_benchmark(
-    cfg: BenchmarkConfig, data_dir: str | Path | None = None, log: Callable[[str], None] | None = None,
+    cfg: BenchmarkConfig,
+    data_dir: str | Path | None = None,
+    log: Callable[[str], None] | None = None,
     partial: Callable[[dict], None] | None = None,
 ) -> tuple[dict, dict]:
     """Train and evaluate every model of ``cfg`` on one split per simulator seed, ``cfg.repeats``
@@ -301,7 +332,11 @@ def run_benchmark(
     sources: dict = {}
     batch_size = cfg.batch_size or DATASETS[cfg.dataset].batch_size
     n_sims = cfg.sim_seeds if cfg.dataset == "simulated" else 1
-    seeds = range(cfg.first_sim_seed, cfg.first_sim_seed + n_sims) if cfg.dataset == "simulated" else range(1)
+    seeds = (
+        range(cfg.first_sim_seed, cfg.first_sim_seed + n_sims)
+        if cfg.dataset == "simulated"
+        else range(1)
+    )
     for sim_seed in seeds:
         if cfg.dataset == "simulated":
             sim = sim_config(cfg, sim_seed)
@@ -311,7 +346,12 @@ def run_benchmark(
         else:
             loaded = load_data(cfg.dataset, data_dir=data_dir)
         sources[str(sim_seed)] = loaded.sources
-        splits = split_data(loaded, SplitConfig(test_fraction=cfg.test_fraction, val_fraction=cfg.val_fraction, seed=cfg.seed))
+        splits = split_data(
+            loaded,
+            SplitConfig(
+                test_fraction=cfg.test_fraction, val_fraction=cfg.val_fraction, seed=cfg.seed
+            ),
+        )
         encoder = FeatureEncoder.fit(splits["train"], schema)
         enc = {k: EncodedData.from_frame(v, schema, encoder) for k, v in splits.items() if v.height}
         train, val, test = enc["train"], enc.get("val"), enc["test"]
@@ -328,22 +368,68 @@ def run_benchmark(
         replay = _replay_data(splits["test"], cfg) if cfg.fuse_k is not None else None
         for r in range(cfg.repeats):
             seed = cfg.seed + r
-            tcfg = TrainConfig(epochs=cfg.epochs, batch_size=batch_size, lr=cfg.lr, patience=cfg.patience, seed=seed, monitor=cfg.select, device=cfg.device, precision=cfg.precision)
+            tcfg = TrainConfig(
+                epochs=cfg.epochs,
+                batch_size=batch_size,
+                lr=cfg.lr,
+                patience=cfg.patience,
+                seed=seed,
+                monitor=cfg.select,
+                device=cfg.device,
+                precision=cfg.precision,
+            )
             train_r, shared_p = train, None
             if schema.is_funnel and cfg.shared_ctr:
                 torch.manual_seed(seed)
-                ctr_model = SharedCTR(spec, ModelConfig(name="base", embedding_dim=cfg.embedding_dim, tower=cfg.tower))
+                ctr_model = SharedCTR(
+                    spec, ModelConfig(name="base", embedding_dim=cfg.embedding_dim, tower=cfg.tower)
+                )
                 start = time.perf_counter()
-                best = _train(ctr_model, train, val, schema, tcfg.model_copy(update={"monitor": "auc_ctr" if cfg.select != "loss" else "loss"}))
+                best = _train(
+                    ctr_model,
+                    train,
+                    val,
+                    schema,
+                    tcfg.model_copy(
+                        update={"monitor": "auc_ctr" if cfg.select != "loss" else "loss"}
+                    ),
+                )
                 timings.setdefault("shared_ctr", []).append(round(time.perf_counter() - start, 2))
                 shared_p = predict(ctr_model, test)["p_ctr"]
-                shared_ctr.append({"sim_seed": sim_seed, "seed": seed, "auc_ctr": auc(test_labels["click"], shared_p), "logloss_ctr": logloss(test_labels["click"], shared_p), "best_epoch": best})
-                train_r = EncodedData(train.categorical, train.numerical, train.labels, train.weight, {**train.side, PROPENSITY_COLUMN: predict(ctr_model, train)["p_ctr"]})
+                shared_ctr.append(
+                    {
+                        "sim_seed": sim_seed,
+                        "seed": seed,
+                        "auc_ctr": auc(test_labels["click"], shared_p),
+                        "logloss_ctr": logloss(test_labels["click"], shared_p),
+                        "best_epoch": best,
+                    }
+                )
+                train_r = EncodedData(
+                    train.categorical,
+                    train.numerical,
+                    train.labels,
+                    train.weight,
+                    {**train.side, PROPENSITY_COLUMN: predict(ctr_model, train)["p_ctr"]},
+                )
                 log(f"sim {sim_seed} seed {seed}: shared CTR auc {shared_ctr[-1]['auc_ctr']:.4f}")
             for name in cfg.models:
-                mcfg = ModelConfig(name=name, embedding_dim=cfg.embedding_dim, tower=cfg.tower, options=cfg.options.get(name, {}))
+                mcfg = ModelConfig(
+                    name=name,
+                    embedding_dim=cfg.embedding_dim,
+                    tower=cfg.tower,
+                    options=cfg.options.get(name, {}),
+                )
                 init_div = _init_divergence(spec, mcfg, test, seed)
-                fitted = fit_encoded({"train": train_r, **({"val": val} if val is not None else {})}, encoder, schema, mcfg, tcfg, quiet=True, evaluate=())
+                fitted = fit_encoded(
+                    {"train": train_r, **({"val": val} if val is not None else {})},
+                    encoder,
+                    schema,
+                    mcfg,
+                    tcfg,
+                    quiet=True,
+                    evaluate=(),
+                )
                 model = fitted.bundle.model
                 timings.setdefault(name, []).append(round(fitted.seconds, 2))
                 out = predict(model, test)
@@ -360,26 +446,47 @@ def run_benchmark(
                     rep["experts"]["divergence_at_init"] = init_div
                     gates.setdefault(name, []).append(rep)
                 key = "auc_ctcvr" if schema.is_funnel else f"auc_{spec.task_names[0]}"
-                log(f"sim {sim_seed} seed {seed}: {name} {key} {_fmt(m.get(key))} best epoch {m['best_epoch']} ({timings[name][-1]:.0f}s)")
+                log(
+                    f"sim {sim_seed} seed {seed}: {name} {key} {_fmt(m.get(key))} best epoch {m['best_epoch']} ({timings[name][-1]:.0f}s)"
+                )
             if partial is not None:
-                partial(_results(cfg, seeds, sources, splits_info, schema, warnings, shared_ctr, per_repeat, gates))
-    return _results(cfg, seeds, sources, splits_info, schema, warnings, shared_ctr, per_repeat, gates), timings
+                partial(
+                    _results(
+                        cfg,
+                        seeds,
+                        sources,
+                        splits_info,
+                        schema,
+                        warnings,
+                        shared_ctr,
+                        per_repeat,
+                        gates,
+                    )
+                )
+    return _results(
+        cfg, seeds, sources, splits_info, schema, warnings, shared_ctr, per_repeat, gates
+    ), timings
 
 
-def _results(cfg, seeds, sources, splits_info, schema, warnings, shared_ctr, per_repeat, gates) -> dict:
+def _results(
+    cfg, seeds, sources, splits_info, schema, warnings, shared_ctr, per_repeat, gates
+) -> dict:
     n_sims = len(seeds)
     first = splits_info[0]
     return {
         "benchmark": cfg.model_dump(mode="json"),
         "dataset": cfg.dataset,
         "sources": sources if n_sims > 1 else next(iter(sources.values())),
-        "simulator": [sim_config(cfg, s).model_dump(mode="json") for s in seeds] if cfg.dataset == "simulated" else None,
+        "simulator": [sim_config(cfg, s).model_dump(mode="json") for s in seeds]
+        if cfg.dataset == "simulated"
+        else None,
         "split": {**first, "per_sim_seed": splits_info},
         "protocol": {
             "entire_space_models": sorted(ENTIRE_SPACE_MODELS & set(cfg.models)),
             "auc_ctcvr": (
                 "own pCTCVR for entire-space models; shared independently trained pCTR × model pCVR otherwise (ESMM paper §3.2)"
-                if cfg.shared_ctr else "every model's own pCTCVR (no shared CTR network)"
+                if cfg.shared_ctr
+                else "every model's own pCTCVR (no shared CTR network)"
             ),
             "select": cfg.select,
             "reference": cfg.reference if cfg.reference in cfg.models else None,
@@ -388,7 +495,9 @@ def _results(cfg, seeds, sources, splits_info, schema, warnings, shared_ctr, per
         "shared_ctr": shared_ctr,
         "per_repeat": per_repeat,
         "summary": {m: summarise(runs) for m, runs in per_repeat.items()},
-        "paired": paired_differences(per_repeat, cfg.reference) if cfg.reference in per_repeat and all(per_repeat.values()) else {},
+        "paired": paired_differences(per_repeat, cfg.reference)
+        if cfg.reference in per_repeat and all(per_repeat.values())
+        else {},
         "gates": gates,
     }
 
@@ -423,8 +532,13 @@ def merge_results(parts: list[dict]) -> dict:
     keys = sorted({k for rs in runs.values() for k in rs})
     train_seeds = sorted({k[1] for k in keys})
     out = dict(parts[0])
-    out["benchmark"] = {**parts[0]["benchmark"], "sim_seeds": len(splits), "first_sim_seed": min(splits),
-                        "seed": train_seeds[0], "repeats": len(train_seeds)}
+    out["benchmark"] = {
+        **parts[0]["benchmark"],
+        "sim_seeds": len(splits),
+        "first_sim_seed": min(splits),
+        "seed": train_seeds[0],
+        "repeats": len(train_seeds),
+    }
     out["simulator"] = [sims[k] for k in sorted(sims)] or None
     out["sources"] = [p["sources"] for p in parts]
     out["split"] = {**splits[min(splits)], "per_sim_seed": [splits[k] for k in sorted(splits)]}
@@ -438,7 +552,9 @@ def merge_results(parts: list[dict]) -> dict:
     return out
 
 
-def _split_info(splits, schema: Schema, loaded, test_labels: dict[str, np.ndarray], train: EncodedData) -> dict:
+def _split_info(
+    splits, schema: Schema, loaded, test_labels: dict[str, np.ndarray], train: EncodedData
+) -> dict:
     info = {
         "by_time": schema.time is not None and "train" not in loaded.splits,
         "rows": {k: v.height for k, v in splits.items()},
@@ -453,11 +569,15 @@ def _split_info(splits, schema: Schema, loaded, test_labels: dict[str, np.ndarra
         from scipy.stats import spearmanr
 
         t = splits["test"]
-        info["spearman_cvr_clicked_do"] = float(spearmanr(t["true_cvr_clicked"].to_numpy(), t["true_cvr_do"].to_numpy()).statistic)
+        info["spearman_cvr_clicked_do"] = float(
+            spearmanr(t["true_cvr_clicked"].to_numpy(), t["true_cvr_do"].to_numpy()).statistic
+        )
     return info
 
 
-def _init_divergence(spec: FeatureSpec, mcfg: ModelConfig, test: EncodedData, seed: int) -> float | None:
+def _init_divergence(
+    spec: FeatureSpec, mcfg: ModelConfig, test: EncodedData, seed: int
+) -> float | None:
     """Expert divergence of a gated model at initialisation (the same init ``fit_encoded`` makes)."""
     torch.manual_seed(seed)
     model = build_model(spec, mcfg)
@@ -465,7 +585,9 @@ def _init_divergence(spec: FeatureSpec, mcfg: ModelConfig, test: EncodedData, se
         return None
     with torch.no_grad():
         n = min(len(test), GATE_SAMPLE_ROWS)
-        return expert_divergence(model.expert_outputs(test.categorical[:n], test.numerical[:n]))["divergence"]
+        return expert_divergence(model.expert_outputs(test.categorical[:n], test.numerical[:n]))[
+            "divergence"
+        ]
 
 
 def _replay_data(test, cfg: BenchmarkConfig) -> dict:
@@ -476,17 +598,37 @@ def _replay_data(test, cfg: BenchmarkConfig) -> dict:
     return {"keep": keep, "frame": t}
 
 
-def _fusion_metrics(replay: dict, out: dict[str, np.ndarray], cfg: BenchmarkConfig, sim_seed: int) -> dict[str, float]:
+def _fusion_metrics(
+    replay: dict, out: dict[str, np.ndarray], cfg: BenchmarkConfig, sim_seed: int
+) -> dict[str, float]:
     """Exact expected GMV@K on held-out requests after tuning a multiplicative fusion
     pCTR^α·pCVR^β·price^γ on the others (:func:`mtrank.ranking.tune.tune`, objective
     ``exp_gmv``: Σ_topK true_ctr · true_cvr_clicked · price = Σ_topK p(click ∧ conv | x)·price)."""
     t, keep, k = replay["frame"], replay["keep"], cfg.fuse_k
     col = lambda c: t.get_column(c).to_numpy()
     data = ReplayData(
-        col("request_id"), col("click"), col("conversion"), col("price"), col("price"),
-        out["p_ctr"][keep], out["p_cvr"][keep], true_ctr=col("true_ctr"), true_cvr=col("true_cvr_clicked"),
+        col("request_id"),
+        col("click"),
+        col("conversion"),
+        col("price"),
+        col("price"),
+        out["p_ctr"][keep],
+        out["p_cvr"][keep],
+        true_ctr=col("true_ctr"),
+        true_cvr=col("true_cvr_clicked"),
     )
-    res = tune(data, TuneConfig(formula="multiplicative", method="grid", grid_points=cfg.fuse_grid, k=k, objective="exp_gmv", click_floor=None, seed=sim_seed))
+    res = tune(
+        data,
+        TuneConfig(
+            formula="multiplicative",
+            method="grid",
+            grid_points=cfg.fuse_grid,
+            k=k,
+            objective="exp_gmv",
+            click_floor=None,
+            seed=sim_seed,
+        ),
+    )
     held = res.heldout
     oracle = replay_metrics(res.held, res.held.true_ctr * res.held.true_cvr * res.held.price, k)
     return {
@@ -499,12 +641,19 @@ def _fusion_metrics(replay: dict, out: dict[str, np.ndarray], cfg: BenchmarkConf
 
 # Metrics compared pairwise with the reference (larger is better for all but the biases).
 PAIRED_METRICS = [
-    "auc_ctcvr", "auc_cvr_masked", "auc_ctr", "auc_cvr_clicked_all", "auc_cvr_do_all",
-    "bias_cvr_clicked_all", "bias_cvr_do_all",
+    "auc_ctcvr",
+    "auc_cvr_masked",
+    "auc_ctr",
+    "auc_cvr_clicked_all",
+    "auc_cvr_do_all",
+    "bias_cvr_clicked_all",
+    "bias_cvr_do_all",
 ]
 
 
-def paired_differences(per_repeat: dict[str, list[dict]], reference: str) -> dict[str, dict[str, dict]]:
+def paired_differences(
+    per_repeat: dict[str, list[dict]], reference: str
+) -> dict[str, dict[str, dict]]:
     """Model − reference on the same test rows, run by run (same simulator seed, same training
     seed), for :data:`PAIRED_METRICS`, ``exp_gmv_fused@K`` and ``exp_gmv_pctcvr@K`` (relative, in %;
     the latter ranks by the model's pCTCVR alone, no tuning).
@@ -522,7 +671,9 @@ def paired_differences(per_repeat: dict[str, list[dict]], reference: str) -> dic
     for name, runs in per_repeat.items():
         if name == reference:
             continue
-        metrics = list(PAIRED_METRICS) + [k for k in runs[0] if k.startswith(("exp_gmv_fused@", "exp_gmv_pctcvr@"))]
+        metrics = list(PAIRED_METRICS) + [
+            k for k in runs[0] if k.startswith(("exp_gmv_fused@", "exp_gmv_pctcvr@"))
+        ]
         res: dict[str, dict] = {}
         for key in metrics:
             diffs, ses = [], []
@@ -545,11 +696,16 @@ def paired_differences(per_repeat: dict[str, list[dict]], reference: str) -> dic
             n = len(diffs)
             std = statistics.stdev(diffs) if n > 1 else 0.0
             res[key] = {
-                "mean": statistics.fmean(diffs), "std": std, "n": n,
-                "better": sum(d > 0 for d in diffs), "worse": sum(d < 0 for d in diffs),
+                "mean": statistics.fmean(diffs),
+                "std": std,
+                "n": n,
+                "better": sum(d > 0 for d in diffs),
+                "worse": sum(d < 0 for d in diffs),
                 "se_seeds": std / math.sqrt(n) if n > 1 else None,
                 "se_hanley_mcneil": statistics.fmean(ses) if ses else None,
-                "kind": "relative %" if key.startswith("exp_gmv") else ("|bias| reduction" if key.startswith("bias_") else "difference"),
+                "kind": "relative %"
+                if key.startswith("exp_gmv")
+                else ("|bias| reduction" if key.startswith("bias_") else "difference"),
             }
         out[name] = res
     return out
@@ -607,7 +763,10 @@ def markdown_table(results: dict) -> str:
         "|---|" + "---:|" * len(cols),
     ]
     for name, s in summary.items():
-        cells = [_fmt(s[c]["mean"], s[c]["std"] if repeats > 1 else None) if c in s else "n/a" for c in cols]
+        cells = [
+            _fmt(s[c]["mean"], s[c]["std"] if repeats > 1 else None) if c in s else "n/a"
+            for c in cols
+        ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -616,7 +775,10 @@ def gate_table(results: dict) -> str:
     """Gate entropy and expert divergence of the gated models (first repeat), as markdown."""
     if not results["gates"]:
         return ""
-    lines = ["| model | task | mean gate weight per expert | gate entropy (max) | expert divergence init → trained |", "|---|---|---|---:|---:|"]
+    lines = [
+        "| model | task | mean gate weight per expert | gate entropy (max) | expert divergence init → trained |",
+        "|---|---|---|---:|---:|",
+    ]
     for name, reps in results["gates"].items():
         rep = reps[0]
         div = rep["experts"]
@@ -637,19 +799,29 @@ def report_markdown(results: dict, command: str) -> str:
     sims = results.get("simulator")
     sel = results["protocol"].get("select", "loss")
     parts = [
-        f"# Benchmark: {results['dataset']}" + (f" (preset {b.get('preset', 'default')})" if results["dataset"] == "simulated" else ""),
+        f"# Benchmark: {results['dataset']}"
+        + (f" (preset {b.get('preset', 'default')})" if results["dataset"] == "simulated" else ""),
         "",
         "Command:",
         "",
         f"```\n{command}\n```",
         "",
         f"Settings: {b['repeats']} training seed(s) ({b['seed']}..{b['seed'] + b['repeats'] - 1})"
-        + (f" × {b.get('sim_seeds', 1)} simulator seed(s)" if results["dataset"] == "simulated" else "")
+        + (
+            f" × {b.get('sim_seeds', 1)} simulator seed(s)"
+            if results["dataset"] == "simulated"
+            else ""
+        )
         + f", at most {b['epochs']} epoch(s) with early stopping (patience {b['patience']}); the same selection rule for every model: "
         + ("each model's own validation loss" if sel == "loss" else f"best validation `{sel}`")
         + f"; batch {b['batch_size'] or DATASETS[results['dataset']].batch_size}, Adam lr {b['lr']}, "
         f"embedding {b['embedding_dim']}, MLP {'×'.join(map(str, b['tower']))}"
-        + (f", {b['rows']:,} simulated impressions per simulator seed" if results["dataset"] == "simulated" else "") + ".",
+        + (
+            f", {b['rows']:,} simulated impressions per simulator seed"
+            if results["dataset"] == "simulated"
+            else ""
+        )
+        + ".",
     ]
     if sims:
         knobs = {k: v for k, v in sims[0].items() if k not in ("seed", "rows", "preset")}
@@ -659,31 +831,61 @@ def report_markdown(results: dict, command: str) -> str:
             (f"Simulator seed {sp.get('sim_seed', i)}: " if len(per_sim) > 1 else "")
             + f"split ({'by time' if sp['by_time'] else 'fixed seeded split'}): "
             + ", ".join(f"{k} {v:,}" for k, v in sp["rows"].items())
-            + (f"; test clicks {sp['clicks_test']:,}, test conversions {sp['conversions_test']:,}" if sp.get("clicks_test") is not None else "")
-            + (f"; training conversions {sp['conversions_train']:,}" if sp.get("conversions_train") is not None else "")
+            + (
+                f"; test clicks {sp['clicks_test']:,}, test conversions {sp['conversions_test']:,}"
+                if sp.get("clicks_test") is not None
+                else ""
+            )
+            + (
+                f"; training conversions {sp['conversions_train']:,}"
+                if sp.get("conversions_train") is not None
+                else ""
+            )
             + (f" over {sp['items']:,} items seen in training" if sp.get("items") else "")
-            + (f"; Spearman(true_cvr_clicked, true_cvr_do) on test {sp['spearman_cvr_clicked_do']:.3f}" if sp.get("spearman_cvr_clicked_do") is not None else "")
+            + (
+                f"; Spearman(true_cvr_clicked, true_cvr_do) on test {sp['spearman_cvr_clicked_do']:.3f}"
+                if sp.get("spearman_cvr_clicked_do") is not None
+                else ""
+            )
             + "."
         )
     for w in results.get("warnings", []):
         parts.append(f"**Warning:** {w}.")
     parts += [
         "",
-        "Test metrics" + (" (mean ± std over runs)" if len(next(iter(results["per_repeat"].values()), [])) > 1 else "") + "."
+        "Test metrics"
         + (
-            " `auc_ctcvr`: own pCTCVR for entire-space models (" + ", ".join(results["protocol"]["entire_space_models"])
+            " (mean ± std over runs)"
+            if len(next(iter(results["per_repeat"].values()), [])) > 1
+            else ""
+        )
+        + "."
+        + (
+            " `auc_ctcvr`: own pCTCVR for entire-space models ("
+            + ", ".join(results["protocol"]["entire_space_models"])
             + "), shared pCTR × model pCVR for the others (`auc_ctcvr_own`: every model's own pCTCVR)."
-            if split["clicks_test"] is not None and b.get("shared_ctr", True) else ""
+            if split["clicks_test"] is not None and b.get("shared_ctr", True)
+            else ""
         ),
         "",
         markdown_table(results),
     ]
     pt = paired_table(results)
     if pt:
-        parts += ["", f"Paired differences against `{results['protocol']['reference']}` (same test rows, run by run):", "", pt]
+        parts += [
+            "",
+            f"Paired differences against `{results['protocol']['reference']}` (same test rows, run by run):",
+            "",
+            pt,
+        ]
     if results["shared_ctr"]:
         aucs = [r["auc_ctr"] for r in results["shared_ctr"]]
-        parts += ["", f"Shared CTR network: auc_ctr {statistics.fmean(aucs):.4f}" + (f" ± {statistics.stdev(aucs):.4f}" if len(aucs) > 1 else "") + "."]
+        parts += [
+            "",
+            f"Shared CTR network: auc_ctr {statistics.fmean(aucs):.4f}"
+            + (f" ± {statistics.stdev(aucs):.4f}" if len(aucs) > 1 else "")
+            + ".",
+        ]
     gt = gate_table(results)
     if gt:
         parts += ["", "Gates (first repeat, test rows):", "", gt]

@@ -76,7 +76,11 @@ class TorchScorer:
 
     def __call__(self, categorical: np.ndarray, numerical: np.ndarray) -> dict[str, np.ndarray]:
         """``p_*`` float32 ``[N]`` for encoded rows (int64 ``[N, n_cat]``, float32 ``[N, n_num]``)."""
-        data = EncodedData(torch.from_numpy(np.ascontiguousarray(categorical)), torch.from_numpy(np.ascontiguousarray(numerical)), {})
+        data = EncodedData(
+            torch.from_numpy(np.ascontiguousarray(categorical)),
+            torch.from_numpy(np.ascontiguousarray(numerical)),
+            {},
+        )
         out = predict(self.model, data, self.batch_size)
         return {k: v for k, v in out.items() if k.startswith("p_")}
 
@@ -99,15 +103,21 @@ class TorchCodec:
             state = load_file(str(folder / TorchCodec.weights_file))
         except (SafetensorError, OSError, ValueError) as exc:
             raise BundleError(f"bundle {folder}: cannot read model.safetensors ({exc})") from None
-        bad = sorted(k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all())
+        bad = sorted(
+            k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()
+        )
         if bad:
-            raise BundleError(f"bundle {folder}: model.safetensors holds non-finite weights in {bad[:5]}")
+            raise BundleError(
+                f"bundle {folder}: model.safetensors holds non-finite weights in {bad[:5]}"
+            )
         model = build_model(spec, cfg)
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as exc:
             first = str(exc).splitlines()[0]
-            raise BundleError(f"bundle {folder}: weights do not fit the model ({first} …)") from None
+            raise BundleError(
+                f"bundle {folder}: weights do not fit the model ({first} …)"
+            ) from None
         return model.eval()
 
     @staticmethod
@@ -168,7 +178,9 @@ class Bundle:
         """
         path = Path(path)
         if path.exists() and not overwrite:
-            raise BundleError(f"{path} already exists; pass --overwrite (overwrite=True) to replace it")
+            raise BundleError(
+                f"{path} already exists; pass --overwrite (overwrite=True) to replace it"
+            )
         if path.exists() and not is_bundle_dir(path):
             raise BundleError(
                 f"{path} exists and is not an mtrank bundle (a directory with {list(FILES)}); "
@@ -180,7 +192,11 @@ class Bundle:
             config = {
                 "format": FORMAT,
                 "created": datetime.now(UTC).isoformat(timespec="seconds"),
-                "versions": {"mtrank": __version__, "torch": torch.__version__, "python": platform.python_version()},
+                "versions": {
+                    "mtrank": __version__,
+                    "torch": torch.__version__,
+                    "python": platform.python_version(),
+                },
                 "schema": self.schema.model_dump(mode="json"),
                 "model": self.model_config.model_dump(mode="json"),
                 "features": self.spec.model_dump(mode="json"),
@@ -190,7 +206,9 @@ class Bundle:
             config["weights"] = weights.weights_file
             atomic_write_json(self.encoder.to_json(), staging / "encoders.json")
             weights.save_weights(self.model, staging)
-            config["sha256"] = {name: _sha256(staging / name) for name in ("encoders.json", weights.weights_file)}
+            config["sha256"] = {
+                name: _sha256(staging / name) for name in ("encoders.json", weights.weights_file)
+            }
             atomic_write_json(config, staging / "config.json")
             atomic_replace_dir(staging, path)
         except BaseException:
@@ -201,7 +219,9 @@ class Bundle:
         return path
 
     @classmethod
-    def load(cls, path: str | Path, *, device: str | torch.device = "cpu", allow_unverified: bool = False) -> Bundle:
+    def load(
+        cls, path: str | Path, *, device: str | torch.device = "cpu", allow_unverified: bool = False
+    ) -> Bundle:
         """Load a bundle (no pickle: JSON + safetensors, or a ranker's text model, only).
 
         Args:
@@ -233,7 +253,9 @@ class Bundle:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise BundleError(f"bundle {path}: unreadable JSON ({exc})") from None
         if not isinstance(config, dict) or config.get("format") != FORMAT:
-            raise BundleError(f"bundle {path}: unknown format {config.get('format') if isinstance(config, dict) else None!r}, expected {FORMAT!r}")
+            raise BundleError(
+                f"bundle {path}: unknown format {config.get('format') if isinstance(config, dict) else None!r}, expected {FORMAT!r}"
+            )
         try:
             schema = Schema.model_validate(config["schema"])
             model_cfg = ModelConfig.model_validate(config["model"])
@@ -245,7 +267,9 @@ class Bundle:
         if not (path / weights.weights_file).is_file():
             raise BundleError(f"bundle {path} is incomplete: missing {[weights.weights_file]}")
         sums = config.get("sha256")
-        unrecorded = [f for f in files[1:] if not (isinstance(sums, dict) and isinstance(sums.get(f), str))]
+        unrecorded = [
+            f for f in files[1:] if not (isinstance(sums, dict) and isinstance(sums.get(f), str))
+        ]
         if unrecorded and not allow_unverified:
             raise BundleError(
                 f"bundle {path}: config.json records no sha256 for {unrecorded}, so the files cannot be "
@@ -258,8 +282,13 @@ class Bundle:
                     "(the file was modified or corrupted after the bundle was written)"
                 )
         encoder = FeatureEncoder.from_json(enc_doc)
-        if encoder.cardinalities != spec.cardinalities or len(encoder.numerical) != spec.n_numerical:
-            raise BundleError(f"bundle {path}: encoders.json does not match the feature spec in config.json")
+        if (
+            encoder.cardinalities != spec.cardinalities
+            or len(encoder.numerical) != spec.n_numerical
+        ):
+            raise BundleError(
+                f"bundle {path}: encoders.json does not match the feature spec in config.json"
+            )
         model = weights.load_weights(path, spec, model_cfg)  # read into host memory first
         if isinstance(model, nn.Module):
             model.to(target)
@@ -270,7 +299,9 @@ class Bundle:
         """sha256 over the bundle's three files (identifies a bundle in logs and /metadata)."""
         h = hashlib.sha256()
         try:
-            weights_file = json.loads((Path(path) / "config.json").read_text()).get("weights", FILES[2])
+            weights_file = json.loads((Path(path) / "config.json").read_text()).get(
+                "weights", FILES[2]
+            )
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
             weights_file = FILES[2]
         for name in _files(weights_file):
@@ -278,7 +309,9 @@ class Bundle:
         return h.hexdigest()
 
     # -- inference ----------------------------------------------------------------------------
-    def encode(self, df: pl.DataFrame, source: str = "<table>", *, with_labels: bool = False) -> EncodedData:
+    def encode(
+        self, df: pl.DataFrame, source: str = "<table>", *, with_labels: bool = False
+    ) -> EncodedData:
         """Validate and encode a table by column name (order-independent)."""
         clean, _ = validate_frame(df, self.schema, source, require_labels=with_labels)
         return EncodedData.from_frame(clean, self.schema, self.encoder, with_labels=with_labels)
@@ -317,6 +350,10 @@ class Bundle:
         df = frame if isinstance(frame, pl.DataFrame) else pl.from_pandas(frame)
         probs = self.predict_arrays(self.encode(df, source))
         s = self.schema
-        keep = [c for c in dict.fromkeys([s.request_id, s.user_id, s.item_id, s.price, *s.passthrough]) if c and c in df.columns]
+        keep = [
+            c
+            for c in dict.fromkeys([s.request_id, s.user_id, s.item_id, s.price, *s.passthrough])
+            if c and c in df.columns
+        ]
         scores = [pl.Series(k, v.astype(np.float64)) for k, v in probs.items()]
         return df.select(keep).with_columns(scores) if keep else pl.DataFrame(scores)

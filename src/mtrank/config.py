@@ -43,13 +43,17 @@ class SplitSection(_Section):
 
     test_fraction: float = Field(0.2, gt=0, lt=1, description="share of rows in the test split")
     val_fraction: float = Field(0.1, ge=0, lt=1, description="share of rows for early stopping")
-    by_time: bool | None = Field(None, description="split by the schema's time column (null: if it has one)")
+    by_time: bool | None = Field(
+        None, description="split by the schema's time column (null: if it has one)"
+    )
     seed: int | None = Field(None, description="shuffle seed (null: training.seed)")
 
     def split_config(self, training_seed: int) -> SplitConfig:
         """The :class:`SplitConfig` (``seed`` defaults to the training seed)."""
         return SplitConfig(
-            test_fraction=self.test_fraction, val_fraction=self.val_fraction, by_time=self.by_time,
+            test_fraction=self.test_fraction,
+            val_fraction=self.val_fraction,
+            by_time=self.by_time,
             seed=training_seed if self.seed is None else self.seed,
         )
 
@@ -58,17 +62,33 @@ class DataSection(_Section):
     """Where the rows come from."""
 
     dataset: str | None = Field(None, description=f"built-in data set: {', '.join(DATASETS)}")
-    paths: list[str] = Field(default_factory=list, description="CSV/Parquet files, folders or globs (with schema)")
-    schema_: str | None = Field(None, alias="schema", description="schema YAML, or a built-in data set's name")
-    data_dir: str | None = Field(None, description="folder of the built-in data sets (null: $MTRANK_DATA_DIR, else ./data)")
-    funnel_violations: Literal["error", "drop"] | None = Field(None, description="conversion without click: error or drop")
+    paths: list[str] = Field(
+        default_factory=list, description="CSV/Parquet files, folders or globs (with schema)"
+    )
+    schema_: str | None = Field(
+        None, alias="schema", description="schema YAML, or a built-in data set's name"
+    )
+    data_dir: str | None = Field(
+        None, description="folder of the built-in data sets (null: $MTRANK_DATA_DIR, else ./data)"
+    )
+    funnel_violations: Literal["error", "drop"] | None = Field(
+        None, description="conversion without click: error or drop"
+    )
     split: SplitSection = Field(default_factory=SplitSection, description="how one table is split")
-    simulator: SimConfig = Field(default_factory=SimConfig, description="the simulated mall (dataset: simulated)")
-    stream: bool = Field(False, description="stream paths piece by piece (flat memory); evaluate on val_paths / test_paths")
+    simulator: SimConfig = Field(
+        default_factory=SimConfig, description="the simulated mall (dataset: simulated)"
+    )
+    stream: bool = Field(
+        False,
+        description="stream paths piece by piece (flat memory); evaluate on val_paths / test_paths",
+    )
     val_paths: list[str] = Field(default_factory=list, description="validation files (stream)")
     test_paths: list[str] = Field(default_factory=list, description="test files (stream)")
     shuffle_buffer: int = Field(262_144, ge=1, description="rows in the streaming shuffle buffer")
-    cache_dir: str | None = Field(None, description="keep encoded training pieces here (stream; safetensors) so later epochs skip reading and encoding")
+    cache_dir: str | None = Field(
+        None,
+        description="keep encoded training pieces here (stream; safetensors) so later epochs skip reading and encoding",
+    )
 
     @field_validator("dataset")
     @classmethod
@@ -83,7 +103,9 @@ class FeaturesSection(_Section):
 
     min_count: int = Field(1, ge=1, description="ids seen fewer times map to the OOV index")
     max_vocab: int | None = Field(None, ge=1, description="keep at most this many ids per field")
-    hash_buckets: dict[str, int] = Field(default_factory=dict, description="column: buckets, hash (FNV-1a) instead of a vocabulary")
+    hash_buckets: dict[str, int] = Field(
+        default_factory=dict, description="column: buckets, hash (FNV-1a) instead of a vocabulary"
+    )
 
     @field_validator("hash_buckets")
     @classmethod
@@ -137,11 +159,19 @@ class TrainingSection(TrainConfig):
 
     model_config = ConfigDict(extra="forbid")
 
-    weight_by_price: bool = Field(False, description="weight converted rows by 1 + min(log1p(price)/mean, cap)")
-    price_weight_cap: float = Field(3.0, gt=0, description="largest extra weight with weight_by_price")
+    weight_by_price: bool = Field(
+        False, description="weight converted rows by 1 + min(log1p(price)/mean, cap)"
+    )
+    price_weight_cap: float = Field(
+        3.0, gt=0, description="largest extra weight with weight_by_price"
+    )
     nproc: int = Field(1, ge=1, description="data-parallel processes (re-launches under torchrun)")
-    checkpoint_dir: str | None = Field(None, description="checkpoint folder (null: <export.out>.ckpt)")
-    checkpoint_every: int = Field(0, ge=0, description="also checkpoint every N steps (0: epoch ends only)")
+    checkpoint_dir: str | None = Field(
+        None, description="checkpoint folder (null: <export.out>.ckpt)"
+    )
+    checkpoint_every: int = Field(
+        0, ge=0, description="also checkpoint every N steps (0: epoch ends only)"
+    )
     resume: bool = Field(False, description="continue an interrupted run from its checkpoint")
 
     def train_config(self) -> TrainConfig:
@@ -152,9 +182,13 @@ class TrainingSection(TrainConfig):
 class EvaluationSection(_Section):
     """What ``mtrank evaluate`` scores, and where metrics go."""
 
-    split: Literal["test", "val"] = Field("test", description="built-in data set: the split to evaluate")
+    split: Literal["test", "val"] = Field(
+        "test", description="built-in data set: the split to evaluate"
+    )
     out: str | None = Field(None, description="write the metrics JSON here")
-    tensorboard: str | None = Field(None, description="write per-epoch metrics as TensorBoard events here, while training")
+    tensorboard: str | None = Field(
+        None, description="write per-epoch metrics as TensorBoard events here, while training"
+    )
 
 
 class ExportSection(_Section):
@@ -178,7 +212,9 @@ class ServeSection(_Section):
 class FusionSection(_Section):
     """The ranking-score fusion used by ``predict`` and ``serve``."""
 
-    file: str | None = Field(None, description="fusion JSON written by mtrank fuse (null: score = pCTCVR)")
+    file: str | None = Field(
+        None, description="fusion JSON written by mtrank fuse (null: score = pCTCVR)"
+    )
 
 
 class RunConfig(_Section):
@@ -223,7 +259,11 @@ def _problem(e: dict) -> str:
         return f"{key}: unknown key"
     msg = e["msg"].removeprefix("Value error, ")
     got = e.get("input")
-    shown = "" if isinstance(got, dict | list) or e["type"] == "missing" else f" (got {json.dumps(got, default=str)})"
+    shown = (
+        ""
+        if isinstance(got, dict | list) or e["type"] == "missing"
+        else f" (got {json.dumps(got, default=str)})"
+    )
     return f"{key or '<root>'}: {msg}{shown}"
 
 
@@ -236,7 +276,9 @@ def parse_config(doc: Any, origin: str) -> RunConfig:
     if doc is None:
         doc = {}
     if not isinstance(doc, dict):
-        raise ConfigError(f"{origin}: expected a mapping of sections (data, model, training …), got {type(doc).__name__}")
+        raise ConfigError(
+            f"{origin}: expected a mapping of sections (data, model, training …), got {type(doc).__name__}"
+        )
     try:
         return RunConfig.model_validate(doc)
     except ValidationError as exc:
@@ -260,7 +302,9 @@ def load_config(path: str | Path) -> RunConfig:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{p}:{where} not valid YAML ({getattr(exc, 'problem', None) or exc})") from None
+        raise ConfigError(
+            f"{p}:{where} not valid YAML ({getattr(exc, 'problem', None) or exc})"
+        ) from None
     return parse_config(doc, str(p))
 
 
@@ -354,7 +398,18 @@ def config_template(config: RunConfig | None = None) -> str:
 
 
 __all__ = [
-    "DataSection", "EvaluationSection", "ExportSection", "FeaturesSection", "FusionSection", "ModelSection",
-    "RunConfig", "ServeSection", "SplitSection", "TrainingSection", "config_template", "dataset_config",
-    "load_config", "parse_config",
+    "DataSection",
+    "EvaluationSection",
+    "ExportSection",
+    "FeaturesSection",
+    "FusionSection",
+    "ModelSection",
+    "RunConfig",
+    "ServeSection",
+    "SplitSection",
+    "TrainingSection",
+    "config_template",
+    "dataset_config",
+    "load_config",
+    "parse_config",
 ]

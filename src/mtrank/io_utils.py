@@ -57,7 +57,9 @@ def atomic_write_bytes(data: bytes, path: Path) -> Path:
 
 def atomic_write_json(obj, path: Path) -> Path:
     """Write ``obj`` as indented JSON atomically (temporary file, then rename); returns ``path``."""
-    return atomic_write_bytes((json.dumps(obj, indent=2, sort_keys=False, default=_jsonable) + "\n").encode(), path)
+    return atomic_write_bytes(
+        (json.dumps(obj, indent=2, sort_keys=False, default=_jsonable) + "\n").encode(), path
+    )
 
 
 def _jsonable(x):
@@ -68,7 +70,9 @@ def _jsonable(x):
     raise TypeError(f"not JSON serialisable: {type(x).__name__}")
 
 
-def atomic_write_safetensors(tensors: dict, path: Path, metadata: dict[str, str] | None = None) -> Path:
+def atomic_write_safetensors(
+    tensors: dict, path: Path, metadata: dict[str, str] | None = None
+) -> Path:
     """Write torch tensors as one safetensors file (no pickle), atomically."""
     from safetensors.torch import save_file
 
@@ -76,9 +80,16 @@ def atomic_write_safetensors(tensors: dict, path: Path, metadata: dict[str, str]
     return _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
-def atomic_write_parquet(df: pl.DataFrame, path: Path, row_group_size: int | None = None, metadata: dict[str, str] | None = None) -> Path:
+def atomic_write_parquet(
+    df: pl.DataFrame,
+    path: Path,
+    row_group_size: int | None = None,
+    metadata: dict[str, str] | None = None,
+) -> Path:
     """Write ``df`` as Parquet atomically; ``metadata``: key-value pairs stored in the file."""
-    return _atomic_write(path, lambda tmp: df.write_parquet(tmp, row_group_size=row_group_size, metadata=metadata))
+    return _atomic_write(
+        path, lambda tmp: df.write_parquet(tmp, row_group_size=row_group_size, metadata=metadata)
+    )
 
 
 _RENAME_EXCHANGE = 2  # renameat2 flag (Linux ≥ 3.15): swap two paths atomically
@@ -150,13 +161,17 @@ def atomic_replace_dir(staging: Path, target: Path) -> None:
         shutil.rmtree(backup, ignore_errors=True)
 
 
-
-
 INCOMPLETE = "_INCOMPLETE"  # marker inside a parts directory still being written
 MANIFEST = "_manifest.json"  # parts and their rows, written last
 
 
-def write_parts_dir(parts, path: str | Path, *, row_group_size: int | None = None, metadata: dict[str, str] | None = None) -> Path:
+def write_parts_dir(
+    parts,
+    path: str | Path,
+    *,
+    row_group_size: int | None = None,
+    metadata: dict[str, str] | None = None,
+) -> Path:
     """Write an iterable of DataFrames as ``path/part-00000.parquet`` … through a staging
     directory renamed into place at the end (:func:`atomic_replace_dir`): a kill at any moment
     leaves ``path`` as it was. The staging directory holds an ``_INCOMPLETE`` marker until the
@@ -171,13 +186,18 @@ def write_parts_dir(parts, path: str | Path, *, row_group_size: int | None = Non
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        (staging / INCOMPLETE).write_text("parts are being written; this directory is not a data set yet\n")
+        (staging / INCOMPLETE).write_text(
+            "parts are being written; this directory is not a data set yet\n"
+        )
         listed = []
         for k, part in enumerate(parts):
             name = f"part-{k:05d}.parquet"
             part.write_parquet(staging / name, row_group_size=row_group_size, metadata=metadata)
             listed.append({"name": name, "rows": part.height})
-        atomic_write_json({"format": "mtrank.parts/1", "parts": listed, "rows": sum(p["rows"] for p in listed)}, staging / MANIFEST)
+        atomic_write_json(
+            {"format": "mtrank.parts/1", "parts": listed, "rows": sum(p["rows"] for p in listed)},
+            staging / MANIFEST,
+        )
         (staging / INCOMPLETE).unlink()
         if path.exists() and not path.is_dir():
             path.unlink()

@@ -85,7 +85,9 @@ def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.is_floating_point() and x.element_size() < 4 else x
 
 
-def binary_cross_entropy(task: TaskLoss, outputs: dict[str, torch.Tensor], label: torch.Tensor) -> torch.Tensor:
+def binary_cross_entropy(
+    task: TaskLoss, outputs: dict[str, torch.Tensor], label: torch.Tensor
+) -> torch.Tensor:
     """Per-row BCE ``[B]`` of one task, from logits (never from clipped probabilities), in at
     least float32 whatever the logits' dtype or an enclosing autocast."""
     logits = [outputs[k] for k in task.outputs]
@@ -98,7 +100,9 @@ def binary_cross_entropy(task: TaskLoss, outputs: dict[str, torch.Tensor], label
         return -(label * log_p + (1.0 - label) * log_1mp)
 
 
-def task_loss_sum(task: TaskLoss, outputs: dict[str, torch.Tensor], batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+def task_loss_sum(
+    task: TaskLoss, outputs: dict[str, torch.Tensor], batch: Batch
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of weighted per-row losses over the task's space, sum of weights in that space).
 
     Summing numerator and denominator separately makes a validation loss over many batches exact.
@@ -110,7 +114,9 @@ def task_loss_sum(task: TaskLoss, outputs: dict[str, torch.Tensor], batch: Batch
     return (per_row * w).sum(), w.sum()
 
 
-def total_loss(tasks: list[TaskLoss], outputs: dict[str, torch.Tensor], batch: Batch, *, parts: bool = True) -> tuple[torch.Tensor, dict[str, float]]:
+def total_loss(
+    tasks: list[TaskLoss], outputs: dict[str, torch.Tensor], batch: Batch, *, parts: bool = True
+) -> tuple[torch.Tensor, dict[str, float]]:
     """Σ_task weight · mean loss over the task's space. Returns (float32 loss scalar, per-task
     floats; empty with ``parts=False``, which spares a GPU a device-to-host sync per task)."""
     total = outputs[tasks[0].outputs[0]].new_zeros((), dtype=torch.float32)
@@ -124,7 +130,9 @@ def total_loss(tasks: list[TaskLoss], outputs: dict[str, torch.Tensor], batch: B
     return total, floats
 
 
-def model_loss(model: torch.nn.Module, outputs: dict[str, torch.Tensor], batch: Batch, *, parts: bool = True) -> tuple[torch.Tensor, dict[str, float]]:
+def model_loss(
+    model: torch.nn.Module, outputs: dict[str, torch.Tensor], batch: Batch, *, parts: bool = True
+) -> tuple[torch.Tensor, dict[str, float]]:
     """The training loss of any model: :func:`total_loss` of its declared ``tasks``, plus, when
     the model defines it, ``model.extra_loss(outputs, batch) -> scalar Tensor``.
 

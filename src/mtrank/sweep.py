@@ -46,10 +46,15 @@ class SweepConfig(BaseModel):
 
 def cells(cfg: SweepConfig) -> list[dict[str, float]]:
     """The grid's cells, ``{"cvr", "intent", "sharing"}`` each, density slowest."""
-    return [{"cvr": c, "intent": i, "sharing": s} for c, i, s in itertools.product(cfg.cvr, cfg.intent, cfg.sharing)]
+    return [
+        {"cvr": c, "intent": i, "sharing": s}
+        for c, i, s in itertools.product(cfg.cvr, cfg.intent, cfg.sharing)
+    ]
 
 
-def run_sweep(cfg: SweepConfig, out: Path | None = None, log: Callable[[str], None] | None = None) -> dict:
+def run_sweep(
+    cfg: SweepConfig, out: Path | None = None, log: Callable[[str], None] | None = None
+) -> dict:
     """Benchmark every cell; with ``out``, rewrite ``out`` (JSON, atomically) after each cell so
     a stopped sweep keeps what it measured.
 
@@ -64,7 +69,9 @@ def run_sweep(cfg: SweepConfig, out: Path | None = None, log: Callable[[str], No
     """
     log = log or (lambda _msg: None)
     if cfg.base.dataset != "simulated":
-        raise ConfigError(f"mtrank sweep runs on the simulator; --dataset {cfg.base.dataset!r} has no regimes to sweep")
+        raise ConfigError(
+            f"mtrank sweep runs on the simulator; --dataset {cfg.base.dataset!r} has no regimes to sweep"
+        )
     for axis in ("cvr", "intent", "sharing"):
         if not getattr(cfg, axis):
             raise ConfigError(f"--{axis} needs at least one value")
@@ -78,16 +85,26 @@ def run_sweep(cfg: SweepConfig, out: Path | None = None, log: Callable[[str], No
         bcfg = cfg.base.model_copy(update={"sim": {**cfg.base.sim, **cell}})
         results, _ = run_benchmark(bcfg)
         keep = lambda d: {k: v for k, v in d.items() if k in metrics}
-        doc["cells"].append({
-            **cell,
-            "split": results["split"],
-            "paired": {m: keep(d) for m, d in results["paired"].items()},
-            "summary": {m: keep(d) for m, d in results["summary"].items()},
-            "warnings": results["warnings"],
-            "seconds": round(time.perf_counter() - start, 1),
-        })
+        doc["cells"].append(
+            {
+                **cell,
+                "split": results["split"],
+                "paired": {m: keep(d) for m, d in results["paired"].items()},
+                "summary": {m: keep(d) for m, d in results["summary"].items()},
+                "warnings": results["warnings"],
+                "seconds": round(time.perf_counter() - start, 1),
+            }
+        )
         d = results["paired"]
-        log(f"cell {n}/{len(grid)} {cell}: " + ", ".join(f"{m} Δauc_ctcvr {v['auc_ctcvr']['mean']:+.4f}" for m, v in d.items() if "auc_ctcvr" in v) + f" ({doc['cells'][-1]['seconds']:.0f}s)")
+        log(
+            f"cell {n}/{len(grid)} {cell}: "
+            + ", ".join(
+                f"{m} Δauc_ctcvr {v['auc_ctcvr']['mean']:+.4f}"
+                for m, v in d.items()
+                if "auc_ctcvr" in v
+            )
+            + f" ({doc['cells'][-1]['seconds']:.0f}s)"
+        )
         if out is not None:
             atomic_write_json(doc, out)
     return doc
@@ -97,20 +114,41 @@ def sweep_markdown(doc: dict, command: str) -> str:
     """The map as markdown: one table per compared model, a row per cell, a column per metric
     (mean paired Δ ± std, runs better / total)."""
     ref = doc["config"]["base"]["reference"]
-    lines = [f"# Regime map (paired Δ against `{ref}`)", "", "Command:", "", f"```\n{command}\n```", ""]
+    lines = [
+        f"# Regime map (paired Δ against `{ref}`)",
+        "",
+        "Command:",
+        "",
+        f"```\n{command}\n```",
+        "",
+    ]
     models = [m for m in doc["config"]["base"]["models"] if m != ref]
     for model in models:
-        lines += [f"## {model} − {ref}", "", "| cvr | intent | sharing | Spearman(cvr_clicked, cvr_do) | test conv. | " + " | ".join(doc["metrics"]) + " |",
-                  "|---:|---:|---:|---:|---:|" + "---:|" * len(doc["metrics"])]
+        lines += [
+            f"## {model} − {ref}",
+            "",
+            "| cvr | intent | sharing | Spearman(cvr_clicked, cvr_do) | test conv. | "
+            + " | ".join(doc["metrics"])
+            + " |",
+            "|---:|---:|---:|---:|---:|" + "---:|" * len(doc["metrics"]),
+        ]
         for c in doc["cells"]:
             p = c["paired"].get(model, {})
             cells_txt = []
             for key in doc["metrics"]:
                 d = p.get(key)
                 digits = 2 if key.startswith("exp_gmv") else 4
-                cells_txt.append("n/a" if d is None else f"{d['mean']:+.{digits}f} ± {d['std']:.{digits}f} ({d['better']}/{d['n']})")
+                cells_txt.append(
+                    "n/a"
+                    if d is None
+                    else f"{d['mean']:+.{digits}f} ± {d['std']:.{digits}f} ({d['better']}/{d['n']})"
+                )
             sp = c["split"]
-            lines.append(f"| {c['cvr']} | {c['intent']} | {c['sharing']} | {sp.get('spearman_cvr_clicked_do', float('nan')):.3f} | {sp.get('conversions_test')} | " + " | ".join(cells_txt) + " |")
+            lines.append(
+                f"| {c['cvr']} | {c['intent']} | {c['sharing']} | {sp.get('spearman_cvr_clicked_do', float('nan')):.3f} | {sp.get('conversions_test')} | "
+                + " | ".join(cells_txt)
+                + " |"
+            )
         lines.append("")
     return "\n".join(lines)
 
@@ -127,5 +165,7 @@ def merge_sweeps(docs: list[dict]) -> dict:
     config = dict(docs[0]["config"])
     for axis in ("cvr", "intent", "sharing"):
         config[axis] = sorted({v for d in docs for v in d["config"][axis]})
-    cells_ = sorted((c for d in docs for c in d["cells"]), key=lambda c: (c["cvr"], c["intent"], c["sharing"]))
+    cells_ = sorted(
+        (c for d in docs for c in d["cells"]), key=lambda c: (c["cvr"], c["intent"], c["sharing"])
+    )
     return {"config": config, "metrics": docs[0]["metrics"], "cells": cells_}

@@ -91,13 +91,17 @@ def simulated_file_name(sim: SimConfig) -> str:
     preset and a hash of every knob, so different mall settings never share a cached file."""
     if sim == SimConfig(rows=sim.rows, seed=sim.seed):
         return f"simulated-{sim.rows}-seed{sim.seed}.parquet"
-    digest = hashlib.sha256(json.dumps(sim.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:10]
+    digest = hashlib.sha256(
+        json.dumps(sim.model_dump(mode="json"), sort_keys=True).encode()
+    ).hexdigest()[:10]
     return f"simulated-{sim.preset}-{digest}-{sim.rows}-seed{sim.seed}.parquet"
 
 
 def simulated_data(sim: SimConfig) -> LoadedData:
     """Simulate in memory and validate against the simulator's schema (no file written)."""
-    df, rep = validate_frame(simulate(sim), SIMULATED_SCHEMA, f"simulator(preset={sim.preset}, seed={sim.seed})")
+    df, rep = validate_frame(
+        simulate(sim), SIMULATED_SCHEMA, f"simulator(preset={sim.preset}, seed={sim.seed})"
+    )
     return LoadedData(SIMULATED_SCHEMA, {"all": df}, {"all": rep.source}, [rep])
 
 
@@ -115,6 +119,7 @@ def feature_spec(encoder: FeatureEncoder, schema: Schema) -> FeatureSpec:
 class FitOutput:
     """What :func:`fit` and :func:`run` return: the bundle (not saved), the training result,
     metrics per held-out split (``val``, ``test``) and the seconds taken."""
+
     bundle: Bundle
     result: TrainResult
     metrics: dict[str, dict]
@@ -155,15 +160,31 @@ def fit(
     """
     start = time.perf_counter()
     torch.manual_seed(train_cfg.seed)
-    encoder = FeatureEncoder.fit(splits["train"], schema, min_count=min_count, max_size=max_vocab, hash_buckets=hash_buckets)
+    encoder = FeatureEncoder.fit(
+        splits["train"], schema, min_count=min_count, max_size=max_vocab, hash_buckets=hash_buckets
+    )
     encoded = {k: EncodedData.from_frame(v, schema, encoder) for k, v in splits.items() if v.height}
     weighting = None
     if weight_by_price:
         weighting = _add_price_weights(splits, encoded, schema, price_weight_cap)
-    meta = {**(meta or {}), "rows": {k: v.height for k, v in splits.items()}, **({"weighting": weighting} if weighting else {})}
+    meta = {
+        **(meta or {}),
+        "rows": {k: v.height for k, v in splits.items()},
+        **({"weighting": weighting} if weighting else {}),
+    }
     return fit_encoded(
-        encoded, encoder, schema, model_cfg, train_cfg, quiet=quiet, meta=meta,
-        checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume, start=start, on_epoch=on_epoch,
+        encoded,
+        encoder,
+        schema,
+        model_cfg,
+        train_cfg,
+        quiet=quiet,
+        meta=meta,
+        checkpoint=checkpoint,
+        checkpoint_every=checkpoint_every,
+        resume=resume,
+        start=start,
+        on_epoch=on_epoch,
     )
 
 
@@ -199,12 +220,18 @@ def fit_encoded(
         t = encoded["train"]
         fingerprint = run_fingerprint(
             data=[t.categorical, t.numerical, *(t.labels[k] for k in sorted(t.labels))],
-            schema=schema.model_dump(mode="json"), encoders=encoder.to_json(),
+            schema=schema.model_dump(mode="json"),
+            encoders=encoder.to_json(),
             model=[model_cfg.model_dump(mode="json"), spec.model_dump(mode="json")],
         )
     result = trainer.fit(
-        model, train, val,
-        checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume, fingerprint=fingerprint,
+        model,
+        train,
+        val,
+        checkpoint=checkpoint,
+        checkpoint_every=checkpoint_every,
+        resume=resume,
+        fingerprint=fingerprint,
     )
     names = [k for k in encoded if k != "train"] if evaluate is None else list(evaluate)
     metrics, curves = _evaluate(model, {k: encoded[k] for k in names if k in encoded}, schema)
@@ -256,31 +283,62 @@ def fit_stream(
 
     start = time.perf_counter()
     torch.manual_seed(train_cfg.seed)
-    encoder = fit_encoder_streaming(train_paths, schema, min_count=min_count, max_size=max_vocab, hash_buckets=hash_buckets)
+    encoder = fit_encoder_streaming(
+        train_paths, schema, min_count=min_count, max_size=max_vocab, hash_buckets=hash_buckets
+    )
     if readers is None:
         on_gpu = resolve_device(train_cfg.device).type == "cuda"
         readers = max(1, min(4, (os.cpu_count() or 2) // 2)) if on_gpu else 1
-    train = ParquetStream(train_paths, schema, encoder, shuffle_buffer=shuffle_buffer, readers=readers, cache_dir=cache_dir)
+    train = ParquetStream(
+        train_paths,
+        schema,
+        encoder,
+        shuffle_buffer=shuffle_buffer,
+        readers=readers,
+        cache_dir=cache_dir,
+    )
     val = ParquetStream(val_paths, schema, encoder).load_all() if val_paths else None
     spec = feature_spec(encoder, schema)
     model = build_model(spec, model_cfg)
-    fingerprint = None if checkpoint is None else run_fingerprint(
-        data=[Path(p) for p in train_paths], schema=schema.model_dump(mode="json"), encoders=encoder.to_json(),
-        model=[model_cfg.model_dump(mode="json"), spec.model_dump(mode="json")],
+    fingerprint = (
+        None
+        if checkpoint is None
+        else run_fingerprint(
+            data=[Path(p) for p in train_paths],
+            schema=schema.model_dump(mode="json"),
+            encoders=encoder.to_json(),
+            model=[model_cfg.model_dump(mode="json"), spec.model_dump(mode="json")],
+        )
     )
-    result = Trainer(train_cfg, schema, quiet=quiet, on_epoch=on_epoch).fit(model, train, val, checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume, fingerprint=fingerprint)
+    result = Trainer(train_cfg, schema, quiet=quiet, on_epoch=on_epoch).fit(
+        model,
+        train,
+        val,
+        checkpoint=checkpoint,
+        checkpoint_every=checkpoint_every,
+        resume=resume,
+        fingerprint=fingerprint,
+    )
     held = {"val": val} if val is not None else {}
     if test_paths:
         held["test"] = ParquetStream(test_paths, schema, encoder).load_all()
     metrics, curves = _evaluate(model, held, schema)
     seconds = time.perf_counter() - start
     bundle_meta = {
-        **(meta or {}), "train": train_cfg.model_dump(mode="json"), "rows": {"train": len(train)},
-        "best_epoch": result.best_epoch, "stopped_early": result.stopped_early,
-        "history": [asdict(h) for h in result.history], "metrics": metrics, "seconds": seconds,
+        **(meta or {}),
+        "train": train_cfg.model_dump(mode="json"),
+        "rows": {"train": len(train)},
+        "best_epoch": result.best_epoch,
+        "stopped_early": result.stopped_early,
+        "history": [asdict(h) for h in result.history],
+        "metrics": metrics,
+        "seconds": seconds,
         **_calibration_meta(curves),
     }
-    return FitOutput(Bundle(model, encoder, schema, model_cfg, spec, bundle_meta), result, metrics, seconds)
+    return FitOutput(
+        Bundle(model, encoder, schema, model_cfg, spec, bundle_meta), result, metrics, seconds
+    )
+
 
 def load_run_data(config: RunConfig) -> LoadedData:
     """The validated rows a config names: its built-in ``data.dataset`` (the simulator's file is
@@ -296,7 +354,14 @@ def load_run_data(config: RunConfig) -> LoadedData:
     path = Path(d.paths[0]) if d.paths else None
     schema = resolve_schema(d.schema_, d.dataset) if (d.schema_ or path) else None
     sim = d.simulator if d.dataset == "simulated" else None
-    return load_data(d.dataset, data=path, schema=schema, data_dir=d.data_dir, funnel_violations=d.funnel_violations, sim=sim)
+    return load_data(
+        d.dataset,
+        data=path,
+        schema=schema,
+        data_dir=d.data_dir,
+        funnel_violations=d.funnel_violations,
+        sim=sim,
+    )
 
 
 def run(
@@ -334,54 +399,98 @@ def run(
     if checkpoint is None and t.checkpoint_dir:
         checkpoint = Path(t.checkpoint_dir)
     common = {
-        "quiet": quiet, "checkpoint": checkpoint, "checkpoint_every": t.checkpoint_every, "resume": t.resume,
-        "hash_buckets": f.hash_buckets or None, "on_epoch": on_epoch, "min_count": f.min_count, "max_vocab": f.max_vocab,
+        "quiet": quiet,
+        "checkpoint": checkpoint,
+        "checkpoint_every": t.checkpoint_every,
+        "resume": t.resume,
+        "hash_buckets": f.hash_buckets or None,
+        "on_epoch": on_epoch,
+        "min_count": f.min_count,
+        "max_vocab": f.max_vocab,
     }
     if d.stream:
         from mtrank.data.stream import expand_paths
 
         if not d.paths:
-            raise ConfigError("data.stream (--stream) needs data.paths (--data: files, a directory or a glob)")
+            raise ConfigError(
+                "data.stream (--stream) needs data.paths (--data: files, a directory or a glob)"
+            )
         if t.weight_by_price:
-            raise ConfigError("training.weight_by_price (--weight-by-price) is not available with --stream yet")
+            raise ConfigError(
+                "training.weight_by_price (--weight-by-price) is not available with --stream yet"
+            )
         schema = resolve_schema(d.schema_, d.dataset)
         if d.funnel_violations is not None:
             schema = schema.model_copy(update={"funnel_violations": d.funnel_violations})
         sources = {"train": d.paths, "val": d.val_paths or None, "test": d.test_paths or None}
         res = fit_stream(
-            expand_paths(d.paths), schema, model_cfg, train_cfg,
+            expand_paths(d.paths),
+            schema,
+            model_cfg,
+            train_cfg,
             val_paths=expand_paths(d.val_paths) if d.val_paths else None,
             test_paths=expand_paths(d.test_paths) if d.test_paths else None,
             meta={"dataset": d.dataset or schema.name, "sources": sources, **(meta or {})},
-            shuffle_buffer=d.shuffle_buffer, cache_dir=Path(d.cache_dir) if d.cache_dir else None, **common,
+            shuffle_buffer=d.shuffle_buffer,
+            cache_dir=Path(d.cache_dir) if d.cache_dir else None,
+            **common,
         )
     else:
         loaded = loaded if loaded is not None else load_run_data(config)
         split_cfg = d.split.split_config(t.seed)
         splits = split_data(loaded, split_cfg)
-        run_meta = {"dataset": d.dataset or loaded.schema.name, "sources": loaded.sources, "split": split_cfg.model_dump(), **(meta or {})}
+        run_meta = {
+            "dataset": d.dataset or loaded.schema.name,
+            "sources": loaded.sources,
+            "split": split_cfg.model_dump(),
+            **(meta or {}),
+        }
         res = fit(
-            splits, loaded.schema, model_cfg, train_cfg, meta=run_meta,
-            weight_by_price=t.weight_by_price, price_weight_cap=t.price_weight_cap, **common,
+            splits,
+            loaded.schema,
+            model_cfg,
+            train_cfg,
+            meta=run_meta,
+            weight_by_price=t.weight_by_price,
+            price_weight_cap=t.price_weight_cap,
+            **common,
         )
     res.bundle.meta["config"] = config.to_dict()
     return res
 
 
-def _add_price_weights(splits: dict[str, pl.DataFrame], encoded: dict[str, EncodedData], schema: Schema, cap: float) -> dict:
+def _add_price_weights(
+    splits: dict[str, pl.DataFrame], encoded: dict[str, EncodedData], schema: Schema, cap: float
+) -> dict:
     if schema.price is None or not schema.is_funnel:
-        raise SchemaError(f"--weight-by-price needs a funnel schema with a price column; schema {schema.name!r} has none")
+        raise SchemaError(
+            f"--weight-by-price needs a funnel schema with a price column; schema {schema.name!r} has none"
+        )
     train = splits["train"]
-    mean_log = mean_log_price(train.get_column(schema.price).to_numpy(), train.get_column(schema.conversion).to_numpy())
+    mean_log = mean_log_price(
+        train.get_column(schema.price).to_numpy(), train.get_column(schema.conversion).to_numpy()
+    )
     for name in ("train", "val"):
         if name in encoded:
             df = splits[name]
-            w = price_weights(df.get_column(schema.price).to_numpy(), df.get_column(schema.conversion).to_numpy(), cap=cap, mean_log=mean_log)
+            w = price_weights(
+                df.get_column(schema.price).to_numpy(),
+                df.get_column(schema.conversion).to_numpy(),
+                cap=cap,
+                mean_log=mean_log,
+            )
             encoded[name].weight = torch.from_numpy(w)
-    return {"kind": "price", "formula": "1 + min(log1p(price) / mean_log1p_price_converted, cap) on converted rows, else 1", "mean_log1p_price_converted": mean_log, "cap": cap}
+    return {
+        "kind": "price",
+        "formula": "1 + min(log1p(price) / mean_log1p_price_converted, cap) on converted rows, else 1",
+        "mean_log1p_price_converted": mean_log,
+        "cap": cap,
+    }
 
 
-def training_views(model: torch.nn.Module, train: EncodedData, val: EncodedData | None, seed: int) -> tuple[EncodedData, EncodedData | None]:
+def training_views(
+    model: torch.nn.Module, train: EncodedData, val: EncodedData | None, seed: int
+) -> tuple[EncodedData, EncodedData | None]:
     """The train and validation tables the trainer sees. A model may define
     ``prepare_split(data, role, seed) -> EncodedData`` (role ``train`` or ``val``) to transform
     them, e.g. the ESMM paper's sampling baselines resample the CVR training rows
@@ -400,7 +509,9 @@ def evaluate_split(model: torch.nn.Module, data: EncodedData, schema: Schema) ->
     return evaluate_outputs(out, labels, schema, data.side)
 
 
-def _evaluate(model: torch.nn.Module, splits: dict[str, EncodedData], schema: Schema) -> tuple[dict, dict]:
+def _evaluate(
+    model: torch.nn.Module, splits: dict[str, EncodedData], schema: Schema
+) -> tuple[dict, dict]:
     """Metrics per held-out split, and the test split's calibration curves (one prediction pass
     per split)."""
     metrics, curves = {}, {}
@@ -415,7 +526,11 @@ def _evaluate(model: torch.nn.Module, splits: dict[str, EncodedData], schema: Sc
 
 def _calibration_meta(curves: dict) -> dict:
     """The bundle's record of the test split's calibration, which the report draws."""
-    return {"calibration": {"split": "test", "bins": CALIBRATION_BINS, "tasks": curves}} if curves else {}
+    return (
+        {"calibration": {"split": "test", "bins": CALIBRATION_BINS, "tasks": curves}}
+        if curves
+        else {}
+    )
 
 
 def predictions_frame(bundle: Bundle, df: pl.DataFrame, source: str) -> pl.DataFrame:
@@ -424,6 +539,16 @@ def predictions_frame(bundle: Bundle, df: pl.DataFrame, source: str) -> pl.DataF
 
 
 __all__ = [
-    "FitOutput", "SplitConfig", "evaluate_split", "fit", "fit_encoded", "load_data", "load_run_data", "predictions_frame", "resolve_schema",
-    "run", "split_data", "training_views",
+    "FitOutput",
+    "SplitConfig",
+    "evaluate_split",
+    "fit",
+    "fit_encoded",
+    "load_data",
+    "load_run_data",
+    "predictions_frame",
+    "resolve_schema",
+    "run",
+    "split_data",
+    "training_views",
 ]

@@ -26,7 +26,12 @@ from mtrank.cli.config import config_app
 from mtrank.cli.common import err
 from mtrank.errors import MtrankError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="mtrank: multi-objective ranking for e-commerce around ESMM (pCTR, pCVR, pCTCVR).")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="mtrank: multi-objective ranking for e-commerce around ESMM (pCTR, pCVR, pCTCVR).",
+)
 
 for _command in (
     pipeline.simulate,
@@ -57,7 +62,9 @@ def _click_exception_types() -> tuple[tuple[type, ...], tuple[type, ...]]:
         vendored = None
     if vendored is not None:
         errors += [c for c in (getattr(vendored, "ClickException", None),) if c]
-        aborts += [c for c in (getattr(vendored, "Abort", None), getattr(vendored, "Exit", None)) if c]
+        aborts += [
+            c for c in (getattr(vendored, "Abort", None), getattr(vendored, "Exit", None)) if c
+        ]
     return tuple(errors), tuple(aborts)
 
 
@@ -76,14 +83,22 @@ def main() -> None:
         code = 2
     except ValidationError as exc:  # an option value out of range (pydantic config models)
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        err.print(Text.assemble(("error: ", "bold red"), f"invalid option value: {problems}"), highlight=False, soft_wrap=True)
+        err.print(
+            Text.assemble(("error: ", "bold red"), f"invalid option value: {problems}"),
+            highlight=False,
+            soft_wrap=True,
+        )
         code = 2
     except click_errors as exc:
         exc.show()
         code = exc.exit_code
     except OSError as exc:  # disk full, permission denied, … while writing or reading a path
         where = f": {exc.filename}" if exc.filename else ""
-        err.print(Text.assemble(("error: ", "bold red"), f"{exc.strerror or exc}{where}"), highlight=False, soft_wrap=True)
+        err.print(
+            Text.assemble(("error: ", "bold red"), f"{exc.strerror or exc}{where}"),
+            highlight=False,
+            soft_wrap=True,
+        )
         code = 2
     except aborts:
         code = 130

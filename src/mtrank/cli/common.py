@@ -21,16 +21,51 @@ from mtrank.metrics.summary import metric_names
 console = Console(width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
 
-DatasetOpt = Annotated[str | None, typer.Option("--dataset", "-d", help=f"built-in dataset: {', '.join(DATASETS)}")]
+DatasetOpt = Annotated[
+    str | None, typer.Option("--dataset", "-d", help=f"built-in dataset: {', '.join(DATASETS)}")
+]
 DataOpt = Annotated[Path | None, typer.Option("--data", help="a CSV/Parquet file (with --schema)")]
-SchemaOpt = Annotated[str | None, typer.Option("--schema", help="schema YAML, or a built-in dataset name")]
-DataDirOpt = Annotated[Path | None, typer.Option("--data-dir", help="folder holding the built-in datasets (default: $MTRANK_DATA_DIR, else ./data)")]
-FunnelOpt = Annotated[str | None, typer.Option("--funnel-violations", help="conversion without click: 'error' (default) or 'drop'")]
+SchemaOpt = Annotated[
+    str | None, typer.Option("--schema", help="schema YAML, or a built-in dataset name")
+]
+DataDirOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--data-dir",
+        help="folder holding the built-in datasets (default: $MTRANK_DATA_DIR, else ./data)",
+    ),
+]
+FunnelOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--funnel-violations", help="conversion without click: 'error' (default) or 'drop'"
+    ),
+]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress output")]
-DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA when available), cpu, cuda or cuda:N")]
-PrecisionOpt = Annotated[str, typer.Option("--precision", help="forward-pass precision: fp32, bf16 or fp16 (loss and weights stay fp32)")]
-BundleOpt = Annotated[Path | None, typer.Option("--bundle", "-b", help="bundle directory (default: the config's export.out, runs/model)")]
-ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="run config YAML (see `mtrank config init`); the flags given on the command line override its keys")]
+DeviceOpt = Annotated[
+    str, typer.Option("--device", help="auto (CUDA when available), cpu, cuda or cuda:N")
+]
+PrecisionOpt = Annotated[
+    str,
+    typer.Option(
+        "--precision",
+        help="forward-pass precision: fp32, bf16 or fp16 (loss and weights stay fp32)",
+    ),
+]
+BundleOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--bundle", "-b", help="bundle directory (default: the config's export.out, runs/model)"
+    ),
+]
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        "-c",
+        help="run config YAML (see `mtrank config init`); the flags given on the command line override its keys",
+    ),
+]
 SUMMARY = metric_names("cli")
 
 
@@ -66,10 +101,15 @@ def _on_command_line(ctx: typer.Context, name: str) -> bool:
     from click.core import ParameterSource
 
     source = ctx.get_parameter_source(name)
-    return source is not None and source.name in (ParameterSource.COMMANDLINE.name, ParameterSource.ENVIRONMENT.name)
+    return source is not None and source.name in (
+        ParameterSource.COMMANDLINE.name,
+        ParameterSource.ENVIRONMENT.name,
+    )
 
 
-def resolve_config(ctx: typer.Context, path: Path | None, flags: dict[str, tuple[str, Any]]) -> RunConfig:
+def resolve_config(
+    ctx: typer.Context, path: Path | None, flags: dict[str, tuple[str, Any]]
+) -> RunConfig:
     """The run config of a command: the ``--config`` file (or the defaults) with the flags
     written over their keys (a flag left unset, None, changes nothing). Without a file every
     flag counts (its default included), so a
@@ -96,7 +136,9 @@ def resolve_config(ctx: typer.Context, path: Path | None, flags: dict[str, tuple
     except ConfigError as exc:
         text = str(exc).removeprefix("command line: ")
         key = text.partition(": ")[0]
-        raise ConfigError(f"{flag_of[key]} ({key}): {text.partition(': ')[2]}" if key in flag_of else str(exc)) from None
+        raise ConfigError(
+            f"{flag_of[key]} ({key}): {text.partition(': ')[2]}" if key in flag_of else str(exc)
+        ) from None
 
 
 def _str(path: Path | None) -> str | None:
@@ -108,5 +150,3 @@ def phase(message: str, quiet: bool = False) -> None:
     """A progress line naming the phase a long command has reached (stderr; not when quiet)."""
     if not quiet:
         err.print(f"[dim]» {message}[/dim]", highlight=False)
-
-

@@ -14,12 +14,20 @@ from mtrank.data.datasets import DATASETS
 from mtrank.errors import ConfigError
 from mtrank.io_utils import atomic_write_bytes
 
-config_app = typer.Typer(no_args_is_help=True, help="Run configs (mtrank.yaml): write a template, show a resolved config.")
+config_app = typer.Typer(
+    no_args_is_help=True,
+    help="Run configs (mtrank.yaml): write a template, show a resolved config.",
+)
 
 
 def init(
-    out: Annotated[Path, typer.Option("--out", "-o", help="YAML file to write")] = Path("mtrank.yaml"),
-    dataset: Annotated[str | None, typer.Option("--dataset", "-d", help=f"fill in a built-in dataset: {', '.join(DATASETS)}")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="YAML file to write")] = Path(
+        "mtrank.yaml"
+    ),
+    dataset: Annotated[
+        str | None,
+        typer.Option("--dataset", "-d", help=f"fill in a built-in dataset: {', '.join(DATASETS)}"),
+    ] = None,
     force: Annotated[bool, typer.Option("--force", help="replace an existing file")] = False,
 ) -> None:
     """Write a commented run config holding every key with its default (or a dataset's values)."""

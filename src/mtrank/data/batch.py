@@ -40,7 +40,12 @@ class Batch:
 
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor of the batch (features, labels, weight), for moving or pinning."""
-        return [self.categorical, self.numerical, *self.labels.values(), *([] if self.weight is None else [self.weight])]
+        return [
+            self.categorical,
+            self.numerical,
+            *self.labels.values(),
+            *([] if self.weight is None else [self.weight]),
+        ]
 
     def map(self, fn) -> Batch:
         """A Batch of ``fn(tensor)`` for each tensor (labels keep their keys)."""
@@ -67,7 +72,9 @@ class Batch:
 class BatchSource(Protocol):
     """Anything the trainer can iterate per epoch (in-memory tensors now, streams later)."""
 
-    def batches(self, batch_size: int, *, shuffle: bool, generator: torch.Generator | None = None) -> Iterator[Batch]:
+    def batches(
+        self, batch_size: int, *, shuffle: bool, generator: torch.Generator | None = None
+    ) -> Iterator[Batch]:
         """Batches of at most ``batch_size`` rows, shuffled with ``generator`` when ``shuffle``."""
 
     def __len__(self) -> int: ...
@@ -103,17 +110,27 @@ class EncodedData:
         return self.categorical.device
 
     @classmethod
-    def from_frame(cls, df: pl.DataFrame, schema: Schema, encoder: FeatureEncoder, *, with_labels: bool = True) -> EncodedData:
+    def from_frame(
+        cls, df: pl.DataFrame, schema: Schema, encoder: FeatureEncoder, *, with_labels: bool = True
+    ) -> EncodedData:
         """Encode a validated table (see :func:`mtrank.data.io.validate_frame`)."""
         feats = encoder.transform(df)
         labels: dict[str, torch.Tensor] = {}
         if with_labels:
             for key, col in zip(schema.label_names, schema.label_columns, strict=True):
-                labels[key] = torch.from_numpy(df.get_column(col).cast(pl.Float32).to_numpy().copy())
+                labels[key] = torch.from_numpy(
+                    df.get_column(col).cast(pl.Float32).to_numpy().copy()
+                )
             if schema.is_funnel:
                 labels["ctcvr"] = labels["click"] * labels["conversion"]
         side: dict[str, np.ndarray] = {}
-        for col in [schema.user_id, schema.item_id, schema.request_id, schema.price, *schema.passthrough]:
+        for col in [
+            schema.user_id,
+            schema.item_id,
+            schema.request_id,
+            schema.price,
+            *schema.passthrough,
+        ]:
             if col is not None and col in df.columns and col not in side:
                 side[col] = df.get_column(col).to_numpy()
         return cls(
@@ -134,7 +151,9 @@ class EncodedData:
             weight=None if self.weight is None else self.weight.index_select(0, index),
         )
 
-    def batches(self, batch_size: int, *, shuffle: bool, generator: torch.Generator | None = None) -> Iterator[Batch]:
+    def batches(
+        self, batch_size: int, *, shuffle: bool, generator: torch.Generator | None = None
+    ) -> Iterator[Batch]:
         """Yield batches of ``batch_size`` rows (the last may be smaller); shuffled per call.
 
         The permutation is drawn on the CPU ``generator`` and then moved to the tensors' device,
@@ -163,12 +182,19 @@ class EncodedData:
             numerical=self.numerical.to(device),
             labels={k: v.to(device) for k, v in self.labels.items()},
             weight=None if self.weight is None else self.weight.to(device),
-            side=self.side, n_missing=self.n_missing, n_oov=self.n_oov,
+            side=self.side,
+            n_missing=self.n_missing,
+            n_oov=self.n_oov,
         )
 
     def nbytes(self) -> int:
         """Bytes held by the tensors (features, labels, weight)."""
-        ts = [self.categorical, self.numerical, *self.labels.values(), *([] if self.weight is None else [self.weight])]
+        ts = [
+            self.categorical,
+            self.numerical,
+            *self.labels.values(),
+            *([] if self.weight is None else [self.weight]),
+        ]
         return sum(t.element_size() * t.numel() for t in ts)
 
     def subset(self, index: torch.Tensor) -> EncodedData:

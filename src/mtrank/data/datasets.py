@@ -42,7 +42,9 @@ class LoadedData:
     reports: list[ValidationReport] = field(default_factory=list)
 
 
-def load_table(path: str | Path, schema: Schema, *, require_labels: bool = True) -> tuple[pl.DataFrame, ValidationReport]:
+def load_table(
+    path: str | Path, schema: Schema, *, require_labels: bool = True
+) -> tuple[pl.DataFrame, ValidationReport]:
     """Read and validate one file against ``schema`` (see :func:`mtrank.data.io.validate_frame`)."""
     df = read_table(path)
     return validate_frame(df, schema, str(path), require_labels=require_labels)
@@ -76,7 +78,9 @@ def load_hillstrom(data_dir: Path, schema: Schema) -> LoadedData:
     """Hillstrom e-mail test (64,000 customers): exposure → visit ("click") → conversion."""
     folder = data_dir / "hillstrom"
     path = _find(
-        folder, [HILLSTROM_FILE, "hillstrom*.csv", "*.csv"], "hillstrom",
+        folder,
+        [HILLSTROM_FILE, "hillstrom*.csv", "*.csv"],
+        "hillstrom",
         "Download the CSV from http://www.minethatdata.com/" + HILLSTROM_FILE + ".",
     )
     df, rep = load_table(path, schema)
@@ -86,8 +90,29 @@ def load_hillstrom(data_dir: Path, schema: Schema) -> LoadedData:
 # --- Ali-CCP ---------------------------------------------------------------------------------
 
 ALICCP_SPARSE = [
-    "101", "121", "122", "124", "125", "126", "127", "128", "129", "205", "206", "207", "210",
-    "216", "508", "509", "702", "853", "301", "109_14", "110_14", "127_14", "150_14",
+    "101",
+    "121",
+    "122",
+    "124",
+    "125",
+    "126",
+    "127",
+    "128",
+    "129",
+    "205",
+    "206",
+    "207",
+    "210",
+    "216",
+    "508",
+    "509",
+    "702",
+    "853",
+    "301",
+    "109_14",
+    "110_14",
+    "127_14",
+    "150_14",
 ]
 ALICCP_DENSE = ["D109_14", "D110_14", "D127_14", "D150_14", "D508", "D509", "D702", "D853"]
 ALICCP_SCHEMA = Schema(
@@ -105,7 +130,15 @@ _ALICCP_HINT = (
 )
 
 
-def _load_split_files(data_dir: Path, schema: Schema, folder_name: str, patterns: dict[str, list[str]], subdirs: list[str], hint: str, required: tuple[str, ...]) -> LoadedData:
+def _load_split_files(
+    data_dir: Path,
+    schema: Schema,
+    folder_name: str,
+    patterns: dict[str, list[str]],
+    subdirs: list[str],
+    hint: str,
+    required: tuple[str, ...],
+) -> LoadedData:
     folder = data_dir / folder_name
     splits, sources, reports = {}, {}, []
     for split, names in patterns.items():
@@ -125,9 +158,16 @@ def _load_split_files(data_dir: Path, schema: Schema, folder_name: str, patterns
 def load_aliccp(data_dir: Path, schema: Schema) -> LoadedData:
     """Ali-CCP in the processed CSV schema (click, purchase, 23 sparse fields, 8 dense)."""
     return _load_split_files(
-        data_dir, schema, "ali-ccp",
-        {s: [f"ali_ccp_{s}.csv", f"ali_ccp_{s}_sample.csv", f"ali_ccp_{s}*.csv"] for s in ("train", "val", "test")},
-        ["", "torch-rechub"], _ALICCP_HINT, required=("train", "test"),
+        data_dir,
+        schema,
+        "ali-ccp",
+        {
+            s: [f"ali_ccp_{s}.csv", f"ali_ccp_{s}_sample.csv", f"ali_ccp_{s}*.csv"]
+            for s in ("train", "val", "test")
+        },
+        ["", "torch-rechub"],
+        _ALICCP_HINT,
+        required=("train", "test"),
     )
 
 
@@ -150,29 +190,79 @@ _ALIEXPRESS_HINT = (
 def load_aliexpress(data_dir: Path, schema: Schema) -> LoadedData:
     """AliExpress in the processed CSV schema (search_id, 16 categorical, 63 numerical, labels)."""
     return _load_split_files(
-        data_dir, schema, "aliexpress",
+        data_dir,
+        schema,
+        "aliexpress",
         {s: [f"{s}.csv", f"aliexpress_{s}*.csv"] for s in ("train", "test")},
-        ["", "torch-rechub"], _ALIEXPRESS_HINT, required=("train", "test"),
+        ["", "torch-rechub"],
+        _ALIEXPRESS_HINT,
+        required=("train", "test"),
     )
 
 
 # --- Census-Income (KDD) ---------------------------------------------------------------------
 
 CENSUS_COLUMNS = [
-    "age", "class_worker", "det_ind_code", "det_occ_code", "education", "wage_per_hour",
-    "hs_college", "marital_stat", "major_ind_code", "major_occ_code", "race", "hisp_origin", "sex",
-    "union_member", "unemp_reason", "full_or_part_emp", "capital_gains", "capital_losses",
-    "stock_dividends", "tax_filer_stat", "region_prev_res", "state_prev_res", "det_hh_fam_stat",
-    "det_hh_summ", "instance_weight", "mig_chg_msa", "mig_chg_reg", "mig_move_reg", "mig_same",
-    "mig_prev_sunbelt", "num_emp", "fam_under_18", "country_father", "country_mother",
-    "country_self", "citizenship", "own_or_self", "vet_question", "vet_benefits", "weeks_worked",
-    "year", "income_50k",
+    "age",
+    "class_worker",
+    "det_ind_code",
+    "det_occ_code",
+    "education",
+    "wage_per_hour",
+    "hs_college",
+    "marital_stat",
+    "major_ind_code",
+    "major_occ_code",
+    "race",
+    "hisp_origin",
+    "sex",
+    "union_member",
+    "unemp_reason",
+    "full_or_part_emp",
+    "capital_gains",
+    "capital_losses",
+    "stock_dividends",
+    "tax_filer_stat",
+    "region_prev_res",
+    "state_prev_res",
+    "det_hh_fam_stat",
+    "det_hh_summ",
+    "instance_weight",
+    "mig_chg_msa",
+    "mig_chg_reg",
+    "mig_move_reg",
+    "mig_same",
+    "mig_prev_sunbelt",
+    "num_emp",
+    "fam_under_18",
+    "country_father",
+    "country_mother",
+    "country_self",
+    "citizenship",
+    "own_or_self",
+    "vet_question",
+    "vet_benefits",
+    "weeks_worked",
+    "year",
+    "income_50k",
 ]
-CENSUS_NUMERICAL = ["age", "wage_per_hour", "capital_gains", "capital_losses", "stock_dividends", "num_emp", "weeks_worked"]
+CENSUS_NUMERICAL = [
+    "age",
+    "wage_per_hour",
+    "capital_gains",
+    "capital_losses",
+    "stock_dividends",
+    "num_emp",
+    "weeks_worked",
+]
 CENSUS_SCHEMA = Schema(
     name="census",
     tasks={"income": "income", "never_married": "never_married"},
-    categorical=[c for c in CENSUS_COLUMNS if c not in CENSUS_NUMERICAL + ["marital_stat", "income_50k", "instance_weight"]],
+    categorical=[
+        c
+        for c in CENSUS_COLUMNS
+        if c not in CENSUS_NUMERICAL + ["marital_stat", "income_50k", "instance_weight"]
+    ],
     numerical=CENSUS_NUMERICAL,
 )
 
@@ -197,12 +287,15 @@ def load_census(data_dir: Path, schema: Schema) -> LoadedData:
         sources.append(str(path))
         reports.append(rep)
     if not frames:
-        raise DatasetNotFoundError(f"dataset 'census': no census-income.data.gz or census-income.test.gz under {folder}. {hint}")
+        raise DatasetNotFoundError(
+            f"dataset 'census': no census-income.data.gz or census-income.test.gz under {folder}. {hint}"
+        )
     df = pl.concat(frames, how="vertical_relaxed") if len(frames) > 1 else frames[0]
     return LoadedData(schema, {"all": df}, {"all": ", ".join(sources)}, reports)
 
 
 # --- registry --------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class DatasetInfo:
@@ -213,11 +306,22 @@ class DatasetInfo:
 
 
 DATASETS: dict[str, DatasetInfo] = {
-    "simulated": DatasetInfo(SIMULATED_SCHEMA, None, "synthetic mall with known pCTR/pCVR (mtrank simulate)"),
-    "hillstrom": DatasetInfo(HILLSTROM_SCHEMA, load_hillstrom, "Hillstrom e-mail test: exposure → visit → conversion", batch_size=256),
+    "simulated": DatasetInfo(
+        SIMULATED_SCHEMA, None, "synthetic mall with known pCTR/pCVR (mtrank simulate)"
+    ),
+    "hillstrom": DatasetInfo(
+        HILLSTROM_SCHEMA,
+        load_hillstrom,
+        "Hillstrom e-mail test: exposure → visit → conversion",
+        batch_size=256,
+    ),
     "aliccp": DatasetInfo(ALICCP_SCHEMA, load_aliccp, "Ali-CCP, processed CSV schema"),
-    "aliexpress": DatasetInfo(ALIEXPRESS_SCHEMA, load_aliexpress, "AliExpress, processed CSV schema"),
-    "census": DatasetInfo(CENSUS_SCHEMA, load_census, "Census-Income (KDD), two tasks without a funnel"),
+    "aliexpress": DatasetInfo(
+        ALIEXPRESS_SCHEMA, load_aliexpress, "AliExpress, processed CSV schema"
+    ),
+    "census": DatasetInfo(
+        CENSUS_SCHEMA, load_census, "Census-Income (KDD), two tasks without a funnel"
+    ),
 }
 
 __all__ = ["DATASETS", "ROW", "LoadedData", "load_table", "resolve_data_dir"]

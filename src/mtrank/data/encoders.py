@@ -50,7 +50,9 @@ class CategoricalEncoder:
         return len(self.values) + N_RESERVED
 
     @classmethod
-    def fit(cls, series: pl.Series, min_count: int = 1, max_size: int | None = None) -> CategoricalEncoder:
+    def fit(
+        cls, series: pl.Series, min_count: int = 1, max_size: int | None = None
+    ) -> CategoricalEncoder:
         """Fit a vocabulary on one column: ids seen at least ``min_count`` times, most frequent
         first, at most ``max_size``."""
         ids = canonical_ids(series).drop_nulls()
@@ -69,7 +71,11 @@ class CategoricalEncoder:
         ``"\\x01"`` suffix as a fixed-width numpy string array (so a value ending in NUL, which
         numpy would strip, never matches another one), sorted, and the index of each. Built
         once and cached."""
-        if self._table is None or self._table[0] is not self.values or self._table[1] != len(self.values):
+        if (
+            self._table is None
+            or self._table[0] is not self.values
+            or self._table[1] != len(self.values)
+        ):
             vocab = np.asarray([v + _END for v in self.values] or [_END], dtype=str)
             order = np.argsort(vocab, kind="stable")
             index = order.astype(np.int64) + N_RESERVED
@@ -82,14 +88,23 @@ class CategoricalEncoder:
     def _int_lookup(self) -> tuple[np.ndarray, np.ndarray]:
         """(sorted int64 ids, their indices) for the vocabulary values that are canonical
         integers (``"42"``, ``"-7"``): an integer column is looked up without strings. Cached."""
-        if self._ints is None or self._ints[0] is not self.values or self._ints[1] != len(self.values):
+        if (
+            self._ints is None
+            or self._ints[0] is not self.values
+            or self._ints[1] != len(self.values)
+        ):
             ids = pl.Series(self.values, dtype=pl.String).str.to_integer(strict=False)
             canon = ids.cast(pl.String) == pl.Series(self.values, dtype=pl.String)
             keep = canon.fill_null(False).to_numpy()
             pos = np.flatnonzero(keep)
             table = ids.to_numpy()[pos].astype(np.int64) if pos.size else np.zeros(0, np.int64)
             order = np.argsort(table, kind="stable")
-            self._ints = (self.values, len(self.values), table[order], pos[order].astype(np.int64) + N_RESERVED)
+            self._ints = (
+                self.values,
+                len(self.values),
+                table[order],
+                pos[order].astype(np.int64) + N_RESERVED,
+            )
         return self._ints[2], self._ints[3]
 
     def _transform_ints(self, series: pl.Series) -> tuple[np.ndarray, int, int]:
@@ -177,14 +192,19 @@ class FeatureEncoder:
 
     @classmethod
     def fit(
-        cls, df: pl.DataFrame, schema: Schema, min_count: int = 1, max_size: int | None = None,
+        cls,
+        df: pl.DataFrame,
+        schema: Schema,
+        min_count: int = 1,
+        max_size: int | None = None,
         hash_buckets: dict[str, int] | None = None,
     ) -> FeatureEncoder:
         """Fit on the training split only."""
         check_hash_columns(hash_buckets, schema.categorical)
         return cls(
             categorical=[
-                HashedCategoricalEncoder(c, hash_buckets[c]) if hash_buckets and c in hash_buckets
+                HashedCategoricalEncoder(c, hash_buckets[c])
+                if hash_buckets and c in hash_buckets
                 else CategoricalEncoder.fit(df.get_column(c), min_count, max_size)
                 for c in schema.categorical
             ],
@@ -204,7 +224,9 @@ class FeatureEncoder:
         n_missing: dict[str, int] = {}
         n_oov: dict[str, int] = {}
         for j, enc in enumerate(self.categorical):
-            cat[:, j], n_missing[enc.column], n_oov[enc.column] = enc.transform(df.get_column(enc.column))
+            cat[:, j], n_missing[enc.column], n_oov[enc.column] = enc.transform(
+                df.get_column(enc.column)
+            )
         for j, enc in enumerate(self.numerical):
             num[:, j], n_missing[enc.column] = enc.transform(df.get_column(enc.column))
         return EncodedFeatures(cat, num, n_missing, n_oov)
@@ -214,11 +236,14 @@ class FeatureEncoder:
         return {
             "format": "mtrank.encoders/1",
             "categorical": [
-                {"column": e.column, "hash_buckets": e.buckets} if isinstance(e, HashedCategoricalEncoder)
+                {"column": e.column, "hash_buckets": e.buckets}
+                if isinstance(e, HashedCategoricalEncoder)
                 else {"column": e.column, "values": e.values}
                 for e in self.categorical
             ],
-            "numerical": [{"column": e.column, "mean": e.mean, "std": e.std} for e in self.numerical],
+            "numerical": [
+                {"column": e.column, "mean": e.mean, "std": e.std} for e in self.numerical
+            ],
         }
 
     @classmethod
@@ -228,11 +253,15 @@ class FeatureEncoder:
             if obj.get("format") != "mtrank.encoders/1":
                 raise BundleError(f"unknown encoders format {obj.get('format')!r}")
             cats = [
-                HashedCategoricalEncoder(str(e["column"]), int(e["hash_buckets"])) if "hash_buckets" in e
+                HashedCategoricalEncoder(str(e["column"]), int(e["hash_buckets"]))
+                if "hash_buckets" in e
                 else CategoricalEncoder(str(e["column"]), [str(v) for v in e["values"]])
                 for e in obj["categorical"]
             ]
-            nums = [NumericalEncoder(str(e["column"]), float(e["mean"]), float(e["std"])) for e in obj["numerical"]]
+            nums = [
+                NumericalEncoder(str(e["column"]), float(e["mean"]), float(e["std"]))
+                for e in obj["numerical"]
+            ]
         except (KeyError, TypeError, AttributeError) as exc:
             raise BundleError(f"malformed encoders document: {exc!r}") from None
         for e in nums:

@@ -30,8 +30,14 @@ def fnv1a_64(values: pl.Series) -> np.ndarray:
         uint64 ``[N]``.
     """
     arr = pa.array(values.fill_null("").to_arrow()).cast(pa.large_binary())
-    offsets = np.frombuffer(arr.buffers()[1], dtype=np.int64)[arr.offset : arr.offset + len(arr) + 1]
-    data = np.frombuffer(arr.buffers()[2], dtype=np.uint8) if arr.buffers()[2] is not None else np.zeros(0, np.uint8)
+    offsets = np.frombuffer(arr.buffers()[1], dtype=np.int64)[
+        arr.offset : arr.offset + len(arr) + 1
+    ]
+    data = (
+        np.frombuffer(arr.buffers()[2], dtype=np.uint8)
+        if arr.buffers()[2] is not None
+        else np.zeros(0, np.uint8)
+    )
     starts, lengths = offsets[:-1], np.diff(offsets)
     h = np.full(len(arr), FNV_OFFSET, dtype=np.uint64)
     with np.errstate(over="ignore"):
@@ -79,4 +85,6 @@ def check_hash_columns(hash_buckets: dict[str, int] | None, categorical: list[st
     if unknown:
         from mtrank.errors import ConfigError
 
-        raise ConfigError(f"--hash-buckets names {unknown}, which are not categorical columns of the schema: {categorical}")
+        raise ConfigError(
+            f"--hash-buckets names {unknown}, which are not categorical columns of the schema: {categorical}"
+        )

@@ -85,7 +85,9 @@ def read_table(
     return df.with_row_index(ROW, offset=1)
 
 
-def _read_csv(p: Path, suffixes: str, column_names: list[str] | None, all_strings: bool) -> pl.DataFrame:
+def _read_csv(
+    p: Path, suffixes: str, column_names: list[str] | None, all_strings: bool
+) -> pl.DataFrame:
     def parse(use_threads: bool) -> tuple[pa.Table, list[int | None]]:
         bad_lines: list[int | None] = []
 
@@ -93,25 +95,46 @@ def _read_csv(p: Path, suffixes: str, column_names: list[str] | None, all_string
             bad_lines.append(row.number)
             return "skip"
 
-        read = pacsv.ReadOptions(column_names=column_names, block_size=1 << 24, use_threads=use_threads)
-        parse_opts = pacsv.ParseOptions(
-            delimiter="\t" if ".tsv" in suffixes else ",", invalid_row_handler=on_invalid, newlines_in_values=False,
+        read = pacsv.ReadOptions(
+            column_names=column_names, block_size=1 << 24, use_threads=use_threads
         )
-        convert = pacsv.ConvertOptions(strings_can_be_null=True, null_values=["", "NULL", "null", "NaN", "nan", "NA"])
+        parse_opts = pacsv.ParseOptions(
+            delimiter="\t" if ".tsv" in suffixes else ",",
+            invalid_row_handler=on_invalid,
+            newlines_in_values=False,
+        )
+        convert = pacsv.ConvertOptions(
+            strings_can_be_null=True, null_values=["", "NULL", "null", "NaN", "nan", "NA"]
+        )
         if all_strings:
-            head = column_names or pacsv.read_csv(p, read_options=pacsv.ReadOptions(block_size=1 << 16), parse_options=parse_opts).column_names
-            convert = pacsv.ConvertOptions(column_types={c: pa.string() for c in head}, strings_can_be_null=True, null_values=[""])
-        return pacsv.read_csv(p, read_options=read, parse_options=parse_opts, convert_options=convert), bad_lines
+            head = (
+                column_names
+                or pacsv.read_csv(
+                    p, read_options=pacsv.ReadOptions(block_size=1 << 16), parse_options=parse_opts
+                ).column_names
+            )
+            convert = pacsv.ConvertOptions(
+                column_types={c: pa.string() for c in head},
+                strings_can_be_null=True,
+                null_values=[""],
+            )
+        return pacsv.read_csv(
+            p, read_options=read, parse_options=parse_opts, convert_options=convert
+        ), bad_lines
 
     table, bad_lines = parse(use_threads=True)
     if bad_lines:
-        if any(n is None for n in bad_lines):  # line numbers are only known to a single-threaded parse
+        if any(
+            n is None for n in bad_lines
+        ):  # line numbers are only known to a single-threaded parse
             _, bad_lines = parse(use_threads=False)
         header = 0 if column_names is not None else 1
         rows = [n - header for n in bad_lines if n is not None]
         raise DataError(
             f"{len(bad_lines)} malformed line(s) (wrong number of fields, e.g. a truncated line)",
-            file=str(p), rows=rows, count=len(bad_lines),
+            file=str(p),
+            rows=rows,
+            count=len(bad_lines),
         )
     return pl.from_arrow(table)
 
@@ -147,7 +170,13 @@ def _check_numeric_column(df: pl.DataFrame, col: str, source: str) -> None:
         return
     bad = pl.col(col).is_not_null() & (pl.col(col).cast(pl.String).str.strip_chars() != "")
     bad = bad & _numeric(df, col).is_null()
-    _fail_on(df, bad, source, col, lambda n, ex: f"{n} non-numeric value(s) in a numerical column, e.g. {ex!r}")
+    _fail_on(
+        df,
+        bad,
+        source,
+        col,
+        lambda n, ex: f"{n} non-numeric value(s) in a numerical column, e.g. {ex!r}",
+    )
 
 
 def validate_frame(
@@ -176,7 +205,9 @@ def validate_frame(
     if ROW not in df.columns:
         df = df.with_row_index(ROW, offset=1)
     report = ValidationReport(source=source, rows_read=df.height)
-    needed = [c for c in schema.required_columns() if require_labels or c not in schema.label_columns]
+    needed = [
+        c for c in schema.required_columns() if require_labels or c not in schema.label_columns
+    ]
     missing = [c for c in needed if c not in df.columns]
     if missing:
         raise DataError(
@@ -187,16 +218,34 @@ def validate_frame(
     if df.height == 0:
         raise DataError("the table has a header but no data rows", file=source)
 
-    labels = [c for c in schema.label_columns if c in df.columns] if not require_labels else schema.label_columns
+    labels = (
+        [c for c in schema.label_columns if c in df.columns]
+        if not require_labels
+        else schema.label_columns
+    )
     casts = []
     for col in labels:
         value = _numeric(df, col)
         present = pl.col(col).is_not_null()
         if df.schema[col] == pl.String:
             present = present & (pl.col(col).str.strip_chars() != "")
-        _fail_on(df, ~present | value.is_nan(), source, col, lambda n, _: f"{n} missing label value(s)")
-        _fail_on(df, value.is_null(), source, col, lambda n, ex: f"{n} non-numeric label value(s), e.g. {ex!r}; labels must be 0 or 1")
-        _fail_on(df, ~value.is_in([0.0, 1.0]), source, col, lambda n, ex: f"{n} label value(s) that are not 0 or 1, e.g. {ex!r}")
+        _fail_on(
+            df, ~present | value.is_nan(), source, col, lambda n, _: f"{n} missing label value(s)"
+        )
+        _fail_on(
+            df,
+            value.is_null(),
+            source,
+            col,
+            lambda n, ex: f"{n} non-numeric label value(s), e.g. {ex!r}; labels must be 0 or 1",
+        )
+        _fail_on(
+            df,
+            ~value.is_in([0.0, 1.0]),
+            source,
+            col,
+            lambda n, ex: f"{n} label value(s) that are not 0 or 1, e.g. {ex!r}",
+        )
         casts.append(value.cast(pl.Int8).alias(col))
     if casts:
         df = df.with_columns(casts)
@@ -210,13 +259,18 @@ def validate_frame(
                 f"{n} row(s) with {schema.conversion}=1 but {schema.click}=0 (a conversion "
                 "without a click breaks the funnel); fix the data or use the 'drop' policy "
                 "(--funnel-violations drop)",
-                file=source, column=schema.conversion, rows=rows, count=n,
+                file=source,
+                column=schema.conversion,
+                rows=rows,
+                count=n,
             )
         if n:
             report.dropped_rows = df.filter(violation).get_column(ROW).to_list()
             df = df.filter(~violation)
 
-    numeric_cols = list(dict.fromkeys(schema.numerical + ([schema.price] if schema.price in df.columns else [])))
+    numeric_cols = list(
+        dict.fromkeys(schema.numerical + ([schema.price] if schema.price in df.columns else []))
+    )
     for col in numeric_cols:
         _check_numeric_column(df, col, source)
     df = df.with_columns([_numeric(df, c).alias(c) for c in numeric_cols])
@@ -232,17 +286,21 @@ def validate_frame(
                 x, y = pl.col(feat).cast(pl.Float64), pl.col(label).cast(pl.Float64)
                 leak = df.select((x == y).all() | (x == 1.0 - y).all()).item()
             else:
-                leak = df.select((pl.col(feat).cast(pl.String) == pl.col(label).cast(pl.String)).all()).item()
+                leak = df.select(
+                    (pl.col(feat).cast(pl.String) == pl.col(label).cast(pl.String)).all()
+                ).item()
             if leak:
                 raise DataError(
                     f"feature column {feat!r} is identical to label column {label!r} (or to "
                     "1 − label) on every row: that is label leakage; remove it from the features",
-                    file=source, column=feat,
+                    file=source,
+                    column=feat,
                 )
     return df, report
 
 
 # --- output paths ------------------------------------------------------------------------------
+
 
 def check_output(path: str | Path, *, kind: str = "file", option: str = "--out") -> Path:
     """Check, before any work, that ``path`` can be written as a ``kind`` (``file`` or

@@ -34,7 +34,9 @@ def source_device(source: BatchSource) -> torch.device:
     return getattr(source, "device", torch.device("cpu"))
 
 
-def prefetch(batches: Iterator[Batch], transfer: Callable[[Batch], tuple[Batch, object]], *, depth: int) -> Iterator[tuple[Batch, object]]:
+def prefetch(
+    batches: Iterator[Batch], transfer: Callable[[Batch], tuple[Batch, object]], *, depth: int
+) -> Iterator[tuple[Batch, object]]:
     """Run ``transfer`` over ``batches`` in a background thread, at most ``depth`` ahead.
 
     Yields ``transfer``'s results in order. Raises what the producer raised.
@@ -75,7 +77,9 @@ def prefetch(batches: Iterator[Batch], transfer: Callable[[Batch], tuple[Batch, 
         thread.join(timeout=10)
 
 
-def cuda_transfer(device: torch.device, *, pin: bool = True) -> Callable[[Batch], tuple[Batch, object]]:
+def cuda_transfer(
+    device: torch.device, *, pin: bool = True
+) -> Callable[[Batch], tuple[Batch, object]]:
     """A ``transfer`` for :func:`prefetch`: pin, copy ``non_blocking`` on a side stream, and
     return the device batch with the event that marks the copy's end."""
     stream = torch.cuda.Stream(device)

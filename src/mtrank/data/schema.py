@@ -58,7 +58,9 @@ class Schema(BaseModel):
         if self.click is not None and self.tasks:
             raise SchemaError("set either click/conversion (a funnel) or tasks, not both")
         if not self.categorical and not self.numerical:
-            raise SchemaError("the schema declares no feature: list categorical or numerical columns")
+            raise SchemaError(
+                "the schema declares no feature: list categorical or numerical columns"
+            )
         features = self.categorical + self.numerical
         dup = sorted({c for c in features if features.count(c) > 1})
         if dup:

@@ -101,9 +101,15 @@ class SimConfig(BaseModel):
     n_days: int = Field(14, ge=1)
     ctr: float = Field(0.04, gt=0, lt=1)
     cvr: float = Field(0.10, gt=0, lt=1)
-    intent: float = Field(0.6, ge=0, le=3, description="λ, strength of the unobserved purchase intent")
-    selection: float = Field(0.0, ge=0, le=3, description="s, feature dependence of the intent's strength")
-    sharing: float | None = Field(None, ge=0, le=1, description="ρ, click/conversion driver sharing")
+    intent: float = Field(
+        0.6, ge=0, le=3, description="λ, strength of the unobserved purchase intent"
+    )
+    selection: float = Field(
+        0.0, ge=0, le=3, description="s, feature dependence of the intent's strength"
+    )
+    sharing: float | None = Field(
+        None, ge=0, le=1, description="ρ, click/conversion driver sharing"
+    )
     item_zipf: float = Field(0.7, ge=0, le=3)
     position_effect: float = Field(0.35, ge=0, le=5)
     history_len: int = Field(0, ge=0, le=100)
@@ -114,13 +120,32 @@ class SimConfig(BaseModel):
 PRESETS: dict[str, dict] = {
     "default": {},
     "aliccp-like": {
-        "rows": 3_000_000, "n_users": 200_000, "n_items": 60_000, "n_categories": 100, "n_brands": 2_000,
-        "n_shops": 4_000, "slate_size": 20, "ctr": 0.04, "cvr": 0.01, "intent": 1.0, "selection": 2.5,
-        "sharing": 0.3, "item_zipf": 1.05, "history_len": 10,
+        "rows": 3_000_000,
+        "n_users": 200_000,
+        "n_items": 60_000,
+        "n_categories": 100,
+        "n_brands": 2_000,
+        "n_shops": 4_000,
+        "slate_size": 20,
+        "ctr": 0.04,
+        "cvr": 0.01,
+        "intent": 1.0,
+        "selection": 2.5,
+        "sharing": 0.3,
+        "item_zipf": 1.05,
+        "history_len": 10,
     },
     "dense": {
-        "rows": 1_000_000, "n_users": 20_000, "n_items": 5_000, "slate_size": 20, "ctr": 0.04, "cvr": 0.10,
-        "intent": 1.0, "selection": 2.5, "sharing": 0.3, "history_len": 10,
+        "rows": 1_000_000,
+        "n_users": 20_000,
+        "n_items": 5_000,
+        "slate_size": 20,
+        "ctr": 0.04,
+        "cvr": 0.10,
+        "intent": 1.0,
+        "selection": 2.5,
+        "sharing": 0.3,
+        "history_len": 10,
     },
 }
 
@@ -133,23 +158,38 @@ def preset_config(name: str = "default", **overrides) -> SimConfig:
     """
     if name not in PRESETS:
         raise ConfigError(f"--preset must be one of {sorted(PRESETS)}, got {name!r}")
-    values = {**PRESETS[name], **{k: v for k, v in overrides.items() if v is not None}, "preset": name}
+    values = {
+        **PRESETS[name],
+        **{k: v for k, v in overrides.items() if v is not None},
+        "preset": name,
+    }
     fields = SimConfig.model_fields
     for key, value in values.items():
         if key not in fields:
             raise ConfigError(f"unknown simulator option {key!r}")
         for meta in fields[key].metadata:
-            for attr, ok in (("ge", lambda v, b: v >= b), ("gt", lambda v, b: v > b), ("le", lambda v, b: v <= b), ("lt", lambda v, b: v < b)):
+            for attr, ok in (
+                ("ge", lambda v, b: v >= b),
+                ("gt", lambda v, b: v > b),
+                ("le", lambda v, b: v <= b),
+                ("lt", lambda v, b: v < b),
+            ):
                 bound = getattr(meta, attr, None)
                 if bound is not None and value is not None and not ok(value, bound):
                     sign = {"ge": "≥", "gt": ">", "le": "≤", "lt": "<"}[attr]
-                    raise ConfigError(f"--{key.replace('_', '-')} must be {sign} {bound}, got {value}")
+                    raise ConfigError(
+                        f"--{key.replace('_', '-')} must be {sign} {bound}, got {value}"
+                    )
     return SimConfig(**values)
 
 
 def sim_metadata(cfg: SimConfig) -> dict[str, str]:
     """The Parquet key-value metadata that records how a file was simulated."""
-    return {"mtrank.simulator": json.dumps({"version": SIM_VERSION, **cfg.model_dump(mode="json")}, sort_keys=True)}
+    return {
+        "mtrank.simulator": json.dumps(
+            {"version": SIM_VERSION, **cfg.model_dump(mode="json")}, sort_keys=True
+        )
+    }
 
 
 SIMULATED_SCHEMA = Schema(
@@ -161,7 +201,17 @@ SIMULATED_SCHEMA = Schema(
     item_id="item_id",
     request_id="request_id",
     time="day",
-    categorical=["user_id", "user_age", "user_gender", "user_power", "item_id", "category", "brand", "shop", "hour"],
+    categorical=[
+        "user_id",
+        "user_age",
+        "user_gender",
+        "user_power",
+        "item_id",
+        "category",
+        "brand",
+        "shop",
+        "hour",
+    ],
     numerical=["price"],
     passthrough=[*TRUTH_COLUMNS, "position"],
 )
@@ -187,7 +237,9 @@ def _zipf_weights(n: int, s: float, rng: np.random.Generator) -> np.ndarray:
     return rng.permutation(w / w.sum())
 
 
-def truth_columns(a: np.ndarray, b: np.ndarray, lam: np.ndarray, chunk: int = 65_536, nodes: int = GH_NODES) -> dict[str, np.ndarray]:
+def truth_columns(
+    a: np.ndarray, b: np.ndarray, lam: np.ndarray, chunk: int = 65_536, nodes: int = GH_NODES
+) -> dict[str, np.ndarray]:
     """Exact p(click | x), p(conv | click, x), p(conv | do(click), x), p(click ∧ conv | x).
 
     Args:
@@ -257,7 +309,9 @@ def simulate_parts(cfg: SimConfig, part_rows: int) -> Iterator[pl.DataFrame]:
 def _world(cfg: SimConfig, rng: np.random.Generator) -> dict[str, np.ndarray]:
     """Items and users (see the module docstring). The draws from ``rng`` are those of the
     original generator, in the same order; what was added draws from its own stream."""
-    cat = rng.choice(cfg.n_categories, size=cfg.n_items, p=_zipf_weights(cfg.n_categories, 0.8, rng))
+    cat = rng.choice(
+        cfg.n_categories, size=cfg.n_items, p=_zipf_weights(cfg.n_categories, 0.8, rng)
+    )
     brand = rng.integers(0, cfg.n_brands, cfg.n_items)
     shop = rng.integers(0, cfg.n_shops, cfg.n_items)
     cat_price = rng.normal(math.log(60.0), 0.8, cfg.n_categories)
@@ -265,9 +319,19 @@ def _world(cfg: SimConfig, rng: np.random.Generator) -> dict[str, np.ndarray]:
     price = np.round(np.exp(log_price), 2).clip(0.5, None)
     brand_appeal = rng.standard_normal(cfg.n_brands)
     item_appeal = rng.standard_normal(cfg.n_items)
-    appeal = 0.6 * rng.standard_normal(cfg.n_categories)[cat] + 0.5 * brand_appeal[brand] + 0.8 * item_appeal
-    brand_q, shop_q, item_q = rng.standard_normal(cfg.n_brands)[brand], rng.standard_normal(cfg.n_shops)[shop], rng.standard_normal(cfg.n_items)
-    quality = 0.3 * brand_appeal[brand] + 0.4 * brand_q + 0.5 * shop_q + 0.3 * item_appeal + 0.7 * item_q
+    appeal = (
+        0.6 * rng.standard_normal(cfg.n_categories)[cat]
+        + 0.5 * brand_appeal[brand]
+        + 0.8 * item_appeal
+    )
+    brand_q, shop_q, item_q = (
+        rng.standard_normal(cfg.n_brands)[brand],
+        rng.standard_normal(cfg.n_shops)[shop],
+        rng.standard_normal(cfg.n_items),
+    )
+    quality = (
+        0.3 * brand_appeal[brand] + 0.4 * brand_q + 0.5 * shop_q + 0.3 * item_appeal + 0.7 * item_q
+    )
     if cfg.sharing is not None:
         rho = cfg.sharing
         std = lambda v: (v - v.mean()) / max(v.std(), 1e-12)
@@ -275,8 +339,14 @@ def _world(cfg: SimConfig, rng: np.random.Generator) -> dict[str, np.ndarray]:
         quality = quality.std() * (rho * std(appeal) + math.sqrt(1.0 - rho * rho) * std(own))
     item_pop = _zipf_weights(cfg.n_items, cfg.item_zipf, rng)
     w = {
-        "cat": cat, "brand": brand, "shop": shop, "log_price": log_price, "price": price,
-        "appeal": appeal, "quality": quality, "item_pop": item_pop,
+        "cat": cat,
+        "brand": brand,
+        "shop": shop,
+        "log_price": log_price,
+        "price": price,
+        "appeal": appeal,
+        "quality": quality,
+        "item_pop": item_pop,
     }
     w["age"] = rng.integers(0, 7, cfg.n_users)
     w["gender"] = rng.integers(0, 2, cfg.n_users)
@@ -294,7 +364,9 @@ def _world(cfg: SimConfig, rng: np.random.Generator) -> dict[str, np.ndarray]:
     return w
 
 
-def _intent_strength(cfg: SimConfig, w: dict[str, np.ndarray], items: np.ndarray, user: np.ndarray) -> np.ndarray | float:
+def _intent_strength(
+    cfg: SimConfig, w: dict[str, np.ndarray], items: np.ndarray, user: np.ndarray
+) -> np.ndarray | float:
     """λ(x) per impression (a scalar when ``selection`` is 0, so the default draws are unchanged)."""
     if cfg.selection == 0:
         return cfg.intent
@@ -302,19 +374,35 @@ def _intent_strength(cfg: SimConfig, w: dict[str, np.ndarray], items: np.ndarray
     return cfg.intent * 2.0 * _sigmoid(cfg.selection * h)
 
 
-def _logits(cfg: SimConfig, w: dict[str, np.ndarray], items: np.ndarray, user: np.ndarray, position: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _logits(
+    cfg: SimConfig,
+    w: dict[str, np.ndarray],
+    items: np.ndarray,
+    user: np.ndarray,
+    position: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
     """CTR and CVR logits without intercepts and without the intent term."""
     c = w["cat"][items]
     affinity = (w["taste"][user] * w["cat_vec"][c]).sum(1) / 2.0
-    ctr = w["appeal"][items] + 0.8 * affinity + w["activity"][user] - cfg.position_effect * np.log(position)
+    ctr = (
+        w["appeal"][items]
+        + 0.8 * affinity
+        + w["activity"][user]
+        - cfg.position_effect * np.log(position)
+    )
     sens = 0.9 - 0.15 * w["power"][user]
     cvr = w["quality"][items] + 0.5 * affinity - sens * (w["log_price"][items] - math.log(60.0))
     return ctr, cvr
 
 
 def _impressions(
-    cfg: SimConfig, w: dict[str, np.ndarray], rng: np.random.Generator, n_req: int, req_offset: int,
-    day: np.ndarray | None, theta: tuple[float, float] | None = None,
+    cfg: SimConfig,
+    w: dict[str, np.ndarray],
+    rng: np.random.Generator,
+    n_req: int,
+    req_offset: int,
+    day: np.ndarray | None,
+    theta: tuple[float, float] | None = None,
 ) -> tuple[pl.DataFrame, tuple[float, float]]:
     """Requests, slates, and click / conversion draws. Returns the table and the intercepts.
 
@@ -340,7 +428,9 @@ def _impressions(
         t_cvr = _solve_intercept(cvr_logit, cfg.cvr, weight=_sigmoid(ctr_logit + t_ctr))
         theta = (t_ctr, t_cvr)
     click = (rng.random(items.size) < _sigmoid(ctr_logit + theta[0])).astype(np.int8)
-    conversion = (click.astype(bool) & (rng.random(items.size) < _sigmoid(cvr_logit + theta[1]))).astype(np.int8)
+    conversion = (
+        click.astype(bool) & (rng.random(items.size) < _sigmoid(cvr_logit + theta[1]))
+    ).astype(np.int8)
     truth = truth_columns(ctr_base + theta[0], cvr_base + theta[1], lam)
     df = pl.DataFrame(
         {
@@ -364,14 +454,18 @@ def _impressions(
     )
     if cfg.history_len:
         df = df.join(_histories(cfg, w, theta), on="user_id", how="left", maintain_order="left")
-        df = df.with_columns(pl.col(c).fill_null(pl.lit([], dtype=pl.List(pl.Int64))) for c in HISTORY_COLUMNS)
+        df = df.with_columns(
+            pl.col(c).fill_null(pl.lit([], dtype=pl.List(pl.Int64))) for c in HISTORY_COLUMNS
+        )
     return df, theta
 
 
 HISTORY_CANDIDATES = 32
 
 
-def _histories(cfg: SimConfig, w: dict[str, np.ndarray], theta: tuple[float, float]) -> pl.DataFrame:
+def _histories(
+    cfg: SimConfig, w: dict[str, np.ndarray], theta: tuple[float, float]
+) -> pl.DataFrame:
     """Each user's behaviour before the log: the last ``history_len`` purchased, carted and
     favourited item ids, most recent first (``user_id`` plus the three list columns).
 
@@ -393,10 +487,16 @@ def _histories(cfg: SimConfig, w: dict[str, np.ndarray], theta: tuple[float, flo
         urep = np.repeat(users, m)
         a, b = _logits(cfg, w, items.ravel(), urep, np.ones(urep.size))
         # sampling weights only: the probit approximation E_z σ(a + λz) ≈ σ(a / √(1 + πλ²/8))
-        kappa = np.sqrt(1.0 + np.pi * np.asarray(_intent_strength(cfg, w, items.ravel(), urep)) ** 2 / 8.0)
+        kappa = np.sqrt(
+            1.0 + np.pi * np.asarray(_intent_strength(cfg, w, items.ravel(), urep)) ** 2 / 8.0
+        )
         ctr = _sigmoid((a + theta[0]) / kappa).reshape(users.size, m)
         ctcvr = ctr * _sigmoid((b + theta[1]) / kappa).reshape(users.size, m)
-        weights = {"hist_purchased": ctcvr, "hist_carted": ctcvr + 0.3 * ctr, "hist_favourited": ctr}
+        weights = {
+            "hist_purchased": ctcvr,
+            "hist_carted": ctcvr + 0.3 * ctr,
+            "hist_favourited": ctr,
+        }
         mean_len = k * _sigmoid(2.0 * w["activity"][users])
         for col, wt in weights.items():
             keys = np.log(np.maximum(wt, 1e-300)) + hrng.gumbel(size=wt.shape)
@@ -406,12 +506,29 @@ def _histories(cfg: SimConfig, w: dict[str, np.ndarray], theta: tuple[float, flo
             items_out[col].append(np.take_along_axis(items, top, axis=1)[keep])
     out = pl.DataFrame({"user_id": np.arange(n, dtype=np.int64)})
     for col in HISTORY_COLUMNS:
-        long = pl.DataFrame({"user_id": np.concatenate(users_out[col]).astype(np.int64), col: np.concatenate(items_out[col]).astype(np.int64)})
-        out = out.join(long.group_by("user_id", maintain_order=True).agg(pl.col(col)), on="user_id", how="left", maintain_order="left")
+        long = pl.DataFrame(
+            {
+                "user_id": np.concatenate(users_out[col]).astype(np.int64),
+                col: np.concatenate(items_out[col]).astype(np.int64),
+            }
+        )
+        out = out.join(
+            long.group_by("user_id", maintain_order=True).agg(pl.col(col)),
+            on="user_id",
+            how="left",
+            maintain_order="left",
+        )
     return out
 
 
-def write_simulated(cfg: SimConfig, path: str | Path, part_rows: int | None = None, *, progress: bool = False, overwrite: bool = False) -> Path:
+def write_simulated(
+    cfg: SimConfig,
+    path: str | Path,
+    part_rows: int | None = None,
+    *,
+    progress: bool = False,
+    overwrite: bool = False,
+) -> Path:
     """Simulate and write Parquet atomically (the config in the file's metadata). Returns the path.
 
     With ``part_rows`` (and more rows than that), ``path`` is a directory of
@@ -428,11 +545,20 @@ def write_simulated(cfg: SimConfig, path: str | Path, part_rows: int | None = No
     meta = sim_metadata(cfg)
     if part_rows is None or cfg.rows <= part_rows:
         if path.is_dir():
-            raise ConfigError(f"{path} is a directory; give a .parquet file name, or --part-rows to write parts")
+            raise ConfigError(
+                f"{path} is a directory; give a .parquet file name, or --part-rows to write parts"
+            )
         return atomic_write_parquet(simulate(cfg), path, metadata=meta)
     from tqdm.auto import tqdm
 
-    parts = tqdm(simulate_parts(cfg, part_rows), total=-(-max(1, cfg.rows // cfg.slate_size) // max(1, part_rows // cfg.slate_size)), desc="simulating", unit="part", disable=not progress, leave=False)
+    parts = tqdm(
+        simulate_parts(cfg, part_rows),
+        total=-(-max(1, cfg.rows // cfg.slate_size) // max(1, part_rows // cfg.slate_size)),
+        desc="simulating",
+        unit="part",
+        disable=not progress,
+        leave=False,
+    )
     return write_parts_dir(parts, path, row_group_size=262_144, metadata=meta)
 
 

@@ -68,5 +68,7 @@ def split_data(data: LoadedData, cfg: SplitConfig) -> dict[str, pl.DataFrame]:
             test, val, train = _random_parts(df, [cfg.test_fraction, cfg.val_fraction], cfg.seed)
     for name, part in (("train", train), ("test", test)):
         if part.height == 0:
-            raise DataError(f"the {name} split is empty; the dataset has too few rows for these fractions")
+            raise DataError(
+                f"the {name} split is empty; the dataset has too few rows for these fractions"
+            )
     return {"train": train, "val": val, "test": test}

@@ -53,7 +53,10 @@ def check_parts_dir(path: str | Path) -> None:
     """
     p = Path(path)
     if (p / INCOMPLETE).exists():
-        raise DataError(f"the directory is incomplete (it holds {INCOMPLETE}: its writer was interrupted); write it again", file=str(p))
+        raise DataError(
+            f"the directory is incomplete (it holds {INCOMPLETE}: its writer was interrupted); write it again",
+            file=str(p),
+        )
     if not (p / MANIFEST).is_file():
         return
     try:
@@ -63,7 +66,10 @@ def check_parts_dir(path: str | Path) -> None:
     present = {x.name for x in p.glob("part-*.parquet")}
     if listed != present:
         missing, extra = sorted(listed - present), sorted(present - listed)
-        raise DataError(f"the directory does not match its {MANIFEST}: missing parts {missing[:5]}, unlisted parts {extra[:5]}", file=str(p))
+        raise DataError(
+            f"the directory does not match its {MANIFEST}: missing parts {missing[:5]}, unlisted parts {extra[:5]}",
+            file=str(p),
+        )
 
 
 def expand_paths(spec: str | Path | list) -> list[Path]:
@@ -78,7 +84,11 @@ def expand_paths(spec: str | Path | list) -> list[Path]:
         p = Path(s)
         if p.is_dir():
             check_parts_dir(p)
-            out += sorted(x for x in p.iterdir() if x.suffix in {".parquet", ".pq", ".csv", ".gz"} and not x.name.startswith("."))
+            out += sorted(
+                x
+                for x in p.iterdir()
+                if x.suffix in {".parquet", ".pq", ".csv", ".gz"} and not x.name.startswith(".")
+            )
         elif any(ch in str(s) for ch in "*?["):
             out += sorted(Path(x) for x in glob.glob(str(s)))
         else:
@@ -124,9 +134,15 @@ def read_piece(piece: Piece, schema: Schema, *, require_labels: bool = True) -> 
     else:
         cols = [c for c in dict.fromkeys(schema.required_columns() + schema.passthrough)]
         available = pq.ParquetFile(piece.path).schema_arrow.names
-        table = pq.ParquetFile(piece.path).read_row_group(piece.row_group, columns=[c for c in cols if c in available])
+        table = pq.ParquetFile(piece.path).read_row_group(
+            piece.row_group, columns=[c for c in cols if c in available]
+        )
         df = pl.from_arrow(table).with_row_index(ROW, offset=piece.first_row)
-    where = str(piece.path) if piece.row_group is None else f"{piece.path} (row group {piece.row_group})"
+    where = (
+        str(piece.path)
+        if piece.row_group is None
+        else f"{piece.path} (row group {piece.row_group})"
+    )
     clean, _ = validate_frame(df, schema, where, require_labels=require_labels)
     return clean
 
@@ -144,8 +160,15 @@ class ParquetStream:
     """
 
     def __init__(
-        self, paths: list[Path], schema: Schema, encoder: FeatureEncoder, *, shuffle_buffer: int = 262_144,
-        prefetch: bool = True, readers: int = 1, cache_dir: Path | None = None,
+        self,
+        paths: list[Path],
+        schema: Schema,
+        encoder: FeatureEncoder,
+        *,
+        shuffle_buffer: int = 262_144,
+        prefetch: bool = True,
+        readers: int = 1,
+        cache_dir: Path | None = None,
     ) -> None:
         self.schema = schema
         self.encoder = encoder
@@ -156,10 +179,15 @@ class ParquetStream:
         self._fingerprint = None
         if self.cache_dir is not None:
             doc = {"schema": schema.model_dump(mode="json"), "encoders": encoder.to_json()}
-            self._fingerprint = hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
+            self._fingerprint = hashlib.sha256(
+                json.dumps(doc, sort_keys=True, default=str).encode()
+            ).hexdigest()
         self.pieces = list_pieces(paths)
         if any(p.rows < 0 for p in self.pieces):  # CSV: count rows once, cheaply, by reading
-            self.pieces = [p if p.rows >= 0 else Piece(p.path, None, 1, read_table(p.path).height) for p in self.pieces]
+            self.pieces = [
+                p if p.rows >= 0 else Piece(p.path, None, 1, read_table(p.path).height)
+                for p in self.pieces
+            ]
         self._rows = sum(p.rows for p in self.pieces)
 
     def __len__(self) -> int:
@@ -177,7 +205,15 @@ class ParquetStream:
     def cache_path(self, piece: Piece) -> Path:
         """The cache file of one piece (see the module docstring)."""
         st = piece.path.stat()
-        key = json.dumps([self._fingerprint, str(piece.path.resolve()), st.st_size, st.st_mtime_ns, piece.row_group])
+        key = json.dumps(
+            [
+                self._fingerprint,
+                str(piece.path.resolve()),
+                st.st_size,
+                st.st_mtime_ns,
+                piece.row_group,
+            ]
+        )
         return self.cache_dir / f"piece-{hashlib.sha256(key.encode()).hexdigest()[:32]}.safetensors"
 
     def _encode(self, i: int, training: bool) -> EncodedData:
@@ -186,19 +222,31 @@ class ParquetStream:
         if cached is not None and cached.exists():
             try:
                 t = load_file(str(cached))
-                return EncodedData(t.pop("categorical"), t.pop("numerical"), {k.removeprefix("label."): v for k, v in t.items()})
+                return EncodedData(
+                    t.pop("categorical"),
+                    t.pop("numerical"),
+                    {k.removeprefix("label."): v for k, v in t.items()},
+                )
             except (SafetensorError, OSError, KeyError):
                 pass  # unreadable entry: encode again and rewrite it
         data = EncodedData.from_frame(read_piece(piece, self.schema), self.schema, self.encoder)
         if not training:
             return data
-        data = EncodedData(data.categorical, data.numerical, data.labels)  # batches need no side columns
+        data = EncodedData(
+            data.categorical, data.numerical, data.labels
+        )  # batches need no side columns
         if cached is not None:
-            tensors = {"categorical": data.categorical, "numerical": data.numerical, **{f"label.{k}": v for k, v in data.labels.items()}}
+            tensors = {
+                "categorical": data.categorical,
+                "numerical": data.numerical,
+                **{f"label.{k}": v for k, v in data.labels.items()},
+            }
             atomic_write_safetensors(tensors, cached)
         return data
 
-    def encoded_pieces(self, order: list[int] | None = None, *, training: bool = False) -> Iterator[EncodedData]:
+    def encoded_pieces(
+        self, order: list[int] | None = None, *, training: bool = False
+    ) -> Iterator[EncodedData]:
         """Encoded pieces in ``order`` (default: file order), up to ``readers`` read ahead in
         threads. ``training``: without side columns, through the cache when there is one."""
         order = list(range(len(self.pieces))) if order is None else order
@@ -214,7 +262,9 @@ class ParquetStream:
                     ahead.append(pool.submit(self._encode, order[k + self.readers], training))
                 yield current
 
-    def batches(self, batch_size: int, *, shuffle: bool, generator: torch.Generator | None = None) -> Iterator[Batch]:
+    def batches(
+        self, batch_size: int, *, shuffle: bool, generator: torch.Generator | None = None
+    ) -> Iterator[Batch]:
         """Batches from the shuffle buffer (shuffled) or piece by piece in file order."""
         order = torch.randperm(len(self.pieces), generator=generator).tolist() if shuffle else None
         buffer: list[EncodedData] = []
@@ -225,18 +275,31 @@ class ParquetStream:
             if held >= self.shuffle_buffer:
                 pool = EncodedData.concat(buffer)
                 n_full = (len(pool) // batch_size) * batch_size
-                yield from pool.subset(torch.arange(n_full)).batches(batch_size, shuffle=shuffle, generator=generator)
-                buffer = [pool.subset(torch.arange(n_full, len(pool)))] if n_full < len(pool) else []
+                yield from pool.subset(torch.arange(n_full)).batches(
+                    batch_size, shuffle=shuffle, generator=generator
+                )
+                buffer = (
+                    [pool.subset(torch.arange(n_full, len(pool)))] if n_full < len(pool) else []
+                )
                 held = len(pool) - n_full
         if buffer and held:
-            yield from EncodedData.concat(buffer).batches(batch_size, shuffle=shuffle, generator=generator)
+            yield from EncodedData.concat(buffer).batches(
+                batch_size, shuffle=shuffle, generator=generator
+            )
 
     def load_all(self) -> EncodedData:
         """Every piece of this shard in file order, as one EncodedData (for evaluation)."""
         return EncodedData.concat(list(self.encoded_pieces()))
 
 
-def fit_encoder_streaming(paths: list[Path], schema: Schema, *, min_count: int = 1, max_size: int | None = None, hash_buckets: dict[str, int] | None = None) -> FeatureEncoder:
+def fit_encoder_streaming(
+    paths: list[Path],
+    schema: Schema,
+    *,
+    min_count: int = 1,
+    max_size: int | None = None,
+    hash_buckets: dict[str, int] | None = None,
+) -> FeatureEncoder:
     """Fit encoders in one pass over the pieces: value counts per categorical column are merged
     across pieces, numerical mean / std from running sums. Equals :meth:`FeatureEncoder.fit` on
     the concatenated data. Columns in ``hash_buckets`` are hashed (no vocabulary to count)."""
@@ -251,7 +314,11 @@ def fit_encoder_streaming(paths: list[Path], schema: Schema, *, min_count: int =
         df = read_piece(piece, schema)
         for c in counted:
             vc = canonical_ids(df.get_column(c)).drop_nulls().value_counts(name="n")
-            counts[c] = vc if c not in counts else pl.concat([counts[c], vc]).group_by(c).agg(pl.col("n").sum())
+            counts[c] = (
+                vc
+                if c not in counts
+                else pl.concat([counts[c], vc]).group_by(c).agg(pl.col("n").sum())
+            )
         for c in schema.numerical:
             x = df.get_column(c).cast(pl.Float64).fill_nan(None).drop_nulls()
             x = x.filter(x.is_finite())

@@ -29,19 +29,26 @@ def mean_log_price(price, conversion) -> float:
     p = np.asarray(price, dtype=np.float64).ravel()
     c = np.asarray(conversion).ravel() > 0
     if not c.any():
-        raise DataError("--weight-by-price needs converted rows in the training split; there are none")
+        raise DataError(
+            "--weight-by-price needs converted rows in the training split; there are none"
+        )
     bad = c & ~(np.isfinite(p) & (p >= 0))
     if bad.any():
         rows = (np.flatnonzero(bad) + 1).tolist()
-        raise DataError("converted row(s) with a missing, non-finite or negative price; cannot weight by price",
-                        rows=rows[:10], count=len(rows))
+        raise DataError(
+            "converted row(s) with a missing, non-finite or negative price; cannot weight by price",
+            rows=rows[:10],
+            count=len(rows),
+        )
     mean = float(np.log1p(p[c]).mean())
     if mean <= 0:
         raise DataError("every converted row has price 0; cannot weight by price")
     return mean
 
 
-def price_weights(price, conversion, *, cap: float = 3.0, mean_log: float | None = None) -> np.ndarray:
+def price_weights(
+    price, conversion, *, cap: float = 3.0, mean_log: float | None = None
+) -> np.ndarray:
     """float32 weights ``[N]`` (see the module docstring).
 
     Args:

@@ -74,7 +74,9 @@ def hanley_mcneil_se(value: float, n_pos: int, n_neg: int) -> float:
     numbers of positives and negatives."""
     a = value
     q1, q2 = a / (2.0 - a), 2.0 * a * a / (1.0 + a)
-    var = (a * (1 - a) + (n_pos - 1) * (q1 - a * a) + (n_neg - 1) * (q2 - a * a)) / max(n_pos * n_neg, 1)
+    var = (a * (1 - a) + (n_pos - 1) * (q1 - a * a) + (n_neg - 1) * (q2 - a * a)) / max(
+        n_pos * n_neg, 1
+    )
     return float(np.sqrt(max(var, 0.0)))
 
 
@@ -87,7 +89,9 @@ class GroupAUC:
     groups_skipped: int
 
 
-def gauc(y: np.ndarray, p: np.ndarray, groups: np.ndarray, weight: np.ndarray | None = None) -> GroupAUC:
+def gauc(
+    y: np.ndarray, p: np.ndarray, groups: np.ndarray, weight: np.ndarray | None = None
+) -> GroupAUC:
     """Group AUC (Zhou et al., DIN, KDD 2018, eq. 9): Σ_u n_u·AUC_u / Σ_u n_u over groups (users)
     with both classes; single-class groups are skipped and counted. Vectorised with polars.
 
@@ -113,13 +117,16 @@ def gauc(y: np.ndarray, p: np.ndarray, groups: np.ndarray, weight: np.ndarray | 
     if both.height == 0:
         return GroupAUC(None, 0, skipped)
     both = both.with_columns(
-        auc=(pl.col("rpos") - pl.col("pos") * (pl.col("pos") + 1) / 2) / (pl.col("pos") * pl.col("neg"))
+        auc=(pl.col("rpos") - pl.col("pos") * (pl.col("pos") + 1) / 2)
+        / (pl.col("pos") * pl.col("neg"))
     )
     value = float((both["auc"] * both["n"]).sum() / both["n"].sum())
     return GroupAUC(value, both.height, skipped)
 
 
-def logloss(y: np.ndarray, p: np.ndarray, weight: np.ndarray | None = None, eps: float = 1e-7) -> float | None:
+def logloss(
+    y: np.ndarray, p: np.ndarray, weight: np.ndarray | None = None, eps: float = 1e-7
+) -> float | None:
     """Mean binary cross-entropy of probabilities clipped to [eps, 1 − eps]; None on an empty space."""
     y, p = _as_arrays(y, p)
     if weight is not None:

@@ -96,7 +96,11 @@ def evaluate_outputs(
         m["n_conversions"] = int(ctcvr.sum())
         tasks = eval_tasks(schema)
         for t in tasks:
-            y, p, w = labels[t.label], outputs[t.prediction], (None if t.rows is None else labels[t.rows])
+            y, p, w = (
+                labels[t.label],
+                outputs[t.prediction],
+                (None if t.rows is None else labels[t.rows]),
+            )
             m[f"auc_{t.name}"] = auc(y, p, w)
             m[f"logloss_{t.name}"] = logloss(y, p, w)
             m[f"calib_{t.name}"] = calibration(y, p, w)
@@ -120,13 +124,20 @@ def evaluate_outputs(
 
 
 TRUTH_METRICS = [
-    "auc_cvr_clicked_all", "auc_cvr_do_all",
-    "bias_cvr_clicked_all", "bias_cvr_clicked_clicked", "bias_cvr_clicked_unclicked",
-    "bias_cvr_do_all", "bias_cvr_do_clicked", "bias_cvr_do_unclicked",
+    "auc_cvr_clicked_all",
+    "auc_cvr_do_all",
+    "bias_cvr_clicked_all",
+    "bias_cvr_clicked_clicked",
+    "bias_cvr_clicked_unclicked",
+    "bias_cvr_do_all",
+    "bias_cvr_do_clicked",
+    "bias_cvr_do_unclicked",
 ]
 
 
-def truth_metrics(p_cvr: np.ndarray, clicked: np.ndarray, side: dict[str, np.ndarray]) -> dict[str, float | None]:
+def truth_metrics(
+    p_cvr: np.ndarray, clicked: np.ndarray, side: dict[str, np.ndarray]
+) -> dict[str, float | None]:
     """pCVR ``[N]`` against the simulator's ``true_cvr_clicked`` and ``true_cvr_do`` ``[N]``
     (``clicked``: ``[N]`` bool). Keys: :data:`TRUTH_METRICS` (None where the rows are empty)."""
     m: dict[str, float | None] = {}
@@ -135,8 +146,12 @@ def truth_metrics(p_cvr: np.ndarray, clicked: np.ndarray, side: dict[str, np.nda
         t = np.asarray(side[f"true_{truth}"], dtype=np.float64)
         m[f"auc_{truth}_all"] = soft_auc(t, p_cvr)
         for name, keep in rows.items():
-            m[f"bias_{truth}_{name}"] = float((p_cvr[keep] - t[keep]).mean()) if keep.any() else None
+            m[f"bias_{truth}_{name}"] = (
+                float((p_cvr[keep] - t[keep]).mean()) if keep.any() else None
+            )
     return m
+
+
 CALIBRATION_BINS = 10
 
 
@@ -153,7 +168,9 @@ def reliability_bins(y: np.ndarray, p: np.ndarray, bins: int = CALIBRATION_BINS)
     return {"pred": pred, "obs": obs, "n": n}
 
 
-def calibration_curves(outputs: dict[str, np.ndarray], labels: dict[str, np.ndarray], schema: Schema) -> dict[str, dict]:
+def calibration_curves(
+    outputs: dict[str, np.ndarray], labels: dict[str, np.ndarray], schema: Schema
+) -> dict[str, dict]:
     """Reliability bins (:func:`reliability_bins`) and the calibration ratio Σp / Σy per task of
     :func:`eval_tasks` over the rows it covers: ``ctr``, ``cvr (clicked)`` and ``ctcvr`` on
     funnel data, else each task. What a run saves so that the report need not score the data

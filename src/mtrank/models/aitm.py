@@ -27,7 +27,13 @@ from torch import nn
 from mtrank.data.batch import Batch
 from mtrank.errors import ConfigError
 from mtrank.losses import TaskLoss
-from mtrank.models.config import FeatureSpec, ModelConfig, ModelOptions, parse_options, require_funnel
+from mtrank.models.config import (
+    FeatureSpec,
+    ModelConfig,
+    ModelOptions,
+    parse_options,
+    require_funnel,
+)
 from mtrank.models.layers import MLP, FeatureEmbedding
 
 PROB_EPS = 1e-6
@@ -42,7 +48,9 @@ class AttentionTransfer(nn.Module):
         self.h1, self.h2, self.h3 = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
         self.scale = 1.0 / math.sqrt(dim)
 
-    def forward(self, transferred: torch.Tensor, own: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, transferred: torch.Tensor, own: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Attention over (transferred, own) ``[B, d]`` each: the fused ``[B, d]`` and the weight
         on the transferred one ``[B]``."""
         u = torch.stack([transferred, own], dim=1)  # [B, 2, d]
@@ -98,7 +106,9 @@ class AITM(nn.Module):
         self.ctr_head = nn.Linear(d, 1)
         self.ctcvr_head = nn.Linear(d, 1)
 
-    def forward(self, categorical: torch.Tensor, numerical: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(
+        self, categorical: torch.Tensor, numerical: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
         """Named outputs ``[B]`` (see the class docstring) from ids ``[B, n_cat]`` and numbers
         ``[B, n_num]``."""
         x = self.embedding(categorical, numerical)
@@ -109,8 +119,13 @@ class AITM(nn.Module):
         p_ctr, p_ctcvr = torch.sigmoid(logit_ctr), torch.sigmoid(logit_ctcvr)
         p_cvr, logit_cvr = derived_cvr(p_ctr, p_ctcvr)
         return {
-            "logit_ctr": logit_ctr, "logit_cvr": logit_cvr, "logit_ctcvr": logit_ctcvr,
-            "p_ctr": p_ctr, "p_cvr": p_cvr, "p_ctcvr": p_ctcvr, "transfer_weight": w[:, 0],
+            "logit_ctr": logit_ctr,
+            "logit_cvr": logit_cvr,
+            "logit_ctcvr": logit_ctcvr,
+            "p_ctr": p_ctr,
+            "p_cvr": p_cvr,
+            "p_ctcvr": p_ctcvr,
+            "transfer_weight": w[:, 0],
         }
 
     def extra_loss(self, outputs: dict[str, torch.Tensor], batch: Batch) -> torch.Tensor:

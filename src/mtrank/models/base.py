@@ -12,7 +12,13 @@ import torch
 from torch import nn
 
 from mtrank.losses import TaskLoss
-from mtrank.models.config import FeatureSpec, ModelConfig, ModelOptions, parse_options, require_funnel
+from mtrank.models.config import (
+    FeatureSpec,
+    ModelConfig,
+    ModelOptions,
+    parse_options,
+    require_funnel,
+)
 from mtrank.models.layers import MLP, FeatureEmbedding, funnel_outputs
 
 
@@ -56,7 +62,11 @@ class Base(nn.Module):
         """The output layer of each network (for :func:`~mtrank.models.layers.init_output_bias`)."""
         return {"ctr": self.ctr_model.tower.output_layer, "cvr": self.cvr_model.tower.output_layer}
 
-    def forward(self, categorical: torch.Tensor, numerical: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(
+        self, categorical: torch.Tensor, numerical: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
         """``logit_ctr``, ``logit_cvr``, ``p_ctr``, ``p_cvr``, ``p_ctcvr`` ``[B]`` from ids ``[B,
         n_cat]`` and numbers ``[B, n_num]``."""
-        return funnel_outputs(self.ctr_model(categorical, numerical), self.cvr_model(categorical, numerical))
+        return funnel_outputs(
+            self.ctr_model(categorical, numerical), self.cvr_model(categorical, numerical)
+        )

@@ -34,14 +34,23 @@ from mtrank.errors import ConfigError
 from mtrank.losses import TaskLoss
 from mtrank.models.aitm import derived_cvr
 from mtrank.models.base import Base, SingleTaskNet
-from mtrank.models.config import FeatureSpec, ModelConfig, ModelOptions, parse_options, require_funnel
+from mtrank.models.config import (
+    FeatureSpec,
+    ModelConfig,
+    ModelOptions,
+    parse_options,
+    require_funnel,
+)
 
 PROPENSITY_COLUMN = "propensity_ctr"
 
 
 # --- vectorised resampling (pure functions, so tests can count) -------------------------------
 
-def aman_indices(click: torch.Tensor, negative_rate: float, generator: torch.Generator) -> torch.Tensor:
+
+def aman_indices(
+    click: torch.Tensor, negative_rate: float, generator: torch.Generator
+) -> torch.Tensor:
     """Rows of the AMAN CVR training set: every clicked row, and each unclicked row with
     probability ``negative_rate``. ``click`` ``[N]`` 0/1 → sorted int64 indices.
 
@@ -66,7 +75,9 @@ def oversampling_indices(click: torch.Tensor, conversion: torch.Tensor, k: int) 
     return torch.cat([clicked, positives.repeat(int(k) - 1)])
 
 
-def unbias_indices(click: torch.Tensor, p_ctr: torch.Tensor, quantile: float, generator: torch.Generator) -> torch.Tensor:
+def unbias_indices(
+    click: torch.Tensor, p_ctr: torch.Tensor, quantile: float, generator: torch.Generator
+) -> torch.Tensor:
     """Rows of the UNBIAS CVR training set: clicked row i kept with probability
     min(1, q / pCTR_i), q = the ``quantile`` of pCTR over clicked rows. ``[N]`` → sorted indices.
 
@@ -85,7 +96,9 @@ def unbias_indices(click: torch.Tensor, p_ctr: torch.Tensor, quantile: float, ge
     return keep.nonzero().squeeze(1)
 
 
-def take_rows(data: EncodedData, index: torch.Tensor, extra_labels: dict[str, float]) -> EncodedData:
+def take_rows(
+    data: EncodedData, index: torch.Tensor, extra_labels: dict[str, float]
+) -> EncodedData:
     """Rows ``index`` of ``data`` (a copy) with constant label columns ``extra_labels`` added."""
     idx_np = index.numpy()
     labels = {k: v.index_select(0, index) for k, v in data.labels.items()}
@@ -123,19 +136,27 @@ class ResampledCVR(Base):
     sampler: str = ""
     tasks = [
         TaskLoss("ctr", label="click", outputs=("logit_ctr",), mask="ctr_space"),
-        TaskLoss("cvr", label="conversion", outputs=("logit_cvr",), space="clicked", mask="cvr_space"),
+        TaskLoss(
+            "cvr", label="conversion", outputs=("logit_cvr",), space="clicked", mask="cvr_space"
+        ),
     ]
 
     def cvr_indices(self, data: EncodedData, generator: torch.Generator) -> torch.Tensor:
         """Row indices ``[M]`` of the CVR training resample (the sampler's rule)."""
         raise NotImplementedError
 
-    def prepare_split(self, data: EncodedData, role: Literal["train", "val"], seed: int) -> EncodedData:
+    def prepare_split(
+        self, data: EncodedData, role: Literal["train", "val"], seed: int
+    ) -> EncodedData:
         """The table the trainer sees. ``train``: the split (``ctr_space`` = 1, ``cvr_space`` = 0)
         stacked with the CVR resample (``ctr_space`` = 0, ``cvr_space`` = 1); ``val``: the split
         with ``ctr_space`` = 1 and ``cvr_space`` = click, i.e. BASE's ordinary spaces."""
         if role == "val":
-            labels = dict(data.labels, ctr_space=torch.ones_like(data.labels["click"]), cvr_space=data.labels["click"].clone())
+            labels = dict(
+                data.labels,
+                ctr_space=torch.ones_like(data.labels["click"]),
+                cvr_space=data.labels["click"].clone(),
+            )
             return EncodedData(data.categorical, data.numerical, labels, data.weight, data.side)
         everything = torch.arange(len(data))
         ctr_rows = take_rows(data, everything, {"ctr_space": 1.0, "cvr_space": 0.0})
@@ -171,7 +192,9 @@ class Oversampling(ResampledCVR):
 
     def cvr_indices(self, data, generator):
         """Clicked rows, clicked-converted ones ``oversample_rate`` times."""
-        return oversampling_indices(data.labels["click"], data.labels["conversion"], self.options.oversample_rate)
+        return oversampling_indices(
+            data.labels["click"], data.labels["conversion"], self.options.oversample_rate
+        )
 
 
 class Unbias(ResampledCVR):
@@ -222,7 +245,9 @@ class Division(nn.Module):
         self.ctr_model = SingleTaskNet(spec, cfg)
         self.ctcvr_model = SingleTaskNet(spec, cfg)
 
-    def forward(self, categorical: torch.Tensor, numerical: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(
+        self, categorical: torch.Tensor, numerical: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
         """``logit_ctr``, ``logit_cvr``, ``logit_ctcvr``, ``p_*`` ``[B]``; pCVR = pCTCVR / pCTR,
         clipped."""
         logit_ctr = self.ctr_model(categorical, numerical)
@@ -230,6 +255,10 @@ class Division(nn.Module):
         p_ctr, p_ctcvr = torch.sigmoid(logit_ctr), torch.sigmoid(logit_ctcvr)
         p_cvr, logit_cvr = derived_cvr(p_ctr, p_ctcvr)
         return {
-            "logit_ctr": logit_ctr, "logit_cvr": logit_cvr, "logit_ctcvr": logit_ctcvr,
-            "p_ctr": p_ctr, "p_cvr": p_cvr, "p_ctcvr": p_ctcvr,
+            "logit_ctr": logit_ctr,
+            "logit_cvr": logit_cvr,
+            "logit_ctcvr": logit_ctcvr,
+            "p_ctr": p_ctr,
+            "p_cvr": p_cvr,
+            "p_ctcvr": p_ctcvr,
         }

@@ -70,7 +70,9 @@ def parse_options(options: type[ModelOptions], cfg: ModelConfig) -> ModelOptions
         for e in exc.errors():
             key = ".".join(map(str, e["loc"]))
             if e["type"] == "extra_forbidden":
-                problems.append(f"unknown option {key!r} (options of {cfg.name!r}: {known or 'none'})")
+                problems.append(
+                    f"unknown option {key!r} (options of {cfg.name!r}: {known or 'none'})"
+                )
             else:
                 problems.append(f"option {key!r}: {e['msg']}")
         raise ConfigError(f"model {cfg.name!r}: " + "; ".join(problems)) from None

@@ -66,12 +66,20 @@ class ESCM2(ESMM):
         self.propensity_clip = self.options.propensity_clip
         self.imputation_weight = self.options.imputation_weight
         if not 0.0 < self.propensity_clip <= 1.0:
-            raise ConfigError(f"escm2: propensity_clip must be in (0, 1], got {self.propensity_clip}")
+            raise ConfigError(
+                f"escm2: propensity_clip must be in (0, 1], got {self.propensity_clip}"
+            )
         if self.risk_weight < 0 or self.imputation_weight < 0:
             raise ConfigError("escm2: risk_weight and imputation_weight must be ≥ 0")
-        self.imputation_tower = MLP(self.embedding.output_dim, cfg.tower, out=1, dropout=cfg.dropout) if self.variant == "dr" else None
+        self.imputation_tower = (
+            MLP(self.embedding.output_dim, cfg.tower, out=1, dropout=cfg.dropout)
+            if self.variant == "dr"
+            else None
+        )
 
-    def forward(self, categorical: torch.Tensor, numerical: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(
+        self, categorical: torch.Tensor, numerical: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
         """ESMM's outputs ``[B]``, plus ``cvr_error_imputed`` ``[B]`` for the DR variant."""
         out = super().forward(categorical, numerical)
         if self.imputation_tower is not None:
@@ -79,7 +87,9 @@ class ESCM2(ESMM):
             out["cvr_error_imputed"] = F.softplus(self.imputation_tower(x).squeeze(-1))  # e ≥ 0
         return out
 
-    def counterfactual_risk(self, outputs: dict[str, torch.Tensor], batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def counterfactual_risk(
+        self, outputs: dict[str, torch.Tensor], batch: Batch
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(CVR risk R, DR imputation loss or None), both scalars averaged over all B impressions."""
         click, conversion = batch.labels["click"], batch.labels["conversion"]
         err = F.binary_cross_entropy_with_logits(outputs["logit_cvr"], conversion, reduction="none")

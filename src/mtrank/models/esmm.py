@@ -12,7 +12,13 @@ import torch
 from torch import nn
 
 from mtrank.losses import TaskLoss
-from mtrank.models.config import FeatureSpec, ModelConfig, ModelOptions, parse_options, require_funnel
+from mtrank.models.config import (
+    FeatureSpec,
+    ModelConfig,
+    ModelOptions,
+    parse_options,
+    require_funnel,
+)
 from mtrank.models.layers import MLP, FeatureEmbedding, funnel_outputs
 
 
@@ -44,7 +50,8 @@ class ESMM(nn.Module):
         self.shared_embedding = self.options.shared_embedding
         self.embedding = FeatureEmbedding(spec.cardinalities, spec.n_numerical, cfg.embedding_dim)
         self.cvr_embedding = (
-            None if self.shared_embedding
+            None
+            if self.shared_embedding
             else FeatureEmbedding(spec.cardinalities, spec.n_numerical, cfg.embedding_dim)
         )
         d = self.embedding.output_dim
@@ -55,7 +62,9 @@ class ESMM(nn.Module):
         """The output layer of each tower (for :func:`~mtrank.models.layers.init_output_bias`)."""
         return {"ctr": self.ctr_tower.output_layer, "cvr": self.cvr_tower.output_layer}
 
-    def forward(self, categorical: torch.Tensor, numerical: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(
+        self, categorical: torch.Tensor, numerical: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
         """``logit_ctr``, ``logit_cvr``, ``p_ctr``, ``p_cvr``, ``p_ctcvr`` = pCTR · pCVR ``[B]``
         (Ma et al. 2018, eq. 2)."""
         x = self.embedding(categorical, numerical)
@@ -68,4 +77,6 @@ class ESMMNS(ESMM):
     embedding table, so only the CTCVR product ties the towers (``esmm_ns``)."""
 
     def __init__(self, spec: FeatureSpec, cfg: ModelConfig) -> None:
-        super().__init__(spec, cfg.model_copy(update={"options": {**cfg.options, "shared_embedding": 0}}))
+        super().__init__(
+            spec, cfg.model_copy(update={"options": {**cfg.options, "shared_embedding": 0}})
+        )

@@ -39,7 +39,11 @@ class FeatureEmbedding(nn.Module):
         self.n_categorical = len(cardinalities)
         self.n_numerical = n_numerical
         self.dim = dim
-        offsets = torch.tensor([0, *list(cardinalities)[:-1]], dtype=torch.int64).cumsum(0) if cardinalities else torch.zeros(0, dtype=torch.int64)
+        offsets = (
+            torch.tensor([0, *list(cardinalities)[:-1]], dtype=torch.int64).cumsum(0)
+            if cardinalities
+            else torch.zeros(0, dtype=torch.int64)
+        )
         self.register_buffer("offsets", offsets, persistent=False)
         self.table = nn.Embedding(max(1, int(sum(cardinalities))), dim)
         nn.init.normal_(self.table.weight, std=0.01)
@@ -68,7 +72,9 @@ class MLP(nn.Module):
     Shapes: ``[B, in_dim]`` → ``[B, out]`` (or ``[B, hidden[-1]]`` when ``out`` is None).
     """
 
-    def __init__(self, in_dim: int, hidden: Sequence[int], out: int | None = 1, dropout: float = 0.0) -> None:
+    def __init__(
+        self, in_dim: int, hidden: Sequence[int], out: int | None = 1, dropout: float = 0.0
+    ) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         d = in_dim
@@ -180,13 +186,17 @@ class ExpertBank(nn.Module):
         ConfigError: ``n_experts < 1`` or empty ``hidden``.
     """
 
-    def __init__(self, in_dim: int, n_experts: int, hidden: Sequence[int], dropout: float = 0.0) -> None:
+    def __init__(
+        self, in_dim: int, n_experts: int, hidden: Sequence[int], dropout: float = 0.0
+    ) -> None:
         super().__init__()
         if n_experts < 1:
             raise ConfigError(f"an expert bank needs at least one expert, got {n_experts}")
         if not hidden:
             raise ConfigError("experts need at least one hidden layer size")
-        self.experts = nn.ModuleList(MLP(in_dim, hidden, out=None, dropout=dropout) for _ in range(n_experts))
+        self.experts = nn.ModuleList(
+            MLP(in_dim, hidden, out=None, dropout=dropout) for _ in range(n_experts)
+        )
         self.output_dim = int(hidden[-1])
         self.n_experts = n_experts
 

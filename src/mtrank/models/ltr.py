@@ -70,7 +70,9 @@ class LTRConfig(BaseModel):
     seed: int = 0
 
 
-def relevance_grades(click: np.ndarray, conversion: np.ndarray, value: np.ndarray | None, cfg: LTRConfig) -> tuple[np.ndarray, int]:
+def relevance_grades(
+    click: np.ndarray, conversion: np.ndarray, value: np.ndarray | None, cfg: LTRConfig
+) -> tuple[np.ndarray, int]:
     """Relevance grade ``[N]`` (float64, ≥ 0) of each impression (module docstring).
 
     A converted row whose value is missing, non-finite or negative is graded with value 0 (a
@@ -107,9 +109,16 @@ class GradeLevels:
         pg = grade[buy]
         if pg.size == 0:
             return cls([], [0.0, g1])
-        edges = np.unique(np.quantile(pg, np.linspace(0, 1, levels + 1)[1:-1])) if levels > 1 else np.zeros(0)
+        edges = (
+            np.unique(np.quantile(pg, np.linspace(0, 1, levels + 1)[1:-1]))
+            if levels > 1
+            else np.zeros(0)
+        )
         b = np.searchsorted(edges, pg, side="right")
-        gains = [0.0, g1] + [float(pg[b == i].mean()) if (b == i).any() else float(pg.mean()) for i in range(edges.size + 1)]
+        gains = [0.0, g1] + [
+            float(pg[b == i].mean()) if (b == i).any() else float(pg.mean())
+            for i in range(edges.size + 1)
+        ]
         return cls([float(e) for e in edges], gains)
 
     def labels(self, grade: np.ndarray, conversion: np.ndarray) -> np.ndarray:
@@ -118,11 +127,15 @@ class GradeLevels:
         buy = np.asarray(conversion) > 0
         lab = np.where(grade > 0, 1, 0)
         if len(self.gains) > 2:
-            lab = np.where(buy, 2 + np.searchsorted(np.asarray(self.edges), grade, side="right"), lab)
+            lab = np.where(
+                buy, 2 + np.searchsorted(np.asarray(self.edges), grade, side="right"), lab
+            )
         return lab.astype(np.int32)
 
 
-def request_groups(request_id: pl.Series, column: str, rows: np.ndarray | None = None, source: str = "<table>") -> tuple[np.ndarray, np.ndarray]:
+def request_groups(
+    request_id: pl.Series, column: str, rows: np.ndarray | None = None, source: str = "<table>"
+) -> tuple[np.ndarray, np.ndarray]:
     """Check that every request's rows are contiguous and return (dense group ``[N]`` int64,
     sizes ``[R]`` int64) in order of appearance (what LightGBM's ``group`` needs).
 
@@ -141,7 +154,13 @@ def request_groups(request_id: pl.Series, column: str, rows: np.ndarray | None =
     missing = missing.to_numpy()
     if missing.any():
         hit = rows[missing]
-        raise DataError("missing request id: LTR groups impressions by request; give every row its request id", file=source, column=column, rows=hit[:10].tolist(), count=int(hit.size))
+        raise DataError(
+            "missing request id: LTR groups impressions by request; give every row its request id",
+            file=source,
+            column=column,
+            rows=hit[:10].tolist(),
+            count=int(hit.size),
+        )
     ids = request_id.to_numpy()
     if n == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
@@ -158,13 +177,17 @@ def request_groups(request_id: pl.Series, column: str, rows: np.ndarray | None =
         raise DataError(
             f"request {starts[bad_run]!r} is not contiguous: its rows are split by other requests; "
             "sort the table by request id (LTR groups impressions by runs of rows)",
-            file=source, column=column, rows=[first_row],
+            file=source,
+            column=column,
+            rows=[first_row],
         )
     sizes = np.diff(np.r_[np.flatnonzero(change), n]).astype(np.int64)
     return run.astype(np.int64), sizes
 
 
-def trainable_requests(group: np.ndarray, sizes: np.ndarray, grade: np.ndarray) -> tuple[np.ndarray, dict[str, int]]:
+def trainable_requests(
+    group: np.ndarray, sizes: np.ndarray, grade: np.ndarray
+) -> tuple[np.ndarray, dict[str, int]]:
     """Requests a pairwise / listwise loss can learn from: more than one candidate and at least
     two different grades. Returns (row mask ``[N]``, counts: ``requests``, ``one_candidate``,
     ``no_positive`` (all grades 0), ``all_equal`` (several candidates, one grade > 0))."""
@@ -177,13 +200,20 @@ def trainable_requests(group: np.ndarray, sizes: np.ndarray, grade: np.ndarray) 
     no_pos = ~one & (gmax <= 0)
     equal = ~one & ~no_pos & (gmax == gmin)
     keep = ~(one | no_pos | equal)
-    return keep[group], {"requests": int(R), "one_candidate": int(one.sum()), "no_positive": int(no_pos.sum()), "all_equal": int(equal.sum())}
+    return keep[group], {
+        "requests": int(R),
+        "one_candidate": int(one.sum()),
+        "no_positive": int(no_pos.sum()),
+        "all_equal": int(equal.sum()),
+    }
 
 
 def features_matrix(categorical: np.ndarray, numerical: np.ndarray) -> np.ndarray:
     """``[N, n_cat + n_num]`` float64: encoded categorical ids (LightGBM categorical features,
     first ``n_cat`` columns) then standardised numericals."""
-    return np.hstack([np.asarray(categorical, dtype=np.float64), np.asarray(numerical, dtype=np.float64)])
+    return np.hstack(
+        [np.asarray(categorical, dtype=np.float64), np.asarray(numerical, dtype=np.float64)]
+    )
 
 
 class LambdaMART:
@@ -235,10 +265,14 @@ class LambdaMART:
         try:
             booster = lgb.Booster(model_str=path.read_text())
         except (OSError, UnicodeDecodeError, lgb.basic.LightGBMError) as exc:
-            raise BundleError(f"bundle {folder}: cannot read {cls.weights_file} ({str(exc).splitlines()[0] if str(exc) else exc})") from None
+            raise BundleError(
+                f"bundle {folder}: cannot read {cls.weights_file} ({str(exc).splitlines()[0] if str(exc) else exc})"
+            ) from None
         n_cat, n_num = len(spec.cardinalities), spec.n_numerical
         if booster.num_feature() != n_cat + n_num:
-            raise BundleError(f"bundle {folder}: {cls.weights_file} has {booster.num_feature()} features, the feature spec {n_cat + n_num}")
+            raise BundleError(
+                f"bundle {folder}: {cls.weights_file} has {booster.num_feature()} features, the feature spec {n_cat + n_num}"
+            )
         return cls(booster, n_cat, n_num)
 
 
@@ -284,31 +318,74 @@ def train_lambdarank(
     if int(train.label.max(initial=0)) >= len(gains):
         raise ConfigError(f"grade level {int(train.label.max())} has no gain (gains {gains})")
     params = {
-        "objective": "lambdarank", "metric": "ndcg", "eval_at": [cfg.k], "label_gain": gains,
-        "learning_rate": cfg.learning_rate, "num_leaves": cfg.num_leaves, "min_data_in_leaf": cfg.min_data_in_leaf,
-        "lambdarank_truncation_level": max(cfg.k, 10), "max_cat_to_onehot": 4, "cat_smooth": 10.0,
-        "seed": cfg.seed, "deterministic": True, "force_row_wise": True, "verbosity": -1,
+        "objective": "lambdarank",
+        "metric": "ndcg",
+        "eval_at": [cfg.k],
+        "label_gain": gains,
+        "learning_rate": cfg.learning_rate,
+        "num_leaves": cfg.num_leaves,
+        "min_data_in_leaf": cfg.min_data_in_leaf,
+        "lambdarank_truncation_level": max(cfg.k, 10),
+        "max_cat_to_onehot": 4,
+        "cat_smooth": 10.0,
+        "seed": cfg.seed,
+        "deterministic": True,
+        "force_row_wise": True,
+        "verbosity": -1,
         **({"num_threads": cfg.threads} if cfg.threads else {}),
     }
     cat = list(range(n_categorical))
-    dtrain = lgb.Dataset(train.x, train.label, group=train.sizes, categorical_feature=cat, free_raw_data=False)
+    dtrain = lgb.Dataset(
+        train.x, train.label, group=train.sizes, categorical_feature=cat, free_raw_data=False
+    )
     history: dict = {}
     callbacks = [lgb.record_evaluation(history)]
     valid_sets, fevals = [], None
     if val is not None and val.sizes.size:
-        dval = lgb.Dataset(val.x, val.label, group=val.sizes, categorical_feature=cat, reference=dtrain, free_raw_data=False)
+        dval = lgb.Dataset(
+            val.x,
+            val.label,
+            group=val.sizes,
+            categorical_feature=cat,
+            reference=dtrain,
+            free_raw_data=False,
+        )
         valid_sets = [dval]
         if cfg.early_stopping == "gmv":
             fevals = lambda preds, _data: (f"gmv@{cfg.k}", float(feval(preds)), True)
             params["metric"] = "None"
         callbacks.append(lgb.early_stopping(cfg.patience, first_metric_only=True, verbose=False))
-    booster = lgb.train(params, dtrain, num_boost_round=cfg.n_estimators, valid_sets=valid_sets, valid_names=["val"] * len(valid_sets), feval=fevals, callbacks=callbacks)
+    booster = lgb.train(
+        params,
+        dtrain,
+        num_boost_round=cfg.n_estimators,
+        valid_sets=valid_sets,
+        valid_names=["val"] * len(valid_sets),
+        feval=fevals,
+        callbacks=callbacks,
+    )
     best = booster.best_iteration or booster.current_iteration()
     if valid_sets:
-        booster = lgb.Booster(model_str=booster.model_to_string(num_iteration=best))  # keep the best rounds only
+        booster = lgb.Booster(
+            model_str=booster.model_to_string(num_iteration=best)
+        )  # keep the best rounds only
     hist = {k: [float(x) for x in v] for k, v in history.get("val", {}).items()}
     best_score = {k: v[best - 1] for k, v in hist.items() if len(v) >= best}
-    return LambdaMART(booster, n_categorical, train.x.shape[1] - n_categorical), {"best_iteration": int(best), "best_score": best_score, "history": hist}
+    return LambdaMART(booster, n_categorical, train.x.shape[1] - n_categorical), {
+        "best_iteration": int(best),
+        "best_score": best_score,
+        "history": hist,
+    }
 
 
-__all__ = ["GradeLevels", "LTRConfig", "LambdaMART", "RankingSet", "features_matrix", "relevance_grades", "request_groups", "train_lambdarank", "trainable_requests"]
+__all__ = [
+    "GradeLevels",
+    "LTRConfig",
+    "LambdaMART",
+    "RankingSet",
+    "features_matrix",
+    "relevance_grades",
+    "request_groups",
+    "train_lambdarank",
+    "trainable_requests",
+]

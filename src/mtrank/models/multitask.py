@@ -46,17 +46,27 @@ CLICKED_SPACE_TASKS = [
 def _int_option(cfg: ModelConfig, key: str, value: int, minimum: int = 1) -> int:
     """``value`` of option ``key`` checked to be an integer ≥ ``minimum`` (ConfigError if not)."""
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ConfigError(f"model {cfg.name!r}: option {key!r} must be an integer ≥ {minimum}, got {value!r}")
+        raise ConfigError(
+            f"model {cfg.name!r}: option {key!r} must be an integer ≥ {minimum}, got {value!r}"
+        )
     return value
 
 
-def _sizes_option(cfg: ModelConfig, key: str, value: list[int] | int | None, default: list[int]) -> list[int]:
+def _sizes_option(
+    cfg: ModelConfig, key: str, value: list[int] | int | None, default: list[int]
+) -> list[int]:
     """Hidden sizes of option ``key`` (``default`` when unset; one int = one layer)."""
     value = default if value is None else value
     if isinstance(value, int) and not isinstance(value, bool):
         value = [value]
-    if not isinstance(value, list) or not value or not all(isinstance(v, int) and v > 0 for v in value):
-        raise ConfigError(f"model {cfg.name!r}: option {key!r} must be a non-empty list of positive sizes, got {value!r}")
+    if (
+        not isinstance(value, list)
+        or not value
+        or not all(isinstance(v, int) and v > 0 for v in value)
+    ):
+        raise ConfigError(
+            f"model {cfg.name!r}: option {key!r} must be a non-empty list of positive sizes, got {value!r}"
+        )
     return value
 
 
@@ -91,7 +101,9 @@ class MMoEBody(nn.Module):
     :meth:`gate_weights` → ``n_heads`` × ``[B, n_experts]``.
     """
 
-    def __init__(self, in_dim: int, n_heads: int, n_experts: int, expert_hidden: list[int], dropout: float) -> None:
+    def __init__(
+        self, in_dim: int, n_heads: int, n_experts: int, expert_hidden: list[int], dropout: float
+    ) -> None:
         super().__init__()
         self.experts = ExpertBank(in_dim, n_experts, expert_hidden, dropout)
         self.gates = nn.ModuleList(Gate(in_dim, n_experts) for _ in range(n_heads))
@@ -121,18 +133,37 @@ class CGCLevel(nn.Module):
     → (``n_heads`` × ``[B, d]``, shared ``[B, d]`` or None, gate weights ``n_heads`` × ``[B, E_k]``).
     """
 
-    def __init__(self, in_dim: int, n_heads: int, n_task_experts: int, n_shared_experts: int, hidden: list[int], dropout: float, shared_gate: bool) -> None:
+    def __init__(
+        self,
+        in_dim: int,
+        n_heads: int,
+        n_task_experts: int,
+        n_shared_experts: int,
+        hidden: list[int],
+        dropout: float,
+        shared_gate: bool,
+    ) -> None:
         super().__init__()
-        self.task_experts = nn.ModuleList(ExpertBank(in_dim, n_task_experts, hidden, dropout) for _ in range(n_heads))
+        self.task_experts = nn.ModuleList(
+            ExpertBank(in_dim, n_task_experts, hidden, dropout) for _ in range(n_heads)
+        )
         self.shared_experts = ExpertBank(in_dim, n_shared_experts, hidden, dropout)
-        self.task_gates = nn.ModuleList(Gate(in_dim, n_task_experts + n_shared_experts) for _ in range(n_heads))
-        self.shared_gate = Gate(in_dim, n_heads * n_task_experts + n_shared_experts) if shared_gate else None
+        self.task_gates = nn.ModuleList(
+            Gate(in_dim, n_task_experts + n_shared_experts) for _ in range(n_heads)
+        )
+        self.shared_gate = (
+            Gate(in_dim, n_heads * n_task_experts + n_shared_experts) if shared_gate else None
+        )
         self.output_dim = self.shared_experts.output_dim
 
-    def all_experts(self, task_inputs: list[torch.Tensor], shared_input: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    def all_experts(
+        self, task_inputs: list[torch.Tensor], shared_input: torch.Tensor
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Each task's own experts' outputs ``[B, E_task, d]`` (a list) and the shared experts'
         ``[B, E_shared, d]``."""
-        return [bank(x) for bank, x in zip(self.task_experts, task_inputs, strict=True)], self.shared_experts(shared_input)
+        return [
+            bank(x) for bank, x in zip(self.task_experts, task_inputs, strict=True)
+        ], self.shared_experts(shared_input)
 
     def forward(self, task_inputs: list[torch.Tensor], shared_input: torch.Tensor):
         """The next level's task inputs and shared input (Tang et al. RecSys 2020, §4.3)."""
@@ -155,11 +186,30 @@ class PLEBody(nn.Module):
     returns the last level's task gates, ``n_heads`` × ``[B, n_task_experts + n_shared_experts]``.
     """
 
-    def __init__(self, in_dim: int, n_heads: int, n_levels: int, n_task_experts: int, n_shared_experts: int, expert_hidden: list[int], dropout: float) -> None:
+    def __init__(
+        self,
+        in_dim: int,
+        n_heads: int,
+        n_levels: int,
+        n_task_experts: int,
+        n_shared_experts: int,
+        expert_hidden: list[int],
+        dropout: float,
+    ) -> None:
         super().__init__()
         levels, d = [], in_dim
         for level in range(n_levels):
-            levels.append(CGCLevel(d, n_heads, n_task_experts, n_shared_experts, expert_hidden, dropout, shared_gate=level < n_levels - 1))
+            levels.append(
+                CGCLevel(
+                    d,
+                    n_heads,
+                    n_task_experts,
+                    n_shared_experts,
+                    expert_hidden,
+                    dropout,
+                    shared_gate=level < n_levels - 1,
+                )
+            )
             d = levels[-1].output_dim
         self.levels = nn.ModuleList(levels)
         self.n_heads = n_heads
@@ -210,7 +260,9 @@ class MultiTaskModel(nn.Module):
         super().__init__()
         self.options = parse_options(self.Options, cfg)
         if self.entire_space and not spec.funnel:
-            raise ConfigError(f"{cfg.name} is trained through pCTCVR and needs a funnel dataset (click and conversion labels)")
+            raise ConfigError(
+                f"{cfg.name} is trained through pCTCVR and needs a funnel dataset (click and conversion labels)"
+            )
         self.funnel = spec.funnel
         self.heads = head_names(spec.funnel, spec.task_names)
         if spec.funnel:
@@ -222,11 +274,20 @@ class MultiTaskModel(nn.Module):
         if self.options.tower_hidden is not None:  # may be empty: a linear tower
             tower_hidden = self.options.tower_hidden
             if not all(v > 0 for v in tower_hidden):
-                raise ConfigError(f"model {cfg.name!r}: option 'tower_hidden' must be a list of positive sizes, got {tower_hidden!r}")
+                raise ConfigError(
+                    f"model {cfg.name!r}: option 'tower_hidden' must be a list of positive sizes, got {tower_hidden!r}"
+                )
         self.body = self.build_body(self.embedding.output_dim, len(self.heads), body_hidden, cfg)
-        self.towers = nn.ModuleDict({h: MLP(self.body.output_dim, tower_hidden, out=1, dropout=cfg.dropout) for h in self.heads})
+        self.towers = nn.ModuleDict(
+            {
+                h: MLP(self.body.output_dim, tower_hidden, out=1, dropout=cfg.dropout)
+                for h in self.heads
+            }
+        )
 
-    def build_body(self, in_dim: int, n_heads: int, hidden: list[int], cfg: ModelConfig) -> nn.Module:
+    def build_body(
+        self, in_dim: int, n_heads: int, hidden: list[int], cfg: ModelConfig
+    ) -> nn.Module:
         """The shared body: one representation per head (subclasses choose it)."""
         raise NotImplementedError
 
@@ -234,7 +295,9 @@ class MultiTaskModel(nn.Module):
         """The output layer of each head's tower (for :func:`~mtrank.models.layers.init_output_bias`)."""
         return {h: t.output_layer for h, t in self.towers.items()}
 
-    def forward(self, categorical: torch.Tensor, numerical: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(
+        self, categorical: torch.Tensor, numerical: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
         """Named logits and probabilities ``[B]`` per head, from ids ``[B, n_cat]`` and numbers
         ``[B, n_num]``."""
         reps = self.body(self.embedding(categorical, numerical))
@@ -242,12 +305,20 @@ class MultiTaskModel(nn.Module):
         return task_outputs(logits, self.funnel)
 
     # --- introspection for the benchmark (gated bodies only) ---
-    def gate_weights(self, categorical: torch.Tensor, numerical: torch.Tensor) -> dict[str, torch.Tensor]:
+    def gate_weights(
+        self, categorical: torch.Tensor, numerical: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
         """Per task, the (last level's) gate weights ``[B, n_experts]``. Raises ConfigError for
         a body without gates."""
         if not hasattr(self.body, "gate_weights"):
             raise ConfigError(f"{type(self).__name__} has no gates")
-        return dict(zip(self.heads, self.body.gate_weights(self.embedding(categorical, numerical)), strict=True))
+        return dict(
+            zip(
+                self.heads,
+                self.body.gate_weights(self.embedding(categorical, numerical)),
+                strict=True,
+            )
+        )
 
     def expert_outputs(self, categorical: torch.Tensor, numerical: torch.Tensor) -> torch.Tensor:
         """The (first level's) expert outputs ``[B, n_experts, d]``. Raises ConfigError without experts."""
@@ -266,7 +337,9 @@ class SharedBottom(MultiTaskModel):
 
     def build_body(self, in_dim, n_heads, hidden, cfg):
         """A shared-bottom MLP over the embeddings."""
-        return SharedBottomBody(in_dim, n_heads, _sizes_option(cfg, "bottom", self.options.bottom, hidden), cfg.dropout)
+        return SharedBottomBody(
+            in_dim, n_heads, _sizes_option(cfg, "bottom", self.options.bottom, hidden), cfg.dropout
+        )
 
 
 class MMoE(MultiTaskModel):
@@ -282,7 +355,13 @@ class MMoE(MultiTaskModel):
     def build_body(self, in_dim, n_heads, hidden, cfg):
         """An MMoE body with ``n_experts`` experts and one gate per head."""
         o = self.options
-        return MMoEBody(in_dim, n_heads, _int_option(cfg, "n_experts", o.n_experts), _sizes_option(cfg, "expert_hidden", o.expert_hidden, hidden), cfg.dropout)
+        return MMoEBody(
+            in_dim,
+            n_heads,
+            _int_option(cfg, "n_experts", o.n_experts),
+            _sizes_option(cfg, "expert_hidden", o.expert_hidden, hidden),
+            cfg.dropout,
+        )
 
 
 class PLE(MultiTaskModel):
@@ -301,8 +380,13 @@ class PLE(MultiTaskModel):
         """A PLE body of ``n_levels`` CGC levels."""
         o = self.options
         return PLEBody(
-            in_dim, n_heads, _int_option(cfg, "n_levels", o.n_levels), _int_option(cfg, "task_experts", o.task_experts),
-            _int_option(cfg, "shared_experts", o.shared_experts), _sizes_option(cfg, "expert_hidden", o.expert_hidden, hidden), cfg.dropout,
+            in_dim,
+            n_heads,
+            _int_option(cfg, "n_levels", o.n_levels),
+            _int_option(cfg, "task_experts", o.task_experts),
+            _int_option(cfg, "shared_experts", o.shared_experts),
+            _sizes_option(cfg, "expert_hidden", o.expert_hidden, hidden),
+            cfg.dropout,
         )
 
 

@@ -56,7 +56,9 @@ def _arrays(p_ctr, p_cvr, price) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     b = np.asarray(p_cvr, dtype=np.float64).ravel()
     c = np.asarray(price, dtype=np.float64).ravel()
     if not (a.shape == b.shape == c.shape):
-        raise ValueError(f"p_ctr {a.shape}, p_cvr {b.shape} and price {c.shape} must have the same length")
+        raise ValueError(
+            f"p_ctr {a.shape}, p_cvr {b.shape} and price {c.shape} must have the same length"
+        )
     return a, b, c
 
 
@@ -154,7 +156,12 @@ class Multiplicative(Fusion):
     """
 
     name: ClassVar[str] = "multiplicative"
-    limits: ClassVar[dict[str, tuple[float, float, bool]]] = {"alpha": (0.0, 100.0, True), "beta": (0.0, 100.0, True), "gamma": (-100.0, 100.0, True), "eps": (0.0, 1e6, False)}
+    limits: ClassVar[dict[str, tuple[float, float, bool]]] = {
+        "alpha": (0.0, 100.0, True),
+        "beta": (0.0, 100.0, True),
+        "gamma": (-100.0, 100.0, True),
+        "eps": (0.0, 1e6, False),
+    }
     alpha: float = 1.0
     beta: float = 1.0
     gamma: float = 1.0
@@ -181,7 +188,10 @@ class OffsetMultiplicative(Fusion):
 
     name: ClassVar[str] = "offset_multiplicative"
     limits: ClassVar[dict[str, tuple[float, float, bool]]] = {
-        "alpha": (0.0, 100.0, True), "beta": (0.0, 100.0, True), "gamma": (-100.0, 100.0, True), **{b: (0.0, 1e6, True) for b in ("b1", "b2", "b3")}
+        "alpha": (0.0, 100.0, True),
+        "beta": (0.0, 100.0, True),
+        "gamma": (-100.0, 100.0, True),
+        **{b: (0.0, 1e6, True) for b in ("b1", "b2", "b3")},
     }
     alpha: float = 1.0
     beta: float = 1.0
@@ -198,7 +208,11 @@ class OffsetMultiplicative(Fusion):
     def score(self, p_ctr, p_cvr, price) -> np.ndarray:
         """``α·log(b1 + pCTR) + β·log(b2 + pCVR) + γ·log(b3 + price)`` ``[N]``."""
         a, b, c = _arrays(p_ctr, p_cvr, price)
-        return self.alpha * _log(self.b1 + a) + self.beta * _log(self.b2 + b) + self.gamma * _log(self.b3 + c)
+        return (
+            self.alpha * _log(self.b1 + a)
+            + self.beta * _log(self.b2 + b)
+            + self.gamma * _log(self.b3 + c)
+        )
 
 
 @dataclass
@@ -213,7 +227,8 @@ class Linear(Fusion):
     name: ClassVar[str] = "linear"
     log_space: ClassVar[bool] = False
     limits: ClassVar[dict[str, tuple[float, float, bool]]] = {
-        **{w: (-1e6, 1e6, True) for w in ("w1", "w2", "w3")}, **{m: (0.0, 1e12, False) for m in ("m1", "m2", "m3")}
+        **{w: (-1e6, 1e6, True) for w in ("w1", "w2", "w3")},
+        **{m: (0.0, 1e12, False) for m in ("m1", "m2", "m3")},
     }
     w1: float = 1.0
     w2: float = 1.0
@@ -231,7 +246,11 @@ class Linear(Fusion):
         """``w1·pCTR/m1 + w2·pCVR/m2 + w3·log1p(price)/m3`` ``[N]`` (not a log)."""
         a, b, c = _arrays(p_ctr, p_cvr, price)
         with np.errstate(invalid="ignore", divide="ignore"):
-            return self.w1 * a / self.m1 + self.w2 * b / self.m2 + self.w3 * np.log1p(np.maximum(c, 0.0)) / self.m3
+            return (
+                self.w1 * a / self.m1
+                + self.w2 * b / self.m2
+                + self.w3 * np.log1p(np.maximum(c, 0.0)) / self.m3
+            )
 
     @classmethod
     def fitted_scales(cls, p_ctr, p_cvr, price, **weights: float) -> Linear:
@@ -274,7 +293,11 @@ class Single(Fusion):
 
     def problems(self) -> list[tuple[str, str]]:
         """A problem when ``which`` is neither ``ctr`` nor ``ctcvr``."""
-        return [] if self.which in ("ctr", "ctcvr") else [("which", f"must be 'ctr' or 'ctcvr', got {self.which!r}")]
+        return (
+            []
+            if self.which in ("ctr", "ctcvr")
+            else [("which", f"must be 'ctr' or 'ctcvr', got {self.which!r}")]
+        )
 
     def score(self, p_ctr, p_cvr, price) -> np.ndarray:
         """``log pCTR`` or ``log pCTR + log pCVR`` ``[N]``."""
@@ -324,7 +347,9 @@ def make_fusion(formula: str, params: dict | None = None) -> Fusion:
     unknown = sorted(set(params or {}) - set(cls.param_types()))
     if unknown:  # named here, never as a TypeError from the dataclass's __init__
         names = sorted(cls.param_types()) or "none"
-        raise ConfigError(f"fusion {formula!r}: bad params {[ascii(k)[1:-1] for k in unknown]}: not parameters of this formula (its parameters: {names})")
+        raise ConfigError(
+            f"fusion {formula!r}: bad params {[ascii(k)[1:-1] for k in unknown]}: not parameters of this formula (its parameters: {names})"
+        )
     return cls(**(params or {}))
 
 
@@ -346,7 +371,9 @@ def read_fusion_doc(path: str | Path) -> dict:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ConfigError(f"cannot read fusion file {p}: {exc}") from None
     if not isinstance(doc, dict) or doc.get("format", FORMAT) != FORMAT or "formula" not in doc:
-        raise ConfigError(f"fusion file {p}: expected a {FORMAT!r} document with 'formula' and 'params'")
+        raise ConfigError(
+            f"fusion file {p}: expected a {FORMAT!r} document with 'formula' and 'params'"
+        )
     return doc
 
 
@@ -363,7 +390,9 @@ def load_fusion(path: str | Path) -> Fusion:
     doc = read_fusion_doc(path)
     params = doc.get("params")
     if params is not None and not isinstance(params, dict):
-        raise ConfigError(f"fusion file {path}: params: expected an object, got {type(params).__name__}")
+        raise ConfigError(
+            f"fusion file {path}: params: expected an object, got {type(params).__name__}"
+        )
     try:
         fusion = make_fusion(doc["formula"], params or {})
         fusion = make_fusion(fusion.name, fusion.params)  # the params as the class reads them
@@ -371,7 +400,9 @@ def load_fusion(path: str | Path) -> Fusion:
         raise ConfigError(f"fusion file {path}: {exc}") from None
     problems = fusion.problems()
     if problems:
-        raise ConfigError(f"fusion file {path}: " + "; ".join(f"params.{k}: {msg}" for k, msg in problems))
+        raise ConfigError(
+            f"fusion file {path}: " + "; ".join(f"params.{k}: {msg}" for k, msg in problems)
+        )
     return fusion
 
 
@@ -425,7 +456,11 @@ def clean_prices(
         raise ConfigError(f"price policy must be 'error', 'clip' or 'drop', got {policy!r}")
     if not floor > 0:
         raise ConfigError(f"price floor must be > 0, got {floor}")
-    p = np.array([np.nan if v is None else v for v in price], dtype=np.float64) if isinstance(price, list) else np.asarray(price, dtype=np.float64).ravel()
+    p = (
+        np.array([np.nan if v is None else v for v in price], dtype=np.float64)
+        if isinstance(price, list)
+        else np.asarray(price, dtype=np.float64).ravel()
+    )
     bad = ~usable_prices(p)
     keep = np.ones(p.size, dtype=bool)
     if bad.any():
@@ -435,7 +470,10 @@ def clean_prices(
             raise DataError(
                 f"{len(rows)} missing, non-finite or negative price(s), e.g. {float(p[bad][0])}; "
                 "prices must be finite and ≥ 0 (or pass --price-policy clip / drop)",
-                file=source, column=column, rows=rows[:10], count=len(rows),
+                file=source,
+                column=column,
+                rows=rows[:10],
+                count=len(rows),
             )
         if policy == "clip":
             p = np.where(bad, floor, p)
@@ -445,6 +483,20 @@ def clean_prices(
 
 
 __all__ = [
-    "CTCVR", "FORMULAS", "TINY", "ExpectedGMV", "Fusion", "Linear", "Multiplicative", "OffsetMultiplicative", "Single",
-    "clean_prices", "load_fusion", "usable_prices", "make_fusion", "read_fusion_doc", "safe_scores", "save_fusion",
+    "CTCVR",
+    "FORMULAS",
+    "TINY",
+    "ExpectedGMV",
+    "Fusion",
+    "Linear",
+    "Multiplicative",
+    "OffsetMultiplicative",
+    "Single",
+    "clean_prices",
+    "load_fusion",
+    "usable_prices",
+    "make_fusion",
+    "read_fusion_doc",
+    "safe_scores",
+    "save_fusion",
 ]

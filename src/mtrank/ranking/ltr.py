@@ -68,7 +68,9 @@ class RankedSplit:
 def check_ltr_schema(schema: Schema) -> None:
     """Raises ConfigError unless ``schema`` is a funnel with a request id column."""
     if not schema.is_funnel:
-        raise ConfigError(f"LTR needs a funnel schema (click and conversion labels); schema {schema.name!r} has plain tasks {list(schema.tasks)}")
+        raise ConfigError(
+            f"LTR needs a funnel schema (click and conversion labels); schema {schema.name!r} has plain tasks {list(schema.tasks)}"
+        )
     if schema.request_id is None:
         raise ConfigError(
             f"LTR groups impressions by request, and schema {schema.name!r} declares no request_id column; "
@@ -76,7 +78,14 @@ def check_ltr_schema(schema: Schema) -> None:
         )
 
 
-def ranked_split(df: pl.DataFrame, schema: Schema, encoder: FeatureEncoder, cfg: LTRConfig, *, source: str = "<table>") -> RankedSplit:
+def ranked_split(
+    df: pl.DataFrame,
+    schema: Schema,
+    encoder: FeatureEncoder,
+    cfg: LTRConfig,
+    *,
+    source: str = "<table>",
+) -> RankedSplit:
     """Encode one split and derive its requests, grades and replay data.
 
     Raises:
@@ -85,29 +94,45 @@ def ranked_split(df: pl.DataFrame, schema: Schema, encoder: FeatureEncoder, cfg:
     """
     col = schema.request_id
     if col is None or col not in df.columns:
-        raise DataError(f"no request id column {col!r}: LTR groups impressions by request", file=source, column=col)
+        raise DataError(
+            f"no request id column {col!r}: LTR groups impressions by request",
+            file=source,
+            column=col,
+        )
     rows = df.get_column(ROW).to_numpy() if ROW in df.columns else None
     group, sizes = request_groups(df.get_column(col), col, rows, source)
     d = replay_defaults(schema)
     price_col = d["price"] if d["price"] in df.columns else None
     value_col = d["value"] if d["value"] in df.columns else None
     replay, _, _ = replay_from_frame(
-        df, schema, value_col=value_col or schema.conversion, price_col=price_col or schema.conversion,
-        policy="clip", source=source, predictions=(),
+        df,
+        schema,
+        value_col=value_col or schema.conversion,
+        price_col=price_col or schema.conversion,
+        policy="clip",
+        source=source,
+        predictions=(),
     )
     value = replay.value if value_col else None
     grade, bad = relevance_grades(replay.click, replay.conversion, value, cfg)
     data = EncodedData.from_frame(df, schema, encoder)
-    counts = {"bad_value": bad, **({"value_column": value_col} if value_col else {"value_column": None})}
+    counts = {
+        "bad_value": bad,
+        **({"value_column": value_col} if value_col else {"value_column": None}),
+    }
     return RankedSplit(data, group, sizes, grade, replay, counts)
 
 
-def ranking_metrics(split: RankedSplit, score: np.ndarray, k: int, *, position_coef: float = 0.0) -> dict:
+def ranking_metrics(
+    split: RankedSplit, score: np.ndarray, k: int, *, position_coef: float = 0.0
+) -> dict:
     """GMV@K, orders@K, clicks@K, NDCG@K (GMV gain) of :func:`replay_metrics`, plus
     ``ndcg_grade@K``: NDCG with the relevance grade as gain (what LTR optimises), averaged over
     requests with a positive grade."""
     out = replay_metrics(split.replay, score, k, position_coef=position_coef)
-    nd = ndcg_per_request(split.group, split.grade, rank_within(split.group, score), k, n_requests=split.sizes.size)
+    nd = ndcg_per_request(
+        split.group, split.grade, rank_within(split.group, score), k, n_requests=split.sizes.size
+    )
     has = np.isfinite(nd)
     out[f"ndcg_grade@{k}"] = float(nd[has].mean()) if has.any() else None
     out["requests"] = int(split.sizes.size)
@@ -155,22 +180,37 @@ def fit_ltr(
     check_ltr_schema(schema)
     encoder = FeatureEncoder.fit(splits["train"], schema, hash_buckets=hash_buckets)
     spec = feature_spec(encoder, schema)
-    parts = {name: ranked_split(df, schema, encoder, cfg, source=f"{name} split") for name, df in splits.items() if df.height}
+    parts = {
+        name: ranked_split(df, schema, encoder, cfg, source=f"{name} split")
+        for name, df in splits.items()
+        if df.height
+    }
     train = parts["train"]
     keep, counts = trainable_requests(train.group, train.sizes, train.grade)
     bad_values = {name: p.counts["bad_value"] for name, p in parts.items() if p.counts["bad_value"]}
     if bad_values:
-        _say(log, f"ltr: converted rows with a missing, negative or non-finite value, graded as value 0: {bad_values}")
+        _say(
+            log,
+            f"ltr: converted rows with a missing, negative or non-finite value, graded as value 0: {bad_values}",
+        )
     left_out = counts["one_candidate"] + counts["no_positive"] + counts["all_equal"]
     if left_out:
-        _say(log, f"ltr: {left_out:,} of {counts['requests']:,} training requests have no pair to learn from "
-                  f"({counts['one_candidate']:,} with one candidate, {counts['no_positive']:,} with no positive, "
-                  f"{counts['all_equal']:,} with one grade for all); left out of training, kept in evaluation")
+        _say(
+            log,
+            f"ltr: {left_out:,} of {counts['requests']:,} training requests have no pair to learn from "
+            f"({counts['one_candidate']:,} with one candidate, {counts['no_positive']:,} with no positive, "
+            f"{counts['all_equal']:,} with one grade for all); left out of training, kept in evaluation",
+        )
     if all((p.sizes <= cfg.k).all() for p in parts.values()):
-        _say(log, f"ltr: warning: every request has ≤ {cfg.k} candidates, so GMV@{cfg.k}, orders@{cfg.k} and clicks@{cfg.k} "
-                  "cannot depend on the ranking (only NDCG can); use a smaller k (--ltr-option k=5) or larger requests")
+        _say(
+            log,
+            f"ltr: warning: every request has ≤ {cfg.k} candidates, so GMV@{cfg.k}, orders@{cfg.k} and clicks@{cfg.k} "
+            "cannot depend on the ranking (only NDCG can); use a smaller k (--ltr-option k=5) or larger requests",
+        )
     if not keep.any():
-        raise ConfigError("no training request has two candidates with different grades: LTR has nothing to learn")
+        raise ConfigError(
+            "no training request has two candidates with different grades: LTR has nothing to learn"
+        )
     levels = GradeLevels.fit(train.grade[keep], train.replay.conversion[keep], cfg.levels)
     n_cat = len(spec.cardinalities)
 
@@ -189,8 +229,18 @@ def fit_ltr(
     feval = None
     if val is not None and cfg.early_stopping == "gmv":
         feval = lambda s: replay_metrics(val.replay, s, cfg.k)[f"gmv@{cfg.k}"]
-    model, info = train_lambdarank(ranking_set(train, keep), ranking_set(val) if val is not None else None, n_cat, levels.gains, cfg, feval=feval)
-    _say(log, f"ltr: best iteration {info['best_iteration']} of {cfg.n_estimators} ({info['best_score']})")
+    model, info = train_lambdarank(
+        ranking_set(train, keep),
+        ranking_set(val) if val is not None else None,
+        n_cat,
+        levels.gains,
+        cfg,
+        feval=feval,
+    )
+    _say(
+        log,
+        f"ltr: best iteration {info['best_iteration']} of {cfg.n_estimators} ({info['best_score']})",
+    )
     metrics = {}
     for name, p in parts.items():
         if name == "train":
@@ -198,17 +248,32 @@ def fit_ltr(
         score = model(p.data.categorical.numpy(), p.data.numerical.numpy())["score"]
         metrics[name] = ranking_metrics(p, score, cfg.k, position_coef=pos_coef)
     seconds = time.perf_counter() - start
-    info = {**info, "train_requests": counts, "bad_value_rows": bad_values, "levels": {"edges": levels.edges, "gains": levels.gains}}
+    info = {
+        **info,
+        "train_requests": counts,
+        "bad_value_rows": bad_values,
+        "levels": {"edges": levels.edges, "gains": levels.gains},
+    }
     bundle_meta = {
-        **(meta or {}), "ltr": cfg.model_dump(mode="json"), "rows": {k: v.height for k, v in splits.items()},
-        "best_iteration": info["best_iteration"], "history": info["history"], "metrics": metrics, "seconds": seconds,
-        "train_requests": counts, "levels": info["levels"],
+        **(meta or {}),
+        "ltr": cfg.model_dump(mode="json"),
+        "rows": {k: v.height for k, v in splits.items()},
+        "best_iteration": info["best_iteration"],
+        "history": info["history"],
+        "metrics": metrics,
+        "seconds": seconds,
+        "train_requests": counts,
+        "levels": info["levels"],
     }
     model_cfg = ModelConfig(name="ltr", options={k: v for k, v in cfg.model_dump().items()})
-    return LTRFit(Bundle(model, encoder, schema, model_cfg, spec, bundle_meta), metrics, info, seconds)
+    return LTRFit(
+        Bundle(model, encoder, schema, model_cfg, spec, bundle_meta), metrics, info, seconds
+    )
 
 
-def evaluate_ranker(bundle: Bundle, df: pl.DataFrame, *, k: int | None = None, source: str = "<table>") -> dict:
+def evaluate_ranker(
+    bundle: Bundle, df: pl.DataFrame, *, k: int | None = None, source: str = "<table>"
+) -> dict:
     """Ranking metrics (:func:`ranking_metrics`) of a bundle's ranking score on a labelled
     table: a ranker's ``score``, or a neural model's ``p_ctcvr``.
 
@@ -216,15 +281,23 @@ def evaluate_ranker(bundle: Bundle, df: pl.DataFrame, *, k: int | None = None, s
         ConfigError / DataError: as :func:`check_ltr_schema` and :func:`ranked_split`.
     """
     check_ltr_schema(bundle.schema)
-    cfg = LTRConfig.model_validate(bundle.model_config.options) if bundle.model_config.name == "ltr" else LTRConfig()
+    cfg = (
+        LTRConfig.model_validate(bundle.model_config.options)
+        if bundle.model_config.name == "ltr"
+        else LTRConfig()
+    )
     k = k or cfg.k
     split = ranked_split(df, bundle.schema, bundle.encoder, cfg, source=source)
     out = bundle.scorer(split.data.categorical.numpy(), split.data.numerical.numpy())
     score = out["score"] if "score" in out else out["p_ctcvr"]
-    return ranking_metrics(split, score, k, position_coef=replay_defaults(bundle.schema)["position_coef"])
+    return ranking_metrics(
+        split, score, k, position_coef=replay_defaults(bundle.schema)["position_coef"]
+    )
 
 
-def listwise_loss(score: torch.Tensor, grade: torch.Tensor, slot: torch.Tensor, n_lists: int, width: int) -> torch.Tensor:
+def listwise_loss(
+    score: torch.Tensor, grade: torch.Tensor, slot: torch.Tensor, n_lists: int, width: int
+) -> torch.Tensor:
     """Softmax cross-entropy over slates (ListNet top-1, Cao et al. ICML 2007): per request,
     −Σ_i t_i · log softmax(s)_i with targets t = grade / Σ grade; mean over requests.
 
@@ -232,16 +305,33 @@ def listwise_loss(score: torch.Tensor, grade: torch.Tensor, slot: torch.Tensor, 
     each row in a ``[n_lists, width]`` padded slate (padding scores −inf, weight 0). Every
     list must have a positive grade sum.
     """
-    s = torch.full((n_lists * width,), float("-inf"), dtype=score.dtype).index_put((slot,), score).view(n_lists, width)
-    g = torch.zeros(n_lists * width, dtype=score.dtype).index_put((slot,), grade).view(n_lists, width)
+    s = (
+        torch.full((n_lists * width,), float("-inf"), dtype=score.dtype)
+        .index_put((slot,), score)
+        .view(n_lists, width)
+    )
+    g = (
+        torch.zeros(n_lists * width, dtype=score.dtype)
+        .index_put((slot,), grade)
+        .view(n_lists, width)
+    )
     logp = torch.log_softmax(s, dim=1)
     t = g / g.sum(1, keepdim=True)
     return -(t * torch.where(torch.isfinite(logp), logp, torch.zeros_like(logp))).sum(1).mean()
 
 
 def fit_listwise(
-    train: RankedSplit, val: RankedSplit, spec, model_cfg: ModelConfig, *, k: int = 10, epochs: int = 3,
-    lists_per_batch: int = 64, lr: float = 1e-3, seed: int = 0, log: Callable[[str], None] | None = None,
+    train: RankedSplit,
+    val: RankedSplit,
+    spec,
+    model_cfg: ModelConfig,
+    *,
+    k: int = 10,
+    epochs: int = 3,
+    lists_per_batch: int = 64,
+    lr: float = 1e-3,
+    seed: int = 0,
+    log: Callable[[str], None] | None = None,
 ) -> tuple[torch.nn.Module, dict]:
     """The neural counterpart of LambdaMART for the side-by-side comparison: mtrank's own
     embedding + MLP (:class:`mtrank.models.base.SingleTaskNet`, the same features and capacity
@@ -274,10 +364,16 @@ def fit_listwise(
 
     best, best_state, history = -1.0, None, []
     for epoch in range(epochs):
-        for chunk in np.array_split(rng.permutation(starts.size), max(1, starts.size // lists_per_batch)):
+        for chunk in np.array_split(
+            rng.permutation(starts.size), max(1, starts.size // lists_per_batch)
+        ):
             n_rows = lens[chunk]
-            idx = np.repeat(starts[chunk] - (np.cumsum(n_rows) - n_rows), n_rows) + np.arange(n_rows.sum())
-            slot = torch.from_numpy(np.repeat(np.arange(chunk.size), lens[chunk]) * width + pos[idx])
+            idx = np.repeat(starts[chunk] - (np.cumsum(n_rows) - n_rows), n_rows) + np.arange(
+                n_rows.sum()
+            )
+            slot = torch.from_numpy(
+                np.repeat(np.arange(chunk.size), lens[chunk]) * width + pos[idx]
+            )
             r = torch.from_numpy(rows[idx])
             loss = listwise_loss(net(cat[r], num[r]), grade[r], slot, chunk.size, width)
             opt.zero_grad()
@@ -304,7 +400,9 @@ def ltr_options(items: list[str] | None, **overrides) -> LTRConfig:
     for item in items or []:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
-            raise ConfigError(f"--ltr-option takes key=value (e.g. learning_rate=0.1), got {item!r}")
+            raise ConfigError(
+                f"--ltr-option takes key=value (e.g. learning_rate=0.1), got {item!r}"
+            )
         try:
             opts[key.strip()] = json.loads(raw)
         except json.JSONDecodeError:
@@ -313,18 +411,33 @@ def ltr_options(items: list[str] | None, **overrides) -> LTRConfig:
 
 
 def train_ltr_run(
-    dataset: str | None, data: str | None, schema: Schema | None, data_dir, split_cfg, cfg: LTRConfig, *,
-    funnel_violations: str | None = None, meta: dict | None = None, log: Callable[[str], None] | None = None,
+    dataset: str | None,
+    data: str | None,
+    schema: Schema | None,
+    data_dir,
+    split_cfg,
+    cfg: LTRConfig,
+    *,
+    funnel_violations: str | None = None,
+    meta: dict | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> LTRFit:
     """Load (built-in ``dataset`` or a ``data`` file with ``schema``), split with ``split_cfg``
     and :func:`fit_ltr`: what ``mtrank train --model ltr`` runs (the bundle is not saved)."""
     from mtrank.data.split import split_data
     from mtrank.workflow import load_data
 
-    loaded = load_data(dataset, data=data, schema=schema, data_dir=data_dir, funnel_violations=funnel_violations)
+    loaded = load_data(
+        dataset, data=data, schema=schema, data_dir=data_dir, funnel_violations=funnel_violations
+    )
     check_ltr_schema(loaded.schema)
     splits = split_data(loaded, split_cfg)
-    meta = {"dataset": dataset or loaded.schema.name, "sources": loaded.sources, "split": split_cfg.model_dump(), **(meta or {})}
+    meta = {
+        "dataset": dataset or loaded.schema.name,
+        "sources": loaded.sources,
+        "split": split_cfg.model_dump(),
+        **(meta or {}),
+    }
     return fit_ltr(splits, loaded.schema, cfg, meta=meta, log=log)
 
 
@@ -332,4 +445,16 @@ def log_to_stderr(msg: str) -> None:
     print(msg, file=sys.stderr)
 
 
-__all__ = ["LTRFit", "RankedSplit", "check_ltr_schema", "evaluate_ranker", "fit_listwise", "fit_ltr", "listwise_loss", "ltr_options", "ranked_split", "ranking_metrics", "train_ltr_run"]
+__all__ = [
+    "LTRFit",
+    "RankedSplit",
+    "check_ltr_schema",
+    "evaluate_ranker",
+    "fit_listwise",
+    "fit_ltr",
+    "listwise_loss",
+    "ltr_options",
+    "ranked_split",
+    "ranking_metrics",
+    "train_ltr_run",
+]

@@ -91,7 +91,9 @@ class BetaPrior:
         spread = float((n * (s / n - m) ** 2).sum() / n.sum())
         noise = m * (1 - m) * s.size / n.sum()
         v = spread - noise
-        kappa = max_strength if v <= 0 else float(np.clip(m * (1 - m) / v - 1.0, 1e-3, max_strength))
+        kappa = (
+            max_strength if v <= 0 else float(np.clip(m * (1 - m) / v - 1.0, 1e-3, max_strength))
+        )
         return cls(kappa * m, kappa * (1 - m))
 
     def smooth(self, successes, trials) -> np.ndarray:
@@ -146,13 +148,21 @@ def entity_stats(
         pl.len().alias("impressions"),
         pl.col(click).cast(pl.Int64).sum().alias("clicks"),
         pl.col(conversion).cast(pl.Int64).sum().alias("conversions"),
-        (conv * pl.col(value).cast(pl.Float64).fill_nan(None)).sum().alias("gmv") if value else pl.lit(None, pl.Float64).alias("gmv"),
-        pl.col(price).cast(pl.Float64).fill_nan(None).mean().alias("mean_price") if price else pl.lit(None, pl.Float64).alias("mean_price"),
+        (conv * pl.col(value).cast(pl.Float64).fill_nan(None)).sum().alias("gmv")
+        if value
+        else pl.lit(None, pl.Float64).alias("gmv"),
+        pl.col(price).cast(pl.Float64).fill_nan(None).mean().alias("mean_price")
+        if price
+        else pl.lit(None, pl.Float64).alias("mean_price"),
         *(pl.col(c).cast(pl.Float64).fill_nan(None).mean().alias(f"mean_{c}") for c in mean_of),
         *(pl.col(c).mean().alias(c) for c in (p_ctr, p_cvr) if c),
     ]
-    stats = df.group_by(by).agg(aggs).sort(["impressions", *by], descending=[True] + [False] * len(by))
-    imp, clk, cnv = (stats.get_column(c).to_numpy() for c in ("impressions", "clicks", "conversions"))
+    stats = (
+        df.group_by(by).agg(aggs).sort(["impressions", *by], descending=[True] + [False] * len(by))
+    )
+    imp, clk, cnv = (
+        stats.get_column(c).to_numpy() for c in ("impressions", "clicks", "conversions")
+    )
     priors = {"ctr": BetaPrior.fit(clk, imp), "cvr": BetaPrior.fit(cnv, clk)}
     with np.errstate(divide="ignore", invalid="ignore"):
         raw_cvr = np.where(clk > 0, cnv / np.maximum(clk, 1), np.nan)
@@ -193,9 +203,12 @@ def assign_quadrants(stats: pl.DataFrame, cut: dict[str, float]) -> pl.DataFrame
     hi_ctr = pl.col("ctr") > cut["ctr"]
     hi_cvr = pl.col("cvr") > cut["cvr"]
     q = (
-        pl.when(hi_ctr & hi_cvr).then(pl.lit("I"))
-        .when(~hi_ctr & hi_cvr).then(pl.lit("II"))
-        .when(~hi_ctr & ~hi_cvr).then(pl.lit("III"))
+        pl.when(hi_ctr & hi_cvr)
+        .then(pl.lit("I"))
+        .when(~hi_ctr & hi_cvr)
+        .then(pl.lit("II"))
+        .when(~hi_ctr & ~hi_cvr)
+        .then(pl.lit("III"))
         .otherwise(pl.lit("IV"))
     )
     return stats.with_columns(q.alias("quadrant"))
@@ -207,7 +220,9 @@ def quadrant_table(stats: pl.DataFrame, mean_of: list[str] | None = None) -> pl.
     ``mean_<col>``, mean pCTR / pCVR when present. GMV share is null when GMV is n/a."""
     mean_of = [f"mean_{c}" for c in (mean_of or [])]
     w = pl.col("impressions").cast(pl.Float64)
-    tot = stats.select(pl.col("impressions", "clicks", "conversions", "gmv").sum()).row(0, named=True)
+    tot = stats.select(pl.col("impressions", "clicks", "conversions", "gmv").sum()).row(
+        0, named=True
+    )
     has_gmv = stats.get_column("gmv").null_count() < stats.height
     wmean = lambda c: ((pl.col(c) * w).sum() / w.filter(pl.col(c).is_not_null()).sum()).alias(c)
     aggs = [
@@ -219,22 +234,44 @@ def quadrant_table(stats: pl.DataFrame, mean_of: list[str] | None = None) -> pl.
         *(wmean(c) for c in ["mean_price", *mean_of, "p_ctr", "p_cvr"] if c in stats.columns),
     ]
     g = stats.group_by("quadrant").agg(aggs)
-    base = pl.DataFrame({"quadrant": list(QUADRANTS), "description": [QUADRANT_NAMES[q] for q in QUADRANTS]})
+    base = pl.DataFrame(
+        {"quadrant": list(QUADRANTS), "description": [QUADRANT_NAMES[q] for q in QUADRANTS]}
+    )
     t = base.join(g, on="quadrant", how="left").with_columns(
         pl.col("entities", "impressions", "clicks", "conversions").fill_null(0)
     )
-    share = lambda c: (pl.col(c) / tot[c] if tot[c] else pl.lit(None, pl.Float64)).alias(f"{c}_share")
+    share = lambda c: (pl.col(c) / tot[c] if tot[c] else pl.lit(None, pl.Float64)).alias(
+        f"{c}_share"
+    )
     t = t.with_columns(
-        share("impressions"), share("clicks"), share("conversions"),
-        (pl.col("gmv") / tot["gmv"]).alias("gmv_share") if has_gmv and tot["gmv"] else pl.lit(None, pl.Float64).alias("gmv_share"),
-        pl.when(pl.col("impressions") > 0).then(pl.col("clicks") / pl.col("impressions")).alias("ctr"),
+        share("impressions"),
+        share("clicks"),
+        share("conversions"),
+        (pl.col("gmv") / tot["gmv"]).alias("gmv_share")
+        if has_gmv and tot["gmv"]
+        else pl.lit(None, pl.Float64).alias("gmv_share"),
+        pl.when(pl.col("impressions") > 0)
+        .then(pl.col("clicks") / pl.col("impressions"))
+        .alias("ctr"),
         pl.when(pl.col("clicks") > 0).then(pl.col("conversions") / pl.col("clicks")).alias("cvr"),
     )
-    first = ["quadrant", "description", "entities", "impressions_share", "clicks_share", "conversions_share", "gmv_share", "ctr", "cvr"]
+    first = [
+        "quadrant",
+        "description",
+        "entities",
+        "impressions_share",
+        "clicks_share",
+        "conversions_share",
+        "gmv_share",
+        "ctr",
+        "cvr",
+    ]
     return t.select(first + [c for c in t.columns if c not in first])
 
 
-def plot_quadrants(stats: pl.DataFrame, cut: dict[str, float], path: str | Path, title: str = "") -> Path:
+def plot_quadrants(
+    stats: pl.DataFrame, cut: dict[str, float], path: str | Path, title: str = ""
+) -> Path:
     """Scatter of smoothed CTR (x) against smoothed CVR (y), log axes, the two threshold lines,
     point area ∝ impressions, colour by quadrant. Writes a PNG (matplotlib Agg)."""
     import matplotlib
@@ -250,8 +287,15 @@ def plot_quadrants(stats: pl.DataFrame, cut: dict[str, float], path: str | Path,
     for q in QUADRANTS:
         sel = (stats.get_column("quadrant") == q).to_numpy()
         if sel.any():
-            ax.scatter(stats.get_column("ctr").to_numpy()[sel], stats.get_column("cvr").to_numpy()[sel], s=size[sel],
-                       c=COLOURS[q], alpha=0.55, edgecolors="none", label=f"{q}: {QUADRANT_NAMES[q]} ({sel.sum()})")
+            ax.scatter(
+                stats.get_column("ctr").to_numpy()[sel],
+                stats.get_column("cvr").to_numpy()[sel],
+                s=size[sel],
+                c=COLOURS[q],
+                alpha=0.55,
+                edgecolors="none",
+                label=f"{q}: {QUADRANT_NAMES[q]} ({sel.sum()})",
+            )
     ax.axvline(cut["ctr"], color="k", lw=0.8, ls="--")
     ax.axhline(cut["cvr"], color="k", lw=0.8, ls="--")
     ax.set_xscale("log")
@@ -266,4 +310,12 @@ def plot_quadrants(stats: pl.DataFrame, cut: dict[str, float], path: str | Path,
     return path
 
 
-__all__ = ["QUADRANTS", "BetaPrior", "assign_quadrants", "entity_stats", "plot_quadrants", "quadrant_table", "thresholds"]
+__all__ = [
+    "QUADRANTS",
+    "BetaPrior",
+    "assign_quadrants",
+    "entity_stats",
+    "plot_quadrants",
+    "quadrant_table",
+    "thresholds",
+]

@@ -42,7 +42,12 @@ from mtrank.ranking.fusion import clean_prices, safe_scores
 # ``position_coef``: the simulator's position effect on logit CTR (see mtrank.data.simulate).
 RANKING_DEFAULTS: dict[str, dict] = {
     "simulated": {"by": ["item_id"], "value": "price", "price": "price", "position_coef": 0.35},
-    "hillstrom": {"by": ["segment", "channel", "history_segment"], "value": "spend", "price": "history", "pseudo_size": 50},
+    "hillstrom": {
+        "by": ["segment", "channel", "history_segment"],
+        "value": "spend",
+        "price": "history",
+        "pseudo_size": 50,
+    },
     "aliccp": {"by": ["205"], "value": None, "price": None},
 }
 PREDICTION_COLUMNS = ("p_ctr", "p_cvr")
@@ -51,7 +56,13 @@ PREDICTION_COLUMNS = ("p_ctr", "p_cvr")
 def replay_defaults(schema: Schema) -> dict:
     """Replay settings of a schema: entity columns ``by``, ``value`` and ``price`` columns,
     ``pseudo_size`` and ``position_coef`` (:data:`RANKING_DEFAULTS` over generic ones)."""
-    generic = {"by": [schema.item_id] if schema.item_id else [], "value": schema.price, "price": schema.price, "pseudo_size": 10, "position_coef": 0.0}
+    generic = {
+        "by": [schema.item_id] if schema.item_id else [],
+        "value": schema.price,
+        "price": schema.price,
+        "pseudo_size": 10,
+        "position_coef": 0.0,
+    }
     return {**generic, **RANKING_DEFAULTS.get(schema.name, {})}
 
 
@@ -129,7 +140,17 @@ class ReplayData:
     def __post_init__(self) -> None:
         self.group = dense_groups(self.group)
         n = self.group.size
-        for name in ("click", "conversion", "value", "price", "p_ctr", "p_cvr", "position", "true_ctr", "true_cvr"):
+        for name in (
+            "click",
+            "conversion",
+            "value",
+            "price",
+            "p_ctr",
+            "p_cvr",
+            "position",
+            "true_ctr",
+            "true_cvr",
+        ):
             v = getattr(self, name)
             if v is not None:
                 v = np.asarray(v, dtype=np.float64).ravel()
@@ -145,8 +166,16 @@ class ReplayData:
         """The rows where ``mask`` is True (keep whole requests for a fair replay)."""
         pick = lambda v: None if v is None else v[mask]
         return ReplayData(
-            self.group[mask], self.click[mask], self.conversion[mask], self.value[mask], self.price[mask],
-            pick(self.p_ctr), pick(self.p_cvr), pick(self.position), pick(self.true_ctr), pick(self.true_cvr),
+            self.group[mask],
+            self.click[mask],
+            self.conversion[mask],
+            self.value[mask],
+            self.price[mask],
+            pick(self.p_ctr),
+            pick(self.p_cvr),
+            pick(self.position),
+            pick(self.true_ctr),
+            pick(self.true_cvr),
         )
 
 
@@ -155,7 +184,9 @@ def _moved_ctr(data: ReplayData, rank: np.ndarray, position_coef: float) -> np.n
     ctr = data.true_ctr
     if position_coef and data.position is not None:
         c = np.clip(ctr, 1e-12, 1 - 1e-12)
-        logit = np.log(c) - np.log1p(-c) + position_coef * (np.log(data.position) - np.log(rank + 1.0))
+        logit = (
+            np.log(c) - np.log1p(-c) + position_coef * (np.log(data.position) - np.log(rank + 1.0))
+        )
         ctr = 1.0 / (1.0 + np.exp(-logit))
     return ctr
 
@@ -165,8 +196,13 @@ def _per_request_mean(data: ReplayData, weights: np.ndarray) -> float:
 
 
 def ndcg_per_request(
-    group: np.ndarray, gain: np.ndarray, rank: np.ndarray, k: int, *,
-    ideal_rank: np.ndarray | None = None, n_requests: int | None = None,
+    group: np.ndarray,
+    gain: np.ndarray,
+    rank: np.ndarray,
+    k: int,
+    *,
+    ideal_rank: np.ndarray | None = None,
+    n_requests: int | None = None,
 ) -> np.ndarray:
     """NDCG@k per request ``[R]`` (float64; NaN where the ideal DCG is 0, i.e. no gain).
 
@@ -180,12 +216,16 @@ def ndcg_per_request(
     if ideal_rank is None:
         ideal_rank = rank_within(group, gain)
     dcg = np.bincount(group, weights=(rank < k) * gain / np.log2(rank + 2.0), minlength=R)
-    idcg = np.bincount(group, weights=(ideal_rank < k) * gain / np.log2(ideal_rank + 2.0), minlength=R)
+    idcg = np.bincount(
+        group, weights=(ideal_rank < k) * gain / np.log2(ideal_rank + 2.0), minlength=R
+    )
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(idcg > 0, dcg / np.where(idcg > 0, idcg, 1.0), np.nan)
 
 
-def replay_metrics(data: ReplayData, score: np.ndarray, k: int = 10, *, position_coef: float = 0.0) -> dict[str, float]:
+def replay_metrics(
+    data: ReplayData, score: np.ndarray, k: int = 10, *, position_coef: float = 0.0
+) -> dict[str, float]:
     """Metrics at ``k`` of ranking every request by ``score`` ``[N]`` (see module docstring).
 
     Returns:
@@ -202,7 +242,9 @@ def replay_metrics(data: ReplayData, score: np.ndarray, k: int = 10, *, position
         f"orders@{k}": _per_request_mean(data, top * data.conversion),
         f"clicks@{k}": _per_request_mean(data, top * data.click),
     }
-    ndcg = ndcg_per_request(data.group, data.gain, rank, k, ideal_rank=data._ideal_rank, n_requests=data.n_requests)
+    ndcg = ndcg_per_request(
+        data.group, data.gain, rank, k, ideal_rank=data._ideal_rank, n_requests=data.n_requests
+    )
     has = np.isfinite(ndcg)
     out[f"ndcg@{k}"] = float(ndcg[has].mean()) if has.any() else None
     out["ndcg_requests"] = int(has.sum())
@@ -214,7 +256,9 @@ def replay_metrics(data: ReplayData, score: np.ndarray, k: int = 10, *, position
     return out
 
 
-def per_request(data: ReplayData, score: np.ndarray, k: int = 10, *, position_coef: float = 0.0) -> dict[str, np.ndarray]:
+def per_request(
+    data: ReplayData, score: np.ndarray, k: int = 10, *, position_coef: float = 0.0
+) -> dict[str, np.ndarray]:
     """Per-request sums at ``k`` (``[R]`` each): ``gmv``, ``orders``, ``clicks`` and, with true
     probabilities, ``exp_gmv``, ``exp_clicks`` (the terms :func:`replay_metrics` averages)."""
     rank = rank_within(data.group, score)
@@ -227,12 +271,16 @@ def per_request(data: ReplayData, score: np.ndarray, k: int = 10, *, position_co
     }
     if data.true_ctr is not None and data.true_cvr is not None:
         ctr = _moved_ctr(data, rank, position_coef)
-        out["exp_gmv"] = np.bincount(data.group, weights=top * ctr * data.true_cvr * data.price, minlength=R)
+        out["exp_gmv"] = np.bincount(
+            data.group, weights=top * ctr * data.true_cvr * data.price, minlength=R
+        )
         out["exp_clicks"] = np.bincount(data.group, weights=top * ctr, minlength=R)
     return out
 
 
-def bootstrap_lift(a: np.ndarray, b: np.ndarray, *, n: int = 1000, seed: int = 0, level: float = 0.95) -> dict[str, float]:
+def bootstrap_lift(
+    a: np.ndarray, b: np.ndarray, *, n: int = 1000, seed: int = 0, level: float = 0.95
+) -> dict[str, float]:
     """Relative lift Σa / Σb − 1 of per-request values ``a`` over ``b`` (both ``[R]``, paired by
     request) with a percentile bootstrap interval over requests (``n`` resamples, seeded)."""
     a = np.asarray(a, dtype=np.float64)
@@ -241,9 +289,16 @@ def bootstrap_lift(a: np.ndarray, b: np.ndarray, *, n: int = 1000, seed: int = 0
     lifts = np.empty(n)
     for start in range(0, n, 100):  # 100 resamples at a time bounds memory at 100·R indices
         idx = rng.integers(0, a.size, size=(min(100, n - start), a.size))
-        lifts[start : start + idx.shape[0]] = a[idx].sum(1) / np.maximum(b[idx].sum(1), 1e-300) - 1.0
+        lifts[start : start + idx.shape[0]] = (
+            a[idx].sum(1) / np.maximum(b[idx].sum(1), 1e-300) - 1.0
+        )
     lo, hi = np.quantile(lifts, [(1 - level) / 2, (1 + level) / 2])
-    return {"lift": float(a.sum() / b.sum() - 1.0) if b.sum() else float("nan"), "low": float(lo), "high": float(hi), "level": level}
+    return {
+        "lift": float(a.sum() / b.sum() - 1.0) if b.sum() else float("nan"),
+        "low": float(lo),
+        "high": float(hi),
+        "level": level,
+    }
 
 
 def top_k_share(data: ReplayData, score: np.ndarray, flag: np.ndarray, k: int = 10) -> float:
@@ -253,8 +308,16 @@ def top_k_share(data: ReplayData, score: np.ndarray, flag: np.ndarray, k: int = 
 
 
 def replay_from_frame(
-    frame: pl.DataFrame, sch: Schema, *, value_col: str | None, price_col: str | None, policy: str = "error",
-    floor: float = 0.01, pseudo_size: int = 10, seed: int = 0, source: str = "<table>",
+    frame: pl.DataFrame,
+    sch: Schema,
+    *,
+    value_col: str | None,
+    price_col: str | None,
+    policy: str = "error",
+    floor: float = 0.01,
+    pseudo_size: int = 10,
+    seed: int = 0,
+    source: str = "<table>",
     predictions: tuple[str, ...] = PREDICTION_COLUMNS,
 ) -> tuple[ReplayData, np.ndarray, dict]:
     """A :class:`ReplayData` from a labelled table: requests by the schema's request id (else
@@ -275,12 +338,27 @@ def replay_from_frame(
     info: dict = {}
     for c in predictions:
         if c not in frame.columns:
-            raise DataError(f"no {c!r} column: give --bundle (with --dataset/--data) or a predictions file that has it", file=source)
+            raise DataError(
+                f"no {c!r} column: give --bundle (with --dataset/--data) or a predictions file that has it",
+                file=source,
+            )
     for c, what in ((price_col, "--price-col"), (value_col, "--value-col")):
         if c is None or c not in frame.columns:
-            raise DataError(f"fusion needs a price column ({what}); {c!r} is not in the table {frame.columns}", file=source)
-    rows = frame.get_column(ROW).to_numpy() if ROW in frame.columns else None  # file rows, not split positions
-    price, keep = clean_prices(frame.get_column(price_col).to_numpy(), policy=policy, floor=floor, column=price_col, source=source, rows=rows)
+            raise DataError(
+                f"fusion needs a price column ({what}); {c!r} is not in the table {frame.columns}",
+                file=source,
+            )
+    rows = (
+        frame.get_column(ROW).to_numpy() if ROW in frame.columns else None
+    )  # file rows, not split positions
+    price, keep = clean_prices(
+        frame.get_column(price_col).to_numpy(),
+        policy=policy,
+        floor=floor,
+        column=price_col,
+        source=source,
+        rows=rows,
+    )
     if not keep.all():
         info["dropped_price_rows"] = int((~keep).sum())
         frame = frame.filter(pl.Series(keep))
@@ -290,7 +368,9 @@ def replay_from_frame(
         info["requests"] = f"logged request id {sch.request_id!r}"
     else:
         group = pseudo_requests(frame.height, pseudo_size, seed)
-        info["requests"] = f"pseudo-requests: rows shuffled with seed {seed}, cut into groups of {pseudo_size}"
+        info["requests"] = (
+            f"pseudo-requests: rows shuffled with seed {seed}, cut into groups of {pseudo_size}"
+        )
     value = frame.get_column(value_col).cast(pl.Float64).to_numpy()
     bad_value = ~np.isfinite(value)
     if bad_value.any():
@@ -298,13 +378,32 @@ def replay_from_frame(
         value = np.where(bad_value, 0.0, value)
     get = lambda c: frame.get_column(c).cast(pl.Float64).to_numpy() if c in frame.columns else None
     data = ReplayData(
-        group=group, click=get(sch.click), conversion=get(sch.conversion), value=value, price=price,
-        p_ctr=get("p_ctr"), p_cvr=get("p_cvr"), position=get("position"), true_ctr=get("true_ctr"), true_cvr=get("true_cvr_clicked"),
+        group=group,
+        click=get(sch.click),
+        conversion=get(sch.conversion),
+        value=value,
+        price=price,
+        p_ctr=get("p_ctr"),
+        p_cvr=get("p_cvr"),
+        position=get("position"),
+        true_ctr=get("true_ctr"),
+        true_cvr=get("true_cvr_clicked"),
     )
     return data, keep, info
 
 
 __all__ = [
-    "PREDICTION_COLUMNS", "RANKING_DEFAULTS", "ReplayData", "bootstrap_lift", "dense_groups", "ndcg_per_request", "per_request",
-    "pseudo_requests", "rank_within", "replay_defaults", "replay_from_frame", "replay_metrics", "top_k_share",
+    "PREDICTION_COLUMNS",
+    "RANKING_DEFAULTS",
+    "ReplayData",
+    "bootstrap_lift",
+    "dense_groups",
+    "ndcg_per_request",
+    "per_request",
+    "pseudo_requests",
+    "rank_within",
+    "replay_defaults",
+    "replay_from_frame",
+    "replay_metrics",
+    "top_k_share",
 ]

@@ -60,7 +60,13 @@ from mtrank.train.trainer import TrainConfig
 from mtrank.workflow import fit
 
 
-def with_pseudo_requests(splits: dict[str, pl.DataFrame], schema: Schema, size: int, seed: int = 0, column: str = "pseudo_request") -> tuple[dict[str, pl.DataFrame], Schema]:
+def with_pseudo_requests(
+    splits: dict[str, pl.DataFrame],
+    schema: Schema,
+    size: int,
+    seed: int = 0,
+    column: str = "pseudo_request",
+) -> tuple[dict[str, pl.DataFrame], Schema]:
     """For data without requests (Hillstrom): within each split, rows shuffled (seeded) and cut
     into pseudo-requests of ``size`` rows (:func:`mtrank.ranking.replay.pseudo_requests`),
     sorted so that a request's rows are contiguous. Returns the splits and a schema copy whose
@@ -72,10 +78,39 @@ def with_pseudo_requests(splits: dict[str, pl.DataFrame], schema: Schema, size: 
     return out, schema.model_copy(update={"request_id": column})
 
 
-def _tuned_fusion(val: RankedSplit, p_val: dict[str, np.ndarray], k: int, trials: int, seed: int, position_coef: float):
+def _tuned_fusion(
+    val: RankedSplit,
+    p_val: dict[str, np.ndarray],
+    k: int,
+    trials: int,
+    seed: int,
+    position_coef: float,
+):
     r = val.replay
-    data = ReplayData(r.group, r.click, r.conversion, r.value, r.price, p_val["p_ctr"], p_val["p_cvr"], r.position, r.true_ctr, r.true_cvr)
-    cfg = TuneConfig(formula="multiplicative", method="optuna", k=k, objective="gmv", click_floor=None, trials=trials, holdout=0.0, seed=seed, fixed={"eps": 1.0}, position_coef=position_coef)
+    data = ReplayData(
+        r.group,
+        r.click,
+        r.conversion,
+        r.value,
+        r.price,
+        p_val["p_ctr"],
+        p_val["p_cvr"],
+        r.position,
+        r.true_ctr,
+        r.true_cvr,
+    )
+    cfg = TuneConfig(
+        formula="multiplicative",
+        method="optuna",
+        k=k,
+        objective="gmv",
+        click_floor=None,
+        trials=trials,
+        holdout=0.0,
+        seed=seed,
+        fixed={"eps": 1.0},
+        position_coef=position_coef,
+    )
     return tune(data, cfg).best
 
 
@@ -126,7 +161,17 @@ def compare_strategies(
     if listwise:
         t = time.perf_counter()
         train = ranked_split(splits["train"], schema, enc, ltr_cfg, source="train split")
-        net, listwise_info = fit_listwise(train, val, lt.bundle.spec, model_cfg, k=k, epochs=train_cfg.epochs, lr=train_cfg.lr, seed=seed, log=say)
+        net, listwise_info = fit_listwise(
+            train,
+            val,
+            lt.bundle.spec,
+            model_cfg,
+            k=k,
+            epochs=train_cfg.epochs,
+            lr=train_cfg.lr,
+            seed=seed,
+            log=say,
+        )
         with torch.no_grad():
             scores["listwise nn"] = net(test.data.categorical, test.data.numerical).double().numpy()
         seconds["listwise nn"] = time.perf_counter() - t
@@ -134,16 +179,26 @@ def compare_strategies(
     fusions = {}
     for name in ("base", *models):
         t = time.perf_counter()
-        res = fit(splits, schema, model_cfg.model_copy(update={"name": name}), train_cfg, quiet=True)
+        res = fit(
+            splits, schema, model_cfg.model_copy(update={"name": name}), train_cfg, quiet=True
+        )
         p_val = res.bundle.predict_arrays(res.bundle.encode(splits["val"]))
         p_test = res.bundle.predict_arrays(res.bundle.encode(splits["test"]))
         best = _tuned_fusion(val, p_val, k, trials, seed, pos)
         seconds[name] = time.perf_counter() - t
-        fusions[name] = {"formula": best.name, "params": best.params, "best_epoch": res.result.best_epoch}
+        fusions[name] = {
+            "formula": best.name,
+            "params": best.params,
+            "best_epoch": res.result.best_epoch,
+        }
         scores[f"{name}+fusion"] = best.score(p_test["p_ctr"], p_test["p_cvr"], test.replay.price)
         if name == "base":
-            scores["base pctr only"] = make_fusion("single", {"which": "ctr"}).score(p_test["p_ctr"], p_test["p_cvr"], test.replay.price)
-        say(f"{name}: best epoch {res.result.best_epoch}, fusion {best.params} ({seconds[name]:.0f}s)")
+            scores["base pctr only"] = make_fusion("single", {"which": "ctr"}).score(
+                p_test["p_ctr"], p_test["p_cvr"], test.replay.price
+            )
+        say(
+            f"{name}: best epoch {res.result.best_epoch}, fusion {best.params} ({seconds[name]:.0f}s)"
+        )
     r = test.replay
     if r.position is not None:
         scores["logged order"] = -r.position
@@ -151,7 +206,12 @@ def compare_strategies(
         scores["oracle: true expected GMV"] = r.true_ctr * r.true_cvr * r.price
 
     learned = ["ltr", *(["listwise nn"] if listwise else [])]
-    order = ["base+fusion", *learned, *[f"{m}+fusion" for m in models], *[n for n in scores if "+" not in n and n not in learned]]
+    order = [
+        "base+fusion",
+        *learned,
+        *[f"{m}+fusion" for m in models],
+        *[n for n in scores if "+" not in n and n not in learned],
+    ]
     metrics = {name: ranking_metrics(test, scores[name], k, position_coef=pos) for name in order}
     ref = scores["base+fusion"]
     ref_req = per_request(r, ref, k, position_coef=pos)
@@ -160,16 +220,35 @@ def compare_strategies(
     lifts: dict[str, dict] = {}
     for name in order[1:]:
         req = per_request(r, scores[name], k, position_coef=pos)
-        lifts[name] = {f"{key}@{k}": bootstrap_lift(req[key], ref_req[key], n=bootstrap, seed=seed) for key in req}
+        lifts[name] = {
+            f"{key}@{k}": bootstrap_lift(req[key], ref_req[key], n=bootstrap, seed=seed)
+            for key in req
+        }
         nd = ndcg_per_request(test.group, r.gain, rank_within(test.group, scores[name]), k)
         lifts[name][f"ndcg@{k}"] = bootstrap_lift(nd[has], ref_ndcg[has], n=bootstrap, seed=seed)
     return {
-        "k": k, "metrics": metrics, "vs_base_fusion": lifts, "fusions": fusions,
+        "k": k,
+        "metrics": metrics,
+        "vs_base_fusion": lifts,
+        "fusions": fusions,
         "listwise": listwise_info,
-        "ltr": {"best_iteration": lt.info["best_iteration"], "train_requests": lt.info["train_requests"], "config": ltr_cfg.model_dump(), "levels": lt.info["levels"]},
-        "test": {"rows": int(r.group.size), "requests": int(r.n_requests), "conversions": int(r.conversion.sum()), "clicks": int(r.click.sum())},
+        "ltr": {
+            "best_iteration": lt.info["best_iteration"],
+            "train_requests": lt.info["train_requests"],
+            "config": ltr_cfg.model_dump(),
+            "levels": lt.info["levels"],
+        },
+        "test": {
+            "rows": int(r.group.size),
+            "requests": int(r.n_requests),
+            "conversions": int(r.conversion.sum()),
+            "clicks": int(r.click.sum()),
+        },
         "rows": {name: df.height for name, df in splits.items()},
-        "train": train_cfg.model_dump(mode="json"), "model": model_cfg.model_dump(mode="json"), "trials": trials, "seconds": seconds,
+        "train": train_cfg.model_dump(mode="json"),
+        "model": model_cfg.model_dump(mode="json"),
+        "trials": trials,
+        "seconds": seconds,
     }
 
 
@@ -179,17 +258,50 @@ def report_markdown(result: dict, title: str) -> str:
     k = result["k"]
     m = result["metrics"]
     first = next(iter(m.values()))
-    keys = [key for key in (f"gmv@{k}", f"orders@{k}", f"clicks@{k}", f"ndcg@{k}", f"ndcg_grade@{k}", f"exp_gmv@{k}", f"exp_orders@{k}", f"exp_clicks@{k}") if key in first]
-    lift_keys = [key for key in (f"gmv@{k}", f"exp_gmv@{k}", f"orders@{k}", f"clicks@{k}", f"ndcg@{k}") if key in next(iter(result["vs_base_fusion"].values()), {})]
-    lines = [f"### {title}", "", "| ranking | " + " | ".join(keys) + " | " + " | ".join(f"Δ{key} vs base+fusion (95 % CI)" for key in lift_keys) + " |"]
+    keys = [
+        key
+        for key in (
+            f"gmv@{k}",
+            f"orders@{k}",
+            f"clicks@{k}",
+            f"ndcg@{k}",
+            f"ndcg_grade@{k}",
+            f"exp_gmv@{k}",
+            f"exp_orders@{k}",
+            f"exp_clicks@{k}",
+        )
+        if key in first
+    ]
+    lift_keys = [
+        key
+        for key in (f"gmv@{k}", f"exp_gmv@{k}", f"orders@{k}", f"clicks@{k}", f"ndcg@{k}")
+        if key in next(iter(result["vs_base_fusion"].values()), {})
+    ]
+    lines = [
+        f"### {title}",
+        "",
+        "| ranking | "
+        + " | ".join(keys)
+        + " | "
+        + " | ".join(f"Δ{key} vs base+fusion (95 % CI)" for key in lift_keys)
+        + " |",
+    ]
     lines.append("|" + "---|" * (1 + len(keys) + len(lift_keys)))
     for name, row in m.items():
         cells = [f"{row[key]:.4f}" if row.get(key) is not None else "n/a" for key in keys]
         lf = result["vs_base_fusion"].get(name)
-        lcells = ["(reference)" if lf is None else f"{100 * lf[key]['lift']:+.1f} % ({100 * lf[key]['low']:+.1f} … {100 * lf[key]['high']:+.1f})" for key in lift_keys]
+        lcells = [
+            "(reference)"
+            if lf is None
+            else f"{100 * lf[key]['lift']:+.1f} % ({100 * lf[key]['low']:+.1f} … {100 * lf[key]['high']:+.1f})"
+            for key in lift_keys
+        ]
         lines.append(f"| {name} | " + " | ".join(cells) + " | " + " | ".join(lcells) + " |")
     t = result["test"]
-    lines += ["", f"Test: {t['rows']:,} impressions in {t['requests']:,} requests ({t['clicks']:,} clicks, {t['conversions']:,} conversions); K = {k}."]
+    lines += [
+        "",
+        f"Test: {t['rows']:,} impressions in {t['requests']:,} requests ({t['clicks']:,} clicks, {t['conversions']:,} conversions); K = {k}.",
+    ]
     return "\n".join(lines) + "\n"
 
 

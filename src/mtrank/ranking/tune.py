@@ -27,7 +27,12 @@ from mtrank.ranking.replay import ReplayData, replay_metrics
 # Search space per formula: name → (low, high). Fixed params come from ``TuneConfig.fixed``.
 SPACES: dict[str, dict[str, tuple[float, float]]] = {
     "multiplicative": {"alpha": (0.0, 2.0), "beta": (0.0, 2.0), "gamma": (0.0, 2.0)},
-    "offset_multiplicative": {"alpha": (0.0, 2.0), "beta": (0.0, 2.0), "gamma": (0.0, 2.0), "b2": (0.0, 0.2)},
+    "offset_multiplicative": {
+        "alpha": (0.0, 2.0),
+        "beta": (0.0, 2.0),
+        "gamma": (0.0, 2.0),
+        "b2": (0.0, 0.2),
+    },
     "linear": {"w1": (0.0, 1.0), "w2": (0.0, 1.0), "w3": (0.0, 1.0)},
     "expected_gmv": {},
 }
@@ -82,7 +87,9 @@ def reference_scores(data: ReplayData) -> dict[str, np.ndarray]:
     logged order (position ascending) when positions are known."""
     refs = {
         "pctr": make_fusion("single", {"which": "ctr"}).score(data.p_ctr, data.p_cvr, data.price),
-        "pctcvr": make_fusion("single", {"which": "ctcvr"}).score(data.p_ctr, data.p_cvr, data.price),
+        "pctcvr": make_fusion("single", {"which": "ctcvr"}).score(
+            data.p_ctr, data.p_cvr, data.price
+        ),
         "expected_gmv": make_fusion("expected_gmv").score(data.p_ctr, data.p_cvr, data.price),
     }
     if data.position is not None:
@@ -143,14 +150,28 @@ def tune(data: ReplayData, cfg: TuneConfig, *, progress: bool = False) -> TuneRe
     floor = None if cfg.click_floor is None else cfg.click_floor * tuning["pctr"][clicks_key]
     rows: list[dict] = []
     space = SPACES[cfg.formula]
-    n_points = 1 if not space else (cfg.grid_points ** len(space) if cfg.method == "grid" else cfg.trials)
-    bar = tqdm(total=n_points, desc=f"tuning {cfg.formula}", unit="point", disable=not progress, leave=False)
+    n_points = (
+        1 if not space else (cfg.grid_points ** len(space) if cfg.method == "grid" else cfg.trials)
+    )
+    bar = tqdm(
+        total=n_points,
+        desc=f"tuning {cfg.formula}",
+        unit="point",
+        disable=not progress,
+        leave=False,
+    )
 
     def run(params: dict[str, float]) -> dict:
         fusion = _build(cfg, params, tune_data)
         m = evaluate(tune_data, fusion.score(tune_data.p_ctr, tune_data.p_cvr, tune_data.price))
         feasible = floor is None or m[clicks_key] >= floor
-        row = {**params, "clicks": m[clicks_key], "gmv": m[gmv_key], "ndcg": m[f"ndcg@{k}"], "feasible": feasible}
+        row = {
+            **params,
+            "clicks": m[clicks_key],
+            "gmv": m[gmv_key],
+            "ndcg": m[f"ndcg@{k}"],
+            "feasible": feasible,
+        }
         rows.append(row)
         bar.update(1)
         return row
@@ -165,13 +186,19 @@ def tune(data: ReplayData, cfg: TuneConfig, *, progress: bool = False) -> TuneRe
         try:
             import optuna
         except ImportError:
-            raise ConfigError("optuna is not installed: it is a dependency of mtrank; reinstall mtrank, or use --method grid") from None
+            raise ConfigError(
+                "optuna is not installed: it is a dependency of mtrank; reinstall mtrank, or use --method grid"
+            ) from None
         optuna.logging.set_verbosity(logging.WARNING)
 
         def objective(trial) -> float:
             row = run({name: trial.suggest_float(name, lo, hi) for name, (lo, hi) in space.items()})
-            if floor is not None:  # feasible when ≤ 0 (optuna's convention); TPE favours feasible points
-                trial.set_constraint("click_floor", 0.0 if row["feasible"] else floor - row["clicks"])
+            if (
+                floor is not None
+            ):  # feasible when ≤ 0 (optuna's convention); TPE favours feasible points
+                trial.set_constraint(
+                    "click_floor", 0.0 if row["feasible"] else floor - row["clicks"]
+                )
             return row["gmv"]
 
         sampler = optuna.samplers.TPESampler(seed=cfg.seed)
@@ -181,16 +208,32 @@ def tune(data: ReplayData, cfg: TuneConfig, *, progress: bool = False) -> TuneRe
     trials = pl.DataFrame(rows)
     feasible = trials.filter(pl.col("feasible"))
     if feasible.height == 0:
-        logging.getLogger(__name__).warning("no point met the click floor; choosing the best GMV point")
+        logging.getLogger(__name__).warning(
+            "no point met the click floor; choosing the best GMV point"
+        )
         feasible = trials
-    best_row = feasible.with_row_index("_i").sort(["gmv", "_i"], descending=[True, False]).row(0, named=True)
+    best_row = (
+        feasible.with_row_index("_i")
+        .sort(["gmv", "_i"], descending=[True, False])
+        .row(0, named=True)
+    )
     best_params = {name: best_row[name] for name in space}
     best = _build(cfg, best_params, tune_data)
     heldout = {name: evaluate(held, s) for name, s in reference_scores(held).items()}
     heldout["fused"] = evaluate(held, best.score(held.p_ctr, held.p_cvr, held.price))
-    tuning["fused"] = evaluate(tune_data, best.score(tune_data.p_ctr, tune_data.p_cvr, tune_data.price))
+    tuning["fused"] = evaluate(
+        tune_data, best.score(tune_data.p_ctr, tune_data.p_cvr, tune_data.price)
+    )
     frontier = pareto_frontier(trials, "clicks", "gmv")
     return TuneResult(best, trials, frontier, heldout, tuning, cfg, held)
 
 
-__all__ = ["SPACES", "TuneConfig", "TuneResult", "pareto_frontier", "reference_scores", "split_requests", "tune"]
+__all__ = [
+    "SPACES",
+    "TuneConfig",
+    "TuneResult",
+    "pareto_frontier",
+    "reference_scores",
+    "split_requests",
+    "tune",
+]

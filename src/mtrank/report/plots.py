@@ -31,7 +31,9 @@ def training_curves(histories: dict[str, list[dict]], auc_keys: list[str]) -> st
         histories: {label: bundle meta ``history`` (list of per-epoch dicts)}.
         auc_keys: validation metrics to plot, one panel each (e.g. ``auc_ctr``).
     """
-    panels = [("train_loss", "train loss"), ("val_loss", "val loss")] + [(k, f"val {k}") for k in auc_keys]
+    panels = [("train_loss", "train loss"), ("val_loss", "val loss")] + [
+        (k, f"val {k}") for k in auc_keys
+    ]
     ncols = min(len(panels), 3)
     nrows = -(-len(panels) // ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.0 * nrows), squeeze=False)
@@ -39,7 +41,11 @@ def training_curves(histories: dict[str, list[dict]], auc_keys: list[str]) -> st
         for label, hist in histories.items():
             xs, ys = [], []
             for h in hist:
-                v = h.get(key) if key in ("train_loss", "val_loss") else (h.get("val_metrics") or {}).get(key)
+                v = (
+                    h.get(key)
+                    if key in ("train_loss", "val_loss")
+                    else (h.get("val_metrics") or {}).get(key)
+                )
                 if isinstance(v, (int, float)):
                     xs.append(h["epoch"])
                     ys.append(v)
@@ -49,7 +55,7 @@ def training_curves(histories: dict[str, list[dict]], auc_keys: list[str]) -> st
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(panels):]:
+    for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=8)
     fig.tight_layout()
@@ -84,16 +90,25 @@ def reliability(curves: dict[str, dict[str, dict]]) -> str:
     return to_base64(fig)
 
 
-def grouped_bars(values: dict[str, dict[str, float | None]], title: str, ylabel: str, zero_line: bool = True) -> str:
+def grouped_bars(
+    values: dict[str, dict[str, float | None]], title: str, ylabel: str, zero_line: bool = True
+) -> str:
     """Grouped bar chart: groups are the outer keys (models), bars the inner keys (series)."""
     groups = list(values)
     series = list(dict.fromkeys(k for v in values.values() for k in v))
     width = 0.8 / max(len(series), 1)
-    fig, ax = plt.subplots(figsize=(min(12.0, max(5.0, 0.45 * len(groups) * max(len(series), 1) + 2)), 3.6))
+    fig, ax = plt.subplots(
+        figsize=(min(12.0, max(5.0, 0.45 * len(groups) * max(len(series), 1) + 2)), 3.6)
+    )
     x = np.arange(len(groups))
     for i, s in enumerate(series):
         ys = [values[g].get(s) for g in groups]
-        ax.bar(x + (i - (len(series) - 1) / 2) * width, [y if y is not None else np.nan for y in ys], width, label=s)
+        ax.bar(
+            x + (i - (len(series) - 1) / 2) * width,
+            [y if y is not None else np.nan for y in ys],
+            width,
+            label=s,
+        )
     if zero_line:
         ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xticks(x, groups, rotation=30, ha="right")
@@ -147,23 +162,43 @@ def regime_heatmap(doc: dict, metric: str, dpi: int = DPI) -> bytes:
     vals = np.full((len(models), len(sharings), len(cvrs), len(intents)), np.nan)
     wins = np.zeros_like(vals)
     runs = np.zeros_like(vals)
-    for (mi, m), (si, s), (ci, c), (ii, i) in itertools.product(enumerate(models), enumerate(sharings), enumerate(cvrs), enumerate(intents)):
+    for (mi, m), (si, s), (ci, c), (ii, i) in itertools.product(
+        enumerate(models), enumerate(sharings), enumerate(cvrs), enumerate(intents)
+    ):
         d = grid.get((c, i, s), {}).get("paired", {}).get(m, {}).get(metric)
         if d is not None:
-            vals[mi, si, ci, ii], wins[mi, si, ci, ii], runs[mi, si, ci, ii] = d["mean"], d["better"], d["n"]
+            vals[mi, si, ci, ii], wins[mi, si, ci, ii], runs[mi, si, ci, ii] = (
+                d["mean"],
+                d["better"],
+                d["n"],
+            )
     lim = np.nanmax(np.abs(vals)) if np.isfinite(vals).any() else 1.0
     lim = lim or 1.0
-    fig, axes = plt.subplots(len(models), len(sharings), figsize=(2.9 * len(sharings) + 1.0, 2.7 * len(models) + 0.6), squeeze=False)
+    fig, axes = plt.subplots(
+        len(models),
+        len(sharings),
+        figsize=(2.9 * len(sharings) + 1.0, 2.7 * len(models) + 0.6),
+        squeeze=False,
+    )
     fig.subplots_adjust(hspace=0.5)
     unit = " (%)" if metric.startswith("exp_gmv") else ""
     for mi, si in itertools.product(range(len(models)), range(len(sharings))):
         ax = axes[mi, si]
-        im = ax.imshow(vals[mi, si], cmap="RdBu", vmin=-lim, vmax=lim, origin="lower", aspect="auto")
+        im = ax.imshow(
+            vals[mi, si], cmap="RdBu", vmin=-lim, vmax=lim, origin="lower", aspect="auto"
+        )
         for ci, ii in itertools.product(range(len(cvrs)), range(len(intents))):
             v = vals[mi, si, ci, ii]
             if np.isfinite(v):
                 text = f"{v:+.2f}" if unit else f"{v:+.3f}"
-                ax.text(ii, ci, f"{text}\n{int(wins[mi, si, ci, ii])}/{int(runs[mi, si, ci, ii])}", ha="center", va="center", fontsize=7)
+                ax.text(
+                    ii,
+                    ci,
+                    f"{text}\n{int(wins[mi, si, ci, ii])}/{int(runs[mi, si, ci, ii])}",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                )
         ax.set_xticks(range(len(intents)), [f"{i:g}" for i in intents])
         ax.set_yticks(range(len(cvrs)), [f"{c:g}" for c in cvrs])
         ax.set_title(f"{models[mi]} − {ref}, ρ = {sharings[si]:g}", fontsize=9)
@@ -172,7 +207,9 @@ def regime_heatmap(doc: dict, metric: str, dpi: int = DPI) -> bytes:
         if si == 0:
             ax.set_ylabel("CVR given click")
     fig.colorbar(im, ax=axes, shrink=0.8, label=f"Δ {metric}{unit}")
-    fig.suptitle(f"Paired Δ {metric} against {ref} (annotation: Δ, runs better / runs)", fontsize=10)
+    fig.suptitle(
+        f"Paired Δ {metric} against {ref} (annotation: Δ, runs better / runs)", fontsize=10
+    )
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
     plt.close(fig)

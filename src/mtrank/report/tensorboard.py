@@ -18,7 +18,9 @@ def check_available() -> None:
     try:
         from torch.utils.tensorboard import SummaryWriter  # noqa: F401
     except ImportError:
-        raise ConfigError("--tensorboard needs the tensorboard package: pip install tensorboard (or mtrank[tensorboard])") from None
+        raise ConfigError(
+            "--tensorboard needs the tensorboard package: pip install tensorboard (or mtrank[tensorboard])"
+        ) from None
 
 
 class EpochWriter:

@@ -61,13 +61,19 @@ class ScoredCandidate(BaseModel):
 
 class RankedCandidate(ScoredCandidate):
     """A candidate of ``/rank`` with its rank (1 = first)."""
+
     rank: int = Field(description="1 = best")
 
 
 class FeatureCounts(BaseModel):
     """How many feature values were missing or unseen (out of vocabulary) in a request."""
-    missing: dict[str, int] = Field(description="per feature column: null values (encoded as missing / mean-imputed)")
-    oov: dict[str, int] = Field(description="per categorical column: values unseen in training, scored with the OOV index")
+
+    missing: dict[str, int] = Field(
+        description="per feature column: null values (encoded as missing / mean-imputed)"
+    )
+    oov: dict[str, int] = Field(
+        description="per categorical column: values unseen in training, scored with the OOV index"
+    )
 
 
 class FusionOut(BaseModel):
@@ -80,9 +86,12 @@ class FusionOut(BaseModel):
 class ScoreResponse(BaseModel):
     """The response of ``/score``: the candidates' probabilities and fused scores, in request
     order."""
+
     model: str
     bundle_sha256: str
-    score_source: str = Field(description="'fusion': score = the fusion of the model's pCTR/pCVR/pCTCVR; 'ranker': the model's own ranking score (LTR), and p_ctr, p_cvr, p_ctcvr, log_score are null")
+    score_source: str = Field(
+        description="'fusion': score = the fusion of the model's pCTR/pCVR/pCTCVR; 'ranker': the model's own ranking score (LTR), and p_ctr, p_cvr, p_ctcvr, log_score are null"
+    )
     fusion: FusionOut
     n_candidates: int
     candidates: list[ScoredCandidate]
@@ -91,13 +100,16 @@ class ScoreResponse(BaseModel):
 
 class RankResponse(ScoreResponse):
     """The response of ``/rank``: the candidates sorted by fused score, best first."""
+
     candidates: list[RankedCandidate]  # type: ignore[assignment]
 
 
 class ErrorDetail(BaseModel):
     """One problem of a request: where (``loc``), what (``msg``), its kind (``type``)."""
 
-    loc: list[str | int] = Field(description='path in the request, e.g. ["body", "candidates", 3, "price"]')
+    loc: list[str | int] = Field(
+        description='path in the request, e.g. ["body", "candidates", 3, "price"]'
+    )
     msg: str
     type: str
 
@@ -120,8 +132,12 @@ ERRORS = {
 
 
 def create_app(
-    bundle_path: str | Path, fusion: FusionSpec | str | Path | None = None, *,
-    engine: str = "onnx", threads: int = 1, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    bundle_path: str | Path,
+    fusion: FusionSpec | str | Path | None = None,
+    *,
+    engine: str = "onnx",
+    threads: int = 1,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
 ) -> FastAPI:
     """Build the service for one bundle.
 
@@ -141,12 +157,22 @@ def create_app(
         description=f"Ranks candidates by a fusion of ESMM's pCTR, pCVR and pCTCVR. Model {service.bundle.model_config.name!r}, schema {service.bundle.schema.name!r}. No authentication: run it behind a gateway.",
     )
     app.state.service = service
-    header = {"model": service.bundle.model_config.name, "bundle_sha256": service.digest, "score_source": service.score_source}
-    error_docs = {code: {"model": ErrorResponse, "description": text} for code, text in ERRORS.items()}
+    header = {
+        "model": service.bundle.model_config.name,
+        "bundle_sha256": service.digest,
+        "score_source": service.score_source,
+    }
+    error_docs = {
+        code: {"model": ErrorResponse, "description": text} for code, text in ERRORS.items()
+    }
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
-        return error_response(RequestError([{"loc": [], "msg": str(exc.detail), "type": "http"}], status=exc.status_code))
+        return error_response(
+            RequestError(
+                [{"loc": [], "msg": str(exc.detail), "type": "http"}], status=exc.status_code
+            )
+        )
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -161,11 +187,19 @@ def create_app(
         return {
             **header,
             "schema": b.schema.model_dump(mode="json"),
-            "features": {"categorical": service.categorical, "numerical": service.numerical, "price": service.price},
+            "features": {
+                "categorical": service.categorical,
+                "numerical": service.numerical,
+                "price": service.price,
+            },
             "model_config": b.model_config.model_dump(mode="json"),
             "engine": service.engine,
             "fusion": service.fusion.model_dump(mode="json"),
-            "limits": {"max_candidates": MAX_CANDIDATES, "max_body_bytes": max_body_bytes, "max_id_chars": MAX_ID_CHARS},
+            "limits": {
+                "max_candidates": MAX_CANDIDATES,
+                "max_body_bytes": max_body_bytes,
+                "max_id_chars": MAX_ID_CHARS,
+            },
             "max_candidates": MAX_CANDIDATES,
             "trained": {k: b.meta[k] for k in ("dataset", "best_epoch", "rows") if k in b.meta},
             "mtrank_version": mtrank.__version__,
@@ -185,15 +219,32 @@ def create_app(
         return await run_in_threadpool(answer, service, header, bytes(body), ranked)
 
     def body_doc(name: str) -> dict:
-        return {"requestBody": {"required": True, "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{name}"}}}}}
+        return {
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {"schema": {"$ref": f"#/components/schemas/{name}"}}
+                },
+            }
+        }
 
-    @app.post("/rank", response_model=RankResponse, responses=error_docs, openapi_extra=body_doc("RankRequest"))
+    @app.post(
+        "/rank",
+        response_model=RankResponse,
+        responses=error_docs,
+        openapi_extra=body_doc("RankRequest"),
+    )
     async def rank(request: Request) -> Response:
         """Score the candidates and return them best first (ties by request index; a
         candidate whose score is not finite after every finite one)."""
         return await handle(request, ranked=True)
 
-    @app.post("/score", response_model=ScoreResponse, responses=error_docs, openapi_extra=body_doc("ScoreRequest"))
+    @app.post(
+        "/score",
+        response_model=ScoreResponse,
+        responses=error_docs,
+        openapi_extra=body_doc("ScoreRequest"),
+    )
     async def score(request: Request) -> Response:
         """Score the candidates, in request order (no ranking)."""
         return await handle(request, ranked=False)
@@ -203,7 +254,9 @@ def create_app(
     def openapi() -> dict:
         if app.openapi_schema is None:
             spec = generated()
-            spec.setdefault("components", {}).setdefault("schemas", {}).update(request_schemas(service))
+            spec.setdefault("components", {}).setdefault("schemas", {}).update(
+                request_schemas(service)
+            )
             app.openapi_schema = spec
         return app.openapi_schema
 
@@ -241,12 +294,19 @@ def error_response(exc: RequestError) -> Response:
     """``exc`` in the one error shape: a one-line ``message`` naming up to 5 fields, the count,
     at most 100 structured errors; locations start with ``body``. ASCII JSON (a lone surrogate
     in a key or value is escaped, never an encoding error)."""
-    errors = [{**e, "loc": ["body", *e["loc"]] if e["loc"][:1] != ["body"] else e["loc"]} for e in exc.errors]
+    errors = [
+        {**e, "loc": ["body", *e["loc"]] if e["loc"][:1] != ["body"] else e["loc"]}
+        for e in exc.errors
+    ]
     message = "; ".join(f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in errors[:5])
     if len(errors) > 5:
         message += f" (and {len(errors) - 5} more)"
     content = {"message": message, "n_errors": len(errors), "detail": errors[:100]}
-    return Response(json.dumps(content, ensure_ascii=True), status_code=exc.status, media_type="application/json")
+    return Response(
+        json.dumps(content, ensure_ascii=True),
+        status_code=exc.status,
+        media_type="application/json",
+    )
 
 
 def _respond(header: dict, scored: Scored, order: np.ndarray, *, ranked: bool) -> Response:
@@ -262,7 +322,13 @@ def _respond(header: dict, scored: Scored, order: np.ndarray, *, ranked: bool) -
     for k in ("p_ctr", "p_cvr", "p_ctcvr", "score", "log_score"):
         cols[k] = np.where(np.isfinite(cols[k]), cols[k], np.nan)
     table = pl.DataFrame(cols).with_columns(pl.col(pl.Float64).fill_nan(None)).write_json()
-    head = orjson.dumps({**header, "fusion": scored.fusion.model_dump(mode="json"), "n_candidates": len(scored.score)})
+    head = orjson.dumps(
+        {
+            **header,
+            "fusion": scored.fusion.model_dump(mode="json"),
+            "n_candidates": len(scored.score),
+        }
+    )
     counts = orjson.dumps({"missing": scored.n_missing, "oov": scored.n_oov})
     body = b"".join((head[:-1], b',"candidates":', table.encode(), b',"counts":', counts, b"}"))
     timing = ", ".join(f"{k};dur={v:.3f}" for k, v in scored.timings_ms.items())

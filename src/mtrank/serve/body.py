@@ -40,19 +40,37 @@ def body_error(status: int, msg: str, kind: str) -> RequestError:
 def check_media_type(content_type: str | None) -> None:
     """Raises RequestError 415 unless the media type is JSON."""
     media = (content_type or "").split(";", 1)[0].strip().lower()
-    if media != "application/json" and not (media.startswith("application/") and media.endswith("+json")):
-        raise body_error(415, f"the body must be JSON: send content-type application/json, got {media or 'none'!r}", "unsupported_media_type")
+    if media != "application/json" and not (
+        media.startswith("application/") and media.endswith("+json")
+    ):
+        raise body_error(
+            415,
+            f"the body must be JSON: send content-type application/json, got {media or 'none'!r}",
+            "unsupported_media_type",
+        )
 
 
 def check_length(content_length: str | None, limit: int) -> None:
     """Raises RequestError 413 when the declared ``Content-Length`` exceeds ``limit`` bytes."""
-    if content_length is not None and content_length.strip().isdigit() and int(content_length) > limit:
-        raise body_error(413, f"the body has {int(content_length):,} bytes; the limit is {limit:,} (mtrank serve --max-body-bytes)", "too_large")
+    if (
+        content_length is not None
+        and content_length.strip().isdigit()
+        and int(content_length) > limit
+    ):
+        raise body_error(
+            413,
+            f"the body has {int(content_length):,} bytes; the limit is {limit:,} (mtrank serve --max-body-bytes)",
+            "too_large",
+        )
 
 
 def too_large(limit: int) -> RequestError:
     """413 for a body that passed ``limit`` bytes while it arrived."""
-    return body_error(413, f"the body is larger than the limit of {limit:,} bytes (mtrank serve --max-body-bytes)", "too_large")
+    return body_error(
+        413,
+        f"the body is larger than the limit of {limit:,} bytes (mtrank serve --max-body-bytes)",
+        "too_large",
+    )
 
 
 def decode_json(body: bytes) -> Any:
@@ -124,14 +142,28 @@ def _decode_exactly(body: bytes) -> Any:
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise body_error(400, f"the body is not valid UTF-8 (byte {exc.start}: {exc.reason})", "utf8") from None
+        raise body_error(
+            400, f"the body is not valid UTF-8 (byte {exc.start}: {exc.reason})", "utf8"
+        ) from None
     try:
         return _DECODER.decode(text)
     except _DuplicateKey as exc:
         key = ascii(exc.args[0])
-        raise RequestError([{"loc": ["body"], "msg": f"duplicate key {key} in a JSON object: give each key once", "type": "duplicate_key"}]) from None
+        raise RequestError(
+            [
+                {
+                    "loc": ["body"],
+                    "msg": f"duplicate key {key} in a JSON object: give each key once",
+                    "type": "duplicate_key",
+                }
+            ]
+        ) from None
     except json.JSONDecodeError as exc:
-        raise body_error(400, f"not valid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}", "json_invalid") from None
+        raise body_error(
+            400,
+            f"not valid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}",
+            "json_invalid",
+        ) from None
     except RecursionError:
         raise body_error(400, "not valid JSON here: nested too deeply", "json_invalid") from None
     except ValueError as exc:  # e.g. an integer of more than 4,300 digits

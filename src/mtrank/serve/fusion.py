@@ -109,7 +109,13 @@ class FusionSpec(BaseModel):
         return cls(formula=fusion.name, params=fusion.params)
 
 
-def fused_scores(fusion: Fusion, p_ctr: np.ndarray, p_cvr: np.ndarray, p_ctcvr: np.ndarray, price: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def fused_scores(
+    fusion: Fusion,
+    p_ctr: np.ndarray,
+    p_cvr: np.ndarray,
+    p_ctcvr: np.ndarray,
+    price: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(score, log_score, rank key), float64 ``[N]`` (see :meth:`Fusion.fused`), with the
     serving price policy: a row whose price is invalid (negative, NaN, ±inf) is NaN in all three.
 
@@ -129,7 +135,9 @@ def fused_scores(fusion: Fusion, p_ctr: np.ndarray, p_cvr: np.ndarray, p_ctcvr: 
     return score, log_score, fusion.rank_key(score, log_score)
 
 
-def fused_score_column(fusion: Fusion, predictions: pl.DataFrame, table: pl.DataFrame, price_column: str | None) -> pl.Series:
+def fused_score_column(
+    fusion: Fusion, predictions: pl.DataFrame, table: pl.DataFrame, price_column: str | None
+) -> pl.Series:
     """The fused ``score`` column (float64 ``[N]``, null where the price is invalid) for batch
     scoring: ``predictions`` holds ``p_ctr``, ``p_cvr``, ``p_ctcvr`` row for row with ``table``.
 
@@ -139,7 +147,9 @@ def fused_score_column(fusion: Fusion, predictions: pl.DataFrame, table: pl.Data
     price = None
     if fusion.uses_price:
         if price_column is None or price_column not in table.columns:
-            raise ConfigError(f"fusion {fusion.name!r} {fusion.params} needs a price column, and {'the schema declares none' if price_column is None else f'the data has no column {price_column!r}'}")
+            raise ConfigError(
+                f"fusion {fusion.name!r} {fusion.params} needs a price column, and {'the schema declares none' if price_column is None else f'the data has no column {price_column!r}'}"
+            )
         price = table.get_column(price_column).cast(pl.Float64, strict=False).to_numpy()
     p = {k: predictions.get_column(k).to_numpy() for k in ("p_ctr", "p_cvr", "p_ctcvr")}
     score, _, _ = fused_scores(fusion, p["p_ctr"], p["p_cvr"], p["p_ctcvr"], price)

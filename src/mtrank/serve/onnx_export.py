@@ -50,7 +50,9 @@ class _ProbabilityHead(nn.Module):
         self.model = model
         self.names = names
 
-    def forward(self, categorical: torch.Tensor, numerical: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(
+        self, categorical: torch.Tensor, numerical: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
         out = self.model(categorical, numerical)
         probs = tuple(out[n] for n in self.names)
         # A model without categorical (or numerical) features never reads that input, and the
@@ -68,7 +70,11 @@ def example_inputs(bundle: Bundle, batch: int, seed: int = 0) -> tuple[np.ndarra
     float32 ``[batch, n_num]`` standard-normal values."""
     g = np.random.default_rng(seed)
     cards = bundle.spec.cardinalities
-    cat = np.stack([g.integers(0, c, size=batch) for c in cards], axis=1) if cards else np.zeros((batch, 0), np.int64)
+    cat = (
+        np.stack([g.integers(0, c, size=batch) for c in cards], axis=1)
+        if cards
+        else np.zeros((batch, 0), np.int64)
+    )
     num = g.standard_normal((batch, bundle.spec.n_numerical)).astype(np.float32)
     return cat.astype(np.int64), num
 
@@ -81,7 +87,9 @@ def to_onnx_bytes(bundle: Bundle) -> bytes:
             LambdaMART ranker stays in LightGBM's own ``model.txt``).
     """
     if not isinstance(bundle.model, torch.nn.Module):
-        raise ExportError(f"model {bundle.model_config.name!r} is not a neural network: ONNX export covers the neural models; this bundle's model is served from its own {codec(bundle.model_config).weights_file}")
+        raise ExportError(
+            f"model {bundle.model_config.name!r} is not a neural network: ONNX export covers the neural models; this bundle's model is served from its own {codec(bundle.model_config).weights_file}"
+        )
     names = output_names(bundle)
     head = _ProbabilityHead(bundle.model, names).eval()
     cat, num = example_inputs(bundle, batch=3)
@@ -98,12 +106,17 @@ def to_onnx_bytes(bundle: Bundle) -> bytes:
                 buf,
                 input_names=list(INPUTS),
                 output_names=names,
-                dynamic_axes={**{i: {0: "batch"} for i in INPUTS}, **{o: {0: "batch"} for o in names}},
+                dynamic_axes={
+                    **{i: {0: "batch"} for i in INPUTS},
+                    **{o: {0: "batch"} for o in names},
+                },
                 opset_version=OPSET,
                 dynamo=False,
             )
     except Exception as exc:  # torch raises many types here; report one clear line
-        raise ExportError(f"ONNX export of model {bundle.model_config.name!r} failed: {exc}") from exc
+        raise ExportError(
+            f"ONNX export of model {bundle.model_config.name!r} failed: {exc}"
+        ) from exc
     return buf.getvalue()
 
 
@@ -136,14 +149,21 @@ class OnnxScorer:
         return dict(zip(self.outputs, res, strict=True))
 
 
-def torch_probabilities(bundle: Bundle, categorical: np.ndarray, numerical: np.ndarray) -> dict[str, np.ndarray]:
+def torch_probabilities(
+    bundle: Bundle, categorical: np.ndarray, numerical: np.ndarray
+) -> dict[str, np.ndarray]:
     """PyTorch reference outputs (eval mode, no grad): float32 ``[B]`` per name."""
     with torch.no_grad():
         out = bundle.model.eval()(torch.from_numpy(categorical), torch.from_numpy(numerical))
     return {n: out[n].numpy() for n in output_names(bundle)}
 
 
-def verify_onnx(bundle: Bundle, model: str | Path | bytes, batches: tuple[int, ...] = (1, 7, 1000), atol: float = 1e-5) -> dict[int, float]:
+def verify_onnx(
+    bundle: Bundle,
+    model: str | Path | bytes,
+    batches: tuple[int, ...] = (1, 7, 1000),
+    atol: float = 1e-5,
+) -> dict[int, float]:
     """Run the ONNX graph at several batch sizes and compare with PyTorch.
 
     Returns:
@@ -161,15 +181,21 @@ def verify_onnx(bundle: Bundle, model: str | Path | bytes, batches: tuple[int, .
         worst = 0.0
         for name, want in ref.items():
             if got[name].shape != (b,):
-                raise ExportError(f"ONNX output {name} has shape {got[name].shape} at batch {b}, expected ({b},)")
+                raise ExportError(
+                    f"ONNX output {name} has shape {got[name].shape} at batch {b}, expected ({b},)"
+                )
             worst = max(worst, float(np.max(np.abs(got[name].astype(np.float64) - want))))
         if worst > atol:
-            raise ExportError(f"ONNX and PyTorch differ by {worst:.2e} > {atol:g} at batch size {b}")
+            raise ExportError(
+                f"ONNX and PyTorch differ by {worst:.2e} > {atol:g} at batch size {b}"
+            )
         diffs[b] = worst
     return diffs
 
 
-def export_onnx(bundle_path: str | Path, out: str | Path | None = None, *, verify: bool = True) -> tuple[Path, dict[int, float]]:
+def export_onnx(
+    bundle_path: str | Path, out: str | Path | None = None, *, verify: bool = True
+) -> tuple[Path, dict[int, float]]:
     """Export the bundle at ``bundle_path`` to ``out`` (default ``<bundle>/model.onnx``).
 
     The file is written atomically, and only after it has been verified against PyTorch at batch

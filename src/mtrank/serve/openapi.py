@@ -25,14 +25,24 @@ NULL = {"type": "null"}
 
 def _feature(service: RankingService, col: str) -> dict:
     if col in service.categorical:
-        return {"anyOf": [{"type": "integer", "minimum": INT64[0], "maximum": INT64[1]}, {"type": "string", "maxLength": MAX_ID_CHARS}, NULL],
-                "description": "categorical id (string or int64; null = missing; unseen → OOV index)"}
+        return {
+            "anyOf": [
+                {"type": "integer", "minimum": INT64[0], "maximum": INT64[1]},
+                {"type": "string", "maxLength": MAX_ID_CHARS},
+                NULL,
+            ],
+            "description": "categorical id (string or int64; null = missing; unseen → OOV index)",
+        }
     bound = service.bounds[col]
     if col == service.price:
-        return {"anyOf": [{"type": "number", "minimum": 0, "maximum": bound}, NULL],
-                "description": "price in currency units, finite and ≥ 0; null or absent in a candidate takes the context's"}
-    return {"anyOf": [{"type": "number", "minimum": -bound, "maximum": bound}, NULL],
-            "description": "numerical feature (finite; null = missing, imputed with the training mean)"}
+        return {
+            "anyOf": [{"type": "number", "minimum": 0, "maximum": bound}, NULL],
+            "description": "price in currency units, finite and ≥ 0; null or absent in a candidate takes the context's",
+        }
+    return {
+        "anyOf": [{"type": "number", "minimum": -bound, "maximum": bound}, NULL],
+        "description": "numerical feature (finite; null = missing, imputed with the training mean)",
+    }
 
 
 def _param(formula: str, name: str, kind: type) -> dict:
@@ -58,12 +68,20 @@ def fusion_schema() -> dict:
             "title": name,
             "properties": {
                 "formula": {"const": name},
-                "params": {"anyOf": [{"type": "object", "properties": params, "additionalProperties": False}, NULL]},
+                "params": {
+                    "anyOf": [
+                        {"type": "object", "properties": params, "additionalProperties": False},
+                        NULL,
+                    ]
+                },
             },
             "required": [] if name == "ctcvr" else ["formula"],
         }
         variants.append(variant)
-    return {"oneOf": variants, "description": "score fusion (see docs/ranking.md); default: the server's --fusion, else score = p_ctcvr"}
+    return {
+        "oneOf": variants,
+        "description": "score fusion (see docs/ranking.md); default: the server's --fusion, else score = p_ctcvr",
+    }
 
 
 def request_schemas(service: RankingService) -> dict[str, dict]:
@@ -73,25 +91,61 @@ def request_schemas(service: RankingService) -> dict[str, dict]:
     for col in service.features:
         if col == service.price:
             number = {"properties": {col: {"type": "number"}}, "required": [col]}
-            rules.append({"if": {"required": ["context"], "properties": {"context": {"type": "object", **number}}},
-                          "else": {"properties": {"candidates": {"items": number}}}})
+            rules.append(
+                {
+                    "if": {
+                        "required": ["context"],
+                        "properties": {"context": {"type": "object", **number}},
+                    },
+                    "else": {"properties": {"candidates": {"items": number}}},
+                }
+            )
         else:
-            rules.append({"if": {"required": ["context"], "properties": {"context": {"type": "object", "required": [col]}}},
-                          "else": {"properties": {"candidates": {"items": {"required": [col]}}}}})
+            rules.append(
+                {
+                    "if": {
+                        "required": ["context"],
+                        "properties": {"context": {"type": "object", "required": [col]}},
+                    },
+                    "else": {"properties": {"candidates": {"items": {"required": [col]}}}},
+                }
+            )
     score = {
         "type": "object",
         "properties": {
-            "context": {"anyOf": [{"$ref": "#/components/schemas/Features"}, NULL], "description": "column → value shared by every candidate; a candidate's non-null value overrides it"},
-            "candidates": {"type": "array", "minItems": 1, "maxItems": MAX_CANDIDATES, "items": {"$ref": "#/components/schemas/Features"}, "description": f"1 to {MAX_CANDIDATES} candidates, each an object of column → value"},
+            "context": {
+                "anyOf": [{"$ref": "#/components/schemas/Features"}, NULL],
+                "description": "column → value shared by every candidate; a candidate's non-null value overrides it",
+            },
+            "candidates": {
+                "type": "array",
+                "minItems": 1,
+                "maxItems": MAX_CANDIDATES,
+                "items": {"$ref": "#/components/schemas/Features"},
+                "description": f"1 to {MAX_CANDIDATES} candidates, each an object of column → value",
+            },
             "fusion": {"anyOf": [{"$ref": "#/components/schemas/Fusion"}, NULL]},
         },
         "required": ["candidates"],
         "additionalProperties": False,
         "allOf": rules,
     }
-    rank = {**score, "properties": {**score["properties"], "top_k": {"anyOf": [{"type": "integer", "minimum": 1}, NULL], "description": "return only the best k candidates (all by default)"}}}
+    rank = {
+        **score,
+        "properties": {
+            **score["properties"],
+            "top_k": {
+                "anyOf": [{"type": "integer", "minimum": 1}, NULL],
+                "description": "return only the best k candidates (all by default)",
+            },
+        },
+    }
     return {
-        "Features": {"type": "object", "properties": features, "description": "feature columns of the bundle's schema (other keys are ignored)"},
+        "Features": {
+            "type": "object",
+            "properties": features,
+            "description": "feature columns of the bundle's schema (other keys are ignored)",
+        },
         "Fusion": fusion_schema(),
         "ScoreRequest": score,
         "RankRequest": rank,

@@ -52,7 +52,14 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(settings: ServeSettings, sock: socket.socket, *, workers: int = 1, log_level: str = "warning", app=None) -> None:
+def serve(
+    settings: ServeSettings,
+    sock: socket.socket,
+    *,
+    workers: int = 1,
+    log_level: str = "warning",
+    app=None,
+) -> None:
     """Serve on the bound ``sock`` until interrupted (blocks). ``app``: the already built app
     of a single worker (else each worker builds its own from ``settings``)."""
     import uvicorn
@@ -62,11 +69,18 @@ def serve(settings: ServeSettings, sock: socket.socket, *, workers: int = 1, log
         raise ConfigError(f"--workers must be ≥ 1, got {workers}")
     os.environ["MTRANK_SERVE_SETTINGS"] = json.dumps(asdict(settings))
     if workers == 1 and app is not None:
-        uvicorn.Server(uvicorn.Config(app, log_level=log_level, access_log=False)).run(sockets=[sock])
+        uvicorn.Server(uvicorn.Config(app, log_level=log_level, access_log=False)).run(
+            sockets=[sock]
+        )
         return
-    config = uvicorn.Config("mtrank.serve.app:app_from_env", factory=True, workers=workers, log_level=log_level, access_log=False)
+    config = uvicorn.Config(
+        "mtrank.serve.app:app_from_env",
+        factory=True,
+        workers=workers,
+        log_level=log_level,
+        access_log=False,
+    )
     if workers > 1:
         Multiprocess(config, sockets=[sock]).run()
     else:
         uvicorn.Server(config).run(sockets=[sock])
-

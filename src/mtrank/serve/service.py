@@ -130,20 +130,31 @@ class RankingService:
             lacks.
     """
 
-    def __init__(self, bundle_path: str | Path, fusion: FusionSpec | str | Path | None = None, *, engine: str = "onnx", threads: int = 1) -> None:
+    def __init__(
+        self,
+        bundle_path: str | Path,
+        fusion: FusionSpec | str | Path | None = None,
+        *,
+        engine: str = "onnx",
+        threads: int = 1,
+    ) -> None:
         if engine not in ENGINES:
             raise ConfigError(f"engine must be one of {list(ENGINES)}, got {engine!r}")
         self.bundle_path = Path(bundle_path)
         bundle = Bundle.load(bundle_path)
         if not bundle.spec.funnel:
-            raise BundleError(f"bundle {bundle_path}: the ranking service needs a funnel model (click → conversion); this one predicts {bundle.spec.task_names}")
+            raise BundleError(
+                f"bundle {bundle_path}: the ranking service needs a funnel model (click → conversion); this one predicts {bundle.spec.task_names}"
+            )
         self.bundle = bundle
         self.digest = Bundle.digest(bundle_path)
         # a ranker with its own score (LTR) is served by that score: nothing to fuse
         self.own_score = "score" in bundle.scorer.outputs
         self.score_source = "ranker" if self.own_score else "fusion"
         if self.own_score and fusion is not None:
-            raise ConfigError(f"model {bundle.model_config.name!r} ranks by its own score and has no pCTR/pCVR: a fusion does not apply; drop --fusion")
+            raise ConfigError(
+                f"model {bundle.model_config.name!r} ranks by its own score and has no pCTR/pCVR: a fusion does not apply; drop --fusion"
+            )
         if not isinstance(fusion, FusionSpec):
             fusion = FusionSpec() if fusion is None else FusionSpec.from_file(fusion)
         self.fusion = fusion
@@ -152,7 +163,11 @@ class RankingService:
         self.categorical: list[str] = list(schema.categorical)
         self.numerical: list[str] = list(schema.numerical)
         self.price: str | None = schema.price
-        self.features: list[str] = list(dict.fromkeys([*self.categorical, *self.numerical, *([self.price] if self.price else [])]))
+        self.features: list[str] = list(
+            dict.fromkeys(
+                [*self.categorical, *self.numerical, *([self.price] if self.price else [])]
+            )
+        )
         self.engine = engine
         self.threads = threads
         self._infer = self._make_engine(engine, threads)  # may set self.engine = "native"
@@ -162,7 +177,9 @@ class RankingService:
     def check_fusion(self, spec: FusionSpec) -> None:
         """Raises ConfigError when ``spec`` needs a price and the schema declares none."""
         if spec.needs_price and self.bundle.schema.price is None:
-            raise ConfigError(f"fusion {spec.formula!r} {spec.params} needs a price, but schema {self.bundle.schema.name!r} declares no price column")
+            raise ConfigError(
+                f"fusion {spec.formula!r} {spec.params} needs a price, but schema {self.bundle.schema.name!r} declares no price column"
+            )
 
     def _numerical_bounds(self) -> dict[str, float]:
         """Largest |x| accepted per numerical column (and the price): standardised by the
@@ -205,26 +222,50 @@ class RankingService:
             RequestError: any of the above violated, or an unknown top-level key.
         """
         if type(doc) is not dict:
-            raise RequestError([_error([], f"the body must be a JSON object, got {_json_type(doc)}", "model_type")])
+            raise RequestError(
+                [_error([], f"the body must be a JSON object, got {_json_type(doc)}", "model_type")]
+            )
         allowed = _TOP_LEVEL | ({"top_k"} if ranked else set())
-        errors = [_error([ascii(k)[1:-1]], "Extra inputs are not permitted", "extra_forbidden") for k in doc if k not in allowed]
+        errors = [
+            _error([ascii(k)[1:-1]], "Extra inputs are not permitted", "extra_forbidden")
+            for k in doc
+            if k not in allowed
+        ]
         context = doc.get("context")
         if context is None:
             context = {}
         elif type(context) is not dict:
-            errors.append(_error(["context"], f"must be an object, got {_json_type(context)}", "dict_type"))
+            errors.append(
+                _error(["context"], f"must be an object, got {_json_type(context)}", "dict_type")
+            )
         candidates = doc.get("candidates", _ABSENT)
         if candidates is _ABSENT:
             errors.append(_error(["candidates"], "Field required", "missing"))
         elif type(candidates) is not list:
-            errors.append(_error(["candidates"], f"must be an array, got {_json_type(candidates)}", "list_type"))
+            errors.append(
+                _error(
+                    ["candidates"], f"must be an array, got {_json_type(candidates)}", "list_type"
+                )
+            )
         elif not candidates:
             errors.append(_error(["candidates"], "give at least 1 item (a candidate)", "too_short"))
         elif len(candidates) > MAX_CANDIDATES:
-            errors.append(_error(["candidates"], f"give at most {MAX_CANDIDATES} items (candidates), got {len(candidates)}", "too_long"))
+            errors.append(
+                _error(
+                    ["candidates"],
+                    f"give at most {MAX_CANDIDATES} items (candidates), got {len(candidates)}",
+                    "too_long",
+                )
+            )
         elif set(map(type, candidates)) != {dict}:
             i = next(i for i, c in enumerate(candidates) if type(c) is not dict)
-            errors.append(_error(["candidates", i], f"a candidate must be an object, got {_json_type(candidates[i])}", "dict_type"))
+            errors.append(
+                _error(
+                    ["candidates", i],
+                    f"a candidate must be an object, got {_json_type(candidates[i])}",
+                    "dict_type",
+                )
+            )
         top_k = doc.get("top_k")
         if type(top_k) is float and top_k.is_integer():  # JSON Schema: 3.0 is the integer 3
             top_k = int(top_k)
@@ -243,14 +284,24 @@ class RankingService:
     def validate_fusion(self, value: Any) -> FusionSpec:
         """A request's ``fusion`` object as a :class:`FusionSpec`. Raises RequestError."""
         if type(value) is not dict:
-            raise RequestError([_error(["fusion"], f"must be an object, got {_json_type(value)}", "dict_type")])
+            raise RequestError(
+                [_error(["fusion"], f"must be an object, got {_json_type(value)}", "dict_type")]
+            )
         try:
             spec = FusionSpec.model_validate(value, strict=False)
         except ValidationError as exc:
-            raise RequestError([
-                _error(["fusion", *e["loc"]], _ascii_safe(e["msg"]).removeprefix("Value error, "), e["type"])
-                for e in exc.errors(include_url=False, include_input=False, include_context=False)
-            ]) from None
+            raise RequestError(
+                [
+                    _error(
+                        ["fusion", *e["loc"]],
+                        _ascii_safe(e["msg"]).removeprefix("Value error, "),
+                        e["type"],
+                    )
+                    for e in exc.errors(
+                        include_url=False, include_input=False, include_context=False
+                    )
+                ]
+            ) from None
         try:
             self.check_fusion(spec)
         except ConfigError as exc:
@@ -272,14 +323,25 @@ class RankingService:
         n = len(candidates)
         for col in self.features:
             ctx_given = col in context
-            ctx = None if context.get(col) is None else self._column(col, [context[col]], errors, loc=["context", col])
+            ctx = (
+                None
+                if context.get(col) is None
+                else self._column(col, [context[col]], errors, loc=["context", col])
+            )
             if ctx_given:
                 values = [c.get(col) for c in candidates]
             else:
                 values = [c.get(col, _ABSENT) for c in candidates]
                 if _ABSENT in values:
                     bad = [i for i, v in enumerate(values) if v is _ABSENT]
-                    errors += [_error(["candidates", i, col], "Field required: give this feature in `context` or in every candidate (null for a missing value)", "missing") for i in bad[:5]]
+                    errors += [
+                        _error(
+                            ["candidates", i, col],
+                            "Field required: give this feature in `context` or in every candidate (null for a missing value)",
+                            "missing",
+                        )
+                        for i in bad[:5]
+                    ]
                     continue
             series = self._column(col, values, errors)
             if series is None:
@@ -292,54 +354,105 @@ class RankingService:
                         series, ctx = series.cast(pl.String), ctx.cast(pl.String)
                     series = series.fill_null(ctx[0])
             if col == self.price and (series.dtype == pl.Null or series.null_count()):
-                nulls = range(n) if series.dtype == pl.Null else np.flatnonzero(series.is_null().to_numpy()).tolist()
-                errors += [_error(["candidates", i, col], "Field required: a price (a number ≥ 0) in the candidate or in `context`", "missing") for i in list(nulls)[:5]]
+                nulls = (
+                    range(n)
+                    if series.dtype == pl.Null
+                    else np.flatnonzero(series.is_null().to_numpy()).tolist()
+                )
+                errors += [
+                    _error(
+                        ["candidates", i, col],
+                        "Field required: a price (a number ≥ 0) in the candidate or in `context`",
+                        "missing",
+                    )
+                    for i in list(nulls)[:5]
+                ]
                 continue
             cols[col] = series
         if errors:
             raise RequestError(errors)
         return pl.DataFrame(list(cols.values()))
 
-    def _column(self, col: str, values: list, errors: list[dict], loc: list | None = None) -> pl.Series | None:
+    def _column(
+        self, col: str, values: list, errors: list[dict], loc: list | None = None
+    ) -> pl.Series | None:
         """The values of one column as a typed Series (Int64 / String / Float64), or None after
         appending errors that name the first offending candidates."""
+
         def where(i: int) -> list:
             return loc if loc is not None else ["candidates", i, col]
 
         kinds = set(map(type, values))
         kinds.discard(type(None))
         if col in self.categorical:
-            if float in kinds:  # JSON Schema: 3.0 is the integer 3 (2.5 is not an id); beyond 2^53 a
+            if (
+                float in kinds
+            ):  # JSON Schema: 3.0 is the integer 3 (2.5 is not an id); beyond 2^53 a
                 # float is not exact (and a JSON integer outside int64 arrives as one): refused
-                values = [int(v) if type(v) is float and v.is_integer() and abs(v) < 2**53 else v for v in values]
+                values = [
+                    int(v) if type(v) is float and v.is_integer() and abs(v) < 2**53 else v
+                    for v in values
+                ]
                 kinds = set(map(type, values)) - {type(None)}
             if not kinds <= {int, str}:
-                bad = [i for i, v in enumerate(values) if v is not None and type(v) not in (int, str)]
+                bad = [
+                    i for i, v in enumerate(values) if v is not None and type(v) not in (int, str)
+                ]
                 errors += [_error(where(i), _CATEGORICAL_MSG, "categorical_type") for i in bad[:5]]
                 return None
             if kinds == {int} or not kinds:
                 try:
                     return pl.Series(col, values, dtype=pl.Int64 if kinds else pl.Null, strict=True)
                 except (TypeError, OverflowError, ValueError, pl.exceptions.PolarsError):
-                    bad = [i for i, v in enumerate(values) if type(v) is int and not INT64[0] <= v <= INT64[1]]
-                    errors += [_error(where(i), _CATEGORICAL_MSG, "categorical_type") for i in bad[:5]]
+                    bad = [
+                        i
+                        for i, v in enumerate(values)
+                        if type(v) is int and not INT64[0] <= v <= INT64[1]
+                    ]
+                    errors += [
+                        _error(where(i), _CATEGORICAL_MSG, "categorical_type") for i in bad[:5]
+                    ]
                     return None
-            bad = [i for i, v in enumerate(values) if type(v) is int and not INT64[0] <= v <= INT64[1]]
-            bad += [i for i, v in enumerate(values) if type(v) is str and (len(v) > MAX_ID_CHARS or not _utf8(v))]
+            bad = [
+                i for i, v in enumerate(values) if type(v) is int and not INT64[0] <= v <= INT64[1]
+            ]
+            bad += [
+                i
+                for i, v in enumerate(values)
+                if type(v) is str and (len(v) > MAX_ID_CHARS or not _utf8(v))
+            ]
             if bad:
-                errors += [_error(where(i), _bad_string(values[i]), "categorical_type") for i in sorted(bad)[:5]]
+                errors += [
+                    _error(where(i), _bad_string(values[i]), "categorical_type")
+                    for i in sorted(bad)[:5]
+                ]
                 return None
-            return pl.Series(col, [str(v) if type(v) is int else v for v in values] if int in kinds else values, dtype=pl.String)
+            return pl.Series(
+                col,
+                [str(v) if type(v) is int else v for v in values] if int in kinds else values,
+                dtype=pl.String,
+            )
         if not kinds <= {int, float}:
             bad = [i for i, v in enumerate(values) if v is not None and type(v) not in (int, float)]
-            errors += [_error(where(i), "Input should be a valid number (or null)", "float_type") for i in bad[:5]]
+            errors += [
+                _error(where(i), "Input should be a valid number (or null)", "float_type")
+                for i in bad[:5]
+            ]
             return None
         bound = self.bounds[col]
         try:
             series = pl.Series(col, values, dtype=pl.Float64, strict=True)
-        except (OverflowError, TypeError, ValueError, pl.exceptions.PolarsError):  # an integer beyond float64
+        except (
+            OverflowError,
+            TypeError,
+            ValueError,
+            pl.exceptions.PolarsError,
+        ):  # an integer beyond float64
             bad = [i for i, v in enumerate(values) if type(v) is int and abs(v) > bound]
-            errors += [_error(where(i), f"value too large: |x| must be ≤ {bound:.6g}", "less_than_equal") for i in bad[:5]]
+            errors += [
+                _error(where(i), f"value too large: |x| must be ≤ {bound:.6g}", "less_than_equal")
+                for i in bad[:5]
+            ]
             return None
         x = series.to_numpy()
         with np.errstate(invalid="ignore"):
@@ -349,16 +462,35 @@ class RankingService:
         if nonfinite.any() or large.any() or negative.any():
             for i in np.flatnonzero(nonfinite | large | negative)[:5].tolist():
                 if nonfinite[i]:
-                    errors.append(_error(where(i), "Input should be a finite number", "finite_number"))
+                    errors.append(
+                        _error(where(i), "Input should be a finite number", "finite_number")
+                    )
                 elif negative[i]:
-                    errors.append(_error(where(i), "Input should be greater than or equal to 0", "greater_than_equal"))
+                    errors.append(
+                        _error(
+                            where(i),
+                            "Input should be greater than or equal to 0",
+                            "greater_than_equal",
+                        )
+                    )
                 else:
-                    errors.append(_error(where(i), f"value too large: |x| must be ≤ {bound:.6g} (its standardised value would overflow float32)", "less_than_equal"))
+                    errors.append(
+                        _error(
+                            where(i),
+                            f"value too large: |x| must be ≤ {bound:.6g} (its standardised value would overflow float32)",
+                            "less_than_equal",
+                        )
+                    )
             return None
         return series
 
     # -- scoring ------------------------------------------------------------------------------
-    def score(self, context: dict[str, Any], candidates: list[dict[str, Any]], fusion: FusionSpec | None = None) -> Scored:
+    def score(
+        self,
+        context: dict[str, Any],
+        candidates: list[dict[str, Any]],
+        fusion: FusionSpec | None = None,
+    ) -> Scored:
         """Score candidates (request order). See :meth:`frame` for the validation.
 
         Raises:
@@ -367,7 +499,15 @@ class RankingService:
         t0 = time.perf_counter()
         spec = fusion or self.fusion
         if fusion is not None and self.own_score:
-            raise RequestError([{"loc": ["fusion"], "msg": f"model {self.bundle.model_config.name!r} ranks by its own score and has no pCTR/pCVR: a fusion does not apply", "type": "value_error"}])
+            raise RequestError(
+                [
+                    {
+                        "loc": ["fusion"],
+                        "msg": f"model {self.bundle.model_config.name!r} ranks by its own score and has no pCTR/pCVR: a fusion does not apply",
+                        "type": "value_error",
+                    }
+                ]
+            )
         if fusion is not None:
             try:
                 self.check_fusion(fusion)
@@ -379,8 +519,20 @@ class RankingService:
             data = self.bundle.encoder.transform(df)
         num = data.numerical
         if not np.isfinite(num).all():  # defensive: the bounds above keep every value finite
-            bad = [c for c, ok in zip(self.numerical, np.isfinite(num).all(axis=0), strict=True) if not ok]
-            raise RequestError([_error(["candidates", c], "value too large: its standardised value overflows float32") for c in bad])
+            bad = [
+                c
+                for c, ok in zip(self.numerical, np.isfinite(num).all(axis=0), strict=True)
+                if not ok
+            ]
+            raise RequestError(
+                [
+                    _error(
+                        ["candidates", c],
+                        "value too large: its standardised value overflows float32",
+                    )
+                    for c in bad
+                ]
+            )
         t2 = time.perf_counter()
         raw = self._infer(data.categorical, num)
         t3 = time.perf_counter()
@@ -391,12 +543,23 @@ class RankingService:
         else:
             probs = {k: raw[k].astype(np.float64) for k in PROBS}
             price = df.get_column(self.price).to_numpy() if self.price else None
-            score, log_score, key = fused_scores(spec.fusion, probs["p_ctr"], probs["p_cvr"], probs["p_ctcvr"], price)
+            score, log_score, key = fused_scores(
+                spec.fusion, probs["p_ctr"], probs["p_cvr"], probs["p_ctcvr"], price
+            )
         t4 = time.perf_counter()
         timings = {"validate": t1 - t0, "encode": t2 - t1, "infer": t3 - t2, "fuse": t4 - t3}
         n_missing = {c: data.n_missing.get(c, 0) for c in self.features if c in data.n_missing}
         n_oov = {c: data.n_oov.get(c, 0) for c in self.categorical}
-        return Scored(probs, score, log_score, key, n_missing, n_oov, spec, {k: v * 1e3 for k, v in timings.items()})
+        return Scored(
+            probs,
+            score,
+            log_score,
+            key,
+            n_missing,
+            n_oov,
+            spec,
+            {k: v * 1e3 for k, v in timings.items()},
+        )
 
 
 def _utf8(text: str) -> bool:
@@ -421,4 +584,12 @@ def _bad_string(value: Any) -> str:
 
 
 def _json_type(value: Any) -> str:
-    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null", int: "an integer", float: "a number"}.get(type(value), type(value).__name__)
+    return {
+        dict: "an object",
+        list: "an array",
+        str: "a string",
+        bool: "a boolean",
+        type(None): "null",
+        int: "an integer",
+        float: "a number",
+    }.get(type(value), type(value).__name__)

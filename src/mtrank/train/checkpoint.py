@@ -58,7 +58,9 @@ def save_checkpoint(
         groups.append(opt["param_groups"])
         for idx, state in opt["state"].items():
             for name, value in state.items():
-                tensors[f"optim.{j}.{idx}.{name}"] = value if torch.is_tensor(value) else torch.tensor(value)
+                tensors[f"optim.{j}.{idx}.{name}"] = (
+                    value if torch.is_tensor(value) else torch.tensor(value)
+                )
     tensors.update({f"rng.{k}": v for k, v in rng.items()})
     tensors = {k: v.detach().contiguous().cpu().clone() for k, v in tensors.items()}
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
@@ -89,7 +91,9 @@ def load_checkpoint(path: Path) -> Checkpoint:
             j, idx, name = rest.split(".", 2)
             optim_state.setdefault(int(j), {}).setdefault(int(idx), {})[name] = value
     groups = meta.pop("param_groups")
-    optimizers = [{"state": optim_state.get(j, {}), "param_groups": g} for j, g in enumerate(groups)]
+    optimizers = [
+        {"state": optim_state.get(j, {}), "param_groups": g} for j, g in enumerate(groups)
+    ]
     return Checkpoint(meta, model, best or None, optimizers, rng)
 
 
@@ -113,7 +117,9 @@ def run_fingerprint(**parts: Any) -> dict[str, str]:
     return out
 
 
-def check_fingerprint(saved: dict[str, str] | None, current: dict[str, str] | None, path: Path) -> None:
+def check_fingerprint(
+    saved: dict[str, str] | None, current: dict[str, str] | None, path: Path
+) -> None:
     """Raise ConfigError when a checkpoint's fingerprint differs from this run's (both given)."""
     if not saved or not current:
         return

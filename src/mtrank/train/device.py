@@ -27,12 +27,18 @@ import torch
 from mtrank.errors import ConfigError
 
 Precision = Literal["fp32", "bf16", "fp16"]
-PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS: dict[str, torch.dtype | None] = {
+    "fp32": None,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+}
 DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
 CPU_BATCH, GPU_BATCH = 2048, 16_384
 
 
-def resolve_device(spec: str | torch.device | None = "auto", *, option: str = "--device") -> torch.device:
+def resolve_device(
+    spec: str | torch.device | None = "auto", *, option: str = "--device"
+) -> torch.device:
     """The ``torch.device`` a ``--device`` value names.
 
     Args:
@@ -68,7 +74,9 @@ def resolve_device(spec: str | torch.device | None = "auto", *, option: str = "-
     return torch.device("cuda", i)
 
 
-def resolve_precision(precision: str, device: torch.device, *, option: str = "--precision") -> torch.dtype | None:
+def resolve_precision(
+    precision: str, device: torch.device, *, option: str = "--precision"
+) -> torch.dtype | None:
     """The autocast dtype of ``precision`` on ``device`` (None for fp32).
 
     fp16 also runs on CPU (with the same loss scaler, which is how its path is tested), but
@@ -80,7 +88,9 @@ def resolve_precision(precision: str, device: torch.device, *, option: str = "--
     if precision not in PRECISIONS:
         raise ConfigError(f"{option} must be one of {list(PRECISIONS)}, got {precision!r}")
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ConfigError(f"{option} bf16: {torch.cuda.get_device_name(device)} has no bfloat16 support; use fp16")
+        raise ConfigError(
+            f"{option} bf16: {torch.cuda.get_device_name(device)} has no bfloat16 support; use fp16"
+        )
     return PRECISIONS[precision]
 
 
@@ -98,7 +108,9 @@ def grad_scaler(device: torch.device, dtype: torch.dtype | None) -> torch.amp.Gr
     return torch.amp.GradScaler(device.type)
 
 
-def large_batch_defaults(device: torch.device, batch_size: int | None, lr: float | None, *, base_lr: float) -> tuple[int, float]:
+def large_batch_defaults(
+    device: torch.device, batch_size: int | None, lr: float | None, *, base_lr: float
+) -> tuple[int, float]:
     """(batch size, learning rate) for a run, filling what the user left out (None).
 
     On CPU: 2,048 and ``base_lr`` (the CLI passes :class:`~mtrank.train.trainer.TrainConfig`'s
@@ -122,6 +134,14 @@ def module_device(model: torch.nn.Module) -> torch.device:
 
 
 __all__ = [
-    "CPU_BATCH", "GPU_BATCH", "PRECISIONS", "Precision", "autocast", "grad_scaler",
-    "large_batch_defaults", "module_device", "resolve_device", "resolve_precision",
+    "CPU_BATCH",
+    "GPU_BATCH",
+    "PRECISIONS",
+    "Precision",
+    "autocast",
+    "grad_scaler",
+    "large_batch_defaults",
+    "module_device",
+    "resolve_device",
+    "resolve_precision",
 ]

@@ -124,13 +124,24 @@ def run_under_torchrun(nproc: int, args: list[str]) -> int:
     exit code. The children die with this process: torchrun gets SIGTERM if this process is
     killed, even by SIGKILL (``PR_SET_PDEATHSIG``), and stops its ranks, which also watch their
     own parent; SIGINT, SIGTERM and SIGHUP sent to this process are forwarded to torchrun."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "mtrank", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "mtrank",
+        *args,
+    ]
     proc = subprocess.Popen(cmd, preexec_fn=die_with_parent)  # noqa: PLW1509 - only prctl, async-signal-safe enough
 
     def forward(signum, frame):
         proc.send_signal(signum)
 
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    previous = {
+        s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    }
     try:
         return proc.wait()
     finally:

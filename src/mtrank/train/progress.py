@@ -61,7 +61,9 @@ class EpochProgress:
         self._start_n = initial
         self._bar = None
         if not quiet and self.stream.isatty():
-            self._bar = tqdm(total=total, initial=initial, desc=desc, unit="batch", leave=False, file=self.stream)
+            self._bar = tqdm(
+                total=total, initial=initial, desc=desc, unit="batch", leave=False, file=self.stream
+            )
 
     def update(self, loss: float | None = None) -> None:
         """One batch done; ``loss`` is the running mean training loss."""

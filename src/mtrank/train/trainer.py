@@ -83,12 +83,17 @@ class TrainConfig(BaseModel):
         "tables, Adam for the rest); for large vocabularies",
     )
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N (see mtrank.train.device)")
-    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="forward-pass autocast dtype")
-    prefetch: int = Field(4, ge=0, description="batches copied ahead to a GPU (0 = in the training thread)")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="forward-pass autocast dtype"
+    )
+    prefetch: int = Field(
+        4, ge=0, description="batches copied ahead to a GPU (0 = in the training thread)"
+    )
 
     def resume_key(self) -> dict:
         """The settings a checkpoint must match to be resumed: all but where it runs."""
         return self.model_dump(mode="json", exclude={"device", "prefetch", "threads"})
+
     prior_output_bias: bool = Field(
         True,
         description="start each head's output bias at the log-odds of its base rate in the "
@@ -100,6 +105,7 @@ class TrainConfig(BaseModel):
 @dataclass
 class EpochLog:
     """One epoch's record: mean train loss, validation loss and metrics, seconds, rows per second."""
+
     epoch: int
     train_loss: float
     val_loss: float | None
@@ -111,6 +117,7 @@ class EpochLog:
 @dataclass
 class TrainResult:
     """What :meth:`Trainer.fit` returns: the best epoch (1-based), its score, the history."""
+
     best_epoch: int
     best_score: float | None
     history: list[EpochLog] = field(default_factory=list)
@@ -161,7 +168,10 @@ def validation_loss(model: nn.Module, data: EncodedData, batch_size: int = 8192)
     names = [t.name for t in tasks]
     num, den = {k: float(v[0]) for k, v in sums.items()}, {k: float(v[1]) for k, v in sums.items()}
     reduced = all_reduce_sum([num[n] for n in names] + [den[n] for n in names])
-    num, den = dict(zip(names, reduced[: len(names)], strict=True)), dict(zip(names, reduced[len(names) :], strict=True))
+    num, den = (
+        dict(zip(names, reduced[: len(names)], strict=True)),
+        dict(zip(names, reduced[len(names) :], strict=True)),
+    )
     return float(sum(t.weight * num[t.name] / max(den[t.name], 1e-12) for t in tasks))
 
 
@@ -174,7 +184,9 @@ def validate(model: nn.Module, data: EncodedData, schema: Schema) -> tuple[float
     out = predict(model, local)
     if world > 1:
         out = {k: gather_rows(torch.from_numpy(v), len(data)).numpy() for k, v in out.items()}
-    return loss, evaluate_outputs(out, {k: v.cpu().numpy() for k, v in data.labels.items()}, schema, data.side)
+    return loss, evaluate_outputs(
+        out, {k: v.cpu().numpy() for k, v in data.labels.items()}, schema, data.side
+    )
 
 
 RATE_ROWS = 262_144  # rows read for the base rates: one stream piece, ~10k clicks at a 4% CTR
@@ -224,7 +236,9 @@ def make_optimizers(model: nn.Module, cfg: TrainConfig) -> list[torch.optim.Opti
         m.sparse = True
     sparse_ids = {id(m.weight) for m in tables}
     dense = [p for p in model.parameters() if id(p) not in sparse_ids]
-    opts: list[torch.optim.Optimizer] = [torch.optim.SparseAdam([m.weight for m in tables], lr=cfg.lr)]
+    opts: list[torch.optim.Optimizer] = [
+        torch.optim.SparseAdam([m.weight for m in tables], lr=cfg.lr)
+    ]
     if dense:
         opts.append(torch.optim.Adam(dense, lr=cfg.lr))
     return opts
@@ -247,12 +261,18 @@ def check_finite(total: torch.Tensor, loss: torch.Tensor, epoch: int) -> None:
             f"training loss became {float(loss)} at epoch {epoch}; "
             "lower the learning rate or check the numerical features"
         )
+
+
 def _epoch_summary(log: EpochLog) -> str:
     """``train loss …, val loss …, auc_… …`` for an epoch's progress line."""
     parts = [f"train loss {log.train_loss:.4f}"]
     if log.val_loss is not None:
         parts.append(f"val loss {log.val_loss:.4f}")
-    parts += [f"{k} {v:.4f}" for k, v in log.val_metrics.items() if k.startswith("auc_") and isinstance(v, float)]
+    parts += [
+        f"{k} {v:.4f}"
+        for k, v in log.val_metrics.items()
+        if k.startswith("auc_") and isinstance(v, float)
+    ]
     return ", ".join(parts)
 
 
@@ -269,7 +289,10 @@ class Trainer:
     """
 
     def __init__(
-        self, config: TrainConfig, schema: Schema, quiet: bool = False,
+        self,
+        config: TrainConfig,
+        schema: Schema,
+        quiet: bool = False,
         on_epoch: Callable[[EpochLog], None] | None = None,
     ) -> None:
         self.config = config
@@ -337,7 +360,9 @@ class Trainer:
             init_output_bias(model, label_rates(train, self.schema))
         train = place(train, device)
         if world > 1:
-            net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+            net = DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None
+            )
         else:
             net = model
         # A NaN check is a device-to-host sync: every step on CPU (free), every 32 on a GPU.
@@ -360,7 +385,9 @@ class Trainer:
                 )
             model.load_state_dict(ck.model)
             if len(ck.optimizers) != len(optimizers):
-                raise ConfigError(f"--resume: the checkpoint at {checkpoint} has {len(ck.optimizers)} optimizer(s), this run {len(optimizers)}")
+                raise ConfigError(
+                    f"--resume: the checkpoint at {checkpoint} has {len(ck.optimizers)} optimizer(s), this run {len(optimizers)}"
+                )
             for opt, state in zip(optimizers, ck.optimizers, strict=True):
                 opt.load_state_dict(state)
             best_state = None if ck.best is None else {k: v.to(device) for k, v in ck.best.items()}
@@ -373,7 +400,8 @@ class Trainer:
             start_epoch, skip = ck.meta["epoch"], ck.meta["batches_done"]
             running, seen = ck.meta["running"], ck.meta["seen"]
             result = TrainResult(
-                best_epoch=ck.meta["best_epoch"], best_score=ck.meta["best_score"],
+                best_epoch=ck.meta["best_epoch"],
+                best_score=ck.meta["best_score"],
                 history=[EpochLog(**h) for h in ck.meta["history"]],
             )
             bad_epochs = ck.meta["bad_epochs"]
@@ -387,11 +415,20 @@ class Trainer:
             if device.type == "cuda":
                 rng["cuda"] = torch.cuda.get_rng_state(device)
             save_checkpoint(
-                Path(checkpoint), model, optimizers, best_state, rng,
+                Path(checkpoint),
+                model,
+                optimizers,
+                best_state,
+                rng,
                 {
-                    "epoch": epoch, "batches_done": done, "running": running, "seen": seen,
-                    "best_epoch": result.best_epoch, "best_score": result.best_score,
-                    "bad_epochs": bad_epochs, "stopped": stopped,
+                    "epoch": epoch,
+                    "batches_done": done,
+                    "running": running,
+                    "seen": seen,
+                    "best_epoch": result.best_epoch,
+                    "best_score": result.best_score,
+                    "bad_epochs": bad_epochs,
+                    "stopped": stopped,
                     "history": [asdict(h) for h in result.history],
                     "config": cfg.resume_key(),
                     "scaler": None if scaler is None else scaler.state_dict(),
@@ -406,12 +443,25 @@ class Trainer:
             start = time.perf_counter()
             if skip == 0:
                 running, seen = 0.0, 0
-            bar = EpochProgress(f"epoch {epoch}/{cfg.epochs}", n_batches, initial=skip, batch_size=cfg.batch_size, quiet=self.quiet)
+            bar = EpochProgress(
+                f"epoch {epoch}/{cfg.epochs}",
+                n_batches,
+                initial=skip,
+                batch_size=cfg.batch_size,
+                quiet=self.quiet,
+            )
             # the loss sum stays on the device (float64): no device-to-host sync per step
             total = torch.zeros((), dtype=torch.float64, device=device)
             # DDP's join() lets ranks with fewer batches (uneven shards) finish the epoch
             with net.join() if world > 1 else contextlib.nullcontext():
-                batches = device_batches(train, cfg.batch_size, shuffle=True, generator=gen, device=device, depth=cfg.prefetch)
+                batches = device_batches(
+                    train,
+                    cfg.batch_size,
+                    shuffle=True,
+                    generator=gen,
+                    device=device,
+                    depth=cfg.prefetch,
+                )
                 for i, batch in enumerate(batches):
                     if i < skip:
                         continue
@@ -447,14 +497,23 @@ class Trainer:
             if val is not None and len(val):
                 val_loss, metrics = validate(model, val, self.schema)
             result.history.append(
-                EpochLog(epoch, running / max(seen, 1), val_loss, metrics, seconds, seen / max(seconds, 1e-9))
+                EpochLog(
+                    epoch,
+                    running / max(seen, 1),
+                    val_loss,
+                    metrics,
+                    seconds,
+                    seen / max(seconds, 1e-9),
+                )
             )
             bar.report(_epoch_summary(result.history[-1]))
             if self.on_epoch is not None:
                 self.on_epoch(result.history[-1])
             score = self._score(val_loss, metrics)
             stop = False
-            if val is None or (score is not None and (result.best_score is None or score > result.best_score)):
+            if val is None or (
+                score is not None and (result.best_score is None or score > result.best_score)
+            ):
                 result.best_epoch, result.best_score = epoch, score
                 best_state = copy.deepcopy(model.state_dict())
                 bad_epochs = 0
@@ -469,7 +528,9 @@ class Trainer:
         if best_state is not None:
             model.load_state_dict(best_state)
         elif result.history:
-            result.best_epoch = result.history[-1].epoch  # no usable validation score: keep the last
+            result.best_epoch = result.history[
+                -1
+            ].epoch  # no usable validation score: keep the last
         if result.best_score is not None and not math.isfinite(result.best_score):
             result.best_score = None
         model.eval()
