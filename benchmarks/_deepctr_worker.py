@@ -94,8 +94,10 @@ def main() -> None:
                 "embedding_rows": sum(card),
                 "parameters": n_params,
                 "peak_rss_mib": round(rss, 1),
-                "notes": "DeepCTR-Torch ESMM: per-field nn.Embedding N(0,1e-4), DNN weights N(0,1e-4), one output bias for both "
-                "towers, BCE on probabilities summed over the batch, L2 1e-5 on all embedding tables; TensorDataset loader",
+                "notes": "DeepCTR-Torch ESMM: per-field nn.Embedding N(0,1e-4), DNN weights "
+                "N(0,1e-4), one output bias for both "
+                "towers, BCE on probabilities summed over the batch, L2 1e-5 on all embedding "
+                "tables; TensorDataset loader",
             }
         )
     )

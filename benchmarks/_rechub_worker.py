@@ -95,7 +95,8 @@ def main() -> None:
                 "embedding_rows": sum(card),
                 "parameters": n_params,
                 "peak_rss_mib": round(rss, 1),
-                "notes": "rechub ESMM: per-field nn.Embedding, MLP with BatchNorm1d, no numerical input; DataLoader collates per row",
+                "notes": "rechub ESMM: per-field nn.Embedding, MLP with BatchNorm1d, no "
+                "numerical input; DataLoader collates per row",
             }
         )
     )

@@ -19,8 +19,10 @@ epoch are kept too (the one-epoch behaviour).
 
 Run (2 cores; each dataset in its own process, one thread each)::
 
-    PYTHONPATH=src python benchmarks/defaults_ablation.py --dataset sim-small --out benchmarks/results/ablation
-    PYTHONPATH=src python benchmarks/defaults_ablation.py --dataset hillstrom --out benchmarks/results/ablation
+    PYTHONPATH=src python benchmarks/defaults_ablation.py --dataset sim-small \
+        --out benchmarks/results/ablation
+    PYTHONPATH=src python benchmarks/defaults_ablation.py --dataset hillstrom \
+        --out benchmarks/results/ablation
     PYTHONPATH=src python benchmarks/defaults_ablation.py --report benchmarks/results/ablation
 
 Writes ``<out>/<dataset>.json`` after every cell, and ``--report`` merges them into
@@ -338,8 +340,11 @@ def report(out: Path) -> str:
         "# ESMM defaults ablation (issue #18)",
         "",
         (
-            "Test AUC means over the variant's seeds; Δ = paired difference variant − baseline on the same seeds (mean ± sd, then the number of seeds where the variant is higher). "
-            "`baseline` = mtrank's defaults before issue #18 (no prior output bias). Produced by `benchmarks/defaults_ablation.py` (commands below)."
+            "Test AUC means over the variant's seeds; Δ = paired difference variant − baseline "
+            "on the same seeds (mean ± sd, then the number of seeds where the variant is "
+            "higher). "
+            "`baseline` = mtrank's defaults before issue #18 (no prior output bias). Produced "
+            "by `benchmarks/defaults_ablation.py` (commands below)."
         ),
         "",
     ]
@@ -362,7 +367,8 @@ def report(out: Path) -> str:
             f"Command: `{res['command']}`  ",
             f"Load: start {res['load_start']}, last cell {res.get('load_last')}  ",
             (
-                f"Rows: train {res['rows']['train']:,}, val {res['rows']['val']:,}, test {res['rows']['test']:,}; seeds {res['seeds']}; "
+                f"Rows: train {res['rows']['train']:,}, val {res['rows']['val']:,}, test "
+                f"{res['rows']['test']:,}; seeds {res['seeds']}; "
                 f"budgets {json.dumps(res['budgets'])} (batch, max epochs, early stopping)"
             ),
             "",
@@ -373,7 +379,8 @@ def report(out: Path) -> str:
             L += [
                 f"### budget `{bud}`",
                 "",
-                "| variant | seeds | AUC CTR | Δ CTR | AUC CTCVR | Δ CTCVR | AUC CVR (clicked) | Δ CVR | epochs run (best) |",
+                "| variant | seeds | AUC CTR | Δ CTR | AUC CTCVR | Δ CTCVR | AUC CVR (clicked) "
+                "| Δ CVR | epochs run (best) |",
                 "|---|---|---:|---:|---:|---:|---:|---:|---:|",
             ]
             for name, per_seed in cells.items():
@@ -396,7 +403,8 @@ def report(out: Path) -> str:
                     else:
                         sd = statistics.stdev(d) if len(d) > 1 else 0.0
                         row.append(
-                            f"{statistics.mean(d):+.4f} ± {sd:.4f} ({sum(x > 0 for x in d)}/{len(d)})"
+                            f"{statistics.mean(d):+.4f} ± {sd:.4f} "
+                            f"({sum(x > 0 for x in d)}/{len(d)})"
                         )
                 ep = [per_seed[s]["epochs_run"] for s in per_seed]
                 best = [
@@ -419,24 +427,27 @@ def report(out: Path) -> str:
                     d = [chosen[x]["test"][m] - peer[x]["test"][m] for x in seeds]
                     sd = statistics.stdev(d) if len(d) > 1 else 0.0
                     parts.append(
-                        f"{m} {statistics.mean(d):+.4f} ± {sd:.4f} ({sum(x >= 0 for x in d)}/{len(d)} seeds ≥ 0)"
+                        f"{m} {statistics.mean(d):+.4f} ± {sd:.4f} "
+                        f"({sum(x >= 0 for x in d)}/{len(d)} seeds ≥ 0)"
                     )
                 L += [
-                    f"Chosen default (`{CHOSEN}`) − DeepCTR-Torch, paired on seeds {','.join(seeds)}: "
-                    + "; ".join(parts),
+                    f"Chosen default (`{CHOSEN}`) − DeepCTR-Torch, paired on seeds "
+                    f"{','.join(seeds)}: " + "; ".join(parts),
                     "",
                 ]
         curves = res["cells"].get("default", {}).get("baseline", {})
         if curves:
             L += [
-                "Validation AUC per epoch of `baseline` at the `default` budget (the one-epoch behaviour):",
+                "Validation AUC per epoch of `baseline` at the `default` budget (the one-epoch "
+                "behaviour):",
                 "",
                 "| seed | epoch | val loss | AUC CTR | AUC CTCVR | AUC CVR (clicked) |",
                 "|---|---:|---:|---:|---:|---:|",
             ]
             for s, c in curves.items():
                 L += [
-                    f"| {s} | {e['epoch']} | {e['val_loss']} | {e['auc_ctr']} | {e['auc_ctcvr']} | {e['auc_cvr_masked']} |"
+                    f"| {s} | {e['epoch']} | {e['val_loss']} | {e['auc_ctr']} | "
+                    f"{e['auc_ctcvr']} | {e['auc_cvr_masked']} |"
                     for e in c["val_curve"]
                 ]
             L.append("")
@@ -522,13 +533,17 @@ def main() -> None:
                 res["load_last"] = _load()
                 path.write_text(json.dumps(res, indent=1))
                 print(
-                    f"[{time.strftime('%H:%M:%S')}] {a.dataset} seed {seed} {bud} {name}: {cell['test']} ({cell['epochs_run']} ep, {cell['seconds']}s)",
+                    f"[{time.strftime('%H:%M:%S')}] {a.dataset} seed {seed} {bud} {name}: "
+                    f"{cell['test']} ({cell['epochs_run']} ep, {cell['seconds']}s)",
                     flush=True,
                 )
 
 
 def _load() -> str:
-    return f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime())} UTC, loadavg {[round(x, 2) for x in os.getloadavg()]}"
+    return (
+        f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime())} UTC, loadavg "
+        f"{[round(x, 2) for x in os.getloadavg()]}"
+    )
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ BASE, ESCM²-DR; 5 training seeds × 3 simulator seeds, paired against BASE) and
 (one per simulator seed, one per conversion density) so they share 2 cores fairly, then merged.
 
     python benchmarks/evidence.py run     # launch everything, wait, merge (~40 min on 2 busy cores)
-    python benchmarks/evidence.py late-seeds  # training seeds 3-4 in parallel processes (when short of time)
+    python benchmarks/evidence.py late-seeds  # training seeds 3-4 in parallel processes
+                                              # (when short of time)
     python benchmarks/evidence.py merge   # merge finished parts again
 
 Writes ``benchmarks/results/aliccp_like/{benchmark.json,benchmark.md}``,
@@ -191,9 +192,11 @@ def merge() -> None:
     if parts:
         res = merge_results(parts)
         cmd = (
-            "python benchmarks/evidence.py run, then late-seeds  # = for k in 0 1 2: mtrank benchmark "
+            "python benchmarks/evidence.py run, then late-seeds  # = for k in 0 1 2: mtrank "
+            "benchmark "
             + shlex.join(BENCH_ARGS)
-            + " --sim-seeds 1 --first-sim-seed $k (training seeds 0-2 kept), and the same with --seed 3 --repeats 2"
+            + " --sim-seeds 1 --first-sim-seed $k (training seeds 0-2 kept), and the same with "
+            "--seed 3 --repeats 2"
         )
         atomic_write_json(res, BENCH / "benchmark.json")
         atomic_write_bytes(report_markdown(res, cmd).encode(), BENCH / "benchmark.md")

@@ -129,7 +129,7 @@ def _quality(metrics: dict) -> dict:
     }
 
 
-# --------------------------------------------------------------------------- workers (own process each)
+# ------------------------------------------------------------- workers (own process each)
 def worker_mtrank_stream(a: dict) -> dict:
     """fit_stream on the GPU: streaming encoder fit, 2 epochs (Parquet, then the cache), test."""
     from mtrank.data.simulate import SIMULATED_SCHEMA
@@ -329,7 +329,8 @@ def run_worker(name: str, args: dict, workdir: Path, timeout: float) -> dict:
 
 
 def rechub_auc(res: dict, npz: str) -> dict:
-    """Test AUCs of torch-rechub's saved predictions with mtrank's exact AUC (CVR on clicked rows)."""
+    """Test AUCs of torch-rechub's saved predictions with mtrank's exact AUC (CVR on clicked
+    rows)."""
     import numpy as np
 
     from mtrank.metrics.core import auc
@@ -354,9 +355,12 @@ def markdown(doc: dict) -> str:
         f"# mtrank on one GPU: {g.get('name')}",
         "",
         (
-            f"{g.get('name')} ({g.get('memory_gib')} GiB, {g.get('multiprocessors')} SMs), torch {g.get('torch')} CUDA {g.get('cuda')}, "
-            f"{g.get('cpu_cores')} CPU cores; {doc['started_utc']} UTC. ESMM, embedding {EMB}, towers {'×'.join(map(str, TOWER))}, batch {BATCH:,}, "
-            f"Adam lr {doc['lr']}; {doc['train_rows']:,} training rows (Ali-CCP-like vocabulary), test {doc['test_rows']:,} rows."
+            f"{g.get('name')} ({g.get('memory_gib')} GiB, {g.get('multiprocessors')} SMs), "
+            f"torch {g.get('torch')} CUDA {g.get('cuda')}, "
+            f"{g.get('cpu_cores')} CPU cores; {doc['started_utc']} UTC. ESMM, embedding {EMB}, "
+            f"towers {'×'.join(map(str, TOWER))}, batch {BATCH:,}, "
+            f"Adam lr {doc['lr']}; {doc['train_rows']:,} training rows (Ali-CCP-like "
+            f"vocabulary), test {doc['test_rows']:,} rows."
         ),
         "",
         f"Command: `{doc['command']}`",
@@ -365,15 +369,22 @@ def markdown(doc: dict) -> str:
     if "fp32" in roof:
         lines += [
             (
-                f"**Roofline** (torch.mm on the towers' fwd+bwd shapes at batch {roof.get('batch', BATCH):,}; training FLOPs/sample {roof['train_flops_per_sample']:,}): "
-                f"fp32 {roof['fp32']['tower_gflops']:,} GFLOP/s → ceiling {roof['fp32']['ceiling_samples_per_second']:,.0f} samples/s "
-                f"(square n×n matmul: {roof['fp32']['square_tflops']} TFLOP/s); bf16 {roof['bf16']['tower_gflops']:,} GFLOP/s → "
-                f"{roof['bf16']['ceiling_samples_per_second']:,.0f} samples/s (square: {roof['bf16']['square_tflops']} TFLOP/s)."
+                "**Roofline** (torch.mm on the towers' fwd+bwd shapes at batch "
+                f"{roof.get('batch', BATCH):,}; training FLOPs/sample "
+                f"{roof['train_flops_per_sample']:,}): "
+                f"fp32 {roof['fp32']['tower_gflops']:,} GFLOP/s → ceiling "
+                f"{roof['fp32']['ceiling_samples_per_second']:,.0f} samples/s "
+                f"(square n×n matmul: {roof['fp32']['square_tflops']} TFLOP/s); bf16 "
+                f"{roof['bf16']['tower_gflops']:,} GFLOP/s → "
+                f"{roof['bf16']['ceiling_samples_per_second']:,.0f} samples/s (square: "
+                f"{roof['bf16']['square_tflops']} TFLOP/s)."
             ),
             "",
         ]
     lines += [
-        "| run | precision | optimizer | samples/s | end to end | × rechub | × bare (same prec./opt.) | % roofline | GPU util mean/max % | AUC CTR | AUC CTCVR | AUC CVR (clicked) |",
+        "| run | precision | optimizer | samples/s | end to end | × rechub | × bare (same "
+        "prec./opt.) | % roofline | GPU util mean/max % | AUC CTR | AUC CTCVR | AUC CVR "
+        "(clicked) |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for key, r in doc["runs"].items():
@@ -394,11 +405,17 @@ def markdown(doc: dict) -> str:
         e2e = r.get("end_to_end_samples_per_second")
         cell = f"{sps:,.0f}" if sps else ""
         if "epoch2_cache_samples_per_second" in r:
-            cell = f"{r['epoch1_parquet_samples_per_second']:,.0f} (epoch 1, Parquet) / {r['epoch2_cache_samples_per_second']:,.0f} (epoch 2, cache)"
+            cell = (
+                f"{r['epoch1_parquet_samples_per_second']:,.0f} (epoch 1, Parquet) / "
+                f"{r['epoch2_cache_samples_per_second']:,.0f} (epoch 2, cache)"
+            )
         lines.append(
-            f"| {key} | {prec} | {opt} | {cell} | {'' if e2e is None else f'{e2e:,.0f}'} | {ratio(sps, rech)} | "
-            f"{'' if key.startswith('bare') else ratio(sps, bare)} | {'' if not ceiling or not sps else f'{100 * sps / ceiling:.1f}%'} | "
-            f"{r.get('gpu_util_mean_pct')} / {r.get('gpu_util_max_pct')} | {t.get('auc_ctr')} | {t.get('auc_ctcvr')} | {t.get('auc_cvr_masked')} |"
+            f"| {key} | {prec} | {opt} | {cell} | {'' if e2e is None else f'{e2e:,.0f}'} | "
+            f"{ratio(sps, rech)} | "
+            f"{'' if key.startswith('bare') else ratio(sps, bare)} | "
+            f"{'' if not ceiling or not sps else f'{100 * sps / ceiling:.1f}%'} | "
+            f"{r.get('gpu_util_mean_pct')} / {r.get('gpu_util_max_pct')} | {t.get('auc_ctr')} "
+            f"| {t.get('auc_ctcvr')} | {t.get('auc_cvr_masked')} |"
         )
     lines += ["", "## Notes", "", *[f"- {n}" for n in doc["notes"]], ""]
     return "\n".join(lines)
@@ -457,7 +474,8 @@ def main() -> None:
 
     if args.device != "cpu" and not torch.cuda.is_available():
         raise SystemExit(
-            "gpu_throughput.py needs a CUDA GPU (torch.cuda.is_available() is False); --device cpu smoke-tests it"
+            "gpu_throughput.py needs a CUDA GPU (torch.cuda.is_available() is False); --device "
+            "cpu smoke-tests it"
         )
     args.workdir.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -482,17 +500,24 @@ def main() -> None:
         "loadavg_1_5_15": None,
         "notes": [
             (
-                "samples/s of mtrank streamed: the training loop with reading, validation, encoding, shuffling, pinning and the "
-                "host-to-device copies overlapped (epoch 1 from Parquet, epoch 2 from the encoded-piece cache); 'end to end' "
-                "divides rows × 2 epochs by the whole fit_stream wall time, the streaming encoder fit and the test evaluation included."
+                "samples/s of mtrank streamed: the training loop with reading, validation, "
+                "encoding, shuffling, pinning and the "
+                "host-to-device copies overlapped (epoch 1 from Parquet, epoch 2 from the "
+                "encoded-piece cache); 'end to end' "
+                "divides rows × 2 epochs by the whole fit_stream wall time, the streaming "
+                "encoder fit and the test evaluation included."
             ),
-            "bare: the same model, loss and optimizers over the training tensors already on the GPU (one epoch after 11 warm-up steps).",
+            "bare: the same model, loss and optimizers over the training tensors already on "
+            "the GPU (one epoch after 11 warm-up steps).",
             (
-                f"torch-rechub trains its first {args.rechub_rows:,} rows only (its DataLoader collates dicts row by row on the CPU); "
-                "its AUCs are therefore not comparable with the full-epoch runs. Its ESMM has per-field embeddings, "
+                f"torch-rechub trains its first {args.rechub_rows:,} rows only (its DataLoader "
+                "collates dicts row by row on the CPU); "
+                "its AUCs are therefore not comparable with the full-epoch runs. Its ESMM has "
+                "per-field embeddings, "
                 "BatchNorm1d in the towers and no numerical input."
             ),
-            "GPU utilisation: NVML's 'GPU busy' percentage (a kernel running at any time in the sample period), sampled every 100 ms.",
+            "GPU utilisation: NVML's 'GPU busy' percentage (a kernel running at any time in "
+            "the sample period), sampled every 100 ms.",
         ],
     }
     runs = doc["runs"]

@@ -57,7 +57,10 @@ def run_dataset(name: str, args: argparse.Namespace, log) -> tuple[dict, str]:
         loaded = load_data("simulated", data_dir=args.work / "data", sim=sim)
         splits = split_data(loaded, SplitConfig(seed=args.seed))
         schema = loaded.schema
-        title = f"simulated{' ' + args.preset if args.preset else ''} ({sim.rows:,} impressions, slates of {sim.slate_size}, time split)"
+        title = (
+            f"simulated{' ' + args.preset if args.preset else ''} ({sim.rows:,} "
+            f"impressions, slates of {sim.slate_size}, time split)"
+        )
         batch = 2048
     else:
         loaded = load_data(name, data_dir=args.data_dir)
@@ -65,7 +68,10 @@ def run_dataset(name: str, args: argparse.Namespace, log) -> tuple[dict, str]:
         splits, schema = with_pseudo_requests(
             splits, loaded.schema, replay_defaults(loaded.schema)["pseudo_size"], args.seed
         )
-        title = f"{name} (64,000 customers, random split, pseudo-requests of {replay_defaults(loaded.schema)['pseudo_size']})"
+        title = (
+            f"{name} (64,000 customers, random split, pseudo-requests of "
+            f"{replay_defaults(loaded.schema)['pseudo_size']})"
+        )
         batch = 256
     res = compare_strategies(
         splits,

@@ -15,7 +15,8 @@
 
 Usage::
 
-    PYTHONPATH=src python benchmarks/serve_latency.py [--bundle B --data D] [--engines onnx,torch] [--modes sequential,concurrent,memory]
+    PYTHONPATH=src python benchmarks/serve_latency.py [--bundle B --data D] \
+        [--engines onnx,torch] [--modes sequential,concurrent,memory]
 
 Without ``--bundle`` a bundle with the paper's tower (360×200×80, embedding 18) is trained for one
 epoch on 20k simulated impressions in a temporary directory. Writes
@@ -435,11 +436,13 @@ def main() -> None:
         "uptime_after": subprocess.run(
             ["uptime"], capture_output=True, text=True, check=False
         ).stdout.strip(),
-        "note": "2 CPU cores shared with other jobs (other helpers' tests and trainings) while measured; the client runs on the same 2 cores: numbers are noisy upper bounds",
+        "note": "2 CPU cores shared with other jobs (other helpers' tests and trainings) while "
+        "measured; the client runs on the same 2 cores: numbers are noisy upper bounds",
     }
     report["goals"] = {
         "sequential_200": "requests/s >= 0.6 x inference-only limit, p99 < 10 ms (1 worker)",
-        "concurrent_200": "16 clients, 2 workers: p99 < 50 ms, 0 x 5xx, RSS flat within 10 % over 10,000 requests",
+        "concurrent_200": "16 clients, 2 workers: p99 < 50 ms, 0 x 5xx, RSS flat within 10 % "
+        "over 10,000 requests",
         "memory": "any request <= 1 MB: server RSS grows < 100 MB",
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -470,7 +473,9 @@ def sequential(bundle: Path, frame: pl.DataFrame, engines: list[str]) -> dict:
         r["inference_only"] = limit
         r["fraction_of_inference_limit"] = r["requests_per_s"] / limit["limit_requests_per_s"]
     return {
-        "setup": "one uvicorn server (1 worker, 127.0.0.1) per engine, engine threads = 1; sequential keep-alive requests with httpx from a separate process, each body sent to every engine in turn (same background load)",
+        "setup": "one uvicorn server (1 worker, 127.0.0.1) per engine, engine threads = 1; "
+        "sequential keep-alive requests with httpx from a separate process, each body "
+        "sent to every engine in turn (same background load)",
         "results": results,
     }
 
@@ -478,35 +483,49 @@ def sequential(bundle: Path, frame: pl.DataFrame, engines: list[str]) -> dict:
 def print_report(report: dict) -> None:
     if "sequential" in report:
         print(
-            f"\n{'engine':<7}{'candidates':>11}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'req/s':>8}{'scoring p50/p99':>17}   median server stages (ms)"
+            f"\n{'engine':<7}{'candidates':>11}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}"
+            f"{'req/s':>8}{'scoring p50/p99':>17} "
+            "  median server stages (ms)"
         )
         for engine, by_n in report["sequential"]["results"].items():
             for n, r in by_n.items():
                 stages = " ".join(f"{k} {v:.2f}" for k, v in r["median_stage_ms"].items())
                 scoring = f"{r['scoring_p50_ms']:.2f}/{r['scoring_p99_ms']:.2f}"
                 print(
-                    f"{engine:<7}{n:>11}{r['p50_ms']:>9.2f}{r['p95_ms']:>9.2f}{r['p99_ms']:>9.2f}{r['requests_per_s']:>8.0f}{scoring:>17}   {stages}"
+                    f"{engine:<7}{n:>11}{r['p50_ms']:>9.2f}{r['p95_ms']:>9.2f}{r['p99_ms']:>9.2f}"
+                    f"{r['requests_per_s']:>8.0f}{scoring:>17} "
+                    f"  {stages}"
                 )
             r = by_n.get("200")
             if r:
                 lim = r["inference_only"]
                 print(
-                    f"{engine:<7} 200 candidates: {r['requests_per_s']:.0f} req/s = {r['fraction_of_inference_limit']:.2f} x the inference-only limit ({lim['limit_requests_per_s']:.0f} req/s, ONNX alone {lim['infer_median_ms']:.2f} ms)"
+                    f"{engine:<7} 200 candidates: {r['requests_per_s']:.0f} req/s = "
+                    f"{r['fraction_of_inference_limit']:.2f} x the inference-only limit "
+                    f"({lim['limit_requests_per_s']:.0f} req/s, ONNX alone "
+                    f"{lim['infer_median_ms']:.2f} ms)"
                 )
     if "concurrent" in report:
         c = report["concurrent"]
         print(
-            f"\nconcurrent: {c['clients']} clients, {c['workers']} workers, {c['requests']} requests in {c['seconds']:.0f} s: {c['requests_per_s']:.0f} req/s, p50 {c['p50_ms']:.1f} ms, p99 {c['p99_ms']:.1f} ms, 5xx {c['n_5xx']}, server RSS {c['server_rss_mb_after_warmup']:.0f} → {c['server_rss_mb_after_1000']:.0f} (1,000 requests) → {c['server_rss_mb_end']:.0f} MB (end; {100 * c['rss_growth_fraction_after_1000']:+.1f} % after the first 1,000)"
+            f"\nconcurrent: {c['clients']} clients, {c['workers']} workers, {c['requests']} "
+            f"requests in {c['seconds']:.0f} s: {c['requests_per_s']:.0f} req/s, p50 "
+            f"{c['p50_ms']:.1f} ms, p99 {c['p99_ms']:.1f} ms, 5xx {c['n_5xx']}, server RSS "
+            f"{c['server_rss_mb_after_warmup']:.0f} → {c['server_rss_mb_after_1000']:.0f} "
+            f"(1,000 requests) → {c['server_rss_mb_end']:.0f} MB (end; "
+            f"{100 * c['rss_growth_fraction_after_1000']:+.1f} % after the first 1,000)"
         )
     if "memory" in report:
         m = report["memory"]
         print(
-            f"\nmemory: server RSS {m['server_rss_mb_before']:.0f} MB before; growth over all adversarial bodies {m['server_rss_growth_mb']:.1f} MB"
+            f"\nmemory: server RSS {m['server_rss_mb_before']:.0f} MB before; growth over all "
+            f"adversarial bodies {m['server_rss_growth_mb']:.1f} MB"
         )
         for k, v in m.items():
             if isinstance(v, dict):
                 print(
-                    f"  {k:<32}{v['bytes']:>9} bytes  status {v['status']}  RSS after {v['server_rss_mb_after']:.0f} MB"
+                    f"  {k:<32}{v['bytes']:>9} bytes  status {v['status']}  RSS after "
+                    f"{v['server_rss_mb_after']:.0f} MB"
                 )
 
 

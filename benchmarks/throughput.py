@@ -151,7 +151,8 @@ def run_worker(
     res["finished_utc"] = time.strftime("%H:%M:%S", time.gmtime())
     res["loadavg_1min_at_end"] = round(os.getloadavg()[0], 2)
     print(
-        f"    -> {json.dumps({k: v for k, v in res.items() if k in ('samples_per_second', 'test', 'peak_rss_mib', 'error')})[:300]}",
+        "    -> "
+        f"{json.dumps({k: v for k, v in res.items() if k in ('samples_per_second', 'test', 'peak_rss_mib', 'error')})[:300]}",  # noqa: E501
         flush=True,
     )
     return res
@@ -205,7 +206,8 @@ def _configs(a: dict, sparse: bool):
     from mtrank.models.config import ModelConfig
     from mtrank.train.trainer import TrainConfig
 
-    # the budget is fixed (1 epoch, batch, threads); learning rate and initialisation are mtrank's defaults
+    # the budget is fixed (1 epoch, batch, threads); learning rate and initialisation are mtrank's
+    # defaults
     return ModelConfig(name="esmm", embedding_dim=EMB, tower=TOWER), TrainConfig(
         epochs=1,
         batch_size=BATCH,
@@ -663,15 +665,19 @@ def ratio(a, b):
 
 def markdown(res: dict) -> str:
     L = [
-        "# Training throughput and test AUC: mtrank vs bare loop vs torch-rechub vs DeepCTR-Torch (issues #6, #18)",
+        "# Training throughput and test AUC: mtrank vs bare loop vs torch-rechub vs "
+        "DeepCTR-Torch (issues #6, #18)",
         "",
         f"Command: `{res['command']}`  ",
         f"Machine: {res['machine']}  ",
         f"Load before: {res['load_before']}; after: {res['load_after']}  ",
         (
-            f"ESMM, embedding {EMB}, towers {'×'.join(map(str, TOWER))}, batch {BATCH}, {res['threads']} threads, 1 epoch over {res['train_rows']:,} train rows, "
-            f"test {res['test_rows']:,} rows. Samples/s are of the training loop (mtrank streamed: from the first batch read to the last step, "
-            "reading and encoding overlapped); `end to end` = train rows ÷ the whole `fit_stream` wall time (streamed encoder fit, "
+            f"ESMM, embedding {EMB}, towers {'×'.join(map(str, TOWER))}, batch {BATCH}, "
+            f"{res['threads']} threads, 1 epoch over {res['train_rows']:,} train rows, "
+            f"test {res['test_rows']:,} rows. Samples/s are of the training loop (mtrank "
+            "streamed: from the first batch read to the last step, "
+            "reading and encoding overlapped); `end to end` = train rows ÷ the whole "
+            "`fit_stream` wall time (streamed encoder fit, "
             f"training, validation and the {res['test_rows']:,}-row test evaluation)."
         ),
         "",
@@ -679,9 +685,12 @@ def markdown(res: dict) -> str:
     rf = res["roofline"]
     L += [
         (
-            f"**Roofline**: torch.mm on the towers' fwd+bwd shapes = {rf['tower_shapes_gflops']} GFLOP/s "
-            f"(2048² square: {rf['square_2048_gflops']}); training FLOPs/sample = 3 × 2 × {rf['macs_forward_per_sample']:,} MACs = "
-            f"{rf['train_flops_per_sample'] / 1e6:.2f} MFLOP → ceiling **{rf['ceiling_samples_per_second']:,.0f} samples/s** "
+            "**Roofline**: torch.mm on the towers' fwd+bwd shapes = "
+            f"{rf['tower_shapes_gflops']} GFLOP/s "
+            f"(2048² square: {rf['square_2048_gflops']}); training FLOPs/sample = 3 × 2 × "
+            f"{rf['macs_forward_per_sample']:,} MACs = "
+            f"{rf['train_flops_per_sample'] / 1e6:.2f} MFLOP → ceiling "
+            f"**{rf['ceiling_samples_per_second']:,.0f} samples/s** "
             "(towers only; embedding gather/scatter and optimizer not counted)."
         ),
         "",
@@ -691,11 +700,15 @@ def markdown(res: dict) -> str:
     )
     L += [
         (
-            f"Every system ran {nrep} times, interleaved (repetition r: every system once with seed r, the order rotated); samples/s is the median, "
-            "`× fastest peer` the median (range) over repetitions of the ratio to the fastest peer of the same repetition; AUCs are means over repetitions."
+            f"Every system ran {nrep} times, interleaved (repetition r: every system once with "
+            "seed r, the order rotated); samples/s is the median, "
+            "`× fastest peer` the median (range) over repetitions of the ratio to the fastest "
+            "peer of the same repetition; AUCs are means over repetitions."
         ),
         "",
-        "| regime | emb. rows | run | optimizer | parameters | samples/s | × fastest peer (range) | × bare (same opt.) | % roofline | AUC CTR | AUC CTCVR | AUC CVR (clicked) | peak RSS MiB |",
+        "| regime | emb. rows | run | optimizer | parameters | samples/s | × fastest peer "
+        "(range) | × bare (same opt.) | % roofline | AUC CTR | AUC CTCVR | AUC CVR (clicked) | "
+        "peak RSS MiB |",
         "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for regime, r in res["regimes"].items():
@@ -713,7 +726,8 @@ def markdown(res: dict) -> str:
                 continue
             if "error" in x:
                 L.append(
-                    f"| {regime} | | {run} | {opt} | | error: {x['error'][:200].replace('|', '/')} | | | | | | | |"
+                    f"| {regime} | | {run} | {opt} | | error: "
+                    f"{x['error'][:200].replace('|', '/')} | | | | | | | |"
                 )
                 continue
             sps = x["samples_per_second"]
@@ -731,12 +745,17 @@ def markdown(res: dict) -> str:
             sr = (vs.get(key) or {}).get("speed_ratio_to_fastest_peer")
             srs = f"{sr['median']} ({sr['min']}–{sr['max']})" if sr else ""
             L.append(
-                f"| {regime} | {x.get('embedding_rows', ''):,} | {run} | {opt} | {x.get('parameters', 0):,} | {sps:,.0f}{e2e} | {srs} | {ratio(sps, bare) or ''} | "
-                f"{100 * sps / rf['ceiling_samples_per_second']:.0f}% | {t.get('auc_ctr')} | {t.get('auc_ctcvr')} | {t.get('auc_cvr_masked')} | {x.get('peak_rss_mib', '')} |"
+                f"| {regime} | {x.get('embedding_rows', ''):,} | {run} | {opt} | "
+                f"{x.get('parameters', 0):,} | {sps:,.0f}{e2e} | {srs} | "
+                f"{ratio(sps, bare) or ''} | "
+                f"{100 * sps / rf['ceiling_samples_per_second']:.0f}% | {t.get('auc_ctr')} | "
+                f"{t.get('auc_ctcvr')} | {t.get('auc_cvr_masked')} | "
+                f"{x.get('peak_rss_mib', '')} |"
             )
     L += [
         "",
-        "Paired test-AUC differences, mtrank − best peer on that metric (mean ± sd over seeds; seeds where mtrank ≥ peer):",
+        "Paired test-AUC differences, mtrank − best peer on that metric (mean ± sd over seeds; "
+        "seeds where mtrank ≥ peer):",
         "",
         "| regime | run | Δ AUC CTR | Δ AUC CTCVR | Δ AUC CVR (clicked) |",
         "|---|---|---:|---:|---:|",
@@ -749,7 +768,8 @@ def markdown(res: dict) -> str:
                 cells.append(
                     ""
                     if d["mean"] is None
-                    else f"{d['mean']:+.4f} ± {d['sd'] or 0:.4f} vs {PEERS[d['best_peer']]} ({d['n_not_negative']}/{d['n']})"
+                    else f"{d['mean']:+.4f} ± {d['sd'] or 0:.4f} vs {PEERS[d['best_peer']]} "
+                    f"({d['n_not_negative']}/{d['n']})"
                 )
             L.append(f"| {regime} | {key.replace('_', ' ')} | " + " | ".join(cells) + " |")
     L += [
@@ -778,18 +798,23 @@ def markdown(res: dict) -> str:
             continue
         base = base or x["peak_rss_mib"]
         L.append(
-            f"| {x['rows_read']:,} | {x['rows_trained']:,} ({x['fraction']:.0%} of each piece) | {x['samples_per_second']:,.0f} | {x['peak_rss_mib']:,.0f} | {x['peak_rss_mib'] / base:.2f}× |"
+            f"| {x['rows_read']:,} | {x['rows_trained']:,} ({x['fraction']:.0%} of each piece) "
+            f"| {x['samples_per_second']:,.0f} | {x['peak_rss_mib']:,.0f} | "
+            f"{x['peak_rss_mib'] / base:.2f}× |"
         )
     pdd = res.get("padded")
     if pdd:
         rows = pdd.get("bare_dense", {}).get("embedding_rows", 0)
         L += [
             "",
-            f"## Ali-CCP-like, every declared id allocated ({rows:,} embedding rows, {pdd['steps']} steps of {BATCH})",
+            f"## Ali-CCP-like, every declared id allocated ({rows:,} embedding rows, "
+            f"{pdd['steps']} steps of {BATCH})",
             "",
             (
-                "The row budget realises only part of the declared catalogue; a full Ali-CCP log realises it all, and dense optimizers pay per "
-                f"table row every step. Same rows and model, tables padded to the declared sizes {pdd['pad']}:"
+                "The row budget realises only part of the declared catalogue; a full Ali-CCP "
+                "log realises it all, and dense optimizers pay per "
+                "table row every step. Same rows and model, tables padded to the declared "
+                f"sizes {pdd['pad']}:"
             ),
             "",
             "| run | optimizer | samples/s | × rechub |",
@@ -804,7 +829,8 @@ def markdown(res: dict) -> str:
         ]:
             x = pdd.get(key, {})
             L.append(
-                f"| {run} | {opt} | {x.get('samples_per_second', x.get('error', '')):,.0f} | {ratio(x.get('samples_per_second'), rech) or ''} |"
+                f"| {run} | {opt} | {x.get('samples_per_second', x.get('error', '')):,.0f} | "
+                f"{ratio(x.get('samples_per_second'), rech) or ''} |"
             )
     L += ["", "## Goals", ""] + [
         f"- {'✅' if g['met'] else ('❌' if g['met'] is False else '–')} {g['goal']}: {g['value']}"
@@ -816,7 +842,8 @@ def markdown(res: dict) -> str:
         tp = prof.get("torch")
         if tp and "error" not in tp:
             L += [
-                f"torch.profiler, {tp['steps']} steps ({res['profile_regime']}, dense Adam): ms per step {tp['ms_per_step']}",
+                f"torch.profiler, {tp['steps']} steps ({res['profile_regime']}, dense Adam): "
+                f"ms per step {tp['ms_per_step']}",
                 "",
                 "| op | self ms/step | calls/step |",
                 "|---|---:|---:|",
@@ -828,7 +855,8 @@ def markdown(res: dict) -> str:
         if ps and "error" not in ps:
             L += [
                 "",
-                f"py-spy ({ps['samples']} samples of the training loop and the prefetch thread; % of those): threads {ps['threads']}",
+                f"py-spy ({ps['samples']} samples of the training loop and the prefetch "
+                f"thread; % of those): threads {ps['threads']}",
                 "",
                 "| function (inclusive) | % |",
                 "|---|---:|",
@@ -858,7 +886,8 @@ def goals(res: dict) -> list[dict]:
     r = ratio(best("aliccp"), sps("aliccp", "rechub"))
     g.append(
         {
-            "goal": "Ali-CCP-like vocab as realised by 500k rows: mtrank ≥ 5× torch-rechub samples/s (best optimizer)",
+            "goal": "Ali-CCP-like vocab as realised by 500k rows: mtrank ≥ 5× torch-rechub "
+            "samples/s (best optimizer)",
             "value": f"{r}×",
             "met": None if r is None else r >= 5,
         }
@@ -870,7 +899,8 @@ def goals(res: dict) -> list[dict]:
     )
     g.append(
         {
-            "goal": "… with every declared Ali-CCP-like id allocated (4.7M embedding rows): mtrank streamed ≥ 5× torch-rechub",
+            "goal": "… with every declared Ali-CCP-like id allocated (4.7M embedding rows): "
+            "mtrank streamed ≥ 5× torch-rechub",
             "value": f"{r}×",
             "met": None if r is None else r >= 5,
         }
@@ -910,7 +940,8 @@ def goals(res: dict) -> list[dict]:
             sr = v["speed_ratio_to_fastest_peer"]
             g.append(
                 {
-                    "goal": f"{reg}, mtrank streamed {key.split('_')[1]}: samples/s ≥ 1.5× the fastest peer (median over repetitions)",
+                    "goal": f"{reg}, mtrank streamed {key.split('_')[1]}: samples/s ≥ 1.5× the "
+                    "fastest peer (median over repetitions)",
                     "value": f"{sr['median']}× (range {sr['min']}–{sr['max']})" if sr else None,
                     "met": None if not sr else sr["median"] >= 1.5,
                 }
@@ -921,8 +952,10 @@ def goals(res: dict) -> list[dict]:
                     continue
                 g.append(
                     {
-                        "goal": f"{reg}, mtrank streamed {key.split('_')[1]}: test {m} ≥ best peer ({PEERS[d['best_peer']]}), paired over {d['n']} seeds",
-                        "value": f"{d['mean']:+.4f} ± {d['sd'] or 0:.4f} ({d['n_not_negative']}/{d['n']} seeds ≥)",
+                        "goal": f"{reg}, mtrank streamed {key.split('_')[1]}: test {m} ≥ best "
+                        f"peer ({PEERS[d['best_peer']]}), paired over {d['n']} seeds",
+                        "value": f"{d['mean']:+.4f} ± {d['sd'] or 0:.4f} "
+                        f"({d['n_not_negative']}/{d['n']} seeds ≥)",
                         "met": d["mean"] >= 0,
                     }
                 )
@@ -961,7 +994,8 @@ PEER_COLUMNS = {
 
 
 def peer_quality(export: str, pred_path: str, peer: str) -> dict:
-    """Test AUCs of a peer's saved predictions with mtrank's exact AUC (CVR on clicked rows only)."""
+    """Test AUCs of a peer's saved predictions with mtrank's exact AUC (CVR on clicked rows
+    only)."""
     import numpy as np
 
     from mtrank.metrics.core import auc
@@ -1137,7 +1171,8 @@ def collect_runs(args, work: Path, regimes: list[str]) -> dict:
 
     res: dict = {
         "command": " ".join(["python", *sys.argv]),
-        "machine": f"{platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
+        "machine": f"{platform.node()} {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} CPUs, Python {platform.python_version()}",
         "threads": args.threads,
         "train_rows": args.train_rows,
         "test_rows": args.test_rows,
@@ -1146,7 +1181,8 @@ def collect_runs(args, work: Path, regimes: list[str]) -> dict:
         "regimes": {},
         "rss": [],
         "notes": [
-            f"collected with --collect from the worker files in {work} of a run stopped before all repetitions finished"
+            f"collected with --collect from the worker files in {work} of a run stopped before "
+            "all repetitions finished"
         ],
     }
     pat = re.compile(r"result-(mtrank_stream|bare|rechub|deepctr)-(\w+)-(\w+)-(\d+)\.json$")
@@ -1190,7 +1226,8 @@ def merge_runs(dirs: list[Path], out: Path, notes: list[str] | None = None) -> N
         res["regimes"].update(p["regimes"])
         res["notes"] += [n for n in p["notes"] if n not in res["notes"]]
     res["notes"].append(
-        f"merged from {len(parts)} runs started side by side ({', '.join(str(d) for d in dirs)}) with `--merge`"
+        f"merged from {len(parts)} runs started side by side "
+        f"({', '.join(str(d) for d in dirs)}) with `--merge`"
     )
     res["notes"] += notes or []
     prev_path = out / "throughput.json"
@@ -1202,7 +1239,8 @@ def merge_runs(dirs: list[Path], out: Path, notes: list[str] | None = None) -> N
                 have = prev[key]
                 if key != "profile_regime":
                     res["notes"].append(
-                        f"`{key}` section carried over from the previous run of this script (started {prev['load_before']['utc']} UTC), not rerun this time"
+                        f"`{key}` section carried over from the previous run of this script "
+                        f"(started {prev['load_before']['utc']} UTC), not rerun this time"
                     )
             if have:
                 res[key] = have
@@ -1230,7 +1268,8 @@ def main() -> None:
         "--rss-train-rows",
         type=int,
         default=1_000_000,
-        help="train on at most this many rows per RSS run (the rest of each piece is read and encoded only)",
+        help="train on at most this many rows per RSS run (the rest of each piece is read and "
+        "encoded only)",
     )
     ap.add_argument("--regimes", default="small,aliccp")
     ap.add_argument(
@@ -1252,7 +1291,9 @@ def main() -> None:
     ap.add_argument(
         "--skip",
         default="",
-        help="comma-separated parts to skip: rechub,deepctr,rss,profile,padded,bare,stream_only, or REGIME:SYSTEM (e.g. aliccp:mtrank_dense)",
+        help="comma-separated parts to skip: "
+        "rechub,deepctr,rss,profile,padded,bare,stream_only, or REGIME:SYSTEM (e.g. "
+        "aliccp:mtrank_dense)",
     )
     ap.add_argument(
         "--collect",
@@ -1267,7 +1308,8 @@ def main() -> None:
     )
     ap.add_argument(
         "--merge",
-        help="comma-separated result folders of runs over different regimes: write their union to --out and stop",
+        help="comma-separated result folders of runs over different regimes: write their union "
+        "to --out and stop",
     )
     ap.add_argument("--workdir", default="/tmp/mtrank-throughput")
     ap.add_argument("--out", default=str(HERE / "results"))
@@ -1315,7 +1357,8 @@ def main() -> None:
     rss_sizes = [int(x) for x in args.rss_sizes.split(",") if x]
     res: dict = {
         "command": " ".join(["python", *sys.argv]),
-        "machine": f"{platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
+        "machine": f"{platform.node()} {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} CPUs, Python {platform.python_version()}",
         "threads": args.threads,
         "train_rows": args.train_rows,
         "test_rows": args.test_rows,
@@ -1353,7 +1396,8 @@ def main() -> None:
             peers[name] = python
         else:
             res["notes"].append(
-                f"{PEERS[name]} not run: {python} does not exist (see the setup commands in the docstring)"
+                f"{PEERS[name]} not run: {python} does not exist (see the setup commands in "
+                "the docstring)"
             )
     have_rechub = "rechub" in peers
     for regime, d in data.items():
@@ -1423,7 +1467,8 @@ def main() -> None:
         if part in skip and prev.get(keys[0]) and not res.get(keys[0]):
             res.update({k: prev[k] for k in keys if k in prev})
             res["notes"].append(
-                f"`{part}` section carried over from the previous run of this script (started {prev['load_before']['utc']} UTC), not rerun this time"
+                f"`{part}` section carried over from the previous run of this script (started "
+                f"{prev['load_before']['utc']} UTC), not rerun this time"
             )
     res["goals"] = goals(res)
     out.mkdir(parents=True, exist_ok=True)

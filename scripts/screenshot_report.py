@@ -1,13 +1,15 @@
 """Screenshot an mtrank HTML report in headless Chromium and fail on browser console errors.
 
 Usage:
-    python scripts/screenshot_report.py runs/quickstart/report.html docs/report.png [--size 1400,3000]
+    python scripts/screenshot_report.py runs/quickstart/report.html docs/report.png \
+        [--size 1400,3000]
 
 Needs Debian's ``chromium`` (``apt-get install -y chromium``) or ``$CHROMIUM``. Runs offline
 (background networking and component updates off, a throw-away profile). Chromium's
 ``--enable-logging=stderr --v=0`` prints every page console message (all at INFO level, so
 errors cannot be told from logs) as an ``INFO:CONSOLE:<line>]`` line; the report has no
-scripts, so any console line, and any failed resource load, fails the check (exit code 1). D-Bus noise of a container without a session bus is ignored.
+scripts, so any console line, and any failed resource load, fails the check (exit code 1).
+D-Bus noise of a container without a session bus is ignored.
 """
 
 from __future__ import annotations
@@ -73,7 +75,8 @@ def main() -> None:
     for p in problems:
         print(f"console: {p}", file=sys.stderr)
     print(
-        f"wrote {args.png} ({args.png.stat().st_size / 1e6:.2f} MB); console errors: {len(problems)}"
+        f"wrote {args.png} ({args.png.stat().st_size / 1e6:.2f} MB); console errors: "
+        f"{len(problems)}"
     )
     sys.exit(1 if problems else 0)
 

@@ -128,7 +128,8 @@ def hashseed_vocab(tmp: Path):
     code = (
         "import polars as pl, json; from mtrank.data.encoders import CategoricalEncoder;"
         "e = CategoricalEncoder.fit(pl.Series('c', ['apple', 'kiwi', 'fig', 'kiwi', 'z' * 40]));"
-        "print(json.dumps([e.values, e.transform(pl.Series('c', ['fig', 'kiwi', 'nope']))[0].tolist()]))"
+        "print(json.dumps([e.values, e.transform(pl.Series('c', ['fig', 'kiwi', "
+        "'nope']))[0].tolist()]))"
     )
     outs = []
     for seed in ("1", "12345"):
@@ -198,8 +199,11 @@ def reload_fresh_process(tmp: Path):
     df.write_parquet(tmp / "rows.parquet")
     here = predictions_frame(res.bundle, df, "rows")
     code = (
-        "import polars as pl, sys; from mtrank.bundle import Bundle; from mtrank.workflow import predictions_frame;"
-        f"b = Bundle.load({str(tmp / 'b')!r}); predictions_frame(b, pl.read_parquet({str(tmp / 'rows.parquet')!r}), 'r').write_parquet({str(tmp / 'out.parquet')!r})"
+        "import polars as pl, sys; from mtrank.bundle import Bundle; from mtrank.workflow "
+        "import predictions_frame;"
+        f"b = Bundle.load({str(tmp / 'b')!r}); predictions_frame(b, "
+        f"pl.read_parquet({str(tmp / 'rows.parquet')!r}), "
+        f"'r').write_parquet({str(tmp / 'out.parquet')!r})"
     )
     subprocess.run(
         [sys.executable, "-c", code], check=True, env=dict(os.environ, PYTHONHASHSEED="99")

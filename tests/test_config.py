@@ -106,7 +106,8 @@ def test_bad_config_on_the_command_line(tmp_path):
     )
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [
-        "error: run.yaml: model.options.n_expert: unknown option of 'mmoe' (its options: ['expert_hidden', 'n_experts', 'tower_hidden'])"
+        "error: run.yaml: model.options.n_expert: unknown option of 'mmoe' (its options: "
+        "['expert_hidden', 'n_experts', 'tower_hidden'])"
     ]
     r = mtrank("train", "--config", tmp_path / "run.yaml", "--model", "mmoe", "--epochs", 0)
     assert r.returncode == 2  # the file's error comes first

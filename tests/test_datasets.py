@@ -87,5 +87,6 @@ def test_simulator_has_all_four_quadrants():
     cvr_hi = items["true_cvr_do"] > items["true_cvr_do"].median()
     quadrant_counts = [int((a & b).sum()) for a in (ctr_hi, ~ctr_hi) for b in (cvr_hi, ~cvr_hi)]
     assert min(quadrant_counts) > 0.1 * items.height
-    # the latent intent makes an impression convert more often once clicked than if clicked at random
+    # the latent intent makes an impression convert more often once clicked than if clicked at
+    # random
     assert (df["true_cvr_clicked"] > df["true_cvr_do"]).all()

@@ -371,7 +371,8 @@ def test_device_batches_on_cpu_are_the_source_batches():
 
 @pytest.mark.skipif(
     not CUDA,
-    reason="torch cannot pin host memory without a CUDA device ('Cannot access accelerator device when none is available')",
+    reason="torch cannot pin host memory without a CUDA device ('Cannot access accelerator "
+    "device when none is available')",
 )
 def test_pinned_non_blocking_path():
     b = make_batch(64)

@@ -15,7 +15,8 @@ from mtrank.data.schema import Schema
 
 
 def naive_transform(enc: CategoricalEncoder, series: pl.Series) -> tuple[list[int], int, int]:
-    """Reference encoding: a plain dict from canonical id to index (0 missing, 1 OOV, 2.. vocabulary)."""
+    """Reference encoding: a plain dict from canonical id to index (0 missing, 1 OOV, 2..
+    vocabulary)."""
     table = {v: i + N_RESERVED for i, v in enumerate(enc.values)}
     idx = [MISSING if v is None else table.get(v, OOV) for v in canonical_ids(series).to_list()]
     return idx, idx.count(MISSING), idx.count(OOV)

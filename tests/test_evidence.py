@@ -26,7 +26,8 @@ def test_soft_auc_equals_auc_on_hard_labels_and_a_hand_computed_case():
     y = (rng.random(500) < 0.3).astype(float)
     p = np.round(rng.random(500), 2)  # ties
     assert soft_auc(y, p) == pytest.approx(auc(y, p), abs=1e-12)
-    # t = (0.9, 0.1), p = (1, 0): pairs i≠j weigh t_i(1 − t_j): (0,1) 0.81 concordant, (1,0) 0.01 discordant
+    # t = (0.9, 0.1), p = (1, 0): pairs i≠j weigh t_i(1 − t_j): (0,1) 0.81 concordant, (1,0) 0.01
+    # discordant
     assert soft_auc(np.array([0.9, 0.1]), np.array([1.0, 0.0])) == pytest.approx(0.81 / 0.82)
     assert soft_auc(np.array([0.9, 0.1]), np.array([0.0, 1.0])) == pytest.approx(0.01 / 0.82)
     assert soft_auc(np.array([0.5, 0.5]), np.array([0.3, 0.3])) == pytest.approx(0.5)

@@ -298,7 +298,8 @@ def test_listwise_loss_by_hand():
 
     from mtrank.ranking.ltr import listwise_loss
 
-    # list 0: scores (0, ln 2), grades (1, 1); list 1: scores (0, 0, 0), grades (0, 0, 3) → only row 3 counts
+    # list 0: scores (0, ln 2), grades (1, 1); list 1: scores (0, 0, 0), grades (0, 0, 3) → only row
+    # 3 counts
     score = torch.tensor([0.0, math.log(2), 0.0, 0.0, 0.0])
     grade = torch.tensor([1.0, 1.0, 0.0, 0.0, 3.0])
     slot = torch.tensor([0, 1, 3, 4, 5])  # width 3: list 0 uses slots 0, 1 (2 padded)

@@ -1,4 +1,5 @@
-"""Score fusion, replay metrics, tuning, Beta smoothing and quadrants, against hand-computed values."""
+"""Score fusion, replay metrics, tuning, Beta smoothing and quadrants, against hand-computed
+values."""
 
 import json
 import math

@@ -35,7 +35,8 @@ def mtrank(*args):
 
 @pytest.fixture(scope="module")
 def quickstart_run(tmp_path_factory) -> Path:
-    """A quickstart-shaped run dir (bundles, metrics.json, simulated data) with tiny towers, and its report.
+    """A quickstart-shaped run dir (bundles, metrics.json, simulated data) with tiny towers, and
+    its report.
 
     ``tests/test_cli.py::test_quickstart_simulated_small`` checks that quickstart itself writes
     the report; this builds the same layout in-process, small enough to be fast.

@@ -178,7 +178,10 @@ def test_fnv1a_matches_published_test_vectors_and_is_process_independent():
     )  # floats canonicalise to "1"
     assert idx[0] == idx[3] and idx[2] == 0 and (n_missing, n_oov) == (1, 0)
     assert idx[0] == enc.transform(pl.Series("c", ["1"]))[0][0] and 2 <= idx[0] < enc.cardinality
-    code = "import polars as pl; from mtrank.data.hashing import fnv1a_64; print(fnv1a_64(pl.Series(['item-42', 'é'])).tolist())"
+    code = (
+        "import polars as pl; from mtrank.data.hashing import fnv1a_64; "
+        "print(fnv1a_64(pl.Series(['item-42', 'é'])).tolist())"
+    )
     outs = {
         subprocess.run(
             [sys.executable, "-c", code],

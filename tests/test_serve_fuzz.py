@@ -1,8 +1,9 @@
 """Property-based fuzzing of the HTTP service from its own published OpenAPI schema
 (Schemathesis, in process over ASGI: no socket, no network). Positive mode sends requests the
-schema allows; negative mode sends requests it forbids and expects a 4xx. In both: never a 5xx, and every response (errors included) conforms to the
-schema of its status code (see :func:`generation_schema` for the one relaxation). Bounded: a fixed number of examples per operation and mode, a
-fixed seed, no example database.
+schema allows; negative mode sends requests it forbids and expects a 4xx. In both: never a 5xx,
+and every response (errors included) conforms to the schema of its status code (see
+:func:`generation_schema` for the one relaxation). Bounded: a fixed number of examples per
+operation and mode, a fixed seed, no example database.
 """
 
 from __future__ import annotations

@@ -473,7 +473,8 @@ def test_candidate_values_override_the_context(client, sim):
         (
             lambda r: r.update(fusion={"formula": "sum"}),
             "body.fusion.formula",
-            "'multiplicative', 'offset_multiplicative', 'linear', 'expected_gmv', 'single' or 'ctcvr'",
+            "'multiplicative', 'offset_multiplicative', 'linear', 'expected_gmv', 'single' or "
+            "'ctcvr'",
         ),
         (lambda r: r.update(candidate=[]), "body.candidate", "Extra inputs"),
     ],

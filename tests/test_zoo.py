@@ -315,7 +315,7 @@ def test_escm2_ipw_weight_is_finite_for_pctr_near_zero(name):
         )
 
 
-# --- learning, through the benchmark ----------------------------------------------------------------
+# --- learning, through the benchmark --------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -339,7 +339,8 @@ def tiny_bench(tmp_path_factory):
 def test_every_model_learns_on_the_simulator(tiny_bench):
     assert tiny_bench["split"]["by_time"] is True
     assert tiny_bench["split"]["rows"]["test"] == 10_000
-    # a tiny budget (27k training rows, ~1,100 clicks, 3 epochs): thresholds say "learnt", not "good"
+    # a tiny budget (27k training rows, ~1,100 clicks, 3 epochs): thresholds say "learnt", not
+    # "good"
     for name, s in tiny_bench["summary"].items():
         assert s["auc_ctr"]["mean"] > 0.55, name
         assert -0.3 < s["bias_cvr_clicked_all"]["mean"] < 0.5, name

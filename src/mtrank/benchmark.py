@@ -96,7 +96,8 @@ class BenchmarkConfig(BaseModel):
             docstring. threads: torch threads (0 = leave as is). device, precision: see
             :class:`~mtrank.train.trainer.TrainConfig`.
         reference: the model every other is compared with, paired on the same test rows
-            (None = no paired table; the default ``base`` pairs only when BASE is benchmarked). shared_ctr: train the paper's shared CTR network (§3.2).
+            (None = no paired table; the default ``base`` pairs only when BASE is benchmarked).
+            shared_ctr: train the paper's shared CTR network (§3.2).
         fuse_k: with the simulator, tune a multiplicative fusion per model on the test requests
             (grid of ``fuse_grid`` points per parameter on half of up to ``fuse_requests``
             requests) and report exact expected GMV@K on the other half (None = off).
@@ -164,7 +165,8 @@ def check_models(names: list[str], schema: Schema) -> None:
             raise ConfigError(f"unknown model {name!r}; choose from {sorted(MODELS)}")
         if not schema.is_funnel and name not in PLAIN_TASK_MODELS:
             raise ConfigError(
-                f"model {name!r} needs a click → conversion funnel; on {schema.name!r} (plain tasks) "
+                f"model {name!r} needs a click → conversion funnel; on {schema.name!r} (plain "
+                "tasks) "
                 f"use {sorted(PLAIN_TASK_MODELS)}"
             )
 
@@ -264,11 +266,13 @@ def check_config(cfg: BenchmarkConfig) -> Schema:
     simulated = cfg.dataset == "simulated"
     if not simulated and (cfg.preset != "default" or cfg.sim or cfg.sim_seeds > 1):
         raise ConfigError(
-            f"--preset, --sim-seeds and simulator knobs apply to --dataset simulated only, not {cfg.dataset!r}"
+            "--preset, --sim-seeds and simulator knobs apply to --dataset simulated only, not "
+            f"{cfg.dataset!r}"
         )
     if not simulated and cfg.select in TRUTH_METRICS:
         raise ConfigError(
-            f"--select {cfg.select}: truth metrics exist only on the simulator (true_cvr_clicked / true_cvr_do); {cfg.dataset!r} has no ground truth"
+            f"--select {cfg.select}: truth metrics exist only on the simulator "
+            f"(true_cvr_clicked / true_cvr_do); {cfg.dataset!r} has no ground truth"
         )
     if not simulated and cfg.fuse_k is not None:
         raise ConfigError(f"--fuse-k needs the simulator's exact truth; {cfg.dataset!r} has none")
@@ -361,7 +365,8 @@ def run_benchmark(
         splits_info.append(info)
         if schema.is_funnel and info["conversions_test"] < 1000:
             warnings.append(
-                f"simulator seed {sim_seed}: the test split has {info['conversions_test']} conversions (< 1,000): "
+                f"simulator seed {sim_seed}: the test split has {info['conversions_test']} "
+                "conversions (< 1,000): "
                 "AUC differences below ~0.02 are within noise"
             )
             log("warning: " + warnings[-1])
@@ -447,7 +452,8 @@ def run_benchmark(
                     gates.setdefault(name, []).append(rep)
                 key = "auc_ctcvr" if schema.is_funnel else f"auc_{spec.task_names[0]}"
                 log(
-                    f"sim {sim_seed} seed {seed}: {name} {key} {_fmt(m.get(key))} best epoch {m['best_epoch']} ({timings[name][-1]:.0f}s)"
+                    f"sim {sim_seed} seed {seed}: {name} {key} {_fmt(m.get(key))} best epoch "
+                    f"{m['best_epoch']} ({timings[name][-1]:.0f}s)"
                 )
             if partial is not None:
                 partial(
@@ -484,7 +490,8 @@ def _results(
         "protocol": {
             "entire_space_models": sorted(ENTIRE_SPACE_MODELS & set(cfg.models)),
             "auc_ctcvr": (
-                "own pCTCVR for entire-space models; shared independently trained pCTR × model pCVR otherwise (ESMM paper §3.2)"
+                "own pCTCVR for entire-space models; shared independently trained pCTR × model "
+                "pCVR otherwise (ESMM paper §3.2)"
                 if cfg.shared_ctr
                 else "every model's own pCTCVR (no shared CTR network)"
             ),
@@ -578,7 +585,8 @@ def _split_info(
 def _init_divergence(
     spec: FeatureSpec, mcfg: ModelConfig, test: EncodedData, seed: int
 ) -> float | None:
-    """Expert divergence of a gated model at initialisation (the same init ``fit_encoded`` makes)."""
+    """Expert divergence of a gated model at initialisation (the same init ``fit_encoded``
+    makes)."""
     torch.manual_seed(seed)
     model = build_model(spec, mcfg)
     if not hasattr(getattr(model, "body", None), "expert_outputs"):
@@ -735,7 +743,8 @@ def paired_table(results: dict) -> str:
         return ""
     ref = results["protocol"]["reference"]
     lines = [
-        f"| model − {ref} | metric | mean Δ ± std | better / worse runs | SE (seeds) | SE (Hanley–McNeil) |",
+        f"| model − {ref} | metric | mean Δ ± std | better / worse runs | SE (seeds) | SE "
+        "(Hanley–McNeil) |",
         "|---|---|---:|---:|---:|---:|",
     ]
     for name, metrics in paired.items():
@@ -743,8 +752,12 @@ def paired_table(results: dict) -> str:
             unit = " %" if d["kind"] == "relative %" else ""
             digits = 2 if unit else 4
             lines.append(
-                f"| {name} | {key}{' (|bias| reduction)' if d['kind'].startswith('|bias|') else ''} | {d['mean']:+.{digits}f} ± {d['std']:.{digits}f}{unit} | "
-                f"{d['better']} / {d['worse']} of {d['n']} | {_fmt(d['se_seeds'], digits=digits)} | {_fmt(d['se_hanley_mcneil'], digits=digits)} |"
+                f"| {name} | "
+                f"{key}{' (|bias| reduction)' if d['kind'].startswith('|bias|') else ''} | "
+                f"{d['mean']:+.{digits}f} ± {d['std']:.{digits}f}{unit} | "
+                f"{d['better']} / {d['worse']} of {d['n']} | "
+                f"{_fmt(d['se_seeds'], digits=digits)} | "
+                f"{_fmt(d['se_hanley_mcneil'], digits=digits)} |"
             )
     return "\n".join(lines)
 
@@ -776,7 +789,8 @@ def gate_table(results: dict) -> str:
     if not results["gates"]:
         return ""
     lines = [
-        "| model | task | mean gate weight per expert | gate entropy (max) | expert divergence init → trained |",
+        "| model | task | mean gate weight per expert | gate entropy (max) | expert divergence "
+        "init → trained |",
         "|---|---|---|---:|---:|",
     ]
     for name, reps in results["gates"].items():
@@ -784,7 +798,8 @@ def gate_table(results: dict) -> str:
         div = rep["experts"]
         for task, g in rep["gates"].items():
             lines.append(
-                f"| {name} | {task} | {', '.join(f'{v:.2f}' for v in g['mean'])} | {g['entropy']:.3f} ({g['max_entropy']:.3f}) | "
+                f"| {name} | {task} | {', '.join(f'{v:.2f}' for v in g['mean'])} | "
+                f"{g['entropy']:.3f} ({g['max_entropy']:.3f}) | "
                 f"{_fmt(div.get('divergence_at_init'), digits=3)} → {div['divergence']:.3f} |"
             )
     return "\n".join(lines)
@@ -812,9 +827,11 @@ def report_markdown(results: dict, command: str) -> str:
             if results["dataset"] == "simulated"
             else ""
         )
-        + f", at most {b['epochs']} epoch(s) with early stopping (patience {b['patience']}); the same selection rule for every model: "
+        + f", at most {b['epochs']} epoch(s) with early stopping (patience {b['patience']}); "
+        "the same selection rule for every model: "
         + ("each model's own validation loss" if sel == "loss" else f"best validation `{sel}`")
-        + f"; batch {b['batch_size'] or DATASETS[results['dataset']].batch_size}, Adam lr {b['lr']}, "
+        + f"; batch {b['batch_size'] or DATASETS[results['dataset']].batch_size}, Adam lr "
+        f"{b['lr']}, "
         f"embedding {b['embedding_dim']}, MLP {'×'.join(map(str, b['tower']))}"
         + (
             f", {b['rows']:,} simulated impressions per simulator seed"
@@ -843,7 +860,8 @@ def report_markdown(results: dict, command: str) -> str:
             )
             + (f" over {sp['items']:,} items seen in training" if sp.get("items") else "")
             + (
-                f"; Spearman(true_cvr_clicked, true_cvr_do) on test {sp['spearman_cvr_clicked_do']:.3f}"
+                "; Spearman(true_cvr_clicked, true_cvr_do) on test "
+                f"{sp['spearman_cvr_clicked_do']:.3f}"
                 if sp.get("spearman_cvr_clicked_do") is not None
                 else ""
             )
@@ -863,7 +881,8 @@ def report_markdown(results: dict, command: str) -> str:
         + (
             " `auc_ctcvr`: own pCTCVR for entire-space models ("
             + ", ".join(results["protocol"]["entire_space_models"])
-            + "), shared pCTR × model pCVR for the others (`auc_ctcvr_own`: every model's own pCTCVR)."
+            + "), shared pCTR × model pCVR for the others (`auc_ctcvr_own`: every model's own "
+            "pCTCVR)."
             if split["clicks_test"] is not None and b.get("shared_ctr", True)
             else ""
         ),
@@ -874,7 +893,8 @@ def report_markdown(results: dict, command: str) -> str:
     if pt:
         parts += [
             "",
-            f"Paired differences against `{results['protocol']['reference']}` (same test rows, run by run):",
+            f"Paired differences against `{results['protocol']['reference']}` (same test rows, "
+            "run by run):",
             "",
             pt,
         ]

@@ -75,7 +75,8 @@ class TorchScorer:
         self.outputs = PROBS if spec.funnel else tuple(f"p_{t}" for t in spec.task_names)
 
     def __call__(self, categorical: np.ndarray, numerical: np.ndarray) -> dict[str, np.ndarray]:
-        """``p_*`` float32 ``[N]`` for encoded rows (int64 ``[N, n_cat]``, float32 ``[N, n_num]``)."""
+        """``p_*`` float32 ``[N]`` for encoded rows (int64 ``[N, n_cat]``, float32 ``[N,
+        n_num]``)."""
         data = EncodedData(
             torch.from_numpy(np.ascontiguousarray(categorical)),
             torch.from_numpy(np.ascontiguousarray(numerical)),
@@ -141,7 +142,8 @@ def _sha256(path: Path) -> str:
 
 
 def is_bundle_dir(path: Path) -> bool:
-    """True for a directory that holds an mtrank bundle's config.json (what --overwrite may replace)."""
+    """True for a directory that holds an mtrank bundle's config.json (what --overwrite may
+    replace)."""
     cfg = Path(path) / "config.json"
     if not (Path(path).is_dir() and cfg.is_file()):
         return False
@@ -254,7 +256,9 @@ class Bundle:
             raise BundleError(f"bundle {path}: unreadable JSON ({exc})") from None
         if not isinstance(config, dict) or config.get("format") != FORMAT:
             raise BundleError(
-                f"bundle {path}: unknown format {config.get('format') if isinstance(config, dict) else None!r}, expected {FORMAT!r}"
+                f"bundle {path}: unknown format "
+                f"{config.get('format') if isinstance(config, dict) else None!r}, expected "
+                f"{FORMAT!r}"
             )
         try:
             schema = Schema.model_validate(config["schema"])
@@ -272,8 +276,10 @@ class Bundle:
         ]
         if unrecorded and not allow_unverified:
             raise BundleError(
-                f"bundle {path}: config.json records no sha256 for {unrecorded}, so the files cannot be "
-                "verified; refusing to load it (save the bundle again with mtrank, or load with allow_unverified=True)"
+                f"bundle {path}: config.json records no sha256 for {unrecorded}, so the files "
+                "cannot be "
+                "verified; refusing to load it (save the bundle again with mtrank, or load "
+                "with allow_unverified=True)"
             )
         for name, expected in (sums if isinstance(sums, dict) else {}).items():
             if name in files and _sha256(path / name) != expected:

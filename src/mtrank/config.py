@@ -87,7 +87,8 @@ class DataSection(_Section):
     shuffle_buffer: int = Field(262_144, ge=1, description="rows in the streaming shuffle buffer")
     cache_dir: str | None = Field(
         None,
-        description="keep encoded training pieces here (stream; safetensors) so later epochs skip reading and encoding",
+        description="keep encoded training pieces here (stream; safetensors) so later epochs "
+        "skip reading and encoding",
     )
 
     @field_validator("dataset")
@@ -142,7 +143,10 @@ class ModelSection(ModelConfig):
             e = exc.errors()[0]
             key = ".".join(map(str, e["loc"]))
             if e["type"] == "extra_forbidden":
-                msg = f"unknown option of {name!r} (its options: {sorted(options.model_fields) or 'none'})"
+                msg = (
+                    f"unknown option of {name!r} (its options: "
+                    f"{sorted(options.model_fields) or 'none'})"
+                )
             else:
                 msg = e["msg"]
             raise PydanticCustomError("model_option", "{msg}", {"key": key, "msg": msg}) from None
@@ -277,7 +281,8 @@ def parse_config(doc: Any, origin: str) -> RunConfig:
         doc = {}
     if not isinstance(doc, dict):
         raise ConfigError(
-            f"{origin}: expected a mapping of sections (data, model, training …), got {type(doc).__name__}"
+            f"{origin}: expected a mapping of sections (data, model, training …), got "
+            f"{type(doc).__name__}"
         )
     try:
         return RunConfig.model_validate(doc)
@@ -369,12 +374,14 @@ _COMMENTS = {
     "training.lr": "Adam learning rate",
     "training.weight_decay": "L2 on all parameters",
     "training.patience": "epochs without validation improvement before stopping",
-    "training.monitor": "selection rule: loss (validation objective), or a metric such as auc_ctcvr",
+    "training.monitor": "selection rule: loss (validation objective), or a metric such as "
+    "auc_ctcvr",
     "training.seed": "seeds initialisation, shuffling and (by default) the split",
     "training.threads": "torch intra-op threads (0: default)",
     "training.sparse_embeddings": "update only the embedding rows a batch touches (SparseAdam)",
     "training.device": "auto (CUDA when available), cpu, cuda or cuda:N (docs/gpu.md)",
-    "training.precision": "forward-pass autocast: fp32, bf16 or fp16 (loss, weights and optimizer state stay fp32)",
+    "training.precision": "forward-pass autocast: fp32, bf16 or fp16 (loss, weights and "
+    "optimizer state stay fp32)",
     "training.prefetch": "batches copied ahead to a GPU by a background thread (0: none)",
     "model.name": "registry name: esmm, base, esmm_ns, mmoe, ple, aitm, escm2_ipw …",
     "model.embedding_dim": "embedding size per categorical field (ESMM paper: 18)",

@@ -70,7 +70,8 @@ def run_sweep(
     log = log or (lambda _msg: None)
     if cfg.base.dataset != "simulated":
         raise ConfigError(
-            f"mtrank sweep runs on the simulator; --dataset {cfg.base.dataset!r} has no regimes to sweep"
+            f"mtrank sweep runs on the simulator; --dataset {cfg.base.dataset!r} has no "
+            "regimes to sweep"
         )
     for axis in ("cvr", "intent", "sharing"):
         if not getattr(cfg, axis):
@@ -145,9 +146,9 @@ def sweep_markdown(doc: dict, command: str) -> str:
                 )
             sp = c["split"]
             lines.append(
-                f"| {c['cvr']} | {c['intent']} | {c['sharing']} | {sp.get('spearman_cvr_clicked_do', float('nan')):.3f} | {sp.get('conversions_test')} | "
-                + " | ".join(cells_txt)
-                + " |"
+                f"| {c['cvr']} | {c['intent']} | {c['sharing']} | "
+                f"{sp.get('spearman_cvr_clicked_do', float('nan')):.3f} | "
+                f"{sp.get('conversions_test')} | " + " | ".join(cells_txt) + " |"
             )
         lines.append("")
     return "\n".join(lines)

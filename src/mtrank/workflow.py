@@ -464,7 +464,8 @@ def _add_price_weights(
 ) -> dict:
     if schema.price is None or not schema.is_funnel:
         raise SchemaError(
-            f"--weight-by-price needs a funnel schema with a price column; schema {schema.name!r} has none"
+            "--weight-by-price needs a funnel schema with a price column; schema "
+            f"{schema.name!r} has none"
         )
     train = splits["train"]
     mean_log = mean_log_price(
@@ -482,7 +483,8 @@ def _add_price_weights(
             encoded[name].weight = torch.from_numpy(w)
     return {
         "kind": "price",
-        "formula": "1 + min(log1p(price) / mean_log1p_price_converted, cap) on converted rows, else 1",
+        "formula": "1 + min(log1p(price) / mean_log1p_price_converted, cap) on converted rows, "
+        "else 1",
         "mean_log1p_price_converted": mean_log,
         "cap": cap,
     }

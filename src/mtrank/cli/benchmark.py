@@ -27,7 +27,8 @@ from mtrank.io_utils import atomic_write_bytes, atomic_write_json
 
 
 def _options(items: list[str] | None) -> dict[str, dict]:
-    """``model.key=value`` strings → ``{model: {key: value}}`` (value parsed as JSON if it can be)."""
+    """``model.key=value`` strings → ``{model: {key: value}}`` (value parsed as JSON if it can
+    be)."""
     out: dict[str, dict] = {}
     for item in items or []:
         head, sep, raw = item.partition("=")

@@ -63,7 +63,8 @@ ConfigOpt = Annotated[
     typer.Option(
         "--config",
         "-c",
-        help="run config YAML (see `mtrank config init`); the flags given on the command line override its keys",
+        help="run config YAML (see `mtrank config init`); the flags given on the command line "
+        "override its keys",
     ),
 ]
 SUMMARY = metric_names("cli")

@@ -132,7 +132,8 @@ def simulate(
     else:
         if _on_command_line(ctx, "preset"):
             raise ConfigError(
-                "--preset cannot be combined with --config; write the preset's knobs into data.simulator"
+                "--preset cannot be combined with --config; write the preset's knobs into "
+                "data.simulator"
             )
         run_cfg = resolve_config(
             ctx,
@@ -149,7 +150,8 @@ def simulate(
         cfg, out, part_rows=part_rows, progress=sys.stderr.isatty(), overwrite=overwrite
     )
     console.print(
-        f"wrote {path} ({cfg.rows // cfg.slate_size * cfg.slate_size:,} impressions, preset {preset})"
+        f"wrote {path} ({cfg.rows // cfg.slate_size * cfg.slate_size:,} impressions, preset "
+        f"{preset})"
     )
 
 
@@ -212,7 +214,8 @@ def train(
         list[str] | None,
         typer.Option(
             "--hash-buckets",
-            help="COLUMN=N: hash this categorical column into N buckets (stable FNV-1a) instead of a vocabulary; repeatable",
+            help="COLUMN=N: hash this categorical column into N buckets (stable FNV-1a) "
+            "instead of a vocabulary; repeatable",
         ),
     ] = None,
     sparse_embeddings: Annotated[
@@ -239,7 +242,8 @@ def train(
         bool,
         typer.Option(
             "--weight-by-price",
-            help="weight converted rows by 1 + min(log1p(price)/mean, cap) (see mtrank.data.weights)",
+            help="weight converted rows by 1 + min(log1p(price)/mean, cap) (see "
+            "mtrank.data.weights)",
         ),
     ] = False,
     price_weight_cap: Annotated[
@@ -249,14 +253,16 @@ def train(
         Path | None,
         typer.Option(
             "--tensorboard",
-            help="also write the per-epoch metrics as TensorBoard event files here (needs tensorboard)",
+            help="also write the per-epoch metrics as TensorBoard event files here (needs "
+            "tensorboard)",
         ),
     ] = None,
     ltr_option: Annotated[
         list[str] | None,
         typer.Option(
             "--ltr-option",
-            help="with --model ltr: key=value of mtrank.models.ltr.LTRConfig (k, early_stopping, n_estimators, value_coef …); repeatable",
+            help="with --model ltr: key=value of mtrank.models.ltr.LTRConfig (k, "
+            "early_stopping, n_estimators, value_coef …); repeatable",
         ),
     ] = None,
     device: DeviceOpt = "auto",
@@ -265,7 +271,8 @@ def train(
         Path | None,
         typer.Option(
             "--cache-dir",
-            help="with --stream: keep encoded pieces here (safetensors) so later epochs skip reading and encoding",
+            help="with --stream: keep encoded pieces here (safetensors) so later epochs skip "
+            "reading and encoding",
         ),
     ] = None,
     quiet: QuietOpt = False,
@@ -285,7 +292,8 @@ def train(
     if model in RANKERS:
         if config is not None:
             raise ConfigError(
-                "--model ltr takes its settings from the flags and --ltr-option; --config is not supported for it yet"
+                "--model ltr takes its settings from the flags and --ltr-option; --config is "
+                "not supported for it yet"
             )
         return _train_ranker(
             dataset,
@@ -350,7 +358,8 @@ def train(
     )
     if cfg.data.cache_dir and not cfg.data.stream:
         raise ConfigError(
-            "--cache-dir (data.cache_dir) works with --stream (in-memory data is encoded once anyway)"
+            "--cache-dir (data.cache_dir) works with --stream (in-memory data is encoded once "
+            "anyway)"
         )
     train_from_config(cfg, quiet=quiet)
 
@@ -366,7 +375,8 @@ def _device_defaults(
 
 
 def train_from_config(cfg: RunConfig, *, quiet: bool = False) -> None:
-    """``mtrank train`` once its settings are resolved: train, print the metrics, write the bundle."""
+    """``mtrank train`` once its settings are resolved: train, print the metrics, write the
+    bundle."""
     t = cfg.training
     out = Path(cfg.export.out)
     if out.exists() and not cfg.export.overwrite:
@@ -476,7 +486,8 @@ def _train_ranker(
 
 
 def _parse_buckets(items: list[str] | None) -> dict[str, int] | None:
-    """``["item_id=1000000", ...]`` → ``{"item_id": 1000000}``. Raises ConfigError when malformed."""
+    """``["item_id=1000000", ...]`` → ``{"item_id": 1000000}``. Raises ConfigError when
+    malformed."""
     if not items:
         return None
     out = {}
@@ -501,7 +512,9 @@ def _report_validation(loaded) -> None:
     for rep in loaded.reports:
         if rep.dropped_rows:
             err.print(
-                f"[yellow]dropped {len(rep.dropped_rows)} funnel-violating row(s) (conversion without click) from {rep.source}; first rows: {rep.dropped_rows[:10]}[/yellow]"
+                f"[yellow]dropped {len(rep.dropped_rows)} funnel-violating row(s) (conversion "
+                f"without click) from {rep.source}; first rows: "
+                f"{rep.dropped_rows[:10]}[/yellow]"
             )
 
 
@@ -523,7 +536,8 @@ def evaluate(
     out: Annotated[Path | None, typer.Option("--out", "-o", help="write metrics JSON here")] = None,
     device: DeviceOpt = "cpu",
 ) -> None:
-    """Evaluate a bundle on a file, or on a built-in dataset's split (the split it was trained with)."""
+    """Evaluate a bundle on a file, or on a built-in dataset's split (the split it was trained
+    with)."""
     _check_choice(split, ("test", "val"), "--split")
     cfg = resolve_config(
         ctx,
@@ -586,7 +600,8 @@ def predict(
     ] = None,
     device: DeviceOpt = "cpu",
 ) -> None:
-    """Score a file: writes its ids plus p_ctr, p_cvr, p_ctcvr (and `score` with --fusion) per row, in input order; an LTR bundle writes its ranking `score`."""
+    """Score a file: writes its ids plus p_ctr, p_cvr, p_ctcvr (and `score` with --fusion) per row,
+    in input order; an LTR bundle writes its ranking `score`."""
     cfg = resolve_config(
         ctx,
         config,
@@ -610,14 +625,16 @@ def predict(
     frame = predictions_frame(b, table, str(data))
     if spec is not None and "p_ctr" not in frame.columns:
         raise ConfigError(
-            f"--fusion needs pCTR and pCVR; model {b.model_config.name!r} writes its own ranking score `score` (no probabilities), so drop --fusion"
+            f"--fusion needs pCTR and pCVR; model {b.model_config.name!r} writes its own "
+            "ranking score `score` (no probabilities), so drop --fusion"
         )
     if spec is not None:
         frame = frame.with_columns(fused_score_column(spec, frame, table, b.schema.price))
         n_null = frame.get_column("score").null_count()
         if n_null:
             err.print(
-                f"[yellow]warning: {n_null:,} row(s) have no fused score (missing, negative or non-finite price); their score is null[/yellow]"
+                f"[yellow]warning: {n_null:,} row(s) have no fused score (missing, negative or "
+                "non-finite price); their score is null[/yellow]"
             )
     atomic_write_parquet(frame, out)
     console.print(f"wrote {frame.height:,} predictions to {out}")
@@ -635,7 +652,8 @@ def quickstart(
         typer.Option(
             "--out",
             "-o",
-            help="run directory, rewritten on each run (default: runs/quickstart, runs/quickstart-<dataset> for the others)",
+            help="run directory, rewritten on each run (default: runs/quickstart, "
+            "runs/quickstart-<dataset> for the others)",
         ),
     ] = None,
     models: Annotated[str, typer.Option(help="comma-separated models")] = "esmm,base",
@@ -652,7 +670,8 @@ def quickstart(
     precision: PrecisionOpt = "fp32",
     quiet: QuietOpt = False,
 ) -> None:
-    """Simulate if needed → train ESMM and BASE → evaluate on held-out test → table + metrics.json + report.html.
+    """Simulate if needed → train ESMM and BASE → evaluate on held-out test → table +
+    metrics.json + report.html.
 
     With ``--config FILE`` the data, model sizes and training budget come from the run config
     (flags given on the command line override them); each model of ``--models`` and each seed

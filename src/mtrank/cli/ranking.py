@@ -1,4 +1,5 @@
-"""The ranking commands: ``mtrank quadrants`` and ``mtrank fuse`` (registered by :mod:`mtrank.cli`)."""
+"""The ranking commands: ``mtrank quadrants`` and ``mtrank fuse`` (registered by
+:mod:`mtrank.cli`)."""
 
 from __future__ import annotations
 
@@ -135,7 +136,9 @@ def _attach_predictions(bundle: Bundle, frame: pl.DataFrame, source: str) -> pl.
     if missing:
         if "score" in preds.columns:  # a ranker (LTR) with its own score: nothing to fuse
             raise ConfigError(
-                f"model {bundle.model_config.name!r} ranks by its own score and has no pCTR/pCVR to fuse; compare it with fused rankings in benchmarks/ltr_side_by_side.py (docs/ltr.md)"
+                f"model {bundle.model_config.name!r} ranks by its own score and has no "
+                "pCTR/pCVR to fuse; compare it with fused rankings in "
+                "benchmarks/ltr_side_by_side.py (docs/ltr.md)"
             )
         raise ConfigError(
             f"the bundle does not predict {missing}: fusion needs a funnel model (ESMM)"
@@ -170,7 +173,8 @@ def quadrants(
     by: Annotated[
         str | None,
         typer.Option(
-            help="entity column(s), comma-separated and combined (default: item id; Hillstrom segment,channel,history_segment)"
+            help="entity column(s), comma-separated and combined (default: item id; Hillstrom "
+            "segment,channel,history_segment)"
         ),
     ] = None,
     value: Annotated[
@@ -247,7 +251,8 @@ def quadrants(
         "threshold_method": threshold,
         "thresholds": cut,
         "smoothing": {
-            "method": "Beta prior by the method of moments (trial-weighted, sampling variance removed); rate = (successes + alpha) / (trials + alpha + beta)",
+            "method": "Beta prior by the method of moments (trial-weighted, sampling variance "
+            "removed); rate = (successes + alpha) / (trials + alpha + beta)",
             "ctr": asdict(priors["ctr"]),
             "cvr": asdict(priors["cvr"]),
         },
@@ -263,7 +268,8 @@ def quadrants(
     ]
     console.print(
         _table(
-            f"{sch.name}: {stats.height:,} entities by {' × '.join(by_cols)}; CTR ≥ {cut['ctr']:.4f}, CVR ≥ {cut['cvr']:.4f} is high",
+            f"{sch.name}: {stats.height:,} entities by {' × '.join(by_cols)}; CTR ≥ "
+            f"{cut['ctr']:.4f}, CVR ≥ {cut['cvr']:.4f} is high",
             table,
             cols,
         )
@@ -350,7 +356,8 @@ def fuse(
         Path | None,
         typer.Option(
             "--predictions",
-            help="a scored table that also holds the labels (p_ctr, p_cvr, click, conversion, price)",
+            help="a scored table that also holds the labels (p_ctr, p_cvr, click, conversion, "
+            "price)",
         ),
     ] = None,
     split: Annotated[
@@ -416,7 +423,8 @@ def fuse(
         for c in (sch.click, sch.conversion):
             if c not in frame.columns:
                 raise DataError(
-                    f"no label column {c!r}: `mtrank predict` output has no labels; use --bundle with --dataset/--data instead, or join the labels",
+                    f"no label column {c!r}: `mtrank predict` output has no labels; use "
+                    "--bundle with --dataset/--data instead, or join the labels",
                     file=source,
                 )
     else:
@@ -439,7 +447,9 @@ def fuse(
     )
     if (rd.sizes <= k).all():
         err.print(
-            f"[yellow]warning: every request has ≤ {k} candidates, so GMV@{k}, orders@{k} and clicks@{k} cannot depend on the ranking (only NDCG can); use a smaller --k or larger requests[/yellow]"
+            f"[yellow]warning: every request has ≤ {k} candidates, so GMV@{k}, orders@{k} and "
+            f"clicks@{k} cannot depend on the ranking (only NDCG can); use a smaller --k or "
+            "larger requests[/yellow]"
         )
     cfg = TuneConfig(
         formula=formula,
@@ -520,7 +530,8 @@ def fuse(
         [f"exp_gmv@{k}", f"exp_clicks@{k}"] if rd.true_ctr is not None else []
     )
     t = Table(
-        title=f"{sch.name}: held-out requests ({info['requests']}); best {res.best.name} {res.best.params}"
+        title=f"{sch.name}: held-out requests ({info['requests']}); best {res.best.name} "
+        f"{res.best.params}"
     )
     t.add_column("ranking")
     for key in keys:
@@ -532,7 +543,8 @@ def fuse(
         console.print(line)
     if quadrant_info:
         console.print(
-            f"quadrant II share of top-{k} slots: pCTR-only {quadrant_info['pctr']:.4f} → fused {quadrant_info['fused']:.4f}"
+            f"quadrant II share of top-{k} slots: pCTR-only {quadrant_info['pctr']:.4f} → "
+            f"fused {quadrant_info['fused']:.4f}"
         )
     console.print(f"wrote {out}/fusion.json, frontier.csv, trials.csv, replay.json, frontier.png")
 
@@ -558,7 +570,8 @@ def _summary(res, k: int, objective: str, seed: int) -> dict:
         ci = bootstrap_lift(fused[key], base[key], seed=seed)
         out[f"{key}@{k}_vs_pctr"] = ci
         out.setdefault("lines", []).append(
-            f"{key}@{k}: fused {fused[key].mean():.4f} vs pCTR-only {base[key].mean():.4f} per request: "
+            f"{key}@{k}: fused {fused[key].mean():.4f} vs pCTR-only {base[key].mean():.4f} per "
+            "request: "
             f"{100 * ci['lift']:+.1f}% (95% CI {100 * ci['low']:+.1f}% … {100 * ci['high']:+.1f}%)"
         )
     return out

@@ -1,4 +1,5 @@
-"""The serving commands: ``mtrank export`` and ``mtrank serve`` (registered by :mod:`mtrank.cli`)."""
+"""The serving commands: ``mtrank export`` and ``mtrank serve`` (registered by
+:mod:`mtrank.cli`)."""
 
 from __future__ import annotations
 
@@ -39,7 +40,8 @@ def export(
     path, diffs = export_onnx(bundle, out)
     checks = ", ".join(f"batch {b}: {d:.1e}" for b, d in diffs.items())
     console.print(
-        f"wrote {path}; inputs categorical int64 [B, n_cat], numerical float32 [B, n_num]; outputs p_ctr, p_cvr, p_ctcvr [B]; max |onnx - torch| {checks}"
+        f"wrote {path}; inputs categorical int64 [B, n_cat], numerical float32 [B, n_num]; "
+        f"outputs p_ctr, p_cvr, p_ctcvr [B]; max |onnx - torch| {checks}"
     )
 
 
@@ -56,7 +58,8 @@ def serve(
     host: Annotated[
         str,
         typer.Option(
-            help="interface to listen on (127.0.0.1: this machine only; 0.0.0.0: every interface, put a gateway in front)"
+            help="interface to listen on (127.0.0.1: this machine only; 0.0.0.0: every "
+            "interface, put a gateway in front)"
         ),
     ] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port", min=1, max=65535)] = 8000,

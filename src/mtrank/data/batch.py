@@ -174,7 +174,8 @@ class EncodedData:
                 )
 
     def to(self, device: torch.device) -> EncodedData:
-        """The tensors on ``device`` (side columns stay numpy on the host); itself when already there."""
+        """The tensors on ``device`` (side columns stay numpy on the host); itself when already
+        there."""
         if self.categorical.device == torch.device(device):
             return self
         return EncodedData(

@@ -288,7 +288,8 @@ def load_census(data_dir: Path, schema: Schema) -> LoadedData:
         reports.append(rep)
     if not frames:
         raise DatasetNotFoundError(
-            f"dataset 'census': no census-income.data.gz or census-income.test.gz under {folder}. {hint}"
+            "dataset 'census': no census-income.data.gz or census-income.test.gz under "
+            f"{folder}. {hint}"
         )
     df = pl.concat(frames, how="vertical_relaxed") if len(frames) > 1 else frames[0]
     return LoadedData(schema, {"all": df}, {"all": ", ".join(sources)}, reports)

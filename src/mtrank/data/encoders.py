@@ -175,7 +175,8 @@ class NumericalEncoder:
 
 @dataclass
 class EncodedFeatures:
-    """Encoded features of N rows: ``categorical`` int64 [N, n_cat], ``numerical`` float32 [N, n_num]."""
+    """Encoded features of N rows: ``categorical`` int64 [N, n_cat], ``numerical`` float32 [N,
+    n_num]."""
 
     categorical: np.ndarray
     numerical: np.ndarray

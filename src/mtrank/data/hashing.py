@@ -86,5 +86,6 @@ def check_hash_columns(hash_buckets: dict[str, int] | None, categorical: list[st
         from mtrank.errors import ConfigError
 
         raise ConfigError(
-            f"--hash-buckets names {unknown}, which are not categorical columns of the schema: {categorical}"
+            f"--hash-buckets names {unknown}, which are not categorical columns of the schema: "
+            f"{categorical}"
         )

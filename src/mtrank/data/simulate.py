@@ -367,7 +367,8 @@ def _world(cfg: SimConfig, rng: np.random.Generator) -> dict[str, np.ndarray]:
 def _intent_strength(
     cfg: SimConfig, w: dict[str, np.ndarray], items: np.ndarray, user: np.ndarray
 ) -> np.ndarray | float:
-    """λ(x) per impression (a scalar when ``selection`` is 0, so the default draws are unchanged)."""
+    """λ(x) per impression (a scalar when ``selection`` is 0, so the default draws are
+    unchanged)."""
     if cfg.selection == 0:
         return cfg.intent
     h = w["sel_item"][items] + w["sel_user"][user]
@@ -563,7 +564,8 @@ def write_simulated(
 
 
 def read_sim_metadata(path: str | Path) -> dict | None:
-    """The simulator settings stored in a Parquet file by :func:`write_simulated` (None if absent)."""
+    """The simulator settings stored in a Parquet file by :func:`write_simulated` (None if
+    absent)."""
     import pyarrow.parquet as pq
 
     kv = pq.ParquetFile(path).metadata.metadata or {}

@@ -54,7 +54,8 @@ def check_parts_dir(path: str | Path) -> None:
     p = Path(path)
     if (p / INCOMPLETE).exists():
         raise DataError(
-            f"the directory is incomplete (it holds {INCOMPLETE}: its writer was interrupted); write it again",
+            f"the directory is incomplete (it holds {INCOMPLETE}: its writer was interrupted); "
+            "write it again",
             file=str(p),
         )
     if not (p / MANIFEST).is_file():
@@ -67,7 +68,8 @@ def check_parts_dir(path: str | Path) -> None:
     if listed != present:
         missing, extra = sorted(listed - present), sorted(present - listed)
         raise DataError(
-            f"the directory does not match its {MANIFEST}: missing parts {missing[:5]}, unlisted parts {extra[:5]}",
+            f"the directory does not match its {MANIFEST}: missing parts {missing[:5]}, "
+            f"unlisted parts {extra[:5]}",
             file=str(p),
         )
 

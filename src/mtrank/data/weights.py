@@ -52,7 +52,8 @@ def price_weights(
     """float32 weights ``[N]`` (see the module docstring).
 
     Args:
-        price: ``[N]`` prices (currency units; ints such as cents work). Ignored where not converted.
+        price: ``[N]`` prices (currency units; ints such as cents work). Ignored where not
+            converted.
         conversion: ``[N]`` 0/1 labels.
         cap: the largest extra weight (> 0). mean_log: the normaliser; by default
             :func:`mean_log_price` of these rows (pass the training split's for other splits).

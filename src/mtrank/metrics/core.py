@@ -127,7 +127,8 @@ def gauc(
 def logloss(
     y: np.ndarray, p: np.ndarray, weight: np.ndarray | None = None, eps: float = 1e-7
 ) -> float | None:
-    """Mean binary cross-entropy of probabilities clipped to [eps, 1 − eps]; None on an empty space."""
+    """Mean binary cross-entropy of probabilities clipped to [eps, 1 − eps]; None on an empty
+    space."""
     y, p = _as_arrays(y, p)
     if weight is not None:
         keep = np.asarray(weight).ravel() > 0

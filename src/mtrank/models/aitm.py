@@ -129,5 +129,6 @@ class AITM(nn.Module):
         }
 
     def extra_loss(self, outputs: dict[str, torch.Tensor], batch: Batch) -> torch.Tensor:
-        """Behavioural expectation calibrator (AITM eq. 8): α · mean(max(pCTCVR − pCTR, 0)), scalar."""
+        """Behavioural expectation calibrator (AITM eq. 8): α · mean(max(pCTCVR − pCTR, 0)),
+        scalar."""
         return self.calibrator_weight * torch.relu(outputs["p_ctcvr"] - outputs["p_ctr"]).mean()

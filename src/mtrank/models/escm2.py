@@ -90,7 +90,8 @@ class ESCM2(ESMM):
     def counterfactual_risk(
         self, outputs: dict[str, torch.Tensor], batch: Batch
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(CVR risk R, DR imputation loss or None), both scalars averaged over all B impressions."""
+        """(CVR risk R, DR imputation loss or None), both scalars averaged over all B
+        impressions."""
         click, conversion = batch.labels["click"], batch.labels["conversion"]
         err = F.binary_cross_entropy_with_logits(outputs["logit_cvr"], conversion, reduction="none")
         w = ipw_weights(outputs["p_ctr"], self.propensity_clip)

@@ -101,7 +101,8 @@ class GradeLevels:
 
     @classmethod
     def fit(cls, grade: np.ndarray, conversion: np.ndarray, levels: int) -> GradeLevels:
-        """Quantile bins of the purchase grades (at most ``levels``); gains = mean grade per level."""
+        """Quantile bins of the purchase grades (at most ``levels``); gains = mean grade per
+        level."""
         grade = np.asarray(grade, dtype=np.float64)
         buy = np.asarray(conversion) > 0
         other = grade[~buy & (grade > 0)]
@@ -234,7 +235,8 @@ class LambdaMART:
         self.n_numerical = n_numerical
 
     def __call__(self, categorical: np.ndarray, numerical: np.ndarray) -> dict[str, np.ndarray]:
-        """``{"score": float64 [N]}`` for encoded rows (int64 ``[N, n_cat]``, float32 ``[N, n_num]``)."""
+        """``{"score": float64 [N]}`` for encoded rows (int64 ``[N, n_cat]``, float32 ``[N,
+        n_num]``)."""
         x = features_matrix(categorical, numerical)
         if x.shape[0] == 0:
             return {"score": np.zeros(0)}
@@ -266,19 +268,22 @@ class LambdaMART:
             booster = lgb.Booster(model_str=path.read_text())
         except (OSError, UnicodeDecodeError, lgb.basic.LightGBMError) as exc:
             raise BundleError(
-                f"bundle {folder}: cannot read {cls.weights_file} ({str(exc).splitlines()[0] if str(exc) else exc})"
+                f"bundle {folder}: cannot read {cls.weights_file} "
+                f"({str(exc).splitlines()[0] if str(exc) else exc})"
             ) from None
         n_cat, n_num = len(spec.cardinalities), spec.n_numerical
         if booster.num_feature() != n_cat + n_num:
             raise BundleError(
-                f"bundle {folder}: {cls.weights_file} has {booster.num_feature()} features, the feature spec {n_cat + n_num}"
+                f"bundle {folder}: {cls.weights_file} has {booster.num_feature()} features, "
+                f"the feature spec {n_cat + n_num}"
             )
         return cls(booster, n_cat, n_num)
 
 
 @dataclass
 class RankingSet:
-    """One split for LightGBM: features ``[N, F]``, integer levels ``[N]``, request sizes ``[R]``."""
+    """One split for LightGBM: features ``[N, F]``, integer levels ``[N]``, request sizes
+    ``[R]``."""
 
     x: np.ndarray
     label: np.ndarray

@@ -65,7 +65,8 @@ def _sizes_option(
         or not all(isinstance(v, int) and v > 0 for v in value)
     ):
         raise ConfigError(
-            f"model {cfg.name!r}: option {key!r} must be a non-empty list of positive sizes, got {value!r}"
+            f"model {cfg.name!r}: option {key!r} must be a non-empty list of positive sizes, "
+            f"got {value!r}"
         )
     return value
 
@@ -130,7 +131,8 @@ class CGCLevel(nn.Module):
     with ``shared_gate`` a further gate mixes *all* experts for the next level's shared input.
 
     Shapes: forward(per-task inputs ``n_heads`` × ``[B, in_dim]``, shared input ``[B, in_dim]``)
-    → (``n_heads`` × ``[B, d]``, shared ``[B, d]`` or None, gate weights ``n_heads`` × ``[B, E_k]``).
+    → (``n_heads`` × ``[B, d]``, shared ``[B, d]`` or None, gate weights
+    ``n_heads`` × ``[B, E_k]``).
     """
 
     def __init__(
@@ -261,7 +263,8 @@ class MultiTaskModel(nn.Module):
         self.options = parse_options(self.Options, cfg)
         if self.entire_space and not spec.funnel:
             raise ConfigError(
-                f"{cfg.name} is trained through pCTCVR and needs a funnel dataset (click and conversion labels)"
+                f"{cfg.name} is trained through pCTCVR and needs a funnel dataset (click and "
+                "conversion labels)"
             )
         self.funnel = spec.funnel
         self.heads = head_names(spec.funnel, spec.task_names)
@@ -275,7 +278,8 @@ class MultiTaskModel(nn.Module):
             tower_hidden = self.options.tower_hidden
             if not all(v > 0 for v in tower_hidden):
                 raise ConfigError(
-                    f"model {cfg.name!r}: option 'tower_hidden' must be a list of positive sizes, got {tower_hidden!r}"
+                    f"model {cfg.name!r}: option 'tower_hidden' must be a list of positive "
+                    f"sizes, got {tower_hidden!r}"
                 )
         self.body = self.build_body(self.embedding.output_dim, len(self.heads), body_hidden, cfg)
         self.towers = nn.ModuleDict(
@@ -292,7 +296,8 @@ class MultiTaskModel(nn.Module):
         raise NotImplementedError
 
     def head_outputs(self) -> dict[str, nn.Linear]:
-        """The output layer of each head's tower (for :func:`~mtrank.models.layers.init_output_bias`)."""
+        """The output layer of each head's tower (for
+        :func:`~mtrank.models.layers.init_output_bias`)."""
         return {h: t.output_layer for h, t in self.towers.items()}
 
     def forward(
@@ -321,7 +326,8 @@ class MultiTaskModel(nn.Module):
         )
 
     def expert_outputs(self, categorical: torch.Tensor, numerical: torch.Tensor) -> torch.Tensor:
-        """The (first level's) expert outputs ``[B, n_experts, d]``. Raises ConfigError without experts."""
+        """The (first level's) expert outputs ``[B, n_experts, d]``. Raises ConfigError without
+        experts."""
         if not hasattr(self.body, "expert_outputs"):
             raise ConfigError(f"{type(self).__name__} has no experts")
         return self.body.expert_outputs(self.embedding(categorical, numerical))
@@ -391,7 +397,8 @@ class PLE(MultiTaskModel):
 
 
 class ESMMSharedBottom(SharedBottom):
-    """ESMM's entire-space loss (CTR + CTCVR = pCTR · pCVR) over a shared-bottom body (``esmm_sb``)."""
+    """ESMM's entire-space loss (CTR + CTCVR = pCTR · pCVR) over a shared-bottom body
+    (``esmm_sb``)."""
 
     entire_space = True
     plain_tasks = False  # the entire-space loss needs a funnel

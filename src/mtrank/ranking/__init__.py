@@ -1,1 +1,2 @@
-"""Ranking on top of the model outputs: score fusion, offline replay and tuning, four-quadrant analysis."""
+"""Ranking on top of the model outputs: score fusion, offline replay and tuning, four-quadrant
+analysis."""

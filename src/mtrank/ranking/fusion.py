@@ -348,7 +348,8 @@ def make_fusion(formula: str, params: dict | None = None) -> Fusion:
     if unknown:  # named here, never as a TypeError from the dataclass's __init__
         names = sorted(cls.param_types()) or "none"
         raise ConfigError(
-            f"fusion {formula!r}: bad params {[ascii(k)[1:-1] for k in unknown]}: not parameters of this formula (its parameters: {names})"
+            f"fusion {formula!r}: bad params {[ascii(k)[1:-1] for k in unknown]}: not "
+            f"parameters of this formula (its parameters: {names})"
         )
     return cls(**(params or {}))
 

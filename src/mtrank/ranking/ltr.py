@@ -69,11 +69,13 @@ def check_ltr_schema(schema: Schema) -> None:
     """Raises ConfigError unless ``schema`` is a funnel with a request id column."""
     if not schema.is_funnel:
         raise ConfigError(
-            f"LTR needs a funnel schema (click and conversion labels); schema {schema.name!r} has plain tasks {list(schema.tasks)}"
+            f"LTR needs a funnel schema (click and conversion labels); schema {schema.name!r} "
+            f"has plain tasks {list(schema.tasks)}"
         )
     if schema.request_id is None:
         raise ConfigError(
-            f"LTR groups impressions by request, and schema {schema.name!r} declares no request_id column; "
+            f"LTR groups impressions by request, and schema {schema.name!r} declares no "
+            "request_id column; "
             "set `request_id` in the schema (rows of a request contiguous)"
         )
 
@@ -191,21 +193,27 @@ def fit_ltr(
     if bad_values:
         _say(
             log,
-            f"ltr: converted rows with a missing, negative or non-finite value, graded as value 0: {bad_values}",
+            "ltr: converted rows with a missing, negative or non-finite value, graded as "
+            f"value 0: {bad_values}",
         )
     left_out = counts["one_candidate"] + counts["no_positive"] + counts["all_equal"]
     if left_out:
         _say(
             log,
-            f"ltr: {left_out:,} of {counts['requests']:,} training requests have no pair to learn from "
-            f"({counts['one_candidate']:,} with one candidate, {counts['no_positive']:,} with no positive, "
-            f"{counts['all_equal']:,} with one grade for all); left out of training, kept in evaluation",
+            f"ltr: {left_out:,} of {counts['requests']:,} training requests have no pair to "
+            "learn from "
+            f"({counts['one_candidate']:,} with one candidate, {counts['no_positive']:,} with "
+            "no positive, "
+            f"{counts['all_equal']:,} with one grade for all); left out of training, kept in "
+            "evaluation",
         )
     if all((p.sizes <= cfg.k).all() for p in parts.values()):
         _say(
             log,
-            f"ltr: warning: every request has ≤ {cfg.k} candidates, so GMV@{cfg.k}, orders@{cfg.k} and clicks@{cfg.k} "
-            "cannot depend on the ranking (only NDCG can); use a smaller k (--ltr-option k=5) or larger requests",
+            f"ltr: warning: every request has ≤ {cfg.k} candidates, so GMV@{cfg.k}, "
+            f"orders@{cfg.k} and clicks@{cfg.k} "
+            "cannot depend on the ranking (only NDCG can); use a smaller k (--ltr-option k=5) "
+            "or larger requests",
         )
     if not keep.any():
         raise ConfigError(
@@ -239,7 +247,8 @@ def fit_ltr(
     )
     _say(
         log,
-        f"ltr: best iteration {info['best_iteration']} of {cfg.n_estimators} ({info['best_score']})",
+        f"ltr: best iteration {info['best_iteration']} of {cfg.n_estimators} "
+        f"({info['best_score']})",
     )
     metrics = {}
     for name, p in parts.items():

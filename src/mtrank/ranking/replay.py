@@ -120,7 +120,8 @@ class ReplayData:
     Attributes:
         group: dense request index. click, conversion: 0/1 labels.
         value: GMV of the row if it converts (price or amount, currency units; ≥ 0).
-        price: the price factor a fusion sees (> 0, see :func:`~mtrank.ranking.fusion.clean_prices`).
+        price: the price factor a fusion sees (> 0, see
+            :func:`~mtrank.ranking.fusion.clean_prices`).
         p_ctr, p_cvr: model predictions (optional: a ranker with its own score has none; the
             fusion tuner needs them). position: logged 1-based position, optional.
         true_ctr, true_cvr: true probabilities (simulator), optional.
@@ -339,7 +340,8 @@ def replay_from_frame(
     for c in predictions:
         if c not in frame.columns:
             raise DataError(
-                f"no {c!r} column: give --bundle (with --dataset/--data) or a predictions file that has it",
+                f"no {c!r} column: give --bundle (with --dataset/--data) or a predictions file "
+                "that has it",
                 file=source,
             )
     for c, what in ((price_col, "--price-col"), (value_col, "--value-col")):

@@ -197,7 +197,8 @@ def compare_strategies(
                 p_test["p_ctr"], p_test["p_cvr"], test.replay.price
             )
         say(
-            f"{name}: best epoch {res.result.best_epoch}, fusion {best.params} ({seconds[name]:.0f}s)"
+            f"{name}: best epoch {res.result.best_epoch}, fusion {best.params} "
+            f"({seconds[name]:.0f}s)"
         )
     r = test.replay
     if r.position is not None:
@@ -293,14 +294,16 @@ def report_markdown(result: dict, title: str) -> str:
         lcells = [
             "(reference)"
             if lf is None
-            else f"{100 * lf[key]['lift']:+.1f} % ({100 * lf[key]['low']:+.1f} … {100 * lf[key]['high']:+.1f})"
+            else f"{100 * lf[key]['lift']:+.1f} % ({100 * lf[key]['low']:+.1f} … "
+            f"{100 * lf[key]['high']:+.1f})"
             for key in lift_keys
         ]
         lines.append(f"| {name} | " + " | ".join(cells) + " | " + " | ".join(lcells) + " |")
     t = result["test"]
     lines += [
         "",
-        f"Test: {t['rows']:,} impressions in {t['requests']:,} requests ({t['clicks']:,} clicks, {t['conversions']:,} conversions); K = {k}.",
+        f"Test: {t['rows']:,} impressions in {t['requests']:,} requests ({t['clicks']:,} "
+        f"clicks, {t['conversions']:,} conversions); K = {k}.",
     ]
     return "\n".join(lines) + "\n"
 

@@ -187,7 +187,8 @@ def tune(data: ReplayData, cfg: TuneConfig, *, progress: bool = False) -> TuneRe
             import optuna
         except ImportError:
             raise ConfigError(
-                "optuna is not installed: it is a dependency of mtrank; reinstall mtrank, or use --method grid"
+                "optuna is not installed: it is a dependency of mtrank; reinstall mtrank, or "
+                "use --method grid"
             ) from None
         optuna.logging.set_verbosity(logging.WARNING)
 

@@ -111,7 +111,8 @@ def comparison_table(title: str, summary: dict[str, dict[str, dict]], note: str 
 
 
 def funnel_rates(m: dict) -> dict | None:
-    """CTR, CVR on clicks and CTCVR from a metrics dict's ``n_impressions / n_clicks / n_conversions``."""
+    """CTR, CVR on clicks and CTCVR from a metrics dict's ``n_impressions / n_clicks /
+    n_conversions``."""
     imp, clk, conv = (_num(m.get(k)) for k in ("n_impressions", "n_clicks", "n_conversions"))
     if not imp:
         return None
@@ -226,12 +227,14 @@ def collect_runs(paths: list[str | Path]) -> list[RunDir]:
     for p in paths:
         if not Path(p).is_dir():
             raise MtrankError(
-                f"{p} is not a directory (give run directories: quickstart, train, benchmark, quadrants or fuse outputs)"
+                f"{p} is not a directory (give run directories: quickstart, train, benchmark, "
+                "quadrants or fuse outputs)"
             )
         run = scan(p)
         if not run.kinds:
             raise MtrankError(
-                f"{p} holds no metrics.json, bundle config.json, benchmark.json, quadrants.json, fusion.json or sweep.json"
+                f"{p} holds no metrics.json, bundle config.json, benchmark.json, "
+                "quadrants.json, fusion.json or sweep.json"
             )
         runs.append(run)
     return runs
@@ -239,7 +242,8 @@ def collect_runs(paths: list[str | Path]) -> list[RunDir]:
 
 # -- sections -------------------------------------------------------------------------------------
 def _command(text: str) -> str:
-    """A recorded command line with its program path (``…/mtrank/__main__.py``, ``…/bin/mtrank``) shown as ``mtrank``."""
+    """A recorded command line with its program path (``…/mtrank/__main__.py``, ``…/bin/mtrank``)
+    shown as ``mtrank``."""
     prog, _, rest = str(text).partition(" ")
     return (
         f"mtrank {rest}".strip()
@@ -335,7 +339,8 @@ def calibration_curves(b: BundleRun) -> dict[str, dict]:
     saved = b.meta.get("calibration") or {}
     if not saved.get("tasks"):
         raise MtrankError(
-            "the bundle holds no calibration record (no test split, or written by an older mtrank: retrain it)"
+            "the bundle holds no calibration record (no test split, or written by an older "
+            "mtrank: retrain it)"
         )
     return saved["tasks"]
 
@@ -541,7 +546,8 @@ def build_context(runs: list[RunDir], *, calibrate: bool = True) -> dict:
             reps = (bench.get("benchmark") or {}).get("repeats", 1)
             summaries.append(
                 (
-                    f"{path.name or name}: benchmark on {bench.get('dataset')}, {reps} repeat(s) (mean ± std)",
+                    f"{path.name or name}: benchmark on {bench.get('dataset')}, {reps} "
+                    "repeat(s) (mean ± std)",
                     bench.get("summary") or {},
                     (bench.get("protocol") or {}).get("auc_ctcvr", ""),
                 )

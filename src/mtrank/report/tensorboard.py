@@ -19,7 +19,8 @@ def check_available() -> None:
         from torch.utils.tensorboard import SummaryWriter  # noqa: F401
     except ImportError:
         raise ConfigError(
-            "--tensorboard needs the tensorboard package: pip install tensorboard (or mtrank[tensorboard])"
+            "--tensorboard needs the tensorboard package: pip install tensorboard (or "
+            "mtrank[tensorboard])"
         ) from None
 
 

@@ -90,7 +90,9 @@ class ScoreResponse(BaseModel):
     model: str
     bundle_sha256: str
     score_source: str = Field(
-        description="'fusion': score = the fusion of the model's pCTR/pCVR/pCTCVR; 'ranker': the model's own ranking score (LTR), and p_ctr, p_cvr, p_ctcvr, log_score are null"
+        description="'fusion': score = the fusion of the model's pCTR/pCVR/pCTCVR; 'ranker': "
+        "the model's own ranking score (LTR), and p_ctr, p_cvr, p_ctcvr, log_score "
+        "are null"
     )
     fusion: FusionOut
     n_candidates: int
@@ -154,7 +156,10 @@ def create_app(
         lifespan=_bound_thread_pool,
         title="mtrank ranking service",
         version=mtrank.__version__,
-        description=f"Ranks candidates by a fusion of ESMM's pCTR, pCVR and pCTCVR. Model {service.bundle.model_config.name!r}, schema {service.bundle.schema.name!r}. No authentication: run it behind a gateway.",
+        description="Ranks candidates by a fusion of ESMM's pCTR, pCVR and pCTCVR. Model "
+        f"{service.bundle.model_config.name!r}, schema "
+        f"{service.bundle.schema.name!r}. No authentication: run it behind a "
+        "gateway.",
     )
     app.state.service = service
     header = {

@@ -59,7 +59,8 @@ def check_length(content_length: str | None, limit: int) -> None:
     ):
         raise body_error(
             413,
-            f"the body has {int(content_length):,} bytes; the limit is {limit:,} (mtrank serve --max-body-bytes)",
+            f"the body has {int(content_length):,} bytes; the limit is {limit:,} (mtrank serve "
+            "--max-body-bytes)",
             "too_large",
         )
 

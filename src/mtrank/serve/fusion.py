@@ -148,7 +148,8 @@ def fused_score_column(
     if fusion.uses_price:
         if price_column is None or price_column not in table.columns:
             raise ConfigError(
-                f"fusion {fusion.name!r} {fusion.params} needs a price column, and {'the schema declares none' if price_column is None else f'the data has no column {price_column!r}'}"
+                f"fusion {fusion.name!r} {fusion.params} needs a price column, and "
+                f"{'the schema declares none' if price_column is None else f'the data has no column {price_column!r}'}"  # noqa: E501
             )
         price = table.get_column(price_column).cast(pl.Float64, strict=False).to_numpy()
     p = {k: predictions.get_column(k).to_numpy() for k in ("p_ctr", "p_cvr", "p_ctcvr")}

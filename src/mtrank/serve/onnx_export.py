@@ -88,7 +88,9 @@ def to_onnx_bytes(bundle: Bundle) -> bytes:
     """
     if not isinstance(bundle.model, torch.nn.Module):
         raise ExportError(
-            f"model {bundle.model_config.name!r} is not a neural network: ONNX export covers the neural models; this bundle's model is served from its own {codec(bundle.model_config).weights_file}"
+            f"model {bundle.model_config.name!r} is not a neural network: ONNX export covers "
+            "the neural models; this bundle's model is served from its own "
+            f"{codec(bundle.model_config).weights_file}"
         )
     names = output_names(bundle)
     head = _ProbabilityHead(bundle.model, names).eval()

@@ -37,7 +37,8 @@ def _feature(service: RankingService, col: str) -> dict:
     if col == service.price:
         return {
             "anyOf": [{"type": "number", "minimum": 0, "maximum": bound}, NULL],
-            "description": "price in currency units, finite and ≥ 0; null or absent in a candidate takes the context's",
+            "description": "price in currency units, finite and ≥ 0; null or absent in a "
+            "candidate takes the context's",
         }
     return {
         "anyOf": [{"type": "number", "minimum": -bound, "maximum": bound}, NULL],
@@ -80,7 +81,8 @@ def fusion_schema() -> dict:
         variants.append(variant)
     return {
         "oneOf": variants,
-        "description": "score fusion (see docs/ranking.md); default: the server's --fusion, else score = p_ctcvr",
+        "description": "score fusion (see docs/ranking.md); default: the server's --fusion, "
+        "else score = p_ctcvr",
     }
 
 
@@ -115,14 +117,16 @@ def request_schemas(service: RankingService) -> dict[str, dict]:
         "properties": {
             "context": {
                 "anyOf": [{"$ref": "#/components/schemas/Features"}, NULL],
-                "description": "column → value shared by every candidate; a candidate's non-null value overrides it",
+                "description": "column → value shared by every candidate; a candidate's "
+                "non-null value overrides it",
             },
             "candidates": {
                 "type": "array",
                 "minItems": 1,
                 "maxItems": MAX_CANDIDATES,
                 "items": {"$ref": "#/components/schemas/Features"},
-                "description": f"1 to {MAX_CANDIDATES} candidates, each an object of column → value",
+                "description": f"1 to {MAX_CANDIDATES} candidates, each an object of column → "
+                "value",
             },
             "fusion": {"anyOf": [{"$ref": "#/components/schemas/Fusion"}, NULL]},
         },

@@ -57,7 +57,10 @@ ENGINES = ("onnx", "torch")
 PROBS = ("p_ctr", "p_cvr", "p_ctcvr")
 INT64 = (-(2**63), 2**63 - 1)
 _ABSENT = object()
-_CATEGORICAL_MSG = f"a categorical value must be a string, a 64-bit integer or null (a string of at most {MAX_ID_CHARS} characters)"
+_CATEGORICAL_MSG = (
+    "a categorical value must be a string, a 64-bit integer or null (a "
+    f"string of at most {MAX_ID_CHARS} characters)"
+)
 _TOP_LEVEL = {"context", "candidates", "fusion"}
 
 
@@ -105,7 +108,8 @@ class Scored:
 
 @dataclass
 class ParsedRequest:
-    """A request body after top-level validation (features are checked by :meth:`RankingService.frame`)."""
+    """A request body after top-level validation (features are checked by
+    :meth:`RankingService.frame`)."""
 
     context: dict[str, Any]
     candidates: list[dict[str, Any]]
@@ -144,7 +148,8 @@ class RankingService:
         bundle = Bundle.load(bundle_path)
         if not bundle.spec.funnel:
             raise BundleError(
-                f"bundle {bundle_path}: the ranking service needs a funnel model (click → conversion); this one predicts {bundle.spec.task_names}"
+                f"bundle {bundle_path}: the ranking service needs a funnel model (click → "
+                f"conversion); this one predicts {bundle.spec.task_names}"
             )
         self.bundle = bundle
         self.digest = Bundle.digest(bundle_path)
@@ -153,7 +158,8 @@ class RankingService:
         self.score_source = "ranker" if self.own_score else "fusion"
         if self.own_score and fusion is not None:
             raise ConfigError(
-                f"model {bundle.model_config.name!r} ranks by its own score and has no pCTR/pCVR: a fusion does not apply; drop --fusion"
+                f"model {bundle.model_config.name!r} ranks by its own score and has no "
+                "pCTR/pCVR: a fusion does not apply; drop --fusion"
             )
         if not isinstance(fusion, FusionSpec):
             fusion = FusionSpec() if fusion is None else FusionSpec.from_file(fusion)
@@ -178,7 +184,8 @@ class RankingService:
         """Raises ConfigError when ``spec`` needs a price and the schema declares none."""
         if spec.needs_price and self.bundle.schema.price is None:
             raise ConfigError(
-                f"fusion {spec.formula!r} {spec.params} needs a price, but schema {self.bundle.schema.name!r} declares no price column"
+                f"fusion {spec.formula!r} {spec.params} needs a price, but schema "
+                f"{self.bundle.schema.name!r} declares no price column"
             )
 
     def _numerical_bounds(self) -> dict[str, float]:
@@ -337,7 +344,8 @@ class RankingService:
                     errors += [
                         _error(
                             ["candidates", i, col],
-                            "Field required: give this feature in `context` or in every candidate (null for a missing value)",
+                            "Field required: give this feature in `context` or in every "
+                            "candidate (null for a missing value)",
                             "missing",
                         )
                         for i in bad[:5]
@@ -477,7 +485,8 @@ class RankingService:
                     errors.append(
                         _error(
                             where(i),
-                            f"value too large: |x| must be ≤ {bound:.6g} (its standardised value would overflow float32)",
+                            f"value too large: |x| must be ≤ {bound:.6g} (its standardised "
+                            "value would overflow float32)",
                             "less_than_equal",
                         )
                     )
@@ -503,7 +512,8 @@ class RankingService:
                 [
                     {
                         "loc": ["fusion"],
-                        "msg": f"model {self.bundle.model_config.name!r} ranks by its own score and has no pCTR/pCVR: a fusion does not apply",
+                        "msg": f"model {self.bundle.model_config.name!r} ranks by its own "
+                        "score and has no pCTR/pCVR: a fusion does not apply",
                         "type": "value_error",
                     }
                 ]

@@ -1,10 +1,11 @@
 """Training checkpoints without pickle: tensors in safetensors, everything else in JSON.
 
 A checkpoint directory holds ``state.safetensors`` (model weights ``model.*``, the best epoch's
-weights ``best.*``, Adam moments ``optim.<optimizer>.<param index>.<name>``, RNG states ``rng.*``) and
-``trainer.json`` (epoch, batches done in that epoch, running loss, history, early-stopping
-state, optimizer hyperparameters, the training config). It is written to a staging directory
-and renamed into place, so a kill at any moment leaves the previous checkpoint whole.
+weights ``best.*``, Adam moments ``optim.<optimizer>.<param index>.<name>``, RNG states
+``rng.*``) and ``trainer.json`` (epoch, batches done in that epoch, running loss, history,
+early-stopping state, optimizer hyperparameters, the training config). It is written to a
+staging directory and renamed into place, so a kill at any moment leaves the previous
+checkpoint whole.
 """
 
 from __future__ import annotations
@@ -126,6 +127,8 @@ def check_fingerprint(
     differ = [k for k in current if saved.get(k) != current[k]]
     if differ:
         raise ConfigError(
-            f"--resume: the checkpoint at {path} was made with other {', '.join(differ)} than this run; "
-            "resume with the same data, schema, encoder and model options, or start afresh without --resume"
+            f"--resume: the checkpoint at {path} was made with other {', '.join(differ)} than "
+            "this run; "
+            "resume with the same data, schema, encoder and model options, or start afresh "
+            "without --resume"
         )

@@ -65,7 +65,8 @@ def resolve_device(
     if not torch.cuda.is_available():
         raise ConfigError(
             f"{option} {spec}: CUDA is not available on this machine (torch {torch.__version__} "
-            f"{'without CUDA support' if torch.version.cuda is None else 'sees no GPU'}); use {option} cpu or auto"
+            f"{'without CUDA support' if torch.version.cuda is None else 'sees no GPU'}); use "
+            f"{option} cpu or auto"
         )
     n = torch.cuda.device_count()
     i = int(index) if sep else int(os.environ.get("LOCAL_RANK", torch.cuda.current_device()))

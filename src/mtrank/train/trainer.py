@@ -104,7 +104,8 @@ class TrainConfig(BaseModel):
 
 @dataclass
 class EpochLog:
-    """One epoch's record: mean train loss, validation loss and metrics, seconds, rows per second."""
+    """One epoch's record: mean train loss, validation loss and metrics, seconds, rows per
+    second."""
 
     epoch: int
     train_loss: float
@@ -307,7 +308,8 @@ class Trainer:
         if self.config.monitor not in metrics:
             raise ConfigError(
                 f"monitor {self.config.monitor!r} is not a validation metric; "
-                f"choose 'loss' or one of {sorted(k for k in metrics if k.startswith(('auc', 'gauc')))}"
+                "choose 'loss' or one of "
+                f"{sorted(k for k in metrics if k.startswith(('auc', 'gauc')))}"
             )
         value = metrics[self.config.monitor]
         return None if value is None else float(value)
@@ -386,7 +388,8 @@ class Trainer:
             model.load_state_dict(ck.model)
             if len(ck.optimizers) != len(optimizers):
                 raise ConfigError(
-                    f"--resume: the checkpoint at {checkpoint} has {len(ck.optimizers)} optimizer(s), this run {len(optimizers)}"
+                    f"--resume: the checkpoint at {checkpoint} has {len(ck.optimizers)} "
+                    f"optimizer(s), this run {len(optimizers)}"
                 )
             for opt, state in zip(optimizers, ck.optimizers, strict=True):
                 opt.load_state_dict(state)
