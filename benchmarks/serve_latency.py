@@ -436,8 +436,8 @@ def main() -> None:
         "uptime_after": subprocess.run(
             ["uptime"], capture_output=True, text=True, check=False
         ).stdout.strip(),
-        "note": "2 CPU cores shared with other jobs (other helpers' tests and trainings) while "
-        "measured; the client runs on the same 2 cores: numbers are noisy upper bounds",
+        "note": "2 CPU cores, shared by the client and the servers (see loadavg_before for "
+        "other load): numbers are upper bounds",
     }
     report["goals"] = {
         "sequential_200": "requests/s >= 0.6 x inference-only limit, p99 < 10 ms (1 worker)",

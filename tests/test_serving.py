@@ -509,3 +509,22 @@ def test_mtrank_serve_runs_on_localhost(bundle_dir, sim):
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+def test_bound_socket_is_tcp_so_asyncio_sets_nodelay():
+    # asyncio sets TCP_NODELAY on an accepted socket only when its proto is IPPROTO_TCP; with
+    # proto 0 every keep-alive /rank response waited ~40 ms (Nagle + delayed ACK)
+    import socket
+
+    from mtrank.serve.server import bind
+
+    sock = bind("127.0.0.1", 0)
+    try:
+        assert sock.proto == socket.IPPROTO_TCP
+        client = socket.create_connection(sock.getsockname())
+        conn, _ = sock.accept()
+        assert conn.proto == socket.IPPROTO_TCP
+        conn.close()
+        client.close()
+    finally:
+        sock.close()
