@@ -107,11 +107,11 @@ class AITM(nn.Module):
         self.ctcvr_head = nn.Linear(d, 1)
 
     def forward(
-        self, categorical: torch.Tensor, numerical: torch.Tensor
+        self, categorical: torch.Tensor, numerical: torch.Tensor, *extra: torch.Tensor
     ) -> dict[str, torch.Tensor]:
         """Named outputs ``[B]`` (see the class docstring) from ids ``[B, n_cat]`` and numbers
         ``[B, n_num]``."""
-        x = self.embedding(categorical, numerical)
+        x = self.embedding(categorical, numerical, *extra)
         q_ctr = self.ctr_tower(x)
         z, w = self.attention(self.transfer(q_ctr), self.cvr_tower(x))
         logit_ctr = self.ctr_head(q_ctr).squeeze(-1)

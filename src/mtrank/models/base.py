@@ -30,9 +30,11 @@ class SingleTaskNet(nn.Module):
         self.embedding = FeatureEmbedding(spec.cardinalities, spec.n_numerical, cfg.embedding_dim)
         self.tower = MLP(self.embedding.output_dim, cfg.tower, out=1, dropout=cfg.dropout)
 
-    def forward(self, categorical: torch.Tensor, numerical: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, categorical: torch.Tensor, numerical: torch.Tensor, *extra: torch.Tensor
+    ) -> torch.Tensor:
         """The logit ``[B]`` from ids ``[B, n_cat]`` and numbers ``[B, n_num]``."""
-        return self.tower(self.embedding(categorical, numerical)).squeeze(-1)
+        return self.tower(self.embedding(categorical, numerical, *extra)).squeeze(-1)
 
 
 class Base(nn.Module):
@@ -63,10 +65,11 @@ class Base(nn.Module):
         return {"ctr": self.ctr_model.tower.output_layer, "cvr": self.cvr_model.tower.output_layer}
 
     def forward(
-        self, categorical: torch.Tensor, numerical: torch.Tensor
+        self, categorical: torch.Tensor, numerical: torch.Tensor, *extra: torch.Tensor
     ) -> dict[str, torch.Tensor]:
         """``logit_ctr``, ``logit_cvr``, ``p_ctr``, ``p_cvr``, ``p_ctcvr`` ``[B]`` from ids ``[B,
         n_cat]`` and numbers ``[B, n_num]``."""
         return funnel_outputs(
-            self.ctr_model(categorical, numerical), self.cvr_model(categorical, numerical)
+            self.ctr_model(categorical, numerical, *extra),
+            self.cvr_model(categorical, numerical, *extra),
         )

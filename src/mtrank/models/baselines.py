@@ -246,12 +246,12 @@ class Division(nn.Module):
         self.ctcvr_model = SingleTaskNet(spec, cfg)
 
     def forward(
-        self, categorical: torch.Tensor, numerical: torch.Tensor
+        self, categorical: torch.Tensor, numerical: torch.Tensor, *extra: torch.Tensor
     ) -> dict[str, torch.Tensor]:
         """``logit_ctr``, ``logit_cvr``, ``logit_ctcvr``, ``p_*`` ``[B]``; pCVR = pCTCVR / pCTR,
         clipped."""
-        logit_ctr = self.ctr_model(categorical, numerical)
-        logit_ctcvr = self.ctcvr_model(categorical, numerical)
+        logit_ctr = self.ctr_model(categorical, numerical, *extra)
+        logit_ctcvr = self.ctcvr_model(categorical, numerical, *extra)
         p_ctr, p_ctcvr = torch.sigmoid(logit_ctr), torch.sigmoid(logit_ctcvr)
         p_cvr, logit_cvr = derived_cvr(p_ctr, p_ctcvr)
         return {

@@ -78,12 +78,12 @@ class ESCM2(ESMM):
         )
 
     def forward(
-        self, categorical: torch.Tensor, numerical: torch.Tensor
+        self, categorical: torch.Tensor, numerical: torch.Tensor, *extra: torch.Tensor
     ) -> dict[str, torch.Tensor]:
         """ESMM's outputs ``[B]``, plus ``cvr_error_imputed`` ``[B]`` for the DR variant."""
-        out = super().forward(categorical, numerical)
+        out = super().forward(categorical, numerical, *extra)
         if self.imputation_tower is not None:
-            x = self.embedding(categorical, numerical)
+            x = self.embedding(categorical, numerical, *extra)
             out["cvr_error_imputed"] = F.softplus(self.imputation_tower(x).squeeze(-1))  # e ≥ 0
         return out
 

@@ -63,12 +63,14 @@ class ESMM(nn.Module):
         return {"ctr": self.ctr_tower.output_layer, "cvr": self.cvr_tower.output_layer}
 
     def forward(
-        self, categorical: torch.Tensor, numerical: torch.Tensor
+        self, categorical: torch.Tensor, numerical: torch.Tensor, *extra: torch.Tensor
     ) -> dict[str, torch.Tensor]:
         """``logit_ctr``, ``logit_cvr``, ``p_ctr``, ``p_cvr``, ``p_ctcvr`` = pCTR · pCVR ``[B]``
         (Ma et al. 2018, eq. 2)."""
-        x = self.embedding(categorical, numerical)
-        x_cvr = x if self.cvr_embedding is None else self.cvr_embedding(categorical, numerical)
+        x = self.embedding(categorical, numerical, *extra)
+        x_cvr = (
+            x if self.cvr_embedding is None else self.cvr_embedding(categorical, numerical, *extra)
+        )
         return funnel_outputs(self.ctr_tower(x).squeeze(-1), self.cvr_tower(x_cvr).squeeze(-1))
 
 

@@ -53,9 +53,24 @@ class FeatureEmbedding(nn.Module):
         """Width of the concatenated embeddings and numbers: ``n_cat · dim + n_num``."""
         return self.n_categorical * self.dim + self.n_numerical
 
-    def forward(self, categorical: torch.Tensor, numerical: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, categorical: torch.Tensor, numerical: torch.Tensor, *extra: torch.Tensor
+    ) -> torch.Tensor:
         """``[B, n_cat · dim + n_num]`` from ids ``[B, n_cat]`` and numbers ``[B, n_num]`` (one
-        gather)."""
+        gather).
+
+        ``extra`` is the slot every model passes through unchanged for the inputs of multi-valued
+        and sequence features (one or more tensors per such feature, in schema order); a model
+        never reads it itself, so new feature kinds need no model change.
+
+        Raises:
+            ConfigError: ``extra`` tensors given to an embedding declared without such features.
+        """
+        if extra:
+            raise ConfigError(
+                f"{len(extra)} extra feature tensor(s) given, but this embedding declares no "
+                "list or sequence feature"
+            )
         parts = []
         if self.n_categorical:
             emb = self.table(categorical + self.offsets)  # [B, n_cat, dim]

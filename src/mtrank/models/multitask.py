@@ -301,17 +301,17 @@ class MultiTaskModel(nn.Module):
         return {h: t.output_layer for h, t in self.towers.items()}
 
     def forward(
-        self, categorical: torch.Tensor, numerical: torch.Tensor
+        self, categorical: torch.Tensor, numerical: torch.Tensor, *extra: torch.Tensor
     ) -> dict[str, torch.Tensor]:
         """Named logits and probabilities ``[B]`` per head, from ids ``[B, n_cat]`` and numbers
         ``[B, n_num]``."""
-        reps = self.body(self.embedding(categorical, numerical))
+        reps = self.body(self.embedding(categorical, numerical, *extra))
         logits = {h: self.towers[h](r).squeeze(-1) for h, r in zip(self.heads, reps, strict=True)}
         return task_outputs(logits, self.funnel)
 
     # --- introspection for the benchmark (gated bodies only) ---
     def gate_weights(
-        self, categorical: torch.Tensor, numerical: torch.Tensor
+        self, categorical: torch.Tensor, numerical: torch.Tensor, *extra: torch.Tensor
     ) -> dict[str, torch.Tensor]:
         """Per task, the (last level's) gate weights ``[B, n_experts]``. Raises ConfigError for
         a body without gates."""
@@ -320,17 +320,19 @@ class MultiTaskModel(nn.Module):
         return dict(
             zip(
                 self.heads,
-                self.body.gate_weights(self.embedding(categorical, numerical)),
+                self.body.gate_weights(self.embedding(categorical, numerical, *extra)),
                 strict=True,
             )
         )
 
-    def expert_outputs(self, categorical: torch.Tensor, numerical: torch.Tensor) -> torch.Tensor:
+    def expert_outputs(
+        self, categorical: torch.Tensor, numerical: torch.Tensor, *extra: torch.Tensor
+    ) -> torch.Tensor:
         """The (first level's) expert outputs ``[B, n_experts, d]``. Raises ConfigError without
         experts."""
         if not hasattr(self.body, "expert_outputs"):
             raise ConfigError(f"{type(self).__name__} has no experts")
-        return self.body.expert_outputs(self.embedding(categorical, numerical))
+        return self.body.expert_outputs(self.embedding(categorical, numerical, *extra))
 
 
 class SharedBottom(MultiTaskModel):
