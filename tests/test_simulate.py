@@ -6,11 +6,13 @@ import pytest
 from scipy.stats import spearmanr
 
 from mtrank.data.simulate import (
+    CART_TRUTH_COLUMNS,
     HISTORY_COLUMNS,
     PRESETS,
     SIM_VERSION,
     TRUTH_COLUMNS,
     SimConfig,
+    funnel3_truth_columns,
     preset_config,
     read_sim_metadata,
     simulate,
@@ -49,6 +51,92 @@ def test_truth_columns_match_monte_carlo_over_the_intent():
         )  # 1 % of 2,000 rows may lie beyond 2.6 SE by chance
         assert np.abs(t[k] - mc[k]).max() < 6 * (se[k] / np.sqrt(draws)).max() + 1e-12, k
     np.testing.assert_allclose(t["true_cvr_clicked"], t["true_ctcvr"] / t["true_ctr"])
+
+
+def test_three_stage_truth_matches_monte_carlo_over_the_intent():
+    rng = np.random.default_rng(5)
+    n, draws, lift = 1_000, 20_000, 2.0
+    a, c, b = rng.normal(-2.0, 1.0, n), rng.normal(-1.5, 1.0, n), rng.normal(-3.0, 1.0, n)
+    lam = rng.uniform(0.0, 2.0, n)
+    t = funnel3_truth_columns(a, c, b, lam, lift)
+    z = rng.standard_normal((n, draws))
+    sig = lambda x: 1.0 / (1.0 + np.exp(-x))
+    pa, pc = sig(a[:, None] + lam[:, None] * z), sig(c[:, None] + lam[:, None] * z)
+    p1, p0 = sig(b[:, None] + lift + lam[:, None] * z), sig(b[:, None] + lam[:, None] * z)
+    # the joint expectations, each against its Monte Carlo estimate
+    joint = {
+        "true_ctr": pa,
+        "true_cart_all": pa * pc,
+        "true_ctcvr": pa * (pc * p1 + (1 - pc) * p0),
+        "true_cvr_do": pc * p1 + (1 - pc) * p0,
+    }
+    for k, v in joint.items():
+        se = v.std(1) / np.sqrt(draws)
+        zscore = np.abs(t[k] - v.mean(1)) / se
+        assert np.quantile(zscore, 0.99) < 3.5 and zscore.max() < 6, k
+    # the conditionals are ratios of joint expectations (Monte Carlo ratio within 2 %)
+    mc = {
+        "true_cart": (pa * pc).mean(1) / pa.mean(1),
+        "true_buy_cart": (pa * pc * p1).mean(1) / (pa * pc).mean(1),
+        "true_buy_nocart": (pa * (1 - pc) * p0).mean(1) / (pa * (1 - pc)).mean(1),
+        "true_cvr_clicked": joint["true_ctcvr"].mean(1) / pa.mean(1),
+    }
+    for k, v in mc.items():
+        assert np.abs(t[k] / v - 1).max() < 0.02, k
+    # ESM²'s decomposition holds exactly: P(buy | click) = mixture over cart / no cart
+    np.testing.assert_allclose(
+        t["true_cvr_clicked"],
+        t["true_cart"] * t["true_buy_cart"] + (1 - t["true_cart"]) * t["true_buy_nocart"],
+        rtol=1e-12,
+    )
+    np.testing.assert_allclose(t["true_cart_all"], t["true_cart"] * t["true_ctr"], rtol=1e-12)
+    # without intent the truths are the plain sigmoids
+    flat = funnel3_truth_columns(a, c, b, 0.0, lift)
+    np.testing.assert_allclose(flat["true_cart"], sig(c), rtol=1e-9)
+    np.testing.assert_allclose(flat["true_buy_cart"], sig(b + lift), rtol=1e-9)
+    np.testing.assert_allclose(flat["true_buy_nocart"], sig(b), rtol=1e-9)
+
+
+def test_three_stage_log_keeps_the_clicks_and_is_calibrated_against_its_truth():
+    cfg = preset_config("cart", rows=200_000, **SMALL, seed=1)
+    df = simulate(cfg)
+    two = simulate(cfg.model_copy(update={"stages": 2}))
+    assert cfg.stages == 3 and "cart" not in two.columns
+    assert set(CART_TRUTH_COLUMNS) <= set(df.columns)
+    cols = df.columns
+    assert cols.index("click") < cols.index("cart") < cols.index("conversion")
+    # same seed: the same impressions, clicks and p(click | x) as the two-stage log
+    assert df["click"].equals(two["click"]) and df["item_id"].equals(two["item_id"])
+    np.testing.assert_array_equal(df["true_ctr"], two["true_ctr"])
+    # a cart and a buy need a click; buys happen with and without a cart
+    assert (df["cart"] <= df["click"]).all() and (df["conversion"] <= df["click"]).all()
+    clicked = df.filter(pl.col("click") == 1)
+    carted = clicked.filter(pl.col("cart") == 1)
+    other = clicked.filter(pl.col("cart") == 0)
+    assert 0.17 < clicked["cart"].mean() < 0.23  # the cart target 0.2
+    assert 0.065 < clicked["conversion"].mean() < 0.095  # the CVR target 0.08
+    assert carted["conversion"].mean() > 3 * other["conversion"].mean() > 0
+    # every truth sums to its realised count on the rows it is conditional on (4 binomial SE)
+    for frame, truth, label in (
+        (df, "true_cart_all", "cart"),
+        (df, "true_ctcvr", "conversion"),
+        (clicked, "true_cart", "cart"),
+        (clicked, "true_cvr_clicked", "conversion"),
+        (carted, "true_buy_cart", "conversion"),
+        (other, "true_buy_nocart", "conversion"),
+    ):
+        p = frame[truth].to_numpy()
+        assert abs(p.sum() - frame[label].sum()) < 4 * np.sqrt((p * (1 - p)).sum()), truth
+
+
+def test_three_stage_history_and_parts_run():
+    cfg = preset_config("cart", rows=4_000, **SMALL, history_len=3, seed=2)
+    df = simulate(cfg)
+    assert set(HISTORY_COLUMNS) <= set(df.columns) and df.height == 4_000
+    from mtrank.data.simulate import simulate_parts
+
+    parts = list(simulate_parts(cfg.model_copy(update={"history_len": 0}), 2_000))
+    assert len(parts) == 2 and all("cart" in p.columns for p in parts)
 
 
 def test_truth_is_calibrated_against_the_simulated_clicks_and_conversions():
@@ -138,6 +226,8 @@ def test_unknown_preset_and_bad_knobs_name_the_option():
         preset_config("dense", sharing=1.5)
     with pytest.raises(ConfigError, match="--cvr must be < 1"):
         preset_config("aliccp-like", cvr=1.0)
+    with pytest.raises(ConfigError, match="--stages must be ≤ 3"):
+        preset_config("default", stages=4)
     with pytest.raises(ConfigError, match="--selection must be ≥ 0"):
         preset_config("default", selection=-1.0)
 

@@ -394,6 +394,7 @@ _COMMENTS = {
     "data.simulator.intent": "strength of the unobserved purchase intent (SSB)",
     "data.simulator.slate_size": "candidates per request (positions 1..S)",
     "data.simulator.n_days": "days covered (the time column)",
+    "data.simulator.stages": "2: click → buy; 3: click → cart → buy (ESM²'s D-/O-Action)",
     "data.simulator.seed": "the simulator's seed",
 }
 

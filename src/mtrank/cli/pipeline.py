@@ -67,7 +67,10 @@ def simulate(
     ),
     preset: Annotated[
         str,
-        typer.Option(help="named settings: default (the original generator), aliccp-like, dense"),
+        typer.Option(
+            help="named settings: default (the original generator), aliccp-like, dense, cart "
+            "(click → cart → buy)"
+        ),
     ] = "default",
     rows: Annotated[int | None, typer.Option(help="impressions (default: the preset's)")] = None,
     seed: int = 0,
@@ -98,6 +101,15 @@ def simulate(
     slate_size: Annotated[
         int | None, typer.Option(help="candidates shown per request (positions 1..S)")
     ] = None,
+    stages: Annotated[
+        int | None, typer.Option(help="2: click → buy; 3: click → cart → buy (a `cart` column)")
+    ] = None,
+    cart: Annotated[
+        float | None, typer.Option(help="target mean P(cart | click) (3 stages)")
+    ] = None,
+    cart_lift: Annotated[
+        float | None, typer.Option(help="log-odds lift κ of a buy after a cart (3 stages)")
+    ] = None,
     part_rows: Annotated[
         int | None,
         typer.Option(help="write a directory of Parquet parts of this many rows (bounded memory)"),
@@ -107,7 +119,8 @@ def simulate(
     ] = False,
 ) -> None:
     """Write a synthetic mall's impression log (exact true_ctr, true_cvr_clicked, true_cvr_do,
-    true_ctcvr per row) as Parquet; the settings go into the file's metadata.
+    true_ctcvr per row; with --stages 3 also a cart column and true_cart, true_cart_all,
+    true_buy_cart, true_buy_nocart) as Parquet; the settings go into the file's metadata.
 
     ``--preset`` picks named settings, the other flags override them. With ``--config FILE`` the
     simulator settings are the config's ``data.simulator`` (flags on the command line override)."""
@@ -126,6 +139,9 @@ def simulate(
         "position_effect": position_effect,
         "history_len": history_len,
         "slate_size": slate_size,
+        "stages": stages,
+        "cart": cart,
+        "cart_lift": cart_lift,
     }
     if config is None:
         cfg = preset_config(preset, seed=seed, **knobs)

@@ -44,6 +44,29 @@ Gauss–Hermite quadrature over z (:func:`truth_columns`; 48 nodes, error < 1e-6
 * ``true_cvr_clicked`` = p(conv | click, x) = true_ctcvr / true_ctr (what ESMM's pCVR and BASE
   estimate, Ma et al. SIGIR 2018, eq. 1).
 
+**Three stages** (``stages = 3``): impression → click → cart/favourite → buy, the post-click
+decomposition of ESM² (Wen et al., SIGIR 2020, §3.1: buy after a D-Action, the cart, or after an
+O-Action, any other post-click behaviour). Given a click,
+
+    logit P(cart | click) = θ_cart + C(x) + λ(x)·z,   C(x) = 0.5·Q_i + 0.6·f(u,c) + 0.7·k_i
+                                                        + 0.3·(log price − m)
+    logit P(buy | click, cart)    = θ_cvr + B(x) + κ + λ(x)·z
+    logit P(buy | click, no cart) = θ_cvr + B(x) + λ(x)·z
+
+with B(x) the CVR logit above (without θ_cvr), ``k_i ~ N(0, 1)`` an item's own cart appeal
+(from its own stream), κ = ``cart_lift`` and the same intent z in every stage, so
+
+    P(buy | click, x) = P(cart | click)·P(buy | cart) + (1 − P(cart | click))·P(buy | no cart)
+
+as in ESM² (eq. for pCVR). θ_cart is solved so that the mean P(cart | click) is ``cart``, then
+θ_cvr so that the mean P(buy | click) is ``cvr``. The click draws are those of the two-stage
+log (same seed, same clicks); ``conversion`` (the buy) reuses the two-stage log's uniform draw,
+and ``cart`` draws after it. Extra exact truth columns (:data:`CART_TRUTH_COLUMNS`,
+:func:`funnel3_truth_columns`): ``true_cart`` = P(cart | click, x), ``true_cart_all`` =
+P(click ∧ cart | x), ``true_buy_cart`` = P(buy | click ∧ cart, x), ``true_buy_nocart`` =
+P(buy | click ∧ no cart, x); ``true_cvr_clicked`` and ``true_ctcvr`` keep their meaning (the buy
+given click, and click ∧ buy), ``true_cvr_do`` = P(buy | do(click), x).
+
 With ``history_len > 0`` every row also carries the user's behaviour histories
 ``hist_purchased``, ``hist_carted``, ``hist_favourited`` (lists of item ids, most recent first,
 at most ``history_len``), drawn from the same process before the log starts (see
@@ -52,7 +75,7 @@ every other column identical.
 
 Presets (:data:`PRESETS`, :func:`preset_config`): ``default`` (the generator as it was, draw for
 draw), ``aliccp-like`` (sparse: CTR 4 %, CVR given click 1 %, 60k items, selection that
-reorders) and ``dense``. The preset and :data:`SIM_VERSION` are stored in the Parquet file's
+reorders), ``dense`` and ``cart`` (three stages, click → cart → buy). The preset and :data:`SIM_VERSION` are stored in the Parquet file's
 key-value metadata (``mtrank.simulator``).
 """
 
@@ -74,6 +97,7 @@ from mtrank.io_utils import atomic_write_parquet, write_parts_dir
 
 SIM_VERSION = 2
 TRUTH_COLUMNS = ("true_ctr", "true_cvr_clicked", "true_cvr_do", "true_ctcvr")
+CART_TRUTH_COLUMNS = ("true_cart", "true_cart_all", "true_buy_cart", "true_buy_nocart")
 HISTORY_COLUMNS = ("hist_purchased", "hist_carted", "hist_favourited")
 GH_NODES = 48
 
@@ -85,7 +109,8 @@ class SimConfig(BaseModel):
     ``selection`` (s ≥ 0: how much the intent's strength varies with category, price band and
     user segment), ``sharing`` (ρ ∈ [0, 1] or None for the default's fixed mix),
     ``item_zipf`` (popularity exponent), ``position_effect`` (π), ``history_len`` (0 = no
-    history columns). ``preset`` is recorded only (use :func:`preset_config` to apply one).
+    history columns), ``stages`` (3 adds the cart stage), ``cart`` (mean P(cart | click)),
+    ``cart_lift`` (κ). ``preset`` is recorded only (use :func:`preset_config` to apply one).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -109,6 +134,11 @@ class SimConfig(BaseModel):
     )
     sharing: float | None = Field(
         None, ge=0, le=1, description="ρ, click/conversion driver sharing"
+    )
+    stages: int = Field(2, ge=2, le=3, description="2: click → buy; 3: click → cart → buy")
+    cart: float = Field(0.2, gt=0, lt=1, description="target mean P(cart | click) (stages 3)")
+    cart_lift: float = Field(
+        2.5, ge=-5, le=5, description="κ, log-odds lift of a buy after a cart (stages 3)"
     )
     item_zipf: float = Field(0.7, ge=0, le=3)
     position_effect: float = Field(0.35, ge=0, le=5)
@@ -146,6 +176,22 @@ PRESETS: dict[str, dict] = {
         "selection": 2.5,
         "sharing": 0.3,
         "history_len": 10,
+    },
+    # click → cart → buy (ESM²'s D-Action / O-Action): denser than aliccp-like so that a small
+    # log still holds a few hundred buys per split
+    "cart": {
+        "rows": 300_000,
+        "n_users": 20_000,
+        "n_items": 10_000,
+        "slate_size": 20,
+        "ctr": 0.05,
+        "cvr": 0.08,
+        "stages": 3,
+        "cart": 0.2,
+        "cart_lift": 2.5,
+        "intent": 1.0,
+        "selection": 2.5,
+        "sharing": 0.3,
     },
 }
 
@@ -221,15 +267,21 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 0.5 * (1.0 + np.tanh(0.5 * x))
 
 
-def _solve_intercept(logit: np.ndarray, target: float, weight: np.ndarray | None = None) -> float:
-    """θ such that the (weighted) mean of σ(logit + θ) equals ``target`` (bisection, monotone)."""
+def _bisect(prob, target: float, weight: np.ndarray | None = None) -> float:
+    """θ such that the (weighted) mean of ``prob(θ)`` ``[N]`` equals ``target`` (``prob``
+    increasing in θ; 60 bisection steps on [−30, 30])."""
     lo, hi = -30.0, 30.0
     for _ in range(60):
         mid = 0.5 * (lo + hi)
-        p = _sigmoid(logit + mid)
+        p = prob(mid)
         mean = p.mean() if weight is None else (p * weight).sum() / weight.sum()
         lo, hi = (mid, hi) if mean < target else (lo, mid)
     return 0.5 * (lo + hi)
+
+
+def _solve_intercept(logit: np.ndarray, target: float, weight: np.ndarray | None = None) -> float:
+    """θ such that the (weighted) mean of σ(logit + θ) equals ``target`` (bisection, monotone)."""
+    return _bisect(lambda t: _sigmoid(logit + t), target, weight)
 
 
 def _zipf_weights(n: int, s: float, rng: np.random.Generator) -> np.ndarray:
@@ -268,6 +320,62 @@ def truth_columns(
     return {k: out[k] for k in TRUTH_COLUMNS}
 
 
+def funnel3_truth_columns(
+    a: np.ndarray,
+    c: np.ndarray,
+    b: np.ndarray,
+    lam: np.ndarray,
+    lift: float,
+    chunk: int = 65_536,
+    nodes: int = GH_NODES,
+) -> dict[str, np.ndarray]:
+    """Exact truths of the click → cart → buy funnel (see the module docstring), given x.
+
+    With σ_a = σ(a + λz), σ_c = σ(c + λz), σ₁ = σ(b + κ + λz), σ₀ = σ(b + λz) and z ~ N(0, 1):
+    ``true_ctr`` = E σ_a; ``true_cart_all`` = E σ_aσ_c; ``true_ctcvr`` = E σ_a(σ_cσ₁ + (1−σ_c)σ₀);
+    ``true_cvr_do`` = E (σ_cσ₁ + (1−σ_c)σ₀); ``true_cart`` = true_cart_all / true_ctr;
+    ``true_buy_cart`` = E σ_aσ_cσ₁ / E σ_aσ_c; ``true_buy_nocart`` = E σ_a(1−σ_c)σ₀ /
+    E σ_a(1−σ_c); ``true_cvr_clicked`` = true_ctcvr / true_ctr. So true_cvr_clicked =
+    true_cart·true_buy_cart + (1 − true_cart)·true_buy_nocart exactly (ESM²'s pCVR).
+
+    Args:
+        a, c, b: ``[N]`` click, cart and buy logits without the intent term (intercepts
+            included; ``b`` without the lift). lam: ``[N]`` λ(x) or a scalar. lift: κ.
+
+    Returns:
+        :data:`TRUTH_COLUMNS` and :data:`CART_TRUTH_COLUMNS`, each ``[N]`` float64 (Gauss–Hermite
+        quadrature with ``nodes`` nodes, in chunks of ``chunk`` rows: bounded memory).
+    """
+    x, w = np.polynomial.hermite_e.hermegauss(nodes)
+    w = w / math.sqrt(2.0 * math.pi)
+    a, b, c = (np.asarray(v, np.float64) for v in (a, b, c))
+    lam = np.broadcast_to(np.asarray(lam, np.float64), a.shape)
+    keys = ("ctr", "cart_all", "cart_buy", "nocart_buy", "do")
+    e = {k: np.empty(a.size) for k in keys}
+    for s in range(0, a.size, chunk):
+        sl = slice(s, s + chunk)
+        shift = lam[sl, None] * x[None, :]
+        pa, pc = _sigmoid(a[sl, None] + shift), _sigmoid(c[sl, None] + shift)
+        p1, p0 = _sigmoid(b[sl, None] + lift + shift), _sigmoid(b[sl, None] + shift)
+        e["ctr"][sl] = pa @ w
+        e["cart_all"][sl] = (pa * pc) @ w
+        e["cart_buy"][sl] = (pa * pc * p1) @ w
+        e["nocart_buy"][sl] = (pa * (1.0 - pc) * p0) @ w
+        e["do"][sl] = (pc * p1 + (1.0 - pc) * p0) @ w
+    tiny = 1e-300
+    ctcvr = e["cart_buy"] + e["nocart_buy"]
+    return {
+        "true_ctr": e["ctr"],
+        "true_cvr_clicked": ctcvr / np.maximum(e["ctr"], tiny),
+        "true_cvr_do": e["do"],
+        "true_ctcvr": ctcvr,
+        "true_cart": e["cart_all"] / np.maximum(e["ctr"], tiny),
+        "true_cart_all": e["cart_all"],
+        "true_buy_cart": e["cart_buy"] / np.maximum(e["cart_all"], tiny),
+        "true_buy_nocart": e["nocart_buy"] / np.maximum(e["ctr"] - e["cart_all"], tiny),
+    }
+
+
 def simulate(cfg: SimConfig) -> pl.DataFrame:
     """Generate the impression log. Deterministic for a given config (seed included).
 
@@ -276,6 +384,7 @@ def simulate(cfg: SimConfig) -> pl.DataFrame:
         user_gender, user_power, item_id, category, brand, shop, price, click, conversion,
         true_ctr, true_cvr_clicked, true_cvr_do, true_ctcvr`` (ids int64; price in currency
         units, > 0; truths float64) and, with ``history_len > 0``, the three history list columns.
+        With ``stages = 3`` also ``cart`` (int8, after ``click``) and :data:`CART_TRUTH_COLUMNS`.
     """
     rng = np.random.default_rng(cfg.seed)
     world = _world(cfg, rng)
@@ -361,6 +470,8 @@ def _world(cfg: SimConfig, rng: np.random.Generator) -> dict[str, np.ndarray]:
     price_z = (log_price - log_price.mean()) / max(log_price.std(), 1e-12)
     w["sel_item"] = (eta[cat] + 0.8 * price_z) / math.sqrt(2.0)
     w["sel_user"] = 0.3 * (w["power"] - 3.0) / math.sqrt(2.0)
+    if cfg.stages == 3:  # each item's own cart appeal k_i (own stream: nothing else moves)
+        w["cart_item"] = np.random.default_rng([cfg.seed, 15_485_863]).standard_normal(cfg.n_items)
     return w
 
 
@@ -396,6 +507,68 @@ def _logits(
     return ctr, cvr
 
 
+def _cart_logit(
+    w: dict[str, np.ndarray], items: np.ndarray, user: np.ndarray
+) -> np.ndarray:
+    """C(x), the cart logit given click without intercept and intent (module docstring)."""
+    affinity = (w["taste"][user] * w["cat_vec"][w["cat"][items]]).sum(1) / 2.0
+    return (
+        0.5 * w["quality"][items]
+        + 0.6 * affinity
+        + 0.7 * w["cart_item"][items]
+        + 0.3 * (w["log_price"][items] - math.log(60.0))
+    )
+
+
+def _cart_and_buy(
+    cfg: SimConfig,
+    w: dict[str, np.ndarray],
+    rng: np.random.Generator,
+    items: np.ndarray,
+    user: np.ndarray,
+    ctr_base: np.ndarray,
+    cvr_base: np.ndarray,
+    lam: np.ndarray | float,
+    z: np.ndarray,
+    theta: tuple[float, ...] | None,
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], tuple[float, ...]]:
+    """Click, cart and buy draws of the three-stage log, its truths and its intercepts
+    (θ_ctr, θ_cvr, θ_cart).
+
+    ``ctr_base``, ``cvr_base`` ``[N]``: logits without intercepts and intent; ``z`` ``[N]`` the
+    intent. Draws, in this order: click, the buy's uniform, the cart's uniform (the first two
+    are the draws the two-stage log makes for click and conversion)."""
+    shift = lam * z
+    cart_base = _cart_logit(w, items, user)
+    if theta is None:
+        t_ctr = _solve_intercept(ctr_base + shift, cfg.ctr)
+        p_click = _sigmoid(ctr_base + shift + t_ctr)
+        t_cart = _solve_intercept(cart_base + shift, cfg.cart, weight=p_click)
+        pk = _sigmoid(cart_base + shift + t_cart)
+        b = cvr_base + shift
+        t_cvr = _bisect(
+            lambda t: pk * _sigmoid(b + t + cfg.cart_lift) + (1.0 - pk) * _sigmoid(b + t),
+            cfg.cvr,
+            weight=p_click,
+        )
+        theta = (t_ctr, t_cvr, t_cart)
+    t_ctr, t_cvr, t_cart = theta
+    n = items.size
+    click = rng.random(n) < _sigmoid(ctr_base + shift + t_ctr)
+    u_buy = rng.random(n)
+    cart = click & (rng.random(n) < _sigmoid(cart_base + shift + t_cart))
+    buy = click & (u_buy < _sigmoid(cvr_base + shift + t_cvr + cfg.cart_lift * cart))
+    labels = {
+        "click": click.astype(np.int8),
+        "cart": cart.astype(np.int8),
+        "conversion": buy.astype(np.int8),
+    }
+    truth = funnel3_truth_columns(
+        ctr_base + t_ctr, cart_base + t_cart, cvr_base + t_cvr, lam, cfg.cart_lift
+    )
+    return labels, truth, theta
+
+
 def _impressions(
     cfg: SimConfig,
     w: dict[str, np.ndarray],
@@ -403,8 +576,8 @@ def _impressions(
     n_req: int,
     req_offset: int,
     day: np.ndarray | None,
-    theta: tuple[float, float] | None = None,
-) -> tuple[pl.DataFrame, tuple[float, float]]:
+    theta: tuple[float, ...] | None = None,
+) -> tuple[pl.DataFrame, tuple[float, ...]]:
     """Requests, slates, and click / conversion draws. Returns the table and the intercepts.
 
     ``day=None`` draws each request's day uniformly over ``n_days`` (sorted, in time order)."""
@@ -422,17 +595,23 @@ def _impressions(
     z = rng.standard_normal(items.size)
     ctr_base, cvr_base = _logits(cfg, w, items, user, position)
     lam = _intent_strength(cfg, w, items, user)
-    ctr_logit = ctr_base + lam * z
-    cvr_logit = cvr_base + lam * z
-    if theta is None:
-        t_ctr = _solve_intercept(ctr_logit, cfg.ctr)
-        t_cvr = _solve_intercept(cvr_logit, cfg.cvr, weight=_sigmoid(ctr_logit + t_ctr))
-        theta = (t_ctr, t_cvr)
-    click = (rng.random(items.size) < _sigmoid(ctr_logit + theta[0])).astype(np.int8)
-    conversion = (
-        click.astype(bool) & (rng.random(items.size) < _sigmoid(cvr_logit + theta[1]))
-    ).astype(np.int8)
-    truth = truth_columns(ctr_base + theta[0], cvr_base + theta[1], lam)
+    if cfg.stages == 3:
+        labels, truth, theta = _cart_and_buy(
+            cfg, w, rng, items, user, ctr_base, cvr_base, lam, z, theta
+        )
+    else:
+        ctr_logit = ctr_base + lam * z
+        cvr_logit = cvr_base + lam * z
+        if theta is None:
+            t_ctr = _solve_intercept(ctr_logit, cfg.ctr)
+            t_cvr = _solve_intercept(cvr_logit, cfg.cvr, weight=_sigmoid(ctr_logit + t_ctr))
+            theta = (t_ctr, t_cvr)
+        click = (rng.random(items.size) < _sigmoid(ctr_logit + theta[0])).astype(np.int8)
+        conversion = (
+            click.astype(bool) & (rng.random(items.size) < _sigmoid(cvr_logit + theta[1]))
+        ).astype(np.int8)
+        truth = truth_columns(ctr_base + theta[0], cvr_base + theta[1], lam)
+        labels = {"click": click, "conversion": conversion}
     df = pl.DataFrame(
         {
             "request_id": np.repeat(np.arange(req_offset, req_offset + n_req, dtype=np.int64), s),
@@ -448,8 +627,7 @@ def _impressions(
             "brand": w["brand"][items].astype(np.int64),
             "shop": w["shop"][items].astype(np.int64),
             "price": w["price"][items],
-            "click": click,
-            "conversion": conversion,
+            **labels,
             **truth,
         }
     )
