@@ -63,26 +63,24 @@ def test_three_stage_truth_matches_monte_carlo_over_the_intent():
     sig = lambda x: 1.0 / (1.0 + np.exp(-x))
     pa, pc = sig(a[:, None] + lam[:, None] * z), sig(c[:, None] + lam[:, None] * z)
     p1, p0 = sig(b[:, None] + lift + lam[:, None] * z), sig(b[:, None] + lam[:, None] * z)
-    # the joint expectations, each against its Monte Carlo estimate
+    # every joint expectation against its Monte Carlo estimate (the conditionals are their
+    # ratios: P(buy | cart) · P(click ∧ cart) = E σ_a σ_c σ₁ …)
     joint = {
-        "true_ctr": pa,
-        "true_cart_all": pa * pc,
-        "true_ctcvr": pa * (pc * p1 + (1 - pc) * p0),
-        "true_cvr_do": pc * p1 + (1 - pc) * p0,
+        "true_ctr": (t["true_ctr"], pa),
+        "true_cart_all": (t["true_cart_all"], pa * pc),
+        "true_cart": (t["true_cart"] * t["true_ctr"], pa * pc),
+        "true_ctcvr": (t["true_ctcvr"], pa * (pc * p1 + (1 - pc) * p0)),
+        "true_cvr_clicked": (t["true_cvr_clicked"] * t["true_ctr"], pa * (pc * p1 + (1 - pc) * p0)),
+        "true_cvr_do": (t["true_cvr_do"], pc * p1 + (1 - pc) * p0),
+        "true_buy_cart": (t["true_buy_cart"] * t["true_cart_all"], pa * pc * p1),
+        "true_buy_nocart": (
+            t["true_buy_nocart"] * (t["true_ctr"] - t["true_cart_all"]),
+            pa * (1 - pc) * p0,
+        ),
     }
-    for k, v in joint.items():
-        se = v.std(1) / np.sqrt(draws)
-        zscore = np.abs(t[k] - v.mean(1)) / se
+    for k, (exact, v) in joint.items():
+        zscore = np.abs(exact - v.mean(1)) / (v.std(1) / np.sqrt(draws))
         assert np.quantile(zscore, 0.99) < 3.5 and zscore.max() < 6, k
-    # the conditionals are ratios of joint expectations (Monte Carlo ratio within 2 %)
-    mc = {
-        "true_cart": (pa * pc).mean(1) / pa.mean(1),
-        "true_buy_cart": (pa * pc * p1).mean(1) / (pa * pc).mean(1),
-        "true_buy_nocart": (pa * (1 - pc) * p0).mean(1) / (pa * (1 - pc)).mean(1),
-        "true_cvr_clicked": joint["true_ctcvr"].mean(1) / pa.mean(1),
-    }
-    for k, v in mc.items():
-        assert np.abs(t[k] / v - 1).max() < 0.02, k
     # ESM²'s decomposition holds exactly: P(buy | click) = mixture over cart / no cart
     np.testing.assert_allclose(
         t["true_cvr_clicked"],
@@ -259,3 +257,22 @@ def test_simulate_cli_errors_are_one_line(tmp_path):
         lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
         assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], r.stderr
         assert not (tmp_path / "x.parquet").exists()
+
+
+def test_three_stage_schema_file_and_loading():
+    from pathlib import Path
+
+    from mtrank.data.schema import Schema
+    from mtrank.data.simulate import SIMULATED_CART_SCHEMA, SIMULATED_SCHEMA, simulated_schema
+    from mtrank.workflow import simulated_data
+
+    repo = Path(__file__).resolve().parents[1]
+    on_file = Schema.from_file(repo / "configs" / "simulated-cart.schema.yaml")
+    assert on_file == SIMULATED_CART_SCHEMA
+    assert SIMULATED_CART_SCHEMA.stage_names == ["click", "cart", "buy"]
+    assert SIMULATED_CART_SCHEMA.stage_parents == [-1, 0, 0]
+    cfg = preset_config("cart", rows=2_000, **SMALL)
+    assert simulated_schema(cfg) is SIMULATED_CART_SCHEMA
+    assert simulated_schema(cfg.model_copy(update={"stages": 2})) is SIMULATED_SCHEMA
+    loaded = simulated_data(cfg)
+    assert loaded.schema is SIMULATED_CART_SCHEMA and loaded.splits["all"].height == 2_000

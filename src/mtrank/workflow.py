@@ -21,7 +21,12 @@ from mtrank.data.datasets import DATASETS, LoadedData, load_table, resolve_data_
 from mtrank.data.encoders import FeatureEncoder
 from mtrank.data.io import validate_frame
 from mtrank.data.schema import Schema
-from mtrank.data.simulate import SIMULATED_SCHEMA, SimConfig, simulate, write_simulated
+from mtrank.data.simulate import (
+    SimConfig,
+    simulate,
+    simulated_schema,
+    write_simulated,
+)
 from mtrank.data.split import SplitConfig, split_data
 from mtrank.data.weights import mean_log_price, price_weights
 from mtrank.errors import ConfigError, SchemaError
@@ -70,7 +75,7 @@ def load_data(
     if schema is None:
         if dataset is None:
             raise SchemaError("a --data file needs a --schema (YAML file or built-in dataset name)")
-        schema = DATASETS[dataset].schema
+        schema = simulated_schema(sim) if dataset == "simulated" else DATASETS[dataset].schema
     if funnel_violations is not None:
         schema = schema.model_copy(update={"funnel_violations": funnel_violations})
     root = resolve_data_dir(data_dir)
@@ -99,10 +104,11 @@ def simulated_file_name(sim: SimConfig) -> str:
 
 def simulated_data(sim: SimConfig) -> LoadedData:
     """Simulate in memory and validate against the simulator's schema (no file written)."""
+    schema = simulated_schema(sim)
     df, rep = validate_frame(
-        simulate(sim), SIMULATED_SCHEMA, f"simulator(preset={sim.preset}, seed={sim.seed})"
+        simulate(sim), schema, f"simulator(preset={sim.preset}, seed={sim.seed})"
     )
-    return LoadedData(SIMULATED_SCHEMA, {"all": df}, {"all": rep.source}, [rep])
+    return LoadedData(schema, {"all": df}, {"all": rep.source}, [rep])
 
 
 def feature_spec(encoder: FeatureEncoder, schema: Schema) -> FeatureSpec:

@@ -75,8 +75,8 @@ every other column identical.
 
 Presets (:data:`PRESETS`, :func:`preset_config`): ``default`` (the generator as it was, draw for
 draw), ``aliccp-like`` (sparse: CTR 4 %, CVR given click 1 %, 60k items, selection that
-reorders), ``dense`` and ``cart`` (three stages, click → cart → buy). The preset and :data:`SIM_VERSION` are stored in the Parquet file's
-key-value metadata (``mtrank.simulator``).
+reorders), ``dense`` and ``cart`` (three stages, click → cart → buy). The preset and
+:data:`SIM_VERSION` are stored in the Parquet file's key-value metadata (``mtrank.simulator``).
 """
 
 from __future__ import annotations
@@ -90,6 +90,7 @@ import numpy as np
 import polars as pl
 from pydantic import BaseModel, ConfigDict, Field
 
+from mtrank.data.funnel import FunnelStage
 from mtrank.data.schema import Schema
 from mtrank.errors import ConfigError
 from mtrank.data.io import refuse_nonempty
@@ -261,6 +262,26 @@ SIMULATED_SCHEMA = Schema(
     numerical=["price"],
     passthrough=[*TRUTH_COLUMNS, "position"],
 )
+# The three-stage log (``stages = 3``): ESM²'s post-click branch, the buy after the click with
+# or without a cart (configs/simulated-cart.schema.yaml is the same schema as a file).
+SIMULATED_CART_SCHEMA = Schema(
+    **{
+        **SIMULATED_SCHEMA.model_dump(exclude={"click", "conversion", "funnel"}),
+        "name": "simulated-cart",
+        "funnel": [
+            FunnelStage(stage="click", label="click"),
+            FunnelStage(stage="cart", label="cart"),
+            FunnelStage(stage="buy", label="conversion", after="click"),
+        ],
+        "passthrough": [*TRUTH_COLUMNS, *CART_TRUTH_COLUMNS, "position"],
+    }
+)
+
+
+def simulated_schema(cfg: SimConfig | None) -> Schema:
+    """The schema of a simulated log: :data:`SIMULATED_CART_SCHEMA` for three stages, else
+    :data:`SIMULATED_SCHEMA`."""
+    return SIMULATED_CART_SCHEMA if cfg is not None and cfg.stages == 3 else SIMULATED_SCHEMA
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -507,9 +528,7 @@ def _logits(
     return ctr, cvr
 
 
-def _cart_logit(
-    w: dict[str, np.ndarray], items: np.ndarray, user: np.ndarray
-) -> np.ndarray:
+def _cart_logit(w: dict[str, np.ndarray], items: np.ndarray, user: np.ndarray) -> np.ndarray:
     """C(x), the cart logit given click without intercept and intent (module docstring)."""
     affinity = (w["taste"][user] * w["cat_vec"][w["cat"][items]]).sum(1) / 2.0
     return (

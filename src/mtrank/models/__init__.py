@@ -12,6 +12,7 @@ from mtrank.models.base import Base
 from mtrank.models.baselines import AMAN, Division, Oversampling, Unbias
 from mtrank.models.config import FeatureSpec, ModelConfig, parse_options
 from mtrank.models.escm2 import ESCM2DR, ESCM2IPW
+from mtrank.models.esm2 import ESM2
 from mtrank.models.esmm import ESMM, ESMMNS
 from mtrank.models.ltr import LambdaMART
 from mtrank.models.multitask import PLE, ESMMMMoE, ESMMSharedBottom, MMoE, SharedBottom
@@ -28,6 +29,7 @@ MODELS: dict[str, type[nn.Module]] = {
     "aitm": AITM,
     "escm2_ipw": ESCM2IPW,
     "escm2_dr": ESCM2DR,
+    "esm2": ESM2,
     "aman": AMAN,
     "oversampling": Oversampling,
     "unbias": Unbias,
@@ -79,6 +81,7 @@ __all__ = [
     "ENTIRE_SPACE_MODELS",
     "ESCM2DR",
     "ESCM2IPW",
+    "ESM2",
     "ESMM",
     "ESMMNS",
     "MODELS",
