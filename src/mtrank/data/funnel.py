@@ -104,3 +104,19 @@ def stage_output_names(stages: list[str]) -> list[str]:
     stage, then ``p_ctr`` and, with ≥ 2 stages, ``p_cvr`` and ``p_ctcvr``."""
     names = [n for s in stages for n in (f"p_{s}", f"p_{s}_all")]
     return [*names, "p_ctr", *(["p_cvr", "p_ctcvr"] if len(stages) > 1 else [])]
+
+
+def derived_labels(labels: dict, stages: list[str], parents: list[int]) -> dict:
+    """The label keys a staged funnel adds to its per-stage labels (tensors or arrays ``[N]``
+    0/1, keyed by stage): ``<s>_all`` (the product along the path: reached ``s``), ``click`` (the
+    first stage) and, with ≥ 2 stages, ``conversion`` (the last) and ``ctcvr`` (``<last>_all``)."""
+    out = {}
+    for i, s in enumerate(stages):
+        out[f"{s}_all"] = (
+            labels[s] if parents[i] < 0 else out[f"{stages[parents[i]]}_all"] * labels[s]
+        )
+    out["click"] = labels[stages[0]]
+    if len(stages) > 1:
+        out["conversion"] = labels[stages[-1]]
+        out["ctcvr"] = out[f"{stages[-1]}_all"]
+    return out
