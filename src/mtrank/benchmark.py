@@ -660,11 +660,12 @@ PAIRED_METRICS = [
 
 
 def paired_differences(
-    per_repeat: dict[str, list[dict]], reference: str
+    per_repeat: dict[str, list[dict]], reference: str, metrics: list[str] | None = None
 ) -> dict[str, dict[str, dict]]:
     """Model − reference on the same test rows, run by run (same simulator seed, same training
-    seed), for :data:`PAIRED_METRICS`, ``exp_gmv_fused@K`` and ``exp_gmv_pctcvr@K`` (relative, in %;
-    the latter ranks by the model's pCTCVR alone, no tuning).
+    seed), for ``metrics`` (default :data:`PAIRED_METRICS`), ``exp_gmv_fused@K`` and
+    ``exp_gmv_pctcvr@K`` (relative, in %; the latter ranks by the model's pCTCVR alone, no
+    tuning). A metric that a run or its reference run lacks is skipped for that run.
 
     Returns:
         ``{model: {metric: {mean, std, n, better, worse, se_seeds, se_hanley_mcneil}}}``:
@@ -679,11 +680,11 @@ def paired_differences(
     for name, runs in per_repeat.items():
         if name == reference:
             continue
-        metrics = list(PAIRED_METRICS) + [
+        keys = list(PAIRED_METRICS if metrics is None else metrics) + [
             k for k in runs[0] if k.startswith(("exp_gmv_fused@", "exp_gmv_pctcvr@"))
         ]
         res: dict[str, dict] = {}
-        for key in metrics:
+        for key in keys:
             diffs, ses = [], []
             for r in runs:
                 ref = ref_runs.get((r["sim_seed"], r["seed"]))

@@ -164,13 +164,15 @@ class ESM2(nn.Module):
             }
         )
 
-    def head_outputs(self) -> dict[str, nn.Linear]:
-        """The output layers of the click and D-Action towers, by stage name (for
-        :func:`~mtrank.models.layers.init_output_bias`); y₃ and y₄ start at 0.5."""
-        click, act, _ = self.stages
+    def head_outputs(self) -> dict[str, nn.Linear | tuple[nn.Linear, ...]]:
+        """The output layers by stage name (for :func:`~mtrank.models.layers.init_output_bias`):
+        the click and D-Action towers at their stages' rates, and both buy towers (y₃, y₄) at
+        the buy's rate given click, so that pCVR starts at that rate."""
+        click, act, buy = self.stages
         return {
             click: self.towers["ctr"].output_layer,
             act: self.towers["act"].output_layer,
+            buy: (self.towers["buy_act"].output_layer, self.towers["buy_other"].output_layer),
         }
 
     def forward(

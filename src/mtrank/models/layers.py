@@ -125,11 +125,11 @@ def prior_logit(rate: float, eps: float = 1e-6) -> float:
 
 def init_output_bias(model: nn.Module, rates: dict[str, float]) -> dict[str, float]:
     """Start every head at its base rate: set the output bias of each head the model declares
-    (``model.head_outputs()``, head name → final ``nn.Linear`` with one output) to
-    :func:`prior_logit` of ``rates[head]``, so the first steps do not have to move σ(logit) from
-    0.5 to the click or conversion rate ("init well", Karpathy 2019, *A Recipe for Training
-    Neural Networks*; the bias is then trained as usual). Heads without a rate and models without
-    ``head_outputs`` are left as they are.
+    (``model.head_outputs()``, head name → final ``nn.Linear`` with one output, or a tuple of
+    them that start at the same rate) to :func:`prior_logit` of ``rates[head]``, so the first
+    steps do not have to move σ(logit) from 0.5 to the click or conversion rate ("init well",
+    Karpathy 2019, *A Recipe for Training Neural Networks*; the bias is then trained as
+    usual). Heads without a rate and models without ``head_outputs`` are left as they are.
 
     Returns the logits set, by head name. See docs/models.md (“Defaults”) for the ablation that
     chose this default.
@@ -137,10 +137,11 @@ def init_output_bias(model: nn.Module, rates: dict[str, float]) -> dict[str, flo
     heads = model.head_outputs() if hasattr(model, "head_outputs") else {}
     done: dict[str, float] = {}
     with torch.no_grad():
-        for name, layer in heads.items():
-            if name in rates and layer.bias is not None:
-                done[name] = prior_logit(rates[name])
-                layer.bias.fill_(done[name])
+        for name, layers in heads.items():
+            for layer in layers if isinstance(layers, tuple) else (layers,):
+                if name in rates and layer.bias is not None:
+                    done[name] = prior_logit(rates[name])
+                    layer.bias.fill_(done[name])
     return done
 
 
