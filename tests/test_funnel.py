@@ -243,3 +243,30 @@ def test_ctr_only_service_fuses_with_pctr_and_price_only(tmp_path):
     np.testing.assert_allclose(s2.log_score, np.log(s.probs["p_ctr"]))
     with pytest.raises(ConfigError, match="needs pCVR"):
         RankingService(path, FusionSpec(formula="expected_gmv"), engine="torch")
+
+
+def test_ctr_only_quadrants_fuse_and_a_constant_click_are_named(tmp_path):
+    import json
+
+    from conftest import cli_in_process
+
+    df = funnel_data(600)
+    df.select("is_click", "item", "x").write_csv(tmp_path / "ctr.csv")
+    df.select("item", "x").with_columns(pl.lit(1).alias("is_click")).write_csv(tmp_path / "all.csv")
+    (tmp_path / "s.yaml").write_text(
+        "name: hotel\nclick: is_click\nitem_id: item\ncategorical: [item]\nnumerical: [x]\n"
+    )
+    args = ["--schema", tmp_path / "s.yaml", "--by", "item"]
+    r = cli_in_process("quadrants", "--data", tmp_path / "ctr.csv", *args, "--out", tmp_path / "q")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads((tmp_path / "q" / "quadrants.json").read_text())
+    assert doc["cvr_axis"] is None and "needs a conversion stage" in doc["notes"][0]
+    assert sum(row["impressions"] for row in doc["ctr_axis"]) == 600 and doc["warnings"] == []
+    assert "CVR axis needs a conversion stage" in r.stderr
+    r = cli_in_process("quadrants", "--data", tmp_path / "all.csv", *args, "--out", tmp_path / "a")
+    doc = json.loads((tmp_path / "a" / "quadrants.json").read_text())
+    assert len(doc["warnings"]) == 1 and "CTR axis is near-constant" in doc["warnings"][0]
+    assert "warning: the CTR axis is near-constant" in r.stderr
+    path = fit_small(ONE).bundle.save(tmp_path / "b")
+    r = cli_in_process("fuse", "--bundle", path, "--data", tmp_path / "ctr.csv", "-o", tmp_path)
+    assert r.returncode == 2 and "CTR-only" in r.stderr and "single (which=ctr)" in r.stderr

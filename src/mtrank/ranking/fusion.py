@@ -526,3 +526,15 @@ __all__ = [
     "safe_scores",
     "save_fusion",
 ]
+
+
+def ctr_only_fusions() -> str:
+    """Which formulas apply to a CTR-only model (no pCVR), and which need pCVR: one message,
+    shared by ``mtrank fuse`` and the service."""
+    return (
+        "formulas that apply without pCVR: single (which=ctr), multiplicative and "
+        "offset_multiplicative with beta=0 (pCTR and price), linear with w2=0; formulas "
+        "that need pCVR (a conversion stage): ctcvr, expected_gmv, single (which=ctcvr), and "
+        "the others with beta / w2 ≠ 0"
+    )
+

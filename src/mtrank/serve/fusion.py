@@ -31,7 +31,14 @@ import polars as pl
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from mtrank.errors import ConfigError
-from mtrank.ranking.fusion import FORMULAS, Fusion, load_fusion, make_fusion, usable_prices
+from mtrank.ranking.fusion import (
+    FORMULAS,
+    Fusion,
+    ctr_only_fusions,
+    load_fusion,
+    make_fusion,
+    usable_prices,
+)
 
 FormulaName = Literal[tuple(FORMULAS)]  # type: ignore[valid-type]
 
@@ -159,8 +166,7 @@ def fused_score_column(
     if fusion.uses_cvr and "p_cvr" not in predictions.columns:
         raise ConfigError(
             f"fusion {fusion.name!r} {fusion.params} needs pCVR, which this model (CTR-only) "
-            "does not predict; use single (which=ctr), multiplicative with beta=0 or linear "
-            "with w2=0"
+            f"does not predict; {ctr_only_fusions()}"
         )
     p = {
         k: predictions.get_column(k).to_numpy() if k in predictions.columns else None
