@@ -248,11 +248,7 @@ def quadrants(
         stats, cut, out / "quadrants.png", f"{sch.name}: {' × '.join(by_cols)} (size ∝ impressions)"
     )
     doc = {
-        "dataset": sch.name,
-        "source": source,
-        "rows": frame.height,
-        "entity": by_cols,
-        "entities": stats.height,
+        **_doc_head(sch, source, frame, by_cols, stats),
         "value_column": value_col,
         "price_column": price_col,
         "threshold_method": threshold,
@@ -291,6 +287,17 @@ def quadrants(
     console.print(f"wrote {out}/quadrants.csv, entities.csv, quadrants.json, quadrants.png")
 
 
+def _doc_head(sch, source, frame, by_cols, stats) -> dict:
+    """The first keys of quadrants.json: dataset, source, rows, entity columns, entities."""
+    return {
+        "dataset": sch.name,
+        "source": source,
+        "rows": frame.height,
+        "entity": by_cols,
+        "entities": stats.height,
+    }
+
+
 CVR_AXIS_NOTE = (
     "the CVR axis needs a conversion stage (declare `conversion`, or a funnel of ≥ 2 stages); "
     "this data is CTR-only, so entities are split on the CTR axis alone"
@@ -321,11 +328,7 @@ def _ctr_axis(frame, sch, b, by_cols, threshold, source, out: Path) -> None:
     _write_csv(stats, out / "entities.csv")
     warnings = near_constant_axes(stats)
     doc = {
-        "dataset": sch.name,
-        "source": source,
-        "rows": frame.height,
-        "entity": by_cols,
-        "entities": stats.height,
+        **_doc_head(sch, source, frame, by_cols, stats),
         "threshold_method": threshold,
         "thresholds": {"ctr": cut, "cvr": None},
         "smoothing": {"ctr": asdict(prior), "cvr": None},
