@@ -42,6 +42,7 @@ class ESMM(nn.Module):
         TaskLoss("ctcvr", label="ctcvr", outputs=("logit_ctr", "logit_cvr"), kind="logit_product"),
     ]
     entire_space = True  # pCVR is learnt through pCTCVR over all impressions
+    n_stages = True  # works on a staged funnel of any length (not inherited: see __init__)
 
     class Options(ModelOptions):
         """``shared_embedding``: CTR and CVR share the embedding table (ESMM-NS: false)."""
@@ -53,10 +54,12 @@ class ESMM(nn.Module):
         self.options = parse_options(self.Options, cfg)
         self.shared_embedding = self.options.shared_embedding
         self.stages, self.parents = list(spec.stages), list(spec.parents)
-        if self.stages:
+        # N stages only for classes that declare it themselves: a subclass (ESCM², …) with a
+        # two-stage loss must not inherit the staged path silently
+        if self.stages and vars(type(self)).get("n_stages", False):
             self._build_stages(spec, cfg)
             return
-        require_funnel(spec, "ESMM")
+        require_funnel(spec, type(self).__name__.upper())
         self.embedding = FeatureEmbedding(spec.cardinalities, spec.n_numerical, cfg.embedding_dim)
         self.cvr_embedding = (
             None
@@ -110,6 +113,8 @@ class ESMM(nn.Module):
 class ESMMNS(ESMM):
     """ESMM-NS (ESMM paper §3.3): ESMM without shared embeddings; each tower has its own
     embedding table, so only the CTCVR product ties the towers (``esmm_ns``)."""
+
+    n_stages = True
 
     def __init__(self, spec: FeatureSpec, cfg: ModelConfig) -> None:
         super().__init__(
