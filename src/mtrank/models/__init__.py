@@ -47,6 +47,11 @@ RANKERS: dict[str, type] = {"ltr": LambdaMART}
 # counterfactual risk): the ESMM paper reports their own pCTCVR. The others' pCTCVR is
 # formed, in the benchmark, as a shared independently trained pCTR × their pCVR (§3.2).
 ENTIRE_SPACE_MODELS = frozenset(n for n, c in MODELS.items() if getattr(c, "entire_space", False))
+# Models that need a three-stage funnel (ESM²'s click → {D-Action, buy}); the two-stage data
+# of the other models is an error for them.
+THREE_STAGE_MODELS = frozenset(
+    n for n, c in MODELS.items() if getattr(c, "stages_required", None) == 3
+)
 # Models that also train on plain multi-task data (FeatureSpec.funnel = False).
 PLAIN_TASK_MODELS = frozenset(n for n, c in MODELS.items() if getattr(c, "plain_tasks", False))
 
@@ -98,6 +103,7 @@ __all__ = [
     "ModelConfig",
     "Oversampling",
     "SharedBottom",
+    "THREE_STAGE_MODELS",
     "Unbias",
     "build_model",
     "check_options",

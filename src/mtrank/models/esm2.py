@@ -120,6 +120,7 @@ class ESM2(nn.Module):
     """
 
     entire_space = True  # every term is over all impressions
+    stages_required = 3  # ESM²'s click → {D-Action, buy} (mtrank.models.THREE_STAGE_MODELS)
 
     class Options(ModelOptions):
         """Loss weights of ESM² eq. 12 (CTR, CTAVR, CTCVR); 1 each ([U])."""
