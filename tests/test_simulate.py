@@ -276,3 +276,13 @@ def test_three_stage_schema_file_and_loading():
     assert simulated_schema(cfg.model_copy(update={"stages": 2})) is SIMULATED_SCHEMA
     loaded = simulated_data(cfg)
     assert loaded.schema is SIMULATED_CART_SCHEMA and loaded.splits["all"].height == 2_000
+
+
+def test_shipped_cart_config_is_the_cart_preset():
+    from pathlib import Path
+
+    from mtrank.config import load_config
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "simulated-cart.yaml")
+    assert cfg.data.simulator == preset_config("cart")
+    assert cfg.model.name == "esm2"

@@ -64,7 +64,13 @@ from mtrank.metrics.core import auc, gauc, hanley_mcneil_se, logloss
 from mtrank.metrics.evaluate import TRUTH_METRICS, evaluate_outputs
 from mtrank.metrics.summary import fmt as _fmt
 from mtrank.metrics.summary import metric_names, summarise
-from mtrank.models import ENTIRE_SPACE_MODELS, MODELS, PLAIN_TASK_MODELS, build_model
+from mtrank.models import (
+    ENTIRE_SPACE_MODELS,
+    MODELS,
+    PLAIN_TASK_MODELS,
+    THREE_STAGE_MODELS,
+    build_model,
+)
 from mtrank.models.base import SingleTaskNet
 from mtrank.models.baselines import PROPENSITY_COLUMN
 from mtrank.models.config import FeatureSpec, ModelConfig
@@ -163,6 +169,12 @@ def check_models(names: list[str], schema: Schema) -> None:
     for name in names:
         if name not in MODELS:
             raise ConfigError(f"unknown model {name!r}; choose from {sorted(MODELS)}")
+        if name in THREE_STAGE_MODELS and len(schema.stage_names) != 3:
+            raise ConfigError(
+                f"model {name!r} needs a three-stage funnel (click → cart → buy); "
+                f"{schema.name!r} has stages {schema.stage_names or ['click', 'conversion']} "
+                "(benchmarks/funnel3.py runs it on the simulator's three-stage log)"
+            )
         if not schema.is_funnel and name not in PLAIN_TASK_MODELS:
             raise ConfigError(
                 f"model {name!r} needs a click → conversion funnel; on {schema.name!r} (plain "
