@@ -138,23 +138,19 @@ class ESM2(nn.Module):
         self.stages = esm2_stages(spec)
         click, act, buy = self.stages
         o = self.options
-        # entire-space labels `<stage>_all` (click, click ∧ D-Action, click ∧ buy), eq. 9–11
+        # entire-space labels `<stage>_all` (click, click ∧ D-Action, click ∧ buy), eq. 9–11;
+        # the CTAVR and CTCVR terms are products with pCTR (logit_<buy> is pCVR's exact logit)
         self.tasks = [
-            TaskLoss(click, label=f"{click}_all", outputs=(f"logit_{click}",), weight=o.w_ctr),
+            TaskLoss(click, label=f"{click}_all", outputs=(f"logit_{click}",), weight=o.w_ctr)
+        ] + [
             TaskLoss(
-                f"{act}_all",
-                label=f"{act}_all",
-                outputs=(f"logit_{click}", f"logit_{act}"),
+                f"{s}_all",
+                label=f"{s}_all",
+                outputs=(f"logit_{click}", f"logit_{s}"),
                 kind="logit_product",
-                weight=o.w_ctavr,
-            ),
-            TaskLoss(
-                f"{buy}_all",
-                label=f"{buy}_all",
-                outputs=(f"logit_{click}", f"logit_{buy}"),
-                kind="logit_product",
-                weight=o.w_ctcvr,
-            ),
+                weight=w,
+            )
+            for s, w in ((act, o.w_ctavr), (buy, o.w_ctcvr))
         ]
         self.embedding = FeatureEmbedding(spec.cardinalities, spec.n_numerical, cfg.embedding_dim)
         d = self.embedding.output_dim
