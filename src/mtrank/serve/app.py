@@ -22,7 +22,6 @@ from typing import Any
 import anyio.to_thread
 import numpy as np
 import orjson
-import polars as pl
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, Field
@@ -315,8 +314,8 @@ def error_response(exc: RequestError) -> Response:
 
 
 def _respond(header: dict, scored: Scored, order: np.ndarray, *, ranked: bool) -> Response:
-    """Serialise without a per-candidate Python loop: the candidate array is written by polars
-    (non-finite floats become null; floats are printed round-trip exact), the rest by orjson."""
+    """Serialise without a per-candidate Python loop or object: the candidate array is written
+    column by column (:func:`json_rows`), the rest by orjson."""
     cols: dict[str, np.ndarray] = {"index": order}
     if ranked:
         cols["rank"] = np.arange(1, len(order) + 1)
@@ -324,9 +323,6 @@ def _respond(header: dict, scored: Scored, order: np.ndarray, *, ranked: bool) -
         cols[k] = v[order]
     cols["score"] = scored.score[order]
     cols["log_score"] = scored.log_score[order]
-    for k in ("p_ctr", "p_cvr", "p_ctcvr", "score", "log_score"):
-        cols[k] = np.where(np.isfinite(cols[k]), cols[k], np.nan)
-    table = pl.DataFrame(cols).with_columns(pl.col(pl.Float64).fill_nan(None)).write_json()
     head = orjson.dumps(
         {
             **header,
@@ -335,6 +331,30 @@ def _respond(header: dict, scored: Scored, order: np.ndarray, *, ranked: bool) -
         }
     )
     counts = orjson.dumps({"missing": scored.n_missing, "oov": scored.n_oov})
-    body = b"".join((head[:-1], b',"candidates":', table.encode(), b',"counts":', counts, b"}"))
+    body = b"".join((head[:-1], b',"candidates":', json_rows(cols), b',"counts":', counts, b"}"))
     timing = ", ".join(f"{k};dur={v:.3f}" for k, v in scored.timings_ms.items())
     return Response(body, media_type="application/json", headers={"server-timing": timing})
+
+
+def json_rows(cols: dict[str, np.ndarray]) -> bytes:
+    """A JSON array with one object per row of equal-length 1-D numeric columns (keys in
+    ``cols`` order; a non-finite float is null; floats round-trip exact).
+
+    Each column is serialised once by orjson, all values split at once, and interleaved with
+    the keys by slice assignment (C loops, no Python per row)."""
+    n, k = len(next(iter(cols.values()))), len(cols)
+    if n == 0:
+        return b"[]"
+    texts = [
+        orjson.dumps(np.ascontiguousarray(v), option=orjson.OPT_SERIALIZE_NUMPY)[1:-1]
+        for v in cols.values()
+    ]
+    values = b",".join(texts).split(b",")
+    keys = [f',"{name}":'.encode() for name in cols]
+    keys[0] = b"},{" + keys[0][1:]  # each row after the first closes the one before
+    parts = keys * n + [b""] * (k * n)
+    parts[0::2] = keys * n
+    for j in range(k):
+        parts[2 * j + 1 :: 2 * k] = values[j * n : (j + 1) * n]
+    parts[0] = b"{" + keys[0][3:]
+    return b"[" + b"".join(parts) + b"}]"

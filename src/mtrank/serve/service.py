@@ -465,7 +465,9 @@ class RankingService:
             return None
         x = series.to_numpy()
         with np.errstate(invalid="ignore"):
-            nonfinite = ~np.isfinite(x) & ~series.is_null().to_numpy()
+            nonfinite = ~np.isfinite(x)
+            if series.null_count():  # a null is missing, not non-finite
+                nonfinite &= ~series.is_null().to_numpy()
             large = np.abs(x) > bound
             negative = (x < 0) if col == self.price else np.zeros(x.size, bool)
         if nonfinite.any() or large.any() or negative.any():
