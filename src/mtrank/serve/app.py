@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 import mtrank
 from mtrank.serve.body import (
@@ -210,17 +212,9 @@ def create_app(
         }
 
     async def handle(request: Request, ranked: bool) -> Response:
-        try:
-            check_media_type(request.headers.get("content-type"))
-            check_length(request.headers.get("content-length"), max_body_bytes)
-            body = bytearray()
-            async for chunk in request.stream():
-                body += chunk
-                if len(body) > max_body_bytes:
-                    raise too_large(max_body_bytes)
-        except RequestError as exc:
-            return error_response(exc)
-        return await run_in_threadpool(answer, service, header, bytes(body), ranked)
+        return await score_request(
+            service, header, request.headers.get, request.stream(), max_body_bytes, ranked
+        )
 
     def body_doc(name: str) -> dict:
         return {
@@ -265,7 +259,79 @@ def create_app(
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+    app.add_middleware(
+        ScoringFastPath, service=service, header=header, max_body_bytes=max_body_bytes
+    )
     return app
+
+
+async def score_request(
+    service: RankingService,
+    header: dict,
+    get_header: Callable[[str], str | None],
+    chunks: AsyncIterator[bytes],
+    max_body_bytes: int,
+    ranked: bool,
+) -> Response:
+    """One ``/rank`` (``ranked``) or ``/score`` request: media type and size checked, the body
+    read on the event loop (dropped once over ``max_body_bytes``), the rest in a worker thread
+    (:func:`answer`)."""
+    try:
+        check_media_type(get_header("content-type"))
+        check_length(get_header("content-length"), max_body_bytes)
+        body = bytearray()
+        async for chunk in chunks:
+            body += chunk
+            if len(body) > max_body_bytes:
+                raise too_large(max_body_bytes)
+    except RequestError as exc:
+        return error_response(exc)
+    return await run_in_threadpool(answer, service, header, bytes(body), ranked)
+
+
+class ScoringFastPath:
+    """ASGI middleware that answers ``POST /rank`` and ``POST /score`` itself with
+    :func:`score_request` (the same code as the FastAPI routes, which stay declared for the
+    OpenAPI schema), skipping routing, FastAPI's per-request dependency solving and exception
+    middleware: about 0.3 ms of CPU per request. Any other request goes to the app; errors
+    still pass Starlette's outer error middleware."""
+
+    def __init__(
+        self, app: ASGIApp, *, service: RankingService, header: dict, max_body_bytes: int
+    ) -> None:
+        self.app, self.service, self.header = app, service, header
+        self.max_body_bytes = max_body_bytes
+        self.paths = {"/rank": True, "/score": False}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Answer the two scoring routes; pass everything else on."""
+        ranked = self.paths.get(scope.get("path")) if scope["type"] == "http" else None
+        if ranked is None or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        headers: dict[str, str] = {}
+        for name, value in scope["headers"]:  # the first value of each, as Starlette's get
+            headers.setdefault(name.decode("latin-1"), value.decode("latin-1"))
+        response = await score_request(
+            self.service,
+            self.header,
+            headers.get,
+            _body_chunks(receive),
+            self.max_body_bytes,
+            ranked,
+        )
+        await response(scope, receive, send)
+
+
+async def _body_chunks(receive: Receive) -> AsyncIterator[bytes]:
+    """The request body as it arrives (ends early if the client disconnects)."""
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return
+        yield message.get("body", b"")
+        if not message.get("more_body", False):
+            return
 
 
 @contextlib.asynccontextmanager
