@@ -159,7 +159,7 @@ def start_server(bundle: Path, engine: str, port: int, workers: int = 1) -> subp
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited: {proc.stderr.read().decode()[-2000:]}")
@@ -169,7 +169,7 @@ def start_server(bundle: Path, engine: str, port: int, workers: int = 1) -> subp
         except httpx.TransportError:
             time.sleep(0.2)
     proc.terminate()
-    raise RuntimeError("server did not become healthy within 120 s")
+    raise RuntimeError("server did not become healthy within 300 s")
 
 
 def make_requests(data: pl.DataFrame, n: int, count: int, seed: int) -> list[bytes]:
