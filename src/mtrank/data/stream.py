@@ -227,21 +227,25 @@ class ParquetStream:
                 return EncodedData(
                     t.pop("categorical"),
                     t.pop("numerical"),
-                    {k.removeprefix("label."): v for k, v in t.items()},
+                    {k.removeprefix("label."): v for k, v in t.items() if k.startswith("label.")},
+                    weight=t.get("weight"),
+                    position=t.get("position"),
                 )
             except (SafetensorError, OSError, KeyError):
                 pass  # unreadable entry: encode again and rewrite it
         data = EncodedData.from_frame(read_piece(piece, self.schema), self.schema, self.encoder)
         if not training:
             return data
-        data = EncodedData(
-            data.categorical, data.numerical, data.labels
-        )  # batches need no side columns
+        data = EncodedData(  # batches need no side columns
+            data.categorical, data.numerical, data.labels, data.weight, position=data.position
+        )
         if cached is not None:
             tensors = {
                 "categorical": data.categorical,
                 "numerical": data.numerical,
                 **{f"label.{k}": v for k, v in data.labels.items()},
+                **({} if data.weight is None else {"weight": data.weight}),
+                **({} if data.position is None else {"position": data.position}),
             }
             atomic_write_safetensors(tensors, cached)
         return data
