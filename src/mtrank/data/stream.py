@@ -22,11 +22,13 @@ import copy
 import glob
 import hashlib
 import json
+import math
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 import torch
@@ -34,7 +36,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from mtrank.data.batch import Batch, EncodedData
-from mtrank.data.encoders import FeatureEncoder
+from mtrank.data.encoders import RANGE_QUANTILES, FeatureEncoder
 from mtrank.data.hashing import HashedCategoricalEncoder, check_hash_columns
 from mtrank.data.io import ROW, read_table, validate_frame
 from mtrank.data.schema import Schema
@@ -313,6 +315,7 @@ def fit_encoder_streaming(
 
     counts: dict[str, pl.DataFrame] = {}
     sums: dict[str, list[float]] = {c: [0.0, 0.0, 0.0] for c in schema.numerical}
+    ranges: dict[str, list[float]] = {c: [math.inf, -math.inf] for c in schema.numerical}
     check_hash_columns(hash_buckets, schema.categorical)
     hash_buckets = hash_buckets or {}
     counted = [c for c in schema.categorical if c not in hash_buckets]
@@ -329,6 +332,9 @@ def fit_encoder_streaming(
             x = df.get_column(c).cast(pl.Float64).fill_nan(None).drop_nulls()
             x = x.filter(x.is_finite())
             s = sums[c]
+            if x.len():  # per-piece quantiles, merged by min / max (see the encoder's range)
+                lo, hi = np.quantile(x.to_numpy(), RANGE_QUANTILES)
+                ranges[c] = [min(ranges[c][0], float(lo)), max(ranges[c][1], float(hi))]
             s[0] += x.len()
             s[1] += float(x.sum())
             s[2] += float((x * x).sum())
@@ -346,5 +352,6 @@ def fit_encoder_streaming(
         mean = s1 / n if n else 0.0
         var = max(s2 / n - mean * mean, 0.0) if n else 1.0
         std = var**0.5 if var > 1e-24 else 1.0
-        nums.append(NumericalEncoder(c, mean, std))
+        lo, hi = ranges[c]
+        nums.append(NumericalEncoder(c, mean, std, *((lo, hi) if lo <= hi else (None, None))))
     return FeatureEncoder(cats, nums)

@@ -93,6 +93,14 @@ class PositionTower(nn.Module):
         return {str(self.reference + i): float(w[i] - w[0]) for i in range(w.numel())}
 
 
+def position_tower(model: nn.Module, positions: torch.Tensor | None) -> nn.Module:
+    """``model`` in a :class:`PositionTower` spanning the training ``positions`` (int64 ``[N]``,
+    reference = the smallest), or ``model`` itself when there are none."""
+    if positions is None or positions.numel() == 0:
+        return model
+    return PositionTower(model, int(positions.min()), int(positions.max()))
+
+
 def forward_kwargs(model: nn.Module, batch) -> dict[str, torch.Tensor]:
     """``{"position": batch.position}`` when ``model`` is a :class:`PositionTower` and the batch
     carries positions, else ``{}``: what the trainer passes to a forward call."""
@@ -101,4 +109,4 @@ def forward_kwargs(model: nn.Module, batch) -> dict[str, torch.Tensor]:
     return {}
 
 
-__all__ = ["MAX_POSITIONS", "PositionTower", "forward_kwargs"]
+__all__ = ["MAX_POSITIONS", "PositionTower", "forward_kwargs", "position_tower"]

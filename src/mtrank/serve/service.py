@@ -90,6 +90,8 @@ class Scored:
         n_missing: per feature column, missing values (after the context fill).
         n_oov: per categorical column, values unseen in training (scored with index 1).
         timings_ms: wall time per stage (validate, encode, infer, fuse).
+        n_out_of_range: per numerical column, values far outside the training range
+            (:meth:`mtrank.data.encoders.NumericalEncoder.out_of_range`; scored as sent).
     """
 
     probs: dict[str, np.ndarray]
@@ -100,6 +102,7 @@ class Scored:
     n_oov: dict[str, int]
     fusion: FusionSpec
     timings_ms: dict[str, float] = field(default_factory=dict)
+    n_out_of_range: dict[str, int] = field(default_factory=dict)
 
     def order(self) -> np.ndarray:
         """Candidate indices best first (see :func:`mtrank.ranking.replay.rank_order`)."""
@@ -569,6 +572,7 @@ class RankingService:
             n_oov,
             spec,
             {k: v * 1e3 for k, v in timings.items()},
+            self.bundle.encoder.out_of_range_counts(df),
         )
 
 
