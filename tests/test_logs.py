@@ -222,3 +222,46 @@ def test_numerical_range_is_kept_and_far_values_counted():
         }
     )
     assert old.out_of_range_counts(pl.DataFrame({"price": [1e9]})) == {"price": 0}
+
+
+def test_sampled_bundle_serves_corrected_probabilities_through_onnx(tmp_path):
+    from mtrank.serve.service import RankingService
+
+    rng = np.random.default_rng(0)
+    n = 400
+    click = (rng.random(n) < 0.4).astype(np.int8)
+    df = pl.DataFrame(
+        {
+            "click": click,
+            "buy": (click * (rng.random(n) < 0.5)).astype(np.int8),
+            "item": rng.integers(0, 5, n),
+            "x": rng.normal(size=n),
+        }
+    )
+    schema = Schema(
+        click="click",
+        conversion="buy",
+        categorical=["item"],
+        numerical=["x"],
+        negative_sampling={"rate": 0.5},
+    )
+    res = fit(
+        {"train": df.head(300), "val": df.slice(300, 50), "test": df.tail(50)},
+        schema,
+        ModelConfig(tower=[8], embedding_dim=4),
+        TrainConfig(epochs=1, batch_size=64),
+        quiet=True,
+    )
+    assert "rows whose negatives were kept at rate 0.5" in res.bundle.meta["calibration"]["rows"]
+    assert res.metrics["test"]["calib_ctr_weighted"] is not None
+    path = res.bundle.save(tmp_path / "b")
+    service = RankingService(path, engine="onnx", threads=1)
+    rows = df.tail(5).drop("click", "buy")
+    scored = service.score({}, rows.to_dicts())
+    want = Bundle.load(path).predict(rows)
+    np.testing.assert_allclose(scored.probs["p_ctr"], want["p_ctr"].to_numpy(), atol=1e-5)
+    inner = predict(
+        without_sampling_correction(Bundle.load(path).model), service.bundle.encode(rows)
+    )
+    q = inner["p_ctr"].astype(np.float64)
+    np.testing.assert_allclose(want["p_ctr"].to_numpy(), q * 0.5 / (q * 0.5 + 1 - q), atol=1e-6)
