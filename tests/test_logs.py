@@ -265,3 +265,54 @@ def test_sampled_bundle_serves_corrected_probabilities_through_onnx(tmp_path):
     )
     q = inner["p_ctr"].astype(np.float64)
     np.testing.assert_allclose(want["p_ctr"].to_numpy(), q * 0.5 / (q * 0.5 + 1 - q), atol=1e-6)
+
+
+def test_cli_train_evaluate_predict_with_positions_sampling_and_a_unit_mixup(tmp_path):
+    import subprocess
+    import sys
+
+    def mtrank(*args):
+        return subprocess.run(
+            [sys.executable, "-m", "mtrank", *map(str, args)],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+
+    df = simulate(SimConfig(rows=6_000, n_users=300, n_items=150, slate_size=5, seed=5))
+    df.write_parquet(tmp_path / "log.parquet")
+    df.with_columns(price=pl.col("price") * 1000).write_parquet(tmp_path / "milli.parquet")
+    (tmp_path / "schema.yaml").write_text(
+        "click: click\nconversion: conversion\nprice: price\nprice_unit: EUR\n"
+        "position: position\ncategorical: [category, brand, user_power]\nnumerical: [price]\n"
+    )
+    common = ["--schema", tmp_path / "schema.yaml"]
+    r = mtrank(
+        "train",
+        "--data",
+        tmp_path / "log.parquet",
+        *common,
+        "--epochs",
+        1,
+        "--negative-sampling-rate",
+        0.5,
+        "--out",
+        tmp_path / "b",
+        "-q",
+    )
+    assert r.returncode == 0, r.stderr
+    r = mtrank("evaluate", "--bundle", tmp_path / "b", "--data", tmp_path / "log.parquet")
+    assert r.returncode == 0, r.stderr
+    assert "negatives sampled at rate 0.5" in r.stdout and "learnt position effect" in r.stdout
+    r = mtrank(
+        "predict",
+        "--bundle",
+        tmp_path / "b",
+        "--data",
+        tmp_path / "milli.parquet",
+        "--out",
+        tmp_path / "p.parquet",
+    )
+    assert r.returncode == 0, r.stderr
+    assert "column 'price'" in r.stderr and "far outside the training range" in r.stderr
+    assert "trained with price in EUR" in r.stderr
