@@ -268,16 +268,7 @@ def test_sampled_bundle_serves_corrected_probabilities_through_onnx(tmp_path):
 
 
 def test_cli_train_evaluate_predict_with_positions_sampling_and_a_unit_mixup(tmp_path):
-    import subprocess
-    import sys
-
-    def mtrank(*args):
-        return subprocess.run(
-            [sys.executable, "-m", "mtrank", *map(str, args)],
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
+    from tests.test_cli import mtrank
 
     df = simulate(SimConfig(rows=6_000, n_users=300, n_items=150, slate_size=5, seed=5))
     df.write_parquet(tmp_path / "log.parquet")
