@@ -159,7 +159,11 @@ def test_service_without_categorical_features_or_price(tmp_path):
     body = client.post(
         "/rank", json={"candidates": [{"x": 1.0, "y": None}, {"x": 2, "y": 0.3}]}
     ).json()
-    assert body["counts"] == {"missing": {"x": 0, "y": 1}, "oov": {}}
+    assert body["counts"] == {
+        "missing": {"x": 0, "y": 1},
+        "oov": {},
+        "out_of_range": {"x": 0, "y": 0},
+    }
     want = predictions_frame(
         Bundle.load(path), pl.DataFrame({"x": [1.0, 2.0], "y": [None, 0.3]}), "t"
     )
@@ -356,6 +360,14 @@ def test_score_keeps_request_order_and_defaults_to_ctcvr(client, sim):
     assert [c["index"] for c in body["candidates"]] == list(range(10))
     assert all(c["score"] == c["p_ctcvr"] and "rank" not in c for c in body["candidates"])
     assert body["fusion"]["formula"] == "ctcvr"
+
+
+def test_far_out_of_range_prices_are_counted(client, sim):
+    req = request_of(sim.slice(0, 4))
+    req["candidates"][0]["price"] = 523_000.0  # a price in thousandths sent to a unit model
+    req["candidates"][2]["price"] = 1e7
+    body = client.post("/rank", json=req).json()
+    assert body["counts"]["out_of_range"] == {"price": 2}
 
 
 def test_unseen_and_missing_values_are_scored_and_counted(client, sim):

@@ -14,6 +14,9 @@ training, batch scoring and the HTTP service. Polars expression calls are kept o
 ~0.1 ms of dispatch, more than the lookup of 200 values itself.
 
 Numerical columns are imputed with the training mean (NaN, ±inf, empty) and standardised.
+Their training range (the 0.1 % and 99.9 % quantiles, ``low`` / ``high``) is kept too, so that a
+value far outside it (a price in cents sent to a model trained on prices in units) is counted,
+never silently scored as if it were ordinary (:meth:`NumericalEncoder.out_of_range`).
 """
 
 from __future__ import annotations
@@ -149,25 +152,49 @@ class CategoricalEncoder:
         return idx, int((idx == MISSING).sum()), int((idx == OOV).sum())
 
 
+RANGE_QUANTILES = (0.001, 0.999)  # the training range kept per numerical column
+RANGE_MARGIN = 1.0  # "far outside": beyond the range by more than this many range widths
+
+
 @dataclass
 class NumericalEncoder:
-    """Mean imputation and standardisation of one numerical column: ``(x - mean) / std``."""
+    """Mean imputation and standardisation of one numerical column: ``(x - mean) / std``.
+
+    ``low`` / ``high``: the training range (:data:`RANGE_QUANTILES` of the finite training
+    values; None in encoders saved before it was kept).
+    """
 
     column: str
     mean: float
     std: float
+    low: float | None = field(default=None, compare=False)  # the range does not encode
+    high: float | None = field(default=None, compare=False)
 
     @classmethod
     def fit(cls, series: pl.Series) -> NumericalEncoder:
         """Fit on one column: mean and standard deviation of its finite values (std 1 when
-        constant)."""
+        constant), and their :data:`RANGE_QUANTILES`."""
         x = series.cast(pl.Float64, strict=False).to_numpy()
         x = x[np.isfinite(x)]
         mean = float(x.mean()) if x.size else 0.0
         std = float(x.std()) if x.size else 1.0
         if not math.isfinite(std) or std < 1e-12:
             std = 1.0
-        return cls(column=series.name, mean=mean, std=std)
+        low, high = (float(q) for q in np.quantile(x, RANGE_QUANTILES)) if x.size else (None, None)
+        return cls(column=series.name, mean=mean, std=std, low=low, high=high)
+
+    def out_of_range(self, values) -> np.ndarray:
+        """bool ``[N]``: finite values far outside the training range, below ``low − m·w`` or
+        above ``high + m·w`` (w = ``high − low``, or max(|high|, 1) for a constant column; m =
+        :data:`RANGE_MARGIN`). All False when the range is unknown."""
+        x = np.asarray(values, dtype=np.float64)
+        if self.low is None or self.high is None:
+            return np.zeros(x.shape, dtype=bool)
+        width = self.high - self.low
+        if width <= 0:
+            width = max(abs(self.high), 1.0)
+        with np.errstate(invalid="ignore"):
+            return (x < self.low - RANGE_MARGIN * width) | (x > self.high + RANGE_MARGIN * width)
 
     def transform(self, series: pl.Series) -> tuple[np.ndarray, int]:
         """Encode a column. Returns (values float32 [N], n_imputed)."""
@@ -236,6 +263,18 @@ class FeatureEncoder:
             num[:, j], n_missing[enc.column] = enc.transform(df.get_column(enc.column))
         return EncodedFeatures(cat, num, n_missing, n_oov)
 
+    def out_of_range_counts(self, df: pl.DataFrame) -> dict[str, int]:
+        """Per numerical column of ``df``, the values far outside the training range
+        (:meth:`NumericalEncoder.out_of_range`); a column absent from ``df`` counts 0."""
+        out = {}
+        for e in self.numerical:
+            if e.column not in df.columns:
+                out[e.column] = 0
+                continue
+            x = df.get_column(e.column).cast(pl.Float64, strict=False).to_numpy()
+            out[e.column] = int(e.out_of_range(x).sum())
+        return out
+
     def to_json(self) -> dict:
         """The JSON document a bundle stores as ``encoders.json`` (see :meth:`from_json`)."""
         return {
@@ -247,7 +286,13 @@ class FeatureEncoder:
                 for e in self.categorical
             ],
             "numerical": [
-                {"column": e.column, "mean": e.mean, "std": e.std} for e in self.numerical
+                {
+                    "column": e.column,
+                    "mean": e.mean,
+                    "std": e.std,
+                    **({} if e.low is None else {"low": e.low, "high": e.high}),
+                }
+                for e in self.numerical
             ],
         }
 
@@ -264,7 +309,13 @@ class FeatureEncoder:
                 for e in obj["categorical"]
             ]
             nums = [
-                NumericalEncoder(str(e["column"]), float(e["mean"]), float(e["std"]))
+                NumericalEncoder(
+                    str(e["column"]),
+                    float(e["mean"]),
+                    float(e["std"]),
+                    None if e.get("low") is None else float(e["low"]),
+                    None if e.get("high") is None else float(e["high"]),
+                )
                 for e in obj["numerical"]
             ]
         except (KeyError, TypeError, AttributeError) as exc:
@@ -272,4 +323,9 @@ class FeatureEncoder:
         for e in nums:
             if not (math.isfinite(e.mean) and math.isfinite(e.std) and e.std > 0):
                 raise BundleError(f"encoder of {e.column!r} has invalid mean/std")
+            if (e.low is None) != (e.high is None) or (
+                e.low is not None
+                and not (math.isfinite(e.low) and math.isfinite(e.high) and e.low <= e.high)
+            ):
+                raise BundleError(f"encoder of {e.column!r} has an invalid low/high range")
         return cls(cats, nums)

@@ -75,6 +75,12 @@ class FeatureCounts(BaseModel):
     oov: dict[str, int] = Field(
         description="per categorical column: values unseen in training, scored with the OOV index"
     )
+    out_of_range: dict[str, int] = Field(
+        default_factory=dict,
+        description="per numerical column: values far outside the training range (beyond the "
+        "0.1-99.9 % quantile range by more than its width; e.g. a price in cents sent to a "
+        "model trained in units), scored as sent",
+    )
 
 
 class FusionOut(BaseModel):
@@ -396,7 +402,9 @@ def _respond(header: dict, scored: Scored, order: np.ndarray, *, ranked: bool) -
             "n_candidates": len(scored.score),
         }
     )
-    counts = orjson.dumps({"missing": scored.n_missing, "oov": scored.n_oov})
+    counts = orjson.dumps(
+        {"missing": scored.n_missing, "oov": scored.n_oov, "out_of_range": scored.n_out_of_range}
+    )
     body = b"".join((head[:-1], b',"candidates":', json_rows(cols), b',"counts":', counts, b"}"))
     timing = ", ".join(f"{k};dur={v:.3f}" for k, v in scored.timings_ms.items())
     return Response(body, media_type="application/json", headers={"server-timing": timing})

@@ -91,6 +91,8 @@ class Scored:
         n_missing: per feature column, missing values (after the context fill).
         n_oov: per categorical column, values unseen in training (scored with index 1).
         timings_ms: wall time per stage (validate, encode, infer, fuse).
+        n_out_of_range: per numerical column, values far outside the training range
+            (:meth:`mtrank.data.encoders.NumericalEncoder.out_of_range`; scored as sent).
     """
 
     probs: dict[str, np.ndarray]
@@ -101,6 +103,7 @@ class Scored:
     n_oov: dict[str, int]
     fusion: FusionSpec
     timings_ms: dict[str, float] = field(default_factory=dict)
+    n_out_of_range: dict[str, int] = field(default_factory=dict)
 
     def order(self) -> np.ndarray:
         """Candidate indices best first (see :func:`mtrank.ranking.replay.rank_order`)."""
@@ -588,7 +591,16 @@ class RankingService:
             )
         n_missing = {c: data.n_missing.get(c, 0) for c in self.features if c in data.n_missing}
         n_oov = {c: data.n_oov.get(c, 0) for c in self.categorical}
-        return Scored(probs, score, log_score, key, n_missing, n_oov, spec)
+        return Scored(
+            probs,
+            score,
+            log_score,
+            key,
+            n_missing,
+            n_oov,
+            spec,
+            n_out_of_range=self.bundle.encoder.out_of_range_counts(df),
+        )
 
 
 def _utf8(text: str) -> bool:
