@@ -192,6 +192,26 @@ def tiny_funnel(n: int = 100) -> pl.DataFrame:
     )
 
 
+SCHEMA3 = Schema(
+    name="t3",
+    funnel=[
+        {"stage": "click", "label": "is_click"},
+        {"stage": "cart", "label": "is_cart"},
+        {"stage": "buy", "label": "is_buy", "after": "click"},
+    ],
+    categorical=["item"],
+    numerical=["x"],
+)
+HEADER3 = "is_click,is_cart,is_buy,item,x\n"
+
+
+def tiny_funnel3() -> pl.DataFrame:
+    df = tiny_funnel()
+    return df.rename({"click": "is_click", "buy": "is_buy"}).with_columns(
+        (pl.col("is_click") * (pl.col("x") > 0)).cast(pl.Int8).alias("is_cart")
+    )
+
+
 def only(kind: str):
     def run(tmp: Path):
         schema = Schema(
@@ -640,6 +660,47 @@ CASES = [
         "25-feature-present-only-after-a-click",
         lambda t: load_table(_write(t, _missingness_leak_csv()), LEAK_SCHEMA),
         Raises(DataError, "column 'refund_days'] feature column 'refund_days' is non-null almost"),
+    ),
+    Case(
+        "26-cart-without-click-any-stage",
+        csv(HEADER3 + "1,1,0,a,1\n0,1,0,b,1\n1,0,1,c,1\n", SCHEMA3),
+        Raises(DataError, "column 'is_cart'; row 2] 1 row(s) with is_cart=1 but is_click=0"),
+    ),
+    Case(
+        "26-buy-without-click-on-a-branch",
+        csv(HEADER3 + "1,1,0,a,1\n1,0,1,b,1\n0,0,1,c,1\n", SCHEMA3),
+        Raises(DataError, "row 3] 1 row(s) with is_buy=1 but is_click=0 (a buy without a click"),
+    ),
+    Case(
+        "26-drop-policy-counts-every-stage",
+        csv(
+            HEADER3 + "1,1,0,a,1\n0,1,0,b,1\n0,0,1,c,1\n0,1,1,d,1\n0,0,0,e,1\n",
+            SCHEMA3.model_copy(update={"funnel_violations": "drop"}),
+        ),
+        lambda r: r[0].height == 2 and r[1].dropped_rows == [2, 3, 4],
+    ),
+    Case(
+        "26-every-row-clicked-is-named",
+        lambda t: fit_tiny(
+            Schema(click="click", categorical=["item"], numerical=["x"]),
+            tiny_funnel().with_columns(pl.lit(1, pl.Int8).alias("click")),
+        ).metrics["test"]["warnings"],
+        lambda r: (
+            r
+            == [
+                "label 'click' is 1 on every row (20 rows): task 'click' has nothing to "
+                "learn or rank (AUC undefined)",
+                "label 'click_all' is 1 on every row (20 "
+                "rows): task 'click_all' has nothing to learn or rank (AUC undefined)",
+            ]
+        ),
+    ),
+    Case(
+        "26-constant-stage-after-click-is-named",
+        lambda t: fit_tiny(
+            SCHEMA3, tiny_funnel3().with_columns(pl.col("is_click").alias("is_cart"))
+        ).metrics["test"]["warnings"],
+        lambda r: any("'cart' is 1 on every row with click_all=1" in w for w in r),
     ),
 ]
 

@@ -37,6 +37,7 @@ from torch import nn
 
 from mtrank.data.batch import EncodedData
 from mtrank.data.encoders import FeatureEncoder
+from mtrank.data.funnel import stage_output_names
 from mtrank.data.io import validate_frame
 from mtrank.data.schema import Schema
 from mtrank.errors import BundleError, MtrankError
@@ -51,6 +52,15 @@ from mtrank.version import __version__
 FORMAT = "mtrank.bundle/1"
 FILES = ("config.json", "encoders.json", "model.safetensors")
 PROBS = ("p_ctr", "p_cvr", "p_ctcvr")
+
+
+def probability_outputs(spec: FeatureSpec) -> tuple[str, ...]:
+    """The probability outputs a neural model of ``spec`` is scored, exported and served with:
+    :func:`mtrank.data.funnel.stage_output_names` on a staged funnel, ``p_ctr``, ``p_cvr``,
+    ``p_ctcvr`` on a click → conversion funnel, else ``p_<task>`` per plain task."""
+    if spec.stages:
+        return tuple(stage_output_names(spec.stages))
+    return PROBS if spec.funnel else tuple(f"p_{t}" for t in spec.task_names)
 
 
 class Scorer(Protocol):
@@ -73,7 +83,7 @@ class TorchScorer:
     def __init__(self, model: nn.Module, spec: FeatureSpec, batch_size: int = 8192) -> None:
         self.model = model
         self.batch_size = batch_size
-        self.outputs = PROBS if spec.funnel else tuple(f"p_{t}" for t in spec.task_names)
+        self.outputs = probability_outputs(spec)
 
     def __call__(self, categorical: np.ndarray, numerical: np.ndarray) -> dict[str, np.ndarray]:
         """``p_*`` float32 ``[N]`` for encoded rows (int64 ``[N, n_cat]``, float32 ``[N,

@@ -118,8 +118,10 @@ def feature_spec(encoder: FeatureEncoder, schema: Schema) -> FeatureSpec:
     return FeatureSpec(
         cardinalities=encoder.cardinalities,
         n_numerical=len(encoder.numerical),
-        funnel=schema.is_funnel,
+        funnel=schema.is_funnel and not schema.is_staged,
         task_names=list(schema.tasks),
+        stages=schema.stage_names,
+        parents=schema.stage_parents,
     )
 
 

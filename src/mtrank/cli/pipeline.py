@@ -28,6 +28,7 @@ from mtrank.cli.common import (
     SchemaOpt,
     _check_choice,
     _fmt,
+    _print_warnings,
     _metric_table,
     _on_command_line,
     _str,
@@ -432,8 +433,10 @@ def train_from_config(cfg: RunConfig, *, quiet: bool = False) -> None:
                 _metric_table(
                     f"{name} on {dataset} (best epoch {res.result.best_epoch})",
                     {f"{name} ({k})": v for k, v in res.metrics.items()},
+                    stages=res.bundle.schema.stage_names,
                 )
             )
+            _print_warnings(res.metrics)
             console.print(f"bundle written to {out}")
             if writer is not None:
                 console.print(f"TensorBoard events written to {writer.path}")
@@ -524,8 +527,9 @@ def _report_validation(loaded) -> None:
     for rep in loaded.reports:
         if rep.dropped_rows:
             err.print(
-                f"[yellow]dropped {len(rep.dropped_rows)} funnel-violating row(s) (conversion "
-                f"without click) from {rep.source}; first rows: "
+                f"[yellow]dropped {len(rep.dropped_rows)} funnel-violating row(s) (a stage "
+                f"without its `after` stage, e.g. conversion without click) from {rep.source}; "
+                "first rows: "
                 f"{rep.dropped_rows[:10]}[/yellow]"
             )
 
@@ -585,9 +589,12 @@ def evaluate(
         )
     else:
         metrics = evaluate_split(b.model, b.encode(frame, with_labels=True), b.schema)
-        table = _metric_table(f"{bundle}", {b.model_config.name: metrics})
+        table = _metric_table(
+            f"{bundle}", {b.model_config.name: metrics}, stages=b.schema.stage_names
+        )
     console.print(table)
     _print_log_notes(b)
+    _print_warnings({"": metrics})
     if out is not None:
         atomic_write_json(metrics, out)
         console.print(f"metrics written to {out}")

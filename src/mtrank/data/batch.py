@@ -15,6 +15,7 @@ import polars as pl
 import torch
 
 from mtrank.data.encoders import FeatureEncoder
+from mtrank.data.funnel import derived_labels
 from mtrank.data.schema import Schema
 
 
@@ -26,7 +27,8 @@ class Batch:
         categorical: int64 ``[B, n_cat]`` encoded ids (0 = missing, 1 = OOV).
         numerical: float32 ``[B, n_num]`` standardised values.
         labels: float32 ``[B]`` per label key: ``click``, ``conversion``, ``ctcvr`` (= click ·
-            conversion) for a funnel, else one per task name. Empty at serving time.
+            conversion) for a funnel, the keys of :func:`mtrank.data.funnel.derived_labels` for
+            a staged funnel, else one per task name. Empty at serving time.
         weight: optional float32 ``[B]`` sample weights.
         position: optional int64 ``[B]`` logged positions (training only: the position tower of
             :mod:`mtrank.models.position`).
@@ -128,7 +130,9 @@ class EncodedData:
                 labels[key] = torch.from_numpy(
                     df.get_column(col).cast(pl.Float32).to_numpy().copy()
                 )
-            if schema.is_funnel:
+            if schema.is_staged:
+                labels.update(derived_labels(labels, schema.stage_names, schema.stage_parents))
+            elif schema.is_funnel:
                 labels["ctcvr"] = labels["click"] * labels["conversion"]
         side: dict[str, np.ndarray] = {}
         for col in [

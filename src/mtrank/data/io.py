@@ -15,6 +15,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
+from mtrank.data.funnel import FunnelStage, stage_parents
 from mtrank.data.schema import Schema
 from mtrank.errors import ConfigError, DataError
 
@@ -30,6 +31,13 @@ class ValidationReport:
     rows_read: int
     funnel_violations: int = 0
     dropped_rows: list[int] = field(default_factory=list)
+
+
+def funnel_dependencies(schema: Schema) -> list[tuple[FunnelStage, FunnelStage]]:
+    """(stage, its ``after`` stage) for every declared funnel dependency (conversion after click
+    for the two-stage shorthand): a row with the stage's label 1 needs the other's 1 too."""
+    stages = schema.stages
+    return [(stages[i], stages[p]) for i, p in enumerate(stage_parents(stages)) if p >= 0]
 
 
 def read_table(
@@ -252,20 +260,26 @@ def validate_frame(
     if casts:
         df = df.with_columns(casts)
 
-    if schema.is_funnel and schema.click in df.columns and schema.conversion in df.columns:
-        violation = (pl.col(schema.click) == 0) & (pl.col(schema.conversion) == 1)
-        n, rows = _rows(df, violation)
-        report.funnel_violations = n
+    violation = None
+    for stage, after in funnel_dependencies(schema):
+        if stage.label not in df.columns or after.label not in df.columns:
+            continue
+        broken = (pl.col(after.label) == 0) & (pl.col(stage.label) == 1)
+        n, rows = _rows(df, broken)
         if n and schema.funnel_violations == "error":
             raise DataError(
-                f"{n} row(s) with {schema.conversion}=1 but {schema.click}=0 (a conversion "
-                "without a click breaks the funnel); fix the data or use the 'drop' policy "
-                "(--funnel-violations drop)",
+                f"{n} row(s) with {stage.label}=1 but {after.label}=0 (a {stage.stage} "
+                f"without a {after.stage} breaks the funnel); fix the data or use the 'drop' "
+                "policy (--funnel-violations drop)",
                 file=source,
-                column=schema.conversion,
+                column=stage.label,
                 rows=rows,
                 count=n,
             )
+        violation = broken if violation is None else violation | broken
+    if violation is not None:
+        n, _ = _rows(df, violation)
+        report.funnel_violations = n
         if n:
             report.dropped_rows = df.filter(violation).get_column(ROW).to_list()
             df = df.filter(~violation)

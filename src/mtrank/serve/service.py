@@ -150,12 +150,16 @@ class RankingService:
             raise ConfigError(f"engine must be one of {list(ENGINES)}, got {engine!r}")
         self.bundle_path = Path(bundle_path)
         bundle = Bundle.load(bundle_path)
-        if not bundle.spec.funnel:
+        if not (bundle.spec.funnel or bundle.spec.stages):
             raise BundleError(
                 f"bundle {bundle_path}: the ranking service needs a funnel model (click → "
-                f"conversion); this one predicts {bundle.spec.task_names}"
+                f"conversion, or a staged funnel); this one predicts {bundle.spec.task_names}"
             )
         self.bundle = bundle
+        # every probability the model outputs is served (the stages' too); a one-stage
+        # (CTR-only) model has no pCVR / pCTCVR: they are null, and so is any fusion needing them
+        self.probs: tuple[str, ...] = tuple(dict.fromkeys([*PROBS, *bundle.scorer.outputs]))
+        self.ctr_only = "p_cvr" not in bundle.scorer.outputs and "score" not in self.probs
         self.digest = Bundle.digest(bundle_path)
         # a ranker with its own score (LTR) is served by that score: nothing to fuse
         self.own_score = "score" in bundle.scorer.outputs
@@ -166,7 +170,10 @@ class RankingService:
                 "pCTR/pCVR: a fusion does not apply; drop --fusion"
             )
         if not isinstance(fusion, FusionSpec):
-            fusion = FusionSpec() if fusion is None else FusionSpec.from_file(fusion)
+            default = (
+                FusionSpec(formula="single", params={"which": "ctr"}) if self.ctr_only else None
+            )
+            fusion = (default or FusionSpec()) if fusion is None else FusionSpec.from_file(fusion)
         self.fusion = fusion
         self.check_fusion(self.fusion)
         schema = self.bundle.schema
@@ -185,7 +192,14 @@ class RankingService:
 
     # -- setup ---------------------------------------------------------------------------------
     def check_fusion(self, spec: FusionSpec) -> None:
-        """Raises ConfigError when ``spec`` needs a price and the schema declares none."""
+        """Raises ConfigError when ``spec`` needs a price and the schema declares none, or
+        pCVR and the model is CTR-only."""
+        if self.ctr_only and spec.fusion.uses_cvr:
+            raise ConfigError(
+                f"fusion {spec.formula!r} {spec.params} needs pCVR, but the model is CTR-only "
+                "(a one-stage funnel); use single (which=ctr), or multiplicative / "
+                "offset_multiplicative with beta=0, or linear with w2=0"
+            )
         if spec.needs_price and self.bundle.schema.price is None:
             raise ConfigError(
                 f"fusion {spec.formula!r} {spec.params} needs a price, but schema "
@@ -214,7 +228,7 @@ class RankingService:
             def run(cat: np.ndarray, num: np.ndarray) -> dict[str, np.ndarray]:
                 with torch.inference_mode():
                     out = model(torch.from_numpy(cat), torch.from_numpy(num))
-                return {k: out[k].numpy() for k in PROBS}
+                return {k: out[k].numpy() for k in self.bundle.scorer.outputs}
 
             return run
         from mtrank.serve.onnx_export import OnnxScorer, to_onnx_bytes, verify_onnx
@@ -584,7 +598,8 @@ class RankingService:
             probs = {k: np.full(score.size, np.nan) for k in PROBS}
             log_score, key = np.full(score.size, np.nan), score
         else:
-            probs = {k: raw[k].astype(np.float64) for k in PROBS}
+            nan = np.full(len(df), np.nan)
+            probs = {k: raw[k].astype(np.float64) if k in raw else nan for k in self.probs}
             price = df.get_column(self.price).to_numpy() if self.price else None
             score, log_score, key = fused_scores(
                 spec.fusion, probs["p_ctr"], probs["p_cvr"], probs["p_ctcvr"], price

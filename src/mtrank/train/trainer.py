@@ -212,7 +212,11 @@ def label_rates(train: BatchSource, schema: Schema, rows: int = RATE_ROWS) -> di
         if float(den) > 0:
             rates[name] = float(num) / float(den)
 
-    if schema.is_funnel:
+    if schema.is_staged:  # each stage's rate among the rows that reached its `after` stage
+        for s, parent in zip(schema.stage_names, schema.stage_parents, strict=True):
+            reach = w if parent < 0 else w * batch.labels[f"{schema.stage_names[parent]}_all"]
+            put(s, (reach * batch.labels[s]).sum(), reach.sum())
+    elif schema.is_funnel:
         click = batch.labels["click"]
         put("ctr", (w * click).sum(), w.sum())
         put("cvr", (w * click * batch.labels["conversion"]).sum(), (w * click).sum())
