@@ -43,6 +43,7 @@ from mtrank.data.schema import Schema
 from mtrank.errors import BundleError, MtrankError
 from mtrank.io_utils import atomic_replace_dir, atomic_write_json, recover_replaced_dir
 from mtrank.models import RANKERS, build_model
+from mtrank.models.calibration import with_sampling_correction, without_sampling_correction
 from mtrank.models.config import FeatureSpec, ModelConfig
 from mtrank.train.device import resolve_device
 from mtrank.train.trainer import predict
@@ -137,6 +138,26 @@ class TorchCodec:
         return TorchScorer(model, spec)
 
 
+def sampling_rate(meta: dict, path: Path) -> float | None:
+    """The negative-sampling rate r a bundle's model was trained at (``meta.negative_sampling
+    .rate``), or None: its pCTR / pCTCVR are served corrected for it
+    (:mod:`mtrank.models.calibration`).
+
+    Raises:
+        BundleError: a recorded rate that is not a number in (0, 1].
+    """
+    ns = meta.get("negative_sampling") if isinstance(meta, dict) else None
+    if ns is None:
+        return None
+    rate = ns.get("rate") if isinstance(ns, dict) else ns
+    if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0 < rate <= 1:
+        raise BundleError(
+            f"bundle {path}: config.json meta.negative_sampling.rate must be a sampling rate "
+            f"in (0, 1], got {rate!r}"
+        )
+    return float(rate)
+
+
 def codec(cfg: ModelConfig):
     """The weights codec of a model config: the ranker class for :data:`RANKERS`, else
     :class:`TorchCodec`."""
@@ -217,7 +238,7 @@ class Bundle:
             weights = codec(self.model_config)
             config["weights"] = weights.weights_file
             atomic_write_json(self.encoder.to_json(), staging / "encoders.json")
-            weights.save_weights(self.model, staging)
+            weights.save_weights(without_sampling_correction(self.model), staging)
             config["sha256"] = {
                 name: _sha256(staging / name) for name in ("encoders.json", weights.weights_file)
             }
@@ -306,9 +327,11 @@ class Bundle:
                 f"bundle {path}: encoders.json does not match the feature spec in config.json"
             )
         model = weights.load_weights(path, spec, model_cfg)  # read into host memory first
+        meta = config.get("meta", {})
+        model = with_sampling_correction(model, sampling_rate(meta, path))
         if isinstance(model, nn.Module):
             model.to(target)
-        return cls(model, encoder, schema, model_cfg, spec, config.get("meta", {}))
+        return cls(model, encoder, schema, model_cfg, spec, meta)
 
     @staticmethod
     def digest(path: str | Path) -> str:

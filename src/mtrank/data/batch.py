@@ -30,12 +30,15 @@ class Batch:
             conversion) for a funnel, the keys of :func:`mtrank.data.funnel.derived_labels` for
             a staged funnel, else one per task name. Empty at serving time.
         weight: optional float32 ``[B]`` sample weights.
+        position: optional int64 ``[B]`` logged positions (training only: the position tower of
+            :mod:`mtrank.models.position`).
     """
 
     categorical: torch.Tensor
     numerical: torch.Tensor
     labels: dict[str, torch.Tensor] = field(default_factory=dict)
     weight: torch.Tensor | None = None
+    position: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.categorical.shape[0])
@@ -47,6 +50,7 @@ class Batch:
             self.numerical,
             *self.labels.values(),
             *([] if self.weight is None else [self.weight]),
+            *([] if self.position is None else [self.position]),
         ]
 
     def map(self, fn) -> Batch:
@@ -56,6 +60,7 @@ class Batch:
             numerical=fn(self.numerical),
             labels={k: fn(v) for k, v in self.labels.items()},
             weight=None if self.weight is None else fn(self.weight),
+            position=None if self.position is None else fn(self.position),
         )
 
     def to(self, device: torch.device, *, non_blocking: bool = False) -> Batch:
@@ -89,7 +94,8 @@ class EncodedData:
     Attributes:
         categorical: int64 ``[N, n_cat]``; numerical: float32 ``[N, n_num]``.
         labels: float32 ``[N]`` per label key (see :class:`Batch`).
-        weight: optional float32 ``[N]``.
+        weight: optional float32 ``[N]`` (the schema's weight column; price weights).
+        position: optional int64 ``[N]`` (the schema's position column).
         side: numpy columns kept for evaluation and output (user id, request id, price,
             passthrough columns such as the simulator's ``true_cvr``), by schema column name.
         n_missing, n_oov: per-column counts of missing and out-of-vocabulary values.
@@ -100,6 +106,7 @@ class EncodedData:
     labels: dict[str, torch.Tensor]
     weight: torch.Tensor | None = None
     side: dict[str, np.ndarray] = field(default_factory=dict)
+    position: torch.Tensor | None = None
     n_missing: dict[str, int] = field(default_factory=dict)
     n_oov: dict[str, int] = field(default_factory=dict)
 
@@ -137,10 +144,17 @@ class EncodedData:
         ]:
             if col is not None and col in df.columns and col not in side:
                 side[col] = df.get_column(col).to_numpy()
+        weight = position = None
+        if with_labels and schema.weight is not None and schema.weight in df.columns:
+            weight = torch.from_numpy(df.get_column(schema.weight).to_numpy().astype(np.float32))
+        if with_labels and schema.position is not None and schema.position in df.columns:
+            position = torch.from_numpy(df.get_column(schema.position).to_numpy().astype(np.int64))
         return cls(
             categorical=torch.from_numpy(feats.categorical),
             numerical=torch.from_numpy(feats.numerical),
             labels=labels,
+            weight=weight,
+            position=position,
             side=side,
             n_missing=feats.n_missing,
             n_oov=feats.n_oov,
@@ -153,6 +167,7 @@ class EncodedData:
             numerical=self.numerical.index_select(0, index),
             labels={k: v.index_select(0, index) for k, v in self.labels.items()},
             weight=None if self.weight is None else self.weight.index_select(0, index),
+            position=None if self.position is None else self.position.index_select(0, index),
         )
 
     def batches(
@@ -175,6 +190,7 @@ class EncodedData:
                     numerical=self.numerical[start:stop],
                     labels={k: v[start:stop] for k, v in self.labels.items()},
                     weight=None if self.weight is None else self.weight[start:stop],
+                    position=None if self.position is None else self.position[start:stop],
                 )
 
     def to(self, device: torch.device) -> EncodedData:
@@ -187,6 +203,7 @@ class EncodedData:
             numerical=self.numerical.to(device),
             labels={k: v.to(device) for k, v in self.labels.items()},
             weight=None if self.weight is None else self.weight.to(device),
+            position=None if self.position is None else self.position.to(device),
             side=self.side,
             n_missing=self.n_missing,
             n_oov=self.n_oov,
@@ -199,6 +216,7 @@ class EncodedData:
             self.numerical,
             *self.labels.values(),
             *([] if self.weight is None else [self.weight]),
+            *([] if self.position is None else [self.position]),
         ]
         return sum(t.element_size() * t.numel() for t in ts)
 
@@ -211,6 +229,7 @@ class EncodedData:
             numerical=self.numerical.index_select(0, index),
             labels={k: v.index_select(0, index) for k, v in self.labels.items()},
             weight=None if self.weight is None else self.weight.index_select(0, index),
+            position=None if self.position is None else self.position.index_select(0, index),
             side={k: v[idx] for k, v in self.side.items()},
         )
 
@@ -231,6 +250,7 @@ class EncodedData:
             numerical=torch.cat([p.numerical for p in parts]),
             labels={k: torch.cat([p.labels[k] for p in parts]) for k in first.labels},
             weight=None if first.weight is None else torch.cat([p.weight for p in parts]),
+            position=None if first.position is None else torch.cat([p.position for p in parts]),
             side={k: np.concatenate([p.side[k] for p in parts]) for k in first.side},
             n_missing={k: sum(p.n_missing.get(k, 0) for p in parts) for k in first.n_missing},
             n_oov={k: sum(p.n_oov.get(k, 0) for p in parts) for k in first.n_oov},

@@ -15,6 +15,38 @@ from mtrank.data.funnel import FunnelStage, check_stages, stage_parents
 from mtrank.errors import SchemaError
 
 
+class NegativeSampling(BaseModel):
+    """Unclicked impressions of the file were kept at ``rate`` r ∈ (0, 1] (clicked ones all
+    kept). A model trained on such rows over-predicts pCTR; mtrank corrects it by the odds factor
+    (He et al., "Practical Lessons from Predicting Clicks on Ads at Facebook", ADKDD 2014, §6.3):
+    p = q·r / (q·r + 1 − q), see :mod:`mtrank.models.calibration`.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    rate: float
+
+    @model_validator(mode="after")
+    def _check_rate(self) -> NegativeSampling:
+        check_sampling_rate(self.rate, "negative_sampling.rate")
+        return self
+
+
+def check_sampling_rate(rate, where: str) -> float:
+    """``rate`` as a float when it is a finite number in (0, 1].
+
+    Raises:
+        SchemaError: anything else, naming ``where`` (the schema key or option).
+    """
+    ok = isinstance(rate, int | float) and not isinstance(rate, bool) and 0 < rate <= 1
+    if not ok:
+        raise SchemaError(
+            f"{where} must be a sampling rate in (0, 1] (the share of unclicked impressions "
+            f"kept), got {rate!r}"
+        )
+    return float(rate)
+
+
 class Schema(BaseModel):
     """A dataset's columns and their roles.
 
@@ -53,6 +85,24 @@ class Schema(BaseModel):
     time: str | None = None
     categorical: list[str] = Field(default_factory=list)
     numerical: list[str] = Field(default_factory=list)
+    weight: str | None = Field(
+        None,
+        description="sample-weight column (finite, ≥ 0): multiplies every task's per-row loss; "
+        "evaluation also reports weighted metrics",
+    )
+    position: str | None = Field(
+        None,
+        description="logged position column (integer ≥ 0): trains a shallow position tower "
+        "added to the CTR logit, dropped at serving (see mtrank.models.position)",
+    )
+    negative_sampling: NegativeSampling | None = Field(
+        None, description="unclicked impressions were kept at this rate in the file"
+    )
+    price_unit: str | None = Field(
+        None,
+        description="unit of the price column as trained (e.g. 'EUR' or 'cents'); recorded in "
+        "the bundle and shown by /metadata; mtrank never converts prices",
+    )
     passthrough: list[str] = Field(
         default_factory=list,
         description="Columns carried into predictions but never used as features "
@@ -86,6 +136,20 @@ class Schema(BaseModel):
         for extra in self.passthrough:
             if extra in features:
                 raise SchemaError(f"passthrough column {extra!r} is also a feature")
+        for role in ("weight", "position"):
+            col = getattr(self, role)
+            if col is not None and (col in features or col in self.label_columns):
+                raise SchemaError(
+                    f"{role} column {col!r} is also a feature or a label; a {role} column is "
+                    "used only in training (a position as a feature would be needed at serving)"
+                )
+        if self.negative_sampling is not None and not self.is_funnel:
+            raise SchemaError(
+                "negative_sampling needs a funnel schema (click/conversion): the sampled "
+                "negatives are unclicked impressions"
+            )
+        if self.position is not None and not self.is_funnel:
+            raise SchemaError("position needs a funnel schema: its tower adds to the CTR logit")
         return self
 
     def _fill_from_stages(self) -> None:
@@ -161,10 +225,25 @@ class Schema(BaseModel):
         """Categorical then numerical feature columns, as the encoders order them."""
         return self.categorical + self.numerical
 
+    @property
+    def training_columns(self) -> list[str]:
+        """The weight and position columns: needed to train and evaluate (like the labels),
+        never to predict or serve."""
+        return [c for c in (self.weight, self.position) if c is not None]
+
     def required_columns(self) -> list[str]:
-        """Columns a file must hold: the features and the labels."""
+        """Columns a file must hold to train or evaluate: the features, the labels, the id,
+        price and time columns, the weight and position (predict and serve need neither labels
+        nor :attr:`training_columns`)."""
         cols = self.label_columns + self.feature_columns
-        for c in (self.price, self.user_id, self.item_id, self.request_id, self.time):
+        for c in (
+            self.price,
+            self.user_id,
+            self.item_id,
+            self.request_id,
+            self.time,
+            *self.training_columns,
+        ):
             if c is not None and c not in cols:
                 cols.append(c)
         return cols

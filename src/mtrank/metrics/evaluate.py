@@ -24,6 +24,12 @@ rows its task covers is named in ``warnings`` (:func:`degenerate_label_warnings`
 
 Plain multi-task datasets: ``auc_<task>``, ``logloss_<task>``, ``calib_<task>``.
 
+With sample weights ``[N]`` (the schema's weight column, or 1/r on the unclicked rows of a file
+whose negatives were kept at rate r), every ``auc_``, ``logloss_`` and ``calib_`` metric is also
+reported weighted, under its name plus :data:`~mtrank.metrics.summary.WEIGHTED`
+(``auc_ctr_weighted`` …): weighted AUC counts each (positive, negative) pair w_i·w_j; GAUC stays
+unweighted.
+
 Each evaluated task is declared once (:class:`EvalTask`, like TorchRec's ``RecTaskInfo``): its
 label, its prediction, the rows its metrics cover and which metrics; :func:`eval_tasks` gives a
 schema's tasks, and the metrics and the calibration curves are both derived from them.
@@ -37,6 +43,7 @@ import numpy as np
 
 from mtrank.data.schema import Schema
 from mtrank.metrics.core import auc, calibration, gauc, logloss, soft_auc
+from mtrank.metrics.summary import WEIGHTED
 
 
 @dataclass(frozen=True)
@@ -123,6 +130,7 @@ def evaluate_outputs(
     labels: dict[str, np.ndarray],
     schema: Schema,
     side: dict[str, np.ndarray] | None = None,
+    weight: np.ndarray | None = None,
 ) -> dict[str, float | int | None]:
     """Compute every metric for one split.
 
@@ -131,6 +139,7 @@ def evaluate_outputs(
         labels: ``click``, ``conversion``, ``ctcvr`` (funnel) or task names, ``[N]`` 0/1.
         schema: the dataset schema (says which side columns are user ids and ground truth).
         side: side columns by name (user ids, ``true_cvr_do`` …), ``[N]`` each.
+        weight: optional sample weights ``[N]`` ≥ 0: the ``*_weighted`` metrics are added.
 
     Returns:
         A flat dict of named metrics; a metric that is undefined on this split is None.
@@ -156,6 +165,7 @@ def evaluate_outputs(
             m[f"auc_{t.name}"] = auc(y, p, w)
             m[f"logloss_{t.name}"] = logloss(y, p, w)
             m[f"calib_{t.name}"] = calibration(y, p, w)
+            m.update(weighted_metrics(t.name, y, p, w, weight))
         warnings = degenerate_label_warnings(labels, tasks)
         if warnings:
             m["warnings"] = warnings  # type: ignore[assignment]
@@ -174,11 +184,26 @@ def evaluate_outputs(
             m[f"auc_{t.name}"] = auc(y, p)
             m[f"logloss_{t.name}"] = logloss(y, p)
             m[f"calib_{t.name}"] = calibration(y, p)
+            m.update(weighted_metrics(t.name, y, p, None, weight))
         m["n_rows"] = int(next(iter(labels.values())).size) if labels else 0
         warnings = degenerate_label_warnings(labels, eval_tasks(schema))
         if warnings:
             m["warnings"] = warnings  # type: ignore[assignment]
     return m
+
+
+def weighted_metrics(
+    name: str, y: np.ndarray, p: np.ndarray, rows: np.ndarray | None, weight: np.ndarray | None
+) -> dict[str, float | None]:
+    """``auc_``, ``logloss_``, ``calib_<name>`` + :data:`WEIGHTED` of one task over the 0/1
+    ``rows`` mask with sample weights ``weight`` ``[N]``; empty when ``weight`` is None."""
+    if weight is None:
+        return {}
+    return {
+        f"auc_{name}{WEIGHTED}": auc(y, p, rows, sample_weight=weight),
+        f"logloss_{name}{WEIGHTED}": logloss(y, p, rows, sample_weight=weight),
+        f"calib_{name}{WEIGHTED}": calibration(y, p, rows, sample_weight=weight),
+    }
 
 
 TRUTH_METRICS = [

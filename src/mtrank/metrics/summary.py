@@ -31,7 +31,19 @@ _METRICS = (
     ("bias_cvr_clicked_unclicked", "r"),
     ("bias_cvr_do_all", "br"),
     ("bias_cvr_do_unclicked", "br"),
+    # with sample weights (a schema weight column, or 1/r on the unclicked rows of a file whose
+    # negatives were sampled at rate r): the same metrics, each row weighted (WEIGHTED suffix)
+    ("auc_ctr_weighted", "cbr"),
+    ("auc_cvr_masked_weighted", "br"),
+    ("auc_ctcvr_weighted", "cbr"),
+    ("logloss_ctr_weighted", "cbr"),
+    ("logloss_cvr_masked_weighted", "br"),
+    ("logloss_ctcvr_weighted", "cbr"),
+    ("calib_ctr_weighted", "cr"),
+    ("calib_cvr_masked_weighted", "r"),
+    ("calib_ctcvr_weighted", "cr"),
 )
+WEIGHTED = "_weighted"  # suffix of a metric computed with sample weights
 # Per stage s of a staged funnel (mtrank.data.funnel; mtrank.metrics.evaluate.stage_eval_tasks),
 # shown after the fixed metrics above, stage by stage.
 _STAGE_METRICS = (

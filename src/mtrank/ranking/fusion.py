@@ -537,4 +537,3 @@ def ctr_only_fusions() -> str:
         "that need pCVR (a conversion stage): ctcvr, expected_gmv, single (which=ctcvr), and "
         "the others with beta / w2 ≠ 0"
     )
-

@@ -46,6 +46,7 @@ import torch
 from pydantic import ValidationError
 
 from mtrank.bundle import Bundle
+from mtrank.data.encoders import EncodedFeatures
 from mtrank.errors import BundleError, ConfigError
 from mtrank.ranking.replay import rank_order
 from mtrank.serve.fusion import FusionSpec, fused_scores
@@ -90,6 +91,8 @@ class Scored:
         n_missing: per feature column, missing values (after the context fill).
         n_oov: per categorical column, values unseen in training (scored with index 1).
         timings_ms: wall time per stage (validate, encode, infer, fuse).
+        n_out_of_range: per numerical column, values far outside the training range
+            (:meth:`mtrank.data.encoders.NumericalEncoder.out_of_range`; scored as sent).
     """
 
     probs: dict[str, np.ndarray]
@@ -100,6 +103,7 @@ class Scored:
     n_oov: dict[str, int]
     fusion: FusionSpec
     timings_ms: dict[str, float] = field(default_factory=dict)
+    n_out_of_range: dict[str, int] = field(default_factory=dict)
 
     def order(self) -> np.ndarray:
         """Candidate indices best first (see :func:`mtrank.ranking.replay.rank_order`)."""
@@ -478,7 +482,9 @@ class RankingService:
             return None
         x = series.to_numpy()
         with np.errstate(invalid="ignore"):
-            nonfinite = ~np.isfinite(x) & ~series.is_null().to_numpy()
+            nonfinite = ~np.isfinite(x)
+            if series.null_count():  # a null is missing, not non-finite
+                nonfinite &= ~series.is_null().to_numpy()
             large = np.abs(x) > bound
             negative = (x < 0) if col == self.price else np.zeros(x.size, bool)
         if nonfinite.any() or large.any() or negative.any():
@@ -539,10 +545,29 @@ class RankingService:
                 raise RequestError([_error(["fusion"], str(exc))]) from None
         df = self.frame(context, candidates)
         t1 = time.perf_counter()
+        data = self.encode(df)
+        t2 = time.perf_counter()
+        raw = self._infer(data.categorical, data.numerical)
+        t3 = time.perf_counter()
+        scored = self.fuse(raw, df, data, spec)
+        t4 = time.perf_counter()
+        timings = {"validate": t1 - t0, "encode": t2 - t1, "infer": t3 - t2, "fuse": t4 - t3}
+        scored.timings_ms = {k: v * 1e3 for k, v in timings.items()}
+        return scored
+
+    def encode(self, df: pl.DataFrame) -> EncodedFeatures:
+        """The validated frame (:meth:`frame`) encoded by the bundle's training encoders:
+        categorical int64 ``[N, n_cat]``, numerical float32 ``[N, n_num]``, counts of missing
+        and OOV values.
+
+        Raises:
+            RequestError: a standardised numerical value overflows float32 (defensive: the
+                bounds of :meth:`frame` keep every value finite).
+        """
         with np.errstate(over="ignore", invalid="ignore"):
             data = self.bundle.encoder.transform(df)
         num = data.numerical
-        if not np.isfinite(num).all():  # defensive: the bounds above keep every value finite
+        if not np.isfinite(num).all():
             bad = [
                 c
                 for c, ok in zip(self.numerical, np.isfinite(num).all(axis=0), strict=True)
@@ -557,9 +582,17 @@ class RankingService:
                     for c in bad
                 ]
             )
-        t2 = time.perf_counter()
-        raw = self._infer(data.categorical, num)
-        t3 = time.perf_counter()
+        return data
+
+    def fuse(
+        self,
+        raw: dict[str, np.ndarray],
+        df: pl.DataFrame,
+        data: EncodedFeatures,
+        spec: FusionSpec,
+    ) -> Scored:
+        """The engine's outputs (``raw``: float32 ``[N]`` per name) fused by ``spec`` with the
+        frame's price; a ranker's own ``score`` is used as is."""
         if self.own_score:
             score = raw["score"].astype(np.float64)
             probs = {k: np.full(score.size, np.nan) for k in PROBS}
@@ -571,8 +604,6 @@ class RankingService:
             score, log_score, key = fused_scores(
                 spec.fusion, probs["p_ctr"], probs["p_cvr"], probs["p_ctcvr"], price
             )
-        t4 = time.perf_counter()
-        timings = {"validate": t1 - t0, "encode": t2 - t1, "infer": t3 - t2, "fuse": t4 - t3}
         n_missing = {c: data.n_missing.get(c, 0) for c in self.features if c in data.n_missing}
         n_oov = {c: data.n_oov.get(c, 0) for c in self.categorical}
         return Scored(
@@ -583,7 +614,7 @@ class RankingService:
             n_missing,
             n_oov,
             spec,
-            {k: v * 1e3 for k, v in timings.items()},
+            n_out_of_range=self.bundle.encoder.out_of_range_counts(df),
         )
 
 
