@@ -521,7 +521,13 @@ def merge_results(parts: list[dict]) -> dict:
             split a simulator seed differently (then their runs are not on the same test rows).
     """
     seeds_only = ("first_sim_seed", "sim_seeds", "seed", "repeats", "models", "options")
-    strip = lambda b: {k: v for k, v in b.items() if k not in seeds_only}  # noqa: E731
+
+    def strip(b: dict) -> dict:
+        # through BenchmarkConfig, so a setting added since an older part was run (absent there)
+        # compares as its default
+        full = BenchmarkConfig.model_validate(b).model_dump(mode="json")
+        return {k: v for k, v in full.items() if k not in seeds_only}
+
     if any(strip(p["benchmark"]) != strip(parts[0]["benchmark"]) for p in parts):
         raise ConfigError(
             "benchmark results to merge must share every setting but their seeds and models"
