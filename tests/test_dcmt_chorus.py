@@ -94,6 +94,18 @@ def test_dcmt_defaults_are_the_reimplementations():
     assert [t.name for t in _model("chorus_cvr").tasks] == ["ctcvr"]  # no standalone CTR loss
 
 
+def test_complement_heads_start_at_one_minus_the_cvr_rate():
+    from mtrank.models.layers import init_output_bias, prior_logit
+
+    for name, tower in (("dcmt", "cvr_cf_tower"), ("chorus_cvr", "uncvr_tower")):
+        model = _model(name)
+        done = init_output_bias(model, {"ctr": 0.04, "cvr": 0.2})
+        assert done == pytest.approx(
+            {"ctr": prior_logit(0.04), "cvr": prior_logit(0.2), "not_cvr": prior_logit(0.8)}
+        )
+        assert float(getattr(model, tower).output_layer.bias) == pytest.approx(prior_logit(0.8))
+
+
 # --- the loss, by hand ----------------------------------------------------------------------------
 
 
@@ -226,7 +238,7 @@ def test_config_round_trip_bundle_and_onnx(fitted, sim_splits, tmp_path, name):
     assert loaded.model.options == res.bundle.model.options
     data = loaded.encode(sim_splits["test"].head(2000), with_labels=True)
     a, b = res.bundle.predict_arrays(data), loaded.predict_arrays(data)
-    assert set(a) == {"p_ctr", "p_cvr", "p_ctcvr"}
+    assert {"p_ctr", "p_cvr", "p_ctcvr"} <= set(a)  # (+ p_cvr_cf or p_uncvr, p_ctuncvr)
     for k in a:
         np.testing.assert_array_equal(a[k], b[k])
     np.testing.assert_allclose(a["p_ctcvr"], a["p_ctr"] * a["p_cvr"], rtol=1e-6)
