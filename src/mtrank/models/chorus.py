@@ -2,7 +2,8 @@
 arXiv 2502.08277 v2).
 
 Three towers over one shared embedding, all scored on every impression D: pCTR = ô, pCVR and
-pUnCVR = P(no conversion | click), the Negative-sample Discrimination Module (NDM, §3). With
+pUnCVR = P(no conversion | click), the Negative-sample Discrimination Module (NDM; section
+numbers unverified [U]). With
 o = click, r = conversion (r = 0 where o = 0), BCE(p, y) = −[y log p + (1−y) log(1−p)], sg the
 stop-gradient and w the row weights (1 without a weight column; Σ w = |D|), the loss is the sum
 of five terms (all weights 1 in the paper's total; equation numbers as the public

@@ -4,7 +4,8 @@ A CTR tower and two CVR towers over one shared embedding, all scored on every im
 
 * ô = pCTR = σ(CTR tower), the propensity;
 * r̂ = pCVR = σ(l_f^w + l_f^d), the **factual** CVR tower: a wide (linear) part plus a deep (MLP)
-  part (§III, the twin tower; the authors' write-up: r̂ = σ(l_f^w + l_f^d));
+  part (the paper's twin CVR towers, as the authors' write-up gives them: r̂ = σ(l_f^w + l_f^d);
+  the section and equation numbers of the paper could not be checked [U]);
 * r̂* = σ(l_cf^w + l_cf^d), the **counterfactual** CVR tower, the CVR "in the unclicked space",
   with the prior r̂ + r̂* ≈ 1.
 
@@ -56,7 +57,7 @@ from mtrank.models.layers import MLP, FeatureEmbedding, funnel_outputs
 
 
 class WideDeepTower(nn.Module):
-    """One logit = wide (linear, no bias) + deep (MLP) part over the same input (DCMT §III).
+    """One logit = wide (linear, no bias) + deep (MLP) part over the same input (DCMT's CVR towers).
 
     Shapes: ``[B, in_dim]`` → ``[B]``.
     """
