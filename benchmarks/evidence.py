@@ -7,6 +7,10 @@ BASE, ESCM²-DR; 5 training seeds × 3 simulator seeds, paired against BASE) and
     python benchmarks/evidence.py late-seeds  # training seeds 3-4 in parallel processes
                                               # (when short of time)
     python benchmarks/evidence.py merge   # merge finished parts again
+    python benchmarks/evidence.py add dcmt,chorus_cvr --repeats 3
+        # more models on the same simulator seeds, rows and training seeds, one process per
+        # simulator seed, merged into the committed aliccp_like results (paired against the
+        # BASE runs already there; the merge refuses parts whose splits differ)
 
 Writes ``benchmarks/results/aliccp_like/{benchmark.json,benchmark.md}``,
 ``benchmarks/results/regime_map/{sweep.json,sweep.md}`` and the heatmaps
@@ -167,6 +171,73 @@ def launch_late_seeds(
     return procs
 
 
+def launch_added(
+    models: str, first: int, count: int
+) -> list[tuple[list[str], subprocess.Popen, Path]]:
+    """One process per simulator seed training ``models`` only, with the benchmark's settings
+    and training seeds first … first + count − 1 (see :func:`merge_added`)."""
+    procs = []
+    for k in SIM_SEEDS:
+        out = WORK / f"add-{k}"
+        cmd = [*_mtrank(), "benchmark", *_added_args(models, first, count)]
+        cmd += ["--sim-seeds", "1", "--first-sim-seed", str(k), "--out", str(out)]
+        procs.append(_start(cmd, out))
+    return procs
+
+
+def _added_args(models: str, first: int, count: int) -> list[str]:
+    args = [a for a in BENCH_ARGS]
+    args[args.index("--models") + 1] = models
+    args[args.index("--repeats") + 1] = str(count)
+    return [*args, "--seed", str(first)]
+
+
+def merge_added(models: str, first: int, count: int) -> None:
+    """Merge the parts of :func:`launch_added` into the committed ``benchmark.json`` (the earlier
+    runs are kept as they are; :func:`mtrank.benchmark.merge_results` pairs the new models with
+    the reference's runs of the same simulator and training seeds)."""
+    from mtrank.benchmark import merge_results, report_markdown
+    from mtrank.io_utils import atomic_write_bytes, atomic_write_json
+
+    base = json.loads((BENCH / "benchmark.json").read_text())
+    parts = []
+    for k in SIM_SEEDS:
+        for name in ("benchmark.json", "benchmark.partial.json"):
+            if (WORK / f"add-{k}" / name).exists():
+                parts.append(json.loads((WORK / f"add-{k}" / name).read_text()))
+                break
+    if not parts:
+        print("no added part finished", file=sys.stderr)
+        return
+    res = merge_results([base, *parts])
+    res["sources"] = base["sources"]  # the added parts' sources are the same simulator seeds
+    cmd = (
+        _bench_command()
+        + "\nthen: python benchmarks/evidence.py add "
+        + f"{models} --first {first} --repeats {count}  # = for k in 0 1 2: mtrank benchmark "
+        + shlex.join(_added_args(models, first, count))
+        + " --sim-seeds 1 --first-sim-seed $k, merged into the results above"
+    )
+    atomic_write_json(res, BENCH / "benchmark.json")
+    atomic_write_bytes(report_markdown(res, cmd).encode(), BENCH / "benchmark.md")
+    for k in SIM_SEEDS:
+        log = WORK / f"add-{k}" / "log.txt"
+        if log.exists():
+            (BENCH / "parts").mkdir(parents=True, exist_ok=True)
+            (BENCH / "parts" / f"add-{k}.log").write_text(log.read_text())
+    print(f"merged {len(parts)} added part(s) ({models}) into {BENCH}")
+
+
+def _bench_command() -> str:
+    return (
+        "python benchmarks/evidence.py run, then late-seeds  # = for k in 0 1 2: mtrank "
+        "benchmark "
+        + shlex.join(BENCH_ARGS)
+        + " --sim-seeds 1 --first-sim-seed $k (training seeds 0-2 kept), and the same with "
+        "--seed 3 --repeats 2"
+    )
+
+
 def _start(cmd: list[str], out: Path) -> tuple[list[str], subprocess.Popen, Path]:
     out.mkdir(parents=True, exist_ok=True)
     log = open(out / "log.txt", "w")  # noqa: SIM115 (held open by the child process until it exits)
@@ -191,13 +262,7 @@ def merge() -> None:
                 break
     if parts:
         res = merge_results(parts)
-        cmd = (
-            "python benchmarks/evidence.py run, then late-seeds  # = for k in 0 1 2: mtrank "
-            "benchmark "
-            + shlex.join(BENCH_ARGS)
-            + " --sim-seeds 1 --first-sim-seed $k (training seeds 0-2 kept), and the same with "
-            "--seed 3 --repeats 2"
-        )
+        cmd = _bench_command()
         atomic_write_json(res, BENCH / "benchmark.json")
         atomic_write_bytes(report_markdown(res, cmd).encode(), BENCH / "benchmark.md")
         print(f"merged {len(parts)} benchmark part(s) into {BENCH}")
@@ -238,8 +303,21 @@ def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("what", choices=["run", "late-seeds", "merge"])
+    ap.add_argument("what", choices=["run", "late-seeds", "merge", "add", "merge-added"])
+    ap.add_argument("models", nargs="?", help="add / merge-added: comma-separated model names")
+    ap.add_argument("--first", type=int, default=0, help="add: first training seed")
+    ap.add_argument("--repeats", type=int, default=5, help="add: training seeds")
     args = ap.parse_args()
+    if args.what in ("add", "merge-added"):
+        if not args.models:
+            ap.error(f"{args.what} needs the model names")
+        if args.what == "add":
+            start = time.time()
+            for _cmd, p, out in launch_added(args.models, args.first, args.repeats):
+                rc = p.wait()
+                print(f"finished rc={rc} after {time.time() - start:.0f}s: {out}", flush=True)
+        merge_added(args.models, args.first, args.repeats)
+        return
     if args.what in ("run", "late-seeds"):
         start = time.time()
         procs = launch() if args.what == "run" else launch_late_seeds()

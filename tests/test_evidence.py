@@ -194,6 +194,32 @@ def test_benchmark_selects_every_model_by_the_same_rule_and_pairs_runs(small_ben
     assert merged["paired"]["esmm"]["auc_ctcvr"]["n"] == 4 and merged["benchmark"]["sim_seeds"] == 2
 
 
+def test_a_later_run_of_other_models_merges_paired_with_the_reference(small_bench):
+    cfg, res = small_bench
+    later, _ = run_benchmark(cfg.model_copy(update={"models": ["dcmt"], "repeats": 1}))
+    assert later["paired"] == {}  # no BASE in the later run itself
+    old = json.loads(json.dumps(res))
+    old["benchmark"].pop("precision")  # a part written before a setting existed: its default
+    merged = merge_results([old, later])
+    assert merged["benchmark"]["models"] == ["esmm", "base", "dcmt"]
+    assert "dcmt" in merged["protocol"]["entire_space_models"]
+    d = merged["paired"]["dcmt"]["auc_ctcvr"]
+    base0 = res["per_repeat"]["base"][0]
+    assert d["n"] == 1 and base0["seed"] == 0
+    assert d["mean"] == pytest.approx(
+        later["per_repeat"]["dcmt"][0]["auc_ctcvr"] - base0["auc_ctcvr"]
+    )
+    assert merged["paired"]["esmm"]["auc_ctcvr"] == res["paired"]["esmm"]["auc_ctcvr"]
+    other = json.loads(json.dumps(later))
+    other["split"]["per_sim_seed"][0]["conversions_test"] += 1
+    with pytest.raises(ConfigError, match="split simulator seed 0 differently"):
+        merge_results([res, other])
+    other = json.loads(json.dumps(later))
+    other["benchmark"]["epochs"] = 9
+    with pytest.raises(ConfigError, match="every setting but their seeds and models"):
+        merge_results([res, other])
+
+
 def test_sweep_cells_merge_and_draw(tmp_path):
     from mtrank.report.plots import regime_heatmap
 

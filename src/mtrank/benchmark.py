@@ -524,17 +524,29 @@ def _results(
 def merge_results(parts: list[dict]) -> dict:
     """One result from :func:`run_benchmark` results over disjoint (simulator seed, training
     seed) runs of the same config otherwise, e.g. one process per simulator seed, or a second
-    process for the later training seeds: runs, splits and warnings joined (a run present twice
-    is kept once); summary and paired differences recomputed over all runs.
+    process for the later training seeds, or a later run of more models on the same seeds
+    (paired against the earlier runs of the reference): runs, splits and warnings joined (a run
+    present twice is kept once); summary and paired differences recomputed over all runs.
 
     Raises:
-        ConfigError: the parts differ in anything but their seeds.
+        ConfigError: the parts differ in anything but their seeds and models, or two parts
+            split a simulator seed differently (then their runs are not on the same test rows).
     """
-    seeds_only = ("first_sim_seed", "sim_seeds", "seed", "repeats")
-    strip = lambda b: {k: v for k, v in b.items() if k not in seeds_only}  # noqa: E731
+    seeds_only = ("first_sim_seed", "sim_seeds", "seed", "repeats", "models", "options")
+
+    def strip(b: dict) -> dict:
+        # through BenchmarkConfig, so a setting added since an older part was run (absent there)
+        # compares as its default
+        full = BenchmarkConfig.model_validate(b).model_dump(mode="json")
+        return {k: v for k, v in full.items() if k not in seeds_only}
+
     if any(strip(p["benchmark"]) != strip(parts[0]["benchmark"]) for p in parts):
-        raise ConfigError("benchmark results to merge must share every setting but their seeds")
-    runs: dict[str, dict[tuple[int, int], dict]] = {m: {} for m in parts[0]["per_repeat"]}
+        raise ConfigError(
+            "benchmark results to merge must share every setting but their seeds and models"
+        )
+    _check_same_splits(parts)
+    models = list(dict.fromkeys(m for p in parts for m in p["per_repeat"]))
+    runs: dict[str, dict[tuple[int, int], dict]] = {m: {} for m in models}
     for p in parts:
         for m, rs in p["per_repeat"].items():
             for r in rs:
@@ -553,6 +565,8 @@ def merge_results(parts: list[dict]) -> dict:
     out = dict(parts[0])
     out["benchmark"] = {
         **parts[0]["benchmark"],
+        "models": models,
+        "options": {k: v for p in parts for k, v in p["benchmark"].get("options", {}).items()},
         "sim_seeds": len(splits),
         "first_sim_seed": min(splits),
         "seed": train_seeds[0],
@@ -567,8 +581,31 @@ def merge_results(parts: list[dict]) -> dict:
     out["summary"] = {m: summarise(rs) for m, rs in per_repeat.items()}
     ref = parts[0]["protocol"]["reference"]
     out["paired"] = paired_differences(per_repeat, ref) if ref in per_repeat else {}
-    out["gates"] = {m: [g for p in parts for g in p["gates"].get(m, [])] for m in parts[0]["gates"]}
+    out["protocol"] = {
+        **parts[0]["protocol"],
+        "entire_space_models": sorted(
+            {m for p in parts for m in p["protocol"]["entire_space_models"]}
+        ),
+    }
+    gated = dict.fromkeys(m for p in parts for m in p["gates"])
+    out["gates"] = {m: [g for p in parts for g in p["gates"].get(m, [])] for m in gated}
     return out
+
+
+def _check_same_splits(parts: list[dict]) -> None:
+    """Raise ConfigError when two parts report different split sizes or label counts for the
+    same simulator seed (so their runs would not be paired on the same test rows)."""
+    seen: dict[int, dict] = {}
+    for p in parts:
+        for s_ in p["split"]["per_sim_seed"]:
+            key = s_.get("sim_seed", 0)
+            first = seen.setdefault(key, s_)
+            diff = sorted(k for k in first.keys() & s_.keys() if first[k] != s_[k])
+            if diff:
+                raise ConfigError(
+                    f"benchmark results to merge split simulator seed {key} differently "
+                    f"({', '.join(diff)}): the runs are not on the same test rows"
+                )
 
 
 def _split_info(

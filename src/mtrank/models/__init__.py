@@ -10,7 +10,9 @@ from mtrank.errors import ConfigError
 from mtrank.models.aitm import AITM
 from mtrank.models.base import Base
 from mtrank.models.baselines import AMAN, Division, Oversampling, Unbias
+from mtrank.models.chorus import ChorusCVR
 from mtrank.models.config import FeatureSpec, ModelConfig, parse_options
+from mtrank.models.dcmt import DCMT
 from mtrank.models.escm2 import ESCM2DR, ESCM2IPW
 from mtrank.models.esm2 import ESM2
 from mtrank.models.esmm import ESMM, ESMMNS
@@ -30,6 +32,8 @@ MODELS: dict[str, type[nn.Module]] = {
     "escm2_ipw": ESCM2IPW,
     "escm2_dr": ESCM2DR,
     "esm2": ESM2,
+    "dcmt": DCMT,
+    "chorus_cvr": ChorusCVR,
     "aman": AMAN,
     "oversampling": Oversampling,
     "unbias": Unbias,
@@ -83,6 +87,8 @@ def build_model(spec: FeatureSpec, cfg: ModelConfig) -> nn.Module:
 __all__ = [
     "AITM",
     "AMAN",
+    "DCMT",
+    "ChorusCVR",
     "ENTIRE_SPACE_MODELS",
     "ESCM2DR",
     "ESCM2IPW",

@@ -131,6 +131,9 @@ def init_output_bias(model: nn.Module, rates: dict[str, float]) -> dict[str, flo
     Karpathy 2019, *A Recipe for Training Neural Networks*; the bias is then trained as
     usual). Heads without a rate and models without ``head_outputs`` are left as they are.
 
+    A head named ``not_<head>`` predicts the complement of ``<head>``'s label (ChorusCVR's
+    unCVR tower, DCMT's counterfactual CVR tower) and starts at 1 − ``rates[<head>]``.
+
     Returns the logits set, by head name. See docs/models.md (“Defaults”) for the ablation that
     chose this default.
     """
@@ -138,9 +141,12 @@ def init_output_bias(model: nn.Module, rates: dict[str, float]) -> dict[str, flo
     done: dict[str, float] = {}
     with torch.no_grad():
         for name, layers in heads.items():
+            rate = rates.get(name)
+            if rate is None and name.startswith("not_") and name[4:] in rates:
+                rate = 1.0 - rates[name[4:]]
             for layer in layers if isinstance(layers, tuple) else (layers,):
-                if name in rates and layer.bias is not None:
-                    done[name] = prior_logit(rates[name])
+                if rate is not None and layer.bias is not None:
+                    done[name] = prior_logit(rate)
                     layer.bias.fill_(done[name])
     return done
 
