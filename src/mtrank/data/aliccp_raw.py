@@ -471,6 +471,7 @@ def convert_aliccp_raw(
     bucket_mb: int = 512,
     block_bytes: int = BLOCK_BYTES,
     overwrite: bool = False,
+    buckets: int | None = None,
 ) -> ConversionReport:
     """Convert raw Ali-CCP files under ``src`` into ``out``: ``train/`` and ``test/`` (Parquet
     parts), ``schema.yaml`` and ``conversion.json``. The whole of ``out`` appears at once (a
@@ -485,6 +486,7 @@ def convert_aliccp_raw(
         bucket_mb: raw megabytes per hash bucket (memory ≈ a few times this per bucket).
         block_bytes: bytes of CSV text parsed at a time.
         overwrite: replace a non-empty ``out`` whole.
+        buckets: the number of hash buckets (default: from ``bucket_mb`` and the input size).
 
     Returns:
         The :class:`ConversionReport` (also written as ``conversion.json``).
@@ -510,14 +512,15 @@ def convert_aliccp_raw(
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         profiles: dict[str, FieldProfile] = {}
-        with Buckets(bucket_count(total, bucket_mb << 20), staging) as buckets:
-            report.buckets = buckets.n
+        n_buckets = buckets or bucket_count(total, bucket_mb << 20)
+        with Buckets(n_buckets, staging) as bucket_files:
+            report.buckets = bucket_files.n
             for split, (skeleton, common) in files.items():
-                _pass1(split, skeleton, common, buckets, bad, profiles, block_bytes)
-            buckets.close()
+                _pass1(split, skeleton, common, bucket_files, bad, profiles, block_bytes)
+            bucket_files.close()
             kinds = _resolve_kinds(declared, profiles)
             for split, (skeleton, common) in files.items():
-                parts = _pass2(split, skeleton, common, buckets, kinds, bad, part_rows)
+                parts = _pass2(split, skeleton, common, bucket_files, kinds, bad, part_rows)
                 counted = _count(parts, split, report)
                 write_parts_dir(counted, staging / split)
         report.skipped = dict(bad.skipped)

@@ -122,18 +122,24 @@ def iter_csv_batches(
     offset = 1 if header else 0
     bad_lines: list[int] = []  # 1-based physical line numbers of malformed lines
 
-    def on_invalid(row) -> str:
+    first_bad: list[tuple[int, int, int]] = []  # (line, fields found, fields expected)
+
+    def on_invalid(row) -> str:  # called by pyarrow for malformed lines only
+        line = row.number if row.number is not None else 0
         if bad.policy == "error":
-            line = row.number if row.number is not None else 0
-            raise DataError(
-                f"the line has {row.actual_columns} comma-separated fields, expected "
-                f"{row.expected_columns} ({', '.join(columns)}); fix the file or pass "
-                "--bad-rows skip",
-                file=str(p),
-                rows=[line - offset],
-            )
-        bad_lines.append(row.number if row.number is not None else 0)
+            first_bad.append((line, row.actual_columns, row.expected_columns))
+            return "error"
+        bad_lines.append(line)
         return "skip"
+
+    def field_count_error() -> DataError:
+        line, actual, expected = first_bad[0]
+        return DataError(
+            f"the line has {actual} comma-separated fields, expected {expected} "
+            f"({', '.join(columns)}); fix the file or pass --bad-rows skip",
+            file=str(p),
+            rows=[line - offset],
+        )
 
     read = pacsv.ReadOptions(
         column_names=columns,
@@ -152,6 +158,8 @@ def iter_csv_batches(
         reader = pacsv.open_csv(stream, read_options=read, parse_options=parse,
                                 convert_options=convert)
     except pa.ArrowInvalid as exc:
+        if first_bad:
+            raise field_count_error() from None
         if "Empty CSV file" in str(exc):
             raise DataError("the file holds no data rows", file=str(p)) from None
         raise DataError(f"cannot parse the file: {str(exc).splitlines()[0]}", file=str(p)) from None
@@ -161,9 +169,9 @@ def iter_csv_batches(
             batch = reader.read_next_batch()
         except StopIteration:
             break
-        except DataError:
-            raise
         except pa.ArrowInvalid as exc:
+            if first_bad:
+                raise field_count_error() from None
             raise DataError(
                 f"cannot parse the file: {str(exc).splitlines()[0]}", file=str(p)
             ) from None
