@@ -149,8 +149,8 @@ def find_split_files(src: Path) -> dict[str, tuple[Path, Path]]:
         if found[0] is None and found[1] is None:
             continue
         if None in found:
-            have, miss = (found[0], "common_features") if found[1] is None else (
-                found[1], "sample_skeleton"
+            have, miss = (
+                (found[0], "common_features") if found[1] is None else (found[1], "sample_skeleton")
             )
             raise DataError(
                 f"{have.name} needs {miss}_{split}.csv beside it (the two raw files of a split "
@@ -167,9 +167,9 @@ def find_split_files(src: Path) -> dict[str, tuple[Path, Path]]:
     return out
 
 
-def parse_entries(df: pl.DataFrame, key: str, source: str, bad: BadRows) -> tuple[
-    pl.DataFrame, pl.DataFrame
-]:
+def parse_entries(
+    df: pl.DataFrame, key: str, source: str, bad: BadRows
+) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Explode ``feature_list`` into one row per entry and check it.
 
     Args:
@@ -274,14 +274,16 @@ def _pass1(
     block_bytes: int,
 ) -> None:
     """Read, check and profile both files of a split; write rows and entries into buckets."""
-    for batch in iter_csv_batches(common, COMMON_COLUMNS, header=False, bad=bad,
-                                  block_bytes=block_bytes):
+    for batch in iter_csv_batches(
+        common, COMMON_COLUMNS, header=False, bad=bad, block_bytes=block_bytes
+    ):
         batch, ent = parse_entries(batch, "md5", str(common), bad)
         _profile(ent, str(common), profiles)
         buckets.add(f"{split}-crow", batch.select(ROW, "md5"), "md5")
         buckets.add(f"{split}-cent", ent.rename({ROW: "__crow"}), "md5")
-    for batch in iter_csv_batches(skeleton, SKELETON_COLUMNS, header=False, bad=bad,
-                                  block_bytes=block_bytes):
+    for batch in iter_csv_batches(
+        skeleton, SKELETON_COLUMNS, header=False, bad=bad, block_bytes=block_bytes
+    ):
         batch = _check_labels(batch, str(skeleton), bad)
         batch, ent = parse_entries(batch, "md5", str(skeleton), bad)
         _profile(ent, str(skeleton), profiles)
@@ -311,8 +313,10 @@ def _shape(ent: pl.DataFrame, key: str, kinds: dict[str, str]) -> pl.DataFrame:
             agg = pl.col("fid")
         else:
             agg = pl.struct(pl.col("fid").alias("id"), pl.col("value").alias("weight"))
-        wide = sub.group_by(key, "field", maintain_order=True).agg(agg.alias("v")).pivot(
-            on="field", index=key, values="v"
+        wide = (
+            sub.group_by(key, "field", maintain_order=True)
+            .agg(agg.alias("v"))
+            .pivot(on="field", index=key, values="v")
         )
         out = out.join(wide, on=key, how="left")
     return out
@@ -528,8 +532,9 @@ def convert_aliccp_raw(
         report.fields = {
             f: {"kind": kinds[f], **asdict(profiles.get(f, FieldProfile()))} for f in kinds
         }
-        atomic_write_bytes(schema_yaml(kinds, profiles, "aliccp_raw").encode(), staging /
-                           "schema.yaml")
+        atomic_write_bytes(
+            schema_yaml(kinds, profiles, "aliccp_raw").encode(), staging / "schema.yaml"
+        )
         report.seconds = round(time.perf_counter() - t0, 3)
         atomic_write_json(asdict(report), staging / "conversion.json")
         atomic_replace_dir(staging, out)
@@ -546,9 +551,7 @@ def _count(parts: Iterator[pl.DataFrame], split: str, report: ConversionReport):
     report.buy_without_click[split] = 0
     for part in parts:
         report.rows[split] += part.height
-        report.buy_without_click[split] += int(
-            ((part["buy"] == 1) & (part["click"] == 0)).sum()
-        )
+        report.buy_without_click[split] += int(((part["buy"] == 1) & (part["click"] == 0)).sum())
         yield part
 
 

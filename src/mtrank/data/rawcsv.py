@@ -155,8 +155,9 @@ def iter_csv_batches(
     )
     try:
         stream = pa.input_stream(str(p), compression="detect")
-        reader = pacsv.open_csv(stream, read_options=read, parse_options=parse,
-                                convert_options=convert)
+        reader = pacsv.open_csv(
+            stream, read_options=read, parse_options=parse, convert_options=convert
+        )
     except pa.ArrowInvalid as exc:
         if first_bad:
             raise field_count_error() from None

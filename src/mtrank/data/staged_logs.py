@@ -153,7 +153,10 @@ def _pass1(path: Path, layout: StagedLayout, buckets: Buckets, bad: BadRows, rep
         )
         for col in (layout.user, layout.item):
             df = bad.handle(
-                df, pl.col(col).str.strip_chars() == "", source=src, column=col,
+                df,
+                pl.col(col).str.strip_chars() == "",
+                source=src,
+                column=col,
                 reason="empty id",
             )
         df = bad.handle(
@@ -298,8 +301,14 @@ def convert_staged_log(
             report.buckets = files.n
             _pass1(path, layout, files, bad, report, block_bytes)
             files.close()
-            empty = {ROW: pl.UInt64, layout.user: pl.String, layout.item: pl.String,
-                     "__event": pl.String, "__t": pl.Int64, **dict.fromkeys(layout.keep, pl.String)}
+            empty = {
+                ROW: pl.UInt64,
+                layout.user: pl.String,
+                layout.item: pl.String,
+                "__event": pl.String,
+                "__t": pl.Int64,
+                **dict.fromkeys(layout.keep, pl.String),
+            }
 
             def parts() -> Iterator[pl.DataFrame]:
                 for b in range(files.n):
