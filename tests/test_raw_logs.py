@@ -132,6 +132,7 @@ def test_aliccp_raw_bad_rows_named_or_skipped(tmp_path, line, row, message):
         convert_aliccp_raw(src, tmp_path / "out")
     assert "sample_skeleton_train.csv" in str(info.value) and row in str(info.value)
     assert not (tmp_path / "out").exists()  # nothing half-written
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")]  # no staging
     rep = convert_aliccp_raw(src, tmp_path / "out", bad_rows="skip")
     assert rep.rows == {"train": 3}
     assert sum(rep.skipped.values()) == 1
@@ -302,16 +303,35 @@ def test_staged_bad_options(tmp_path):
 
 
 def test_convert_cli(tmp_path):
+    from conftest import cli_in_process
+
     src = write_aliccp(tmp_path / "raw")
-    cmd = [sys.executable, "-m", "mtrank", "convert", "aliccp-raw", "--src", str(src)]
-    ok = subprocess.run([*cmd, "--out", str(tmp_path / "o")], capture_output=True, text=True)
+    ok = cli_in_process("convert", "aliccp-raw", "--src", src, "--out", tmp_path / "o")
     assert ok.returncode == 0, ok.stderr
-    assert "train 3 rows" in ok.stdout
+    assert "train 3 rows" in ok.stdout and "--schema" in ok.stdout
+    (tmp_path / "ub.csv").write_text(TAOBAO)
+    ok = cli_in_process("convert", "taobao", "--src", tmp_path / "ub.csv", "--out", tmp_path / "t")
+    assert ok.returncode == 0, ok.stderr
+    assert "{'buy without cart': 1}" in ok.stdout and "{'buy without pv': 1}" in ok.stdout
+    # as a user runs it: an existing output is one error line and exit code 2
+    cmd = [sys.executable, "-m", "mtrank", "convert", "aliccp-raw", "--src", str(src)]
     bad = subprocess.run([*cmd, "--out", str(tmp_path / "o")], capture_output=True, text=True)
     assert bad.returncode == 2
     assert bad.stderr.strip().startswith("error:") and len(bad.stderr.strip().splitlines()) == 1
-    (tmp_path / "ub.csv").write_text(TAOBAO)
-    tb = [sys.executable, "-m", "mtrank", "convert", "taobao", "--src", str(tmp_path / "ub.csv")]
-    ok = subprocess.run([*tb, "--out", str(tmp_path / "t")], capture_output=True, text=True)
-    assert ok.returncode == 0, ok.stderr
-    assert "buy without cart" in ok.stdout
+    assert "--overwrite" in bad.stderr
+
+
+def test_compressed_inputs(tmp_path):
+    import gzip
+
+    src = write_aliccp(tmp_path / "raw")
+    for name in ("sample_skeleton_train.csv", "common_features_train.csv"):
+        data = (src / name).read_bytes()
+        (src / name).unlink()
+        (src / f"{name}.gz").write_bytes(gzip.compress(data))
+    rep = convert_aliccp_raw(src, tmp_path / "out")
+    assert rep.rows == {"train": 3}
+    assert _read(tmp_path / "out" / "train")["205"].to_list() == ["i1", "i2", "i3"]
+    (tmp_path / "events.csv.gz").write_bytes(gzip.compress(RETAILROCKET.encode()))
+    rep = convert_staged_log(tmp_path / "events.csv.gz", tmp_path / "rr", "retailrocket")
+    assert rep.rows == 3

@@ -37,9 +37,16 @@ import polars as pl
 import yaml
 
 from mtrank.data.io import ROW, refuse_nonempty
-from mtrank.data.rawcsv import BLOCK_BYTES, BadRows, Buckets, bucket_count, iter_csv_batches
+from mtrank.data.rawcsv import (
+    BLOCK_BYTES,
+    BadRows,
+    Buckets,
+    bucket_count,
+    iter_csv_batches,
+    staged_output,
+    write_conversion_files,
+)
 from mtrank.errors import ConfigError, DataError
-from mtrank.io_utils import atomic_replace_dir, atomic_write_bytes, atomic_write_json
 from mtrank.io_utils import write_parts_dir
 
 FieldKind = Literal["categorical", "list", "weighted_list"]
@@ -509,12 +516,8 @@ def convert_aliccp_raw(
     declared = {**ALICCP_RAW_FIELDS, **(fields or {})}
     bad = BadRows(bad_rows)
     total = sum(p.stat().st_size for pair in files.values() for p in pair)
-    out.parent.mkdir(parents=True, exist_ok=True)
     report = ConversionReport(source=str(src), out=str(out))
-    import tempfile
-
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with staged_output(out) as staging:
         profiles: dict[str, FieldProfile] = {}
         n_buckets = buckets or bucket_count(total, bucket_mb << 20)
         with Buckets(n_buckets, staging) as bucket_files:
@@ -532,17 +535,8 @@ def convert_aliccp_raw(
         report.fields = {
             f: {"kind": kinds[f], **asdict(profiles.get(f, FieldProfile()))} for f in kinds
         }
-        atomic_write_bytes(
-            schema_yaml(kinds, profiles, "aliccp_raw").encode(), staging / "schema.yaml"
-        )
         report.seconds = round(time.perf_counter() - t0, 3)
-        atomic_write_json(asdict(report), staging / "conversion.json")
-        atomic_replace_dir(staging, out)
-    except BaseException:
-        import shutil
-
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        write_conversion_files(staging, schema_yaml(kinds, profiles, "aliccp_raw"), report)
     return report
 
 

@@ -7,6 +7,7 @@ Three pieces, all vectorised (pyarrow's CSV reader, polars expressions; no per-r
   columns, each row carrying its 1-based data-row number (``__row``) for error messages; a line
   with the wrong number of fields is an error naming file and row, or skipped and counted;
 * :class:`BadRows`: the bad-row policy (``error`` or ``skip``) and the counts of what was skipped;
+* :func:`staged_output`: the output directory written aside and renamed into place whole;
 * :class:`Buckets`: rows hash-partitioned on a key column into Parquet files on disk, so that a
   join or group-by over files larger than memory is done one bucket at a time (a Grace hash
   join: every row of a key lands in the same bucket).
@@ -18,7 +19,8 @@ import math
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +31,7 @@ import pyarrow.parquet as pq
 
 from mtrank.data.io import ROW
 from mtrank.errors import ConfigError, DataError
+from mtrank.io_utils import atomic_replace_dir, atomic_write_bytes, atomic_write_json
 
 BLOCK_BYTES = 1 << 26  # 64 MiB of text per batch
 
@@ -254,3 +257,25 @@ class Buckets:
         """Bucket ``b`` of table ``name``; ``empty()`` when no row landed in it."""
         p = self._path(name, b)
         return pl.read_parquet(p) if p.exists() else empty()
+
+
+@contextmanager
+def staged_output(out: Path) -> Iterator[Path]:
+    """A staging directory beside ``out`` to write a conversion into: renamed into place whole
+    when the block ends cleanly (:func:`mtrank.io_utils.atomic_replace_dir`), removed when it
+    raises, so ``out`` never holds half a conversion."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield staging
+        atomic_replace_dir(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def write_conversion_files(staging: Path, schema_text: str, report) -> None:
+    """``schema.yaml`` and ``conversion.json`` (the report dataclass) of a conversion."""
+    atomic_write_bytes(schema_text.encode(), staging / "schema.yaml")
+    atomic_write_json(asdict(report), staging / "conversion.json")

@@ -31,19 +31,25 @@ hash buckets of the user id on disk; pass 2 aggregates one bucket at a time.
 
 from __future__ import annotations
 
-import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import polars as pl
 import yaml
 
 from mtrank.data.io import ROW, refuse_nonempty
-from mtrank.data.rawcsv import BLOCK_BYTES, BadRows, Buckets, bucket_count, iter_csv_batches
+from mtrank.data.rawcsv import (
+    BLOCK_BYTES,
+    BadRows,
+    Buckets,
+    bucket_count,
+    iter_csv_batches,
+    staged_output,
+    write_conversion_files,
+)
 from mtrank.errors import ConfigError, DataError
-from mtrank.io_utils import atomic_replace_dir, atomic_write_bytes, atomic_write_json
 from mtrank.io_utils import write_parts_dir
 
 
@@ -293,9 +299,7 @@ def convert_staged_log(
     refuse_nonempty(out, overwrite)
     bad = BadRows(bad_rows)
     report = StagedReport(layout=layout.name, source=str(path), out=str(out))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with staged_output(out) as staging:
         n = buckets or bucket_count(path.stat().st_size, bucket_mb << 20)
         with Buckets(n, staging) as files:
             report.buckets = files.n
@@ -322,13 +326,6 @@ def convert_staged_log(
 
             write_parts_dir(parts(), staging / "data")
         report.skipped = dict(bad.skipped)
-        atomic_write_bytes(schema_yaml(layout, funnel, report).encode(), staging / "schema.yaml")
         report.seconds = round(time.perf_counter() - t0, 3)
-        atomic_write_json(asdict(report), staging / "conversion.json")
-        atomic_replace_dir(staging, out)
-    except BaseException:
-        import shutil
-
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        write_conversion_files(staging, schema_yaml(layout, funnel, report), report)
     return report
