@@ -85,10 +85,10 @@ def test_aliccp_raw_values_kinds_and_schema(tmp_path, buckets):
     schema = yaml.safe_load((tmp_path / "out" / "schema.yaml").read_text())
     assert schema["click"] == "click" and schema["conversion"] == "buy"
     assert schema["categorical"] == ["101", "124", "205", "206"]
-    assert schema["lists"] == [
+    assert schema["lists"] == [  # declared fields in ALICCP_SPARSE's order, then inferred ones
+        {"column": "508", "weighted": True, "max_len": 1, "pooling": "mean"},
         {"column": "109_14", "weighted": True, "max_len": 2, "pooling": "mean"},
         {"column": "150_14", "weighted": True, "max_len": 1, "pooling": "mean"},
-        {"column": "508", "weighted": True, "max_len": 1, "pooling": "mean"},
         {"column": "777", "weighted": False, "max_len": 2, "pooling": "mean"},
     ]
     written = json.loads((tmp_path / "out" / "conversion.json").read_text())
@@ -102,7 +102,7 @@ def test_aliccp_raw_schema_loads_when_lists_exist(tmp_path):
         pytest.skip("the schema has no `lists` kind on this branch yet")
     convert_aliccp_raw(write_aliccp(tmp_path / "raw"), tmp_path / "out")
     schema = Schema.from_file(tmp_path / "out" / "schema.yaml")
-    assert [f.column for f in schema.lists] == ["109_14", "150_14", "508", "777"]
+    assert [f.column for f in schema.lists] == ["508", "109_14", "150_14", "777"]
 
 
 def test_aliccp_raw_declared_kind_and_both_splits(tmp_path):

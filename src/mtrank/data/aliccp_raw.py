@@ -36,6 +36,7 @@ from typing import Literal
 import polars as pl
 import yaml
 
+from mtrank.data.datasets import ALICCP_SPARSE
 from mtrank.data.io import ROW, refuse_nonempty
 from mtrank.data.rawcsv import (
     BLOCK_BYTES,
@@ -58,34 +59,16 @@ ENTRY_SEP, FIELD_SEP, VALUE_SEP = "\x01", "\x02", "\x03"
 _ENTRY = r"^([^\x02\x03]+)\x02([^\x02\x03]+)\x03([^\x02\x03]+)$"
 MAX_LIST_LEN = 10_000  # the schema's largest max_len
 
-# The fields of the ESMM paper's Ali-CCP description (§4.1; field ids as in the files). User
-# fields come from the common features, the others from the skeleton. The four user-history
-# fields *_14 (category / shop / brand / intention ids with counts) and the four combination
-# fields (508, 509, 702, 853) carry counts as values: weighted lists.
+# The 23 fields of the ESMM paper's Ali-CCP description (§4.1), whose ids name the columns of the
+# processed CSVs too (:data:`mtrank.data.datasets.ALICCP_SPARSE`). User fields come from the
+# common features, the others from the skeleton. The four user-history fields *_14 (category,
+# shop, brand and intention-node ids with counts) and the four combination fields 508 (109_14 ×
+# 206), 509 (110_14 × 207), 702 (127_14 × 216) and 853 (150_14 × 210) carry counts as values:
+# weighted lists. The others (101 user, 121-129 user profile, 205 item, 206 category, 207 shop,
+# 210 intention node, 216 brand, 301 scenario) are single-valued.
+ALICCP_WEIGHTED = ("109_14", "110_14", "127_14", "150_14", "508", "509", "702", "853")
 ALICCP_RAW_FIELDS: dict[str, FieldKind] = {
-    "101": "categorical",  # user id
-    "121": "categorical",  # user profile category id
-    "122": "categorical",  # user profile group id
-    "124": "categorical",  # gender
-    "125": "categorical",  # age
-    "126": "categorical",  # consumption level 1
-    "127": "categorical",  # consumption level 2
-    "128": "categorical",  # occupation
-    "129": "categorical",  # geography
-    "109_14": "weighted_list",  # categories the user acted on, with counts
-    "110_14": "weighted_list",  # shops, with counts
-    "127_14": "weighted_list",  # brands, with counts
-    "150_14": "weighted_list",  # intention nodes, with counts
-    "205": "categorical",  # item id
-    "206": "categorical",  # item category id
-    "207": "categorical",  # shop id
-    "210": "categorical",  # intention node id
-    "216": "categorical",  # brand id
-    "508": "weighted_list",  # 109_14 × 206
-    "509": "weighted_list",  # 110_14 × 207
-    "702": "weighted_list",  # 127_14 × 216
-    "853": "weighted_list",  # 150_14 × 210
-    "301": "categorical",  # scenario / position
+    f: "weighted_list" if f in ALICCP_WEIGHTED else "categorical" for f in ALICCP_SPARSE
 }
 DOWNLOAD_PAGE = "https://tianchi.aliyun.com/dataset/408"
 
