@@ -205,14 +205,18 @@ def parse_entries(
         reason="an entry's value is not a finite number >= 0",
     )
     counts = ent.group_by(ROW).len("n")
-    num = df.join(counts, on=ROW, how="left").select(
-        (pl.col("feature_num").cast(pl.Int64, strict=False) != pl.col("n").fill_null(0))
-        .fill_null(True)
-        .alias("m")
-    )["m"]
+    mismatch = (
+        df.select(ROW, "feature_num")
+        .join(counts, on=ROW, how="left")
+        .filter(
+            (
+                pl.col("feature_num").cast(pl.Int64, strict=False) != pl.col("n").fill_null(0)
+            ).fill_null(True)
+        )[ROW]
+    )
     df = bad.handle(
         df,
-        num,
+        pl.col(ROW).is_in(mismatch.implode()),
         source=source,
         column="feature_num",
         reason="feature_num is not the number of entries in feature_list",
