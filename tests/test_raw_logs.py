@@ -335,3 +335,18 @@ def test_compressed_inputs(tmp_path):
     (tmp_path / "events.csv.gz").write_bytes(gzip.compress(RETAILROCKET.encode()))
     rep = convert_staged_log(tmp_path / "events.csv.gz", tmp_path / "rr", "retailrocket")
     assert rep.rows == 3
+
+
+def test_staged_time_split(tmp_path):
+    (tmp_path / "ub.csv").write_text(TAOBAO)
+    # view times 40 … 1001: the last 10 % of the span starts at 1001 - 96.1 → 904
+    rep = convert_staged_log(
+        tmp_path / "ub.csv", tmp_path / "out", "taobao", buckets=2, test_fraction=0.1
+    )
+    assert rep.view_time_range == [40, 1001] and rep.test_from == 904
+    train = pl.read_parquet(tmp_path / "out" / "train" / "*.parquet")
+    test = pl.read_parquet(tmp_path / "out" / "test" / "*.parquet").sort("timestamp")
+    assert test["timestamp"].to_list() == [995, 1000, 1001] and train["timestamp"].to_list() == [40]
+    assert rep.rows == 4 and rep.rows_test == 3
+    with pytest.raises(ConfigError, match="test-fraction"):
+        convert_staged_log(tmp_path / "ub.csv", tmp_path / "o2", "taobao", test_fraction=1.0)

@@ -85,7 +85,9 @@ def aliccp_raw(
     )
 
 
-def _staged(layout: str, src: Path, out: Path, funnel, bad_rows, bucket_mb, overwrite) -> None:
+def _staged(
+    layout: str, src: Path, out: Path, funnel, bad_rows, bucket_mb, overwrite, test_fraction
+) -> None:
     from mtrank.data.staged_logs import convert_staged_log
 
     check_output(out, kind="dir")
@@ -98,6 +100,7 @@ def _staged(layout: str, src: Path, out: Path, funnel, bad_rows, bucket_mb, over
         bad_rows=bad_rows,
         bucket_mb=bucket_mb,
         overwrite=overwrite,
+        test_fraction=test_fraction,
     )
     console.print(
         f"wrote {out}: {rep.rows:,} viewed (user, item) rows from {rep.events:,} events; "
@@ -112,7 +115,11 @@ def _staged(layout: str, src: Path, out: Path, funnel, bad_rows, bucket_mb, over
         if shown:
             console.print(f"{title}: {shown}")
     _skipped(rep.skipped)
-    console.print(f"train with: mtrank train --stream --data {out}/data --schema {out}/schema.yaml")
+    data = f"{out}/data"
+    if rep.test_from is not None:
+        console.print(f"test: {rep.rows_test:,} rows first viewed at time ≥ {rep.test_from}")
+        data = f"{out}/train --test-data {out}/test"
+    console.print(f"train with: mtrank train --stream --data {data} --schema {out}/schema.yaml")
 
 
 def _skipped(skipped: dict[str, int]) -> None:
@@ -120,6 +127,13 @@ def _skipped(skipped: dict[str, int]) -> None:
         console.print(f"skipped {n:,} rows: {where}")
 
 
+TestFractionOpt = Annotated[
+    float,
+    typer.Option(
+        "--test-fraction",
+        help="rows first viewed in the last F of the log's time span go to OUT/test (0: none)",
+    ),
+]
 FunnelOpt = Annotated[
     str | None,
     typer.Option("--funnel", help="comma-separated stage order for the schema (default shown)"),
@@ -133,10 +147,11 @@ def taobao(
     bad_rows: BadRowsOpt = "error",
     bucket_mb: BucketOpt = 512,
     overwrite: OverwriteOpt = False,
+    test_fraction: TestFractionOpt = 0.0,
 ) -> None:
     """Taobao UserBehavior (https://tianchi.aliyun.com/dataset/649): one row per viewed (user,
     item) pair, labels cart, fav, buy; default funnel cart,buy."""
-    _staged("taobao", src, out, funnel, bad_rows, bucket_mb, overwrite)
+    _staged("taobao", src, out, funnel, bad_rows, bucket_mb, overwrite, test_fraction)
 
 
 def retailrocket(
@@ -146,10 +161,11 @@ def retailrocket(
     bad_rows: BadRowsOpt = "error",
     bucket_mb: BucketOpt = 512,
     overwrite: OverwriteOpt = False,
+    test_fraction: TestFractionOpt = 0.0,
 ) -> None:
     """RetailRocket events (Kaggle retailrocket/ecommerce-dataset): one row per viewed (visitor,
     item) pair, labels addtocart, transaction; default funnel addtocart,transaction."""
-    _staged("retailrocket", src, out, funnel, bad_rows, bucket_mb, overwrite)
+    _staged("retailrocket", src, out, funnel, bad_rows, bucket_mb, overwrite, test_fraction)
 
 
 convert_app.command("aliccp-raw")(aliccp_raw)

@@ -126,6 +126,9 @@ class StagedReport:
     before_first_view: dict[str, int] = field(default_factory=dict)
     funnel_violations: dict[str, int] = field(default_factory=dict)
     skipped: dict[str, int] = field(default_factory=dict)
+    view_time_range: list[int] = field(default_factory=list)
+    test_from: int | None = None
+    rows_test: int = 0
     buckets: int = 1
     seconds: float = 0.0
 
@@ -173,6 +176,11 @@ def _pass1(path: Path, layout: StagedLayout, buckets: Buckets, bad: BadRows, rep
             reason="the time is not an integer",
         )
         report.events += df.height
+        t = df.filter(pl.col(layout.event) == layout.entry)[layout.time].cast(pl.Int64)
+        if t.len():
+            lo, hi = int(t.min()), int(t.max())  # type: ignore[arg-type]
+            old = report.view_time_range or [lo, hi]
+            report.view_time_range = [min(old[0], lo), max(old[1], hi)]
         buckets.add(
             "events",
             df.select(
@@ -224,6 +232,12 @@ def _pairs(ev: pl.DataFrame, layout: StagedLayout, funnel: list[str], report) ->
     return g.sort(layout.time, layout.user, layout.item).select(cols)
 
 
+def _counted(parts: Iterator[pl.DataFrame], report: StagedReport) -> Iterator[pl.DataFrame]:
+    for part in parts:
+        report.rows_test += part.height
+        yield part
+
+
 def schema_yaml(layout: StagedLayout, funnel: list[str], report: StagedReport) -> str:
     """The schema YAML: the declared funnel over the stage labels, ids as categorical features,
     the view time as ``time``; stage labels outside the funnel are carried as passthrough."""
@@ -262,6 +276,7 @@ def convert_staged_log(
     buckets: int | None = None,
     block_bytes: int = BLOCK_BYTES,
     overwrite: bool = False,
+    test_fraction: float = 0.0,
 ) -> StagedReport:
     """Convert one event log into ``out``: ``data/`` (Parquet parts), ``schema.yaml`` and
     ``conversion.json``, all appearing at once (staging directory renamed into place).
@@ -272,6 +287,9 @@ def convert_staged_log(
         funnel: the schema's stage order (default: the layout's), a subset of its stages.
         bad_rows: ``error`` (default) or ``skip`` (dropped and counted).
         part_rows: rows per Parquet part at most; ``bucket_mb``/``buckets``: hash buckets.
+        test_fraction: 0 (default): every row in ``data/``; in (0, 1): rows first viewed in the
+            last ``test_fraction`` of the log's view-time span go to ``test/``, the others to
+            ``train/`` (a time split; ``report.test_from`` is the cut-off).
 
     Raises:
         DataError: a bad row (an unknown event, an empty id, a time that is not an integer, a
@@ -291,6 +309,8 @@ def convert_staged_log(
         )
     if part_rows < 1 or bucket_mb < 1:
         raise ConfigError("--part-rows and --bucket-mb must be ≥ 1")
+    if not 0 <= test_fraction < 1:
+        raise ConfigError(f"--test-fraction must be in [0, 1), got {test_fraction}")
     path, out = Path(path), Path(out)
     if not path.is_file():
         raise DataError("file does not exist", file=str(path))
@@ -314,6 +334,10 @@ def convert_staged_log(
                 **dict.fromkeys(layout.keep, pl.String),
             }
 
+            if test_fraction and report.view_time_range:
+                lo, hi = report.view_time_range
+                report.test_from = int(hi - test_fraction * (hi - lo))
+
             def parts() -> Iterator[pl.DataFrame]:
                 for b in range(files.n):
                     ev = files.read("events", b, lambda: pl.DataFrame(schema=empty))
@@ -321,10 +345,21 @@ def convert_staged_log(
                         continue
                     rows = _pairs(ev, layout, funnel, report)
                     report.rows += rows.height
+                    if report.test_from is not None:
+                        test = pl.col(layout.time) >= report.test_from
+                        files.add("test", rows.filter(test), layout.user)
+                        rows = rows.filter(~test)
                     for start in range(0, rows.height, part_rows):
                         yield rows.slice(start, part_rows)
 
-            write_parts_dir(parts(), staging / "data")
+            if report.test_from is None:
+                write_parts_dir(parts(), staging / "data")
+            else:
+                write_parts_dir(parts(), staging / "train")
+                files.close()
+                tests = (files.read("test", b, pl.DataFrame) for b in range(files.n))
+                tests = (t.sort(layout.time) for t in tests if t.height)
+                write_parts_dir(_counted(tests, report), staging / "test")
         report.skipped = dict(bad.skipped)
         report.seconds = round(time.perf_counter() - t0, 3)
         write_conversion_files(staging, schema_yaml(layout, funnel, report), report)
