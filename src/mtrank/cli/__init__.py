@@ -8,6 +8,7 @@ Every command is a plain function in one of the modules below, registered here e
 * :mod:`mtrank.cli.serve`: export, serve
 * :mod:`mtrank.cli.report`: report
 * :mod:`mtrank.cli.config`: config init, config show
+* :mod:`mtrank.cli.convert`: convert aliccp-raw, convert taobao, convert retailrocket
 
 Every expected failure (bad data, missing files, bad bundle, bad option) is printed as one
 ``error:`` line naming what to change, with exit code 2; never a stack trace.
@@ -23,6 +24,7 @@ from rich.text import Text
 
 from mtrank.cli import benchmark, pipeline, ranking, report, serve
 from mtrank.cli.config import config_app
+from mtrank.cli.convert import convert_app
 from mtrank.cli.common import err
 from mtrank.errors import MtrankError
 
@@ -49,6 +51,7 @@ for _command in (
 ):
     app.command()(_command)
 app.add_typer(config_app, name="config")
+app.add_typer(convert_app, name="convert")
 
 
 def _click_exception_types() -> tuple[tuple[type, ...], tuple[type, ...]]:
