@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import polars as pl
+from pydantic import ValidationError
 
 from mtrank.data.hashing import HashedCategoricalEncoder, check_hash_columns
 from mtrank.data.ids import MISSING, N_RESERVED, OOV, canonical_ids
@@ -182,6 +183,8 @@ class EncodedFeatures:
     numerical: np.ndarray
     n_missing: dict[str, int]
     n_oov: dict[str, int]
+    extra: list[np.ndarray] = field(default_factory=list)  # list/sequence tensors, see lists.py
+    n_truncated: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -190,6 +193,7 @@ class FeatureEncoder:
 
     categorical: list[CategoricalEncoder | HashedCategoricalEncoder]
     numerical: list[NumericalEncoder]
+    lists: list = field(default_factory=list)  # ListEncoder per list, then per sequence feature
 
     @classmethod
     def fit(
@@ -201,8 +205,14 @@ class FeatureEncoder:
         hash_buckets: dict[str, int] | None = None,
     ) -> FeatureEncoder:
         """Fit on the training split only."""
+        from mtrank.data.lists import ListEncoder
+
         check_hash_columns(hash_buckets, schema.categorical)
         return cls(
+            lists=[
+                ListEncoder.fit(df.get_column(f.column), f, min_count, max_size)
+                for f in [*schema.lists, *schema.sequences]
+            ],
             categorical=[
                 HashedCategoricalEncoder(c, hash_buckets[c])
                 if hash_buckets and c in hash_buckets
@@ -230,7 +240,20 @@ class FeatureEncoder:
             )
         for j, enc in enumerate(self.numerical):
             num[:, j], n_missing[enc.column] = enc.transform(df.get_column(enc.column))
-        return EncodedFeatures(cat, num, n_missing, n_oov)
+        out = EncodedFeatures(cat, num, n_missing, n_oov)
+        if self.lists:
+            self._transform_lists(df, out)
+        return out
+
+    def _transform_lists(self, df: pl.DataFrame, out: EncodedFeatures) -> None:
+        """Append the list/sequence tensors (:mod:`mtrank.data.lists`) and their counts."""
+        by_column = {e.column: e for e in self.categorical}
+        for enc in self.lists:
+            shared = by_column.get(getattr(enc.feature, "shares", None))
+            tensors, n_miss, n_oov, n_trunc = enc.transform(df.get_column(enc.column), shared)
+            out.extra.extend(tensors)
+            out.n_missing[enc.column], out.n_oov[enc.column] = n_miss, n_oov
+            out.n_truncated[enc.column] = n_trunc
 
     def to_json(self) -> dict:
         """The JSON document a bundle stores as ``encoders.json`` (see :meth:`from_json`)."""
@@ -245,6 +268,7 @@ class FeatureEncoder:
             "numerical": [
                 {"column": e.column, "mean": e.mean, "std": e.std} for e in self.numerical
             ],
+            **({"lists": [e.to_json() for e in self.lists]} if self.lists else {}),
         }
 
     @classmethod
@@ -263,9 +287,12 @@ class FeatureEncoder:
                 NumericalEncoder(str(e["column"]), float(e["mean"]), float(e["std"]))
                 for e in obj["numerical"]
             ]
-        except (KeyError, TypeError, AttributeError) as exc:
+            from mtrank.data.lists import ListEncoder
+
+            lists = [ListEncoder.from_json(e) for e in obj.get("lists", [])]
+        except (KeyError, TypeError, AttributeError, ValidationError) as exc:
             raise BundleError(f"malformed encoders document: {exc!r}") from None
         for e in nums:
             if not (math.isfinite(e.mean) and math.isfinite(e.std) and e.std > 0):
                 raise BundleError(f"encoder of {e.column!r} has invalid mean/std")
-        return cls(cats, nums)
+        return cls(cats, nums, lists)
