@@ -27,7 +27,7 @@ from mtrank.data.weights import mean_log_price, price_weights
 from mtrank.errors import ConfigError, SchemaError
 from mtrank.metrics.evaluate import CALIBRATION_BINS, calibration_curves, evaluate_outputs
 from mtrank.models import build_model
-from mtrank.models.config import FeatureSpec, ModelConfig
+from mtrank.models.config import FeatureSpec, ListInput, ModelConfig
 from mtrank.bundle import Bundle
 from mtrank.train.checkpoint import run_fingerprint
 from mtrank.train.device import resolve_device
@@ -112,6 +112,7 @@ def feature_spec(encoder: FeatureEncoder, schema: Schema) -> FeatureSpec:
         n_numerical=len(encoder.numerical),
         funnel=schema.is_funnel,
         task_names=list(schema.tasks),
+        lists=[ListInput(**e.input_fields(schema.categorical)) for e in encoder.lists],
     )
 
 
@@ -219,7 +220,7 @@ def fit_encoded(
     if checkpoint is not None:
         t = encoded["train"]
         fingerprint = run_fingerprint(
-            data=[t.categorical, t.numerical, *(t.labels[k] for k in sorted(t.labels))],
+            data=[t.categorical, t.numerical, *(t.labels[k] for k in sorted(t.labels)), *t.extra],
             schema=schema.model_dump(mode="json"),
             encoders=encoder.to_json(),
             model=[model_cfg.model_dump(mode="json"), spec.model_dump(mode="json")],

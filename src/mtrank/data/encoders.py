@@ -227,6 +227,12 @@ class FeatureEncoder:
         """Embedding rows per categorical field (vocabulary or hash buckets plus the 2 reserved)."""
         return [e.cardinality for e in self.categorical]
 
+    @property
+    def extra_names(self) -> list[str]:
+        """Names of the list/sequence tensors in batch order: ``<column>`` (ids) and, for a
+        weighted list, ``<column>.weight``."""
+        return [n for e in self.lists for n in [e.column, *([f"{e.column}.weight"] if e.weighted else [])]]
+
     def transform(self, df: pl.DataFrame) -> EncodedFeatures:
         """Encode a table by column name (column order in the table does not matter)."""
         n = df.height

@@ -15,6 +15,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
+from mtrank.data.lists import check_list_columns
 from mtrank.data.schema import Schema
 from mtrank.errors import ConfigError, DataError
 
@@ -274,6 +275,9 @@ def validate_frame(
     for col in numeric_cols:
         _check_numeric_column(df, col, source)
     df = df.with_columns([_numeric(df, c).alias(c) for c in numeric_cols])
+
+    if schema.lists or schema.sequences:
+        check_list_columns(df, schema, source)
 
     for label in labels:
         if df.get_column(label).n_unique() < 2:

@@ -274,6 +274,19 @@ class ListEncoder:
         """Embedding rows of its own vocabulary (0 for a sequence, which shares rows)."""
         return 0 if self.vocab is None else self.vocab.cardinality
 
+    def input_fields(self, categorical: list[str]) -> dict:
+        """The fields of the model's :class:`~mtrank.models.config.ListInput` for this feature
+        (``categorical``: the schema's scalar categorical columns, to index ``shares``)."""
+        shares = getattr(self.feature, "shares", None)
+        return {
+            "column": self.column,
+            "kind": self.kind,
+            "cardinality": self.cardinality,
+            "shares": None if shares is None else categorical.index(shares),
+            "weighted": self.weighted,
+            "pooling": self.feature.pooling,
+        }
+
     @classmethod
     def fit(
         cls, series: pl.Series, feature: Feature, min_count: int = 1, max_size: int | None = None

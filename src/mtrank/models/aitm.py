@@ -96,7 +96,7 @@ class AITM(nn.Module):
         self.calibrator_weight = self.options.calibrator_weight
         if self.calibrator_weight < 0:
             raise ConfigError(f"aitm: calibrator_weight must be ≥ 0, got {self.calibrator_weight}")
-        self.embedding = FeatureEmbedding(spec.cardinalities, spec.n_numerical, cfg.embedding_dim)
+        self.embedding = FeatureEmbedding.from_spec(spec, cfg.embedding_dim)
         d_in = self.embedding.output_dim
         self.ctr_tower = MLP(d_in, cfg.tower, out=None, dropout=cfg.dropout)
         self.cvr_tower = MLP(d_in, cfg.tower, out=None, dropout=cfg.dropout)

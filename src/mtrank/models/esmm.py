@@ -48,11 +48,11 @@ class ESMM(nn.Module):
         require_funnel(spec, "ESMM")
         self.options = parse_options(self.Options, cfg)
         self.shared_embedding = self.options.shared_embedding
-        self.embedding = FeatureEmbedding(spec.cardinalities, spec.n_numerical, cfg.embedding_dim)
+        self.embedding = FeatureEmbedding.from_spec(spec, cfg.embedding_dim)
         self.cvr_embedding = (
             None
             if self.shared_embedding
-            else FeatureEmbedding(spec.cardinalities, spec.n_numerical, cfg.embedding_dim)
+            else FeatureEmbedding.from_spec(spec, cfg.embedding_dim)
         )
         d = self.embedding.output_dim
         self.ctr_tower = MLP(d, cfg.tower, out=1, dropout=cfg.dropout)

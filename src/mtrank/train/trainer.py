@@ -137,7 +137,7 @@ def predict(model: nn.Module, data: EncodedData, batch_size: int = 8192) -> dict
     chunks: dict[str, list[torch.Tensor]] = {}
     try:
         for batch in device_batches(data, batch_size, shuffle=False, device=module_device(model)):
-            out = model(batch.categorical, batch.numerical)
+            out = model(batch.categorical, batch.numerical, *batch.extra)
             for k, v in out.items():
                 chunks.setdefault(k, []).append(v.detach())
     finally:
@@ -159,7 +159,7 @@ def validation_loss(model: nn.Module, data: EncodedData, batch_size: int = 8192)
     sums = {t.name: [0.0, 0.0] for t in tasks}
     try:
         for batch in device_batches(data, batch_size, shuffle=False, device=module_device(model)):
-            out = model(batch.categorical, batch.numerical)
+            out = model(batch.categorical, batch.numerical, *batch.extra)
             for t in tasks:
                 n, d = task_loss_sum(t, out, batch)
                 sums[t.name][0] += n.double()
@@ -469,7 +469,7 @@ class Trainer:
                     if i < skip:
                         continue
                     with autocast(device, amp_dtype):
-                        out = net(batch.categorical, batch.numerical)
+                        out = net(batch.categorical, batch.numerical, *batch.extra)
                     loss, _ = model_loss(model, out, batch, parts=False)  # float32, autocast off
                     for opt in optimizers:
                         opt.zero_grad(set_to_none=True)
