@@ -231,7 +231,10 @@ class FeatureEncoder:
     def extra_names(self) -> list[str]:
         """Names of the list/sequence tensors in batch order: ``<column>`` (ids) and, for a
         weighted list, ``<column>.weight``."""
-        return [n for e in self.lists for n in [e.column, *([f"{e.column}.weight"] if e.weighted else [])]]
+        names = []
+        for e in self.lists:
+            names += [e.column, *([f"{e.column}.weight"] if e.weighted else [])]
+        return names
 
     def transform(self, df: pl.DataFrame) -> EncodedFeatures:
         """Encode a table by column name (column order in the table does not matter)."""

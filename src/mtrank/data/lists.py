@@ -122,7 +122,7 @@ def _split_strings(series: pl.Series, feature: Feature, source, row_numbers) -> 
     if sep is None:
         raise DataError(
             "holds text but its schema entry declares no separator: set `sep` (for example "
-            "sep: \"|\") or store it as a Parquet list column",
+            'sep: "|") or store it as a Parquet list column',
             file=source,
             column=feature.column,
         )
@@ -211,7 +211,10 @@ def check_list_columns(df: pl.DataFrame, schema: Schema, source: str) -> None:
                 f"(longest {int(flat.lengths.max())})"
             )
             err = DataError(
-                msg, file=source, column=feature.column, rows=_where(over, row_numbers),
+                msg,
+                file=source,
+                column=feature.column,
+                rows=_where(over, row_numbers),
                 count=int(over.size),
             )
             if feature.on_overflow == "error":
@@ -222,9 +225,7 @@ def check_list_columns(df: pl.DataFrame, schema: Schema, source: str) -> None:
                     rows=_where(over, row_numbers),
                     count=int(over.size),
                 )
-            warnings.warn(
-                DataWarning(f"{err}; kept the first {feature.max_len}"), stacklevel=2
-            )
+            warnings.warn(DataWarning(f"{err}; kept the first {feature.max_len}"), stacklevel=2)
         nulls = flat.ids.is_null().to_numpy()
         if nulls.any():
             rows = flat.row_of_element()[nulls]
@@ -258,6 +259,7 @@ class ListEncoder:
 
     @property
     def column(self) -> str:
+        """The feature's column."""
         return self.feature.column
 
     @property
@@ -267,6 +269,7 @@ class ListEncoder:
 
     @property
     def weighted(self) -> bool:
+        """True for a weighted list (a weights tensor follows the ids)."""
         return bool(getattr(self.feature, "weighted", False))
 
     @property
@@ -308,14 +311,17 @@ class ListEncoder:
         flat = flatten(series, self.feature)
         enc = self.vocab if self.vocab is not None else shared
         if enc is None:
-            raise DataError(f"sequence {self.column!r} needs the encoder of {self.feature.shares!r}")
-        idx, n_missing, n_oov = enc.transform(flat.ids) if flat.ids.len() else (
-            np.zeros(0, np.int64), 0, 0
+            raise DataError(
+                f"sequence {self.column!r} needs the encoder of {self.feature.shares!r}"
+            )
+        idx, n_missing, n_oov = (
+            enc.transform(flat.ids) if flat.ids.len() else (np.zeros(0, np.int64), 0, 0)
         )
         ids, weights, n_trunc = pad(flat, idx, self.feature.max_len)
         return ([ids] if weights is None else [ids, weights]), n_missing, n_oov, n_trunc
 
     def to_json(self) -> dict:
+        """The entry of ``encoders.json``: kind, the schema declaration and the vocabulary."""
         doc = {"kind": self.kind, **self.feature.model_dump(mode="json")}
         if self.vocab is not None:
             doc["values"] = self.vocab.values
@@ -323,6 +329,7 @@ class ListEncoder:
 
     @classmethod
     def from_json(cls, doc: dict) -> ListEncoder:
+        """Rebuild from :meth:`to_json` (raises pydantic's ValidationError on a bad entry)."""
         doc = dict(doc)
         kind = doc.pop("kind")
         values = doc.pop("values", None)

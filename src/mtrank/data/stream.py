@@ -352,8 +352,9 @@ def fit_encoder_streaming(
         std = var**0.5 if var > 1e-24 else 1.0
         nums.append(NumericalEncoder(c, mean, std))
     lists = [
-        ListEncoder(f, CategoricalEncoder(f.column, _vocabulary(elements[f.column], min_count,
-                                                                 max_size)))
+        ListEncoder(
+            f, CategoricalEncoder(f.column, _vocabulary(elements[f.column], min_count, max_size))
+        )
         for f in schema.lists
     ] + [ListEncoder(f) for f in schema.sequences]
     return FeatureEncoder(cats, nums, lists)

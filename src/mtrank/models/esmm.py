@@ -50,9 +50,7 @@ class ESMM(nn.Module):
         self.shared_embedding = self.options.shared_embedding
         self.embedding = FeatureEmbedding.from_spec(spec, cfg.embedding_dim)
         self.cvr_embedding = (
-            None
-            if self.shared_embedding
-            else FeatureEmbedding.from_spec(spec, cfg.embedding_dim)
+            None if self.shared_embedding else FeatureEmbedding.from_spec(spec, cfg.embedding_dim)
         )
         d = self.embedding.output_dim
         self.ctr_tower = MLP(d, cfg.tower, out=1, dropout=cfg.dropout)

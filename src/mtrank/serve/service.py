@@ -49,6 +49,7 @@ from mtrank.bundle import Bundle
 from mtrank.errors import BundleError, ConfigError
 from mtrank.ranking.replay import rank_order
 from mtrank.serve.fusion import FusionSpec, fused_scores
+from mtrank.serve.lists import list_columns
 
 MAX_CANDIDATES = 2000
 MAX_ID_CHARS = 1024  # a longer categorical string is a 422: ids are short; memory stays bounded
@@ -174,6 +175,7 @@ class RankingService:
                 [*self.categorical, *self.numerical, *([self.price] if self.price else [])]
             )
         )
+        self.list_features = [*schema.lists, *schema.sequences]  # see mtrank.serve.lists
         self.engine = engine
         self.threads = threads
         self._infer = self._make_engine(engine, threads)  # may set self.engine = "native"
@@ -207,9 +209,13 @@ class RankingService:
                 torch.set_num_threads(threads)
             model = self.bundle.model.eval()
 
-            def run(cat: np.ndarray, num: np.ndarray) -> dict[str, np.ndarray]:
+            def run(cat: np.ndarray, num: np.ndarray, *extra: np.ndarray) -> dict[str, np.ndarray]:
                 with torch.inference_mode():
-                    out = model(torch.from_numpy(cat), torch.from_numpy(num))
+                    out = model(
+                        torch.from_numpy(cat),
+                        torch.from_numpy(num),
+                        *(torch.from_numpy(t) for t in extra),
+                    )
                 return {k: out[k].numpy() for k in PROBS}
 
             return run
@@ -377,6 +383,17 @@ class RankingService:
                 ]
                 continue
             cols[col] = series
+        if self.list_features:
+            cols.update(
+                list_columns(
+                    self.list_features,
+                    context,
+                    candidates,
+                    errors,
+                    max_id_chars=MAX_ID_CHARS,
+                    int64=INT64,
+                )
+            )
         if errors:
             raise RequestError(errors)
         return pl.DataFrame(list(cols.values()))
@@ -544,7 +561,7 @@ class RankingService:
                 ]
             )
         t2 = time.perf_counter()
-        raw = self._infer(data.categorical, num)
+        raw = self._infer(data.categorical, num, *data.extra)
         t3 = time.perf_counter()
         if self.own_score:
             score = raw["score"].astype(np.float64)
@@ -560,6 +577,8 @@ class RankingService:
         timings = {"validate": t1 - t0, "encode": t2 - t1, "infer": t3 - t2, "fuse": t4 - t3}
         n_missing = {c: data.n_missing.get(c, 0) for c in self.features if c in data.n_missing}
         n_oov = {c: data.n_oov.get(c, 0) for c in self.categorical}
+        for f in self.list_features:  # elements of list/sequence features
+            n_missing[f.column], n_oov[f.column] = data.n_missing[f.column], data.n_oov[f.column]
         return Scored(
             probs,
             score,
