@@ -10,7 +10,6 @@ import polars as pl
 import pytest
 import torch
 
-from mtrank.data.batch import EncodedData
 from mtrank.data.encoders import FeatureEncoder
 from mtrank.data.lists import ListEncoder
 from mtrank.data.schema import ListFeature, Schema
