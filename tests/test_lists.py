@@ -222,3 +222,32 @@ def test_history_changes_the_score(history_bundle):
     a = svc.score({**context, "hist_purchased": []}, cand).probs["p_ctr"]
     b = svc.score({**context, "hist_purchased": [row["item_id"]] * 5}, cand).probs["p_ctr"]
     assert abs(a[0] - b[0]) > 1e-6
+
+
+def test_request_lists_weighted_context_fill_and_errors():
+    from mtrank.serve.lists import list_columns
+
+    feats = [ListFeature(column="w", weighted=True, max_len=3), ListFeature(column="t", max_len=2)]
+    ok = dict(max_id_chars=8, int64=(-(2**63), 2**63 - 1))
+    errors: list[dict] = []
+    cols = list_columns(
+        feats,
+        {"t": ["a", "b"]},
+        [{"w": [{"id": 5, "weight": 0.5}], "t": None}, {"w": None, "t": [3.0]}],
+        errors,
+        **ok,
+    )
+    assert errors == []
+    assert cols["w"].to_list() == [[{"id": 5, "weight": 0.5}], None]
+    assert cols["t"].to_list() == [["a", "b"], ["3"]]  # context fills the null; 3.0 is the id 3
+    for bad, loc in (
+        ({"w": [{"id": 1, "weight": -1}], "t": []}, ["candidates", 0, "w"]),
+        ({"w": [{"id": 1, "weight": "x"}], "t": []}, ["candidates", 0, "w"]),
+        ({"w": [], "t": ["a", "b", "c"]}, ["candidates", 0, "t"]),
+        ({"w": [], "t": ["a" * 9]}, ["candidates", 0, "t"]),
+        ({"w": [], "t": "a|b"}, ["candidates", 0, "t"]),
+        ({"w": []}, ["candidates", 0, "t"]),
+    ):
+        errors = []
+        list_columns(feats, {}, [bad], errors, **ok)
+        assert [e["loc"] for e in errors] == [loc], (bad, errors)

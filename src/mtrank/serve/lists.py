@@ -148,7 +148,7 @@ def _column(
             if flat
             else np.zeros(0)
         )
-        bad = ~(wk <= {int, float}) or not (np.isfinite(w).all() and (w >= 0).all())
+        bad = not wk <= {int, float} or not (np.isfinite(w).all() and (w >= 0).all())
         if bad:
             return _element_error(
                 f,
