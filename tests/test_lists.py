@@ -14,7 +14,7 @@ from mtrank.data.encoders import FeatureEncoder
 from mtrank.data.lists import ListEncoder
 from mtrank.data.schema import ListFeature, Schema
 from mtrank.data.simulate import SIMULATED_SCHEMA, SimConfig, simulate
-from mtrank.models import build_model
+from mtrank.models import MODELS, build_model
 from mtrank.models.config import FeatureSpec, ListInput, ModelConfig
 from mtrank.models.layers import FeatureEmbedding
 
@@ -92,8 +92,10 @@ def test_target_attention_ignores_padding_and_uses_the_candidate():
         emb(cat, torch.zeros(2, 0))
 
 
-@pytest.mark.parametrize("name", ["esmm", "base", "mmoe", "ple", "aitm", "escm2_ipw"])
+@pytest.mark.parametrize("name", sorted(MODELS))
 def test_every_model_takes_list_features_without_change(name):
+    """Every neural model of the registry (a new one too) pools list and sequence features
+    through its FeatureEmbedding."""
     spec = FeatureSpec(
         cardinalities=[6, 9],
         n_numerical=1,

@@ -250,12 +250,12 @@ class EncodedData:
             side={k: np.concatenate([p.side[k] for p in parts]) for k in first.side},
             n_missing={k: sum(p.n_missing.get(k, 0) for p in parts) for k in first.n_missing},
             n_oov={k: sum(p.n_oov.get(k, 0) for p in parts) for k in first.n_oov},
-            extra=[_cat_padded([p.extra[i] for p in parts]) for i in range(len(first.extra))],
+            extra=[cat_padded([p.extra[i] for p in parts]) for i in range(len(first.extra))],
             n_truncated={k: sum(p.n_truncated.get(k, 0) for p in parts) for k in first.n_truncated},
         )
 
 
-def _cat_padded(tensors: list[torch.Tensor]) -> torch.Tensor:
+def cat_padded(tensors: list[torch.Tensor]) -> torch.Tensor:
     """Row-wise concatenation of ``[N_i, L_i]`` list tensors, right-padded with 0 to the widest."""
     width = max(t.shape[1] for t in tensors)
     return torch.cat(

@@ -29,7 +29,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from mtrank.data.batch import EncodedData
+from mtrank.data.batch import EncodedData, cat_padded
 from mtrank.errors import ConfigError
 from mtrank.losses import TaskLoss
 from mtrank.models.aitm import derived_cvr
@@ -110,6 +110,7 @@ def take_rows(
         labels=labels,
         weight=None if data.weight is None else data.weight.index_select(0, index),
         side={k: v[idx_np] for k, v in data.side.items()},
+        extra=[t.index_select(0, index) for t in data.extra],
     )
 
 
@@ -121,6 +122,7 @@ def stack(parts: list[EncodedData]) -> EncodedData:
         labels={k: torch.cat([p.labels[k] for p in parts]) for k in parts[0].labels},
         weight=None if parts[0].weight is None else torch.cat([p.weight for p in parts]),
         side={},
+        extra=[cat_padded([p.extra[i] for p in parts]) for i in range(len(parts[0].extra))],
     )
 
 
@@ -157,7 +159,9 @@ class ResampledCVR(Base):
                 ctr_space=torch.ones_like(data.labels["click"]),
                 cvr_space=data.labels["click"].clone(),
             )
-            return EncodedData(data.categorical, data.numerical, labels, data.weight, data.side)
+            return EncodedData(
+                data.categorical, data.numerical, labels, data.weight, data.side, extra=data.extra
+            )
         everything = torch.arange(len(data))
         ctr_rows = take_rows(data, everything, {"ctr_space": 1.0, "cvr_space": 0.0})
         index = self.cvr_indices(data, torch.Generator().manual_seed(seed))
