@@ -106,6 +106,24 @@ def _train_step(model, opts, batch) -> None:
         o.step()
 
 
+def _bare_epoch(model, opts, train, seed: int, max_steps: int | None = None) -> tuple[int, float]:
+    """One shuffled epoch of :func:`_train_step` over pre-encoded tensors (at most ``max_steps``
+    batches). Returns (rows seen, seconds)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    limit = (max_steps or 10**12) * BATCH
+    model.train()
+    seen = 0
+    t0 = time.perf_counter()
+    for batch in train.batches(BATCH, shuffle=True, generator=gen):
+        _train_step(model, opts, batch)
+        seen += len(batch)
+        if seen >= limit:
+            break
+    return seen, time.perf_counter() - t0
+
+
 def run_worker(
     name: str,
     args: dict,
@@ -323,17 +341,7 @@ def worker_bare(a: dict) -> dict:
     if tcfg.prior_output_bias:  # as Trainer.fit does before its first step
         init_output_bias(model, label_rates(train, S))
     opts = make_optimizers(model, tcfg)
-    gen = torch.Generator().manual_seed(a.get("seed", 0))
-    max_steps = a.get("max_steps") or 10**12
-    model.train()
-    seen = 0
-    t0 = time.perf_counter()
-    for batch in train.batches(BATCH, shuffle=True, generator=gen):
-        _train_step(model, opts, batch)
-        seen += len(batch)
-        if seen >= max_steps * BATCH:
-            break
-    sec = time.perf_counter() - t0
+    seen, sec = _bare_epoch(model, opts, train, a.get("seed", 0), a.get("max_steps"))
     return {
         "samples_per_second": round(seen / sec, 1),
         "train_seconds": round(sec, 2),
@@ -657,14 +665,7 @@ def worker_lists_bare(a: dict) -> dict:
     if tcfg.prior_output_bias:
         init_output_bias(model, label_rates(train, schema))
     opts = make_optimizers(model, tcfg)
-    gen = torch.Generator().manual_seed(a.get("seed", 0))
-    model.train()
-    seen = 0
-    t0 = time.perf_counter()
-    for batch in train.batches(BATCH, shuffle=True, generator=gen):
-        _train_step(model, opts, batch)
-        seen += len(batch)
-    sec = time.perf_counter() - t0
+    seen, sec = _bare_epoch(model, opts, train, a.get("seed", 0))
     lengths = {
         c: round(float((t > 0).sum(1).float().mean()), 2)
         for c, t in zip(enc.extra_names, train.extra, strict=True)
