@@ -10,8 +10,7 @@ import polars as pl
 import pytest
 import torch
 
-from mtrank.data.encoders import FeatureEncoder
-from mtrank.data.lists import ListEncoder
+from mtrank.data.encoders import FeatureEncoder, ListEncoder
 from mtrank.data.schema import ListFeature, Schema
 from mtrank.data.simulate import SIMULATED_SCHEMA, SimConfig, simulate
 from mtrank.models import MODELS, build_model

@@ -17,8 +17,6 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from mtrank.data.encoders import CategoricalEncoder
-from mtrank.data.hashing import HashedCategoricalEncoder
 from mtrank.data.ids import canonical_ids
 from mtrank.data.schema import ListFeature, Schema, SequenceFeature
 from mtrank.errors import DataError, DataWarning
@@ -244,99 +242,6 @@ def check_list_columns(df: pl.DataFrame, schema: Schema, source: str) -> None:
                 ),
                 stacklevel=2,
             )
-
-
-@dataclass
-class ListEncoder:
-    """Encoder of one list or sequence feature.
-
-    A list has its own vocabulary ``vocab`` (fitted on the training split only); a sequence has
-    none and is encoded with the encoder of the column it ``shares``.
-    """
-
-    feature: Feature
-    vocab: CategoricalEncoder | None = None
-
-    @property
-    def column(self) -> str:
-        """The feature's column."""
-        return self.feature.column
-
-    @property
-    def kind(self) -> str:
-        """``list`` or ``sequence``."""
-        return "sequence" if isinstance(self.feature, SequenceFeature) else "list"
-
-    @property
-    def weighted(self) -> bool:
-        """True for a weighted list (a weights tensor follows the ids)."""
-        return bool(getattr(self.feature, "weighted", False))
-
-    @property
-    def cardinality(self) -> int:
-        """Embedding rows of its own vocabulary (0 for a sequence, which shares rows)."""
-        return 0 if self.vocab is None else self.vocab.cardinality
-
-    def input_fields(self, categorical: list[str]) -> dict:
-        """The fields of the model's :class:`~mtrank.models.config.ListInput` for this feature
-        (``categorical``: the schema's scalar categorical columns, to index ``shares``)."""
-        shares = getattr(self.feature, "shares", None)
-        return {
-            "column": self.column,
-            "kind": self.kind,
-            "cardinality": self.cardinality,
-            "shares": None if shares is None else categorical.index(shares),
-            "weighted": self.weighted,
-            "pooling": self.feature.pooling,
-        }
-
-    @classmethod
-    def fit(
-        cls, series: pl.Series, feature: Feature, min_count: int = 1, max_size: int | None = None
-    ) -> ListEncoder:
-        """Fit a list's vocabulary on its elements (training split); a sequence needs none."""
-        if isinstance(feature, SequenceFeature):
-            return cls(feature)
-        ids = flatten(series, feature).ids.rename(feature.column)
-        return cls(feature, CategoricalEncoder.fit(ids, min_count, max_size))
-
-    def transform(
-        self, series: pl.Series, shared: CategoricalEncoder | HashedCategoricalEncoder | None
-    ) -> tuple[list[np.ndarray], int, int, int]:
-        """Encode a column: (tensors, missing elements, OOV elements, truncated rows).
-
-        ``tensors`` is ``[ids int64 [N, L]]`` (plus ``weights float32 [N, L]`` when weighted),
-        right-padded with 0, ``L = min(max_len, longest row)`` (at least 1). ``shared`` is the
-        encoder of the column a sequence shares (ignored for a list)."""
-        flat = flatten(series, self.feature)
-        enc = self.vocab if self.vocab is not None else shared
-        if enc is None:
-            raise DataError(
-                f"sequence {self.column!r} needs the encoder of {self.feature.shares!r}"
-            )
-        idx, n_missing, n_oov = (
-            enc.transform(flat.ids) if flat.ids.len() else (np.zeros(0, np.int64), 0, 0)
-        )
-        ids, weights, n_trunc = pad(flat, idx, self.feature.max_len)
-        return ([ids] if weights is None else [ids, weights]), n_missing, n_oov, n_trunc
-
-    def to_json(self) -> dict:
-        """The entry of ``encoders.json``: kind, the schema declaration and the vocabulary."""
-        doc = {"kind": self.kind, **self.feature.model_dump(mode="json")}
-        if self.vocab is not None:
-            doc["values"] = self.vocab.values
-        return doc
-
-    @classmethod
-    def from_json(cls, doc: dict) -> ListEncoder:
-        """Rebuild from :meth:`to_json` (raises pydantic's ValidationError on a bad entry)."""
-        doc = dict(doc)
-        kind = doc.pop("kind")
-        values = doc.pop("values", None)
-        if kind == "sequence":
-            return cls(SequenceFeature.model_validate(doc))
-        feature = ListFeature.model_validate(doc)
-        return cls(feature, CategoricalEncoder(feature.column, [str(v) for v in values or []]))
 
 
 def pad(flat: FlatList, idx: np.ndarray, max_len: int) -> tuple[np.ndarray, np.ndarray | None, int]:

@@ -34,8 +34,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from mtrank.data.batch import Batch, EncodedData
-from mtrank.data.encoders import FeatureEncoder
-from mtrank.data.lists import ListEncoder, flatten
+from mtrank.data.encoders import FeatureEncoder, ListEncoder
+from mtrank.data.lists import flatten
 from mtrank.data.hashing import HashedCategoricalEncoder, check_hash_columns
 from mtrank.data.io import ROW, read_table, validate_frame
 from mtrank.data.schema import Schema
