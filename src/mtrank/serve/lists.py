@@ -136,9 +136,13 @@ def _column(
     flat = list(chain.from_iterable(v for v in values if v is not None))
     weighted = getattr(f, "weighted", False)
     weights = None
+
+    def fail(expected: str, **kw) -> None:
+        return _element_error(f, values, lengths, flat, errors, where, expected, **kw)
+
     if weighted:
         if not set(map(type, flat)) <= {dict}:
-            return _element_error(f, values, lengths, flat, errors, where, "an object {id, weight}")
+            return fail("an object {id, weight}")
         weights = [e.get("weight") for e in flat]
         wk = set(map(type, weights))
         w = (
@@ -150,13 +154,7 @@ def _column(
         )
         bad = not wk <= {int, float} or not (np.isfinite(w).all() and (w >= 0).all())
         if bad:
-            return _element_error(
-                f,
-                values,
-                lengths,
-                flat,
-                errors,
-                where,
+            return fail(
                 "a weight that is a finite number ≥ 0",
                 ok=lambda e: (
                     type(e.get("weight")) in (int, float)
@@ -176,13 +174,7 @@ def _column(
         )
 
     if not ek <= {int, str} or not all(map(id_ok, flat)):
-        return _element_error(
-            f,
-            values,
-            lengths,
-            flat,
-            errors,
-            where,
+        return fail(
             f"an id (a string of at most {max_id_chars} characters, a 64-bit integer) or null",
             ok=id_ok,
             ids=flat,
