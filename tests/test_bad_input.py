@@ -30,7 +30,8 @@ from mtrank.data.encoders import (
     NumericalEncoder,
 )
 from mtrank.data.schema import Schema
-from mtrank.errors import BundleError, DataError, DataWarning
+from mtrank.config import load_config
+from mtrank.errors import BundleError, ConfigError, DataError, DataWarning, SchemaError
 from mtrank.losses import TaskLoss, binary_cross_entropy
 from mtrank.metrics import auc, gauc
 
@@ -50,6 +51,27 @@ class Case:
     id: str
     action: Callable[[Path], object]
     expect: Raises | Callable[[object], bool]
+
+
+W_SCHEMA = SCHEMA.model_copy(update={"weight": "w"})
+W_HEADER = "click,buy,item,x,w\n"
+P_SCHEMA = SCHEMA.model_copy(update={"position": "pos"})
+P_HEADER = "click,buy,item,x,pos\n"
+SCHEMA_ARGS = {"click": "click", "conversion": "buy", "categorical": ["item"]}
+SCHEMA_YAML = "click: click\nconversion: buy\ncategorical: [item]\n"
+LEAK_SCHEMA = Schema(
+    click="click", conversion="buy", categorical=["item"], numerical=["refund_days"]
+)
+
+
+def _missingness_leak_csv() -> str:
+    """200 rows; ``refund_days`` is filled in on clicked rows only (a field known after the
+    click)."""
+    rows = []
+    for i in range(200):
+        click = int(i % 10 == 0)
+        rows.append(f"{click},0,{i % 7},{3 if click else ''}")
+    return "click,buy,item,refund_days\n" + "\n".join(rows) + "\n"
 
 
 # --- actions ---------------------------------------------------------------------------------
@@ -173,6 +195,26 @@ def tiny_funnel(n: int = 100) -> pl.DataFrame:
             "item": rng.integers(0, 5, n),
             "x": rng.normal(size=n),
         }
+    )
+
+
+SCHEMA3 = Schema(
+    name="t3",
+    funnel=[
+        {"stage": "click", "label": "is_click"},
+        {"stage": "cart", "label": "is_cart"},
+        {"stage": "buy", "label": "is_buy", "after": "click"},
+    ],
+    categorical=["item"],
+    numerical=["x"],
+)
+HEADER3 = "is_click,is_cart,is_buy,item,x\n"
+
+
+def tiny_funnel3() -> pl.DataFrame:
+    df = tiny_funnel()
+    return df.rename({"click": "is_click", "buy": "is_buy"}).with_columns(
+        (pl.col("is_click") * (pl.col("x") > 0)).cast(pl.Int8).alias("is_cart")
     )
 
 
@@ -564,6 +606,108 @@ CASES = [
         Raises(BundleError, "unreadable JSON"),
     ),
     Case("21-no-pickle-anywhere", no_pickle_anywhere, lambda r: r == []),
+    # issue 13: weights, sampled negatives, positions, leakage through missingness
+    Case(
+        "22-weight-negative",
+        csv(W_HEADER + "1,1,a,1,2\n0,0,b,1,-0.5\n", W_SCHEMA),
+        Raises(DataError, "column 'w'; row 2] 1 sample weight(s) that are negative or not finite"),
+    ),
+    Case(
+        "22-weight-infinite",
+        csv(W_HEADER + "1,1,a,1,inf\n0,0,b,1,1\n", W_SCHEMA),
+        Raises(DataError, "column 'w'; row 1] 1 sample weight(s) that are negative or not finite"),
+    ),
+    Case(
+        "22-weight-missing",
+        csv(W_HEADER + "1,1,a,1,1\n0,0,b,1,\n", W_SCHEMA),
+        Raises(DataError, "column 'w'; row 2] 1 missing or non-numeric sample weight(s)"),
+    ),
+    Case(
+        "22-weight-text",
+        csv(W_HEADER + "1,1,a,1,heavy\n0,0,b,1,1\n", W_SCHEMA),
+        Raises(DataError, "missing or non-numeric sample weight(s), e.g. 'heavy'"),
+    ),
+    Case(
+        "22-weight-zero-is-fine",
+        csv(W_HEADER + "1,1,a,1,0\n0,0,b,1,1.5\n", W_SCHEMA),
+        lambda r: r[0].get_column("w").to_list() == [0.0, 1.5],
+    ),
+    Case(
+        "23-sampling-rate-zero",
+        lambda t: Schema(**SCHEMA_ARGS, negative_sampling={"rate": 0}),
+        Raises(SchemaError, "negative_sampling.rate must be a sampling rate in (0, 1]"),
+    ),
+    Case(
+        "23-sampling-rate-above-one",
+        lambda t: Schema(**SCHEMA_ARGS, negative_sampling={"rate": 1.5}),
+        Raises(SchemaError, "in (0, 1] (the share of unclicked impressions kept), got 1.5"),
+    ),
+    Case(
+        "23-sampling-rate-in-a-schema-file",
+        lambda t: Schema.from_file(_write(t, SCHEMA_YAML + "negative_sampling: {rate: -0.2}\n")),
+        Raises(SchemaError, "got -0.2"),
+    ),
+    Case(
+        "23-sampling-rate-train-option",
+        lambda t: load_config(_write(t, "training:\n  negative_sampling_rate: 0\n")),
+        Raises(ConfigError, "negative_sampling_rate"),
+    ),
+    Case(
+        "24-position-negative",
+        csv(P_HEADER + "1,1,a,1,1\n0,0,b,1,-1\n", P_SCHEMA),
+        Raises(DataError, "column 'pos'; row 2] 1 position value(s) that are not an integer ≥ 0"),
+    ),
+    Case(
+        "24-position-fraction",
+        csv(P_HEADER + "1,1,a,1,1.5\n0,0,b,1,2\n", P_SCHEMA),
+        Raises(DataError, "position value(s) that are not an integer ≥ 0, e.g. 1.5"),
+    ),
+    Case(
+        "25-feature-present-only-after-a-click",
+        lambda t: load_table(_write(t, _missingness_leak_csv()), LEAK_SCHEMA),
+        Raises(DataError, "column 'refund_days'] feature column 'refund_days' is non-null almost"),
+    ),
+    Case(
+        "26-cart-without-click-any-stage",
+        csv(HEADER3 + "1,1,0,a,1\n0,1,0,b,1\n1,0,1,c,1\n", SCHEMA3),
+        Raises(DataError, "column 'is_cart'; row 2] 1 row(s) with is_cart=1 but is_click=0"),
+    ),
+    Case(
+        "26-buy-without-click-on-a-branch",
+        csv(HEADER3 + "1,1,0,a,1\n1,0,1,b,1\n0,0,1,c,1\n", SCHEMA3),
+        Raises(DataError, "row 3] 1 row(s) with is_buy=1 but is_click=0 (a buy without a click"),
+    ),
+    Case(
+        "26-drop-policy-counts-every-stage",
+        csv(
+            HEADER3 + "1,1,0,a,1\n0,1,0,b,1\n0,0,1,c,1\n0,1,1,d,1\n0,0,0,e,1\n",
+            SCHEMA3.model_copy(update={"funnel_violations": "drop"}),
+        ),
+        lambda r: r[0].height == 2 and r[1].dropped_rows == [2, 3, 4],
+    ),
+    Case(
+        "26-every-row-clicked-is-named",
+        lambda t: fit_tiny(
+            Schema(click="click", categorical=["item"], numerical=["x"]),
+            tiny_funnel().with_columns(pl.lit(1, pl.Int8).alias("click")),
+        ).metrics["test"]["warnings"],
+        lambda r: (
+            r
+            == [
+                "label 'click' is 1 on every row (20 rows): task 'click' has nothing to "
+                "learn or rank (AUC undefined)",
+                "label 'click_all' is 1 on every row (20 "
+                "rows): task 'click_all' has nothing to learn or rank (AUC undefined)",
+            ]
+        ),
+    ),
+    Case(
+        "26-constant-stage-after-click-is-named",
+        lambda t: fit_tiny(
+            SCHEMA3, tiny_funnel3().with_columns(pl.col("is_click").alias("is_cart"))
+        ).metrics["test"]["warnings"],
+        lambda r: any("'cart' is 1 on every row with click_all=1" in w for w in r),
+    ),
 ]
 
 # --- issue 13: list and sequence features ----------------------------------------------------

@@ -120,3 +120,15 @@ def test_json_round_trip_and_column_order():
     one = enc.transform(df)
     two = again.transform(df.select(["x", "b", "a"]))
     assert (one.categorical == two.categorical).all() and (one.numerical == two.numerical).all()
+
+
+def test_lookup_in_blocks_equals_one_block(monkeypatch):
+    import mtrank.data.encoders as encoders
+
+    enc = CategoricalEncoder.fit(pl.Series("c", ["a", "b", "b", "c", "d"]))
+    q = pl.Series("c", ["b", " a", "", None, "zz", "d", "c ", "a", "e", None, "b"])
+    whole = enc.transform(q)
+    monkeypatch.setattr(encoders, "_BLOCK", 3)  # 11 values in 4 blocks, the last one short
+    blocks = enc.transform(q)
+    assert blocks[0].tolist() == whole[0].tolist() == naive_transform(enc, q)[0]
+    assert blocks[1:] == whole[1:] == (3, 2)  # "", None, None missing; "zz", "e" OOV

@@ -159,7 +159,11 @@ def test_service_without_categorical_features_or_price(tmp_path):
     body = client.post(
         "/rank", json={"candidates": [{"x": 1.0, "y": None}, {"x": 2, "y": 0.3}]}
     ).json()
-    assert body["counts"] == {"missing": {"x": 0, "y": 1}, "oov": {}}
+    assert body["counts"] == {
+        "missing": {"x": 0, "y": 1},
+        "oov": {},
+        "out_of_range": {"x": 0, "y": 0},
+    }
     want = predictions_frame(
         Bundle.load(path), pl.DataFrame({"x": [1.0, 2.0], "y": [None, 0.3]}), "t"
     )
@@ -358,6 +362,14 @@ def test_score_keeps_request_order_and_defaults_to_ctcvr(client, sim):
     assert body["fusion"]["formula"] == "ctcvr"
 
 
+def test_far_out_of_range_prices_are_counted(client, sim):
+    req = request_of(sim.slice(0, 4))
+    req["candidates"][0]["price"] = 523_000.0  # a price in thousandths sent to a unit model
+    req["candidates"][2]["price"] = 1e7
+    body = client.post("/rank", json=req).json()
+    assert body["counts"]["out_of_range"] == {"price": 2}
+
+
 def test_unseen_and_missing_values_are_scored_and_counted(client, sim):
     req = request_of(sim.slice(0, 4))
     req["candidates"][1]["item_id"] = 987654321
@@ -528,3 +540,29 @@ def test_bound_socket_is_tcp_so_asyncio_sets_nodelay():
         client.close()
     finally:
         sock.close()
+
+
+def test_json_rows_writes_one_object_per_row_with_null_for_non_finite():
+    from mtrank.serve.app import json_rows
+
+    cols = {
+        "index": np.array([2, 0, 1]),
+        "rank": np.arange(1, 4),
+        "score": np.array([0.25, np.nan, -np.inf]),
+    }
+    assert json_rows(cols) == (
+        b'[{"index":2,"rank":1,"score":0.25},{"index":0,"rank":2,"score":null},'
+        b'{"index":1,"rank":3,"score":null}]'
+    )
+    one = json_rows({"index": np.array([5]), "p": np.array([1e-300])})
+    assert one == b'[{"index":5,"p":1e-300}]'
+    assert json_rows({"index": np.zeros(0, np.int64)}) == b"[]"
+    x = np.random.default_rng(0).random(50)
+    assert [r["x"] for r in json.loads(json_rows({"x": x}))] == x.tolist()  # round-trip exact
+
+
+def test_scoring_fast_path_leaves_other_methods_to_the_app(client):
+    r = client.get("/rank")
+    assert r.status_code == 405 and r.json()["n_errors"] == 1
+    r = client.post("/rank/", json={}, follow_redirects=False)  # not the fast path: the router's
+    assert r.status_code == 307 and r.headers["location"].endswith("/rank")

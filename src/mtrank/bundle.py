@@ -37,11 +37,13 @@ from torch import nn
 
 from mtrank.data.batch import EncodedData
 from mtrank.data.encoders import FeatureEncoder
+from mtrank.data.funnel import stage_output_names
 from mtrank.data.io import validate_frame
 from mtrank.data.schema import Schema
 from mtrank.errors import BundleError, MtrankError
 from mtrank.io_utils import atomic_replace_dir, atomic_write_json, recover_replaced_dir
 from mtrank.models import RANKERS, build_model
+from mtrank.models.calibration import with_sampling_correction, without_sampling_correction
 from mtrank.models.config import FeatureSpec, ModelConfig
 from mtrank.train.device import resolve_device
 from mtrank.train.trainer import predict
@@ -50,6 +52,15 @@ from mtrank.version import __version__
 FORMAT = "mtrank.bundle/1"
 FILES = ("config.json", "encoders.json", "model.safetensors")
 PROBS = ("p_ctr", "p_cvr", "p_ctcvr")
+
+
+def probability_outputs(spec: FeatureSpec) -> tuple[str, ...]:
+    """The probability outputs a neural model of ``spec`` is scored, exported and served with:
+    :func:`mtrank.data.funnel.stage_output_names` on a staged funnel, ``p_ctr``, ``p_cvr``,
+    ``p_ctcvr`` on a click → conversion funnel, else ``p_<task>`` per plain task."""
+    if spec.stages:
+        return tuple(stage_output_names(spec.stages))
+    return PROBS if spec.funnel else tuple(f"p_{t}" for t in spec.task_names)
 
 
 class Scorer(Protocol):
@@ -75,7 +86,7 @@ class TorchScorer:
     def __init__(self, model: nn.Module, spec: FeatureSpec, batch_size: int = 8192) -> None:
         self.model = model
         self.batch_size = batch_size
-        self.outputs = PROBS if spec.funnel else tuple(f"p_{t}" for t in spec.task_names)
+        self.outputs = probability_outputs(spec)
 
     def __call__(
         self, categorical: np.ndarray, numerical: np.ndarray, *extra: np.ndarray
@@ -131,6 +142,26 @@ class TorchCodec:
     def scorer(model: nn.Module, spec: FeatureSpec) -> Scorer:
         """The model as a :class:`Scorer` (:class:`TorchScorer`)."""
         return TorchScorer(model, spec)
+
+
+def sampling_rate(meta: dict, path: Path) -> float | None:
+    """The negative-sampling rate r a bundle's model was trained at (``meta.negative_sampling
+    .rate``), or None: its pCTR / pCTCVR are served corrected for it
+    (:mod:`mtrank.models.calibration`).
+
+    Raises:
+        BundleError: a recorded rate that is not a number in (0, 1].
+    """
+    ns = meta.get("negative_sampling") if isinstance(meta, dict) else None
+    if ns is None:
+        return None
+    rate = ns.get("rate") if isinstance(ns, dict) else ns
+    if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0 < rate <= 1:
+        raise BundleError(
+            f"bundle {path}: config.json meta.negative_sampling.rate must be a sampling rate "
+            f"in (0, 1], got {rate!r}"
+        )
+    return float(rate)
 
 
 def codec(cfg: ModelConfig):
@@ -213,7 +244,7 @@ class Bundle:
             weights = codec(self.model_config)
             config["weights"] = weights.weights_file
             atomic_write_json(self.encoder.to_json(), staging / "encoders.json")
-            weights.save_weights(self.model, staging)
+            weights.save_weights(without_sampling_correction(self.model), staging)
             config["sha256"] = {
                 name: _sha256(staging / name) for name in ("encoders.json", weights.weights_file)
             }
@@ -303,9 +334,11 @@ class Bundle:
                 f"bundle {path}: encoders.json does not match the feature spec in config.json"
             )
         model = weights.load_weights(path, spec, model_cfg)  # read into host memory first
+        meta = config.get("meta", {})
+        model = with_sampling_correction(model, sampling_rate(meta, path))
         if isinstance(model, nn.Module):
             model.to(target)
-        return cls(model, encoder, schema, model_cfg, spec, config.get("meta", {}))
+        return cls(model, encoder, schema, model_cfg, spec, meta)
 
     @staticmethod
     def digest(path: str | Path) -> str:

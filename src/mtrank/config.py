@@ -169,6 +169,14 @@ class TrainingSection(TrainConfig):
     price_weight_cap: float = Field(
         3.0, gt=0, description="largest extra weight with weight_by_price"
     )
+    negative_sampling_rate: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="keep each unclicked training (and validation) impression with this "
+        "probability; the bundle stores the rate and corrects pCTR / pCTCVR "
+        "(mtrank.models.calibration); test rows stay unsampled",
+    )
     nproc: int = Field(1, ge=1, description="data-parallel processes (re-launches under torchrun)")
     checkpoint_dir: str | None = Field(
         None, description="checkpoint folder (null: <export.out>.ckpt)"

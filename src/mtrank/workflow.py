@@ -23,11 +23,19 @@ from mtrank.data.io import validate_frame
 from mtrank.data.schema import Schema
 from mtrank.data.simulate import SIMULATED_SCHEMA, SimConfig, simulate, write_simulated
 from mtrank.data.split import SplitConfig, split_data
-from mtrank.data.weights import mean_log_price, price_weights
+from mtrank.data.weights import (
+    combine,
+    evaluation_weights,
+    mean_log_price,
+    price_weights,
+    sample_negatives,
+)
 from mtrank.errors import ConfigError, SchemaError
 from mtrank.metrics.evaluate import CALIBRATION_BINS, calibration_curves, evaluate_outputs
 from mtrank.models import build_model
+from mtrank.models.calibration import with_sampling_correction
 from mtrank.models.config import FeatureSpec, ListInput, ModelConfig
+from mtrank.models.position import PositionTower, position_tower
 from mtrank.bundle import Bundle
 from mtrank.train.checkpoint import run_fingerprint
 from mtrank.train.device import resolve_device
@@ -110,9 +118,11 @@ def feature_spec(encoder: FeatureEncoder, schema: Schema) -> FeatureSpec:
     return FeatureSpec(
         cardinalities=encoder.cardinalities,
         n_numerical=len(encoder.numerical),
-        funnel=schema.is_funnel,
+        funnel=schema.is_funnel and not schema.is_staged,
         task_names=list(schema.tasks),
         lists=[ListInput(**e.input_fields(schema.categorical)) for e in encoder.lists],
+        stages=schema.stage_names,
+        parents=schema.stage_parents,
     )
 
 
@@ -144,9 +154,15 @@ def fit(
     on_epoch: Callable[[EpochLog], None] | None = None,
     min_count: int = 1,
     max_vocab: int | None = None,
+    negative_sampling_rate: float | None = None,
 ) -> FitOutput:
     """Fit encoders on train only, train the model with early stopping on val, and evaluate on
     val and test. Returns the bundle (not yet saved) and metrics per split.
+
+    With ``negative_sampling_rate`` r, the unclicked rows of train and val are kept with
+    probability r (:func:`mtrank.data.weights.sample_negatives`, seeded by the training seed)
+    before the encoders are fitted; test stays unsampled, and the model's pCTR / pCTCVR are
+    corrected for r (:mod:`mtrank.models.calibration`).
 
     ``checkpoint``, ``checkpoint_every`` and ``resume`` are passed to :meth:`Trainer.fit`;
     ``on_epoch`` (called with each epoch's log as it ends) to :class:`Trainer`.
@@ -161,6 +177,15 @@ def fit(
     """
     start = time.perf_counter()
     torch.manual_seed(train_cfg.seed)
+    if negative_sampling_rate is not None:
+        if not schema.is_funnel:
+            raise SchemaError("negative sampling needs a funnel schema (click/conversion)")
+        splits = {
+            k: sample_negatives(v, schema.click, negative_sampling_rate, train_cfg.seed)
+            if k in ("train", "val")
+            else v
+            for k, v in splits.items()
+        }
     encoder = FeatureEncoder.fit(
         splits["train"], schema, min_count=min_count, max_size=max_vocab, hash_buckets=hash_buckets
     )
@@ -186,6 +211,7 @@ def fit(
         resume=resume,
         start=start,
         on_epoch=on_epoch,
+        sampled_rate=negative_sampling_rate,
     )
 
 
@@ -204,16 +230,23 @@ def fit_encoded(
     evaluate: tuple[str, ...] | None = None,
     start: float | None = None,
     on_epoch: Callable[[EpochLog], None] | None = None,
+    sampled_rate: float | None = None,
 ) -> FitOutput:
     """The training step of :func:`fit` on already encoded splits (``train``, optional ``val``,
     ``test`` …): build the model, train it with early stopping on ``val`` (the rule in
     ``train_cfg.monitor``), evaluate the splits named in ``evaluate`` (default: every split but
     ``train``). :func:`fit` and the benchmark (:mod:`mtrank.benchmark`) both train through here.
+
+    A schema ``position`` trains a :class:`~mtrank.models.position.PositionTower` around the
+    model, dropped afterwards (the bundle's model is position-free; the learnt effects go to
+    ``meta["position"]``). Negatives sampled at rate r (the schema's ``negative_sampling``
+    times ``sampled_rate``, mtrank's own sampling in :func:`fit`) wrap the trained model in the
+    correction of :mod:`mtrank.models.calibration` before it is evaluated and bundled.
     """
     start = time.perf_counter() if start is None else start
     torch.manual_seed(train_cfg.seed)
     spec = feature_spec(encoder, schema)
-    model = build_model(spec, model_cfg)
+    model = position_tower(build_model(spec, model_cfg), encoded["train"].position)
     train, val = training_views(model, encoded["train"], encoded.get("val"), train_cfg.seed)
     trainer = Trainer(train_cfg, schema, quiet=quiet, on_epoch=on_epoch)
     fingerprint = None
@@ -234,6 +267,7 @@ def fit_encoded(
         resume=resume,
         fingerprint=fingerprint,
     )
+    model, log_meta = serving_model(model, schema, sampled_rate)
     names = [k for k in encoded if k != "train"] if evaluate is None else list(evaluate)
     metrics, curves = _evaluate(model, {k: encoded[k] for k in names if k in encoded}, schema)
     seconds = time.perf_counter() - start
@@ -246,7 +280,8 @@ def fit_encoded(
         "history": [asdict(h) for h in result.history],
         "metrics": metrics,
         "seconds": seconds,
-        **_calibration_meta(curves),
+        **log_meta,
+        **_calibration_meta(curves, schema),
     }
     bundle = Bundle(model, encoder, schema, model_cfg, spec, bundle_meta)
     return FitOutput(bundle, result, metrics, seconds)
@@ -282,6 +317,11 @@ def fit_stream(
     matmuls; up to 4 feeding a GPU). See :class:`mtrank.data.stream.ParquetStream`."""
     from mtrank.data.stream import ParquetStream, fit_encoder_streaming
 
+    if schema.position is not None:
+        raise ConfigError(
+            f"schema position {schema.position!r} (the position tower) is not available with "
+            "--stream yet; train in memory"
+        )
     start = time.perf_counter()
     torch.manual_seed(train_cfg.seed)
     encoder = fit_encoder_streaming(
@@ -323,6 +363,7 @@ def fit_stream(
     held = {"val": val} if val is not None else {}
     if test_paths:
         held["test"] = ParquetStream(test_paths, schema, encoder).load_all()
+    model, log_meta = serving_model(model, schema, None)
     metrics, curves = _evaluate(model, held, schema)
     seconds = time.perf_counter() - start
     bundle_meta = {
@@ -334,7 +375,8 @@ def fit_stream(
         "history": [asdict(h) for h in result.history],
         "metrics": metrics,
         "seconds": seconds,
-        **_calibration_meta(curves),
+        **log_meta,
+        **_calibration_meta(curves, schema),
     }
     return FitOutput(
         Bundle(model, encoder, schema, model_cfg, spec, bundle_meta), result, metrics, seconds
@@ -420,6 +462,11 @@ def run(
             raise ConfigError(
                 "training.weight_by_price (--weight-by-price) is not available with --stream yet"
             )
+        if t.negative_sampling_rate is not None:
+            raise ConfigError(
+                "training.negative_sampling_rate (--negative-sampling-rate) is not available "
+                "with --stream yet; sample the files and declare negative_sampling in the schema"
+            )
         schema = resolve_schema(d.schema_, d.dataset)
         if d.funnel_violations is not None:
             schema = schema.model_copy(update={"funnel_violations": d.funnel_violations})
@@ -454,6 +501,7 @@ def run(
             meta=run_meta,
             weight_by_price=t.weight_by_price,
             price_weight_cap=t.price_weight_cap,
+            negative_sampling_rate=t.negative_sampling_rate,
             **common,
         )
     res.bundle.meta["config"] = config.to_dict()
@@ -481,7 +529,7 @@ def _add_price_weights(
                 cap=cap,
                 mean_log=mean_log,
             )
-            encoded[name].weight = torch.from_numpy(w)
+            encoded[name].weight = torch.from_numpy(combine(encoded[name].weight, w))
     return {
         "kind": "price",
         "formula": "1 + min(log1p(price) / mean_log1p_price_converted, cap) on converted rows, "
@@ -506,10 +554,66 @@ def training_views(
 
 
 def evaluate_split(model: torch.nn.Module, data: EncodedData, schema: Schema) -> dict:
-    """All named metrics of ``model`` on one encoded split."""
+    """All named metrics of ``model`` on one encoded split (``*_weighted`` ones too when the
+    split has sample weights or sampled negatives, :func:`split_weights`)."""
     out = predict(model, data)
     labels = {k: v.cpu().numpy() for k, v in data.labels.items()}
-    return evaluate_outputs(out, labels, schema, data.side)
+    return evaluate_outputs(out, labels, schema, data.side, split_weights(data, schema))
+
+
+def split_weights(data: EncodedData, schema: Schema):
+    """Evaluation weights ``[N]`` of a split: its weight column, times 1/r on unclicked rows
+    when the schema declares negatives kept at rate r (:func:`evaluation_weights`); or None."""
+    weight = None if data.weight is None else data.weight.cpu().numpy()
+    click = data.labels["click"].cpu().numpy() if "click" in data.labels else None
+    if click is None:
+        return weight
+    return evaluation_weights(schema, click, weight)
+
+
+def serving_model(
+    model: torch.nn.Module, schema: Schema, sampled_rate: float | None
+) -> tuple[torch.nn.Module, dict]:
+    """The trained model as it is evaluated and bundled, and what the bundle records of it:
+    a position tower is dropped (its learnt effects go to ``position``), and negatives sampled
+    at rate r (declared by the schema, times mtrank's own ``sampled_rate``) wrap the model in
+    the pCTR / pCTCVR correction (``negative_sampling``)."""
+    meta: dict = {}
+    if isinstance(model, PositionTower):
+        meta["position"] = {
+            "column": schema.position,
+            "reference": model.reference,
+            "effects": model.effects(),
+            "meaning": "learnt shift of the CTR logit at each position against the reference "
+            "position; the bundle scores as if at the reference position",
+        }
+        model = model.model
+    declared = None if schema.negative_sampling is None else schema.negative_sampling.rate
+    if declared is not None or sampled_rate is not None:
+        rate = (declared or 1.0) * (sampled_rate or 1.0)
+        meta["negative_sampling"] = {
+            "rate": rate,
+            "declared": declared,
+            "sampled_by_mtrank": sampled_rate,
+            "correction": "p = q·r / (q·r + 1 − q) on pCTR, pCTCVR scaled alike "
+            "(He et al., ADKDD 2014, §6.3)",
+            "evaluated_on": _evaluated_rows(schema),
+        }
+        model = with_sampling_correction(model, rate)
+    return model, meta
+
+
+def _evaluated_rows(schema: Schema) -> str:
+    """Which rows the val/test metrics of a run come from (they share the train file's
+    sampling when the schema declares one)."""
+    ns = schema.negative_sampling
+    if ns is None or ns.rate >= 1.0:
+        return "unsampled rows"
+    return (
+        f"rows whose negatives were kept at rate {ns.rate:g} (declared by the schema): the "
+        "plain metrics are on the sampled rows; the *_weighted ones weight unclicked rows by "
+        f"1/{ns.rate:g} to estimate the unsampled log"
+    )
 
 
 def _evaluate(
@@ -521,16 +625,26 @@ def _evaluate(
     for name, data in splits.items():
         out = predict(model, data)
         labels = {k: v.cpu().numpy() for k, v in data.labels.items()}
-        metrics[name] = evaluate_outputs(out, labels, schema, data.side)
+        metrics[name] = evaluate_outputs(
+            out, labels, schema, data.side, split_weights(data, schema)
+        )
         if name == "test":
             curves = calibration_curves(out, labels, schema)
     return metrics, curves
 
 
-def _calibration_meta(curves: dict) -> dict:
-    """The bundle's record of the test split's calibration, which the report draws."""
+def _calibration_meta(curves: dict, schema: Schema) -> dict:
+    """The bundle's record of the test split's calibration, which the report draws, and which
+    rows it comes from."""
     return (
-        {"calibration": {"split": "test", "bins": CALIBRATION_BINS, "tasks": curves}}
+        {
+            "calibration": {
+                "split": "test",
+                "rows": _evaluated_rows(schema),
+                "bins": CALIBRATION_BINS,
+                "tasks": curves,
+            }
+        }
         if curves
         else {}
     )

@@ -70,8 +70,11 @@ ConfigOpt = Annotated[
 SUMMARY = metric_names("cli")
 
 
-def _metric_table(title: str, rows: dict[str, dict], keys: list[str] | None = None) -> Table:
-    keys = keys or [k for k in SUMMARY if any(k in r for r in rows.values())]
+def _metric_table(
+    title: str, rows: dict[str, dict], keys: list[str] | None = None, stages: list[str] = ()
+) -> Table:
+    shown = metric_names("cli", stages) if stages else SUMMARY
+    keys = keys or [k for k in shown if any(k in r for r in rows.values())]
     if not keys:  # plain multi-task data (e.g. census): auc_<task>, logloss_<task>
         keys = [k for k in next(iter(rows.values()), {}) if k.startswith(("auc_", "logloss_"))]
     table = Table(title=title)
@@ -81,6 +84,12 @@ def _metric_table(title: str, rows: dict[str, dict], keys: list[str] | None = No
     for name, r in rows.items():
         table.add_row(name, *[_fmt(r.get(k)) for k in keys])
     return table
+
+
+def _print_warnings(metrics: dict) -> None:
+    """Print the ``warnings`` of a metrics dict (e.g. a constant label) on stderr, in yellow."""
+    for line in dict.fromkeys(w for m in metrics.values() for w in m.get("warnings") or ()):
+        err.print(f"[yellow]warning: {line}[/yellow]")
 
 
 def _tower(text: str) -> list[int]:

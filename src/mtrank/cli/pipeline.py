@@ -28,6 +28,7 @@ from mtrank.cli.common import (
     SchemaOpt,
     _check_choice,
     _fmt,
+    _print_warnings,
     _metric_table,
     _on_command_line,
     _str,
@@ -249,6 +250,14 @@ def train(
     price_weight_cap: Annotated[
         float, typer.Option(help="largest extra weight with --weight-by-price")
     ] = 3.0,
+    negative_sampling_rate: Annotated[
+        float | None,
+        typer.Option(
+            "--negative-sampling-rate",
+            help="keep each unclicked train/val impression with this probability, in (0, 1]; "
+            "predictions are corrected for it (see docs/features.md)",
+        ),
+    ] = None,
     tensorboard: Annotated[
         Path | None,
         typer.Option(
@@ -351,6 +360,10 @@ def train(
             "resume": ("training.resume", resume),
             "weight_by_price": ("training.weight_by_price", weight_by_price),
             "price_weight_cap": ("training.price_weight_cap", price_weight_cap),
+            "negative_sampling_rate": (
+                "training.negative_sampling_rate",
+                negative_sampling_rate,
+            ),
             "tensorboard": ("evaluation.tensorboard", lambda: _str(tensorboard)),
             "out": ("export.out", lambda: str(out)),
             "overwrite": ("export.overwrite", overwrite),
@@ -420,8 +433,10 @@ def train_from_config(cfg: RunConfig, *, quiet: bool = False) -> None:
                 _metric_table(
                     f"{name} on {dataset} (best epoch {res.result.best_epoch})",
                     {f"{name} ({k})": v for k, v in res.metrics.items()},
+                    stages=res.bundle.schema.stage_names,
                 )
             )
+            _print_warnings(res.metrics)
             console.print(f"bundle written to {out}")
             if writer is not None:
                 console.print(f"TensorBoard events written to {writer.path}")
@@ -512,8 +527,9 @@ def _report_validation(loaded) -> None:
     for rep in loaded.reports:
         if rep.dropped_rows:
             err.print(
-                f"[yellow]dropped {len(rep.dropped_rows)} funnel-violating row(s) (conversion "
-                f"without click) from {rep.source}; first rows: "
+                f"[yellow]dropped {len(rep.dropped_rows)} funnel-violating row(s) (a stage "
+                f"without its `after` stage, e.g. conversion without click) from {rep.source}; "
+                "first rows: "
                 f"{rep.dropped_rows[:10]}[/yellow]"
             )
 
@@ -573,8 +589,12 @@ def evaluate(
         )
     else:
         metrics = evaluate_split(b.model, b.encode(frame, with_labels=True), b.schema)
-        table = _metric_table(f"{bundle}", {b.model_config.name: metrics})
+        table = _metric_table(
+            f"{bundle}", {b.model_config.name: metrics}, stages=b.schema.stage_names
+        )
     console.print(table)
+    _print_log_notes(b)
+    _print_warnings({"": metrics})
     if out is not None:
         atomic_write_json(metrics, out)
         console.print(f"metrics written to {out}")
@@ -623,6 +643,7 @@ def predict(
     b = Bundle.load(bundle, device=device)
     table = read_table(data)
     frame = predictions_frame(b, table, str(data))
+    _warn_out_of_range(b, table, data)
     if spec is not None and "p_ctr" not in frame.columns:
         raise ConfigError(
             f"--fusion needs pCTR and pCVR; model {b.model_config.name!r} writes its own "
@@ -638,6 +659,47 @@ def predict(
             )
     atomic_write_parquet(frame, out)
     console.print(f"wrote {frame.height:,} predictions to {out}")
+
+
+def _print_log_notes(b: Bundle) -> None:
+    """What evaluate adds for a model trained on sampled negatives or with a position tower:
+    which rows the metrics are on, and the learnt position effects."""
+    ns = b.meta.get("negative_sampling")
+    if ns:
+        console.print(
+            f"negatives sampled at rate {ns['rate']:g} in training: pCTR and pCTCVR are "
+            f"corrected for it; metrics are on {ns.get('evaluated_on', 'unsampled rows')}"
+        )
+    pos = b.meta.get("position")
+    if pos:
+        table = Table(title=f"learnt position effect on the CTR logit ({pos['column']!r})")
+        table.add_column("position", justify="right")
+        table.add_column("effect", justify="right")
+        for k, v in pos["effects"].items():
+            table.add_row(k, f"{v:+.4f}")
+        console.print(table)
+        console.print(
+            f"scored position-free: as if at position {pos['reference']} (effect 0); serving "
+            "needs no position"
+        )
+
+
+def _warn_out_of_range(b: Bundle, table, source: Path) -> None:
+    """One warning per numerical column with values far outside the training range."""
+    for col, n in b.encoder.out_of_range_counts(table).items():
+        if not n:
+            continue
+        enc = next(e for e in b.encoder.numerical if e.column == col)
+        unit = (
+            f"; the model was trained with {col} in {b.schema.price_unit}"
+            if col == b.schema.price and b.schema.price_unit
+            else ""
+        )
+        err.print(
+            f"[yellow]warning: {source}: column {col!r}: {n:,} value(s) far outside the training "
+            f"range [{enc.low:.6g}, {enc.high:.6g}] (a unit mix-up?){unit}; they are scored as "
+            "given[/yellow]"
+        )
 
 
 def quickstart(

@@ -30,8 +30,10 @@ from mtrank.data.schema import Schema
 from mtrank.data.split import SplitConfig, split_data
 from mtrank.errors import ConfigError, DataError
 from mtrank.io_utils import atomic_write_bytes, atomic_write_json
-from mtrank.ranking.fusion import Single, save_fusion
+from mtrank.ranking.fusion import Single, ctr_only_fusions, save_fusion
 from mtrank.ranking.quadrants import (
+    ctr_axis_stats,
+    near_constant_axes,
     QUADRANT_NAMES,
     assign_quadrants,
     entity_stats,
@@ -133,6 +135,8 @@ def _load(
 def _attach_predictions(bundle: Bundle, frame: pl.DataFrame, source: str) -> pl.DataFrame:
     preds = predictions_frame(bundle, frame, source)
     missing = [c for c in PREDICTION_COLUMNS if c not in preds.columns]
+    if missing == ["p_cvr"] and not bundle.schema.is_funnel:  # CTR-only: pCTR, no fake pCVR
+        return frame.with_columns(preds.get_column("p_ctr"))
     if missing:
         if "score" in preds.columns:  # a ranker (LTR) with its own score: nothing to fuse
             raise ConfigError(
@@ -204,6 +208,9 @@ def quadrants(
     )
     _check_choice(threshold, ("mean", "median"), "--threshold")
     frame, _, sch, b, source = _load(dataset, data, schema, data_dir, bundle, split)
+    if not sch.is_funnel and sch.click is not None:
+        _ctr_axis(frame, sch, b, _columns(by) or _defaults(sch)["by"], threshold, source, out)
+        return
     if not sch.is_funnel:
         raise ConfigError(
             f"schema {sch.name!r} has no click → conversion funnel; quadrants need one"
@@ -241,11 +248,7 @@ def quadrants(
         stats, cut, out / "quadrants.png", f"{sch.name}: {' × '.join(by_cols)} (size ∝ impressions)"
     )
     doc = {
-        "dataset": sch.name,
-        "source": source,
-        "rows": frame.height,
-        "entity": by_cols,
-        "entities": stats.height,
+        **_doc_head(sch, source, frame, by_cols, stats),
         "value_column": value_col,
         "price_column": price_col,
         "threshold_method": threshold,
@@ -258,6 +261,7 @@ def quadrants(
         },
         "quadrants": table.to_dicts(),
         "notes": notes,
+        "warnings": near_constant_axes(stats),
     }
     atomic_write_json(doc, out / "quadrants.json")
     cols = [
@@ -278,7 +282,74 @@ def quadrants(
         console.print(f"  {q}: {QUADRANT_NAMES[q]}")
     for n in notes:
         err.print(f"[yellow]note: {n}[/yellow]")
+    for w in doc["warnings"]:
+        err.print(f"[yellow]warning: {w}[/yellow]")
     console.print(f"wrote {out}/quadrants.csv, entities.csv, quadrants.json, quadrants.png")
+
+
+def _doc_head(sch, source, frame, by_cols, stats) -> dict:
+    """The first keys of quadrants.json: dataset, source, rows, entity columns, entities."""
+    return {
+        "dataset": sch.name,
+        "source": source,
+        "rows": frame.height,
+        "entity": by_cols,
+        "entities": stats.height,
+    }
+
+
+CVR_AXIS_NOTE = (
+    "the CVR axis needs a conversion stage (declare `conversion`, or a funnel of ≥ 2 stages); "
+    "this data is CTR-only, so entities are split on the CTR axis alone"
+)
+
+
+def _ctr_axis(frame, sch, b, by_cols, threshold, source, out: Path) -> None:
+    """``mtrank quadrants`` on CTR-only data: the CTR axis (high / low), and a note that the
+    CVR axis needs a conversion stage."""
+    if not by_cols:
+        raise ConfigError(f"schema {sch.name!r} has no item id: give entity column(s) with --by")
+    stats, prior = ctr_axis_stats(frame, by_cols, click=sch.click, p_ctr="p_ctr" if b else None)
+    if threshold == "mean":
+        w = pl.col("impressions").cast(pl.Float64)
+        cut = float(stats.select((pl.col("ctr") * w).sum() / w.sum()).item())
+    else:
+        cut = float(stats.get_column("ctr").median())
+    stats = stats.with_columns(
+        pl.when(pl.col("ctr") > cut).then(pl.lit("high")).otherwise(pl.lit("low")).alias("axis")
+    )
+    table = (
+        stats.group_by("axis")
+        .agg(pl.len().alias("entities"), pl.col("impressions").sum(), pl.col("clicks").sum())
+        .with_columns((pl.col("clicks") / pl.col("impressions")).alias("ctr"))
+        .sort("axis")
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    _write_csv(stats, out / "entities.csv")
+    warnings = near_constant_axes(stats)
+    doc = {
+        **_doc_head(sch, source, frame, by_cols, stats),
+        "threshold_method": threshold,
+        "thresholds": {"ctr": cut, "cvr": None},
+        "smoothing": {"ctr": asdict(prior), "cvr": None},
+        "ctr_axis": table.to_dicts(),
+        "cvr_axis": None,
+        "notes": [CVR_AXIS_NOTE],
+        "warnings": warnings,
+    }
+    atomic_write_json(doc, out / "quadrants.json")
+    console.print(
+        _table(
+            f"{sch.name}: {stats.height:,} entities by {' × '.join(by_cols)}; CTR > {cut:.4f} "
+            "is high",
+            table,
+            table.columns,
+        )
+    )
+    err.print(f"[yellow]note: {CVR_AXIS_NOTE}[/yellow]")
+    for w in warnings:
+        err.print(f"[yellow]warning: {w}[/yellow]")
+    console.print(f"wrote {out}/entities.csv, quadrants.json")
 
 
 _replay_data = replay_from_frame
@@ -431,6 +502,12 @@ def fuse(
         if bundle is None:
             raise ConfigError("give --bundle (with --dataset or --data) or --predictions")
         frame, everything, sch, _, source = _load(dataset, data, schema, data_dir, bundle, split)
+    if not sch.is_funnel and sch.click is not None:
+        raise ConfigError(
+            f"schema {sch.name!r} is CTR-only (one funnel stage): fuse tunes for orders / GMV, "
+            f"which need a conversion stage; {ctr_only_fusions()}. Serve one of the former "
+            "with `mtrank serve --fusion FILE`"
+        )
     d = _defaults(sch)
     price_c = price_col or d["price"]
     value_c = value_col or d["value"]

@@ -15,6 +15,7 @@ import polars as pl
 import torch
 
 from mtrank.data.encoders import FeatureEncoder
+from mtrank.data.funnel import derived_labels
 from mtrank.data.schema import Schema
 
 
@@ -26,12 +27,15 @@ class Batch:
         categorical: int64 ``[B, n_cat]`` encoded ids (0 = missing, 1 = OOV).
         numerical: float32 ``[B, n_num]`` standardised values.
         labels: float32 ``[B]`` per label key: ``click``, ``conversion``, ``ctcvr`` (= click ·
-            conversion) for a funnel, else one per task name. Empty at serving time.
+            conversion) for a funnel, the keys of :func:`mtrank.data.funnel.derived_labels` for
+            a staged funnel, else one per task name. Empty at serving time.
         weight: optional float32 ``[B]`` sample weights.
         extra: the list/sequence feature tensors in schema order (per list feature ids int64
             ``[B, L]`` and, when weighted, weights float32 ``[B, L]``; per sequence ids ``[B,
             L]``; 0 = padding), passed to every model as ``model(categorical, numerical,
             *extra)`` (see docs/features.md).
+        position: optional int64 ``[B]`` logged positions (training only: the position tower of
+            :mod:`mtrank.models.position`).
     """
 
     categorical: torch.Tensor
@@ -39,6 +43,7 @@ class Batch:
     labels: dict[str, torch.Tensor] = field(default_factory=dict)
     weight: torch.Tensor | None = None
     extra: list[torch.Tensor] = field(default_factory=list)
+    position: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.categorical.shape[0])
@@ -51,6 +56,7 @@ class Batch:
             *self.labels.values(),
             *([] if self.weight is None else [self.weight]),
             *self.extra,
+            *([] if self.position is None else [self.position]),
         ]
 
     def map(self, fn) -> Batch:
@@ -61,6 +67,7 @@ class Batch:
             labels={k: fn(v) for k, v in self.labels.items()},
             weight=None if self.weight is None else fn(self.weight),
             extra=[fn(t) for t in self.extra],
+            position=None if self.position is None else fn(self.position),
         )
 
     def to(self, device: torch.device, *, non_blocking: bool = False) -> Batch:
@@ -94,7 +101,8 @@ class EncodedData:
     Attributes:
         categorical: int64 ``[N, n_cat]``; numerical: float32 ``[N, n_num]``.
         labels: float32 ``[N]`` per label key (see :class:`Batch`).
-        weight: optional float32 ``[N]``.
+        weight: optional float32 ``[N]`` (the schema's weight column; price weights).
+        position: optional int64 ``[N]`` (the schema's position column).
         side: numpy columns kept for evaluation and output (user id, request id, price,
             passthrough columns such as the simulator's ``true_cvr``), by schema column name.
         n_missing, n_oov: per-column counts of missing and out-of-vocabulary values (elements,
@@ -108,6 +116,7 @@ class EncodedData:
     labels: dict[str, torch.Tensor]
     weight: torch.Tensor | None = None
     side: dict[str, np.ndarray] = field(default_factory=dict)
+    position: torch.Tensor | None = None
     n_missing: dict[str, int] = field(default_factory=dict)
     n_oov: dict[str, int] = field(default_factory=dict)
     extra: list[torch.Tensor] = field(default_factory=list)
@@ -133,7 +142,9 @@ class EncodedData:
                 labels[key] = torch.from_numpy(
                     df.get_column(col).cast(pl.Float32).to_numpy().copy()
                 )
-            if schema.is_funnel:
+            if schema.is_staged:
+                labels.update(derived_labels(labels, schema.stage_names, schema.stage_parents))
+            elif schema.is_funnel:
                 labels["ctcvr"] = labels["click"] * labels["conversion"]
         side: dict[str, np.ndarray] = {}
         for col in [
@@ -145,10 +156,17 @@ class EncodedData:
         ]:
             if col is not None and col in df.columns and col not in side:
                 side[col] = df.get_column(col).to_numpy()
+        weight = position = None
+        if with_labels and schema.weight is not None and schema.weight in df.columns:
+            weight = torch.from_numpy(df.get_column(schema.weight).to_numpy().astype(np.float32))
+        if with_labels and schema.position is not None and schema.position in df.columns:
+            position = torch.from_numpy(df.get_column(schema.position).to_numpy().astype(np.int64))
         return cls(
             categorical=torch.from_numpy(feats.categorical),
             numerical=torch.from_numpy(feats.numerical),
             labels=labels,
+            weight=weight,
+            position=position,
             side=side,
             n_missing=feats.n_missing,
             n_oov=feats.n_oov,
@@ -164,6 +182,7 @@ class EncodedData:
             labels={k: v.index_select(0, index) for k, v in self.labels.items()},
             weight=None if self.weight is None else self.weight.index_select(0, index),
             extra=[t.index_select(0, index) for t in self.extra],
+            position=None if self.position is None else self.position.index_select(0, index),
         )
 
     def batches(
@@ -187,6 +206,7 @@ class EncodedData:
                     labels={k: v[start:stop] for k, v in self.labels.items()},
                     weight=None if self.weight is None else self.weight[start:stop],
                     extra=[t[start:stop] for t in self.extra],
+                    position=None if self.position is None else self.position[start:stop],
                 )
 
     def to(self, device: torch.device) -> EncodedData:
@@ -199,6 +219,7 @@ class EncodedData:
             numerical=self.numerical.to(device),
             labels={k: v.to(device) for k, v in self.labels.items()},
             weight=None if self.weight is None else self.weight.to(device),
+            position=None if self.position is None else self.position.to(device),
             side=self.side,
             n_missing=self.n_missing,
             n_oov=self.n_oov,
@@ -214,6 +235,7 @@ class EncodedData:
             *self.labels.values(),
             *([] if self.weight is None else [self.weight]),
             *self.extra,
+            *([] if self.position is None else [self.position]),
         ]
         return sum(t.element_size() * t.numel() for t in ts)
 
@@ -226,6 +248,7 @@ class EncodedData:
             numerical=self.numerical.index_select(0, index),
             labels={k: v.index_select(0, index) for k, v in self.labels.items()},
             weight=None if self.weight is None else self.weight.index_select(0, index),
+            position=None if self.position is None else self.position.index_select(0, index),
             side={k: v[idx] for k, v in self.side.items()},
             extra=[t.index_select(0, index) for t in self.extra],
         )
@@ -247,6 +270,7 @@ class EncodedData:
             numerical=torch.cat([p.numerical for p in parts]),
             labels={k: torch.cat([p.labels[k] for p in parts]) for k in first.labels},
             weight=None if first.weight is None else torch.cat([p.weight for p in parts]),
+            position=None if first.position is None else torch.cat([p.position for p in parts]),
             side={k: np.concatenate([p.side[k] for p in parts]) for k in first.side},
             n_missing={k: sum(p.n_missing.get(k, 0) for p in parts) for k in first.n_missing},
             n_oov={k: sum(p.n_oov.get(k, 0) for p in parts) for k in first.n_oov},

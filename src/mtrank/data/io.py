@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 
 from mtrank.data.lists import check_list_columns
+from mtrank.data.funnel import FunnelStage, stage_parents
 from mtrank.data.schema import Schema
 from mtrank.errors import ConfigError, DataError
 
@@ -31,6 +32,13 @@ class ValidationReport:
     rows_read: int
     funnel_violations: int = 0
     dropped_rows: list[int] = field(default_factory=list)
+
+
+def funnel_dependencies(schema: Schema) -> list[tuple[FunnelStage, FunnelStage]]:
+    """(stage, its ``after`` stage) for every declared funnel dependency (conversion after click
+    for the two-stage shorthand): a row with the stage's label 1 needs the other's 1 too."""
+    stages = schema.stages
+    return [(stages[i], stages[p]) for i, p in enumerate(stage_parents(stages)) if p >= 0]
 
 
 def read_table(
@@ -207,7 +215,9 @@ def validate_frame(
         df = df.with_row_index(ROW, offset=1)
     report = ValidationReport(source=source, rows_read=df.height)
     needed = [
-        c for c in schema.required_columns() if require_labels or c not in schema.label_columns
+        c
+        for c in schema.required_columns()
+        if require_labels or c not in schema.label_columns + schema.training_columns
     ]
     missing = [c for c in needed if c not in df.columns]
     if missing:
@@ -251,20 +261,26 @@ def validate_frame(
     if casts:
         df = df.with_columns(casts)
 
-    if schema.is_funnel and schema.click in df.columns and schema.conversion in df.columns:
-        violation = (pl.col(schema.click) == 0) & (pl.col(schema.conversion) == 1)
-        n, rows = _rows(df, violation)
-        report.funnel_violations = n
+    violation = None
+    for stage, after in funnel_dependencies(schema):
+        if stage.label not in df.columns or after.label not in df.columns:
+            continue
+        broken = (pl.col(after.label) == 0) & (pl.col(stage.label) == 1)
+        n, rows = _rows(df, broken)
         if n and schema.funnel_violations == "error":
             raise DataError(
-                f"{n} row(s) with {schema.conversion}=1 but {schema.click}=0 (a conversion "
-                "without a click breaks the funnel); fix the data or use the 'drop' policy "
-                "(--funnel-violations drop)",
+                f"{n} row(s) with {stage.label}=1 but {after.label}=0 (a {stage.stage} "
+                f"without a {after.stage} breaks the funnel); fix the data or use the 'drop' "
+                "policy (--funnel-violations drop)",
                 file=source,
-                column=schema.conversion,
+                column=stage.label,
                 rows=rows,
                 count=n,
             )
+        violation = broken if violation is None else violation | broken
+    if violation is not None:
+        n, _ = _rows(df, violation)
+        report.funnel_violations = n
         if n:
             report.dropped_rows = df.filter(violation).get_column(ROW).to_list()
             df = df.filter(~violation)
@@ -279,9 +295,11 @@ def validate_frame(
     if schema.lists or schema.sequences:
         check_list_columns(df, schema, source)
 
+    df = _check_training_columns(df, schema, source)
     for label in labels:
         if df.get_column(label).n_unique() < 2:
             continue  # a constant label cannot be leaked by a column
+        check_missingness_leak(df, schema, label, source)
         for feat in schema.feature_columns:
             # leakage: the label itself (as numbers or as text), or its complement 1 − label
             if df.get_column(feat).null_count():
@@ -301,6 +319,96 @@ def validate_frame(
                     column=feat,
                 )
     return df, report
+
+
+def _check_training_columns(df: pl.DataFrame, schema: Schema, source: str) -> pl.DataFrame:
+    """The weight column (a finite number ≥ 0 on every row, cast to Float64) and the position
+    column (an integer ≥ 0 on every row, cast to Int64), where present.
+
+    Raises:
+        DataError: naming the column and the rows of the first kind of bad value.
+    """
+    casts = []
+    if schema.weight is not None and schema.weight in df.columns:
+        col, value = schema.weight, _numeric(df, schema.weight)
+        _fail_on(
+            df,
+            value.is_null(),
+            source,
+            col,
+            lambda n, ex: (
+                f"{n} missing or non-numeric "
+                f"sample weight(s), e.g. {ex!r}; a weight must be a finite number ≥ 0"
+            ),
+        )
+        _fail_on(
+            df,
+            ~value.is_finite() | (value < 0),
+            source,
+            col,
+            lambda n, ex: (
+                f"{n} sample "
+                f"weight(s) that are negative or not finite, e.g. {ex!r}; a weight must be a "
+                "finite number ≥ 0"
+            ),
+        )
+        casts.append(value.alias(col))
+    if schema.position is not None and schema.position in df.columns:
+        col, value = schema.position, _numeric(df, schema.position)
+        bad = value.is_null() | ~value.is_finite() | (value < 0) | (value != value.floor())
+        _fail_on(
+            df,
+            bad,
+            source,
+            col,
+            lambda n, ex: f"{n} position value(s) that are not an integer ≥ 0, e.g. {ex!r}",
+        )
+        casts.append(value.cast(pl.Int64).alias(col))
+    return df.with_columns(casts) if casts else df
+
+
+MISSINGNESS_LEAK = 0.98  # share of a column's non-null (or null) cells on positive rows
+MISSINGNESS_MIN_ROWS = 20  # fewer such cells than this say nothing
+
+
+def check_missingness_leak(df: pl.DataFrame, schema: Schema, label: str, source: str) -> None:
+    """Leakage through missingness: a feature that is non-null (or null) almost only on rows
+    where ``label`` is 1 tells the model the label by its mere presence (a field filled in
+    after the click, such as a delivery date or a review score).
+
+    Flagged when at least :data:`MISSINGNESS_MIN_ROWS` cells are non-null (or null), at least
+    :data:`MISSINGNESS_LEAK` of them are on positive rows, and the label is positive on less
+    than half of all rows (so the share is far above the base rate). Vectorised: one pass per
+    column.
+
+    Raises:
+        DataError: naming the file and the column, with the share and the counts.
+    """
+    y = pl.col(label).cast(pl.Float64)
+    base = df.select(y.mean()).item()
+    if base is None or base >= 0.5:
+        return
+    for feat in schema.feature_columns:
+        miss = pl.col(feat).is_null()
+        if df.schema[feat].is_float():
+            miss = miss | pl.col(feat).is_nan()
+        elif df.schema[feat] == pl.String:
+            miss = miss | (pl.col(feat).str.strip_chars() == "")
+        row = df.select(n_null=miss.sum(), pos_null=(miss & (y > 0)).sum(), pos=(y > 0).sum()).row(
+            0, named=True
+        )
+        n_null, pos_null, n_pos = row["n_null"], row["pos_null"], row["pos"]
+        n_set, pos_set = df.height - n_null, n_pos - pos_null
+        for kind, n, on_pos in (("non-null", n_set, pos_set), ("null", n_null, pos_null)):
+            if n >= MISSINGNESS_MIN_ROWS and on_pos >= MISSINGNESS_LEAK * n:
+                raise DataError(
+                    f"feature column {feat!r} is {kind} almost only where label {label!r} is 1 "
+                    f"({on_pos} of its {n} {kind} cells, base rate {base:.1%}): that is label "
+                    "leakage through missingness (a field filled in after the event); remove it "
+                    "from the features",
+                    file=source,
+                    column=feat,
+                )
 
 
 # --- output paths ------------------------------------------------------------------------------

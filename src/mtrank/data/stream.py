@@ -22,11 +22,13 @@ import copy
 import glob
 import hashlib
 import json
+import math
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 import torch
@@ -34,7 +36,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from mtrank.data.batch import Batch, EncodedData
-from mtrank.data.encoders import FeatureEncoder, ListEncoder
+from mtrank.data.encoders import RANGE_QUANTILES, FeatureEncoder, ListEncoder
 from mtrank.data.lists import flatten
 from mtrank.data.hashing import HashedCategoricalEncoder, check_hash_columns
 from mtrank.data.io import ROW, read_table, validate_frame
@@ -229,7 +231,9 @@ class ParquetStream:
                 return EncodedData(
                     t.pop("categorical"),
                     t.pop("numerical"),
-                    {k.removeprefix("label."): v for k, v in t.items()},
+                    {k.removeprefix("label."): v for k, v in t.items() if k.startswith("label.")},
+                    weight=t.get("weight"),
+                    position=t.get("position"),
                     extra=extra,
                 )
             except (SafetensorError, OSError, KeyError):
@@ -237,15 +241,22 @@ class ParquetStream:
         data = EncodedData.from_frame(read_piece(piece, self.schema), self.schema, self.encoder)
         if not training:
             return data
-        data = EncodedData(
-            data.categorical, data.numerical, data.labels, extra=data.extra
-        )  # batches need no side columns
+        data = EncodedData(  # batches need no side columns
+            data.categorical,
+            data.numerical,
+            data.labels,
+            data.weight,
+            position=data.position,
+            extra=data.extra,
+        )
         if cached is not None:
             tensors = {
                 "categorical": data.categorical,
                 "numerical": data.numerical,
                 **{f"label.{k}": v for k, v in data.labels.items()},
                 **{f"extra.{i}": v for i, v in enumerate(data.extra)},
+                **({} if data.weight is None else {"weight": data.weight}),
+                **({} if data.position is None else {"position": data.position}),
             }
             atomic_write_safetensors(tensors, cached)
         return data
@@ -313,6 +324,7 @@ def fit_encoder_streaming(
 
     counts: dict[str, pl.DataFrame] = {}
     sums: dict[str, list[float]] = {c: [0.0, 0.0, 0.0] for c in schema.numerical}
+    ranges: dict[str, list[float]] = {c: [math.inf, -math.inf] for c in schema.numerical}
     check_hash_columns(hash_buckets, schema.categorical)
     hash_buckets = hash_buckets or {}
     counted = [c for c in schema.categorical if c not in hash_buckets]
@@ -333,6 +345,9 @@ def fit_encoder_streaming(
             x = df.get_column(c).cast(pl.Float64).fill_nan(None).drop_nulls()
             x = x.filter(x.is_finite())
             s = sums[c]
+            if x.len():  # per-piece quantiles, merged by min / max (see the encoder's range)
+                lo, hi = np.quantile(x.to_numpy(), RANGE_QUANTILES)
+                ranges[c] = [min(ranges[c][0], float(lo)), max(ranges[c][1], float(hi))]
             s[0] += x.len()
             s[1] += float(x.sum())
             s[2] += float((x * x).sum())
@@ -350,7 +365,8 @@ def fit_encoder_streaming(
         mean = s1 / n if n else 0.0
         var = max(s2 / n - mean * mean, 0.0) if n else 1.0
         std = var**0.5 if var > 1e-24 else 1.0
-        nums.append(NumericalEncoder(c, mean, std))
+        lo, hi = ranges[c]
+        nums.append(NumericalEncoder(c, mean, std, *((lo, hi) if lo <= hi else (None, None))))
     lists = [
         ListEncoder(
             f, CategoricalEncoder(f.column, _vocabulary(elements[f.column], min_count, max_size))

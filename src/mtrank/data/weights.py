@@ -1,4 +1,17 @@
-"""Sample weights from price, for GMV-oriented training (``mtrank train --weight-by-price``).
+"""Sample weights: the schema's weight column, price (GMV) weights, and sampled negatives.
+
+Every per-row weight of training and evaluation comes from here:
+
+* the schema's ``weight`` column (finite, ≥ 0; validated by :func:`mtrank.data.io.validate_frame`
+  and read into ``EncodedData.weight``) multiplies every task's per-row loss;
+* price weights (``mtrank train --weight-by-price``, below) multiply it;
+* negatives kept at rate r (the schema's ``negative_sampling``, or mtrank's own
+  :func:`sample_negatives`) are not re-weighted in training (the model learns the sampled click
+  odds and is corrected afterwards, :mod:`mtrank.models.calibration`); in evaluation on rows
+  that are themselves sampled, :func:`evaluation_weights` gives each unclicked row 1/r, so the
+  ``*_weighted`` metrics estimate those of the unsampled log.
+
+Price weights, for GMV-oriented training:
 
 A converted impression is worth its price, so the loss can lean toward valuable conversions:
 
@@ -15,7 +28,9 @@ in practice it re-weights the clicked-and-converted rows of the CTCVR and CTR lo
 from __future__ import annotations
 
 import numpy as np
+import polars as pl
 
+from mtrank.data.schema import Schema, check_sampling_rate
 from mtrank.errors import ConfigError, DataError
 
 
@@ -72,4 +87,44 @@ def price_weights(
     return np.where(c, 1.0 + extra, 1.0).astype(np.float32)
 
 
-__all__ = ["mean_log_price", "price_weights"]
+def combine(weight, extra: np.ndarray) -> np.ndarray:
+    """``weight · extra`` (float32 ``[N]``); ``extra`` alone when ``weight`` is None."""
+    extra = np.asarray(extra, dtype=np.float32)
+    return extra if weight is None else (np.asarray(weight, dtype=np.float32) * extra)
+
+
+def sample_negatives(df: pl.DataFrame, click: str, rate: float, seed: int) -> pl.DataFrame:
+    """Keep every clicked row and each unclicked row with probability ``rate`` (one seeded
+    Bernoulli draw per row, vectorised), in the original order.
+
+    Raises:
+        SchemaError: ``rate`` outside (0, 1].
+    """
+    rate = check_sampling_rate(rate, "training.negative_sampling_rate")
+    if rate >= 1.0 or df.height == 0:
+        return df
+    u = np.random.default_rng([seed, 52_711]).random(df.height)
+    keep = (df.get_column(click).to_numpy() > 0) | (u < rate)
+    return df.filter(pl.Series(keep))
+
+
+def evaluation_weights(schema: Schema, click, weight=None) -> np.ndarray | None:
+    """Per-row evaluation weights ``[N]`` float64: the weight column (``weight``, or 1) times
+    1/r on unclicked rows when the schema declares that the file's negatives were kept at rate r
+    (``negative_sampling``), so weighted metrics estimate the unsampled log's. None when there
+    is neither."""
+    ns = schema.negative_sampling
+    if ns is None or ns.rate >= 1.0:
+        return None if weight is None else np.asarray(weight, dtype=np.float64)
+    clicked = np.asarray(click).ravel() > 0
+    w = np.where(clicked, 1.0, 1.0 / ns.rate)
+    return w if weight is None else w * np.asarray(weight, dtype=np.float64)
+
+
+__all__ = [
+    "combine",
+    "evaluation_weights",
+    "mean_log_price",
+    "price_weights",
+    "sample_negatives",
+]

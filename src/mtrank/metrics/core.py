@@ -21,12 +21,19 @@ def _as_arrays(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return y, p
 
 
-def auc(y: np.ndarray, p: np.ndarray, weight: np.ndarray | None = None) -> float | None:
+def auc(
+    y: np.ndarray,
+    p: np.ndarray,
+    weight: np.ndarray | None = None,
+    sample_weight: np.ndarray | None = None,
+) -> float | None:
     """Area under the ROC curve.
 
     Args:
         y: 0/1 labels ``[N]``; p: scores ``[N]``; weight: optional 0/1 row mask ``[N]``
             selecting the evaluation space (e.g. clicked impressions for CVR).
+        sample_weight: optional weights ``[N]`` ≥ 0: each (positive, negative) pair counts
+            w_i·w_j (:func:`pair_auc`); None = every row weighs 1.
 
     Returns:
         The AUC in [0, 1], or None when the space holds a single class (undefined, not 0.5).
@@ -35,6 +42,11 @@ def auc(y: np.ndarray, p: np.ndarray, weight: np.ndarray | None = None) -> float
     if weight is not None:
         keep = np.asarray(weight).ravel() > 0
         y, p = y[keep], p[keep]
+        if sample_weight is not None:
+            sample_weight = np.asarray(sample_weight, dtype=np.float64).ravel()[keep]
+    if sample_weight is not None:
+        w = np.asarray(sample_weight, dtype=np.float64).ravel()
+        return pair_auc(p, w * y, w * (1.0 - y))
     n_pos = float(y.sum())
     n_neg = float(y.size - n_pos)
     if n_pos == 0 or n_neg == 0:
@@ -58,11 +70,20 @@ def soft_auc(t: np.ndarray, p: np.ndarray) -> float | None:
         The soft AUC in [0, 1], or None when no pair has positive weight.
     """
     t, p = _as_arrays(t, p)
+    return pair_auc(p, t, 1.0 - t, self_pairs=float((t * (1.0 - t)).sum()))
+
+
+def pair_auc(
+    p: np.ndarray, pos: np.ndarray, neg: np.ndarray, self_pairs: float = 0.0
+) -> float | None:
+    """Σ_{i,j} pos_i·neg_j·H(p_i − p_j) / Σ_{i,j} pos_i·neg_j (H(0) = ½), less the ``self_pairs``
+    weight of i = j: the AUC where row i counts as a positive with weight ``pos_i`` and as a
+    negative with weight ``neg_i`` (``[N]`` each, ≥ 0). Exact, O(N log N). None when no pair has
+    positive weight."""
     _, group = np.unique(p, return_inverse=True)  # groups in ascending score order
-    pos = np.bincount(group, weights=t)
-    neg = np.bincount(group, weights=1.0 - t)
+    pos = np.bincount(group, weights=pos)
+    neg = np.bincount(group, weights=neg)
     below = np.cumsum(neg) - neg
-    self_pairs = float((t * (1.0 - t)).sum())
     den = float(pos.sum() * neg.sum()) - self_pairs
     if den <= 0:
         return None
@@ -124,27 +145,43 @@ def gauc(
     return GroupAUC(value, both.height, skipped)
 
 
-def logloss(
-    y: np.ndarray, p: np.ndarray, weight: np.ndarray | None = None, eps: float = 1e-7
-) -> float | None:
-    """Mean binary cross-entropy of probabilities clipped to [eps, 1 − eps]; None on an empty
-    space."""
+def _space(
+    y: np.ndarray, p: np.ndarray, weight, sample_weight
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(labels, predictions, weights) of the rows the 0/1 mask ``weight`` keeps."""
     y, p = _as_arrays(y, p)
+    w = np.ones_like(y) if sample_weight is None else np.asarray(sample_weight, np.float64).ravel()
     if weight is not None:
         keep = np.asarray(weight).ravel() > 0
-        y, p = y[keep], p[keep]
-    if y.size == 0:
+        y, p, w = y[keep], p[keep], w[keep]
+    return y, p, w
+
+
+def logloss(
+    y: np.ndarray,
+    p: np.ndarray,
+    weight: np.ndarray | None = None,
+    eps: float = 1e-7,
+    sample_weight: np.ndarray | None = None,
+) -> float | None:
+    """Mean binary cross-entropy of probabilities clipped to [eps, 1 − eps] (weighted by
+    ``sample_weight`` ``[N]`` when given: Σ w·ll / Σ w); None on an empty space."""
+    y, p, w = _space(y, p, weight, sample_weight)
+    if y.size == 0 or w.sum() <= 0:
         return None
     p = np.clip(p, eps, 1 - eps)
-    return float(-(y * np.log(p) + (1 - y) * np.log1p(-p)).mean())
+    return float(-(w * (y * np.log(p) + (1 - y) * np.log1p(-p))).sum() / w.sum())
 
 
-def calibration(y: np.ndarray, p: np.ndarray, weight: np.ndarray | None = None) -> float | None:
-    """Calibration ratio Σp / Σy (1.0 = calibrated on average; > 1 over-predicts)."""
-    y, p = _as_arrays(y, p)
-    if weight is not None:
-        keep = np.asarray(weight).ravel() > 0
-        y, p = y[keep], p[keep]
-    if y.sum() == 0:
+def calibration(
+    y: np.ndarray,
+    p: np.ndarray,
+    weight: np.ndarray | None = None,
+    sample_weight: np.ndarray | None = None,
+) -> float | None:
+    """Calibration ratio Σp / Σy (1.0 = calibrated on average; > 1 over-predicts); Σw·p / Σw·y
+    with ``sample_weight`` ``[N]``."""
+    y, p, w = _space(y, p, weight, sample_weight)
+    if (w * y).sum() == 0:
         return None
-    return float(p.sum() / y.sum())
+    return float((w * p).sum() / (w * y).sum())

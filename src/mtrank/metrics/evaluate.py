@@ -15,7 +15,20 @@ Funnel datasets (ESMM paper §3.2 protocol):
   unclicked}``, ``bias_cvr_do_{all,clicked,unclicked}`` (mean pCVR − truth over those rows):
   the direct measures of sample selection bias.
 
+Staged funnels (:mod:`mtrank.data.funnel`), per stage ``s``: ``auc_s``, ``logloss_s``,
+``calib_s`` (``p_s`` on the rows that reached its ``after`` stage) and ``auc_s_all`` … (``p_s_all``
+on all impressions, ``gauc_s_all`` per user), with ``n_s_rows`` / ``n_s_positive`` (and the
+``_all`` pair) counting the rows covered and their positives; a funnel of ≥ 2 stages also gets
+the three metrics above through ``p_ctr`` / ``p_cvr`` / ``p_ctcvr``. A label constant on the
+rows its task covers is named in ``warnings`` (:func:`degenerate_label_warnings`).
+
 Plain multi-task datasets: ``auc_<task>``, ``logloss_<task>``, ``calib_<task>``.
+
+With sample weights ``[N]`` (the schema's weight column, or 1/r on the unclicked rows of a file
+whose negatives were kept at rate r), every ``auc_``, ``logloss_`` and ``calib_`` metric is also
+reported weighted, under its name plus :data:`~mtrank.metrics.summary.WEIGHTED`
+(``auc_ctr_weighted`` …): weighted AUC counts each (positive, negative) pair w_i·w_j; GAUC stays
+unweighted.
 
 Each evaluated task is declared once (:class:`EvalTask`, like TorchRec's ``RecTaskInfo``): its
 label, its prediction, the rows its metrics cover and which metrics; :func:`eval_tasks` gives a
@@ -30,6 +43,7 @@ import numpy as np
 
 from mtrank.data.schema import Schema
 from mtrank.metrics.core import auc, calibration, gauc, logloss, soft_auc
+from mtrank.metrics.summary import WEIGHTED
 
 
 @dataclass(frozen=True)
@@ -63,11 +77,52 @@ FUNNEL_TASKS = (
 )
 
 
+def stage_eval_tasks(stages: list[str], parents: list[int]) -> tuple[EvalTask, ...]:
+    """Per stage ``s`` of a staged funnel (:mod:`mtrank.data.funnel`): ``s`` (``p_s`` vs the
+    label on the rows that reached the ``after`` stage; every row for the first stage) and
+    ``s_all`` (``p_s_all`` vs "reached s" on all impressions, with GAUC)."""
+    out = []
+    for s, parent in zip(stages, parents, strict=True):
+        rows = None if parent < 0 else f"{stages[parent]}_all"
+        out.append(EvalTask(s, s, f"p_{s}", rows=rows, curve=s))
+        out.append(EvalTask(f"{s}_all", f"{s}_all", f"p_{s}_all", gauc=True, curve=f"{s} (all)"))
+    return tuple(out)
+
+
+FUNNEL_NAMES = frozenset(t.name for t in FUNNEL_TASKS)
+
+
 def eval_tasks(schema: Schema) -> tuple[EvalTask, ...]:
-    """The tasks evaluated on a schema's data: the funnel's three, or one per plain task."""
+    """The tasks evaluated on a schema's data: the funnel's three (a staged funnel of ≥ 2
+    stages keeps them, through its ``p_ctr`` / ``p_cvr`` / ``p_ctcvr``), then the stages' of
+    :func:`stage_eval_tasks`; or one per plain task."""
+    staged = stage_eval_tasks(schema.stage_names, schema.stage_parents)
     if schema.is_funnel:
-        return FUNNEL_TASKS
+        return FUNNEL_TASKS + staged
+    if staged:
+        return staged
     return tuple(EvalTask(t, t, f"p_{t}", curve=t) for t in schema.tasks)
+
+
+def degenerate_label_warnings(
+    labels: dict[str, np.ndarray], tasks: tuple[EvalTask, ...]
+) -> list[str]:
+    """One line per task whose label is constant on the rows it covers (its AUC is undefined
+    and a model learns nothing there, e.g. every row clicked in a log without impressions)."""
+    out = []
+    for t in tasks:
+        if t.label not in labels:
+            continue
+        y = np.asarray(labels[t.label])
+        if t.rows is not None:
+            y = y[np.asarray(labels[t.rows]) > 0]
+        if y.size and (y.min() == y.max()):
+            where = "every row" if t.rows is None else f"every row with {t.rows}=1"
+            out.append(
+                f"label {t.label!r} is {int(y[0])} on {where} ({y.size:,} rows): task "
+                f"{t.name!r} has nothing to learn or rank (AUC undefined)"
+            )
+    return out
 
 
 def evaluate_outputs(
@@ -75,6 +130,7 @@ def evaluate_outputs(
     labels: dict[str, np.ndarray],
     schema: Schema,
     side: dict[str, np.ndarray] | None = None,
+    weight: np.ndarray | None = None,
 ) -> dict[str, float | int | None]:
     """Compute every metric for one split.
 
@@ -83,17 +139,19 @@ def evaluate_outputs(
         labels: ``click``, ``conversion``, ``ctcvr`` (funnel) or task names, ``[N]`` 0/1.
         schema: the dataset schema (says which side columns are user ids and ground truth).
         side: side columns by name (user ids, ``true_cvr_do`` …), ``[N]`` each.
+        weight: optional sample weights ``[N]`` ≥ 0: the ``*_weighted`` metrics are added.
 
     Returns:
         A flat dict of named metrics; a metric that is undefined on this split is None.
     """
     side = side or {}
     m: dict[str, float | int | None] = {}
-    if schema.is_funnel:
-        click, ctcvr = labels["click"], labels["ctcvr"]
+    if schema.is_funnel or schema.is_staged:
+        click = labels["click"]
         m["n_impressions"] = int(click.size)
         m["n_clicks"] = int(click.sum())
-        m["n_conversions"] = int(ctcvr.sum())
+        if schema.is_funnel:
+            m["n_conversions"] = int(labels["ctcvr"].sum())
         tasks = eval_tasks(schema)
         for t in tasks:
             y, p, w = (
@@ -101,9 +159,16 @@ def evaluate_outputs(
                 outputs[t.prediction],
                 (None if t.rows is None else labels[t.rows]),
             )
+            if schema.is_staged and t.name not in FUNNEL_NAMES:
+                m[f"n_{t.name}_rows"] = int(y.size if w is None else (w > 0).sum())
+                m[f"n_{t.name}_positive"] = int(y.sum() if w is None else (y * (w > 0)).sum())
             m[f"auc_{t.name}"] = auc(y, p, w)
             m[f"logloss_{t.name}"] = logloss(y, p, w)
             m[f"calib_{t.name}"] = calibration(y, p, w)
+            m.update(weighted_metrics(t.name, y, p, w, weight))
+        warnings = degenerate_label_warnings(labels, tasks)
+        if warnings:
+            m["warnings"] = warnings  # type: ignore[assignment]
         if schema.user_id is not None and schema.user_id in side:
             for t in (t for t in tasks if t.gauc):
                 g = gauc(labels[t.label], outputs[t.prediction], side[schema.user_id])
@@ -119,8 +184,26 @@ def evaluate_outputs(
             m[f"auc_{t.name}"] = auc(y, p)
             m[f"logloss_{t.name}"] = logloss(y, p)
             m[f"calib_{t.name}"] = calibration(y, p)
+            m.update(weighted_metrics(t.name, y, p, None, weight))
         m["n_rows"] = int(next(iter(labels.values())).size) if labels else 0
+        warnings = degenerate_label_warnings(labels, eval_tasks(schema))
+        if warnings:
+            m["warnings"] = warnings  # type: ignore[assignment]
     return m
+
+
+def weighted_metrics(
+    name: str, y: np.ndarray, p: np.ndarray, rows: np.ndarray | None, weight: np.ndarray | None
+) -> dict[str, float | None]:
+    """``auc_``, ``logloss_``, ``calib_<name>`` + :data:`WEIGHTED` of one task over the 0/1
+    ``rows`` mask with sample weights ``weight`` ``[N]``; empty when ``weight`` is None."""
+    if weight is None:
+        return {}
+    return {
+        f"auc_{name}{WEIGHTED}": auc(y, p, rows, sample_weight=weight),
+        f"logloss_{name}{WEIGHTED}": logloss(y, p, rows, sample_weight=weight),
+        f"calib_{name}{WEIGHTED}": calibration(y, p, rows, sample_weight=weight),
+    }
 
 
 TRUTH_METRICS = [

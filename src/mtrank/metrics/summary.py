@@ -31,19 +31,44 @@ _METRICS = (
     ("bias_cvr_clicked_unclicked", "r"),
     ("bias_cvr_do_all", "br"),
     ("bias_cvr_do_unclicked", "br"),
+    # with sample weights (a schema weight column, or 1/r on the unclicked rows of a file whose
+    # negatives were sampled at rate r): the same metrics, each row weighted (WEIGHTED suffix)
+    ("auc_ctr_weighted", "cbr"),
+    ("auc_cvr_masked_weighted", "br"),
+    ("auc_ctcvr_weighted", "cbr"),
+    ("logloss_ctr_weighted", "cbr"),
+    ("logloss_cvr_masked_weighted", "br"),
+    ("logloss_ctcvr_weighted", "cbr"),
+    ("calib_ctr_weighted", "cr"),
+    ("calib_cvr_masked_weighted", "r"),
+    ("calib_ctcvr_weighted", "cr"),
+)
+WEIGHTED = "_weighted"  # suffix of a metric computed with sample weights
+# Per stage s of a staged funnel (mtrank.data.funnel; mtrank.metrics.evaluate.stage_eval_tasks),
+# shown after the fixed metrics above, stage by stage.
+_STAGE_METRICS = (
+    ("auc_{}", "cbr"),
+    ("auc_{}_all", "cbr"),
+    ("gauc_{}_all", "br"),
+    ("logloss_{}", "br"),
+    ("logloss_{}_all", "br"),
+    ("calib_{}", "r"),
+    ("calib_{}_all", "r"),
 )
 METRIC_NAMES: tuple[str, ...] = tuple(name for name, _ in _METRICS)
 VIEWS = {"cli": "c", "benchmark": "b", "report": "r"}
 
 
-def metric_names(view: str) -> list[str]:
-    """The metric names a view shows (``cli``, ``benchmark`` or ``report``), in display order.
+def metric_names(view: str, stages: tuple[str, ...] | list[str] = ()) -> list[str]:
+    """The metric names a view shows (``cli``, ``benchmark`` or ``report``), in display order,
+    followed by the per-stage metrics of a staged funnel's ``stages``.
 
     Raises:
         KeyError: an unknown view.
     """
     flag = VIEWS[view]
-    return [name for name, views in _METRICS if flag in views]
+    fixed = [name for name, views in _METRICS if flag in views]
+    return fixed + [p.format(s) for s in stages for p, views in _STAGE_METRICS if flag in views]
 
 
 def number(v) -> float | None:

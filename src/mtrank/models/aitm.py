@@ -15,6 +15,12 @@ behavioural expectation calibrator (§3.4, eq. 8) adds the penalty
 
 through the trainer's generic ``extra_loss`` hook, so pCTCVR ≤ pCTR is encouraged, not forced.
 pCVR is derived as ``clip(pCTCVR / pCTR, 0, 1)`` (with ``logit_cvr`` its logit).
+
+On a staged funnel (``spec.stages``) the transfer chains along the funnel's tree, as AITM's
+t-th task receives from task t − 1 (§3.3): stage s's tower mixes its own representation with
+what its ``after`` stage transfers, its head predicts the end-to-end ``p_<s>_all`` (trained
+against "reached s" over all impressions), ``p_<s>`` = clip(``p_<s>_all`` / ``p_<after>_all``,
+0, 1), and the calibrator penalises α · Σ_s mean(max(``p_<s>_all`` − ``p_<after>_all``, 0)).
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from mtrank.models.config import (
     require_funnel,
 )
 from mtrank.models.layers import MLP, FeatureEmbedding
+from mtrank.models.stages import funnel_aliases
 
 PROB_EPS = 1e-6
 
@@ -91,11 +98,16 @@ class AITM(nn.Module):
 
     def __init__(self, spec: FeatureSpec, cfg: ModelConfig) -> None:
         super().__init__()
-        require_funnel(spec, "AITM")
+        self.stages, self.parents = list(spec.stages), list(spec.parents)
+        if not self.stages:
+            require_funnel(spec, "AITM")
         self.options = parse_options(self.Options, cfg)
         self.calibrator_weight = self.options.calibrator_weight
         if self.calibrator_weight < 0:
             raise ConfigError(f"aitm: calibrator_weight must be ≥ 0, got {self.calibrator_weight}")
+        if self.stages:
+            self._build_stages(spec, cfg)
+            return
         self.embedding = FeatureEmbedding.from_spec(spec, cfg.embedding_dim)
         d_in = self.embedding.output_dim
         self.ctr_tower = MLP(d_in, cfg.tower, out=None, dropout=cfg.dropout)
@@ -106,12 +118,54 @@ class AITM(nn.Module):
         self.ctr_head = nn.Linear(d, 1)
         self.ctcvr_head = nn.Linear(d, 1)
 
+    def _build_stages(self, spec: FeatureSpec, cfg: ModelConfig) -> None:
+        """Per stage a tower and an end-to-end head; per later stage a transfer layer from its
+        ``after`` stage and an attention (AITM §3.3 along the funnel's tree)."""
+        self.tasks = [
+            TaskLoss(f"{s}_all", label=f"{s}_all", outputs=(f"logit_{s}_all",)) for s in self.stages
+        ]
+        self.embedding = FeatureEmbedding.from_spec(spec, cfg.embedding_dim)
+        d_in = self.embedding.output_dim
+        towers = {s: MLP(d_in, cfg.tower, out=None, dropout=cfg.dropout) for s in self.stages}
+        self.stage_towers = nn.ModuleDict(towers)
+        d = towers[self.stages[0]].output_dim
+        later = self.stages[1:]
+        self.stage_transfers = nn.ModuleDict(
+            {s: nn.Sequential(nn.Linear(d, d), nn.ReLU()) for s in later}
+        )
+        self.stage_attention = nn.ModuleDict({s: AttentionTransfer(d) for s in later})
+        self.stage_heads = nn.ModuleDict({s: nn.Linear(d, 1) for s in self.stages})
+
+    def _forward_stages(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Staged outputs ``[B]`` from the embedded input ``x`` ``[B, d_in]``."""
+        out: dict[str, torch.Tensor] = {}
+        reps: list[torch.Tensor] = []
+        for i, s in enumerate(self.stages):
+            q = self.stage_towers[s](x)
+            parent = self.parents[i]
+            if parent >= 0:
+                q, w = self.stage_attention[s](self.stage_transfers[s](reps[parent]), q)
+                out[f"transfer_weight_{s}"] = w[:, 0]
+            reps.append(q)
+            logit_all = self.stage_heads[s](q).squeeze(-1)
+            p_all = torch.sigmoid(logit_all)
+            out[f"logit_{s}_all"], out[f"p_{s}_all"] = logit_all, p_all
+            if parent < 0:
+                out[f"p_{s}"], out[f"logit_{s}"] = p_all, logit_all
+            else:
+                out[f"p_{s}"], out[f"logit_{s}"] = derived_cvr(
+                    out[f"p_{self.stages[parent]}_all"], p_all
+                )
+        return funnel_aliases(out, self.stages, self.parents)
+
     def forward(
         self, categorical: torch.Tensor, numerical: torch.Tensor, *extra: torch.Tensor
     ) -> dict[str, torch.Tensor]:
         """Named outputs ``[B]`` (see the class docstring) from ids ``[B, n_cat]`` and numbers
         ``[B, n_num]``."""
         x = self.embedding(categorical, numerical, *extra)
+        if self.stages:
+            return self._forward_stages(x)
         q_ctr = self.ctr_tower(x)
         z, w = self.attention(self.transfer(q_ctr), self.cvr_tower(x))
         logit_ctr = self.ctr_head(q_ctr).squeeze(-1)
@@ -130,5 +184,12 @@ class AITM(nn.Module):
 
     def extra_loss(self, outputs: dict[str, torch.Tensor], batch: Batch) -> torch.Tensor:
         """Behavioural expectation calibrator (AITM eq. 8): α · mean(max(pCTCVR − pCTR, 0)),
-        scalar."""
+        scalar; on a staged funnel summed over the stages after the first."""
+        if self.stages:
+            gaps = [
+                torch.relu(outputs[f"p_{s}_all"] - outputs[f"p_{self.stages[p]}_all"]).mean()
+                for s, p in zip(self.stages, self.parents, strict=True)
+                if p >= 0
+            ]
+            return self.calibrator_weight * sum(gaps, outputs[f"p_{self.stages[0]}"].new_zeros(()))
         return self.calibrator_weight * torch.relu(outputs["p_ctcvr"] - outputs["p_ctr"]).mean()

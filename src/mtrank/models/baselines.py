@@ -109,6 +109,7 @@ def take_rows(
         numerical=data.numerical.index_select(0, index),
         labels=labels,
         weight=None if data.weight is None else data.weight.index_select(0, index),
+        position=None if data.position is None else data.position.index_select(0, index),
         side={k: v[idx_np] for k, v in data.side.items()},
         extra=[t.index_select(0, index) for t in data.extra],
     )
@@ -121,6 +122,7 @@ def stack(parts: list[EncodedData]) -> EncodedData:
         numerical=torch.cat([p.numerical for p in parts]),
         labels={k: torch.cat([p.labels[k] for p in parts]) for k in parts[0].labels},
         weight=None if parts[0].weight is None else torch.cat([p.weight for p in parts]),
+        position=None if parts[0].position is None else torch.cat([p.position for p in parts]),
         side={},
         extra=[cat_padded([p.extra[i] for p in parts]) for i in range(len(parts[0].extra))],
     )
@@ -160,7 +162,13 @@ class ResampledCVR(Base):
                 cvr_space=data.labels["click"].clone(),
             )
             return EncodedData(
-                data.categorical, data.numerical, labels, data.weight, data.side, extra=data.extra
+                data.categorical,
+                data.numerical,
+                labels,
+                data.weight,
+                data.side,
+                position=data.position,
+                extra=data.extra,
             )
         everything = torch.arange(len(data))
         ctr_rows = take_rows(data, everything, {"ctr_space": 1.0, "cvr_space": 0.0})

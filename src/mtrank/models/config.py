@@ -39,12 +39,26 @@ class FeatureSpec(BaseModel):
     funnel: bool = True
     task_names: list[str] = Field(default_factory=list, description="plain (non-funnel) tasks")
     lists: list[ListInput] = Field(default_factory=list)
+    stages: list[str] = Field(
+        default_factory=list,
+        description="stage names of a staged funnel (mtrank.data.funnel), empty otherwise",
+    )
+    parents: list[int] = Field(
+        default_factory=list, description="index of each stage's `after` stage, -1: impression"
+    )
 
 
 def require_funnel(spec: FeatureSpec, model: str) -> None:
-    """Raise ConfigError unless the data has a click → conversion funnel (funnel models only)."""
+    """Raise ConfigError unless the data has the two-stage click → conversion funnel declared
+    with ``click`` / ``conversion`` (two-stage models only; N-stage models read ``stages``)."""
     from mtrank.errors import ConfigError
 
+    if spec.stages:
+        raise ConfigError(
+            f"{model} is a two-stage model (click → conversion) but the schema declares a "
+            f"{len(spec.stages)}-stage funnel {spec.stages}: use esmm, esmm_ns, shared_bottom, "
+            "mmoe, ple or aitm, or declare two stages with click/conversion"
+        )
     if not spec.funnel:
         raise ConfigError(f"{model} needs a funnel dataset (click and conversion labels)")
 

@@ -31,6 +31,7 @@ from torch import nn
 from mtrank.errors import ConfigError
 from mtrank.losses import TaskLoss
 from mtrank.models.config import FeatureSpec, ModelConfig, ModelOptions, parse_options
+from mtrank.models.stages import stage_outputs, stage_tasks
 from mtrank.models.layers import MLP, ExpertBank, FeatureEmbedding, Gate, head_names, task_outputs
 
 ESMM_TASKS = [
@@ -242,7 +243,10 @@ class MultiTaskModel(nn.Module):
 
     Shapes: forward(categorical int64 ``[B, n_cat]``, numerical float32 ``[B, n_num]``) → dict of
     ``[B]``: ``logit_ctr, logit_cvr, p_ctr, p_cvr, p_ctcvr`` for a funnel (pCTCVR = pCTR · pCVR),
-    ``logit_<task>, p_<task>`` for plain tasks.
+    ``logit_<task>, p_<task>`` for plain tasks, those of
+    :func:`~mtrank.models.stages.stage_outputs` on a staged funnel (one head per stage; the
+    entire-space models ``esmm_sb`` / ``esmm_mmoe`` train ESMM's loss per stage, the others
+    each stage on the rows that reached its ``after`` stage).
 
     Raises:
         ConfigError: an ``entire_space`` model on plain data, or a bad option.
@@ -261,14 +265,17 @@ class MultiTaskModel(nn.Module):
     def __init__(self, spec: FeatureSpec, cfg: ModelConfig) -> None:
         super().__init__()
         self.options = parse_options(self.Options, cfg)
-        if self.entire_space and not spec.funnel:
+        self.stages, self.parents = list(spec.stages), list(spec.parents)
+        if self.entire_space and not spec.funnel and not self.stages:
             raise ConfigError(
                 f"{cfg.name} is trained through pCTCVR and needs a funnel dataset (click and "
                 "conversion labels)"
             )
         self.funnel = spec.funnel
-        self.heads = head_names(spec.funnel, spec.task_names)
-        if spec.funnel:
+        self.heads = self.stages or head_names(spec.funnel, spec.task_names)
+        if self.stages:  # one head per stage, conditional on its `after` stage
+            self.tasks = stage_tasks(self.stages, self.parents, entire_space=self.entire_space)
+        elif spec.funnel:
             self.tasks = ESMM_TASKS if self.entire_space else CLICKED_SPACE_TASKS
         else:
             self.tasks = [TaskLoss(t, label=t, outputs=(f"logit_{t}",)) for t in self.heads]
@@ -307,6 +314,8 @@ class MultiTaskModel(nn.Module):
         ``[B, n_num]``."""
         reps = self.body(self.embedding(categorical, numerical, *extra))
         logits = {h: self.towers[h](r).squeeze(-1) for h, r in zip(self.heads, reps, strict=True)}
+        if self.stages:
+            return stage_outputs([logits[h] for h in self.heads], self.stages, self.parents)
         return task_outputs(logits, self.funnel)
 
     # --- introspection for the benchmark (gated bodies only) ---

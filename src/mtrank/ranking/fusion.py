@@ -95,6 +95,11 @@ class Fusion:
         """True when the score depends on the price (so a price column is required)."""
         return True
 
+    @property
+    def uses_cvr(self) -> bool:
+        """True when the score depends on pCVR (so a CTR-only model cannot be fused with it)."""
+        return True
+
     def fused(self, p_ctr, p_cvr, price=None, p_ctcvr=None) -> tuple[np.ndarray, np.ndarray]:
         """(score, log_score), float64 ``[N]``: the fused score in its own units and its natural
         log. For a log-space formula ``log_score`` is :meth:`score` and ``score`` its exp (which
@@ -168,6 +173,11 @@ class Multiplicative(Fusion):
     eps: float = 1.0
 
     @property
+    def uses_cvr(self) -> bool:
+        """True unless β = 0."""
+        return self.beta != 0.0
+
+    @property
     def uses_price(self) -> bool:
         """True unless γ = 0."""
         return self.gamma != 0.0
@@ -199,6 +209,11 @@ class OffsetMultiplicative(Fusion):
     b1: float = 0.0
     b2: float = 0.0
     b3: float = 1.0
+
+    @property
+    def uses_cvr(self) -> bool:
+        """True unless β = 0."""
+        return self.beta != 0.0
 
     @property
     def uses_price(self) -> bool:
@@ -236,6 +251,11 @@ class Linear(Fusion):
     m1: float = 1.0
     m2: float = 1.0
     m3: float = 1.0
+
+    @property
+    def uses_cvr(self) -> bool:
+        """True unless w2 = 0."""
+        return self.w2 != 0.0
 
     @property
     def uses_price(self) -> bool:
@@ -285,6 +305,11 @@ class Single(Fusion):
     def params(self) -> dict:
         """``{"which": "ctr" | "ctcvr"}``."""
         return {"which": self.which}
+
+    @property
+    def uses_cvr(self) -> bool:
+        """True unless ``which="ctr"``."""
+        return self.which != "ctr"
 
     @property
     def uses_price(self) -> bool:
@@ -501,3 +526,14 @@ __all__ = [
     "safe_scores",
     "save_fusion",
 ]
+
+
+def ctr_only_fusions() -> str:
+    """Which formulas apply to a CTR-only model (no pCVR), and which need pCVR: one message,
+    shared by ``mtrank fuse`` and the service."""
+    return (
+        "formulas that apply without pCVR: single (which=ctr), multiplicative and "
+        "offset_multiplicative with beta=0 (pCTR and price), linear with w2=0; formulas "
+        "that need pCVR (a conversion stage): ctcvr, expected_gmv, single (which=ctcvr), and "
+        "the others with beta / w2 ≠ 0"
+    )

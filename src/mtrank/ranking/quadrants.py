@@ -319,3 +319,57 @@ __all__ = [
     "quadrant_table",
     "thresholds",
 ]
+
+
+def near_constant_axes(stats: pl.DataFrame, *, rel: float = 0.01) -> list[str]:
+    """A warning per axis (``ctr`` weighted by impressions, ``cvr`` by clicks, when present)
+    whose raw rate hardly varies over the entities: its exposure-weighted standard
+    deviation is below ``rel`` × min(mean, 1 − mean) (e.g. every row clicked: CTR = 1
+    everywhere). Splitting such an axis into high and low says nothing."""
+    out = []
+    for rate, weight in (("ctr", "impressions"), ("cvr", "clicks")):
+        if f"{rate}_raw" not in stats.columns or stats.height == 0:
+            continue
+        r = stats.get_column(f"{rate}_raw").cast(pl.Float64).fill_null(np.nan).to_numpy()
+        w = stats.get_column(weight).to_numpy().astype(np.float64)
+        keep = np.isfinite(r) & (w > 0)
+        if not keep.any():
+            continue
+        r, w = r[keep], w[keep]
+        mean = float(np.average(r, weights=w))
+        sd = float(np.sqrt(np.average((r - mean) ** 2, weights=w)))
+        room = min(mean, 1.0 - mean)
+        if room <= 1e-6 or sd < rel * room:
+            out.append(
+                f"the {rate.upper()} axis is near-constant over the {stats.height:,} entities "
+                f"(mean {mean:.4f}, sd {sd:.2e}): its high/low split says nothing"
+            )
+    return out
+
+
+def ctr_axis_stats(
+    df: pl.DataFrame, by: list[str], *, click: str, p_ctr: str | None = None
+) -> tuple[pl.DataFrame, BetaPrior]:
+    """CTR-only data (a one-stage funnel): per entity ``impressions, clicks, ctr_raw, ctr``
+    (Beta-smoothed, as :func:`entity_stats`) and the mean ``p_ctr`` when given, and the prior.
+    The CVR axis is absent: it needs a conversion stage.
+
+    Raises:
+        ConfigError: no entity column. DataError: a named column is missing.
+    """
+    if not by:
+        raise ConfigError("give at least one entity column (--by)")
+    missing = [c for c in dict.fromkeys([*by, click, *([p_ctr] if p_ctr else [])]) if c not in df]
+    if missing:
+        raise DataError(f"missing column(s) {missing}; the table has {df.columns}")
+    aggs = [pl.len().alias("impressions"), pl.col(click).cast(pl.Int64).sum().alias("clicks")]
+    if p_ctr:
+        aggs.append(pl.col(p_ctr).mean().alias("p_ctr"))
+    stats = (
+        df.group_by(by).agg(aggs).sort(["impressions", *by], descending=[True] + [False] * len(by))
+    )
+    imp, clk = (stats.get_column(c).to_numpy() for c in ("impressions", "clicks"))
+    prior = BetaPrior.fit(clk, imp)
+    return stats.with_columns(
+        pl.Series("ctr_raw", clk / imp), pl.Series("ctr", prior.smooth(clk, imp))
+    ), prior

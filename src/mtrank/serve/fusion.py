@@ -31,7 +31,14 @@ import polars as pl
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from mtrank.errors import ConfigError
-from mtrank.ranking.fusion import FORMULAS, Fusion, load_fusion, make_fusion, usable_prices
+from mtrank.ranking.fusion import (
+    FORMULAS,
+    Fusion,
+    ctr_only_fusions,
+    load_fusion,
+    make_fusion,
+    usable_prices,
+)
 
 FormulaName = Literal[tuple(FORMULAS)]  # type: ignore[valid-type]
 
@@ -112,17 +119,21 @@ class FusionSpec(BaseModel):
 def fused_scores(
     fusion: Fusion,
     p_ctr: np.ndarray,
-    p_cvr: np.ndarray,
-    p_ctcvr: np.ndarray,
+    p_cvr: np.ndarray | None,
+    p_ctcvr: np.ndarray | None,
     price: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(score, log_score, rank key), float64 ``[N]`` (see :meth:`Fusion.fused`), with the
     serving price policy: a row whose price is invalid (negative, NaN, ±inf) is NaN in all three.
+    A formula that ignores pCVR (:attr:`Fusion.uses_cvr` false) never reads ``p_cvr`` /
+    ``p_ctcvr`` (None or NaN for a CTR-only model).
 
     Raises:
         ConfigError: the formula needs a price and none is given.
     """
     valid = None
+    if not fusion.uses_cvr:  # the score ignores pCVR (e.g. a CTR-only model's): never read it
+        p_cvr, p_ctcvr = np.ones(np.shape(p_ctr)), None
     if fusion.uses_price:
         if price is None:
             raise ConfigError(f"fusion {fusion.name!r} {fusion.params} needs a price column")
@@ -152,6 +163,14 @@ def fused_score_column(
                 f"{'the schema declares none' if price_column is None else f'the data has no column {price_column!r}'}"  # noqa: E501
             )
         price = table.get_column(price_column).cast(pl.Float64, strict=False).to_numpy()
-    p = {k: predictions.get_column(k).to_numpy() for k in ("p_ctr", "p_cvr", "p_ctcvr")}
+    if fusion.uses_cvr and "p_cvr" not in predictions.columns:
+        raise ConfigError(
+            f"fusion {fusion.name!r} {fusion.params} needs pCVR, which this model (CTR-only) "
+            f"does not predict; {ctr_only_fusions()}"
+        )
+    p = {
+        k: predictions.get_column(k).to_numpy() if k in predictions.columns else None
+        for k in ("p_ctr", "p_cvr", "p_ctcvr")
+    }
     score, _, _ = fused_scores(fusion, p["p_ctr"], p["p_cvr"], p["p_ctcvr"], price)
     return pl.Series("score", score).fill_nan(None)

@@ -29,7 +29,7 @@ from torch import nn
 
 from mtrank.errors import BundleError, MtrankError
 from mtrank.io_utils import atomic_write_bytes
-from mtrank.bundle import Bundle, codec
+from mtrank.bundle import Bundle, codec, probability_outputs
 
 OPSET = 18
 INPUTS = ("categorical", "numerical")
@@ -40,10 +40,9 @@ class ExportError(MtrankError):
 
 
 def output_names(bundle: Bundle) -> list[str]:
-    """Names of the probability outputs, in graph order: ``p_ctr, p_cvr, p_ctcvr`` for a funnel."""
-    if bundle.spec.funnel:
-        return ["p_ctr", "p_cvr", "p_ctcvr"]
-    return [f"p_{t}" for t in bundle.spec.task_names]
+    """Names of the probability outputs, in graph order: ``p_ctr, p_cvr, p_ctcvr`` for a funnel
+    (:func:`mtrank.bundle.probability_outputs`; per stage on a staged funnel)."""
+    return list(probability_outputs(bundle.spec))
 
 
 class _ProbabilityHead(nn.Module):

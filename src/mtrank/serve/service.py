@@ -46,6 +46,7 @@ import torch
 from pydantic import ValidationError
 
 from mtrank.bundle import Bundle
+from mtrank.data.encoders import EncodedFeatures
 from mtrank.errors import BundleError, ConfigError
 from mtrank.ranking.replay import rank_order
 from mtrank.serve.fusion import FusionSpec, fused_scores
@@ -91,6 +92,8 @@ class Scored:
         n_missing: per feature column, missing values (after the context fill).
         n_oov: per categorical column, values unseen in training (scored with index 1).
         timings_ms: wall time per stage (validate, encode, infer, fuse).
+        n_out_of_range: per numerical column, values far outside the training range
+            (:meth:`mtrank.data.encoders.NumericalEncoder.out_of_range`; scored as sent).
     """
 
     probs: dict[str, np.ndarray]
@@ -101,6 +104,7 @@ class Scored:
     n_oov: dict[str, int]
     fusion: FusionSpec
     timings_ms: dict[str, float] = field(default_factory=dict)
+    n_out_of_range: dict[str, int] = field(default_factory=dict)
 
     def order(self) -> np.ndarray:
         """Candidate indices best first (see :func:`mtrank.ranking.replay.rank_order`)."""
@@ -147,12 +151,16 @@ class RankingService:
             raise ConfigError(f"engine must be one of {list(ENGINES)}, got {engine!r}")
         self.bundle_path = Path(bundle_path)
         bundle = Bundle.load(bundle_path)
-        if not bundle.spec.funnel:
+        if not (bundle.spec.funnel or bundle.spec.stages):
             raise BundleError(
                 f"bundle {bundle_path}: the ranking service needs a funnel model (click → "
-                f"conversion); this one predicts {bundle.spec.task_names}"
+                f"conversion, or a staged funnel); this one predicts {bundle.spec.task_names}"
             )
         self.bundle = bundle
+        # every probability the model outputs is served (the stages' too); a one-stage
+        # (CTR-only) model has no pCVR / pCTCVR: they are null, and so is any fusion needing them
+        self.probs: tuple[str, ...] = tuple(dict.fromkeys([*PROBS, *bundle.scorer.outputs]))
+        self.ctr_only = "p_cvr" not in bundle.scorer.outputs and "score" not in self.probs
         self.digest = Bundle.digest(bundle_path)
         # a ranker with its own score (LTR) is served by that score: nothing to fuse
         self.own_score = "score" in bundle.scorer.outputs
@@ -163,7 +171,10 @@ class RankingService:
                 "pCTR/pCVR: a fusion does not apply; drop --fusion"
             )
         if not isinstance(fusion, FusionSpec):
-            fusion = FusionSpec() if fusion is None else FusionSpec.from_file(fusion)
+            default = (
+                FusionSpec(formula="single", params={"which": "ctr"}) if self.ctr_only else None
+            )
+            fusion = (default or FusionSpec()) if fusion is None else FusionSpec.from_file(fusion)
         self.fusion = fusion
         self.check_fusion(self.fusion)
         schema = self.bundle.schema
@@ -183,7 +194,14 @@ class RankingService:
 
     # -- setup ---------------------------------------------------------------------------------
     def check_fusion(self, spec: FusionSpec) -> None:
-        """Raises ConfigError when ``spec`` needs a price and the schema declares none."""
+        """Raises ConfigError when ``spec`` needs a price and the schema declares none, or
+        pCVR and the model is CTR-only."""
+        if self.ctr_only and spec.fusion.uses_cvr:
+            raise ConfigError(
+                f"fusion {spec.formula!r} {spec.params} needs pCVR, but the model is CTR-only "
+                "(a one-stage funnel); use single (which=ctr), or multiplicative / "
+                "offset_multiplicative with beta=0, or linear with w2=0"
+            )
         if spec.needs_price and self.bundle.schema.price is None:
             raise ConfigError(
                 f"fusion {spec.formula!r} {spec.params} needs a price, but schema "
@@ -216,7 +234,7 @@ class RankingService:
                         torch.from_numpy(num),
                         *(torch.from_numpy(t) for t in extra),
                     )
-                return {k: out[k].numpy() for k in PROBS}
+                return {k: out[k].numpy() for k in self.bundle.scorer.outputs}
 
             return run
         from mtrank.serve.onnx_export import OnnxScorer, to_onnx_bytes, verify_onnx
@@ -481,7 +499,9 @@ class RankingService:
             return None
         x = series.to_numpy()
         with np.errstate(invalid="ignore"):
-            nonfinite = ~np.isfinite(x) & ~series.is_null().to_numpy()
+            nonfinite = ~np.isfinite(x)
+            if series.null_count():  # a null is missing, not non-finite
+                nonfinite &= ~series.is_null().to_numpy()
             large = np.abs(x) > bound
             negative = (x < 0) if col == self.price else np.zeros(x.size, bool)
         if nonfinite.any() or large.any() or negative.any():
@@ -542,10 +562,29 @@ class RankingService:
                 raise RequestError([_error(["fusion"], str(exc))]) from None
         df = self.frame(context, candidates)
         t1 = time.perf_counter()
+        data = self.encode(df)
+        t2 = time.perf_counter()
+        raw = self._infer(data.categorical, data.numerical, *data.extra)
+        t3 = time.perf_counter()
+        scored = self.fuse(raw, df, data, spec)
+        t4 = time.perf_counter()
+        timings = {"validate": t1 - t0, "encode": t2 - t1, "infer": t3 - t2, "fuse": t4 - t3}
+        scored.timings_ms = {k: v * 1e3 for k, v in timings.items()}
+        return scored
+
+    def encode(self, df: pl.DataFrame) -> EncodedFeatures:
+        """The validated frame (:meth:`frame`) encoded by the bundle's training encoders:
+        categorical int64 ``[N, n_cat]``, numerical float32 ``[N, n_num]``, counts of missing
+        and OOV values.
+
+        Raises:
+            RequestError: a standardised numerical value overflows float32 (defensive: the
+                bounds of :meth:`frame` keep every value finite).
+        """
         with np.errstate(over="ignore", invalid="ignore"):
             data = self.bundle.encoder.transform(df)
         num = data.numerical
-        if not np.isfinite(num).all():  # defensive: the bounds above keep every value finite
+        if not np.isfinite(num).all():
             bad = [
                 c
                 for c, ok in zip(self.numerical, np.isfinite(num).all(axis=0), strict=True)
@@ -560,21 +599,28 @@ class RankingService:
                     for c in bad
                 ]
             )
-        t2 = time.perf_counter()
-        raw = self._infer(data.categorical, num, *data.extra)
-        t3 = time.perf_counter()
+        return data
+
+    def fuse(
+        self,
+        raw: dict[str, np.ndarray],
+        df: pl.DataFrame,
+        data: EncodedFeatures,
+        spec: FusionSpec,
+    ) -> Scored:
+        """The engine's outputs (``raw``: float32 ``[N]`` per name) fused by ``spec`` with the
+        frame's price; a ranker's own ``score`` is used as is."""
         if self.own_score:
             score = raw["score"].astype(np.float64)
             probs = {k: np.full(score.size, np.nan) for k in PROBS}
             log_score, key = np.full(score.size, np.nan), score
         else:
-            probs = {k: raw[k].astype(np.float64) for k in PROBS}
+            nan = np.full(len(df), np.nan)
+            probs = {k: raw[k].astype(np.float64) if k in raw else nan for k in self.probs}
             price = df.get_column(self.price).to_numpy() if self.price else None
             score, log_score, key = fused_scores(
                 spec.fusion, probs["p_ctr"], probs["p_cvr"], probs["p_ctcvr"], price
             )
-        t4 = time.perf_counter()
-        timings = {"validate": t1 - t0, "encode": t2 - t1, "infer": t3 - t2, "fuse": t4 - t3}
         n_missing = {c: data.n_missing.get(c, 0) for c in self.features if c in data.n_missing}
         n_oov = {c: data.n_oov.get(c, 0) for c in self.categorical}
         for f in self.list_features:  # elements of list/sequence features
@@ -587,7 +633,7 @@ class RankingService:
             n_missing,
             n_oov,
             spec,
-            {k: v * 1e3 for k, v in timings.items()},
+            n_out_of_range=self.bundle.encoder.out_of_range_counts(df),
         )
 
 

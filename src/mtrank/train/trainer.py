@@ -38,6 +38,7 @@ from mtrank.io_utils import recover_replaced_dir
 from mtrank.losses import TaskLoss, model_loss, task_loss_sum
 from mtrank.metrics.evaluate import evaluate_outputs
 from mtrank.models.layers import init_output_bias
+from mtrank.models.position import forward_kwargs
 from mtrank.train.checkpoint import check_fingerprint, load_checkpoint, save_checkpoint
 from mtrank.train.device import (
     autocast,
@@ -137,7 +138,9 @@ def predict(model: nn.Module, data: EncodedData, batch_size: int = 8192) -> dict
     chunks: dict[str, list[torch.Tensor]] = {}
     try:
         for batch in device_batches(data, batch_size, shuffle=False, device=module_device(model)):
-            out = model(batch.categorical, batch.numerical, *batch.extra)
+            out = model(
+                batch.categorical, batch.numerical, *batch.extra, **forward_kwargs(model, batch)
+            )
             for k, v in out.items():
                 chunks.setdefault(k, []).append(v.detach())
     finally:
@@ -159,7 +162,9 @@ def validation_loss(model: nn.Module, data: EncodedData, batch_size: int = 8192)
     sums = {t.name: [0.0, 0.0] for t in tasks}
     try:
         for batch in device_batches(data, batch_size, shuffle=False, device=module_device(model)):
-            out = model(batch.categorical, batch.numerical, *batch.extra)
+            out = model(
+                batch.categorical, batch.numerical, *batch.extra, **forward_kwargs(model, batch)
+            )
             for t in tasks:
                 n, d = task_loss_sum(t, out, batch)
                 sums[t.name][0] += n.double()
@@ -211,7 +216,11 @@ def label_rates(train: BatchSource, schema: Schema, rows: int = RATE_ROWS) -> di
         if float(den) > 0:
             rates[name] = float(num) / float(den)
 
-    if schema.is_funnel:
+    if schema.is_staged:  # each stage's rate among the rows that reached its `after` stage
+        for s, parent in zip(schema.stage_names, schema.stage_parents, strict=True):
+            reach = w if parent < 0 else w * batch.labels[f"{schema.stage_names[parent]}_all"]
+            put(s, (reach * batch.labels[s]).sum(), reach.sum())
+    elif schema.is_funnel:
         click = batch.labels["click"]
         put("ctr", (w * click).sum(), w.sum())
         put("cvr", (w * click * batch.labels["conversion"]).sum(), (w * click).sum())
@@ -469,7 +478,12 @@ class Trainer:
                     if i < skip:
                         continue
                     with autocast(device, amp_dtype):
-                        out = net(batch.categorical, batch.numerical, *batch.extra)
+                        out = net(
+                            batch.categorical,
+                            batch.numerical,
+                            *batch.extra,
+                            **forward_kwargs(model, batch),
+                        )
                     loss, _ = model_loss(model, out, batch, parts=False)  # float32, autocast off
                     for opt in optimizers:
                         opt.zero_grad(set_to_none=True)
