@@ -39,6 +39,16 @@ Run (about 10 minutes per repetition on 2 idle cores; ``--quick`` is a smoke tes
     PYTHONPATH=src python benchmarks/throughput.py --quick --out /tmp/tp
 
 Writes ``benchmarks/results/throughput.json`` and ``throughput.md`` (unless ``--out``).
+
+The list/sequence row (issue #13) runs on its own, ``--lists``: the same ESMM with 3 list
+features (``list<int64>``, Poisson mean length 10, max 20, mean pooling, 2,000-id vocabulary) and
+the user history ``hist_purchased`` (max length 50, DIN target attention over ``item_id``'s rows),
+``fit_stream`` from Parquet against a bare loop of the same model over pre-encoded tensors
+(``--reps`` interleaved), plus the peak RSS of streamed training at two sizes::
+
+    PYTHONPATH=src python benchmarks/throughput.py --lists --train-rows 200000 --reps 3
+
+writes ``throughput_lists.json`` and ``throughput_lists.md``.
 """
 
 from __future__ import annotations
@@ -88,12 +98,30 @@ def _train_step(model, opts, batch) -> None:
     """One optimisation step of the bare loop (the same loss and optimizers as the trainer)."""
     from mtrank.losses import model_loss  # lazy, like the other mtrank imports of the workers
 
-    loss, _ = model_loss(model, model(batch.categorical, batch.numerical), batch)
+    loss, _ = model_loss(model, model(batch.categorical, batch.numerical, *batch.extra), batch)
     for o in opts:
         o.zero_grad(set_to_none=True)
     loss.backward()
     for o in opts:
         o.step()
+
+
+def _bare_epoch(model, opts, train, seed: int, max_steps: int | None = None) -> tuple[int, float]:
+    """One shuffled epoch of :func:`_train_step` over pre-encoded tensors (at most ``max_steps``
+    batches). Returns (rows seen, seconds)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    limit = (max_steps or 10**12) * BATCH
+    model.train()
+    seen = 0
+    t0 = time.perf_counter()
+    for batch in train.batches(BATCH, shuffle=True, generator=gen):
+        _train_step(model, opts, batch)
+        seen += len(batch)
+        if seen >= limit:
+            break
+    return seen, time.perf_counter() - t0
 
 
 def run_worker(
@@ -313,17 +341,7 @@ def worker_bare(a: dict) -> dict:
     if tcfg.prior_output_bias:  # as Trainer.fit does before its first step
         init_output_bias(model, label_rates(train, S))
     opts = make_optimizers(model, tcfg)
-    gen = torch.Generator().manual_seed(a.get("seed", 0))
-    max_steps = a.get("max_steps") or 10**12
-    model.train()
-    seen = 0
-    t0 = time.perf_counter()
-    for batch in train.batches(BATCH, shuffle=True, generator=gen):
-        _train_step(model, opts, batch)
-        seen += len(batch)
-        if seen >= max_steps * BATCH:
-            break
-    sec = time.perf_counter() - t0
+    seen, sec = _bare_epoch(model, opts, train, a.get("seed", 0), a.get("max_steps"))
     return {
         "samples_per_second": round(seen / sec, 1),
         "train_seconds": round(sec, 2),
@@ -534,7 +552,233 @@ def worker_export(a: dict) -> dict:
     }
 
 
+# --------------------------------------------------------------------------- lists (issue #13)
+LIST_FEATURES = ("tags_a", "tags_b", "tags_c")
+
+
+def lists_schema():
+    """The simulator's schema plus 3 list features and the purchase history (target attention)."""
+    from mtrank.data.schema import Schema
+    from mtrank.data.simulate import SIMULATED_SCHEMA
+
+    doc = SIMULATED_SCHEMA.model_dump(mode="json")
+    doc["lists"] = [{"column": c, "max_len": 20, "pooling": "mean"} for c in LIST_FEATURES]
+    doc["sequences"] = [
+        {"column": "hist_purchased", "shares": "item_id", "max_len": 50, "pooling": "attention"}
+    ]
+    return Schema.model_validate(doc)
+
+
+def make_lists_data(workdir: Path, rows: int, part_rows: int, test_rows: int) -> dict:
+    """Simulated parts (small regime, ``history_len`` 50) with 3 list columns added: per row
+    Poisson(10) ids (at most 20) from a Zipf(1.1) vocabulary of 2,000. The last part is cut into
+    validation and test (``test_rows``) files. Reused when present."""
+    import numpy as np
+    import polars as pl
+
+    from mtrank.data.simulate import SimConfig, simulate_parts
+
+    cfg = SimConfig(rows=rows + part_rows, seed=0, history_len=50, **REGIMES["small"])
+    d = workdir / f"lists-{cfg.rows}-{part_rows}"
+    marker = d / "done.json"
+    if not marker.exists():
+        shutil.rmtree(d, ignore_errors=True)
+        d.mkdir(parents=True)
+        g = np.random.default_rng(1)
+        p = 1.0 / np.arange(1, 2001) ** 1.1
+        p /= p.sum()
+        frames = []
+        for k, part in enumerate(simulate_parts(cfg, part_rows)):
+            n = part.height
+            for c in LIST_FEATURES:
+                lengths = np.minimum(g.poisson(10.0, n), 20)
+                ids = g.choice(2000, size=int(lengths.sum()), p=p).astype(np.int64)
+                offsets = np.concatenate([[0], np.cumsum(lengths)])
+                import pyarrow as pa
+
+                arr = pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(ids))
+                part = part.with_columns(pl.Series(c, arr))
+            frames.append(part)
+            part.write_parquet(d / f"part-{k:05d}.parquet")
+        last = sorted(d.glob("part-*.parquet"))[-1]
+        tail = pl.read_parquet(last)
+        last.unlink()
+        tail.tail(test_rows).write_parquet(d / "test.parquet")
+        tail.head(tail.height - test_rows).write_parquet(d / "val.parquet")
+        marker.write_text(json.dumps({"config": cfg.model_dump()}))
+    return {
+        "parts": [str(p) for p in sorted(d.glob("part-*.parquet"))],
+        "val": str(d / "val.parquet"),
+        "test": str(d / "test.parquet"),
+    }
+
+
+def worker_lists_stream(a: dict) -> dict:
+    """fit_stream with the list/sequence schema (one epoch): the trainer's own samples/s."""
+    import torch
+
+    from mtrank.workflow import fit_stream
+
+    torch.set_num_threads(a["threads"])
+    mcfg, tcfg = _configs(a, False)
+    out = fit_stream(
+        [Path(p) for p in a["train"]],
+        lists_schema(),
+        mcfg,
+        tcfg,
+        val_paths=[Path(a["val"])],
+        test_paths=[Path(a["test"])] if a.get("test") else None,
+        quiet=True,
+    )
+    h = out.result.history[0]
+    return {
+        "samples_per_second": round(h.samples_per_second, 1),
+        "train_seconds": round(h.seconds, 2),
+        "rows": out.bundle.meta["rows"]["train"],
+        "test": _quality(out.metrics.get("test", {})),
+        "peak_rss_mib": round(peak_rss_mib(), 1),
+        "parameters": n_parameters(out.bundle.model),
+    }
+
+
+def worker_lists_bare(a: dict) -> dict:
+    """The same list/sequence model, loss and optimizer over pre-encoded tensors."""
+    import polars as pl
+    import torch
+
+    from mtrank.data.batch import EncodedData
+    from mtrank.data.encoders import FeatureEncoder
+    from mtrank.data.io import validate_frame
+    from mtrank.models import build_model
+    from mtrank.models.layers import init_output_bias
+    from mtrank.train.trainer import label_rates, make_optimizers
+    from mtrank.workflow import feature_spec
+
+    torch.set_num_threads(a["threads"])
+    schema = lists_schema()
+    df, _ = validate_frame(pl.concat([pl.read_parquet(p) for p in a["train"]]), schema, "train")
+    enc = FeatureEncoder.fit(df, schema)
+    train = EncodedData.from_frame(df, schema, enc)
+    mcfg, tcfg = _configs(a, False)
+    torch.manual_seed(a.get("seed", 0))
+    model = build_model(feature_spec(enc, schema), mcfg)
+    if tcfg.prior_output_bias:
+        init_output_bias(model, label_rates(train, schema))
+    opts = make_optimizers(model, tcfg)
+    seen, sec = _bare_epoch(model, opts, train, a.get("seed", 0))
+    lengths = {
+        c: round(float((t > 0).sum(1).float().mean()), 2)
+        for c, t in zip(enc.extra_names, train.extra, strict=True)
+    }
+    widths = {c: int(t.shape[1]) for c, t in zip(enc.extra_names, train.extra, strict=True)}
+    return {
+        "samples_per_second": round(seen / sec, 1),
+        "train_seconds": round(sec, 2),
+        "rows": seen,
+        "mean_elements": lengths,
+        "padded_width": widths,
+        "parameters": n_parameters(model),
+    }
+
+
+def lists_row(args, work: Path) -> None:
+    """The ``--lists`` run: interleaved bare / fit_stream repetitions, then streamed peak RSS at
+    1× and 3× the rows; writes throughput_lists.json / .md."""
+    import statistics
+
+    part = args.part_rows
+    total = 3 * args.train_rows
+    data = make_lists_data(work, total, part, args.test_rows)
+    n_train = max(1, args.train_rows // part)
+    base = {
+        "threads": args.threads,
+        "workdir": str(work),
+        "train": data["parts"][:n_train],
+        "val": data["val"],
+        "test": data["test"],
+    }
+    res: dict = {
+        "command": " ".join(["PYTHONPATH=src python", *sys.argv]),
+        "load_before": machine_load(),
+        "uptime_before": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),
+        "runs": {"bare": [], "stream": []},
+        "rss": [],
+    }
+    for r in range(args.reps):
+        for name in ("bare", "stream"):
+            res["runs"][name].append(
+                run_worker(f"lists_{name}", {**base, "seed": r, "tag": f"{name}-{r}"})
+            )
+    for k in (1, 3):
+        res["rss"].append(
+            {
+                "train_rows": k * n_train * part,
+                **run_worker(
+                    "lists_stream",
+                    {**base, "train": data["parts"][: k * n_train], "test": None, "tag": f"rss{k}"},
+                ),
+            }
+        )
+    res["load_after"] = machine_load()
+    res["uptime_after"] = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    sps = {
+        n: [x["samples_per_second"] for x in runs if "samples_per_second" in x]
+        for n, runs in res["runs"].items()
+    }
+    ratios = [s / b for s, b in zip(sps["stream"], sps["bare"], strict=False)]
+    res["median_samples_per_second"] = {n: statistics.median(v) for n, v in sps.items() if v}
+    res["ratio_stream_to_bare"] = {
+        "median": statistics.median(ratios) if ratios else None,
+        "per_rep": [round(x, 3) for x in ratios],
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "throughput_lists.json").write_text(json.dumps(res, indent=1))
+    bare0 = next((x for x in res["runs"]["bare"] if "mean_elements" in x), {})
+    lines = [
+        "# Training throughput with list and sequence features (issue #13)",
+        "",
+        f"Command: `{res['command']}`",
+        "",
+        f"Machine load: before `{res['uptime_before']}`; after `{res['uptime_after']}` (a shared "
+        f"2-core machine with other jobs running: absolute samples/s are not idle-machine "
+        f"figures; the ratio is from interleaved runs under the same load).",
+        "",
+        f"ESMM (embedding {EMB}, towers {'×'.join(map(str, TOWER))}, batch {BATCH}, one epoch, "
+        f"{args.threads} threads), 3 list features (mean pooling) and `hist_purchased` (target "
+        f"attention). Mean elements per row: {bare0.get('mean_elements')}; padded widths: "
+        f"{bare0.get('padded_width')}.",
+        "",
+        "| system | samples/s per rep | median |",
+        "|---|---|---:|",
+    ]
+    for n, label in (("bare", "bare loop, pre-encoded tensors"), ("stream", "mtrank fit_stream")):
+        lines.append(
+            f"| {label} | {', '.join(f'{x:,.0f}' for x in sps[n])} | "
+            f"{res['median_samples_per_second'].get(n, 0):,.0f} |"
+        )
+    med = res["ratio_stream_to_bare"]["median"]
+    lines += [
+        "",
+        f"fit_stream ÷ bare loop, per repetition: {res['ratio_stream_to_bare']['per_rep']}; "
+        f"median **{med:.2f}×** (goal ≥ 0.8×)."
+        if med
+        else "no ratio (a run failed)",
+        "",
+        "Peak RSS of streamed training (fresh process each):",
+        "",
+        "| train rows | peak RSS MiB |",
+        "|---:|---:|",
+        *[f"| {x['train_rows']:,} | {x.get('peak_rss_mib', x.get('error'))} |" for x in res["rss"]],
+        "",
+    ]
+    (out / "throughput_lists.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
 WORKERS = {
+    "lists_stream": worker_lists_stream,
+    "lists_bare": worker_lists_bare,
     "export": worker_export,
     "mtrank_stream": worker_mtrank_stream,
     "mtrank_stream_padded": worker_mtrank_stream_padded,
@@ -1316,6 +1560,8 @@ def main() -> None:
     ap.add_argument(
         "--only-data", action="store_true", help="generate (or reuse) the simulated files and stop"
     )
+    ap.add_argument("--lists", action="store_true", help="the list/sequence row only")
+    ap.add_argument("--part-rows", type=int, default=50_000, help="--lists: rows per Parquet part")
     ap.add_argument("--worker")
     ap.add_argument("--worker-args")
     ap.add_argument("--worker-out")
@@ -1339,6 +1585,9 @@ def main() -> None:
         return
     if args.merge:
         merge_runs([Path(d) for d in args.merge.split(",")], Path(args.out), args.note)
+        return
+    if args.lists:
+        lists_row(args, Path(args.workdir))
         return
     if args.quick:
         args.train_rows, args.test_rows, args.val_rows, args.rss_sizes, args.rss_train_rows = (

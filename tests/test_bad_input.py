@@ -22,10 +22,16 @@ import pytest
 import torch
 
 from mtrank.data.datasets import load_table
-from mtrank.data.encoders import MISSING, OOV, CategoricalEncoder, NumericalEncoder
+from mtrank.data.encoders import (
+    MISSING,
+    OOV,
+    CategoricalEncoder,
+    FeatureEncoder,
+    NumericalEncoder,
+)
 from mtrank.data.schema import Schema
 from mtrank.config import load_config
-from mtrank.errors import BundleError, ConfigError, DataError, SchemaError
+from mtrank.errors import BundleError, ConfigError, DataError, DataWarning, SchemaError
 from mtrank.losses import TaskLoss, binary_cross_entropy
 from mtrank.metrics import auc, gauc
 
@@ -701,6 +707,160 @@ CASES = [
             SCHEMA3, tiny_funnel3().with_columns(pl.col("is_click").alias("is_cart"))
         ).metrics["test"]["warnings"],
         lambda r: any("'cart' is 1 on every row with click_all=1" in w for w in r),
+    ),
+]
+
+# --- issue 13: list and sequence features ----------------------------------------------------
+LIST_SCHEMA = Schema(
+    click="click",
+    conversion="buy",
+    categorical=["item"],
+    numerical=["x"],
+    lists=[{"column": "tags", "sep": "|", "max_len": 3}],
+    sequences=[{"column": "hist", "shares": "item", "sep": "|", "max_len": 2}],
+)
+WEIGHTED = Schema(
+    click="click",
+    conversion="buy",
+    categorical=["item"],
+    numerical=["x"],
+    lists=[{"column": "tags", "sep": "|", "weighted": True}],
+)
+LIST_HEADER = "click,buy,item,x,tags,hist\n"
+
+
+def parquet(columns: dict, schema: Schema) -> Callable[[Path], object]:
+    def run(tmp: Path):
+        p = tmp / "data.parquet"
+        n = len(next(iter(columns.values())))
+        base = {"click": [1, 0, 0][:n], "buy": [0] * n, "item": ["a", "b", "c"][:n], "x": [1.0] * n}
+        pl.DataFrame({**base, **columns}).write_parquet(p)
+        return load_table(p, schema)
+
+    return run
+
+
+def warned(action: Callable[[Path], object]) -> Callable[[Path], object]:
+    """The action's DataWarning messages (it must not raise)."""
+
+    def run(tmp: Path):
+        import warnings
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            action(tmp)
+        return [str(w.message) for w in caught if issubclass(w.category, DataWarning)]
+
+    return run
+
+
+def truncated_encoding(tmp: Path):
+    from mtrank.data.batch import EncodedData
+
+    df, _ = csv(LIST_HEADER + "1,0,a,1,p|q,a|b|c\n0,0,b,1,,b\n", LIST_SCHEMA)(tmp)
+    enc = FeatureEncoder.fit(df, LIST_SCHEMA)
+    data = EncodedData.from_frame(df, LIST_SCHEMA, enc)
+    return data.extra[1].tolist(), data.n_truncated
+
+
+CASES += [
+    Case(
+        "13-list-element-of-the-wrong-type",
+        parquet({"tags": [[[1]], [[2, 3]], []], "hist": [["a"], [], []]}, LIST_SCHEMA),
+        Raises(DataError, "list elements must be ids (integers or strings), got List(Int64)"),
+    ),
+    Case(
+        "13-list-element-wrong-type-names-file-column-rows",
+        parquet({"tags": [[], [[2, 3]], []], "hist": [["a"], [], []]}, LIST_SCHEMA),
+        Raises(DataError, "column 'tags'; row 2]"),
+    ),
+    Case(
+        "13-weight-not-a-number",
+        csv("click,buy,item,x,tags\n1,0,a,1,p:0.5|q:x\n0,0,b,1,p:1\n", WEIGHTED),
+        Raises(DataError, "column 'tags'; row 1] 1 list element weight(s) missing, not a number"),
+    ),
+    Case(
+        "13-weight-negative",
+        csv("click,buy,item,x,tags\n1,0,a,1,p:0.5\n0,0,b,1,p:-1\n", WEIGHTED),
+        Raises(DataError, "row 2] 1 list element weight(s)"),
+    ),
+    Case(
+        "13-weight-missing",
+        csv("click,buy,item,x,tags\n1,0,a,1,p|q:1\n0,0,b,1,p:1\n", WEIGHTED),
+        Raises(DataError, "row 1] 1 list element weight(s) missing"),
+    ),
+    Case(
+        "13-separator-declared-but-absent",
+        csv(LIST_HEADER + '1,0,a,1,"p,q",a\n0,0,b,1,r,b\n', LIST_SCHEMA),
+        Raises(
+            DataError, "separator '|' declared but absent from every cell, while 1 cell(s) hold ','"
+        ),
+    ),
+    Case(
+        "13-text-list-without-separator",
+        csv(
+            LIST_HEADER + "1,0,a,1,p,a\n",
+            LIST_SCHEMA.model_copy(
+                update={"lists": [LIST_SCHEMA.lists[0].model_copy(update={"sep": None})]}
+            ),
+        ),
+        Raises(DataError, "declares no separator"),
+    ),
+    Case(
+        "13-nested-nulls-are-missing-elements-with-a-warning",
+        warned(
+            parquet({"tags": [["p", None], None, ["q"]], "hist": [["a"], [None], []]}, LIST_SCHEMA)
+        ),
+        lambda msgs: (
+            len(msgs) == 2
+            and "column 'tags'; row 1] 1 null or empty element(s)" in msgs[0]
+            and "column 'hist'; row 2] 1 null or empty element(s)" in msgs[1]
+        ),
+    ),
+    Case(
+        "13-sequence-longer-than-max-len-truncated-with-a-count",
+        warned(csv(LIST_HEADER + "1,0,a,1,p,a|b|c\n0,0,b,1,,b\n1,0,c,1,,a|b|c|d\n", LIST_SCHEMA)),
+        lambda msgs: (
+            msgs
+            == [
+                "[file {}; column 'hist'; rows 1, 3] 2 row(s) hold more than max_len=2 elements "
+                "(longest 4); kept the first 2".format(msgs[0].split(";")[0].removeprefix("[file "))
+            ]
+        ),
+    ),
+    Case(
+        "13-sequence-truncated-keeps-the-most-recent",
+        truncated_encoding,
+        lambda r: r == ([[2, 3], [3, 0]], {"tags": 0, "hist": 1}),
+    ),
+    Case(
+        "13-sequence-longer-than-max-len-error",
+        csv(
+            LIST_HEADER + "1,0,a,1,p,a|b|c\n",
+            LIST_SCHEMA.model_copy(
+                update={
+                    "sequences": [
+                        LIST_SCHEMA.sequences[0].model_copy(update={"on_overflow": "error"})
+                    ]
+                }
+            ),
+        ),
+        Raises(DataError, "column 'hist'; row 1] 1 row(s) hold more than max_len=2 elements"),
+    ),
+    Case(
+        "13-scalar-column-declared-as-list",
+        csv(
+            LIST_HEADER.replace("tags", "tags") + "1,0,a,1,1,a\n",
+            Schema(
+                click="click",
+                conversion="buy",
+                categorical=["item"],
+                numerical=["x"],
+                lists=[{"column": "tags"}],
+                sequences=[{"column": "hist", "shares": "item", "sep": "|"}],
+            ),
+        ),
+        Raises(DataError, "declared as a list but holds Int64 values"),
     ),
 ]
 

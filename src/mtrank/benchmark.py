@@ -428,6 +428,7 @@ def run_benchmark(
                     train.labels,
                     train.weight,
                     {**train.side, PROPENSITY_COLUMN: predict(ctr_model, train)["p_ctr"]},
+                    extra=train.extra,
                 )
                 log(f"sim {sim_seed} seed {seed}: shared CTR auc {shared_ctr[-1]['auc_ctr']:.4f}")
             for name in cfg.models:

@@ -65,13 +65,16 @@ def probability_outputs(spec: FeatureSpec) -> tuple[str, ...]:
 
 class Scorer(Protocol):
     """What predict and serve call: ``scorer(categorical int64 [N, n_cat], numerical float32
-    [N, n_num]) -> {name: float [N]}`` with the names in :attr:`outputs` (``p_ctr``,
+    [N, n_num], *extra) -> {name: float [N]}`` (``extra``: the list/sequence arrays ``[N, L]``,
+    see :class:`~mtrank.data.batch.Batch`) with the names in :attr:`outputs` (``p_ctr``,
     ``p_cvr``, ``p_ctcvr`` / ``p_<task>`` for a neural model; ``score`` for a ranker that has
     its own ranking score and no probabilities)."""
 
     outputs: tuple[str, ...]
 
-    def __call__(self, categorical: np.ndarray, numerical: np.ndarray) -> dict[str, np.ndarray]:
+    def __call__(
+        self, categorical: np.ndarray, numerical: np.ndarray, *extra: np.ndarray
+    ) -> dict[str, np.ndarray]:
         """Scores ``[N]`` per output name for encoded rows (see the class docstring)."""
         ...
 
@@ -85,13 +88,16 @@ class TorchScorer:
         self.batch_size = batch_size
         self.outputs = probability_outputs(spec)
 
-    def __call__(self, categorical: np.ndarray, numerical: np.ndarray) -> dict[str, np.ndarray]:
+    def __call__(
+        self, categorical: np.ndarray, numerical: np.ndarray, *extra: np.ndarray
+    ) -> dict[str, np.ndarray]:
         """``p_*`` float32 ``[N]`` for encoded rows (int64 ``[N, n_cat]``, float32 ``[N,
-        n_num]``)."""
+        n_num]``, list/sequence arrays ``[N, L]``)."""
         data = EncodedData(
             torch.from_numpy(np.ascontiguousarray(categorical)),
             torch.from_numpy(np.ascontiguousarray(numerical)),
             {},
+            extra=[torch.from_numpy(np.ascontiguousarray(t)) for t in extra],
         )
         out = predict(self.model, data, self.batch_size)
         return {k: v for k, v in out.items() if k.startswith("p_")}
@@ -322,6 +328,7 @@ class Bundle:
         if (
             encoder.cardinalities != spec.cardinalities
             or len(encoder.numerical) != spec.n_numerical
+            or [e.cardinality for e in encoder.lists] != [f.cardinality for f in spec.lists]
         ):
             raise BundleError(
                 f"bundle {path}: encoders.json does not match the feature spec in config.json"
@@ -368,7 +375,9 @@ class Bundle:
     def predict_arrays(self, data: EncodedData, batch_size: int = 8192) -> dict[str, np.ndarray]:
         """The scorer's outputs ``[N]`` for encoded data: probabilities ``p_*`` of a neural
         model, or ``score`` of a ranker (:attr:`Scorer.outputs`)."""
-        return self.scorer(data.categorical.numpy(), data.numerical.numpy())
+        return self.scorer(
+            data.categorical.numpy(), data.numerical.numpy(), *(t.numpy() for t in data.extra)
+        )
 
     def predict(self, frame, source: str = "<table>") -> pl.DataFrame:
         """Score a table, row for row in input order.

@@ -42,6 +42,11 @@ class DataError(MtrankError, ValueError):
         super().__init__(where + message)
 
 
+class DataWarning(UserWarning):
+    """Data used with a change the user should know of (rows truncated, null list elements),
+    worded like :class:`DataError` (file, column, rows)."""
+
+
 class SchemaError(MtrankError):
     """A dataset schema that cannot work (for example a label used as a feature).
 

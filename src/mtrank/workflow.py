@@ -39,7 +39,7 @@ from mtrank.errors import ConfigError, SchemaError
 from mtrank.metrics.evaluate import CALIBRATION_BINS, calibration_curves, evaluate_outputs
 from mtrank.models import build_model
 from mtrank.models.calibration import with_sampling_correction
-from mtrank.models.config import FeatureSpec, ModelConfig
+from mtrank.models.config import FeatureSpec, ListInput, ModelConfig
 from mtrank.models.position import PositionTower, position_tower
 from mtrank.bundle import Bundle
 from mtrank.train.checkpoint import run_fingerprint
@@ -126,6 +126,7 @@ def feature_spec(encoder: FeatureEncoder, schema: Schema) -> FeatureSpec:
         n_numerical=len(encoder.numerical),
         funnel=schema.is_funnel and not schema.is_staged,
         task_names=list(schema.tasks),
+        lists=[ListInput(**e.input_fields(schema.categorical)) for e in encoder.lists],
         stages=schema.stage_names,
         parents=schema.stage_parents,
     )
@@ -258,7 +259,7 @@ def fit_encoded(
     if checkpoint is not None:
         t = encoded["train"]
         fingerprint = run_fingerprint(
-            data=[t.categorical, t.numerical, *(t.labels[k] for k in sorted(t.labels))],
+            data=[t.categorical, t.numerical, *(t.labels[k] for k in sorted(t.labels)), *t.extra],
             schema=schema.model_dump(mode="json"),
             encoders=encoder.to_json(),
             model=[model_cfg.model_dump(mode="json"), spec.model_dump(mode="json")],

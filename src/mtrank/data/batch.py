@@ -30,6 +30,10 @@ class Batch:
             conversion) for a funnel, the keys of :func:`mtrank.data.funnel.derived_labels` for
             a staged funnel, else one per task name. Empty at serving time.
         weight: optional float32 ``[B]`` sample weights.
+        extra: the list/sequence feature tensors in schema order (per list feature ids int64
+            ``[B, L]`` and, when weighted, weights float32 ``[B, L]``; per sequence ids ``[B,
+            L]``; 0 = padding), passed to every model as ``model(categorical, numerical,
+            *extra)`` (see docs/features.md).
         position: optional int64 ``[B]`` logged positions (training only: the position tower of
             :mod:`mtrank.models.position`).
     """
@@ -38,6 +42,7 @@ class Batch:
     numerical: torch.Tensor
     labels: dict[str, torch.Tensor] = field(default_factory=dict)
     weight: torch.Tensor | None = None
+    extra: list[torch.Tensor] = field(default_factory=list)
     position: torch.Tensor | None = None
 
     def __len__(self) -> int:
@@ -50,6 +55,7 @@ class Batch:
             self.numerical,
             *self.labels.values(),
             *([] if self.weight is None else [self.weight]),
+            *self.extra,
             *([] if self.position is None else [self.position]),
         ]
 
@@ -60,6 +66,7 @@ class Batch:
             numerical=fn(self.numerical),
             labels={k: fn(v) for k, v in self.labels.items()},
             weight=None if self.weight is None else fn(self.weight),
+            extra=[fn(t) for t in self.extra],
             position=None if self.position is None else fn(self.position),
         )
 
@@ -98,7 +105,10 @@ class EncodedData:
         position: optional int64 ``[N]`` (the schema's position column).
         side: numpy columns kept for evaluation and output (user id, request id, price,
             passthrough columns such as the simulator's ``true_cvr``), by schema column name.
-        n_missing, n_oov: per-column counts of missing and out-of-vocabulary values.
+        n_missing, n_oov: per-column counts of missing and out-of-vocabulary values (elements,
+            for list and sequence features).
+        extra: list/sequence feature tensors ``[N, L]`` (see :class:`Batch`).
+        n_truncated: per list/sequence column, rows cut to the declared ``max_len``.
     """
 
     categorical: torch.Tensor
@@ -109,6 +119,8 @@ class EncodedData:
     position: torch.Tensor | None = None
     n_missing: dict[str, int] = field(default_factory=dict)
     n_oov: dict[str, int] = field(default_factory=dict)
+    extra: list[torch.Tensor] = field(default_factory=list)
+    n_truncated: dict[str, int] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return int(self.categorical.shape[0])
@@ -158,6 +170,8 @@ class EncodedData:
             side=side,
             n_missing=feats.n_missing,
             n_oov=feats.n_oov,
+            extra=[torch.from_numpy(t) for t in feats.extra],
+            n_truncated=feats.n_truncated,
         )
 
     def take(self, index: torch.Tensor) -> Batch:
@@ -167,6 +181,7 @@ class EncodedData:
             numerical=self.numerical.index_select(0, index),
             labels={k: v.index_select(0, index) for k, v in self.labels.items()},
             weight=None if self.weight is None else self.weight.index_select(0, index),
+            extra=[t.index_select(0, index) for t in self.extra],
             position=None if self.position is None else self.position.index_select(0, index),
         )
 
@@ -190,6 +205,7 @@ class EncodedData:
                     numerical=self.numerical[start:stop],
                     labels={k: v[start:stop] for k, v in self.labels.items()},
                     weight=None if self.weight is None else self.weight[start:stop],
+                    extra=[t[start:stop] for t in self.extra],
                     position=None if self.position is None else self.position[start:stop],
                 )
 
@@ -207,6 +223,8 @@ class EncodedData:
             side=self.side,
             n_missing=self.n_missing,
             n_oov=self.n_oov,
+            extra=[t.to(device) for t in self.extra],
+            n_truncated=self.n_truncated,
         )
 
     def nbytes(self) -> int:
@@ -216,6 +234,7 @@ class EncodedData:
             self.numerical,
             *self.labels.values(),
             *([] if self.weight is None else [self.weight]),
+            *self.extra,
             *([] if self.position is None else [self.position]),
         ]
         return sum(t.element_size() * t.numel() for t in ts)
@@ -231,6 +250,7 @@ class EncodedData:
             weight=None if self.weight is None else self.weight.index_select(0, index),
             position=None if self.position is None else self.position.index_select(0, index),
             side={k: v[idx] for k, v in self.side.items()},
+            extra=[t.index_select(0, index) for t in self.extra],
         )
 
     def shard(self, rank: int, world_size: int) -> EncodedData:
@@ -254,4 +274,17 @@ class EncodedData:
             side={k: np.concatenate([p.side[k] for p in parts]) for k in first.side},
             n_missing={k: sum(p.n_missing.get(k, 0) for p in parts) for k in first.n_missing},
             n_oov={k: sum(p.n_oov.get(k, 0) for p in parts) for k in first.n_oov},
+            extra=[cat_padded([p.extra[i] for p in parts]) for i in range(len(first.extra))],
+            n_truncated={k: sum(p.n_truncated.get(k, 0) for p in parts) for k in first.n_truncated},
         )
+
+
+def cat_padded(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Row-wise concatenation of ``[N_i, L_i]`` list tensors, right-padded with 0 to the widest."""
+    width = max(t.shape[1] for t in tensors)
+    return torch.cat(
+        [
+            t if t.shape[1] == width else torch.nn.functional.pad(t, (0, width - t.shape[1]))
+            for t in tensors
+        ]
+    )

@@ -28,11 +28,13 @@ from itertools import repeat
 
 import numpy as np
 import polars as pl
+from pydantic import ValidationError
 
 from mtrank.data.hashing import HashedCategoricalEncoder, check_hash_columns
 from mtrank.data.ids import MISSING, N_RESERVED, OOV, canonical_ids
-from mtrank.data.schema import Schema
-from mtrank.errors import BundleError
+from mtrank.data.lists import Feature, flatten, pad
+from mtrank.data.schema import ListFeature, Schema, SequenceFeature
+from mtrank.errors import BundleError, DataError
 
 _BLOCK = 1 << 16  # values turned into Python objects at once by a lookup (bounds its memory)
 
@@ -205,6 +207,99 @@ class NumericalEncoder:
 
 
 @dataclass
+class ListEncoder:
+    """Encoder of one list or sequence feature.
+
+    A list has its own vocabulary ``vocab`` (fitted on the training split only); a sequence has
+    none and is encoded with the encoder of the column it ``shares``.
+    """
+
+    feature: Feature
+    vocab: CategoricalEncoder | None = None
+
+    @property
+    def column(self) -> str:
+        """The feature's column."""
+        return self.feature.column
+
+    @property
+    def kind(self) -> str:
+        """``list`` or ``sequence``."""
+        return "sequence" if isinstance(self.feature, SequenceFeature) else "list"
+
+    @property
+    def weighted(self) -> bool:
+        """True for a weighted list (a weights tensor follows the ids)."""
+        return bool(getattr(self.feature, "weighted", False))
+
+    @property
+    def cardinality(self) -> int:
+        """Embedding rows of its own vocabulary (0 for a sequence, which shares rows)."""
+        return 0 if self.vocab is None else self.vocab.cardinality
+
+    def input_fields(self, categorical: list[str]) -> dict:
+        """The fields of the model's :class:`~mtrank.models.config.ListInput` for this feature
+        (``categorical``: the schema's scalar categorical columns, to index ``shares``)."""
+        shares = getattr(self.feature, "shares", None)
+        return {
+            "column": self.column,
+            "kind": self.kind,
+            "cardinality": self.cardinality,
+            "shares": None if shares is None else categorical.index(shares),
+            "weighted": self.weighted,
+            "pooling": self.feature.pooling,
+        }
+
+    @classmethod
+    def fit(
+        cls, series: pl.Series, feature: Feature, min_count: int = 1, max_size: int | None = None
+    ) -> ListEncoder:
+        """Fit a list's vocabulary on its elements (training split); a sequence needs none."""
+        if isinstance(feature, SequenceFeature):
+            return cls(feature)
+        ids = flatten(series, feature).ids.rename(feature.column)
+        return cls(feature, CategoricalEncoder.fit(ids, min_count, max_size))
+
+    def transform(
+        self, series: pl.Series, shared: CategoricalEncoder | HashedCategoricalEncoder | None
+    ) -> tuple[list[np.ndarray], int, int, int]:
+        """Encode a column: (tensors, missing elements, OOV elements, truncated rows).
+
+        ``tensors`` is ``[ids int64 [N, L]]`` (plus ``weights float32 [N, L]`` when weighted),
+        right-padded with 0, ``L = min(max_len, longest row)`` (at least 1). ``shared`` is the
+        encoder of the column a sequence shares (ignored for a list)."""
+        flat = flatten(series, self.feature)
+        enc = self.vocab if self.vocab is not None else shared
+        if enc is None:
+            raise DataError(
+                f"sequence {self.column!r} needs the encoder of {self.feature.shares!r}"
+            )
+        idx, n_missing, n_oov = (
+            enc.transform(flat.ids) if flat.ids.len() else (np.zeros(0, np.int64), 0, 0)
+        )
+        ids, weights, n_trunc = pad(flat, idx, self.feature.max_len)
+        return ([ids] if weights is None else [ids, weights]), n_missing, n_oov, n_trunc
+
+    def to_json(self) -> dict:
+        """The entry of ``encoders.json``: kind, the schema declaration and the vocabulary."""
+        doc = {"kind": self.kind, **self.feature.model_dump(mode="json")}
+        if self.vocab is not None:
+            doc["values"] = self.vocab.values
+        return doc
+
+    @classmethod
+    def from_json(cls, doc: dict) -> ListEncoder:
+        """Rebuild from :meth:`to_json` (raises pydantic's ValidationError on a bad entry)."""
+        doc = dict(doc)
+        kind = doc.pop("kind")
+        values = doc.pop("values", None)
+        if kind == "sequence":
+            return cls(SequenceFeature.model_validate(doc))
+        feature = ListFeature.model_validate(doc)
+        return cls(feature, CategoricalEncoder(feature.column, [str(v) for v in values or []]))
+
+
+@dataclass
 class EncodedFeatures:
     """Encoded features of N rows: ``categorical`` int64 [N, n_cat], ``numerical`` float32 [N,
     n_num]."""
@@ -213,6 +308,8 @@ class EncodedFeatures:
     numerical: np.ndarray
     n_missing: dict[str, int]
     n_oov: dict[str, int]
+    extra: list[np.ndarray] = field(default_factory=list)  # list/sequence tensors, see lists.py
+    n_truncated: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -221,6 +318,7 @@ class FeatureEncoder:
 
     categorical: list[CategoricalEncoder | HashedCategoricalEncoder]
     numerical: list[NumericalEncoder]
+    lists: list = field(default_factory=list)  # ListEncoder per list, then per sequence feature
 
     @classmethod
     def fit(
@@ -234,6 +332,10 @@ class FeatureEncoder:
         """Fit on the training split only."""
         check_hash_columns(hash_buckets, schema.categorical)
         return cls(
+            lists=[
+                ListEncoder.fit(df.get_column(f.column), f, min_count, max_size)
+                for f in [*schema.lists, *schema.sequences]
+            ],
             categorical=[
                 HashedCategoricalEncoder(c, hash_buckets[c])
                 if hash_buckets and c in hash_buckets
@@ -248,6 +350,15 @@ class FeatureEncoder:
         """Embedding rows per categorical field (vocabulary or hash buckets plus the 2 reserved)."""
         return [e.cardinality for e in self.categorical]
 
+    @property
+    def extra_names(self) -> list[str]:
+        """Names of the list/sequence tensors in batch order: ``<column>`` (ids) and, for a
+        weighted list, ``<column>.weight``."""
+        names = []
+        for e in self.lists:
+            names += [e.column, *([f"{e.column}.weight"] if e.weighted else [])]
+        return names
+
     def transform(self, df: pl.DataFrame) -> EncodedFeatures:
         """Encode a table by column name (column order in the table does not matter)."""
         n = df.height
@@ -261,7 +372,20 @@ class FeatureEncoder:
             )
         for j, enc in enumerate(self.numerical):
             num[:, j], n_missing[enc.column] = enc.transform(df.get_column(enc.column))
-        return EncodedFeatures(cat, num, n_missing, n_oov)
+        out = EncodedFeatures(cat, num, n_missing, n_oov)
+        if self.lists:
+            self._transform_lists(df, out)
+        return out
+
+    def _transform_lists(self, df: pl.DataFrame, out: EncodedFeatures) -> None:
+        """Append the list/sequence tensors (:mod:`mtrank.data.lists`) and their counts."""
+        by_column = {e.column: e for e in self.categorical}
+        for enc in self.lists:
+            shared = by_column.get(getattr(enc.feature, "shares", None))
+            tensors, n_miss, n_oov, n_trunc = enc.transform(df.get_column(enc.column), shared)
+            out.extra.extend(tensors)
+            out.n_missing[enc.column], out.n_oov[enc.column] = n_miss, n_oov
+            out.n_truncated[enc.column] = n_trunc
 
     def out_of_range_counts(self, df: pl.DataFrame) -> dict[str, int]:
         """Per numerical column of ``df``, the values far outside the training range
@@ -294,6 +418,7 @@ class FeatureEncoder:
                 }
                 for e in self.numerical
             ],
+            **({"lists": [e.to_json() for e in self.lists]} if self.lists else {}),
         }
 
     @classmethod
@@ -318,7 +443,8 @@ class FeatureEncoder:
                 )
                 for e in obj["numerical"]
             ]
-        except (KeyError, TypeError, AttributeError) as exc:
+            lists = [ListEncoder.from_json(e) for e in obj.get("lists", [])]
+        except (KeyError, TypeError, AttributeError, ValidationError) as exc:
             raise BundleError(f"malformed encoders document: {exc!r}") from None
         for e in nums:
             if not (math.isfinite(e.mean) and math.isfinite(e.std) and e.std > 0):
@@ -328,4 +454,4 @@ class FeatureEncoder:
                 and not (math.isfinite(e.low) and math.isfinite(e.high) and e.low <= e.high)
             ):
                 raise BundleError(f"encoder of {e.column!r} has an invalid low/high range")
-        return cls(cats, nums)
+        return cls(cats, nums, lists)

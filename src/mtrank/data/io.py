@@ -15,6 +15,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
+from mtrank.data.lists import check_list_columns
 from mtrank.data.funnel import FunnelStage, stage_parents
 from mtrank.data.schema import Schema
 from mtrank.errors import ConfigError, DataError
@@ -290,6 +291,9 @@ def validate_frame(
     for col in numeric_cols:
         _check_numeric_column(df, col, source)
     df = df.with_columns([_numeric(df, c).alias(c) for c in numeric_cols])
+
+    if schema.lists or schema.sequences:
+        check_list_columns(df, schema, source)
 
     df = _check_training_columns(df, schema, source)
     for label in labels:

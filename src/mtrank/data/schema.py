@@ -15,6 +15,47 @@ from mtrank.data.funnel import FunnelStage, check_stages, stage_parents
 from mtrank.errors import SchemaError
 
 
+class ListFeature(BaseModel):
+    """A multi-valued categorical column (tags, a shop's categories, Ali-CCP's weighted fields).
+
+    Stored as a Parquet list column (``list<int64>`` or ``list<string>``; weighted:
+    ``list<struct<id, weight: double>>``) or as a delimited string with ``sep`` (weighted
+    elements ``id:weight``, ``weight_sep`` between). Encoded per element with its own vocabulary
+    (fitted on the training split only; 0 = missing element / padding, 1 = OOV), the first
+    ``max_len`` elements kept, and pooled by ``sum`` or ``mean`` (weighted when ``weighted``)
+    into one embedding of the model's size. See docs/features.md.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    column: str
+    sep: str | None = Field(None, min_length=1, description="separator of a string column")
+    weighted: bool = False
+    weight_sep: str = Field(":", min_length=1)
+    max_len: int = Field(20, ge=1, le=10_000)
+    pooling: Literal["sum", "mean"] = "mean"
+    on_overflow: Literal["truncate", "error"] = "truncate"
+
+
+class SequenceFeature(BaseModel):
+    """An ordered id list, most recent first (a user's purchased items), that shares the embedding
+    rows (and vocabulary) of the scalar categorical column ``shares`` (``item_id``).
+
+    Same storage forms as :class:`ListFeature` (unweighted). Pooled by ``sum``, ``mean`` or
+    ``attention``: DIN target attention of the candidate's ``shares`` embedding over the history,
+    masked for padding (Zhou et al., KDD 2018, §4.3). See docs/features.md.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    column: str
+    shares: str
+    sep: str | None = Field(None, min_length=1, description="separator of a string column")
+    max_len: int = Field(50, ge=1, le=10_000)
+    pooling: Literal["sum", "mean", "attention"] = "attention"
+    on_overflow: Literal["truncate", "error"] = "truncate"
+
+
 class NegativeSampling(BaseModel):
     """Unclicked impressions of the file were kept at ``rate`` r ∈ (0, 1] (clicked ones all
     kept). A model trained on such rows over-predicts pCTR; mtrank corrects it by the odds factor
@@ -85,6 +126,8 @@ class Schema(BaseModel):
     time: str | None = None
     categorical: list[str] = Field(default_factory=list)
     numerical: list[str] = Field(default_factory=list)
+    lists: list[ListFeature] = Field(default_factory=list)
+    sequences: list[SequenceFeature] = Field(default_factory=list)
     weight: str | None = Field(
         None,
         description="sample-weight column (finite, ≥ 0): multiplies every task's per-row loss; "
@@ -120,7 +163,7 @@ class Schema(BaseModel):
             raise SchemaError("the schema declares no label: set click/conversion, funnel or tasks")
         if self.click is not None and self.tasks:
             raise SchemaError("set either click/conversion or funnel (a funnel) or tasks, not both")
-        if not self.categorical and not self.numerical:
+        if not self.categorical and not self.numerical and not self.lists:
             raise SchemaError(
                 "the schema declares no feature: list categorical or numerical columns"
             )
@@ -150,6 +193,7 @@ class Schema(BaseModel):
             )
         if self.position is not None and not self.is_funnel:
             raise SchemaError("position needs a funnel schema: its tower adds to the CTR logit")
+        self._check_list_kinds(features)
         return self
 
     def _fill_from_stages(self) -> None:
@@ -166,6 +210,26 @@ class Schema(BaseModel):
                 f"conversion={self.conversion!r} but the funnel's last stage label is {want!r}"
             )
         self.click, self.conversion = first, want
+
+    def _check_list_kinds(self, features: list[str]) -> None:
+        cols = self.list_columns
+        dup = sorted({c for c in cols if cols.count(c) > 1 or c in features})
+        if dup:
+            raise SchemaError(f"list/sequence columns listed twice or also scalar: {dup}")
+        for c in cols:
+            if c in self.label_columns or c in self.passthrough:
+                raise SchemaError(f"list/sequence column {c!r} is also a label or passthrough")
+        for s in self.sequences:
+            if s.shares not in self.categorical:
+                raise SchemaError(
+                    f"sequence {s.column!r} shares {s.shares!r}, which is not a categorical "
+                    f"column of the schema (categorical: {self.categorical})"
+                )
+
+    @property
+    def list_columns(self) -> list[str]:
+        """List then sequence feature columns, in the order their tensors travel in a batch."""
+        return [f.column for f in self.lists] + [f.column for f in self.sequences]
 
     @property
     def is_funnel(self) -> bool:
@@ -235,7 +299,7 @@ class Schema(BaseModel):
         """Columns a file must hold to train or evaluate: the features, the labels, the id,
         price and time columns, the weight and position (predict and serve need neither labels
         nor :attr:`training_columns`)."""
-        cols = self.label_columns + self.feature_columns
+        cols = self.label_columns + self.feature_columns + self.list_columns
         for c in (
             self.price,
             self.user_id,

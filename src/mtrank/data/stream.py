@@ -36,7 +36,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from mtrank.data.batch import Batch, EncodedData
-from mtrank.data.encoders import RANGE_QUANTILES, FeatureEncoder
+from mtrank.data.encoders import RANGE_QUANTILES, FeatureEncoder, ListEncoder
+from mtrank.data.lists import flatten
 from mtrank.data.hashing import HashedCategoricalEncoder, check_hash_columns
 from mtrank.data.io import ROW, read_table, validate_frame
 from mtrank.data.schema import Schema
@@ -226,12 +227,14 @@ class ParquetStream:
         if cached is not None and cached.exists():
             try:
                 t = load_file(str(cached))
+                extra = [t.pop(f"extra.{i}") for i in range(len(self.encoder.extra_names))]
                 return EncodedData(
                     t.pop("categorical"),
                     t.pop("numerical"),
                     {k.removeprefix("label."): v for k, v in t.items() if k.startswith("label.")},
                     weight=t.get("weight"),
                     position=t.get("position"),
+                    extra=extra,
                 )
             except (SafetensorError, OSError, KeyError):
                 pass  # unreadable entry: encode again and rewrite it
@@ -239,13 +242,19 @@ class ParquetStream:
         if not training:
             return data
         data = EncodedData(  # batches need no side columns
-            data.categorical, data.numerical, data.labels, data.weight, position=data.position
+            data.categorical,
+            data.numerical,
+            data.labels,
+            data.weight,
+            position=data.position,
+            extra=data.extra,
         )
         if cached is not None:
             tensors = {
                 "categorical": data.categorical,
                 "numerical": data.numerical,
                 **{f"label.{k}": v for k, v in data.labels.items()},
+                **{f"extra.{i}": v for i, v in enumerate(data.extra)},
                 **({} if data.weight is None else {"weight": data.weight}),
                 **({} if data.position is None else {"position": data.position}),
             }
@@ -319,8 +328,12 @@ def fit_encoder_streaming(
     check_hash_columns(hash_buckets, schema.categorical)
     hash_buckets = hash_buckets or {}
     counted = [c for c in schema.categorical if c not in hash_buckets]
+    elements: dict[str, list[pl.Series]] = {f.column: [] for f in schema.lists}
     for piece in list_pieces(paths):
         df = read_piece(piece, schema)
+        for f in schema.lists:  # element value counts, merged below like a scalar column's
+            ids = flatten(df.get_column(f.column), f).ids.drop_nulls()
+            elements[f.column].append(ids.value_counts(name="n"))
         for c in counted:
             vc = canonical_ids(df.get_column(c)).drop_nulls().value_counts(name="n")
             counts[c] = (
@@ -354,4 +367,21 @@ def fit_encoder_streaming(
         std = var**0.5 if var > 1e-24 else 1.0
         lo, hi = ranges[c]
         nums.append(NumericalEncoder(c, mean, std, *((lo, hi) if lo <= hi else (None, None))))
-    return FeatureEncoder(cats, nums)
+    lists = [
+        ListEncoder(
+            f, CategoricalEncoder(f.column, _vocabulary(elements[f.column], min_count, max_size))
+        )
+        for f in schema.lists
+    ] + [ListEncoder(f) for f in schema.sequences]
+    return FeatureEncoder(cats, nums, lists)
+
+
+def _vocabulary(counts: list[pl.DataFrame], min_count: int, max_size: int | None) -> list[str]:
+    """Merged element value counts → vocabulary, ordered as :meth:`CategoricalEncoder.fit`."""
+    if not counts:
+        return []
+    vc = pl.concat(counts)
+    key = vc.columns[0]
+    vc = vc.group_by(key).agg(pl.col("n").sum()).filter(pl.col("n") >= min_count)
+    values = vc.sort(["n", key], descending=[True, False]).get_column(key).to_list()
+    return values[:max_size] if max_size else values

@@ -108,7 +108,7 @@ class AITM(nn.Module):
         if self.stages:
             self._build_stages(spec, cfg)
             return
-        self.embedding = FeatureEmbedding(spec.cardinalities, spec.n_numerical, cfg.embedding_dim)
+        self.embedding = FeatureEmbedding.from_spec(spec, cfg.embedding_dim)
         d_in = self.embedding.output_dim
         self.ctr_tower = MLP(d_in, cfg.tower, out=None, dropout=cfg.dropout)
         self.cvr_tower = MLP(d_in, cfg.tower, out=None, dropout=cfg.dropout)
@@ -124,7 +124,7 @@ class AITM(nn.Module):
         self.tasks = [
             TaskLoss(f"{s}_all", label=f"{s}_all", outputs=(f"logit_{s}_all",)) for s in self.stages
         ]
-        self.embedding = FeatureEmbedding(spec.cardinalities, spec.n_numerical, cfg.embedding_dim)
+        self.embedding = FeatureEmbedding.from_spec(spec, cfg.embedding_dim)
         d_in = self.embedding.output_dim
         towers = {s: MLP(d_in, cfg.tower, out=None, dropout=cfg.dropout) for s in self.stages}
         self.stage_towers = nn.ModuleDict(towers)

@@ -27,7 +27,7 @@ class SingleTaskNet(nn.Module):
 
     def __init__(self, spec: FeatureSpec, cfg: ModelConfig) -> None:
         super().__init__()
-        self.embedding = FeatureEmbedding(spec.cardinalities, spec.n_numerical, cfg.embedding_dim)
+        self.embedding = FeatureEmbedding.from_spec(spec, cfg.embedding_dim)
         self.tower = MLP(self.embedding.output_dim, cfg.tower, out=1, dropout=cfg.dropout)
 
     def forward(

@@ -29,7 +29,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from mtrank.data.batch import EncodedData
+from mtrank.data.batch import EncodedData, cat_padded
 from mtrank.errors import ConfigError
 from mtrank.losses import TaskLoss
 from mtrank.models.aitm import derived_cvr
@@ -111,6 +111,7 @@ def take_rows(
         weight=None if data.weight is None else data.weight.index_select(0, index),
         position=None if data.position is None else data.position.index_select(0, index),
         side={k: v[idx_np] for k, v in data.side.items()},
+        extra=[t.index_select(0, index) for t in data.extra],
     )
 
 
@@ -123,6 +124,7 @@ def stack(parts: list[EncodedData]) -> EncodedData:
         weight=None if parts[0].weight is None else torch.cat([p.weight for p in parts]),
         position=None if parts[0].position is None else torch.cat([p.position for p in parts]),
         side={},
+        extra=[cat_padded([p.extra[i] for p in parts]) for i in range(len(parts[0].extra))],
     )
 
 
@@ -166,6 +168,7 @@ class ResampledCVR(Base):
                 data.weight,
                 data.side,
                 position=data.position,
+                extra=data.extra,
             )
         everything = torch.arange(len(data))
         ctr_rows = take_rows(data, everything, {"ctr_space": 1.0, "cvr_space": 0.0})

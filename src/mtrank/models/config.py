@@ -2,11 +2,35 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 
+class ListInput(BaseModel):
+    """One list or sequence feature as the embedding layer sees it (see docs/features.md).
+
+    Attributes:
+        column: the feature's column. kind: ``list`` (own embedding rows, ``cardinality`` of
+            them) or ``sequence`` (the rows of categorical field ``shares``, an index into
+            :attr:`FeatureSpec.cardinalities`). weighted: a second ``[B, L]`` float32 tensor of
+            element weights follows the ids. pooling: ``sum``, ``mean`` or ``attention``
+            (sequences only: DIN target attention with the candidate's ``shares`` embedding).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    column: str
+    kind: Literal["list", "sequence"]
+    cardinality: int = Field(0, ge=0)
+    shares: int | None = Field(None, ge=0)
+    weighted: bool = False
+    pooling: Literal["sum", "mean", "attention"] = "mean"
+
+
 class FeatureSpec(BaseModel):
-    """What a model needs to know about its input: vocab sizes, numerical count, task names."""
+    """What a model needs to know about its input: vocab sizes, numerical count, task names,
+    and the list/sequence features whose tensors travel in the models' ``*extra`` slot."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -14,6 +38,7 @@ class FeatureSpec(BaseModel):
     n_numerical: int
     funnel: bool = True
     task_names: list[str] = Field(default_factory=list, description="plain (non-funnel) tasks")
+    lists: list[ListInput] = Field(default_factory=list)
     stages: list[str] = Field(
         default_factory=list,
         description="stage names of a staged funnel (mtrank.data.funnel), empty otherwise",

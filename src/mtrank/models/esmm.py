@@ -60,11 +60,9 @@ class ESMM(nn.Module):
             self._build_stages(spec, cfg)
             return
         require_funnel(spec, type(self).__name__.upper())
-        self.embedding = FeatureEmbedding(spec.cardinalities, spec.n_numerical, cfg.embedding_dim)
+        self.embedding = FeatureEmbedding.from_spec(spec, cfg.embedding_dim)
         self.cvr_embedding = (
-            None
-            if self.shared_embedding
-            else FeatureEmbedding(spec.cardinalities, spec.n_numerical, cfg.embedding_dim)
+            None if self.shared_embedding else FeatureEmbedding.from_spec(spec, cfg.embedding_dim)
         )
         d = self.embedding.output_dim
         self.ctr_tower = MLP(d, cfg.tower, out=1, dropout=cfg.dropout)
@@ -76,8 +74,7 @@ class ESMM(nn.Module):
         self.tasks = stage_tasks(self.stages, self.parents)
         n_tables = 1 if self.shared_embedding else len(self.stages)
         self.stage_embeddings = nn.ModuleList(
-            FeatureEmbedding(spec.cardinalities, spec.n_numerical, cfg.embedding_dim)
-            for _ in range(n_tables)
+            FeatureEmbedding.from_spec(spec, cfg.embedding_dim) for _ in range(n_tables)
         )
         d = self.stage_embeddings[0].output_dim
         self.stage_towers = nn.ModuleDict(

@@ -12,27 +12,42 @@ from mtrank.errors import ConfigError
 
 
 class FeatureEmbedding(nn.Module):
-    """Embeds categorical ids and appends numerical values.
+    """Embeds categorical ids, pools list and sequence features, and appends numerical values.
 
     All categorical fields share one embedding table with per-field row offsets, so a batch is
-    one gather, not one lookup per field.
+    one gather, not one lookup per field. A list feature has its own rows in the same table; a
+    sequence feature reuses the rows of the categorical field it shares (``hist_purchased``
+    looks up ``item_id``'s rows). Each list/sequence is pooled into one ``dim`` vector:
+
+    * ``sum`` / ``mean``: masked (and, when weighted, weighted) sum or mean of the element
+      embeddings, padding and missing elements (id 0) masked out — the ``nn.EmbeddingBag``
+      computation as one gather plus a masked reduction (which also exports to ONNX);
+    * ``attention`` (sequences): DIN target attention, :class:`TargetAttention`.
 
     Args:
         cardinalities: rows per categorical field (vocabulary + 2 reserved indices).
         n_numerical: number of numerical features.
         dim: embedding size (ESMM paper: 18).
+        lists: the list/sequence features (:class:`~mtrank.models.config.ListInput`), in the
+            order of their tensors in ``extra``.
 
     Shapes:
-        forward(categorical int64 ``[B, n_cat]``, numerical float32 ``[B, n_num]``)
-        → float32 ``[B, n_cat · dim + n_num]``.
+        forward(categorical int64 ``[B, n_cat]``, numerical float32 ``[B, n_num]``, *extra)
+        → float32 ``[B, (n_cat + n_lists) · dim + n_num]``; ``extra`` holds per list feature its
+        ids int64 ``[B, L]`` (0 = padding / missing, 1 = OOV) and, when weighted, its weights
+        float32 ``[B, L]``; per sequence its ids ``[B, L]``. ``L`` may differ per feature and
+        per batch.
 
     Raises:
-        ConfigError: no feature at all, or a non-positive dimension.
+        ConfigError: no feature at all, a non-positive dimension, a sequence sharing a field that
+            does not exist, or attention pooling of a list.
     """
 
-    def __init__(self, cardinalities: Sequence[int], n_numerical: int, dim: int) -> None:
+    def __init__(
+        self, cardinalities: Sequence[int], n_numerical: int, dim: int, lists: Sequence = ()
+    ) -> None:
         super().__init__()
-        if not cardinalities and n_numerical == 0:
+        if not cardinalities and n_numerical == 0 and not lists:
             raise ConfigError("a model needs at least one categorical or numerical feature")
         if dim <= 0:
             raise ConfigError(f"embedding_dim must be positive, got {dim}")
@@ -45,39 +60,108 @@ class FeatureEmbedding(nn.Module):
             else torch.zeros(0, dtype=torch.int64)
         )
         self.register_buffer("offsets", offsets, persistent=False)
-        self.table = nn.Embedding(max(1, int(sum(cardinalities))), dim)
+        rows = int(sum(cardinalities))
+        # per list feature: (row offset, weighted, pooling, shared categorical field or -1)
+        self.list_layout: list[tuple[int, bool, str, int]] = []
+        attention: dict[str, nn.Module] = {}
+        for i, f in enumerate(lists):
+            if f.kind == "sequence":
+                if f.shares is None or f.shares >= self.n_categorical:
+                    raise ConfigError(f"sequence {f.column!r} shares no existing categorical field")
+                offset, shares = int(offsets[f.shares]), int(f.shares)
+            else:
+                if f.pooling == "attention":
+                    raise ConfigError(f"list {f.column!r}: attention pooling needs a sequence")
+                offset, shares, rows = rows, -1, rows + int(f.cardinality)
+            if f.pooling == "attention":
+                attention[str(i)] = TargetAttention(dim)
+            self.list_layout.append((offset, bool(f.weighted), f.pooling, shares))
+        self.attention = nn.ModuleDict(attention)
+        self.n_extra = sum(2 if w else 1 for _, w, _, _ in self.list_layout)
+        self.table = nn.Embedding(max(1, rows), dim)
         nn.init.normal_(self.table.weight, std=0.01)
+
+    @classmethod
+    def from_spec(cls, spec, dim: int) -> FeatureEmbedding:
+        """The embedding of a :class:`~mtrank.models.config.FeatureSpec` (scalar, list and
+        sequence features)."""
+        return cls(spec.cardinalities, spec.n_numerical, dim, spec.lists)
 
     @property
     def output_dim(self) -> int:
-        """Width of the concatenated embeddings and numbers: ``n_cat · dim + n_num``."""
-        return self.n_categorical * self.dim + self.n_numerical
+        """Width of the concatenated embeddings and numbers: ``(n_cat + n_lists) · dim +
+        n_num``."""
+        return (self.n_categorical + len(self.list_layout)) * self.dim + self.n_numerical
 
     def forward(
         self, categorical: torch.Tensor, numerical: torch.Tensor, *extra: torch.Tensor
     ) -> torch.Tensor:
-        """``[B, n_cat · dim + n_num]`` from ids ``[B, n_cat]`` and numbers ``[B, n_num]`` (one
-        gather).
+        """``[B, output_dim]`` from ids ``[B, n_cat]``, numbers ``[B, n_num]`` and the list /
+        sequence tensors ``extra`` (see the class docstring).
 
-        ``extra`` is the slot every model passes through unchanged for the inputs of multi-valued
-        and sequence features (one or more tensors per such feature, in schema order); a model
-        never reads it itself, so new feature kinds need no model change.
+        ``extra`` is the slot every model passes through unchanged, so new feature kinds need no
+        model change.
 
         Raises:
-            ConfigError: ``extra`` tensors given to an embedding declared without such features.
+            ConfigError: ``extra`` holds a different number of tensors than the declared list and
+                sequence features need.
         """
-        if extra:
+        if len(extra) != self.n_extra:
             raise ConfigError(
-                f"{len(extra)} extra feature tensor(s) given, but this embedding declares no "
-                "list or sequence feature"
+                f"{len(extra)} extra feature tensor(s) given, but this embedding's list and "
+                f"sequence features need {self.n_extra}"
             )
         parts = []
+        emb = None
         if self.n_categorical:
             emb = self.table(categorical + self.offsets)  # [B, n_cat, dim]
             parts.append(emb.flatten(1))
+        k = 0
+        for i, (offset, weighted, pooling, shares) in enumerate(self.list_layout):
+            ids = extra[k]
+            weights = extra[k + 1] if weighted else None
+            k += 2 if weighted else 1
+            elements = self.table(ids + offset)  # [B, L, dim]
+            mask = ids > 0  # [B, L]: padding and missing elements are 0
+            if pooling == "attention":
+                parts.append(self.attention[str(i)](emb[:, shares], elements, mask))
+                continue
+            w = mask.to(elements.dtype)
+            if weights is not None:
+                w = w * weights
+            pooled = (elements * w.unsqueeze(-1)).sum(1)  # [B, dim]
+            if pooling == "mean":
+                pooled = pooled / w.sum(1, keepdim=True).clamp_min(1e-12 if weighted else 1.0)
+            parts.append(pooled)
         if self.n_numerical:
             parts.append(numerical)
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+class TargetAttention(nn.Module):
+    """DIN's local activation unit: the candidate item attends over a behaviour sequence.
+
+    Each history element ``e_j`` gets the weight ``a(e_j, v_A)``, a feed-forward net of
+    ``[e_j, v_A, e_j − v_A, e_j ⊙ v_A]`` (ReLU hidden layer of 36), and the pooled interest is
+    ``Σ_j a(e_j, v_A) · e_j`` over the non-padding elements. As in the paper the weights are not
+    normalised by a softmax, so the pooled vector keeps the intensity of the user's interest
+    (Zhou et al., *Deep Interest Network for Click-Through Rate Prediction*, KDD 2018, §4.3,
+    eq. 3; the paper's Dice/PReLU activation is replaced by ReLU).
+
+    Shapes: forward(query ``[B, d]`` (the candidate's embedding), keys ``[B, L, d]``, mask bool
+    ``[B, L]``, True where an element is present) → ``[B, d]`` (zeros for an empty history).
+    """
+
+    def __init__(self, dim: int, hidden: int = 36) -> None:
+        super().__init__()
+        self.unit = MLP(4 * dim, [hidden], out=1)
+
+    def forward(self, query: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Pooled history ``[B, d]``; see the class docstring."""
+        q = query.unsqueeze(1).expand_as(keys)
+        score = self.unit(torch.cat([keys, q, keys - q, keys * q], dim=-1)).squeeze(-1)
+        score = score * mask.to(score.dtype)  # [B, L]
+        return (score.unsqueeze(-1) * keys).sum(1)
 
 
 class MLP(nn.Module):

@@ -279,7 +279,7 @@ class MultiTaskModel(nn.Module):
             self.tasks = ESMM_TASKS if self.entire_space else CLICKED_SPACE_TASKS
         else:
             self.tasks = [TaskLoss(t, label=t, outputs=(f"logit_{t}",)) for t in self.heads]
-        self.embedding = FeatureEmbedding(spec.cardinalities, spec.n_numerical, cfg.embedding_dim)
+        self.embedding = FeatureEmbedding.from_spec(spec, cfg.embedding_dim)
         body_hidden, tower_hidden = split_tower(cfg)
         if self.options.tower_hidden is not None:  # may be empty: a linear tower
             tower_hidden = self.options.tower_hidden

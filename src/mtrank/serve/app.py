@@ -203,6 +203,7 @@ def create_app(
                 "categorical": service.categorical,
                 "numerical": service.numerical,
                 "price": service.price,
+                "lists": {f.column: {"max_len": f.max_len} for f in service.list_features},
             },
             "model_config": b.model_config.model_dump(mode="json"),
             "engine": service.engine,

@@ -10,6 +10,11 @@ train/serve parity does not depend on re-implementing vocabularies in the graph)
 
 A model with no categorical (or no numerical) feature still has both inputs; the empty one has
 a second dimension of 0.
+
+List and sequence features (docs/features.md) add one input per tensor of the models' ``*extra``
+slot, named after the column (``hist_purchased`` int64 ``[B, L]``; a weighted list's weights
+``<column>.weight`` float32 ``[B, L]``), each with a dynamic length axis ``len_<k>``, so a
+request pads to its own longest list.
 """
 
 from __future__ import annotations
@@ -50,9 +55,9 @@ class _ProbabilityHead(nn.Module):
         self.names = names
 
     def forward(
-        self, categorical: torch.Tensor, numerical: torch.Tensor
+        self, categorical: torch.Tensor, numerical: torch.Tensor, *extra: torch.Tensor
     ) -> tuple[torch.Tensor, ...]:
-        out = self.model(categorical, numerical)
+        out = self.model(categorical, numerical, *extra)
         probs = tuple(out[n] for n in self.names)
         # A model without categorical (or numerical) features never reads that input, and the
         # exporter would drop it from the graph. Adding the sum over its empty feature axis
@@ -64,9 +69,11 @@ class _ProbabilityHead(nn.Module):
         return probs
 
 
-def example_inputs(bundle: Bundle, batch: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Random valid encoded inputs: int64 ``[batch, n_cat]`` ids below each cardinality and
-    float32 ``[batch, n_num]`` standard-normal values."""
+def example_inputs(bundle: Bundle, batch: int, seed: int = 0) -> tuple[np.ndarray, ...]:
+    """Random valid encoded inputs: int64 ``[batch, n_cat]`` ids below each cardinality,
+    float32 ``[batch, n_num]`` standard-normal values and, per list/sequence tensor, ``[batch,
+    L]`` ids (with padding zeros; ``L`` = 2 + seed % 5, so verification covers several lengths)
+    and weights."""
     g = np.random.default_rng(seed)
     cards = bundle.spec.cardinalities
     cat = (
@@ -75,7 +82,21 @@ def example_inputs(bundle: Bundle, batch: int, seed: int = 0) -> tuple[np.ndarra
         else np.zeros((batch, 0), np.int64)
     )
     num = g.standard_normal((batch, bundle.spec.n_numerical)).astype(np.float32)
-    return cat.astype(np.int64), num
+    extra: list[np.ndarray] = []
+    length = 2 + seed % 5
+    for f in bundle.spec.lists:
+        rows = f.cardinality if f.kind == "list" else cards[f.shares]
+        ids = g.integers(0, rows, size=(batch, length))
+        ids[:, length // 2 :] *= g.random((batch, length - length // 2)) < 0.5  # some padding
+        extra.append(ids.astype(np.int64))
+        if f.weighted:
+            extra.append(g.random((batch, length)).astype(np.float32))
+    return (cat.astype(np.int64), num, *extra)
+
+
+def input_names(bundle: Bundle) -> list[str]:
+    """Graph input names: ``categorical``, ``numerical``, then one per list/sequence tensor."""
+    return [*INPUTS, *bundle.encoder.extra_names]
 
 
 def to_onnx_bytes(bundle: Bundle) -> bytes:
@@ -93,8 +114,8 @@ def to_onnx_bytes(bundle: Bundle) -> bytes:
         )
     names = output_names(bundle)
     head = _ProbabilityHead(bundle.model, names).eval()
-    cat, num = example_inputs(bundle, batch=3)
-    args = (torch.from_numpy(cat), torch.from_numpy(num))
+    args = tuple(torch.from_numpy(a) for a in example_inputs(bundle, batch=3))
+    inputs = input_names(bundle)
     buf = io.BytesIO()
     try:
         with torch.no_grad(), warnings.catch_warnings():
@@ -105,10 +126,11 @@ def to_onnx_bytes(bundle: Bundle) -> bytes:
                 head,
                 args,
                 buf,
-                input_names=list(INPUTS),
+                input_names=inputs,
                 output_names=names,
                 dynamic_axes={
                     **{i: {0: "batch"} for i in INPUTS},
+                    **{i: {0: "batch", 1: f"len_{k}"} for k, i in enumerate(inputs[2:])},
                     **{o: {0: "batch"} for o in names},
                 },
                 opset_version=OPSET,
@@ -142,20 +164,28 @@ class OnnxScorer:
         src = model if isinstance(model, bytes) else str(model)
         self.session = ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
         self.outputs = [o.name for o in self.session.get_outputs()]
+        self.inputs = [i.name for i in self.session.get_inputs()]
 
-    def __call__(self, categorical: np.ndarray, numerical: np.ndarray) -> dict[str, np.ndarray]:
-        """``p_ctr``, ``p_cvr``, ``p_ctcvr`` ``[B]`` from ids ``[B, n_cat]`` int64 and numbers
-        ``[B, n_num]`` float32."""
-        res = self.session.run(self.outputs, {"categorical": categorical, "numerical": numerical})
+    def __call__(
+        self, categorical: np.ndarray, numerical: np.ndarray, *extra: np.ndarray
+    ) -> dict[str, np.ndarray]:
+        """``p_ctr``, ``p_cvr``, ``p_ctcvr`` ``[B]`` from ids ``[B, n_cat]`` int64, numbers
+        ``[B, n_num]`` float32 and the list/sequence tensors ``[B, L]`` (graph input order)."""
+        feeds = dict(zip(self.inputs, (categorical, numerical, *extra), strict=True))
+        res = self.session.run(self.outputs, feeds)
         return dict(zip(self.outputs, res, strict=True))
 
 
 def torch_probabilities(
-    bundle: Bundle, categorical: np.ndarray, numerical: np.ndarray
+    bundle: Bundle, categorical: np.ndarray, numerical: np.ndarray, *extra: np.ndarray
 ) -> dict[str, np.ndarray]:
     """PyTorch reference outputs (eval mode, no grad): float32 ``[B]`` per name."""
     with torch.no_grad():
-        out = bundle.model.eval()(torch.from_numpy(categorical), torch.from_numpy(numerical))
+        out = bundle.model.eval()(
+            torch.from_numpy(categorical),
+            torch.from_numpy(numerical),
+            *(torch.from_numpy(t) for t in extra),
+        )
     return {n: out[n].numpy() for n in output_names(bundle)}
 
 
@@ -176,9 +206,9 @@ def verify_onnx(
     scorer = OnnxScorer(model)
     diffs: dict[int, float] = {}
     for b in batches:
-        cat, num = example_inputs(bundle, b, seed=b)
-        ref = torch_probabilities(bundle, cat, num)
-        got = scorer(cat, num)
+        inputs = example_inputs(bundle, b, seed=b)
+        ref = torch_probabilities(bundle, *inputs)
+        got = scorer(*inputs)
         worst = 0.0
         for name, want in ref.items():
             if got[name].shape != (b,):

@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from mtrank.ranking.fusion import FORMULAS
+from mtrank.serve.lists import openapi_property
 from mtrank.serve.service import INT64, MAX_CANDIDATES, MAX_ID_CHARS
 
 if TYPE_CHECKING:
@@ -89,8 +90,10 @@ def fusion_schema() -> dict:
 def request_schemas(service: RankingService) -> dict[str, dict]:
     """Component schemas: ``Features``, ``Fusion``, ``ScoreRequest``, ``RankRequest``."""
     features = {c: _feature(service, c) for c in service.features}
+    for f in service.list_features:
+        features[f.column] = openapi_property(f, MAX_ID_CHARS, INT64)
     rules = []
-    for col in service.features:
+    for col in [*service.features, *(f.column for f in service.list_features)]:
         if col == service.price:
             number = {"properties": {col: {"type": "number"}}, "required": [col]}
             rules.append(

@@ -50,6 +50,7 @@ from mtrank.data.encoders import EncodedFeatures
 from mtrank.errors import BundleError, ConfigError
 from mtrank.ranking.replay import rank_order
 from mtrank.serve.fusion import FusionSpec, fused_scores
+from mtrank.serve.lists import list_columns
 
 MAX_CANDIDATES = 2000
 MAX_ID_CHARS = 1024  # a longer categorical string is a 422: ids are short; memory stays bounded
@@ -185,6 +186,7 @@ class RankingService:
                 [*self.categorical, *self.numerical, *([self.price] if self.price else [])]
             )
         )
+        self.list_features = [*schema.lists, *schema.sequences]  # see mtrank.serve.lists
         self.engine = engine
         self.threads = threads
         self._infer = self._make_engine(engine, threads)  # may set self.engine = "native"
@@ -225,9 +227,13 @@ class RankingService:
                 torch.set_num_threads(threads)
             model = self.bundle.model.eval()
 
-            def run(cat: np.ndarray, num: np.ndarray) -> dict[str, np.ndarray]:
+            def run(cat: np.ndarray, num: np.ndarray, *extra: np.ndarray) -> dict[str, np.ndarray]:
                 with torch.inference_mode():
-                    out = model(torch.from_numpy(cat), torch.from_numpy(num))
+                    out = model(
+                        torch.from_numpy(cat),
+                        torch.from_numpy(num),
+                        *(torch.from_numpy(t) for t in extra),
+                    )
                 return {k: out[k].numpy() for k in self.bundle.scorer.outputs}
 
             return run
@@ -395,6 +401,17 @@ class RankingService:
                 ]
                 continue
             cols[col] = series
+        if self.list_features:
+            cols.update(
+                list_columns(
+                    self.list_features,
+                    context,
+                    candidates,
+                    errors,
+                    max_id_chars=MAX_ID_CHARS,
+                    int64=INT64,
+                )
+            )
         if errors:
             raise RequestError(errors)
         return pl.DataFrame(list(cols.values()))
@@ -547,7 +564,7 @@ class RankingService:
         t1 = time.perf_counter()
         data = self.encode(df)
         t2 = time.perf_counter()
-        raw = self._infer(data.categorical, data.numerical)
+        raw = self._infer(data.categorical, data.numerical, *data.extra)
         t3 = time.perf_counter()
         scored = self.fuse(raw, df, data, spec)
         t4 = time.perf_counter()
@@ -606,6 +623,8 @@ class RankingService:
             )
         n_missing = {c: data.n_missing.get(c, 0) for c in self.features if c in data.n_missing}
         n_oov = {c: data.n_oov.get(c, 0) for c in self.categorical}
+        for f in self.list_features:  # elements of list/sequence features
+            n_missing[f.column], n_oov[f.column] = data.n_missing[f.column], data.n_oov[f.column]
         return Scored(
             probs,
             score,

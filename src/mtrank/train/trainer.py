@@ -138,7 +138,9 @@ def predict(model: nn.Module, data: EncodedData, batch_size: int = 8192) -> dict
     chunks: dict[str, list[torch.Tensor]] = {}
     try:
         for batch in device_batches(data, batch_size, shuffle=False, device=module_device(model)):
-            out = model(batch.categorical, batch.numerical, **forward_kwargs(model, batch))
+            out = model(
+                batch.categorical, batch.numerical, *batch.extra, **forward_kwargs(model, batch)
+            )
             for k, v in out.items():
                 chunks.setdefault(k, []).append(v.detach())
     finally:
@@ -160,7 +162,9 @@ def validation_loss(model: nn.Module, data: EncodedData, batch_size: int = 8192)
     sums = {t.name: [0.0, 0.0] for t in tasks}
     try:
         for batch in device_batches(data, batch_size, shuffle=False, device=module_device(model)):
-            out = model(batch.categorical, batch.numerical, **forward_kwargs(model, batch))
+            out = model(
+                batch.categorical, batch.numerical, *batch.extra, **forward_kwargs(model, batch)
+            )
             for t in tasks:
                 n, d = task_loss_sum(t, out, batch)
                 sums[t.name][0] += n.double()
@@ -475,7 +479,10 @@ class Trainer:
                         continue
                     with autocast(device, amp_dtype):
                         out = net(
-                            batch.categorical, batch.numerical, **forward_kwargs(model, batch)
+                            batch.categorical,
+                            batch.numerical,
+                            *batch.extra,
+                            **forward_kwargs(model, batch),
                         )
                     loss, _ = model_loss(model, out, batch, parts=False)  # float32, autocast off
                     for opt in optimizers:
