@@ -307,3 +307,71 @@ def test_cli_train_evaluate_predict_with_positions_sampling_and_a_unit_mixup(tmp
     assert r.returncode == 0, r.stderr
     assert "column 'price'" in r.stderr and "far outside the training range" in r.stderr
     assert "trained with price in EUR" in r.stderr
+
+
+def test_position_and_sampling_shift_every_stage_of_a_staged_funnel():
+    """A staged funnel with a position column and sampled negatives trains (the position tower
+    and the sampling correction move the first stage and scale every entire-space product by
+    the same ratio), and the shift is exact: p'_all / p_all = σ(a + s) / σ(a) for every stage."""
+    import numpy as np
+    import polars as pl
+    import torch
+
+    from mtrank.data.schema import Schema
+    from mtrank.models.calibration import shift_ctr_logit
+    from mtrank.models.config import ModelConfig
+    from mtrank.train.trainer import TrainConfig
+    from mtrank.workflow import fit
+
+    rng = np.random.default_rng(0)
+    n = 120
+    click = (rng.random(n) < 0.4).astype(np.int8)
+    cart = (click * (rng.random(n) < 0.5)).astype(np.int8)
+    df = pl.DataFrame(
+        {
+            "is_click": click,
+            "is_cart": cart,
+            "is_buy": (cart * (rng.random(n) < 0.5)).astype(np.int8),
+            "item": rng.integers(0, 5, n),
+            "x": rng.normal(size=n),
+            "pos": rng.integers(1, 4, n),
+        }
+    )
+    schema = Schema(
+        funnel=[
+            {"stage": "click", "label": "is_click"},
+            {"stage": "cart", "label": "is_cart"},
+            {"stage": "buy", "label": "is_buy"},
+        ],
+        categorical=["item"],
+        numerical=["x"],
+        position="pos",
+        negative_sampling={"rate": 0.5},
+    )
+    splits = {"train": df.head(80), "val": df.slice(80, 20), "test": df.tail(20)}
+    for name in ("esmm", "aitm"):
+        run = fit(
+            splits,
+            schema,
+            ModelConfig(name=name, tower=[8], embedding_dim=4),
+            TrainConfig(epochs=1, batch_size=16),
+            quiet=True,
+        )
+        assert run.metrics["test"]["n_impressions"] == 20
+
+    a = torch.tensor([-1.0, 0.5])
+    out = {
+        "logit_click_all": a,
+        "logit_click": a,
+        "p_click": torch.sigmoid(a),
+        "p_click_all": torch.sigmoid(a),
+        "logit_buy_all": torch.tensor([-3.0, -2.0]),
+        "p_buy_all": torch.sigmoid(torch.tensor([-3.0, -2.0])),
+        "p_buy": torch.tensor([0.3, 0.4]),
+    }
+    moved = shift_ctr_logit(out, -0.7, ["click", "buy"])
+    ratio = torch.sigmoid(a - 0.7) / torch.sigmoid(a)
+    torch.testing.assert_close(moved["p_click"], torch.sigmoid(a - 0.7))
+    torch.testing.assert_close(moved["p_buy_all"], out["p_buy_all"] * ratio)
+    torch.testing.assert_close(torch.sigmoid(moved["logit_buy_all"]), out["p_buy_all"] * ratio)
+    torch.testing.assert_close(moved["p_buy"], out["p_buy"])

@@ -136,6 +136,14 @@ class AITM(nn.Module):
         self.stage_attention = nn.ModuleDict({s: AttentionTransfer(d) for s in later})
         self.stage_heads = nn.ModuleDict({s: nn.Linear(d, 1) for s in self.stages})
 
+    def head_outputs(self) -> dict[str, nn.Linear]:
+        """The output layer of each head, named by the rate it predicts over all impressions
+        (``ctr``, ``ctcvr``; staged: ``<stage>_all``), for
+        :func:`~mtrank.models.layers.init_output_bias`."""
+        if self.stages:
+            return {f"{s}_all": h for s, h in self.stage_heads.items()}
+        return {"ctr": self.ctr_head, "ctcvr": self.ctcvr_head}
+
     def _forward_stages(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Staged outputs ``[B]`` from the embedded input ``x`` ``[B, d_in]``."""
         out: dict[str, torch.Tensor] = {}

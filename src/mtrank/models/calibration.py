@@ -17,6 +17,8 @@ uses it too.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import math
 
 import torch
@@ -26,8 +28,14 @@ from torch import nn
 from mtrank.data.schema import check_sampling_rate
 
 
+def _shift_log_prob(logit: torch.Tensor, log_ratio: torch.Tensor) -> torch.Tensor:
+    """The logit of σ(``logit``) · exp(``log_ratio``) (a probability scaled by a ratio ≤ 1/σ)."""
+    log_p = (F.logsigmoid(logit) + log_ratio).clamp(max=-1e-7)
+    return log_p - torch.log(-torch.expm1(log_p))
+
+
 def shift_ctr_logit(
-    out: dict[str, torch.Tensor], shift: torch.Tensor | float
+    out: dict[str, torch.Tensor], shift: torch.Tensor | float, stages: Sequence[str] = ()
 ) -> dict[str, torch.Tensor]:
     """A funnel model's outputs with ``shift`` (``[B]`` or a scalar) added to the CTR logit.
 
@@ -35,22 +43,48 @@ def shift_ctr_logit(
     exp(logsigmoid(a + shift) − logsigmoid(a)) (pCTCVR = pCTR · P(conv | click, x), and the
     latter does not depend on what moved the click); ``logit_ctcvr`` (models with their own
     CTCVR head: AITM, the CTCVR baselines) follows ``p_ctcvr``; ``p_cvr`` and every other
-    output are unchanged. Outputs without ``logit_ctr`` (plain multi-task models) are returned
-    as they are.
+    conditional output are unchanged.
+
+    On a staged funnel (``stages``, the model's stage names, first = the click stage; see
+    :mod:`mtrank.data.funnel`) the first stage's ``logit_<s>``/``p_<s>`` move the same way and
+    every entire-space ``p_<s>_all``/``logit_<s>_all`` is scaled by the same ratio (each is a
+    product through the first stage). Outputs of plain multi-task models are returned as they
+    are.
     """
-    if "logit_ctr" not in out:
+    if stages:
+        first = stages[0]
+        a = out[f"logit_{first}"]
+    elif "logit_ctr" in out:
+        first, a = None, out["logit_ctr"]
+    else:
         return out
     out = dict(out)
-    a = out["logit_ctr"]
     moved = a + shift
     log_ratio = F.logsigmoid(moved) - F.logsigmoid(a)
-    out["logit_ctr"] = moved
-    out["p_ctr"] = torch.sigmoid(moved)
+    if first is None:
+        out["logit_ctr"] = moved
+        out["p_ctr"] = torch.sigmoid(moved)
+        if "p_ctcvr" in out:
+            out["p_ctcvr"] = out["p_ctcvr"] * torch.exp(log_ratio)
+        if "logit_ctcvr" in out:
+            out["logit_ctcvr"] = _shift_log_prob(out["logit_ctcvr"], log_ratio)
+        return out
+    ratio = torch.exp(log_ratio)
+    for s in stages:
+        if f"logit_{s}_all" in out:
+            out[f"logit_{s}_all"] = (
+                moved if s == first else _shift_log_prob(out[f"logit_{s}_all"], log_ratio)
+            )
+        if f"p_{s}_all" in out:
+            out[f"p_{s}_all"] = torch.sigmoid(moved) if s == first else out[f"p_{s}_all"] * ratio
+    for key in (f"logit_{first}", f"logit_{first}_all", "logit_ctr"):
+        if key in out:
+            out[key] = moved
+    for key in (f"p_{first}", "p_ctr"):
+        if key in out:
+            out[key] = torch.sigmoid(moved)
     if "p_ctcvr" in out:
-        out["p_ctcvr"] = out["p_ctcvr"] * torch.exp(log_ratio)
-    if "logit_ctcvr" in out:
-        log_p = (F.logsigmoid(out["logit_ctcvr"]) + log_ratio).clamp(max=-1e-7)
-        out["logit_ctcvr"] = log_p - torch.log(-torch.expm1(log_p))
+        out["p_ctcvr"] = out["p_ctcvr"] * ratio
     return out
 
 
@@ -82,7 +116,11 @@ class SampledNegativeCorrection(nn.Module):
         self, categorical: torch.Tensor, numerical: torch.Tensor, *extra: torch.Tensor
     ) -> dict[str, torch.Tensor]:
         """The wrapped model's outputs ``[B]`` with the CTR logit shifted by log r."""
-        return shift_ctr_logit(self.model(categorical, numerical, *extra), self.log_rate)
+        return shift_ctr_logit(
+            self.model(categorical, numerical, *extra),
+            self.log_rate,
+            getattr(self.model, "stages", ()),
+        )
 
 
 def with_sampling_correction(model: nn.Module, rate: float | None) -> nn.Module:

@@ -108,7 +108,7 @@ class ChorusCVR(nn.Module):
             self.tasks.append(
                 TaskLoss("ctr", label="click", outputs=("logit_ctr",), weight=o.ctr_weight)
             )
-        self.embedding = FeatureEmbedding(spec.cardinalities, spec.n_numerical, cfg.embedding_dim)
+        self.embedding = FeatureEmbedding.from_spec(spec, cfg.embedding_dim)
         d = self.embedding.output_dim
         self.ctr_tower = MLP(d, cfg.tower, out=1, dropout=cfg.dropout)
         self.cvr_tower = MLP(d, cfg.tower, out=1, dropout=cfg.dropout)

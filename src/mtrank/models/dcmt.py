@@ -120,7 +120,7 @@ class DCMT(nn.Module):
                 weight=o.ctcvr_weight,
             ),
         ]
-        self.embedding = FeatureEmbedding(spec.cardinalities, spec.n_numerical, cfg.embedding_dim)
+        self.embedding = FeatureEmbedding.from_spec(spec, cfg.embedding_dim)
         d = self.embedding.output_dim
         self.ctr_tower = MLP(d, cfg.tower, out=1, dropout=cfg.dropout)
         self.cvr_tower = WideDeepTower(d, cfg.tower, cfg.dropout)

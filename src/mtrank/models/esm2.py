@@ -152,7 +152,7 @@ class ESM2(nn.Module):
             )
             for s, w in ((act, o.w_ctavr), (buy, o.w_ctcvr))
         ]
-        self.embedding = FeatureEmbedding(spec.cardinalities, spec.n_numerical, cfg.embedding_dim)
+        self.embedding = FeatureEmbedding.from_spec(spec, cfg.embedding_dim)
         d = self.embedding.output_dim
         self.towers = nn.ModuleDict(
             {

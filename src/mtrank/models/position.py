@@ -84,7 +84,9 @@ class PositionTower(nn.Module):
         out = self.model(categorical, numerical, *extra)
         if position is None:
             return out
-        return shift_ctr_logit(out, self.position_logit(position).to(out["logit_ctr"].dtype))
+        stages = getattr(self.model, "stages", ())
+        logit = out[f"logit_{stages[0]}"] if stages else out["logit_ctr"]
+        return shift_ctr_logit(out, self.position_logit(position).to(logit.dtype), stages)
 
     @torch.no_grad()
     def effects(self) -> dict[str, float]:

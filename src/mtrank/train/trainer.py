@@ -220,10 +220,12 @@ def label_rates(train: BatchSource, schema: Schema, rows: int = RATE_ROWS) -> di
         for s, parent in zip(schema.stage_names, schema.stage_parents, strict=True):
             reach = w if parent < 0 else w * batch.labels[f"{schema.stage_names[parent]}_all"]
             put(s, (reach * batch.labels[s]).sum(), reach.sum())
+            put(f"{s}_all", (w * batch.labels[f"{s}_all"]).sum(), w.sum())  # entire-space heads
     elif schema.is_funnel:
         click = batch.labels["click"]
         put("ctr", (w * click).sum(), w.sum())
         put("cvr", (w * click * batch.labels["conversion"]).sum(), (w * click).sum())
+        put("ctcvr", (w * click * batch.labels["conversion"]).sum(), w.sum())
     else:
         for t in schema.tasks:
             put(t, (w * batch.labels[t]).sum(), w.sum())
