@@ -13,7 +13,7 @@ import torch
 from mtrank.data.encoders import FeatureEncoder, ListEncoder
 from mtrank.data.schema import ListFeature, Schema
 from mtrank.data.simulate import SIMULATED_SCHEMA, SimConfig, simulate
-from mtrank.models import MODELS, build_model
+from mtrank.models import THREE_STAGE_MODELS, MODELS, build_model
 from mtrank.models.config import FeatureSpec, ListInput, ModelConfig
 from mtrank.models.layers import FeatureEmbedding
 
@@ -95,7 +95,9 @@ def test_target_attention_ignores_padding_and_uses_the_candidate():
 def test_every_model_takes_list_features_without_change(name):
     """Every neural model of the registry (a new one too) pools list and sequence features
     through its FeatureEmbedding."""
+    staged = {"stages": ["click", "cart", "buy"], "parents": [-1, 0, 0]}
     spec = FeatureSpec(
+        **(staged if name in THREE_STAGE_MODELS else {}),
         cardinalities=[6, 9],
         n_numerical=1,
         lists=[

@@ -225,7 +225,6 @@ def label_rates(train: BatchSource, schema: Schema, rows: int = RATE_ROWS) -> di
         click = batch.labels["click"]
         put("ctr", (w * click).sum(), w.sum())
         put("cvr", (w * click * batch.labels["conversion"]).sum(), (w * click).sum())
-        put("ctcvr", (w * click * batch.labels["conversion"]).sum(), w.sum())
     else:
         for t in schema.tasks:
             put(t, (w * batch.labels[t]).sum(), w.sum())
