@@ -51,40 +51,22 @@ def shift_ctr_logit(
     product through the first stage). Outputs of plain multi-task models are returned as they
     are.
     """
-    if stages:
-        first = stages[0]
-        a = out[f"logit_{first}"]
-    elif "logit_ctr" in out:
-        first, a = None, out["logit_ctr"]
-    else:
+    first = stages[0] if stages else "ctr"
+    if f"logit_{first}" not in out:
         return out
     out = dict(out)
-    moved = a + shift
-    log_ratio = F.logsigmoid(moved) - F.logsigmoid(a)
-    if first is None:
-        out["logit_ctr"] = moved
-        out["p_ctr"] = torch.sigmoid(moved)
-        if "p_ctcvr" in out:
-            out["p_ctcvr"] = out["p_ctcvr"] * torch.exp(log_ratio)
-        if "logit_ctcvr" in out:
-            out["logit_ctcvr"] = _shift_log_prob(out["logit_ctcvr"], log_ratio)
-        return out
-    ratio = torch.exp(log_ratio)
-    for s in stages:
-        if f"logit_{s}_all" in out:
-            out[f"logit_{s}_all"] = (
-                moved if s == first else _shift_log_prob(out[f"logit_{s}_all"], log_ratio)
-            )
-        if f"p_{s}_all" in out:
-            out[f"p_{s}_all"] = torch.sigmoid(moved) if s == first else out[f"p_{s}_all"] * ratio
-    for key in (f"logit_{first}", f"logit_{first}_all", "logit_ctr"):
-        if key in out:
-            out[key] = moved
-    for key in (f"p_{first}", "p_ctr"):
-        if key in out:
-            out[key] = torch.sigmoid(moved)
-    if "p_ctcvr" in out:
-        out["p_ctcvr"] = out["p_ctcvr"] * ratio
+    moved = out[f"logit_{first}"] + shift
+    log_ratio = F.logsigmoid(moved) - F.logsigmoid(out[f"logit_{first}"])
+    for name in {first, f"{first}_all", "ctr"}:  # the first stage itself
+        if f"logit_{name}" in out:
+            out[f"logit_{name}"] = moved
+        if f"p_{name}" in out:
+            out[f"p_{name}"] = torch.sigmoid(moved)
+    for name in [f"{s}_all" for s in stages[1:]] + ["ctcvr"]:  # products through it
+        if f"p_{name}" in out:
+            out[f"p_{name}"] = out[f"p_{name}"] * torch.exp(log_ratio)
+        if f"logit_{name}" in out:
+            out[f"logit_{name}"] = _shift_log_prob(out[f"logit_{name}"], log_ratio)
     return out
 
 
