@@ -55,6 +55,8 @@ def shift_ctr_logit(
     if f"logit_{first}" not in out:
         return out
     out = dict(out)
+    if isinstance(shift, torch.Tensor):
+        shift = shift.to(out[f"logit_{first}"].dtype)
     moved = out[f"logit_{first}"] + shift
     log_ratio = F.logsigmoid(moved) - F.logsigmoid(out[f"logit_{first}"])
     for name in {first, f"{first}_all", "ctr"}:  # the first stage itself
@@ -70,7 +72,19 @@ def shift_ctr_logit(
     return out
 
 
-class SampledNegativeCorrection(nn.Module):
+class ModelWrapper(nn.Module):
+    """Base of a module that wraps a model (``self.model``) and changes its outputs: attributes
+    it does not have itself (``stages``, ``head_outputs``, ``tasks`` …) are the wrapped
+    model's."""
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.model, name)
+
+
+class SampledNegativeCorrection(ModelWrapper):
     """A funnel model whose pCTR and pCTCVR are corrected for negatives kept at ``rate``.
 
     forward(categorical int64 ``[B, n_cat]``, numerical float32 ``[B, n_num]``, *extra) → the
@@ -87,12 +101,6 @@ class SampledNegativeCorrection(nn.Module):
         self.model = model
         self.rate = check_sampling_rate(rate, "negative sampling rate")
         self.log_rate = math.log(self.rate)
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self.model, name)
 
     def forward(
         self, categorical: torch.Tensor, numerical: torch.Tensor, *extra: torch.Tensor
@@ -121,6 +129,7 @@ def without_sampling_correction(model):
 
 __all__ = [
     "SampledNegativeCorrection",
+    "ModelWrapper",
     "shift_ctr_logit",
     "with_sampling_correction",
     "without_sampling_correction",

@@ -28,12 +28,12 @@ import torch
 from torch import nn
 
 from mtrank.errors import ConfigError
-from mtrank.models.calibration import shift_ctr_logit
+from mtrank.models.calibration import ModelWrapper, shift_ctr_logit
 
 MAX_POSITIONS = 1024  # positions above the largest one seen (or this) share its effect
 
 
-class PositionTower(nn.Module):
+class PositionTower(ModelWrapper):
     """Any funnel model plus a per-position logit added to its CTR logit (training only).
 
     Args:
@@ -61,12 +61,6 @@ class PositionTower(nn.Module):
         self.bias = nn.Embedding(self.largest - self.reference + 1, 1)
         nn.init.zeros_(self.bias.weight)
 
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self.model, name)
-
     def position_logit(self, position: torch.Tensor) -> torch.Tensor:
         """b[pos] − b[ref], float ``[B]``, for int64 positions ``[B]``."""
         idx = position.clamp(self.reference, self.largest) - self.reference
@@ -84,9 +78,9 @@ class PositionTower(nn.Module):
         out = self.model(categorical, numerical, *extra)
         if position is None:
             return out
-        stages = getattr(self.model, "stages", ())
-        logit = out[f"logit_{stages[0]}"] if stages else out["logit_ctr"]
-        return shift_ctr_logit(out, self.position_logit(position).to(logit.dtype), stages)
+        return shift_ctr_logit(
+            out, self.position_logit(position), getattr(self.model, "stages", ())
+        )
 
     @torch.no_grad()
     def effects(self) -> dict[str, float]:
