@@ -186,8 +186,15 @@ def test_per_stage_metrics_cover_exactly_the_rows_that_reached_the_after_stage()
 
 @pytest.mark.parametrize(
     ("schema", "model"),
-    [(ONE, "esmm"), (ONE, "mmoe"), (TWO, "esmm"), (THREE, "esmm"), (THREE, "aitm")],
-    ids=["one-esmm", "one-mmoe", "two-esmm", "three-esmm", "three-aitm"],
+    [
+        (ONE, "esmm"),
+        (ONE, "mmoe"),
+        (TWO, "esmm"),
+        (THREE, "esmm"),
+        (THREE, "aitm"),
+        (THREE, "esm2"),
+    ],
+    ids=["one-esmm", "one-mmoe", "two-esmm", "three-esmm", "three-aitm", "three-esm2"],
 )
 def test_stages_train_evaluate_export_and_serve(schema, model, tmp_path):
     res = fit_small(schema, model)
@@ -270,3 +277,19 @@ def test_ctr_only_quadrants_fuse_and_a_constant_click_are_named(tmp_path):
     path = fit_small(ONE).bundle.save(tmp_path / "b")
     r = cli_in_process("fuse", "--bundle", path, "--data", tmp_path / "ctr.csv", "-o", tmp_path)
     assert r.returncode == 2 and "CTR-only" in r.stderr and "single (which=ctr)" in r.stderr
+
+
+def test_ctr_only_with_the_simulators_cvr_truth_columns_evaluates_without_cvr_metrics():
+    """A CTR-only schema that keeps the simulator's CVR truths as passthrough columns (copied
+    from the simulated schema) trains: there is no pCVR to score against them, so no truth
+    metric is computed (was KeyError 'p_cvr')."""
+    rng = np.random.default_rng(1)
+    df = funnel_data().with_columns(
+        pl.Series("true_cvr_clicked", rng.random(400)),
+        pl.Series("true_cvr_do", rng.random(400)),
+    )
+    schema = Schema(click="is_click", passthrough=["true_cvr_clicked", "true_cvr_do"], **FEATURES)
+    m = fit_small(schema, df=df).metrics["test"]
+    assert m["n_impressions"] == 80
+    assert m["auc_click"] is not None
+    assert not any(k.startswith("auc_cvr_") for k in m)

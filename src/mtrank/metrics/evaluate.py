@@ -175,7 +175,7 @@ def evaluate_outputs(
                 m[f"gauc_{t.name}"] = g.value
                 m[f"gauc_{t.name}_users"] = g.groups_used
                 m[f"gauc_{t.name}_skipped"] = g.groups_skipped
-        if "true_cvr_clicked" in side and "true_cvr_do" in side:
+        if "true_cvr_clicked" in side and "true_cvr_do" in side and "p_cvr" in outputs:
             m.update(truth_metrics(np.asarray(outputs["p_cvr"], dtype=np.float64), click > 0, side))
     else:
         for t in eval_tasks(schema):

@@ -72,8 +72,9 @@ def mixture_logit(a2: torch.Tensor, a3: torch.Tensor, a4: torch.Tensor) -> torch
         ``[B]`` log pCVR − log(1 − pCVR), finite for finite inputs.
     """
     ls = F.logsigmoid
-    log_p = torch.logaddexp(ls(a2) + ls(a3), ls(-a2) + ls(a4))
-    log_1mp = torch.logaddexp(ls(a2) + ls(-a3), ls(-a2) + ls(-a4))
+    # logsumexp over a stacked pair = logaddexp, which ONNX (opset 18) has no operator for
+    log_p = torch.logsumexp(torch.stack([ls(a2) + ls(a3), ls(-a2) + ls(a4)]), dim=0)
+    log_1mp = torch.logsumexp(torch.stack([ls(a2) + ls(-a3), ls(-a2) + ls(-a4)]), dim=0)
     return log_p - log_1mp
 
 
