@@ -56,8 +56,9 @@ def require_funnel(spec: FeatureSpec, model: str) -> None:
     if spec.stages:
         raise ConfigError(
             f"{model} is a two-stage model (click → conversion) but the schema declares a "
-            f"{len(spec.stages)}-stage funnel {spec.stages}: use esmm, esmm_ns, shared_bottom, "
-            "mmoe, ple or aitm, or declare two stages with click/conversion"
+            f"{len(spec.stages)}-stage funnel {spec.stages}: use esmm, esmm_ns, esmm_sb, "
+            "esmm_mmoe, shared_bottom, mmoe, ple or aitm (esm2 on click → {cart, buy}), or declare "
+            "two stages with click/conversion"
         )
     if not spec.funnel:
         raise ConfigError(f"{model} needs a funnel dataset (click and conversion labels)")
