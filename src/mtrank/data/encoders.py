@@ -22,7 +22,7 @@ never silently scored as if it were ordinary (:meth:`NumericalEncoder.out_of_ran
 from __future__ import annotations
 
 import math
-import operator
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from itertools import repeat
 
@@ -50,7 +50,7 @@ class CategoricalEncoder:
     column: str
     values: list[str]
     _table: tuple | None = field(default=None, init=False, repr=False, compare=False)
-    _ints: tuple | None = field(default=None, init=False, repr=False, compare=False)
+    _ints: list | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def cardinality(self) -> int:
@@ -75,8 +75,9 @@ class CategoricalEncoder:
         return cls(column=series.name, values=values)
 
     def _lookup(self) -> dict[str | None, int]:
-        """Canonical id → index for the vocabulary, ``None`` → :data:`MISSING`: a hash map built
-        once and cached (rebuilt if ``values`` is replaced or grows)."""
+        """Canonical id → index for the vocabulary, ``None`` and ``""`` → :data:`MISSING` (no
+        vocabulary value is empty: fitting drops them): a hash map built once and cached
+        (rebuilt if ``values`` is replaced or grows)."""
         if (
             self._table is None
             or self._table[0] is not self.values
@@ -85,9 +86,19 @@ class CategoricalEncoder:
             table: dict[str | None, int] = dict(
                 zip(self.values, range(N_RESERVED, N_RESERVED + len(self.values)), strict=True)
             )
-            table[None] = MISSING
+            table[None] = table[""] = MISSING
             self._table = (self.values, len(self.values), table)
         return self._table[2]
+
+    def _int_table(self) -> dict[int | None, int]:
+        """Integer id → index (the vocabulary values that are canonical integers, as
+        :meth:`_int_lookup`), ``None`` → :data:`MISSING`: a hash map, cached."""
+        table, index = self._int_lookup()
+        if self._ints[4] is None:
+            lookup: dict[int | None, int] = dict(zip(table.tolist(), index.tolist(), strict=True))
+            lookup[None] = MISSING
+            self._ints[4] = lookup
+        return self._ints[4]
 
     def _int_lookup(self) -> tuple[np.ndarray, np.ndarray]:
         """(sorted int64 ids, their indices) for the vocabulary values that are canonical
@@ -103,54 +114,81 @@ class CategoricalEncoder:
             pos = np.flatnonzero(keep)
             table = ids.to_numpy()[pos].astype(np.int64) if pos.size else np.zeros(0, np.int64)
             order = np.argsort(table, kind="stable")
-            self._ints = (
+            self._ints = [
                 self.values,
                 len(self.values),
                 table[order],
                 pos[order].astype(np.int64) + N_RESERVED,
-            )
+                None,  # the hash map of _int_table, built when first asked
+            ]
         return self._ints[2], self._ints[3]
 
     def _transform_ints(self, series: pl.Series) -> tuple[np.ndarray, int, int]:
-        """:meth:`transform` of an integer column: the same indices as the string path (an
-        integer's canonical id is its decimal string), by a searchsorted on int64."""
-        table, index = self._int_lookup()
+        """:meth:`transform` of an integer column (see :meth:`encode_ints`)."""
         if series.null_count() == 0:  # the common case, without polars' expression dispatch
-            missing = np.zeros(series.len(), dtype=bool)
-            x = series.to_numpy().astype(np.int64, copy=False)
-        else:
-            missing = series.is_null().to_numpy()
-            x = series.cast(pl.Int64).fill_null(0).to_numpy()
+            return self.encode_ints(series.to_numpy().astype(np.int64, copy=False))
+        missing = series.is_null().to_numpy()
+        return self.encode_ints(series.cast(pl.Int64).fill_null(0).to_numpy(), missing)
+
+    def encode_ints(
+        self, ids: np.ndarray, missing: np.ndarray | None = None
+    ) -> tuple[np.ndarray, int, int]:
+        """Encode integer ids: the same indices as the string path (an integer's canonical id is
+        its decimal string), by a binary search in the sorted int64 vocabulary ids.
+
+        Args:
+            ids: int64 ``[N]``. missing: bool ``[N]`` rows that are missing (their ``ids`` value
+                is ignored), or None for none.
+
+        Returns:
+            (indices int64 ``[N]``, n_missing, n_oov).
+        """
+        table, index = self._int_lookup()
+        x = np.asarray(ids, dtype=np.int64)
         if table.size:
             pos = np.minimum(np.searchsorted(table, x), table.size - 1)
             idx = np.where(table[pos] == x, index[pos], OOV)
         else:
             idx = np.full(x.size, OOV, dtype=np.int64)
-        idx[missing] = MISSING
-        return idx.astype(np.int64, copy=False), int(missing.sum()), int((idx == OOV).sum())
+        n_missing = 0
+        if missing is not None:
+            idx[missing] = MISSING
+            n_missing = int(missing.sum())
+        return idx.astype(np.int64, copy=False), n_missing, int((idx == OOV).sum())
+
+    def encode_list(self, ids: list, *, ints: bool = False) -> tuple[np.ndarray, int, int]:
+        """Encode ids given as a Python list by ``map(dict.get)`` over the cached vocabulary
+        (:meth:`_lookup`, or :meth:`_int_table` for integers): a C loop, memory bounded by the
+        input's own values (nothing is widened to the longest one).
+
+        Args:
+            ids: canonical string ids (stripped), or with ``ints`` Python integers; ``None``
+                (and ``""``) = missing.
+
+        Returns:
+            (indices int64 ``[N]``, n_missing, n_oov).
+        """
+        table = self._int_table() if ints else self._lookup()
+        idx = np.fromiter(map(table.get, ids, repeat(OOV)), np.int64, len(ids))
+        return idx, int(np.count_nonzero(idx == MISSING)), int(np.count_nonzero(idx == OOV))
 
     def transform(self, series: pl.Series) -> tuple[np.ndarray, int, int]:
         """Encode a column. Returns (indices int64 [N], n_missing, n_oov).
 
-        Canonical ids (:func:`canonical_ids`) are looked up in the cached hash map
-        (:meth:`_lookup`) by ``map(dict.get, …)`` over blocks of :data:`_BLOCK` values (C loops,
-        no Python per row). Memory is bounded by the input's own bytes per block: a 5 MB id is
-        hashed once, nothing is widened to the longest value. A string column is only stripped
-        (its empty values are missing, as :func:`canonical_ids` makes them), without the
-        null-replacement pass. An integer column (up to 64 bits) takes an int64 binary search
-        instead (:meth:`_transform_ints`), with the same result."""
+        Canonical ids (:func:`canonical_ids`) are looked up in blocks of :data:`_BLOCK` values
+        by :meth:`encode_list` (C loops, no Python per row). Memory is bounded by the input's
+        own bytes per block: a 5 MB id is hashed once, nothing is widened to the longest value.
+        A string column is only stripped (its empty values are missing, as
+        :func:`canonical_ids` makes them), without the null-replacement pass. An integer column
+        (up to 64 bits) takes an int64 binary search instead (:meth:`encode_ints`), with the
+        same result."""
         if series.dtype.is_integer() and series.dtype != pl.UInt64:
             return self._transform_ints(series)
-        table = self._lookup()
-        is_str = series.dtype == pl.String
-        canon = series.str.strip_chars() if is_str else canonical_ids(series)
+        canon = series.str.strip_chars() if series.dtype == pl.String else canonical_ids(series)
         idx = np.empty(canon.len(), dtype=np.int64)
         for start in range(0, canon.len(), _BLOCK):
             part = canon.slice(start, _BLOCK).to_list()
-            block = idx[start : start + len(part)]
-            block[:] = np.fromiter(map(table.get, part, repeat(OOV)), np.int64, len(part))
-            if is_str:  # "" (after stripping) is missing; so is None
-                block[np.fromiter(map(operator.not_, part), bool, len(part))] = MISSING
+            idx[start : start + len(part)] = self.encode_list(part)[0]
         return idx, int((idx == MISSING).sum()), int((idx == OOV).sum())
 
 
@@ -200,7 +238,18 @@ class NumericalEncoder:
 
     def transform(self, series: pl.Series) -> tuple[np.ndarray, int]:
         """Encode a column. Returns (values float32 [N], n_imputed)."""
-        x = series.cast(pl.Float64, strict=False).to_numpy().astype(np.float64, copy=True)
+        return self.encode(series.cast(pl.Float64, strict=False).to_numpy())
+
+    def encode(self, values: np.ndarray) -> tuple[np.ndarray, int]:
+        """Impute non-finite values (NaN = missing) with the training mean and standardise.
+
+        Args:
+            values: float64 ``[N]`` (not modified).
+
+        Returns:
+            (values float32 ``[N]``, n_imputed).
+        """
+        x = np.array(values, dtype=np.float64, copy=True)
         bad = ~np.isfinite(x)
         x[bad] = self.mean
         return ((x - self.mean) / self.std).astype(np.float32), int(bad.sum())
@@ -299,6 +348,18 @@ class ListEncoder:
         return cls(feature, CategoricalEncoder(feature.column, [str(v) for v in values or []]))
 
 
+@dataclass(frozen=True)
+class IntIds:
+    """A categorical column given as Python integers (int64 range; None = missing), for
+    :meth:`FeatureEncoder.transform_columns`: looked up as integers, with the same indices as
+    their canonical strings."""
+
+    ids: list
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
 @dataclass
 class EncodedFeatures:
     """Encoded features of N rows: ``categorical`` int64 [N, n_cat], ``numerical`` float32 [N,
@@ -377,6 +438,45 @@ class FeatureEncoder:
             self._transform_lists(df, out)
         return out
 
+    def transform_columns(
+        self, columns: Mapping[str, IntIds | np.ndarray | list | pl.Series], n: int
+    ) -> EncodedFeatures:
+        """Encode already-validated columns without building a table: the same result as
+        :meth:`transform` on the same values (the HTTP service's fast path). Scalar features
+        only (a schema with list/sequence features goes through :meth:`transform`).
+
+        Args:
+            columns: per feature column, of length ``n``: a categorical one as a list of
+                canonical string ids (stripped; None or ``""`` = missing), :class:`IntIds`
+                (Python integers in the int64 range; None = missing) or a Series; a numerical
+                one as float64 ``[N]`` (NaN = missing). A categorical column of length 1
+                stands for its value in every row (encoded once).
+            n: rows.
+
+        Raises:
+            KeyError: a feature column is not in ``columns``.
+        """
+        cat = np.zeros((n, len(self.categorical)), dtype=np.int64)
+        num = np.zeros((n, len(self.numerical)), dtype=np.float32)
+        n_missing: dict[str, int] = {}
+        n_oov: dict[str, int] = {}
+        for j, enc in enumerate(self.categorical):
+            values = columns[enc.column]
+            if isinstance(values, IntIds):
+                values, ints = values.ids, True
+            else:
+                ints = False
+            if isinstance(enc, CategoricalEncoder) and isinstance(values, list):
+                idx, n_miss, n_unseen = enc.encode_list(values, ints=ints)
+            else:
+                idx, n_miss, n_unseen = enc.transform(pl.Series(enc.column, values))
+            if len(values) == 1 and n != 1:  # one value for every row
+                n_miss, n_unseen = n_miss * n, n_unseen * n
+            cat[:, j], n_missing[enc.column], n_oov[enc.column] = idx, n_miss, n_unseen
+        for j, enc in enumerate(self.numerical):
+            num[:, j], n_missing[enc.column] = enc.encode(columns[enc.column])
+        return EncodedFeatures(cat, num, n_missing, n_oov)
+
     def _transform_lists(self, df: pl.DataFrame, out: EncodedFeatures) -> None:
         """Append the list/sequence tensors (:mod:`mtrank.data.lists`) and their counts."""
         by_column = {e.column: e for e in self.categorical}
@@ -387,15 +487,18 @@ class FeatureEncoder:
             out.n_missing[enc.column], out.n_oov[enc.column] = n_miss, n_oov
             out.n_truncated[enc.column] = n_trunc
 
-    def out_of_range_counts(self, df: pl.DataFrame) -> dict[str, int]:
-        """Per numerical column of ``df``, the values far outside the training range
-        (:meth:`NumericalEncoder.out_of_range`); a column absent from ``df`` counts 0."""
+    def out_of_range_counts(self, df: pl.DataFrame | Mapping[str, np.ndarray]) -> dict[str, int]:
+        """Per numerical column of ``df`` (a table, or float64 ``[N]`` columns by name), the
+        values far outside the training range (:meth:`NumericalEncoder.out_of_range`); a column
+        absent from ``df`` counts 0."""
         out = {}
         for e in self.numerical:
-            if e.column not in df.columns:
+            if e.column not in df:
                 out[e.column] = 0
                 continue
-            x = df.get_column(e.column).cast(pl.Float64, strict=False).to_numpy()
+            x = df[e.column]
+            if isinstance(x, pl.Series):
+                x = x.cast(pl.Float64, strict=False).to_numpy()
             out[e.column] = int(e.out_of_range(x).sum())
         return out
 

@@ -35,8 +35,10 @@ whole batch is scored at once and fused by the ranking module's formulas
 
 from __future__ import annotations
 
+import operator
 import time
 from dataclasses import dataclass, field
+from itertools import repeat
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +48,7 @@ import torch
 from pydantic import ValidationError
 
 from mtrank.bundle import Bundle
-from mtrank.data.encoders import EncodedFeatures
+from mtrank.data.encoders import EncodedFeatures, IntIds
 from mtrank.errors import BundleError, ConfigError
 from mtrank.ranking.replay import rank_order
 from mtrank.serve.fusion import FusionSpec, fused_scores
@@ -187,6 +189,8 @@ class RankingService:
             )
         )
         self.list_features = [*schema.lists, *schema.sequences]  # see mtrank.serve.lists
+        self._categorical_set = set(self.categorical)
+        self._getters = {c: operator.itemgetter(c) for c in self.features}
         self.engine = engine
         self.threads = threads
         self._infer = self._make_engine(engine, threads)  # may set self.engine = "native"
@@ -338,6 +342,100 @@ class RankingService:
         except ConfigError as exc:
             raise RequestError([_error(["fusion"], str(exc))]) from None
         return spec
+
+    # -- features → columns (fast path) ------------------------------------------------------
+    def columns(
+        self, context: dict[str, Any], candidates: list[dict[str, Any]]
+    ) -> dict[str, IntIds | np.ndarray | list] | None:
+        """The feature columns of a request that passes every check of :meth:`frame`, gathered
+        without polars or per-candidate objects (C-level ``map`` over the candidates, numpy
+        checks), in the form :meth:`FeatureEncoder.transform_columns` encodes: categorical
+        integer ids (:class:`IntIds`) or a list of string ids (None = missing), numerical
+        float64 ``[N]`` (NaN = missing), context filled in (a categorical column that only the
+        context gives has length 1).
+
+        Returns None whenever a value needs the exact path: anything :meth:`frame` would reject,
+        and the rarer valid forms it handles (ids given as integers and strings in one column,
+        integral floats as ids, ids with surrounding whitespace,
+        list/sequence features). :meth:`frame` then gives the same encoded result, or the
+        errors naming each field (tested against each other in tests/test_serve_fast.py).
+        """
+        if self.list_features:
+            return None
+        n = len(candidates)
+        out: dict[str, IntIds | np.ndarray | list] = {}
+        for col in self.features:
+            ctx = context.get(col)
+            if (
+                ctx is not None
+                and col not in candidates[0]
+                and not any(map(operator.contains, candidates, repeat(col)))
+            ):  # a context feature (the user's): checked once, repeated
+                column = self._fast_column(col, [ctx], 0)
+                if column is None:
+                    return None
+                # categorical: encoded once (transform_columns repeats a length-1 column)
+                out[col] = np.repeat(column, n) if type(column) is np.ndarray else column
+                continue
+            try:  # itemgetter: a C loop (dict.get by map is 3× slower)
+                values = list(map(self._getters[col], candidates))
+            except KeyError:  # absent in some candidate: null, or the context's value
+                values = list(map(dict.get, candidates, repeat(col)))
+            n_null = values.count(None)
+            if ctx is not None:
+                if n_null == n:
+                    values = [ctx] * n
+                elif n_null:
+                    values = [ctx if v is None else v for v in values]
+                elif self._fast_column(col, [ctx], 0) is None:
+                    return None  # the context's value is checked even when no candidate takes it
+                n_null = 0
+            elif n_null and col not in context:
+                if not all(map(operator.contains, candidates, repeat(col))):
+                    return None  # absent from a candidate and the context: frame names it
+            column = self._fast_column(col, values, n_null)
+            if column is None:
+                return None
+            out[col] = column
+        return out
+
+    def _fast_column(
+        self, col: str, values: list, n_null: int
+    ) -> IntIds | np.ndarray | list | None:
+        """One column of :meth:`columns`, or None when it needs the exact path."""
+        kinds = set(map(type, values))
+        kinds.discard(type(None))
+        if col in self._categorical_set:
+            if kinds == {int}:
+                ids = list(filter(_not_none, values)) if n_null else values
+                if min(ids) < INT64[0] or max(ids) > INT64[1]:
+                    return None  # beyond int64: frame names it
+                return IntIds(values)
+            if kinds == {str} or not kinds:
+                ids = list(filter(None, values)) if n_null else values
+                if (
+                    max(map(len, ids), default=0) > MAX_ID_CHARS
+                    or list(map(str.strip, ids)) != ids  # frame strips (polars' rule)
+                    or not _utf8("".join(ids))
+                ):
+                    return None
+                return values
+            return None
+        if not kinds <= {int, float}:
+            return None
+        try:
+            x = np.array(values, dtype=np.float64)  # None → NaN
+        except (OverflowError, TypeError, ValueError):
+            return None
+        with np.errstate(invalid="ignore"):
+            ok = np.isfinite(x)
+            if n_null:  # a null is missing (NaN here); a NaN sent as such is not finite
+                ok |= np.fromiter(map(operator.is_, values, repeat(None)), bool, len(values))
+            if not ok.all() or (np.abs(x) > self.bounds[col]).any():
+                return None
+            if col == self.price and (n_null or (x < 0).any()):
+                return None
+        return x
 
     # -- features → frame ---------------------------------------------------------------------
     def frame(self, context: dict[str, Any], candidates: list[dict[str, Any]]) -> pl.DataFrame:
@@ -560,13 +658,25 @@ class RankingService:
                 self.check_fusion(fusion)
             except ConfigError as exc:
                 raise RequestError([_error(["fusion"], str(exc))]) from None
-        df = self.frame(context, candidates)
-        t1 = time.perf_counter()
-        data = self.encode(df)
+        columns = self.columns(context, candidates)
+        if columns is None:  # the exact path: same result, or the errors naming each field
+            df = self.frame(context, candidates)
+            t1 = time.perf_counter()
+            data = self.encode(df)
+            price = df.get_column(self.price).to_numpy() if self.price else None
+            out_of_range = self.bundle.encoder.out_of_range_counts(df)
+        else:
+            t1 = time.perf_counter()
+            data = self._checked(
+                lambda c: self.bundle.encoder.transform_columns(c, len(candidates)), columns
+            )
+            price = columns[self.price] if self.price else None
+            out_of_range = self.bundle.encoder.out_of_range_counts(columns)
         t2 = time.perf_counter()
         raw = self._infer(data.categorical, data.numerical, *data.extra)
         t3 = time.perf_counter()
-        scored = self.fuse(raw, df, data, spec)
+        scored = self.fuse(raw, price, data, spec)
+        scored.n_out_of_range = out_of_range
         t4 = time.perf_counter()
         timings = {"validate": t1 - t0, "encode": t2 - t1, "infer": t3 - t2, "fuse": t4 - t3}
         scored.timings_ms = {k: v * 1e3 for k, v in timings.items()}
@@ -581,8 +691,12 @@ class RankingService:
             RequestError: a standardised numerical value overflows float32 (defensive: the
                 bounds of :meth:`frame` keep every value finite).
         """
+        return self._checked(self.bundle.encoder.transform, df)
+
+    def _checked(self, transform, columns) -> EncodedFeatures:
+        """``transform(columns)`` (an encoder's), with the check of :meth:`encode`."""
         with np.errstate(over="ignore", invalid="ignore"):
-            data = self.bundle.encoder.transform(df)
+            data = transform(columns)
         num = data.numerical
         if not np.isfinite(num).all():
             bad = [
@@ -604,20 +718,20 @@ class RankingService:
     def fuse(
         self,
         raw: dict[str, np.ndarray],
-        df: pl.DataFrame,
+        price: np.ndarray | None,
         data: EncodedFeatures,
         spec: FusionSpec,
     ) -> Scored:
         """The engine's outputs (``raw``: float32 ``[N]`` per name) fused by ``spec`` with the
-        frame's price; a ranker's own ``score`` is used as is."""
+        candidates' ``price`` (float64 ``[N]``, or None without a price column); a ranker's own
+        ``score`` is used as is. ``n_out_of_range`` is left empty (set by :meth:`score`)."""
         if self.own_score:
             score = raw["score"].astype(np.float64)
             probs = {k: np.full(score.size, np.nan) for k in PROBS}
             log_score, key = np.full(score.size, np.nan), score
         else:
-            nan = np.full(len(df), np.nan)
+            nan = np.full(len(data.categorical), np.nan)
             probs = {k: raw[k].astype(np.float64) if k in raw else nan for k in self.probs}
-            price = df.get_column(self.price).to_numpy() if self.price else None
             score, log_score, key = fused_scores(
                 spec.fusion, probs["p_ctr"], probs["p_cvr"], probs["p_ctcvr"], price
             )
@@ -633,8 +747,11 @@ class RankingService:
             n_missing,
             n_oov,
             spec,
-            n_out_of_range=self.bundle.encoder.out_of_range_counts(df),
         )
+
+
+def _not_none(value: Any) -> bool:
+    return value is not None
 
 
 def _utf8(text: str) -> bool:

@@ -1,0 +1,237 @@
+"""The service's columnar fast path (:meth:`RankingService.columns`) against the exact path
+(:meth:`RankingService.frame` + :meth:`RankingService.encode`): the same encoded features,
+counts and prices for every request the fast path takes; the exact path for every request it
+must not take (so that errors still name each field)."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pytest
+
+from mtrank.data.datasets import LoadedData
+from mtrank.data.io import validate_frame
+from mtrank.data.simulate import SIMULATED_SCHEMA, SimConfig, simulate
+from mtrank.data.split import SplitConfig, split_data
+from mtrank.models.config import ModelConfig
+from mtrank.serve.body import decode_json
+from mtrank.serve.service import MAX_ID_CHARS, RankingService, RequestError
+from mtrank.train.trainer import TrainConfig
+from mtrank.workflow import fit
+
+# "hour" as a numerical feature: a numerical column that may be null (mean-imputed), beside
+# the price, which may not
+SCHEMA = SIMULATED_SCHEMA.model_copy(
+    update={
+        "categorical": [c for c in SIMULATED_SCHEMA.categorical if c != "hour"],
+        "numerical": ["price", "hour"],
+    }
+)
+USER = ["user_id", "user_age", "user_gender", "user_power", "hour"]
+ITEM = ["item_id", "category", "brand", "shop", "price"]
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory) -> RankingService:
+    sim = simulate(SimConfig(rows=3_000, n_users=200, n_items=100, cvr=0.2, seed=5))
+    df, _ = validate_frame(sim, SCHEMA, "sim")
+    splits = split_data(LoadedData(SCHEMA, {"all": df}, {"all": "sim"}), SplitConfig())
+    res = fit(
+        splits,
+        SCHEMA,
+        ModelConfig(tower=[8], embedding_dim=4),
+        TrainConfig(epochs=1, batch_size=512, seed=0),
+        quiet=True,
+    )
+    path = res.bundle.save(tmp_path_factory.mktemp("fast") / "esmm")
+    return RankingService(path, engine="torch", threads=0)
+
+
+@pytest.fixture(scope="module")
+def rows(service) -> pl.DataFrame:
+    return simulate(SimConfig(rows=400, n_users=200, n_items=100, cvr=0.2, seed=6))
+
+
+def base_request(rows: pl.DataFrame, n: int = 30) -> tuple[dict, list[dict]]:
+    context = rows.select(USER).row(0, named=True)
+    return context, rows.head(n).select(ITEM).to_dicts()
+
+
+def exact(service: RankingService, context: dict, candidates: list[dict]):
+    df = service.frame(context, candidates)
+    data = service.encode(df)
+    price = df.get_column(service.price).to_numpy()
+    return data, price, service.bundle.encoder.out_of_range_counts(df)
+
+
+def fast(service: RankingService, context: dict, candidates: list[dict]):
+    cols = service.columns(context, candidates)
+    assert cols is not None, "the fast path refused a request it should take"
+    data = service.bundle.encoder.transform_columns(cols, len(candidates))
+    return data, cols[service.price], service.bundle.encoder.out_of_range_counts(cols)
+
+
+def assert_same(a, b) -> None:
+    (da, pa, oa), (db, pb, ob) = a, b
+    np.testing.assert_array_equal(da.categorical, db.categorical)
+    assert da.numerical.dtype == db.numerical.dtype == np.float32
+    np.testing.assert_array_equal(da.numerical, db.numerical)  # bit for bit
+    assert da.n_missing == db.n_missing and da.n_oov == db.n_oov
+    np.testing.assert_array_equal(pa, pb)
+    assert oa == ob
+
+
+def variants(context: dict, cands: list[dict]) -> dict[str, tuple[dict, list[dict]]]:
+    """Valid requests of the forms the fast path takes."""
+
+    def edit(fn, ctx=None):
+        out = [dict(c) for c in cands]
+        for i, c in enumerate(out):
+            fn(i, c)
+        return (dict(context) if ctx is None else ctx), out
+
+    def string_ids(i, c):
+        c["item_id"], c["shop"] = str(c["item_id"]), str(c["shop"])
+
+    def nulls(i, c):
+        if i % 3 == 0:
+            c["brand"] = None  # categorical string-less null: missing
+        if i % 4 == 0:
+            c["price"] = None  # takes the context's price
+
+    def unseen(i, c):
+        c["item_id"] = 10_000_000 + i  # OOV ids
+        c["category"] = f"never-{i}"
+
+    def context_override(i, c):
+        if i % 2:
+            c["user_age"] = context["user_age"]  # a candidate's value overrides the context
+            c["hour"] = 5.5
+
+    def empty_string(i, c):
+        c["shop"] = "" if i % 5 == 0 else str(c["shop"])  # "" is missing
+
+    ctx_price = {**context, "price": 12.5}
+    all_in_candidates = {}
+    moved = edit(lambda i, c: c.update({k: context[k] for k in USER}), ctx=all_in_candidates)
+    hour_null = edit(lambda i, c: c.update(hour=None if i % 2 else 3), ctx={**context})
+    hour_null[0].pop("hour")  # null in a candidate, key absent from the context: missing
+    return {
+        "ints": (dict(context), cands),
+        "string ids": edit(string_ids),
+        "nulls and context fill": edit(nulls, ctx=ctx_price),
+        "unseen ids": edit(unseen),
+        "candidate overrides context": edit(context_override),
+        "empty strings": edit(empty_string),
+        "no context": moved,
+        "numerical nulls": hour_null,
+        "big price (out of range)": edit(lambda i, c: c.update(price=1e6 * (i + 1))),
+        "integer prices": edit(lambda i, c: c.update(price=int(c["price"]))),
+        "all-null column": edit(lambda i, c: c.update(brand=None)),
+        "integer id null (no context)": edit(lambda i, c: c.update(brand=None if i == 3 else i)),
+    }
+
+
+def test_fast_path_encodes_exactly_as_the_exact_path(service, rows):
+    context, cands = base_request(rows)
+    for name, (ctx, cs) in variants(context, cands).items():
+        try:
+            assert_same(fast(service, ctx, cs), exact(service, ctx, cs))
+        except AssertionError as exc:
+            raise AssertionError(f"{name}: {exc}") from None
+
+
+def test_fast_path_counts_are_the_real_counts(service, rows):
+    context, cands = base_request(rows, n=10)
+    ctx, cs = variants(context, cands)["unseen ids"]
+    data, _, _ = fast(service, ctx, cs)
+    assert data.n_oov["item_id"] == 10 and data.n_oov["category"] == 10
+    ctx, cs = variants(context, cands)["all-null column"]
+    data, _, _ = fast(service, ctx, cs)
+    assert data.n_missing["brand"] == 10 and (data.categorical[:, 6] == 0).all()
+
+
+def refused(context: dict, cands: list[dict]) -> dict[str, tuple[dict, list[dict]]]:
+    """Requests the fast path must leave to the exact path (invalid, or rarer valid forms)."""
+
+    def one(key, value, i=3, ctx=None):
+        out = [dict(c) for c in cands]
+        out[i][key] = value
+        return (dict(context) if ctx is None else ctx), out
+
+    absent = one("brand", 1)
+    del absent[1][2]["brand"]
+    return {
+        "negative price": one("price", -1.0),
+        "null price, no context price": one("price", None),
+        "NaN price": one("price", float("nan")),
+        "infinite": one("price", float("inf")),
+        "boolean id": one("item_id", True),
+        "float id": one("item_id", 3.0),
+        "mixed int and str ids": one("item_id", "7"),
+        "id beyond int64": one("item_id", 2**64),
+        "over-long id": one("shop", "x" * (MAX_ID_CHARS + 1)),
+        "lone surrogate": one("shop", "\ud800"),
+        "whitespace id": one("shop", " 7"),
+        "numerical string": one("price", "3"),
+        "price too large": one("price", 1e301),
+        "object value": one("brand", {"a": 1}),
+        "absent from a candidate": absent,
+        "bad context value": ({**context, "user_id": [1]}, [dict(c) for c in cands]),
+        "negative context price": ({**context, "price": -2.0}, [dict(c) for c in cands]),
+        "non-integral float id in context": ({**context, "user_power": 1.5}, cands),
+    }
+
+
+def test_fast_path_leaves_the_rest_to_the_exact_path(service, rows):
+    context, cands = base_request(rows, n=8)
+    for name, (ctx, cs) in refused(context, cands).items():
+        assert service.columns(ctx, cs) is None, name
+
+
+def test_exact_path_still_names_the_field(service, rows):
+    context, cands = base_request(rows, n=8)
+    ctx, cs = refused(context, cands)["negative price"]
+    with pytest.raises(RequestError) as err:
+        service.score(ctx, cs)
+    assert [e["loc"] for e in err.value.errors] == [["candidates", 3, "price"]]
+    ctx, cs = refused(context, cands)["absent from a candidate"]
+    with pytest.raises(RequestError) as err:
+        service.score(ctx, cs)
+    assert err.value.errors[0]["loc"] == ["candidates", 2, "brand"]
+
+
+def test_scores_are_the_same_on_both_paths(service, rows):
+    context, cands = base_request(rows)
+    scored = service.score(context, cands)  # fast
+    df = service.frame(context, cands)
+    data = service.encode(df)
+    raw = service._infer(data.categorical, data.numerical)
+    slow = service.fuse(raw, df.get_column("price").to_numpy(), data, service.fusion)
+    np.testing.assert_array_equal(scored.score, slow.score)
+    np.testing.assert_array_equal(scored.order(), slow.order())
+
+
+@pytest.mark.parametrize(
+    ("body", "duplicate"),
+    [
+        (b'{"candidates": [{"price": -5, "price": 73.8}]}', "price"),
+        # a colon inside a string makes the raw colon count equal to the decoded keys: the
+        # count of colons outside strings still finds the duplicate
+        (b'{"context": {"shop": "a:b"}, "candidates": [{"x": 1, "x": 2}]}', "x"),
+        (b'{"context": {"shop": "a\\\\\\":b"}, "candidates": [{"x": 1, "x": 2}]}', "x"),
+        (b'{"fusion": {"params": {"alpha": 1, "alpha": 2}}, "candidates": []}', "alpha"),
+    ],
+)
+def test_duplicate_keys_are_found_by_the_colon_counts(body, duplicate):
+    with pytest.raises(RequestError) as err:
+        decode_json(body)
+    assert err.value.errors[0]["msg"].startswith(f"duplicate key '{duplicate}'")
+
+
+def test_colons_inside_strings_are_not_keys():
+    body = b'{"context": {"shop": "a:b:c", "brand": "\\":"}, "candidates": [{"x": 1}]}'
+    assert decode_json(body) == {
+        "context": {"shop": "a:b:c", "brand": '":'},
+        "candidates": [{"x": 1}],
+    }
