@@ -1,28 +1,39 @@
 """Latency of the HTTP ranking service, three modes, localhost only (127.0.0.1):
 
 * ``sequential``: p50 / p95 / p99 and requests/s for 10, 200 and 2,000 candidates per request,
-  one uvicorn worker, requests sent one at a time (keep-alive) with ``http.client`` from this
-  process (the
-  server is a separate process); requests/s is also given as a fraction of the
+  one uvicorn worker, requests sent one at a time (keep-alive) with :class:`Client` from this
+  process (the server is a separate process); requests/s is also given as a fraction of the
   **inference-only limit** (1 / the median time of the ONNX session alone on the same 200
   encoded candidates, one thread, measured in this process).
-* ``concurrent``: 16 client threads, each with its own keep-alive connection, send /rank with
-  200 candidates to a server with ``--workers`` (default 2) until 10,000 requests are done or
-  240 s have passed; p50 / p99, requests/s, the count of 5xx, and the servers' RSS (all worker
-  processes) after the warm-up and at the end.
+* ``concurrent``: ``--clients`` (default 16) keep-alive connections, each with one request in
+  flight, driven by one ``selectors`` event-loop thread (:class:`LoadGenerator`), send /rank
+  with 200 candidates to a server with ``--workers`` (default 2) until ``--total`` (10,000)
+  requests are done or ``--max-seconds`` (240) have passed; p50 / p99, requests/s, the count
+  of 5xx, and the servers' RSS (all worker processes) after the warm-up, every 1,000 requests
+  and at the end.
 * ``memory``: adversarial bodies of at most 1 MB (one 1 MB string id, 2,000 candidates of
   500-character ids, 100,000-deep arrays, 300,000 empty objects, 1 MB of invalid UTF-8) sent 20
   times each; the servers' RSS growth.
 
+The load generator is a raw-socket HTTP/1.1 keep-alive client (request bytes built once per
+body, replies read with ``recv_into`` into a reusable buffer, only the head parsed): it costs
+about 0.1 ms of CPU per request with 200 candidates (client process CPU / requests, 100-140 µs
+measured on the loaded 2-core machine, of which 55-75 µs are the bare send and receive system
+calls), against 0.25-0.33 ms for ``http.client`` (sequential, or 16 threads). On 2 cores the
+client competes with the server for CPU, and 16 client threads would also wait for the GIL
+inside the measured latency; so, as ``wrk`` does, one thread drives every connection and does
+as little as it can. Its CPU per request is in the report (``client_cpu_ms_per_request``).
+
 Usage::
 
     PYTHONPATH=src python benchmarks/serve_latency.py [--bundle B --data D] \
-        [--engines onnx,torch] [--modes sequential,concurrent,memory]
+        [--engines onnx,torch] [--modes sequential,concurrent,memory] [--clients 16] \
+        [--total 10000] [--max-seconds 240] [--requests-scale 0.1] [--out report.json]
 
 Without ``--bundle`` a bundle with the paper's tower (360×200×80, embedding 18) is trained for one
 epoch on 20k simulated impressions in a temporary directory. Writes
-``benchmarks/results/serve_latency.json`` and prints a table. Bounded: a fixed number of requests
-per size, a timeout per request; the server is always stopped.
+``benchmarks/results/serve_latency.json`` (or ``--out``) and prints a table. Bounded: a fixed
+number of requests per size, a timeout per request; the server is always stopped.
 
 Each response's ``server-timing`` header gives the server's own time per stage (validate, encode,
 infer, fuse); the rest of the client-side latency is HTTP, JSON parsing, request validation of
@@ -32,15 +43,16 @@ the body, response serialisation and the client itself — reported as ``other``
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import os
 import platform
+import selectors
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -62,7 +74,9 @@ def free_port() -> int:
 
 
 class Reply:
-    """Status, headers and body of one response."""
+    """Status, headers (names lower-case) and body of one response."""
+
+    __slots__ = ("status_code", "headers", "content")
 
     def __init__(self, status: int, headers: dict[str, str], body: bytes) -> None:
         self.status_code, self.headers, self.content = status, headers, body
@@ -72,32 +86,391 @@ class Reply:
             raise RuntimeError(f"HTTP {self.status_code}: {self.content[:200]!r}")
 
 
+class ProtocolError(OSError):
+    """A reply this client cannot read: malformed, or framed in a way it refuses."""
+
+
+HEAD_LIMIT = 64 * 1024  # bytes of status line + headers
+HEX = frozenset(b"0123456789abcdefABCDEF")
+
+
+def request_bytes(path: str, body: bytes, port: int) -> bytes:
+    """The whole request (request line, headers, body) of a JSON ``POST``, built once per body."""
+    head = (
+        f"POST {path} HTTP/1.1\r\nhost: 127.0.0.1:{port}\r\n"
+        f"content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n"
+    )
+    return head.encode("ascii") + body
+
+
+class ReplyReader:
+    """Incremental reader of one HTTP/1.1 reply at a time over a reusable buffer (grown to the
+    largest reply seen, never shrunk): ``space()`` is where the next ``recv_into`` writes,
+    ``feed(k)`` takes the ``k`` bytes received and returns the :class:`Reply` once it is complete
+    (None before), ``eof()`` is called when the server closed the connection.
+
+    Framing: ``content-length``; ``transfer-encoding: chunked`` (extensions and trailers
+    skipped); neither: the body runs until the server closes (then ``keep_alive`` is False);
+    204 and 304 have no body. Refused with :class:`ProtocolError`: a malformed status line,
+    header line, content-length or chunk size; another transfer-encoding; a 1xx reply (this
+    client never sends ``expect``); bytes after the end of the reply (one request in flight);
+    a head over 64 kB; a close before the reply is complete."""
+
+    __slots__ = (
+        "buf",
+        "view",
+        "n",
+        "head_end",
+        "end",
+        "mode",
+        "pos",
+        "chunks",
+        "trailer",
+        "status",
+        "headers",
+        "keep_alive",
+    )
+
+    def __init__(self, size: int = 1 << 16) -> None:
+        self.buf = bytearray(size)
+        self.view = memoryview(self.buf)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the last reply (its bytes stay in the buffer, overwritten by the next)."""
+        self.n, self.head_end, self.end, self.mode = 0, -1, -1, ""
+
+    def space(self) -> memoryview:
+        if len(self.buf) - self.n < 16384:
+            self._grow(2 * len(self.buf))
+        return self.view[self.n :]
+
+    def _grow(self, size: int) -> None:
+        buf = bytearray(size)
+        buf[: self.n] = self.view[: self.n]
+        self.buf, self.view = buf, memoryview(buf)
+
+    def feed(self, k: int) -> Reply | None:
+        self.n += k
+        if self.head_end < 0 and not self._head():
+            return None
+        if self.mode == "length":
+            if self.n < self.end:
+                return None
+            if self.n > self.end:
+                raise ProtocolError(f"{self.n - self.end} bytes after the end of the reply")
+            return Reply(self.status, self.headers, bytes(self.view[self.head_end : self.end]))
+        if self.mode == "chunked":
+            return self._chunks()
+        return None  # body until the server closes
+
+    def eof(self) -> Reply:
+        if self.mode == "close":
+            return Reply(self.status, self.headers, bytes(self.view[self.head_end : self.n]))
+        if self.n == 0:
+            raise ProtocolError("connection closed by the server before a reply")
+        raise ProtocolError(f"connection closed by the server after {self.n} bytes of a reply")
+
+    def _head(self) -> bool:
+        end = self.buf.find(b"\r\n\r\n", 0, self.n)
+        if end < 0:
+            if self.n > HEAD_LIMIT:
+                raise ProtocolError(f"reply head over {HEAD_LIMIT} bytes")
+            return False
+        lines = str(self.view[:end], "latin-1").split("\r\n")  # one decode: cheapest
+        line = lines[0]
+        code = line[9:12]
+        if not (
+            line[:7] == "HTTP/1."
+            and len(code) == 3
+            and code.isascii()
+            and code.isdigit()
+            and line[12:13] in ("", " ")
+        ):
+            raise ProtocolError(f"malformed status line {line[:80]!r}")
+        status = int(code)
+        headers: dict[str, str] = {}
+        for h in lines[1:]:
+            name, sep, value = h.partition(":")
+            if not sep or not name or name[-1] in " \t":
+                raise ProtocolError(f"malformed header line {h[:80]!r}")
+            key, val = name.lower(), value.strip()
+            if key in headers:  # a repeated header: joined, as http.client does
+                val = f"{headers[key]}, {val}"
+            headers[key] = val
+        conn = headers.get("connection", "").lower()
+        self.keep_alive = (
+            "close" not in conn if line[7] == "1" else "keep-alive" in conn  # 1.1 / 1.0
+        )
+        self.status, self.headers, self.head_end = status, headers, end + 4
+        te, length = headers.get("transfer-encoding"), headers.get("content-length")
+        if status < 200:
+            raise ProtocolError(f"interim reply {status} (no 'expect' was sent)")
+        if status in (204, 304):
+            self.mode, self.end = "length", self.head_end
+        elif te is not None:
+            if te.lower() != "chunked":
+                raise ProtocolError(f"unsupported transfer-encoding {te!r}")
+            self.mode, self.pos, self.chunks, self.trailer = "chunked", self.head_end, [], False
+        elif length is not None:
+            if not (length.isascii() and length.isdigit()):
+                raise ProtocolError(f"malformed content-length {length!r}")
+            self.mode, self.end = "length", self.head_end + int(length)
+            if self.end > len(self.buf):
+                self._grow(self.end + 16384)
+        else:
+            self.mode, self.keep_alive = "close", False
+        return True
+
+    def _chunks(self) -> Reply | None:
+        buf, n = self.buf, self.n
+        while True:
+            eol = buf.find(b"\r\n", self.pos, n)
+            if eol < 0:
+                if n - self.pos > 4096:
+                    raise ProtocolError("chunk-size or trailer line over 4096 bytes")
+                return None
+            if self.trailer:  # after the last chunk: trailer lines until an empty one
+                if eol > self.pos:
+                    self.pos = eol + 2
+                    continue
+                if eol + 2 != n:
+                    raise ProtocolError(f"{n - eol - 2} bytes after the end of the reply")
+                return Reply(self.status, self.headers, b"".join(self.chunks))
+            field = bytes(buf[self.pos : eol]).partition(b";")[0].strip()
+            if not field or not HEX.issuperset(field):
+                raise ProtocolError(f"malformed chunk size {field[:40]!r}")
+            size = int(field, 16)
+            if size == 0:
+                self.trailer, self.pos = True, eol + 2
+                continue
+            start = eol + 2
+            stop = start + size
+            if n < stop + 2:
+                if stop + 2 > len(self.buf):
+                    self._grow(stop + 2 + 16384)
+                return None
+            if buf[stop : stop + 2] != b"\r\n":
+                raise ProtocolError("chunk data not followed by CRLF")
+            self.chunks.append(bytes(self.view[start:stop]))
+            self.pos = stop + 2
+
+
+def connect(port: int, timeout: float) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+IDLE_CHECK_S = 1.0  # a connection idle longer is checked before reuse (uvicorn closes at 5 s)
+
+
+def closed_by_peer(sock: socket.socket) -> bool:
+    """Whether the server has closed this idle keep-alive connection: a non-blocking peek."""
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
 class Client:
-    """A keep-alive HTTP/1.1 client on the standard library's ``http.client``: about half the
-    CPU per request of httpx, so that less of the measured latency is the client's own (on
-    2 cores the client competes with the server)."""
+    """A lean keep-alive HTTP/1.1 client on a raw socket (TCP_NODELAY), one request at a time:
+    each body's request bytes built once and cached, the reply read with ``recv_into`` into a
+    reusable buffer (:class:`ReplyReader`). Any failure (reset, timeout, malformed reply) closes
+    the connection and raises :class:`OSError`; the next request reconnects. On 2 cores the
+    client competes with the server for CPU, so it does as little as it can (as ``wrk`` does)."""
 
     def __init__(self, port: int, timeout: float) -> None:
-        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-        self.headers = {"content-type": "application/json"}
+        self.port, self.timeout = port, timeout
+        self.sock: socket.socket | None = None
+        self.reader = ReplyReader()
+        self.requests: dict[tuple[str, bytes], bytes] = {}
+        self.last = 0.0  # time.monotonic() of the last reply
 
     def post(self, path: str, body: bytes) -> Reply:
+        req = self.requests.get((path, body))
+        if req is None:
+            req = self.requests[path, body] = request_bytes(path, body, self.port)
+        reader = self.reader
+        if self.sock is not None and time.monotonic() - self.last > IDLE_CHECK_S:
+            if closed_by_peer(self.sock):  # the server's keep-alive timeout: not a failure
+                self.close()
         try:
-            self.conn.request("POST", path, body=body, headers=self.headers)
-            r = self.conn.getresponse()
-            return Reply(r.status, {k.lower(): v for k, v in r.getheaders()}, r.read())
-        except (OSError, http.client.HTTPException):
-            self.conn.close()  # reconnects on the next request
-            raise OSError("connection failed") from None
+            sock = self.sock or self._connect()
+            sock.sendall(req)
+            reader.reset()
+            while True:
+                k = sock.recv_into(reader.space())
+                reply = reader.feed(k) if k else reader.eof()
+                if reply is not None:
+                    break
+        except OSError as e:
+            self.close()  # reconnects on the next request
+            raise OSError(f"POST {path} on port {self.port}: {type(e).__name__}: {e}") from None
+        if not reader.keep_alive:
+            self.close()
+        self.last = time.monotonic()
+        return reply
+
+    def _connect(self) -> socket.socket:
+        self.sock = connect(self.port, self.timeout)
+        return self.sock
 
     def close(self) -> None:
-        self.conn.close()
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
 
     def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class _Conn:
+    """One connection of :class:`LoadGenerator`: at most one request in flight."""
+
+    __slots__ = ("sock", "reader", "out", "t0", "busy")
+
+    def __init__(self) -> None:
+        self.sock: socket.socket | None = None
+        self.reader = ReplyReader()
+        self.out: memoryview | None = None  # request bytes not yet sent
+        self.t0 = 0.0
+        self.busy = False
+
+
+class LoadGenerator:
+    """``clients`` keep-alive connections driven by one thread with a ``selectors`` event loop,
+    each with at most one request in flight (as ``clients`` sequential clients would): no
+    threads, so no GIL waits inside the measured latency. A request's latency runs from just
+    before its first byte is sent to the moment its reply is complete; a failed request (reset,
+    timeout, malformed reply) counts with status -1 and its connection is reopened."""
+
+    def __init__(self, port: int, clients: int, timeout: float = 30.0) -> None:
+        self.port, self.timeout = port, timeout
+        self.sel = selectors.DefaultSelector()
+        self.conns = [_Conn() for _ in range(clients)]
+        for c in self.conns:
+            self._open(c)
+
+    def _open(self, c: _Conn) -> None:
+        if c.sock is not None:
+            self.sel.unregister(c.sock)
+            c.sock.close()
+            c.sock = None
+        try:
+            sock = connect(self.port, self.timeout)
+        except OSError:
+            return  # this connection is out; the others go on
+        sock.setblocking(False)
+        self.sel.register(sock, selectors.EVENT_READ, c)
+        c.sock = sock
+
+    def run(
+        self,
+        requests: list[bytes],
+        total: int,
+        max_seconds: float,
+        every: int = 0,
+        on_every: Callable[[int], None] | None = None,
+    ) -> tuple[list[float], dict[int, int], float]:
+        """Send ``requests`` in turn (cycling) until ``total`` are done or ``max_seconds`` have
+        passed (requests in flight then finish); ``on_every(done)`` is called after each
+        ``every`` completed requests. Returns the latencies (s), the count per status and the
+        wall time (s)."""
+        lat: list[float] = []
+        codes: dict[int, int] = {}
+        clock = time.perf_counter
+        t_start = clock()
+        deadline = t_start + max_seconds
+        state = [0, 0]  # issued, in flight
+        write = selectors.EVENT_READ | selectors.EVENT_WRITE
+
+        def start(c: _Conn) -> None:
+            while c.sock is not None and state[0] < total:  # a loop: a failed send goes on
+                now = clock()
+                if now >= deadline:
+                    return
+                req = requests[state[0] % len(requests)]
+                state[0] += 1
+                state[1] += 1
+                c.reader.reset()
+                c.busy, c.t0 = True, now
+                try:
+                    sent = c.sock.send(req)
+                except BlockingIOError:
+                    sent = 0
+                except OSError:
+                    record(c, None, clock())
+                    continue
+                if sent < len(req):
+                    c.out = memoryview(req)[sent:]
+                    self.sel.modify(c.sock, write, c)
+                return
+
+        def record(c: _Conn, reply: Reply | None, now: float) -> None:
+            lat.append(now - c.t0)
+            code = -1 if reply is None else reply.status_code
+            codes[code] = codes.get(code, 0) + 1
+            state[1] -= 1
+            c.busy = False
+            if reply is None or not c.reader.keep_alive or c.out is not None:
+                c.out = None  # (a reply before the whole request was sent: not reusable)
+                self._open(c)
+            if on_every is not None and every and len(lat) % every == 0:
+                on_every(len(lat))
+
+        def finish(c: _Conn, reply: Reply | None, now: float) -> None:
+            record(c, reply, now)
+            start(c)
+
+        for c in self.conns:
+            if c.sock is None or closed_by_peer(c.sock):  # idle since the last run
+                self._open(c)
+            start(c)
+        next_check = t_start + 1.0
+        while state[1]:
+            for key, mask in self.sel.select(1.0):
+                c = key.data
+                if not c.busy:  # the server closed an idle connection
+                    self._open(c)
+                    continue
+                reply = None
+                try:
+                    if mask & selectors.EVENT_WRITE and c.out is not None:
+                        sent = c.sock.send(c.out)
+                        c.out = c.out[sent:] if sent < len(c.out) else None
+                        if c.out is None:
+                            self.sel.modify(c.sock, selectors.EVENT_READ, c)
+                    if mask & selectors.EVENT_READ:
+                        k = c.sock.recv_into(c.reader.space())
+                        reply = c.reader.feed(k) if k else c.reader.eof()
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    finish(c, None, clock())
+                    continue
+                if reply is not None:
+                    finish(c, reply, clock())
+            now = clock()
+            if now >= next_check:  # requests past the timeout fail
+                next_check = now + 1.0
+                for c in self.conns:
+                    if c.busy and now - c.t0 > self.timeout:
+                        finish(c, None, now)
+        return lat, codes, clock() - t_start
+
+    def close(self) -> None:
+        for c in self.conns:
+            if c.sock is not None:
+                self.sel.unregister(c.sock)
+                c.sock.close()
+                c.sock = None
+        self.sel.close()
 
 
 def build_bundle(workdir: Path) -> tuple[Path, Path]:
@@ -197,6 +570,7 @@ def measure(ports: dict[str, int], bodies: list[bytes]) -> dict[str, dict]:
         for body in bodies[:WARMUP]:
             for c in clients.values():
                 c.post("/rank", body).raise_for_status()
+        cpu = time.process_time()
         for body in bodies[WARMUP:]:
             for e, c in clients.items():
                 t = time.perf_counter()
@@ -212,6 +586,8 @@ def measure(ports: dict[str, int], bodies: list[bytes]) -> dict[str, dict]:
                         stages[e].setdefault(name, []).append(float(dur))
                         total += float(dur)
                 server[e].append(total)
+        # the client's CPU (this process: sends, reply parsing, bookkeeping) per request
+        cpu_ms = (time.process_time() - cpu) / (len(bodies[WARMUP:]) * len(clients)) * 1e3
     finally:
         for c in clients.values():
             c.close()
@@ -233,6 +609,7 @@ def measure(ports: dict[str, int], bodies: list[bytes]) -> dict[str, dict]:
             # HTTP stack and the client, still subject to CPU contention
             "scoring_p50_ms": float(np.percentile(server[e], 50)),
             "scoring_p99_ms": float(np.percentile(server[e], 99)),
+            "client_cpu_ms_per_request": cpu_ms,
         }
     return out
 
@@ -262,8 +639,8 @@ def inference_limit(bundle: Path, bodies: list[bytes], repeat: int = 300) -> dic
     }
 
 
-def server_rss_mb(pid: int) -> float:
-    """Resident memory of the server and all its descendants (MB)."""
+def server_pids(pid: int) -> set[int]:
+    """The server process and all its descendants (the uvicorn workers)."""
     pids, frontier = {pid}, {pid}
     parents = {}
     for d in Path("/proc").iterdir():
@@ -275,6 +652,11 @@ def server_rss_mb(pid: int) -> float:
     while frontier:
         frontier = {c for c, p in parents.items() if p in frontier} - pids
         pids |= frontier
+    return pids
+
+
+def rss_mb(pids: set[int]) -> float:
+    """Resident memory of the given processes (MB); those gone count 0."""
     total = 0
     for p in pids:
         try:
@@ -286,6 +668,11 @@ def server_rss_mb(pid: int) -> float:
     return total / 1024
 
 
+def server_rss_mb(pid: int) -> float:
+    """Resident memory of the server and all its descendants (MB)."""
+    return rss_mb(server_pids(pid))
+
+
 def concurrent(
     port: int,
     pid: int,
@@ -294,57 +681,29 @@ def concurrent(
     total: int = 10_000,
     max_seconds: float = 240.0,
 ) -> dict:
-    """``clients`` threads, one keep-alive connection each, until ``total`` requests or
-    ``max_seconds``; latency, throughput, status counts, server RSS after warm-up and at the end."""
-    import threading
-    from concurrent.futures import ThreadPoolExecutor
-
-    lat: list[float] = []
-    codes: dict[int, int] = {}
-    lock = threading.Lock()
-    sent = [0]
-    stop = time.monotonic() + max_seconds
-
-    def client(k: int) -> None:
-        with Client(port, timeout=30) as c:
-            for body in bodies[:5]:  # warm-up, not counted
-                c.post("/rank", body)
-            while time.monotonic() < stop:
-                with lock:
-                    if sent[0] >= total:
-                        return
-                    sent[0] += 1
-                    i = sent[0]
-                t = time.perf_counter()
-                try:
-                    code = c.post("/rank", bodies[i % len(bodies)]).status_code
-                except OSError:
-                    code = -1
-                dt = time.perf_counter() - t
-                with lock:
-                    lat.append(dt)
-                    codes[code] = codes.get(code, 0) + 1
-
-    rss: list[tuple[int, float]] = []
-    done = threading.Event()
-
-    def sample() -> None:  # server RSS every 1,000 requests
-        mark = 0
-        while not done.wait(0.2):
-            if len(lat) >= mark:
-                rss.append((len(lat), server_rss_mb(pid)))
-                mark += 1000
-
-    time.sleep(1.0)
-    rss_start = server_rss_mb(pid)
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    t0 = time.perf_counter()
-    with ThreadPoolExecutor(clients) as pool:
-        list(pool.map(client, range(clients)))
-    wall = time.perf_counter() - t0
-    done.set()
-    sampler.join()
+    """``clients`` keep-alive connections driven by one event-loop thread
+    (:class:`LoadGenerator`), each with one request in flight, until ``total`` requests or
+    ``max_seconds``; latency, throughput, status counts, server RSS after warm-up, every 1,000
+    requests and at the end, and the client's CPU per request (this process)."""
+    requests = [request_bytes("/rank", b, port) for b in bodies]
+    load = LoadGenerator(port, clients, timeout=30)
+    try:
+        load.run(requests, total=5 * clients, max_seconds=max_seconds)  # warm-up, not counted
+        time.sleep(1.0)
+        pids = server_pids(pid)  # the workers, found once: /proc is not scanned in the loop
+        rss_start = rss_mb(pids)
+        rss: list[tuple[int, float]] = [(0, rss_start)]
+        cpu = time.process_time()
+        lat, codes, wall = load.run(
+            requests,
+            total=total,
+            max_seconds=max_seconds,
+            every=1000,
+            on_every=lambda done: rss.append((done, rss_mb(pids))),
+        )
+        cpu = time.process_time() - cpu
+    finally:
+        load.close()
     rss_end = server_rss_mb(pid)
     after_1000 = next((m for n, m in rss if n >= 1000), rss_start)
     ms = np.array(lat) * 1e3
@@ -364,6 +723,7 @@ def concurrent(
         "rss_growth_fraction": (rss_end - rss_start) / rss_start,
         "rss_growth_fraction_after_1000": (rss_end - after_1000) / after_1000,
         "rss_mb_by_requests": rss,
+        "client_cpu_ms_per_request": cpu / len(ms) * 1e3,
     }
 
 
@@ -413,6 +773,16 @@ def main() -> None:
         "--workers", type=int, default=2, help="server workers in the concurrent and memory modes"
     )
     ap.add_argument("--total", type=int, default=10_000, help="requests in the concurrent mode")
+    ap.add_argument("--clients", type=int, default=16, help="connections in the concurrent mode")
+    ap.add_argument(
+        "--max-seconds", type=float, default=240.0, help="time bound of the concurrent mode"
+    )
+    ap.add_argument(
+        "--requests-scale",
+        type=float,
+        default=1.0,
+        help="scale the sequential mode's request counts (e.g. 0.1 for a smoke run)",
+    )
     ap.add_argument(
         "--out", type=Path, default=ROOT / "benchmarks" / "results" / "serve_latency.json"
     )
@@ -440,7 +810,9 @@ def main() -> None:
         frame = pl.read_parquet(data)
         load_before = os.getloadavg()
         if "sequential" in modes:
-            report["sequential"] = sequential(bundle, frame, args.engines.split(","))
+            report["sequential"] = sequential(
+                bundle, frame, args.engines.split(","), scale=args.requests_scale
+            )
         if "concurrent" in modes or "memory" in modes:
             port = free_port()
             proc = start_server(bundle, "onnx", port, workers=args.workers)
@@ -450,7 +822,14 @@ def main() -> None:
                     report["concurrent"] = {
                         "workers": args.workers,
                         "candidates": 200,
-                        **concurrent(port, proc.pid, bodies, total=args.total),
+                        **concurrent(
+                            port,
+                            proc.pid,
+                            bodies,
+                            clients=args.clients,
+                            total=args.total,
+                            max_seconds=args.max_seconds,
+                        ),
                     }
                 if "memory" in modes:
                     report["memory"] = {"workers": args.workers, **memory(port, proc.pid)}
@@ -482,7 +861,7 @@ def main() -> None:
     print(f"\nwrote {args.out}")
 
 
-def sequential(bundle: Path, frame: pl.DataFrame, engines: list[str]) -> dict:
+def sequential(bundle: Path, frame: pl.DataFrame, engines: list[str], scale: float = 1.0) -> dict:
     results: dict[str, dict] = {}
     ports = {e: free_port() for e in engines}
     procs = {}
@@ -490,7 +869,8 @@ def sequential(bundle: Path, frame: pl.DataFrame, engines: list[str]) -> dict:
         for e in engines:
             procs[e] = start_server(bundle, e, ports[e])
         for n in SIZES:
-            bodies = make_requests(frame, n, WARMUP + REQUESTS[n], seed=n)
+            count = max(10, round(REQUESTS[n] * scale))
+            bodies = make_requests(frame, n, WARMUP + count, seed=n)
             for e, r in measure(ports, bodies).items():
                 results.setdefault(e, {})[str(n)] = r
     finally:
@@ -505,8 +885,8 @@ def sequential(bundle: Path, frame: pl.DataFrame, engines: list[str]) -> dict:
         r["fraction_of_inference_limit"] = r["requests_per_s"] / limit["limit_requests_per_s"]
     return {
         "setup": "one uvicorn server (1 worker, 127.0.0.1) per engine, engine threads = 1; "
-        "sequential keep-alive requests with http.client from a separate process, each body "
-        "sent to every engine in turn (same background load)",
+        "sequential keep-alive requests with a raw-socket client from a separate process, "
+        "each body sent to every engine in turn (same background load)",
         "results": results,
     }
 
@@ -534,7 +914,8 @@ def verdicts(report: dict) -> dict[str, dict]:
             and c["n_5xx"] == 0
             and abs(c["rss_growth_fraction"]) <= 0.10
             and abs(c["rss_growth_fraction_after_1000"]) <= 0.10
-            and c["requests"] >= 10_000,
+            and c["requests"] >= 10_000
+            and c["clients"] == 16,
         }
     m = report.get("memory")
     if m:
@@ -568,7 +949,8 @@ def print_report(report: dict) -> None:
                     f"{engine:<7} 200 candidates: {r['requests_per_s']:.0f} req/s = "
                     f"{r['fraction_of_inference_limit']:.2f} x the inference-only limit "
                     f"({lim['limit_requests_per_s']:.0f} req/s, ONNX alone "
-                    f"{lim['infer_median_ms']:.2f} ms)"
+                    f"{lim['infer_median_ms']:.2f} ms); client CPU "
+                    f"{1e3 * r['client_cpu_ms_per_request']:.0f} µs/request"
                 )
     if "concurrent" in report:
         c = report["concurrent"]
@@ -578,7 +960,8 @@ def print_report(report: dict) -> None:
             f"{c['p50_ms']:.1f} ms, p99 {c['p99_ms']:.1f} ms, 5xx {c['n_5xx']}, server RSS "
             f"{c['server_rss_mb_after_warmup']:.0f} → {c['server_rss_mb_after_1000']:.0f} "
             f"(1,000 requests) → {c['server_rss_mb_end']:.0f} MB (end; "
-            f"{100 * c['rss_growth_fraction_after_1000']:+.1f} % after the first 1,000)"
+            f"{100 * c['rss_growth_fraction_after_1000']:+.1f} % after the first 1,000); "
+            f"client CPU {1e3 * c['client_cpu_ms_per_request']:.0f} µs/request"
         )
     if "memory" in report:
         m = report["memory"]
