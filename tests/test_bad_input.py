@@ -372,6 +372,45 @@ def no_pickle_anywhere(tmp: Path):
     return hits
 
 
+def schema_file(text: str, name: str = "s.yaml") -> Callable[[Path], object]:
+    """Write ``text`` as a schema file ``<tmp>/<name>`` and read it as ``--schema`` does."""
+
+    def run(tmp: Path):
+        p = tmp / name
+        p.write_bytes(text.encode())
+        return Schema.from_file(p)
+
+    return run
+
+
+def config_file(text: str) -> Callable[[Path], object]:
+    """Write ``text`` as ``<tmp>/run.yaml`` and read it as ``--config`` does."""
+
+    def run(tmp: Path):
+        (tmp / "run.yaml").write_text(text)
+        return load_config(tmp / "run.yaml")
+
+    return run
+
+
+def fusion_file(text: str) -> Callable[[Path], object]:
+    """Write ``text`` as ``<tmp>/fusion.json`` and read it as ``--fusion`` does."""
+    from mtrank.ranking.fusion import load_fusion
+
+    def run(tmp: Path):
+        (tmp / "fusion.json").write_text(text)
+        return load_fusion(tmp / "fusion.json")
+
+    return run
+
+
+STAGES3 = (  # a three-stage funnel; %s completes the cart stage
+    "funnel:\n  - {stage: click, label: c}\n  - {stage: cart, label: k%s}\n"
+    "  - {stage: buy, label: b}\n"
+)
+FEATS = "categorical: [item]\n"
+
+
 # --- the table -------------------------------------------------------------------------------
 
 CASES = [
@@ -644,8 +683,8 @@ CASES = [
     ),
     Case(
         "23-sampling-rate-in-a-schema-file",
-        lambda t: Schema.from_file(_write(t, SCHEMA_YAML + "negative_sampling: {rate: -0.2}\n")),
-        Raises(SchemaError, "got -0.2"),
+        schema_file(SCHEMA_YAML + "negative_sampling: {rate: -0.2}\n"),
+        Raises(SchemaError, "schema <tmp>/s.yaml: negative_sampling.rate must be a sampling rate"),
     ),
     Case(
         "23-sampling-rate-train-option",
@@ -707,6 +746,141 @@ CASES = [
             SCHEMA3, tiny_funnel3().with_columns(pl.col("is_click").alias("is_cart"))
         ).metrics["test"]["warnings"],
         lambda r: any("'cart' is 1 on every row with click_all=1" in w for w in r),
+    ),
+    # schema, config and fusion files: one line naming the file and the key, or line and column
+    Case(
+        "27-schema-after-unknown-stage",
+        schema_file(STAGES3 % ", after: cartt" + FEATS),
+        Raises(
+            SchemaError,
+            "schema <tmp>/s.yaml: funnel.1.after: unknown stage 'cartt' (stages: click, cart, buy)",
+        ),
+    ),
+    Case(
+        "27-schema-after-a-later-stage-is-a-cycle",
+        schema_file(STAGES3.replace("label: b", "label: b, after: cart") % ", after: buy" + FEATS),
+        Raises(SchemaError, "schema <tmp>/s.yaml: funnel.1.after: stage 'buy' is declared after"),
+    ),
+    Case(
+        "27-schema-after-itself",
+        schema_file(STAGES3 % ", after: cart" + FEATS),
+        Raises(SchemaError, "<tmp>/s.yaml: funnel.1.after: stage 'cart' cannot follow itself"),
+    ),
+    Case(
+        "27-schema-label-of-two-stages",
+        schema_file(STAGES3.replace("label: b", "label: k") % "" + FEATS),
+        Raises(
+            SchemaError,
+            "<tmp>/s.yaml: funnel.2.label: label column 'k' is used by two stages "
+            "('cart' at funnel.1 and 'buy')",
+        ),
+    ),
+    Case(
+        "27-schema-stage-declared-twice",
+        schema_file(STAGES3.replace("stage: buy", "stage: cart") % "" + FEATS),
+        Raises(SchemaError, "<tmp>/s.yaml: funnel.2.stage: stage 'cart' is declared twice"),
+    ),
+    Case(
+        "27-schema-json-file",
+        schema_file('{"click": "c", "conversion": "b", "categorical": ["c"]}', "s.json"),
+        Raises(SchemaError, "schema <tmp>/s.json: label column 'c' is also listed as a feature"),
+    ),
+    Case(
+        "27-schema-field-errors-on-one-line",
+        schema_file("funnel:\n  - {stage: click, lable: c}\nlists: [{column: t, max_len: 0}]\n"),
+        Raises(
+            SchemaError,
+            "schema <tmp>/s.yaml: funnel.0.label: Field required; funnel.0.lable: unknown key; "
+            "lists.0.max_len: Input should be greater than or equal to 1 (got 0)",
+        ),
+    ),
+    Case(
+        "27-schema-unknown-key",
+        schema_file(SCHEMA_YAML + "weigth: w\n"),
+        Raises(SchemaError, "schema <tmp>/s.yaml: weigth: unknown key"),
+    ),
+    Case(
+        "27-schema-tab",
+        schema_file("click: c\n\tcategorical: [item]\n"),
+        Raises(
+            SchemaError,
+            "schema <tmp>/s.yaml: line 2, column 1: not valid YAML: found character '\\t' that "
+            "cannot start any token (YAML indents with spaces, not tabs)",
+        ),
+    ),
+    Case(
+        "27-schema-unclosed-bracket",
+        schema_file("click: c\ncategorical: [item, x\nnumerical: [y]\n"),
+        Raises(
+            SchemaError,
+            "schema <tmp>/s.yaml: line 3, column 10: not valid YAML: expected ',' or ']', but got "
+            "':' (in a flow sequence opened at line 2, column 14)",
+        ),
+    ),
+    Case(
+        "27-schema-not-utf8",
+        lambda t: (t / "s.yaml").write_bytes(b"click: c\xff\n") and Schema.from_file(t / "s.yaml"),
+        Raises(SchemaError, "schema <tmp>/s.yaml: not UTF-8 text (byte 0xff at offset 8)"),
+    ),
+    Case(
+        "27-schema-control-character",
+        schema_file("click: c\nconversion: b\x01\n"),
+        Raises(SchemaError, "<tmp>/s.yaml: line 2, column 14: not valid YAML: character '\\x01'"),
+    ),
+    Case(
+        "27-schema-a-list",
+        schema_file("- click\n- buy\n"),
+        Raises(
+            SchemaError, "schema <tmp>/s.yaml: expected a mapping of keys (key: value), got list"
+        ),
+    ),
+    Case(
+        "27-schema-missing",
+        lambda t: Schema.from_file(t / "nope.yaml"),
+        Raises(SchemaError, "cannot read schema <tmp>/nope.yaml: No such file or directory"),
+    ),
+    Case(
+        "27-config-tab",
+        config_file("training:\n\tepochs: 3\n"),
+        Raises(ConfigError, "config <tmp>/run.yaml: line 2, column 1: not valid YAML: found"),
+    ),
+    Case(
+        "27-config-unclosed-brace",
+        config_file("training: {epochs: 3\nmodel: {name: esmm}\n"),
+        Raises(
+            ConfigError,
+            "config <tmp>/run.yaml: line 2, column 6: not valid YAML: expected ',' or '}', but got "
+            "':' (in a flow mapping opened at line 1, column 11)",
+        ),
+    ),
+    Case(
+        "27-config-every-field-error",
+        config_file("training:\n  epochs: 0\n  lr: -1\nserve: {port: 0}\n"),
+        Raises(
+            ConfigError,
+            "config <tmp>/run.yaml: training.epochs: Input should be greater than or equal to 1 "
+            "(got 0); training.lr: Input should be greater than 0 (got -1); serve.port:",
+        ),
+    ),
+    Case(
+        "27-fusion-broken-json",
+        fusion_file('{"formula": "multiplicative", "params": {"alpha": 1'),
+        Raises(
+            ConfigError,
+            "fusion file <tmp>/fusion.json: line 1, column 52: not valid JSON: Expecting ','",
+        ),
+    ),
+    Case(
+        "27-fusion-param-not-a-number",
+        fusion_file('{"formula": "multiplicative", "params": {"alpha": "x"}}'),
+        Raises(
+            ConfigError, 'fusion file <tmp>/fusion.json: params.alpha: expected a number, got "x"'
+        ),
+    ),
+    Case(
+        "27-fusion-unknown-formula",
+        fusion_file('{"formula": ["multiplicative"]}'),
+        Raises(ConfigError, "fusion file <tmp>/fusion.json: formula: unknown fusion formula"),
     ),
 ]
 
@@ -880,13 +1054,15 @@ def _rows_of(action, tmp):
 
 
 def check_case(case: Case, tmp_path: Path) -> None:
-    """Run one row: its action raises the expected error (exact class, message fragment), or
-    its result satisfies the predicate."""
+    """Run one row: its action raises the expected error (exact class, message fragment, one
+    line), or its result satisfies the predicate. ``<tmp>`` in a fragment is the row's folder."""
     if isinstance(case.expect, Raises):
         with pytest.raises(case.expect.error) as info:
             case.action(tmp_path)
         assert type(info.value) is case.expect.error
-        assert case.expect.fragment in str(info.value), str(info.value)
+        fragment = case.expect.fragment.replace("<tmp>", str(tmp_path))
+        assert fragment in str(info.value), str(info.value)
+        assert "\n" not in str(info.value), str(info.value)
     else:
         result = case.action(tmp_path)
         assert case.expect(result), result
@@ -895,6 +1071,46 @@ def check_case(case: Case, tmp_path: Path) -> None:
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_case(case: Case, tmp_path: Path):
     check_case(case, tmp_path)
+
+
+CLI_FILES = {  # verb and files → the one stderr line (after "error: "), <tmp> the test's folder
+    "schema-funnel": (
+        ["train", "--data", "d.csv", "--schema", "s.yaml"],
+        {"s.yaml": STAGES3 % ", after: cartt" + FEATS},
+        "schema s.yaml: funnel.1.after: unknown stage 'cartt' (stages: click, cart, buy)",
+    ),
+    "config-names-a-broken-schema": (
+        ["train", "--config", "run.yaml"],
+        {"run.yaml": "data:\n  paths: [d.csv]\n  schema: <tmp>/s.yaml\n", "s.yaml": "a: [1\n"},
+        "schema <tmp>/s.yaml: line 2, column 1: not valid YAML: expected ',' or ']', but got "
+        "'<stream end>' (in a flow sequence opened at line 1, column 4)",
+    ),
+    "fusion-json": (
+        ["predict", "--bundle", "b", "--data", "d.csv", "--fusion", "f.json", "--out", "o.csv"],
+        {"f.json": '{"formula": "linear",\n "params": {"alpha": 1,}}'},
+        "fusion file f.json: line 2, column 24: not valid JSON: Expecting property name "
+        "enclosed in double quotes",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(CLI_FILES))
+def test_bad_file_on_the_command_line_is_one_line_and_exit_2(name, tmp_path):
+    """Case 27 through the CLI: exit 2, one ``error:`` line naming the file, no traceback."""
+    args, files, line = CLI_FILES[name]
+    (tmp_path / "d.csv").write_text(HEADER + "1,1,a,1\n")
+    for file, text in files.items():
+        (tmp_path / file).write_text(text.replace("<tmp>", str(tmp_path)))
+    r = subprocess.run(
+        [sys.executable, "-m", "mtrank", *args],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert r.returncode == 2, r.stderr
+    said = [x for x in r.stderr.strip().splitlines() if not x.startswith("» ")]  # progress
+    assert said == ["error: " + line.replace("<tmp>", str(tmp_path))], r.stderr
 
 
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path):

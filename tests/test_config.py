@@ -91,7 +91,7 @@ def test_bad_config_is_one_line_naming_file_and_key(tmp_path, text, expected):
     with pytest.raises(ConfigError) as exc:
         load_config(path)
     msg = str(exc.value)
-    assert msg.startswith(f"{path}: ") or msg.startswith(f"{path}:")
+    assert msg.startswith(f"config {path}: ")
     assert expected in msg and "\n" not in msg
 
 
@@ -106,7 +106,7 @@ def test_bad_config_on_the_command_line(tmp_path):
     )
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [
-        "error: run.yaml: model.options.n_expert: unknown option of 'mmoe' (its options: "
+        "error: config run.yaml: model.options.n_expert: unknown option of 'mmoe' (its options: "
         "['expert_hidden', 'n_experts', 'tower_hidden'])"
     ]
     r = mtrank("train", "--config", tmp_path / "run.yaml", "--model", "mmoe", "--epochs", 0)

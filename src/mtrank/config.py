@@ -12,7 +12,8 @@ overrides its key (:meth:`RunConfig.override`). A trained bundle stores the reso
 (``meta.config`` in its ``config.json``), so a run can be repeated from the bundle alone.
 
 Errors are one :class:`~mtrank.errors.ConfigError` line naming the file and the key, e.g.
-``configs/x.yaml: training.epochs: Input should be greater than or equal to 1 (got 0)``.
+``config configs/x.yaml: training.epochs: Input should be greater than or equal to 1 (got 0)``
+(several problems are joined by ``; ``; broken YAML names the line and column).
 """
 
 from __future__ import annotations
@@ -21,13 +22,13 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
 from mtrank.data.datasets import DATASETS
 from mtrank.data.simulate import SimConfig
 from mtrank.data.split import SplitConfig
+from mtrank.documents import load_document, validate_document
 from mtrank.errors import ConfigError
 from mtrank.models import MODELS
 from mtrank.models.config import ModelConfig
@@ -263,62 +264,25 @@ class RunConfig(_Section):
         return parse_config(doc, origin)
 
 
-def _problem(e: dict) -> str:
-    key = ".".join(str(p) for p in e["loc"] if not str(p).startswith(("function-", "dict[")))
-    if e["type"] == "model_option":
-        return f"{key}.{e['ctx']['key']}: {e['ctx']['msg']}"
-    if e["type"] == "extra_forbidden":
-        return f"{key}: unknown key"
-    msg = e["msg"].removeprefix("Value error, ")
-    got = e.get("input")
-    shown = (
-        ""
-        if isinstance(got, dict | list) or e["type"] == "missing"
-        else f" (got {json.dumps(got, default=str)})"
-    )
-    return f"{key or '<root>'}: {msg}{shown}"
-
-
 def parse_config(doc: Any, origin: str) -> RunConfig:
-    """Validate a parsed document. ``origin`` (the file, or ``command line``) prefixes errors.
+    """Validate a parsed document. ``origin`` (``config <file>``, or ``command line``) prefixes
+    errors; an empty document (None) is the defaults.
 
     Raises:
-        ConfigError: the first problem, as ``<origin>: <key>: <message>``.
+        ConfigError: every problem on one line, as ``<origin>: <key>: <message>``
+            (:func:`mtrank.documents.validate_document`).
     """
-    if doc is None:
-        doc = {}
-    if not isinstance(doc, dict):
-        raise ConfigError(
-            f"{origin}: expected a mapping of sections (data, model, training …), got "
-            f"{type(doc).__name__}"
-        )
-    try:
-        return RunConfig.model_validate(doc)
-    except ValidationError as exc:
-        raise ConfigError(f"{origin}: {_problem(exc.errors()[0])}") from None
+    return validate_document(RunConfig, doc, origin, ConfigError)
 
 
 def load_config(path: str | Path) -> RunConfig:
     """Read and validate a run config YAML file.
 
     Raises:
-        ConfigError: the file is missing or not YAML, or a key is unknown or its value bad
-            (one line naming the file and the key).
+        ConfigError: the file is missing or not YAML (naming the line and column), or a key is
+            unknown or its value bad (naming the key); one line starting ``config <path>:``.
     """
-    p = Path(path)
-    try:
-        doc = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(f"cannot read config {p}: {exc.strerror or exc}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{p}: not a text file") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(
-            f"{p}:{where} not valid YAML ({getattr(exc, 'problem', None) or exc})"
-        ) from None
-    return parse_config(doc, str(p))
+    return load_document(path, RunConfig, "config", ConfigError)
 
 
 def dataset_config(dataset: str | None = None) -> RunConfig:

@@ -49,36 +49,57 @@ class FunnelStage(BaseModel):
 
 
 def check_stages(stages: list[FunnelStage]) -> list[str]:
-    """Problems of a declared funnel (empty when valid): names, duplicates, ``after`` links."""
+    """Problems of a declared funnel (empty when valid): names, duplicates, ``after`` links.
+
+    Each problem starts with its key in the schema, e.g. ``funnel.1.after: unknown stage
+    'cartt' (stages: click, cart, buy)``.
+    """
     problems: list[str] = []
-    seen: list[str] = []
+    names = [s.stage for s in stages]
     labels = [s.label for s in stages]
+    listed = ", ".join(names)
     for i, s in enumerate(stages):
+        at = f"funnel.{i}"
         if not _NAME.match(s.stage):
-            problems.append(f"stage name {s.stage!r} must be lower-case letters, digits and _")
+            problems.append(
+                f"{at}.stage: stage name {s.stage!r} must be lower-case letters, digits and _"
+            )
         elif s.stage in RESERVED_STAGES or s.stage.endswith("_all"):
             problems.append(
-                f"stage name {s.stage!r} is reserved (ctr, cvr, ctcvr and names ending in _all "
-                "are the funnel's output names)"
+                f"{at}.stage: stage name {s.stage!r} is reserved (ctr, cvr, ctcvr and names "
+                "ending in _all are the funnel's output names)"
             )
         elif s.stage == "click" and i != 0:
-            problems.append("a stage named 'click' must be the first stage")
+            problems.append(f"{at}.stage: a stage named 'click' must be the first stage")
         elif s.stage == "conversion" and i != len(stages) - 1:
-            problems.append("a stage named 'conversion' must be the last stage")
-        if s.stage in seen:
-            problems.append(f"stage {s.stage!r} is declared twice")
-        if labels.count(s.label) > 1 and labels.index(s.label) == i:
-            problems.append(f"label column {s.label!r} is used by two stages")
-        if i == 0 and s.after is not None:
+            problems.append(f"{at}.stage: a stage named 'conversion' must be the last stage")
+        if s.stage in names[:i]:
             problems.append(
-                f"the first stage {s.stage!r} follows the impression: it takes no `after`"
+                f"{at}.stage: stage {s.stage!r} is declared twice (also funnel."
+                f"{names.index(s.stage)})"
             )
-        if i > 0 and s.after is not None and s.after not in seen:
+        if s.label in labels[:i]:
+            j = labels.index(s.label)
             problems.append(
-                f"stage {s.stage!r}: after={s.after!r} must name a stage declared before it "
-                f"({seen})"
+                f"{at}.label: label column {s.label!r} is used by two stages "
+                f"({names[j]!r} at funnel.{j} and {s.stage!r})"
             )
-        seen.append(s.stage)
+        if s.after is None:
+            continue
+        if i == 0:
+            problems.append(
+                f"{at}.after: the first stage {s.stage!r} follows the impression: it takes no "
+                "`after`"
+            )
+        elif s.after not in names:
+            problems.append(f"{at}.after: unknown stage {s.after!r} (stages: {listed})")
+        elif s.after == s.stage:
+            problems.append(f"{at}.after: stage {s.stage!r} cannot follow itself")
+        elif s.after not in names[:i]:
+            problems.append(
+                f"{at}.after: stage {s.after!r} is declared after {s.stage!r}; `after` must "
+                f"name an earlier stage ({', '.join(names[:i])}), so the funnel has no cycle"
+            )
     return problems
 
 

@@ -8,10 +8,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from mtrank.data.funnel import FunnelStage, check_stages, stage_parents
+from mtrank.documents import load_document
 from mtrank.errors import SchemaError
 
 
@@ -158,7 +158,7 @@ class Schema(BaseModel):
         if self.funnel:
             self._fill_from_stages()
         elif self.conversion is not None and self.click is None:
-            raise SchemaError("a `conversion` column needs a `click` column before it")
+            raise SchemaError("conversion: a `conversion` column needs a `click` column before it")
         if self.click is None and not self.tasks:
             raise SchemaError("the schema declares no label: set click/conversion, funnel or tasks")
         if self.click is not None and self.tasks:
@@ -170,7 +170,7 @@ class Schema(BaseModel):
         features = self.categorical + self.numerical
         dup = sorted({c for c in features if features.count(c) > 1})
         if dup:
-            raise SchemaError(f"feature columns listed twice: {dup}")
+            raise SchemaError(f"categorical / numerical: feature columns listed twice: {dup}")
         for label in self.label_columns:
             if label in features:
                 raise SchemaError(
@@ -178,21 +178,21 @@ class Schema(BaseModel):
                 )
         for extra in self.passthrough:
             if extra in features:
-                raise SchemaError(f"passthrough column {extra!r} is also a feature")
+                raise SchemaError(f"passthrough: column {extra!r} is also a feature")
         for role in ("weight", "position"):
             col = getattr(self, role)
             if col is not None and (col in features or col in self.label_columns):
                 raise SchemaError(
-                    f"{role} column {col!r} is also a feature or a label; a {role} column is "
+                    f"{role}: column {col!r} is also a feature or a label; a {role} column is "
                     "used only in training (a position as a feature would be needed at serving)"
                 )
         if self.negative_sampling is not None and not self.is_funnel:
             raise SchemaError(
-                "negative_sampling needs a funnel schema (click/conversion): the sampled "
+                "negative_sampling: needs a funnel schema (click/conversion): the sampled "
                 "negatives are unclicked impressions"
             )
         if self.position is not None and not self.is_funnel:
-            raise SchemaError("position needs a funnel schema: its tower adds to the CTR logit")
+            raise SchemaError("position: needs a funnel schema: its tower adds to the CTR logit")
         self._check_list_kinds(features)
         return self
 
@@ -200,14 +200,16 @@ class Schema(BaseModel):
         """Check a declared ``funnel`` and set click / conversion to its first / last label."""
         problems = check_stages(self.funnel)
         if problems:
-            raise SchemaError("funnel: " + "; ".join(problems))
+            raise SchemaError("; ".join(problems))
         first, last = self.funnel[0].label, self.funnel[-1].label
         if self.click not in (None, first):
-            raise SchemaError(f"click={self.click!r} but the funnel's first stage is {first!r}")
+            raise SchemaError(
+                f"click: {self.click!r}, but the funnel's first stage label is {first!r}"
+            )
         want = last if len(self.funnel) > 1 else None
         if self.conversion not in (None, want):
             raise SchemaError(
-                f"conversion={self.conversion!r} but the funnel's last stage label is {want!r}"
+                f"conversion: {self.conversion!r}, but the funnel's last stage label is {want!r}"
             )
         self.click, self.conversion = first, want
 
@@ -219,11 +221,11 @@ class Schema(BaseModel):
         for c in cols:
             if c in self.label_columns or c in self.passthrough:
                 raise SchemaError(f"list/sequence column {c!r} is also a label or passthrough")
-        for s in self.sequences:
+        for i, s in enumerate(self.sequences):
             if s.shares not in self.categorical:
                 raise SchemaError(
-                    f"sequence {s.column!r} shares {s.shares!r}, which is not a categorical "
-                    f"column of the schema (categorical: {self.categorical})"
+                    f"sequences.{i}.shares: sequence {s.column!r} shares {s.shares!r}, which "
+                    f"is not a categorical column of the schema (categorical: {self.categorical})"
                 )
 
     @property
@@ -314,17 +316,11 @@ class Schema(BaseModel):
 
     @classmethod
     def from_file(cls, path: str | Path) -> Schema:
-        """Read a schema from YAML or JSON. Raises SchemaError naming the file."""
-        p = Path(path)
-        try:
-            raw = yaml.safe_load(p.read_text())
-        except (OSError, yaml.YAMLError) as exc:
-            raise SchemaError(f"cannot read schema file {p}: {exc}") from None
-        if not isinstance(raw, dict):
-            raise SchemaError(f"schema file {p} must hold a mapping of fields")
-        try:
-            return cls.model_validate(raw)
-        except SchemaError:
-            raise
-        except ValueError as exc:
-            raise SchemaError(f"schema file {p}: {exc}") from None
+        """Read a schema from YAML or JSON (``.json``).
+
+        Raises:
+            SchemaError: one line naming the file and the key or the line and column, e.g.
+                ``schema s.yaml: funnel.1.after: unknown stage 'cartt' (stages: click, buy)``
+                (:func:`mtrank.documents.load_document`).
+        """
+        return load_document(path, cls, "schema", SchemaError)

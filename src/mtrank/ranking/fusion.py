@@ -43,6 +43,7 @@ from typing import ClassVar, Literal
 
 import numpy as np
 
+from mtrank.documents import read_document
 from mtrank.errors import ConfigError, DataError
 from mtrank.io_utils import atomic_write_json
 
@@ -389,13 +390,11 @@ def read_fusion_doc(path: str | Path) -> dict:
     absent, other keys are kept).
 
     Raises:
-        ConfigError: the file is missing, not JSON, of another format, or has no ``formula``.
+        ConfigError: the file is missing, not JSON (naming the line and column), of another
+            format, or has no ``formula`` (:func:`mtrank.documents.read_document`).
     """
     p = Path(path)
-    try:
-        doc = json.loads(p.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"cannot read fusion file {p}: {exc}") from None
+    doc = read_document(p, "fusion file", ConfigError, syntax="json")
     if not isinstance(doc, dict) or doc.get("format", FORMAT) != FORMAT or "formula" not in doc:
         raise ConfigError(
             f"fusion file {p}: expected a {FORMAT!r} document with 'formula' and 'params'"
@@ -414,11 +413,21 @@ def load_fusion(path: str | Path) -> Fusion:
             message names the file and the field).
     """
     doc = read_fusion_doc(path)
+    if not isinstance(doc["formula"], str) or doc["formula"] not in FORMULAS:
+        raise ConfigError(
+            f"fusion file {path}: formula: unknown fusion formula {doc['formula']!r}; choose one "
+            f"of {sorted(FORMULAS)}"
+        )
     params = doc.get("params")
     if params is not None and not isinstance(params, dict):
         raise ConfigError(
             f"fusion file {path}: params: expected an object, got {type(params).__name__}"
         )
+    for key, value in (params or {}).items():
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(
+                f"fusion file {path}: params.{key}: expected a number, got {json.dumps(value)}"
+            )
     try:
         fusion = make_fusion(doc["formula"], params or {})
         fusion = make_fusion(fusion.name, fusion.params)  # the params as the class reads them
