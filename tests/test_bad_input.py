@@ -733,10 +733,8 @@ CASES = [
         lambda r: (
             r
             == [
-                "label 'click' is 1 on every row (20 rows): task 'click' has nothing to "
-                "learn or rank (AUC undefined)",
-                "label 'click_all' is 1 on every row (20 "
-                "rows): task 'click_all' has nothing to learn or rank (AUC undefined)",
+                "stage 'click' (column 'click') is 1 on every row (20 rows): nothing to learn "
+                "or rank (auc_click, auc_click_all undefined)",
             ]
         ),
     ),
@@ -745,7 +743,26 @@ CASES = [
         lambda t: fit_tiny(
             SCHEMA3, tiny_funnel3().with_columns(pl.col("is_click").alias("is_cart"))
         ).metrics["test"]["warnings"],
-        lambda r: any("'cart' is 1 on every row with click_all=1" in w for w in r),
+        lambda r: (
+            r
+            == [
+                "stage 'cart' (column 'is_cart') is 1 on every row that reached 'click' (3 "
+                "rows): nothing to learn or rank (auc_cart undefined)",
+            ]
+        ),
+    ),
+    Case(
+        "26-two-stage-shorthand-names-the-conversion-once",
+        lambda t: fit_tiny(
+            SCHEMA, tiny_funnel().with_columns(pl.lit(0, pl.Int8).alias("buy"))
+        ).metrics["test"]["warnings"],
+        lambda r: (
+            r
+            == [
+                "stage 'conversion' (column 'buy') is 0 on every row (20 rows): nothing to "
+                "learn or rank (auc_cvr_masked, auc_ctcvr undefined)",
+            ]
+        ),
     ),
     # schema, config and fusion files: one line naming the file and the key, or line and column
     Case(

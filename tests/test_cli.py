@@ -153,3 +153,99 @@ def test_bad_data_file_error_names_file_column_row(tmp_path):
     )
     assert r.returncode == 0, r.stderr
     assert "dropped 1 funnel-violating row" in r.stderr
+
+
+# -- fresh-user findings: export summary, constant-label warnings, evaluate -q -------------------
+STAGED_SCHEMA = """name: shop
+funnel:
+  - {stage: click, label: is_click}
+  - {stage: cart, label: is_cart}
+  - {stage: buy, label: is_buy, after: click}
+categorical: [item]
+numerical: [x]
+lists:
+  - {column: tags, sep: "|", weighted: true, max_len: 3}
+sequences:
+  - {column: hist, shares: item, sep: "|", max_len: 4}
+"""
+
+
+def staged_csv(path, n=600, buy=True):
+    """A three-stage log (click → cart, click → buy) with a weighted list and a sequence."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    item = rng.integers(0, 6, n)
+    click = (rng.random(n) < 0.2 + 0.1 * item).astype(np.int8)
+    pl.DataFrame(
+        {
+            "is_click": click,
+            "is_cart": (click * (rng.random(n) < 0.5)).astype(np.int8),
+            "is_buy": (click * (rng.random(n) < 0.3)).astype(np.int8) * int(buy),
+            "item": item,
+            "x": rng.normal(size=n),
+            "tags": [f"t{a}:0.5|t{b}:1.0" for a, b in rng.integers(0, 4, (n, 2))],
+            "hist": ["|".join(map(str, rng.integers(0, 6, 3))) for _ in range(n)],
+        }
+    ).write_csv(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def staged_run(tmp_path_factory):
+    """A staged-funnel bundle trained by `mtrank train` on a log whose buy label is always 0."""
+    from conftest import cli_in_process
+
+    tmp = tmp_path_factory.mktemp("staged")
+    (tmp / "s.yaml").write_text(STAGED_SCHEMA)
+    data = staged_csv(tmp / "log.csv", buy=False)
+    args = ["--data", data, "--schema", tmp / "s.yaml", "--epochs", 1, "--tower", 8]
+    r = cli_in_process("train", *args, "--embedding-dim", 4, "--out", tmp / "b", "-q")
+    assert r.returncode == 0, r.stderr
+    return tmp, r
+
+
+def test_export_names_every_input_and_output_of_the_graph(staged_run, tmp_path):
+    from conftest import cli_in_process
+
+    r = cli_in_process("export", "--bundle", staged_run[0] / "b", "--out", tmp_path / "m.onnx")
+    assert r.returncode == 0, r.stderr
+    head, _, checks = r.stdout.strip().partition("; max |onnx - torch| ")
+    assert head == (
+        f"wrote {tmp_path / 'm.onnx'}; inputs categorical int64 [batch, 1], "
+        "numerical float32 [batch, 1], tags int64 [batch, len_0], "
+        "tags.weight float32 [batch, len_1], hist int64 [batch, len_2]; "
+        "outputs p_click, p_click_all, p_cart, p_cart_all, p_buy, p_buy_all, p_ctr, p_cvr, "
+        "p_ctcvr float32 [batch]"
+    )
+    assert checks.startswith("batch 1: ") and "batch 1000: " in checks
+
+
+def test_a_constant_stage_is_warned_once_per_split_naming_it(staged_run):
+    stderr = staged_run[1].stderr
+    warnings = [line for line in stderr.splitlines() if line.startswith("warning:")]
+    assert warnings == [
+        f"warning: {split}: stage 'buy' (column 'is_buy') is 0 on every row ({n} rows): nothing "
+        "to learn or rank (auc_buy, auc_buy_all undefined)"
+        for split, n in (("val", 60), ("test", 120))
+    ]
+
+
+def test_evaluate_takes_quiet_and_names_the_file_in_its_warnings(staged_run):
+    from conftest import cli_in_process
+
+    tmp = staged_run[0]
+    args = ["evaluate", "--bundle", tmp / "b", "--data", tmp / "log.csv"]
+    loud, quiet = cli_in_process(*args), cli_in_process(*args, "-q")
+    assert loud.returncode == quiet.returncode == 0, quiet.stderr
+    warning = (
+        f"warning: {tmp / 'log.csv'}: stage 'buy' (column 'is_buy') is 0 on every row (600 "
+        "rows): nothing to learn or rank (auc_buy, auc_buy_all undefined)"
+    )
+    assert loud.stderr.splitlines() == [
+        f"» loading {tmp / 'log.csv'}",
+        "» scoring 600 rows with esmm",
+        warning,
+    ]
+    assert quiet.stderr.splitlines() == [warning]
+    assert quiet.stdout == loud.stdout and "auc_click" in quiet.stdout

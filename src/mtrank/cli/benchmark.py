@@ -20,10 +20,18 @@ from mtrank.cli.common import (
     QuietOpt,
     _str,
     _tower,
+    device_flags,
     resolve_config,
 )
 from mtrank.errors import ConfigError
 from mtrank.io_utils import atomic_write_bytes, atomic_write_json
+
+# Options that benchmark and sweep share (same flag, same help).
+ModelsOpt = Annotated[str, typer.Option(help="comma-separated registry names")]
+UsersOpt = Annotated[int | None, typer.Option(help="simulator: users")]
+ItemsOpt = Annotated[int | None, typer.Option(help="simulator: items")]
+SelectionOpt = Annotated[float | None, typer.Option(help="simulator: feature dependence of λ")]
+FuseGridOpt = Annotated[int, typer.Option(help="fusion grid values per parameter (n³ points)")]
 
 
 def _options(items: list[str] | None) -> dict[str, dict]:
@@ -52,7 +60,7 @@ def benchmark(
         str | None,
         typer.Option("--dataset", "-d", help="built-in dataset (or the config's data.dataset)"),
     ] = None,
-    models: Annotated[str, typer.Option(help="comma-separated registry names")] = "esmm,base",
+    models: ModelsOpt = "esmm,base",
     repeats: Annotated[int, typer.Option(help="training seeds per simulator seed")] = 2,
     epochs: Annotated[int, typer.Option(help="maximum epochs (early stopping on validation)")] = 3,
     out: Annotated[
@@ -74,12 +82,10 @@ def benchmark(
     cvr: Annotated[
         float | None, typer.Option(help="simulator: target mean CVR given click")
     ] = None,
-    n_users: Annotated[int | None, typer.Option(help="simulator: users")] = None,
-    n_items: Annotated[int | None, typer.Option(help="simulator: items")] = None,
+    n_users: UsersOpt = None,
+    n_items: ItemsOpt = None,
     intent: Annotated[float | None, typer.Option(help="simulator: intent strength λ")] = None,
-    selection: Annotated[
-        float | None, typer.Option(help="simulator: feature dependence of λ")
-    ] = None,
+    selection: SelectionOpt = None,
     sharing: Annotated[
         float | None, typer.Option(help="simulator: click/conversion driver sharing ρ")
     ] = None,
@@ -108,9 +114,7 @@ def benchmark(
     fuse_k: Annotated[
         int | None, typer.Option(help="simulator: expected GMV@K after tuning a fusion per model")
     ] = None,
-    fuse_grid: Annotated[
-        int, typer.Option(help="fusion grid values per parameter (n³ points)")
-    ] = 4,
+    fuse_grid: FuseGridOpt = 4,
     test_fraction: Annotated[
         float, typer.Option(help="share of rows (latest, by time) that test")
     ] = 0.5,
@@ -134,15 +138,12 @@ def benchmark(
     """Train the models on one split per simulator seed under one protocol; print a markdown
     table with paired differences against the reference; write JSON."""
     from mtrank.benchmark import log_to_stderr, report_markdown, run_benchmark
-    from mtrank.train.device import resolve_device, resolve_precision
 
-    resolve_precision(precision, resolve_device(device))
     run_cfg = resolve_config(
         ctx,
         config,
         {
-            "device": ("training.device", device),
-            "precision": ("training.precision", precision),
+            **device_flags(device, precision),
             "dataset": ("data.dataset", dataset),
             "data_dir": ("data.data_dir", lambda: _str(data_dir)),
             "rows": ("data.simulator.rows", rows),
@@ -262,9 +263,7 @@ def sweep(
     out: Annotated[
         Path, typer.Option("--out", "-o", help="folder for sweep.json, sweep.md and the heatmaps")
     ] = Path("runs/sweep"),
-    models: Annotated[
-        str, typer.Option(help="comma-separated registry names")
-    ] = "esmm,esmm_ns,base,escm2_dr",
+    models: ModelsOpt = "esmm,esmm_ns,base,escm2_dr",
     cvr: Annotated[
         str, typer.Option(help="conversion densities (CVR given click), comma-separated")
     ] = "0.01,0.04,0.15",
@@ -280,11 +279,9 @@ def sweep(
     rows: Annotated[
         int, typer.Option(help="simulated impressions per cell and simulator seed")
     ] = 200_000,
-    n_users: Annotated[int | None, typer.Option(help="simulator: users")] = None,
-    n_items: Annotated[int | None, typer.Option(help="simulator: items")] = None,
-    selection: Annotated[
-        float | None, typer.Option(help="simulator: feature dependence of λ")
-    ] = None,
+    n_users: UsersOpt = None,
+    n_items: ItemsOpt = None,
+    selection: SelectionOpt = None,
     repeats: Annotated[int, typer.Option(help="training seeds per cell and simulator seed")] = 2,
     sim_seeds: Annotated[int, typer.Option(help="simulator seeds per cell")] = 1,
     epochs: int = 2,
@@ -293,9 +290,7 @@ def sweep(
     fuse_k: Annotated[
         int | None, typer.Option(help="expected GMV@K after fusion tuning (0 = off)")
     ] = 10,
-    fuse_grid: Annotated[
-        int, typer.Option(help="fusion grid values per parameter (n³ points)")
-    ] = 4,
+    fuse_grid: FuseGridOpt = 4,
     test_fraction: float = 0.5,
     batch_size: int = 2048,
     lr: float = 1e-3,

@@ -10,6 +10,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from mtrank.config import RunConfig, load_config
 from mtrank.data.datasets import DATASETS
@@ -41,6 +42,10 @@ FunnelOpt = Annotated[
         "--funnel-violations", help="conversion without click: 'error' (default) or 'drop'"
     ),
 ]
+OverwriteOpt = Annotated[
+    bool, typer.Option("--overwrite", help="replace an existing, non-empty --out whole")
+]
+ParquetOutOpt = Annotated[Path, typer.Option("--out", "-o", help="Parquet file to write")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress output")]
 DeviceOpt = Annotated[
     str, typer.Option("--device", help="auto (CUDA when available), cpu, cuda or cuda:N")
@@ -86,10 +91,12 @@ def _metric_table(
     return table
 
 
-def _print_warnings(metrics: dict) -> None:
-    """Print the ``warnings`` of a metrics dict (e.g. a constant label) on stderr, in yellow."""
-    for line in dict.fromkeys(w for m in metrics.values() for w in m.get("warnings") or ()):
-        err.print(f"[yellow]warning: {line}[/yellow]")
+def _print_warnings(metrics: dict[str, dict]) -> None:
+    """Print the ``warnings`` of metrics by split (e.g. a constant label) on stderr, in yellow,
+    each after the name of its split (``val``, ``test``, or the file evaluated)."""
+    for split, m in metrics.items():
+        for line in dict.fromkeys(m.get("warnings") or ()):
+            err.print(Text(f"warning: {split}: {line}", style="yellow"), soft_wrap=True)
 
 
 def _tower(text: str) -> list[int]:
@@ -149,6 +156,19 @@ def resolve_config(
         raise ConfigError(
             f"{flag_of[key]} ({key}): {text.partition(': ')[2]}" if key in flag_of else str(exc)
         ) from None
+
+
+def device_flags(device: str, precision: str) -> dict[str, tuple[str, Any]]:
+    """``--device`` and ``--precision`` (:data:`DeviceOpt`, :data:`PrecisionOpt`) as
+    :func:`resolve_config` flags, checked first.
+
+    Raises:
+        ConfigError: an unknown or unavailable device, or a precision it cannot run.
+    """
+    from mtrank.train.device import resolve_device, resolve_precision
+
+    resolve_precision(precision, resolve_device(device))
+    return {"device": ("training.device", device), "precision": ("training.precision", precision)}
 
 
 def _str(path: Path | None) -> str | None:

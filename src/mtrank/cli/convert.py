@@ -9,14 +9,15 @@
 Registered by :mod:`mtrank.cli`.
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations``: :func:`_staged_command`'s ``--src`` option is built
+# from its argument, so its annotations must be evaluated where the function is defined.
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from mtrank.cli.common import console
+from mtrank.cli.common import OverwriteOpt, console
 from mtrank.data.io import check_output
 
 convert_app = typer.Typer(
@@ -33,9 +34,6 @@ BadRowsOpt = Annotated[
     typer.Option(
         "--bad-rows", help="error (default: stop at the first bad row) or skip (drop and count)"
     ),
-]
-OverwriteOpt = Annotated[
-    bool, typer.Option("--overwrite", help="replace an existing, non-empty --out whole")
 ]
 BucketOpt = Annotated[
     int, typer.Option("--bucket-mb", help="raw MB per on-disk hash bucket (memory ≈ 3-5×)")
@@ -85,43 +83,6 @@ def aliccp_raw(
     )
 
 
-def _staged(
-    layout: str, src: Path, out: Path, funnel, bad_rows, bucket_mb, overwrite, test_fraction
-) -> None:
-    from mtrank.data.staged_logs import convert_staged_log
-
-    check_output(out, kind="dir")
-    stages = [s.strip() for s in funnel.split(",")] if funnel else None
-    rep = convert_staged_log(
-        src,
-        out,
-        layout,
-        funnel=stages,
-        bad_rows=bad_rows,
-        bucket_mb=bucket_mb,
-        overwrite=overwrite,
-        test_fraction=test_fraction,
-    )
-    console.print(
-        f"wrote {out}: {rep.rows:,} viewed (user, item) rows from {rep.events:,} events; "
-        f"positives {rep.positives}; {rep.seconds:.1f} s"
-    )
-    for title, counts in (
-        ("dropped (never viewed)", rep.dropped_not_viewed),
-        ("stage before the first view (kept)", rep.before_first_view),
-        ("funnel violations (kept; the schema drops them when training)", rep.funnel_violations),
-    ):
-        shown = {k: v for k, v in counts.items() if v}
-        if shown:
-            console.print(f"{title}: {shown}")
-    _skipped(rep.skipped)
-    data = f"{out}/data"
-    if rep.test_from is not None:
-        console.print(f"test: {rep.rows_test:,} rows first viewed at time ≥ {rep.test_from}")
-        data = f"{out}/train --test-data {out}/test"
-    console.print(f"train with: mtrank train --stream --data {data} --schema {out}/schema.yaml")
-
-
 def _skipped(skipped: dict[str, int]) -> None:
     for where, n in skipped.items():
         console.print(f"skipped {n:,} rows: {where}")
@@ -140,32 +101,73 @@ FunnelOpt = Annotated[
 ]
 
 
-def taobao(
-    src: Annotated[Path, typer.Option("--src", help="UserBehavior.csv (or .csv.gz)")],
-    out: OutOpt,
-    funnel: FunnelOpt = None,
-    bad_rows: BadRowsOpt = "error",
-    bucket_mb: BucketOpt = 512,
-    overwrite: OverwriteOpt = False,
-    test_fraction: TestFractionOpt = 0.0,
-) -> None:
+def _staged_command(layout: str, src_help: str, doc: str) -> Callable[..., None]:
+    """The ``convert <layout>`` command of a staged event log
+    (:func:`mtrank.data.staged_logs.convert_staged_log`): every layout takes the same options
+    but ``--src``, whose help (``src_help``) names the layout's file; ``doc`` is its help."""
+
+    def command(
+        src: Annotated[Path, typer.Option("--src", help=src_help)],
+        out: OutOpt,
+        funnel: FunnelOpt = None,
+        bad_rows: BadRowsOpt = "error",
+        bucket_mb: BucketOpt = 512,
+        overwrite: OverwriteOpt = False,
+        test_fraction: TestFractionOpt = 0.0,
+    ) -> None:
+        from mtrank.data.staged_logs import convert_staged_log
+
+        check_output(out, kind="dir")
+        stages = [s.strip() for s in funnel.split(",")] if funnel else None
+        rep = convert_staged_log(
+            src,
+            out,
+            layout,
+            funnel=stages,
+            bad_rows=bad_rows,
+            bucket_mb=bucket_mb,
+            overwrite=overwrite,
+            test_fraction=test_fraction,
+        )
+        console.print(
+            f"wrote {out}: {rep.rows:,} viewed (user, item) rows from {rep.events:,} events; "
+            f"positives {rep.positives}; {rep.seconds:.1f} s"
+        )
+        for title, counts in (
+            ("dropped (never viewed)", rep.dropped_not_viewed),
+            ("stage before the first view (kept)", rep.before_first_view),
+            (
+                "funnel violations (kept; the schema drops them when training)",
+                rep.funnel_violations,
+            ),
+        ):
+            shown = {k: v for k, v in counts.items() if v}
+            if shown:
+                console.print(f"{title}: {shown}")
+        _skipped(rep.skipped)
+        data = f"{out}/data"
+        if rep.test_from is not None:
+            console.print(f"test: {rep.rows_test:,} rows first viewed at time ≥ {rep.test_from}")
+            data = f"{out}/train --test-data {out}/test"
+        console.print(f"train with: mtrank train --stream --data {data} --schema {out}/schema.yaml")
+
+    command.__name__ = command.__qualname__ = layout
+    command.__doc__ = doc
+    return command
+
+
+taobao = _staged_command(
+    "taobao",
+    "UserBehavior.csv (or .csv.gz)",
     """Taobao UserBehavior (https://tianchi.aliyun.com/dataset/649): one row per viewed (user,
-    item) pair, labels cart, fav, buy; default funnel cart,buy."""
-    _staged("taobao", src, out, funnel, bad_rows, bucket_mb, overwrite, test_fraction)
-
-
-def retailrocket(
-    src: Annotated[Path, typer.Option("--src", help="events.csv (or .csv.gz)")],
-    out: OutOpt,
-    funnel: FunnelOpt = None,
-    bad_rows: BadRowsOpt = "error",
-    bucket_mb: BucketOpt = 512,
-    overwrite: OverwriteOpt = False,
-    test_fraction: TestFractionOpt = 0.0,
-) -> None:
+    item) pair, labels cart, fav, buy; default funnel cart,buy.""",
+)
+retailrocket = _staged_command(
+    "retailrocket",
+    "events.csv (or .csv.gz)",
     """RetailRocket events (Kaggle retailrocket/ecommerce-dataset): one row per viewed (visitor,
-    item) pair, labels addtocart, transaction; default funnel addtocart,transaction."""
-    _staged("retailrocket", src, out, funnel, bad_rows, bucket_mb, overwrite, test_fraction)
+    item) pair, labels addtocart, transaction; default funnel addtocart,transaction.""",
+)
 
 
 convert_app.command("aliccp-raw")(aliccp_raw)

@@ -23,6 +23,8 @@ from mtrank.cli.common import (
     DatasetOpt,
     DeviceOpt,
     FunnelOpt,
+    OverwriteOpt,
+    ParquetOutOpt,
     PrecisionOpt,
     QuietOpt,
     SchemaOpt,
@@ -34,6 +36,7 @@ from mtrank.cli.common import (
     _str,
     _tower,
     console,
+    device_flags,
     err,
     phase,
     resolve_config,
@@ -63,9 +66,7 @@ from mtrank.workflow import (
 def simulate(
     ctx: typer.Context,
     config: ConfigOpt = None,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Parquet file to write")] = Path(
-        "data/simulated/simulated.parquet"
-    ),
+    out: ParquetOutOpt = Path("data/simulated/simulated.parquet"),
     preset: Annotated[
         str,
         typer.Option(
@@ -115,9 +116,7 @@ def simulate(
         int | None,
         typer.Option(help="write a directory of Parquet parts of this many rows (bounded memory)"),
     ] = None,
-    overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="replace an existing, non-empty --out whole")
-    ] = False,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Write a synthetic mall's impression log (exact true_ctr, true_cvr_clicked, true_cvr_do,
     true_ctcvr per row; with --stages 3 also a cart column and true_cart, true_cart_all,
@@ -567,6 +566,7 @@ def evaluate(
     ] = "test",
     out: Annotated[Path | None, typer.Option("--out", "-o", help="write metrics JSON here")] = None,
     device: DeviceOpt = "cpu",
+    quiet: QuietOpt = False,
 ) -> None:
     """Evaluate a bundle on a file, or on a built-in dataset's split (the split it was trained
     with)."""
@@ -590,12 +590,15 @@ def evaluate(
         check_output(out)
     b = Bundle.load(bundle, device=device)
     if data is not None:
+        phase(f"loading {data}", quiet)
         loaded = load_data(None, data=data, schema=b.schema)
         frame = loaded.splits["all"]
     else:
         name = dataset or b.meta.get("dataset")
+        phase(f"loading {name} ({split} split)", quiet)
         loaded = load_data(name, schema=b.schema, data_dir=data_dir)
         frame = split_data(loaded, SplitConfig.model_validate(b.meta.get("split", {})))[split]
+    phase(f"scoring {frame.height:,} rows with {b.model_config.name}", quiet)
     if b.model_config.name in RANKERS:
         from mtrank.ranking.ltr import evaluate_ranker
 
@@ -610,7 +613,7 @@ def evaluate(
         )
     console.print(table)
     _print_log_notes(b)
-    _print_warnings({"": metrics})
+    _print_warnings({str(data) if data is not None else split: metrics})
     if out is not None:
         atomic_write_json(metrics, out)
         console.print(f"metrics written to {out}")
@@ -627,9 +630,7 @@ def predict(
             help="CSV/Parquet file to score (labels optional; default: the config's data.paths)",
         ),
     ] = None,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Parquet file to write")] = Path(
-        "predictions.parquet"
-    ),
+    out: ParquetOutOpt = Path("predictions.parquet"),
     fusion: Annotated[
         Path | None,
         typer.Option("--fusion", help="fusion JSON: also write the fused `score` column"),
@@ -756,13 +757,11 @@ def quickstart(
     is one run of that config.
     """
     _check_choice(dataset, DATASETS, "--dataset")
-    resolve_precision(precision, resolve_device(device))
     cfg = resolve_config(
         ctx,
         config,
         {
-            "device": ("training.device", device),
-            "precision": ("training.precision", precision),
+            **device_flags(device, precision),
             "dataset": ("data.dataset", dataset),
             "data_dir": ("data.data_dir", lambda: _str(data_dir)),
             "rows": ("data.simulator.rows", rows),

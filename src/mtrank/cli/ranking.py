@@ -54,6 +54,8 @@ from mtrank.workflow import load_data, predictions_frame, resolve_schema
 
 _defaults = replay_defaults
 
+OutDirOpt = Annotated[Path, typer.Option("--out", "-o", help="output directory")]
+
 
 def _from_config(ctx, config, dataset, data, schema, data_dir, bundle) -> tuple:
     """(dataset, data, schema, data_dir, bundle): the flags, or with ``--config`` the config's
@@ -198,9 +200,7 @@ def quadrants(
     split: Annotated[
         str, typer.Option(help="rows to analyse: all, or the bundle's test split")
     ] = "all",
-    out: Annotated[Path, typer.Option("--out", "-o", help="output directory")] = Path(
-        "runs/quadrants"
-    ),
+    out: OutDirOpt = Path("runs/quadrants"),
 ) -> None:
     """Four-quadrant CTR × CVR analysis of items (or shops, segments …): tables, JSON and a plot."""
     dataset, data, schema, data_dir, bundle = _from_config(
@@ -474,7 +474,7 @@ def fuse(
         float, typer.Option(help="fraction of requests held out for reporting")
     ] = 0.5,
     seed: int = 0,
-    out: Annotated[Path, typer.Option("--out", "-o", help="output directory")] = Path("runs/fuse"),
+    out: OutDirOpt = Path("runs/fuse"),
 ) -> None:
     """Tune a ranking-score fusion of pCTR, pCVR and price offline by replay; write fusion.json."""
     dataset, data, schema, data_dir, bundle = _from_config(

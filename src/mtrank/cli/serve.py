@@ -35,14 +35,31 @@ def export(
     bundle, out = Path(cfg.export.out), (Path(cfg.export.onnx) if cfg.export.onnx else None)
     if out is not None:
         check_output(out)
-    from mtrank.serve.onnx_export import export_onnx
+    from mtrank.serve.onnx_export import export_onnx, graph_signature
 
     path, diffs = export_onnx(bundle, out)
+    inputs, outputs = graph_signature(path)
     checks = ", ".join(f"batch {b}: {d:.1e}" for b, d in diffs.items())
     console.print(
-        f"wrote {path}; inputs categorical int64 [B, n_cat], numerical float32 [B, n_num]; "
-        f"outputs p_ctr, p_cvr, p_ctcvr [B]; max |onnx - torch| {checks}"
+        f"wrote {path}; inputs {_tensors(inputs)}; outputs {_tensors(outputs)}; "
+        f"max |onnx - torch| {checks}",
+        markup=False,  # the shapes' brackets are text, not rich markup
+        highlight=False,
+        soft_wrap=True,
     )
+
+
+def _tensors(tensors) -> str:
+    """``name dtype [dims]`` per graph tensor (:class:`mtrank.serve.onnx_export.GraphTensor`),
+    consecutive tensors of one type and shape sharing it: ``p_ctr, p_cvr float32 [batch]``."""
+    groups: list[tuple[list[str], str]] = []
+    for t in tensors:
+        kind = f"{t.dtype} [{', '.join(map(str, t.shape))}]"
+        if groups and groups[-1][1] == kind:
+            groups[-1][0].append(t.name)
+        else:
+            groups.append(([t.name], kind))
+    return ", ".join(f"{', '.join(names)} {kind}" for names, kind in groups)
 
 
 def serve(

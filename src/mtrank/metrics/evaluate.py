@@ -19,8 +19,9 @@ Staged funnels (:mod:`mtrank.data.funnel`), per stage ``s``: ``auc_s``, ``loglos
 ``calib_s`` (``p_s`` on the rows that reached its ``after`` stage) and ``auc_s_all`` … (``p_s_all``
 on all impressions, ``gauc_s_all`` per user), with ``n_s_rows`` / ``n_s_positive`` (and the
 ``_all`` pair) counting the rows covered and their positives; a funnel of ≥ 2 stages also gets
-the three metrics above through ``p_ctr`` / ``p_cvr`` / ``p_ctcvr``. A label constant on the
-rows its task covers is named in ``warnings`` (:func:`degenerate_label_warnings`).
+the three metrics above through ``p_ctr`` / ``p_cvr`` / ``p_ctcvr``. A stage (or task) whose
+label is constant on the rows a task of it covers is named once in ``warnings``
+(:func:`degenerate_label_warnings`).
 
 Plain multi-task datasets: ``auc_<task>``, ``logloss_<task>``, ``calib_<task>``.
 
@@ -104,25 +105,68 @@ def eval_tasks(schema: Schema) -> tuple[EvalTask, ...]:
     return tuple(EvalTask(t, t, f"p_{t}", curve=t) for t in schema.tasks)
 
 
-def degenerate_label_warnings(
-    labels: dict[str, np.ndarray], tasks: tuple[EvalTask, ...]
-) -> list[str]:
-    """One line per task whose label is constant on the rows it covers (its AUC is undefined
-    and a model learns nothing there, e.g. every row clicked in a log without impressions)."""
+def degenerate_label_warnings(labels: dict[str, np.ndarray], schema: Schema) -> list[str]:
+    """One line per funnel stage (or plain task) whose label is constant on the rows one of its
+    tasks covers: its AUC is undefined and a model learns nothing there (e.g. every row clicked
+    in a log without impressions). A stage is named once, by the widest such rows, with the
+    AUCs left undefined; a staged funnel's ``p_ctr`` / ``p_cvr`` / ``p_ctcvr`` aliases are not
+    named again. The line does not name the split: the caller knows it.
+
+    Args:
+        labels: label arrays ``[N]`` 0/1 by key (``click``, ``conversion``, ``ctcvr``, the
+            stages' ``s`` and ``s_all``, or the plain tasks').
+        schema: the dataset schema (its stages, or tasks, and their label columns).
+    """
     out = []
-    for t in tasks:
-        if t.label not in labels:
+    for kind, name, column, tasks in _label_groups(schema):
+        constant = []
+        for t in tasks:
+            if t.label not in labels:
+                continue
+            y = np.asarray(labels[t.label])
+            if t.rows is not None:
+                y = y[np.asarray(labels[t.rows]) > 0]
+            if y.size and y.min() == y.max():
+                constant.append((t, y))
+        if not constant:
             continue
-        y = np.asarray(labels[t.label])
-        if t.rows is not None:
-            y = y[np.asarray(labels[t.rows]) > 0]
-        if y.size and (y.min() == y.max()):
-            where = "every row" if t.rows is None else f"every row with {t.rows}=1"
-            out.append(
-                f"label {t.label!r} is {int(y[0])} on {where} ({y.size:,} rows): task "
-                f"{t.name!r} has nothing to learn or rank (AUC undefined)"
-            )
+        # the widest rows first: "0 on every row" says more than "0 on every clicked row"
+        t, y = next(((t, y) for t, y in constant if t.rows is None), constant[0])
+        where = (
+            "every row"
+            if t.rows is None
+            else f"every row that reached {t.rows.removesuffix('_all')!r}"
+        )
+        aucs = ", ".join(f"auc_{c.name}" for c, _ in constant)
+        out.append(
+            f"{kind} {name!r} (column {column!r}) is {int(y[0])} on {where} ({y.size:,} rows): "
+            f"nothing to learn or rank ({aucs} undefined)"
+        )
     return out
+
+
+def _label_groups(schema: Schema) -> list[tuple[str, str, str, tuple[EvalTask, ...]]]:
+    """(``stage`` or ``task``, its name, its label column, its evaluated tasks) per funnel stage
+    or plain task: a staged funnel's ``s`` and ``s_all``; the two-stage shorthand's click (CTR)
+    and conversion (CVR on clicked rows, CTCVR)."""
+    if schema.is_staged:
+        tasks = stage_eval_tasks(schema.stage_names, schema.stage_parents)
+        return [
+            (
+                "stage",
+                s.stage,
+                s.label,
+                tuple(t for t in tasks if t.name in (s.stage, f"{s.stage}_all")),
+            )
+            for s in schema.stages
+        ]
+    if schema.is_funnel:
+        ctr, cvr, ctcvr = FUNNEL_TASKS
+        return [
+            ("stage", "click", schema.click, (ctr,)),
+            ("stage", "conversion", schema.conversion, (cvr, ctcvr)),
+        ]
+    return [("task", t, col, (EvalTask(t, t, f"p_{t}"),)) for t, col in schema.tasks.items()]
 
 
 def evaluate_outputs(
@@ -166,7 +210,7 @@ def evaluate_outputs(
             m[f"logloss_{t.name}"] = logloss(y, p, w)
             m[f"calib_{t.name}"] = calibration(y, p, w)
             m.update(weighted_metrics(t.name, y, p, w, weight))
-        warnings = degenerate_label_warnings(labels, tasks)
+        warnings = degenerate_label_warnings(labels, schema)
         if warnings:
             m["warnings"] = warnings  # type: ignore[assignment]
         if schema.user_id is not None and schema.user_id in side:
@@ -186,7 +230,7 @@ def evaluate_outputs(
             m[f"calib_{t.name}"] = calibration(y, p)
             m.update(weighted_metrics(t.name, y, p, None, weight))
         m["n_rows"] = int(next(iter(labels.values())).size) if labels else 0
-        warnings = degenerate_label_warnings(labels, eval_tasks(schema))
+        warnings = degenerate_label_warnings(labels, schema)
         if warnings:
             m["warnings"] = warnings  # type: ignore[assignment]
     return m

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -222,6 +223,52 @@ def verify_onnx(
             )
         diffs[b] = worst
     return diffs
+
+
+@dataclass(frozen=True)
+class GraphTensor:
+    """One input or output of an ONNX graph, as the graph declares it.
+
+    Attributes:
+        name: the tensor's name (``categorical``, ``hist_purchased``, ``p_ctcvr`` …).
+        dtype: its element type, as numpy names it (``int64``, ``float32``).
+        shape: its dimensions: an int for a fixed one, the axis name for a dynamic one
+            (``batch``, ``len_0``).
+    """
+
+    name: str
+    dtype: str
+    shape: tuple[int | str, ...]
+
+
+def graph_signature(model: str | Path | bytes) -> tuple[list[GraphTensor], list[GraphTensor]]:
+    """The (inputs, outputs) of an ONNX graph, in graph order, read from the file (or its bytes).
+
+    Raises:
+        ExportError: the file is not an ONNX model.
+    """
+    import onnx
+    from onnx.helper import tensor_dtype_to_np_dtype
+
+    try:
+        proto = (
+            onnx.load_model_from_string(model)
+            if isinstance(model, bytes)
+            else onnx.load_model(str(model), load_external_data=False)
+        )
+    except Exception as exc:  # protobuf's DecodeError, OSError, …: one clear line
+        where = "the given bytes" if isinstance(model, bytes) else str(model)
+        raise ExportError(f"cannot read an ONNX graph from {where}: {exc}") from exc
+
+    def tensors(values) -> list[GraphTensor]:
+        out = []
+        for v in values:
+            t = v.type.tensor_type
+            dims = tuple(d.dim_param or d.dim_value for d in t.shape.dim)
+            out.append(GraphTensor(v.name, str(tensor_dtype_to_np_dtype(t.elem_type)), dims))
+        return out
+
+    return tensors(proto.graph.input), tensors(proto.graph.output)
 
 
 def export_onnx(
