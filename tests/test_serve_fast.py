@@ -235,3 +235,31 @@ def test_colons_inside_strings_are_not_keys():
         "context": {"shop": "a:b:c", "brand": '":'},
         "candidates": [{"x": 1}],
     }
+
+
+def test_an_unexpected_error_is_a_500_in_the_error_shape_never_a_traceback(service, rows, caplog):
+    from fastapi.testclient import TestClient
+
+    from mtrank.serve.app import create_app
+
+    app = create_app(service.bundle_path, engine="torch", threads=0)
+    client = TestClient(app)
+    context, cands = base_request(rows, n=3)
+    ok = client.post("/rank", json={"context": context, "candidates": cands})
+    assert ok.status_code == 200 and [c["rank"] for c in ok.json()["candidates"]] == [1, 2, 3]
+
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("a bug")
+
+    app.scoring.service.score = broken
+    r = client.post("/rank", json={"context": context, "candidates": cands})
+    assert r.status_code == 500
+    assert r.json() == {
+        "message": "body: internal error (logged by the server)",
+        "n_errors": 1,
+        "detail": [
+            {"loc": ["body"], "msg": "internal error (logged by the server)", "type": "internal"}
+        ],
+    }
+    assert "ZeroDivisionError: a bug" in caplog.text
+    assert client.get("/health").json() == {"status": "ok"}  # the service goes on

@@ -169,7 +169,10 @@ class CategoricalEncoder:
             (indices int64 ``[N]``, n_missing, n_oov).
         """
         table = self._int_table() if ints else self._lookup()
-        idx = np.fromiter(map(table.get, ids, repeat(OOV)), np.int64, len(ids))
+        if len(ids) == 1:  # one value (a context feature): no iterator
+            idx = np.array([table.get(ids[0], OOV)], dtype=np.int64)
+        else:
+            idx = np.fromiter(map(table.get, ids, repeat(OOV)), np.int64, len(ids))
         return idx, int(np.count_nonzero(idx == MISSING)), int(np.count_nonzero(idx == OOV))
 
     def transform(self, series: pl.Series) -> tuple[np.ndarray, int, int]:

@@ -364,17 +364,14 @@ class RankingService:
             return None
         n = len(candidates)
         out: dict[str, IntIds | np.ndarray | list] = {}
+        given = set().union(*candidates) if context else ()  # keys of any candidate
         for col in self.features:
             ctx = context.get(col)
-            if (
-                ctx is not None
-                and col not in candidates[0]
-                and not any(map(operator.contains, candidates, repeat(col)))
-            ):  # a context feature (the user's): checked once, repeated
+            if ctx is not None and col not in given:  # a context feature (the user's)
                 column = self._fast_column(col, [ctx], 0)
                 if column is None:
                     return None
-                # categorical: encoded once (transform_columns repeats a length-1 column)
+                # checked once; a categorical one is encoded once (a length-1 column)
                 out[col] = np.repeat(column, n) if type(column) is np.ndarray else column
                 continue
             try:  # itemgetter: a C loop (dict.get by map is 3× slower)
