@@ -418,21 +418,17 @@ class RankingService:
                     return None
                 return values
             return None
-        if not kinds <= {int, float}:
+        if not kinds <= {int, float} or (n_null and col == self.price):
             return None
         try:
             x = np.array(values, dtype=np.float64)  # None → NaN
         except (OverflowError, TypeError, ValueError):
             return None
-        with np.errstate(invalid="ignore"):
-            ok = np.isfinite(x)
-            if n_null:  # a null is missing (NaN here); a NaN sent as such is not finite
-                ok |= np.fromiter(map(operator.is_, values, repeat(None)), bool, len(values))
-            if not ok.all() or (np.abs(x) > self.bounds[col]).any():
-                return None
-            if col == self.price and (n_null or (x < 0).any()):
-                return None
-        return x
+        low = 0.0 if col == self.price else -self.bounds[col]
+        inside = (x >= low) & (x <= self.bounds[col])  # False for NaN and ±inf
+        if n_null:  # a null is missing (NaN here); a NaN sent as such is not finite
+            inside |= np.fromiter(map(operator.is_, values, repeat(None)), bool, len(values))
+        return x if inside.all() else None
 
     # -- features → frame ---------------------------------------------------------------------
     def frame(self, context: dict[str, Any], candidates: list[dict[str, Any]]) -> pl.DataFrame:
