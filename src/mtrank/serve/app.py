@@ -47,9 +47,12 @@ from mtrank.serve.openapi import request_schemas
 from mtrank.serve.service import MAX_CANDIDATES, MAX_ID_CHARS, RankingService, RequestError, Scored
 
 SETTINGS_ENV = "MTRANK_SERVE_SETTINGS"  # create_app's arguments as JSON, for worker processes
-# Requests scored at once per worker process (the thread pool's size). Scoring is CPU-bound with
-# one engine thread, so more threads only add contention and per-thread malloc arenas (RSS).
-SCORING_THREADS = 4
+# Requests scored at once per worker process (its scoring threads). Scoring is CPU-bound with
+# one engine thread; two let one request's Python work overlap another's ONNX run (which
+# releases the GIL); more only add GIL contention and per-thread malloc arenas (RSS). Measured
+# with benchmarks/serve_latency.py --modes concurrent (16 clients, 2 workers): p99 38-49 ms
+# with 2 threads, 42-69 ms with 4 (docs/serving.md).
+SCORING_THREADS = 2
 
 
 class ScoredCandidate(BaseModel):
