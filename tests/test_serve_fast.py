@@ -221,6 +221,9 @@ def test_scores_are_the_same_on_both_paths(service, rows):
         (b'{"context": {"shop": "a:b"}, "candidates": [{"x": 1, "x": 2}]}', "x"),
         (b'{"context": {"shop": "a\\\\\\":b"}, "candidates": [{"x": 1, "x": 2}]}', "x"),
         (b'{"fusion": {"params": {"alpha": 1, "alpha": 2}}, "candidates": []}', "alpha"),
+        # a non-object candidate adds its length to the decoded count and could balance it
+        (b'{"candidates": [{"price": -5, "price": 73.8}, "a"]}', "price"),
+        (b'{"context": {"u": 1, "u": 2}, "candidates": [{"item_id": 3}, [0]]}', "u"),
     ],
 )
 def test_duplicate_keys_are_found_by_the_colon_counts(body, duplicate):
@@ -255,11 +258,23 @@ def test_an_unexpected_error_is_a_500_in_the_error_shape_never_a_traceback(servi
     r = client.post("/rank", json={"context": context, "candidates": cands})
     assert r.status_code == 500
     assert r.json() == {
-        "message": "body: internal error (logged by the server)",
+        "message": "internal error (logged by the server)",
         "n_errors": 1,
-        "detail": [
-            {"loc": ["body"], "msg": "internal error (logged by the server)", "type": "internal"}
-        ],
+        "detail": [{"loc": [], "msg": "internal error (logged by the server)", "type": "internal"}],
     }
     assert "ZeroDivisionError: a bug" in caplog.text
     assert client.get("/health").json() == {"status": "ok"}  # the service goes on
+
+
+def test_an_absent_price_says_a_number_is_needed_not_null(service, rows):
+    context, cands = base_request(rows, n=3)
+    del cands[1]["price"]
+    with pytest.raises(RequestError) as err:
+        service.score(context, cands)
+    assert err.value.errors == [
+        {
+            "loc": ["candidates", 1, "price"],
+            "msg": "Field required: a price (a number ≥ 0) in the candidate or in `context`",
+            "type": "missing",
+        }
+    ]

@@ -426,13 +426,18 @@ def error_response(exc: RequestError) -> Response:
 
 def error_reply(exc: RequestError) -> Reply:
     """``exc`` in the one error shape: a one-line ``message`` naming up to 5 fields, the count,
-    at most 100 structured errors; locations start with ``body``. ASCII JSON (a lone surrogate
+    at most 100 structured errors; locations start with ``body`` (except for 404, 405 and 5xx,
+    which are not about the body: their ``loc`` stays empty). ASCII JSON (a lone surrogate
     in a key or value is escaped, never an encoding error)."""
+    about_body = exc.status < 500 and exc.status not in (404, 405)  # else: not the body's fault
     errors = [
-        {**e, "loc": ["body", *e["loc"]] if e["loc"][:1] != ["body"] else e["loc"]}
+        {**e, "loc": ["body", *e["loc"]] if about_body and e["loc"][:1] != ["body"] else e["loc"]}
         for e in exc.errors
     ]
-    message = "; ".join(f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in errors[:5])
+    message = "; ".join(
+        f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" if e["loc"] else e["msg"]
+        for e in errors[:5]
+    )
     if len(errors) > 5:
         message += f" (and {len(errors) - 5} more)"
     content = {"message": message, "n_errors": len(errors), "detail": errors[:100]}

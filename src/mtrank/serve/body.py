@@ -99,10 +99,9 @@ def _key_count(doc: Any) -> int:
     if type(ctx) is dict:
         n += len(ctx)
     if type(cands) is list:
-        try:
-            n += sum(map(len, cands))  # lists or strings inside make the count differ (exact path)
-        except TypeError:
+        if set(map(type, cands)) - {dict}:  # a string or array would add its length: exact path
             return -1
+        n += sum(map(len, cands))
     if type(fusion) is dict:
         n += len(fusion)
         if type(fusion.get("params")) is dict:

@@ -66,6 +66,7 @@ _CATEGORICAL_MSG = (
     f"string of at most {MAX_ID_CHARS} characters)"
 )
 _TOP_LEVEL = {"context", "candidates", "fusion"}
+_PRICE_REQUIRED = "Field required: a price (a number ≥ 0) in the candidate or in `context`"
 
 
 class RequestError(Exception):
@@ -459,7 +460,9 @@ class RankingService:
                     errors += [
                         _error(
                             ["candidates", i, col],
-                            "Field required: give this feature in `context` or in every "
+                            _PRICE_REQUIRED
+                            if col == self.price
+                            else "Field required: give this feature in `context` or in every "
                             "candidate (null for a missing value)",
                             "missing",
                         )
@@ -485,7 +488,7 @@ class RankingService:
                 errors += [
                     _error(
                         ["candidates", i, col],
-                        "Field required: a price (a number ≥ 0) in the candidate or in `context`",
+                        _PRICE_REQUIRED,
                         "missing",
                     )
                     for i in list(nulls)[:5]
