@@ -245,3 +245,15 @@ def test_tensorboard_is_written_while_training(small_sim, sim_schema, tmp_path):
     )
     writer.close()
     assert seen == [[1], [1, 2]]  # epoch 1 was on disk before epoch 2 trained
+
+
+def test_serve_workers_and_body_limit_live_in_the_run_config(tmp_path):
+    from mtrank.config import load_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text("serve: {workers: 2, max_body_bytes: 4096}\n")
+    cfg = load_config(path)
+    assert (cfg.serve.workers, cfg.serve.max_body_bytes) == (2, 4096)
+    path.write_text("serve: {max_body_bytes: 10}\n")
+    with pytest.raises(ConfigError, match=r"serve\.max_body_bytes"):
+        load_config(path)

@@ -219,6 +219,10 @@ class ServeSection(_Section):
     port: int = Field(8000, ge=1, le=65535, description="TCP port")
     engine: Literal["onnx", "torch"] = Field("onnx", description="inference engine")
     threads: int = Field(1, ge=0, description="engine intra-op threads (0: library default)")
+    workers: int = Field(1, ge=1, description="worker processes (one per core with threads 1)")
+    max_body_bytes: int = Field(
+        1 << 20, ge=1024, description="larger request bodies get 413 before they are parsed"
+    )
     log_level: str = Field("warning", description="uvicorn log level")
 
 

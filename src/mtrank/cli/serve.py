@@ -110,6 +110,8 @@ def serve(
                     ("port", port),
                     ("engine", engine),
                     ("threads", threads),
+                    ("workers", workers),
+                    ("max_body_bytes", max_body_bytes),
                     ("log_level", log_level),
                 ]
             },
@@ -118,6 +120,7 @@ def serve(
     s = cfg.serve
     bundle, fusion = Path(cfg.export.out), (Path(cfg.fusion.file) if cfg.fusion.file else None)
     host, port, engine, threads, log_level = s.host, s.port, s.engine, s.threads, s.log_level
+    workers, max_body_bytes = s.workers, s.max_body_bytes
 
     from mtrank.serve.app import create_app
     from mtrank.serve.server import ServeSettings, bind
