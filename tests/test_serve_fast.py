@@ -278,3 +278,15 @@ def test_an_absent_price_says_a_number_is_needed_not_null(service, rows):
             "type": "missing",
         }
     ]
+
+
+def test_a_misspelt_feature_is_named_in_the_missing_error(service, rows):
+    context, cands = base_request(rows, n=2)
+    cands = [{("Brand" if k == "brand" else k): v for k, v in c.items()} for c in cands]
+    cands[1]["brnd"] = cands[1].pop("Brand")
+    with pytest.raises(RequestError) as err:
+        service.score(context, cands)
+    assert [e["msg"].rpartition(" (")[2] for e in err.value.errors] == [
+        "the request's 'Brand' is not a feature and was ignored)",
+        "the request's 'brnd' is not a feature and was ignored)",
+    ]

@@ -35,6 +35,7 @@ whole batch is scored at once and fused by the ranking module's formulas
 
 from __future__ import annotations
 
+import difflib
 import operator
 import time
 from dataclasses import dataclass, field
@@ -460,10 +461,13 @@ class RankingService:
                     errors += [
                         _error(
                             ["candidates", i, col],
-                            _PRICE_REQUIRED
-                            if col == self.price
-                            else "Field required: give this feature in `context` or in every "
-                            "candidate (null for a missing value)",
+                            (
+                                _PRICE_REQUIRED
+                                if col == self.price
+                                else "Field required: give this feature in `context` or in every "
+                                "candidate (null for a missing value)"
+                            )
+                            + self._misspelt(col, context, candidates[i]),
                             "missing",
                         )
                         for i in bad[:5]
@@ -509,6 +513,16 @@ class RankingService:
         if errors:
             raise RequestError(errors)
         return pl.DataFrame(list(cols.values()))
+
+    def _misspelt(self, col: str, *objects: dict) -> str:
+        """A hint when the request holds a key that is not a feature and looks like ``col``
+        (another case, a typo): such keys are ignored, so the feature counts as absent."""
+        ignored = {k for o in objects for k in o if type(k) is str and k not in self.features}
+        by_case = [k for k in ignored if k.lower() == col.lower()]
+        close = by_case or difflib.get_close_matches(col, ignored, n=1, cutoff=0.75)
+        return (
+            f" (the request's {ascii(close[0])} is not a feature and was ignored)" if close else ""
+        )
 
     def _column(
         self, col: str, values: list, errors: list[dict], loc: list | None = None
