@@ -2,6 +2,10 @@
 again, one table row per case. A row is (id, action, expectation): the action builds the input
 and runs mtrank on it; the expectation is an exact error class plus message fragment
 (:class:`Raises`) or a predicate on the returned value. A new case is one line.
+
+Row numbers in data errors count data rows from 1, the header line not counted (row 1 = the
+first line after the header), for every kind of error alike (a malformed line, a bad label, a
+bad value): :class:`mtrank.errors.DataError`.
 """
 
 from __future__ import annotations
@@ -807,14 +811,15 @@ CASES = [
         schema_file("funnel:\n  - {stage: click, lable: c}\nlists: [{column: t, max_len: 0}]\n"),
         Raises(
             SchemaError,
-            "schema <tmp>/s.yaml: funnel.0.label: Field required; funnel.0.lable: unknown key; "
-            "lists.0.max_len: Input should be greater than or equal to 1 (got 0)",
+            "schema <tmp>/s.yaml: funnel.0.label: Field required; funnel.0.lable: unknown key "
+            "(did you mean 'label'?); lists.0.max_len: Input should be greater than or equal to "
+            "1 (got 0)",
         ),
     ),
     Case(
         "27-schema-unknown-key",
         schema_file(SCHEMA_YAML + "weigth: w\n"),
-        Raises(SchemaError, "schema <tmp>/s.yaml: weigth: unknown key"),
+        Raises(SchemaError, "schema <tmp>/s.yaml: weigth: unknown key (did you mean 'weight'?)"),
     ),
     Case(
         "27-schema-tab",
@@ -898,6 +903,145 @@ CASES = [
         "27-fusion-unknown-formula",
         fusion_file('{"formula": ["multiplicative"]}'),
         Raises(ConfigError, "fusion file <tmp>/fusion.json: formula: unknown fusion formula"),
+    ),
+]
+
+# --- a fresh user's trial: one column in two label roles, keys given twice, misspelt keys ------
+
+
+def read_yaml(text: str) -> Callable[[Path], object]:
+    """Write ``text`` as ``<tmp>/d.yaml`` and parse it as every schema / config is parsed."""
+    from mtrank.documents import read_document
+
+    def run(tmp: Path):
+        (tmp / "d.yaml").write_text(text)
+        return read_document(tmp / "d.yaml", "schema", SchemaError)
+
+    return run
+
+
+def message_of(action: Callable[[Path], object]) -> Callable[[Path], object]:
+    """The message of the MtrankError ``action`` raises."""
+    from mtrank.errors import MtrankError
+
+    def run(tmp: Path):
+        with pytest.raises(MtrankError) as info:
+            action(tmp)
+        return str(info.value)
+
+    return run
+
+
+def malformed_and_bad_label_rows(tmp: Path):
+    """The rows named for line 51 of a file (header, a blank line, 48 rows, then the bad line):
+    malformed there, then a bad label there."""
+    good = [f"{i % 2},0,a,0.5" for i in range(48)]
+    lines = [HEADER.strip(), good[0], "", *good[1:], "%s", "0,0,b,1"]
+    text = "\n".join(lines) + "\n"
+    return _rows_of(csv(text % "1,0"), tmp), _rows_of(csv(text % "1,2,a,0.5"), tmp)
+
+
+CASES += [
+    Case(
+        "27-schema-click-is-conversion",
+        schema_file("click: buy\nconversion: buy\n" + FEATS),
+        Raises(
+            SchemaError,
+            "schema <tmp>/s.yaml: conversion: the same column as click ('buy'); each label needs "
+            "its own column",
+        ),
+    ),
+    Case(
+        "27-schema-two-tasks-one-column",
+        schema_file("tasks: {income: y, married: y}\n" + FEATS),
+        Raises(SchemaError, "tasks.married: the same column as tasks.income ('y'); each label"),
+    ),
+    Case(
+        "27-schema-stage-label-twice",
+        schema_file(STAGES3.replace("label: b", "label: c") % "" + FEATS),
+        Raises(SchemaError, "funnel.2.label: label column 'c' is used by two stages"),
+    ),
+    Case(
+        "27-schema-price-is-a-label",
+        schema_file(SCHEMA_YAML + "price: buy\n"),
+        Raises(
+            SchemaError,
+            "schema <tmp>/s.yaml: price: the same column as conversion ('buy'); a label column "
+            "cannot also be the price column",
+        ),
+    ),
+    Case(
+        "27-schema-weight-is-a-label",
+        schema_file(SCHEMA_YAML + "weight: click\n"),
+        Raises(SchemaError, "weight: column 'click' is also a feature or a label"),
+    ),
+    Case(
+        "27-schema-key-twice",
+        schema_file(SCHEMA_YAML + "numerical: [x]\ncategorical: [uid]\n"),
+        Raises(
+            SchemaError,
+            "schema <tmp>/s.yaml: line 5: key 'categorical' given twice (first at line 3)",
+        ),
+    ),
+    Case(
+        "27-schema-key-twice-in-a-flow-mapping",
+        schema_file(
+            "funnel:\n  - {stage: click, label: c}\n  - {stage: buy, label: b,\n"
+            "     label: d}\n" + FEATS
+        ),
+        Raises(SchemaError, "<tmp>/s.yaml: line 4: key 'label' given twice (first at line 3)"),
+    ),
+    Case(
+        "27-yaml-merge-key-may-be-overridden",
+        read_yaml("base: &b {a: 1, c: 3}\nother:\n  <<: *b\n  a: 2\n"),
+        lambda r: r == {"base": {"a": 1, "c": 3}, "other": {"a": 2, "c": 3}},
+    ),
+    Case(
+        "27-config-key-twice",
+        config_file("training:\n  epochs: 2\n  lr: 0.1\n  epochs: 3\n"),
+        Raises(
+            ConfigError, "config <tmp>/run.yaml: line 4: key 'epochs' given twice (first at line 2)"
+        ),
+    ),
+    Case(
+        "27-fusion-key-twice",
+        fusion_file('{"formula": "multiplicative",\n "params": {"alpha": 1,\n  "alpha": 2}}'),
+        Raises(
+            ConfigError,
+            "fusion file <tmp>/fusion.json: line 3: key 'alpha' given twice (first at line 2)",
+        ),
+    ),
+    Case(
+        "27-fusion-same-key-in-two-objects",
+        fusion_file('{"formula": "multiplicative", "params": {"alpha": 1}, "x": {"alpha": 2}}'),
+        lambda r: r is not None,
+    ),
+    Case(
+        "27-schema-unknown-key-did-you-mean",
+        schema_file(SCHEMA_YAML.replace("categorical", "categorcial")),
+        Raises(
+            SchemaError,
+            "schema <tmp>/s.yaml: categorcial: unknown key (did you mean 'categorical'?)",
+        ),
+    ),
+    Case(
+        "27-schema-unknown-key-no-close-match",
+        message_of(schema_file(SCHEMA_YAML + "zzz: 1\n")),
+        lambda r: r.endswith("s.yaml: zzz: unknown key"),
+    ),
+    Case(
+        "27-config-unknown-key-did-you-mean",
+        config_file("training:\n  epoch: 3\nserv: {port: 8000}\n"),
+        Raises(
+            ConfigError,
+            "config <tmp>/run.yaml: training.epoch: unknown key (did you mean 'epochs'?); serv: "
+            "unknown key (did you mean 'serve'?)",
+        ),
+    ),
+    Case(
+        "18-malformed-line-and-bad-label-name-the-same-row",
+        malformed_and_bad_label_rows,
+        lambda r: r == ([49], [49]),
     ),
 ]
 
@@ -1102,6 +1246,12 @@ CLI_FILES = {  # verb and files → the one stderr line (after "error: "), <tmp>
         "schema <tmp>/s.yaml: line 2, column 1: not valid YAML: expected ',' or ']', but got "
         "'<stream end>' (in a flow sequence opened at line 1, column 4)",
     ),
+    "schema-click-is-conversion": (
+        ["train", "--data", "d.csv", "--schema", "s.yaml"],
+        {"s.yaml": "click: buy\nconversion: buy\n" + FEATS},
+        "schema s.yaml: conversion: the same column as click ('buy'); each label needs its own "
+        "column",
+    ),
     "fusion-json": (
         ["predict", "--bundle", "b", "--data", "d.csv", "--fusion", "f.json", "--out", "o.csv"],
         {"f.json": '{"formula": "linear",\n "params": {"alpha": 1,}}'},
@@ -1128,6 +1278,22 @@ def test_bad_file_on_the_command_line_is_one_line_and_exit_2(name, tmp_path):
     assert r.returncode == 2, r.stderr
     said = [x for x in r.stderr.strip().splitlines() if not x.startswith("» ")]  # progress
     assert said == ["error: " + line.replace("<tmp>", str(tmp_path))], r.stderr
+
+
+def test_evaluate_without_data_on_an_own_data_bundle_asks_for_data(tmp_path):
+    """``evaluate --bundle B`` without ``--data``: a bundle trained on the user's own file names
+    its schema, not a built-in dataset, so mtrank asks for the file (and does not look the
+    schema's name up among the built-in datasets)."""
+    from tests.conftest import cli_in_process
+
+    schema = SCHEMA.model_copy(update={"name": "my_mall"})
+    path = fit_tiny(schema, tiny_funnel()).bundle.save(tmp_path / "b")
+    r = cli_in_process("evaluate", "--bundle", path)
+    assert r.returncode == 2
+    assert r.stderr == (
+        f"error: bundle {path} was trained on your own data (schema 'my_mall'), not a built-in "
+        "dataset: pass --data FILE"
+    )
 
 
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path):

@@ -595,6 +595,11 @@ def evaluate(
         frame = loaded.splits["all"]
     else:
         name = dataset or b.meta.get("dataset")
+        if dataset is None and name not in DATASETS:  # own data: meta holds the schema's name
+            raise ConfigError(
+                f"bundle {bundle} was trained on your own data (schema {b.schema.name!r}), not a "
+                "built-in dataset: pass --data FILE"
+            )
         phase(f"loading {name} ({split} split)", quiet)
         loaded = load_data(name, schema=b.schema, data_dir=data_dir)
         frame = split_data(loaded, SplitConfig.model_validate(b.meta.get("split", {})))[split]

@@ -105,7 +105,9 @@ class Schema(BaseModel):
       label columns, with no funnel between them.
 
     Raises:
-        SchemaError: a column has two roles, a label is also a feature, or no label is declared.
+        SchemaError: a column has two roles (two labels in one column, a label that is also a
+            feature, the price, an id, the time, the weight or the position), or no label is
+            declared.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -163,6 +165,7 @@ class Schema(BaseModel):
             raise SchemaError("the schema declares no label: set click/conversion, funnel or tasks")
         if self.click is not None and self.tasks:
             raise SchemaError("set either click/conversion or funnel (a funnel) or tasks, not both")
+        self._check_label_columns()
         if not self.categorical and not self.numerical and not self.lists:
             raise SchemaError(
                 "the schema declares no feature: list categorical or numerical columns"
@@ -195,6 +198,31 @@ class Schema(BaseModel):
             raise SchemaError("position: needs a funnel schema: its tower adds to the CTR logit")
         self._check_list_kinds(features)
         return self
+
+    def _check_label_columns(self) -> None:
+        """Each label in its own column (click and conversion, two stages or two tasks naming one
+        column), and no label column also the price, an id or the time column."""
+        if self.funnel:
+            keys = [f"funnel.{i}.label" for i in range(len(self.funnel))]
+        elif self.click is not None:
+            keys = ["click", "conversion"][: 1 + (self.conversion is not None)]
+        else:
+            keys = [f"tasks.{t}" for t in self.tasks]
+        first: dict[str, str] = {}  # label column -> the key that named it first
+        for key, col in zip(keys, self.label_columns, strict=True):
+            if col in first:
+                raise SchemaError(
+                    f"{key}: the same column as {first[col]} ({col!r}); each label needs its "
+                    "own column"
+                )
+            first[col] = key
+        for role in ("price", "user_id", "item_id", "request_id", "time"):
+            col = getattr(self, role)
+            if col in first:
+                raise SchemaError(
+                    f"{role}: the same column as {first[col]} ({col!r}); a label column cannot "
+                    f"also be the {role} column"
+                )
 
     def _fill_from_stages(self) -> None:
         """Check a declared ``funnel`` and set click / conversion to its first / last label."""
