@@ -290,3 +290,41 @@ def test_a_misspelt_feature_is_named_in_the_missing_error(service, rows):
         "the request's 'Brand' is not a feature and was ignored)",
         "the request's 'brnd' is not a feature and was ignored)",
     ]
+
+
+def test_only_a_quick_request_to_an_idle_process_skips_the_thread_hop(service, rows):
+    """Scoring.inline: the first request (cost unknown) and a request expected to take longer
+    than INLINE_BUDGET_S go to the scoring threads; a quick one after an idle gap is scored on
+    the event loop's own thread; the same answer either way."""
+    import threading
+    import time
+
+    from fastapi.testclient import TestClient
+
+    from mtrank.serve.app import IDLE_S, INLINE_BUDGET_S, create_app
+
+    app = create_app(service.bundle_path, engine="torch", threads=0)
+    scoring = app.scoring
+    infer, threads = scoring.service._infer, []
+
+    def recorded(*args):
+        threads.append(threading.current_thread().name)
+        return infer(*args)
+
+    scoring.service._infer = recorded
+    context, cands = base_request(rows, n=5)
+    body = {"context": context, "candidates": cands}
+    with TestClient(app) as client:
+        replies = [client.post("/rank", json=body).json()]
+        assert threads[0].startswith("mtrank-score")  # no estimate yet
+        assert 0 < scoring.seconds_per_byte < 1  # measured (the first call is the slowest)
+        scoring.seconds_per_byte = 1e-9  # as measured after a few quick answers
+        time.sleep(10 * IDLE_S)
+        replies.append(client.post("/rank", json=body).json())
+        assert not threads[1].startswith("mtrank-score")  # on the event loop
+        assert scoring.seconds_per_byte > 0.9e-9  # the moving average took the new answer
+        scoring.seconds_per_byte = INLINE_BUDGET_S  # a byte costs the whole budget
+        replies.append(client.post("/rank", json=body).json())
+        assert threads[2].startswith("mtrank-score")
+        assert scoring.active == 0
+    assert replies[0]["candidates"] == replies[1]["candidates"] == replies[2]["candidates"]

@@ -71,6 +71,9 @@ def serve(
         raise ConfigError(f"--workers must be ≥ 1, got {workers}")
     os.environ["MTRANK_SERVE_SETTINGS"] = json.dumps(asdict(settings))
     if workers == 1 and app is not None:
+        from mtrank.serve.app import freeze_heap
+
+        freeze_heap()
         uvicorn.Server(
             uvicorn.Config(app, log_level=log_level, access_log=False, proxy_headers=False)
         ).run(sockets=[sock])
