@@ -156,6 +156,13 @@ class CategoricalEncoder:
             n_missing = int(missing.sum())
         return idx.astype(np.int64, copy=False), n_missing, int((idx == OOV).sum())
 
+    def lookup_list(self, ids: list, *, ints: bool = False) -> np.ndarray:
+        """The indices (int64 ``[N]``) of :meth:`encode_list`, without its counts."""
+        table = self._int_table() if ints else self._lookup()
+        if len(ids) == 1:  # one value (a context feature): no iterator
+            return np.array([table.get(ids[0], OOV)], dtype=np.int64)
+        return np.fromiter(map(table.get, ids, repeat(OOV)), np.int64, len(ids))
+
     def encode_list(self, ids: list, *, ints: bool = False) -> tuple[np.ndarray, int, int]:
         """Encode ids given as a Python list by ``map(dict.get)`` over the cached vocabulary
         (:meth:`_lookup`, or :meth:`_int_table` for integers): a C loop, memory bounded by the
@@ -168,11 +175,7 @@ class CategoricalEncoder:
         Returns:
             (indices int64 ``[N]``, n_missing, n_oov).
         """
-        table = self._int_table() if ints else self._lookup()
-        if len(ids) == 1:  # one value (a context feature): no iterator
-            idx = np.array([table.get(ids[0], OOV)], dtype=np.int64)
-        else:
-            idx = np.fromiter(map(table.get, ids, repeat(OOV)), np.int64, len(ids))
+        idx = self.lookup_list(ids, ints=ints)
         return idx, int(np.count_nonzero(idx == MISSING)), int(np.count_nonzero(idx == OOV))
 
     def transform(self, series: pl.Series) -> tuple[np.ndarray, int, int]:
@@ -459,23 +462,21 @@ class FeatureEncoder:
         Raises:
             KeyError: a feature column is not in ``columns``.
         """
-        cat = np.zeros((n, len(self.categorical)), dtype=np.int64)
-        num = np.zeros((n, len(self.numerical)), dtype=np.float32)
-        n_missing: dict[str, int] = {}
-        n_oov: dict[str, int] = {}
+        by_column = np.empty((len(self.categorical), n), dtype=np.int64)  # one row per column
         for j, enc in enumerate(self.categorical):
             values = columns[enc.column]
-            if isinstance(values, IntIds):
-                values, ints = values.ids, True
+            ints = type(values) is IntIds
+            if ints:
+                values = values.ids
+            if type(enc) is CategoricalEncoder and type(values) is list:
+                by_column[j] = enc.lookup_list(values, ints=ints)  # one value: every row
             else:
-                ints = False
-            if isinstance(enc, CategoricalEncoder) and isinstance(values, list):
-                idx, n_miss, n_unseen = enc.encode_list(values, ints=ints)
-            else:
-                idx, n_miss, n_unseen = enc.transform(pl.Series(enc.column, values))
-            if len(values) == 1 and n != 1:  # one value for every row
-                n_miss, n_unseen = n_miss * n, n_unseen * n
-            cat[:, j], n_missing[enc.column], n_oov[enc.column] = idx, n_miss, n_unseen
+                by_column[j] = enc.transform(pl.Series(enc.column, values))[0]
+        names = [e.column for e in self.categorical]
+        n_missing = dict(zip(names, np.count_nonzero(by_column == MISSING, axis=1).tolist()))
+        n_oov = dict(zip(names, np.count_nonzero(by_column == OOV, axis=1).tolist()))
+        cat = np.ascontiguousarray(by_column.T)
+        num = np.zeros((n, len(self.numerical)), dtype=np.float32)
         for j, enc in enumerate(self.numerical):
             num[:, j], n_missing[enc.column] = enc.encode(columns[enc.column])
         return EncodedFeatures(cat, num, n_missing, n_oov)
