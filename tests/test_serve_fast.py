@@ -213,23 +213,51 @@ def test_scores_are_the_same_on_both_paths(service, rows):
 
 
 @pytest.mark.parametrize(
-    ("body", "duplicate"),
+    ("body", "duplicate", "loc"),
     [
-        (b'{"candidates": [{"price": -5, "price": 73.8}]}', "price"),
+        (
+            b'{"candidates": [{"price": 1}, {"price": -5, "price": 73.8}]}',
+            "price",
+            ["candidates", 1],
+        ),
         # a colon inside a string makes the raw colon count equal to the decoded keys: the
         # count of colons outside strings still finds the duplicate
-        (b'{"context": {"shop": "a:b"}, "candidates": [{"x": 1, "x": 2}]}', "x"),
-        (b'{"context": {"shop": "a\\\\\\":b"}, "candidates": [{"x": 1, "x": 2}]}', "x"),
-        (b'{"fusion": {"params": {"alpha": 1, "alpha": 2}}, "candidates": []}', "alpha"),
+        (b'{"context": {"shop": "a:b"}, "candidates": [{"x": 1, "x": 2}]}', "x", ["candidates", 0]),
+        (
+            b'{"context": {"shop": "a\\\\\\":b"}, "candidates": [{"x": 1, "x": 2}]}',
+            "x",
+            ["candidates", 0],
+        ),
+        (
+            b'{"fusion": {"params": {"alpha": 1, "alpha": 2}}, "candidates": []}',
+            "alpha",
+            ["fusion", "params"],
+        ),
         # a non-object candidate adds its length to the decoded count and could balance it
-        (b'{"candidates": [{"price": -5, "price": 73.8}, "a"]}', "price"),
-        (b'{"context": {"u": 1, "u": 2}, "candidates": [{"item_id": 3}, [0]]}', "u"),
+        (b'{"candidates": [{"price": -5, "price": 73.8}, "a"]}', "price", ["candidates", 0]),
+        (b'{"context": {"u": 1, "u": 2}, "candidates": [{"item_id": 3}, [0]]}', "u", ["context"]),
+        (b'{"top_k": 1, "top_k": 2, "candidates": [{"b": [{"c": 1, "c": 1}]}]}', "top_k", []),
     ],
 )
-def test_duplicate_keys_are_found_by_the_colon_counts(body, duplicate):
+def test_duplicate_keys_are_found_by_the_colon_counts(body, duplicate, loc):
     with pytest.raises(RequestError) as err:
         decode_json(body)
-    assert err.value.errors[0]["msg"].startswith(f"duplicate key '{duplicate}'")
+    assert err.value.errors[0] == {
+        "loc": loc,
+        "msg": f"duplicate key '{duplicate}' in this object: give each key once",
+        "type": "duplicate_key",
+    }
+
+
+def test_every_duplicate_key_is_named_with_its_path():
+    body = b'{"candidates": [{"a": 1}, {"p": 1, "q": 2, "p": 3, "q": 4}], "top_k": 1, "top_k": 2}'
+    with pytest.raises(RequestError) as err:
+        decode_json(body)
+    assert [(e["loc"], e["msg"].split("'")[1]) for e in err.value.errors] == [
+        ([], "top_k"),
+        (["candidates", 1], "p"),
+        (["candidates", 1], "q"),
+    ]
 
 
 def test_colons_inside_strings_are_not_keys():

@@ -126,20 +126,47 @@ def _raw_key_count(body: bytes) -> int:
     return int((np.searchsorted(quotes, colons) % 2 == 0).sum())
 
 
-class _DuplicateKey(ValueError):
-    pass
+class _Duplicates(dict):
+    """A decoded JSON object that gave a key more than once (``duplicates``: those keys, in
+    order); its value is the last one given, as ``dict`` takes it."""
+
+    duplicates: list[str]
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict:
+def _no_duplicates(pairs: list[tuple[str, Any]], found: list) -> dict:
+    """``object_pairs_hook``: the object, a :class:`_Duplicates` (appended to ``found``) if a
+    key is given twice."""
     d = dict(pairs)
-    if len(d) != len(pairs):
-        seen: set[str] = set()
-        dup = next(k for k, _ in pairs if k in seen or seen.add(k))
-        raise _DuplicateKey(dup)
-    return d
+    if len(d) == len(pairs):
+        return d
+    marked = _Duplicates(d)
+    found.append(marked)
+    seen: set[str] = set()
+    marked.duplicates = list(dict.fromkeys(k for k, _ in pairs if k in seen or seen.add(k)))
+    return marked
 
 
-_DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicates)
+def duplicate_key_errors(doc: Any) -> list[dict]:
+    """One error per key given twice in an object of ``doc`` (decoded with
+    :func:`_no_duplicates`), located by its path (``["candidates", 3]``), document order; an
+    iterative walk (any depth the decoder accepted)."""
+    errors, stack = [], [((), doc)]
+    while stack:
+        loc, value = stack.pop()
+        if type(value) is _Duplicates:
+            errors += [
+                {
+                    "loc": list(loc),
+                    "msg": f"duplicate key {ascii(k)} in this object: give each key once",
+                    "type": "duplicate_key",
+                }
+                for k in value.duplicates
+            ]
+        if isinstance(value, dict):
+            stack += reversed([((*loc, k), v) for k, v in value.items()])
+        elif type(value) is list:
+            stack += reversed([((*loc, i), v) for i, v in enumerate(value)])
+    return errors
 
 
 def _decode_exactly(body: bytes) -> Any:
@@ -149,19 +176,10 @@ def _decode_exactly(body: bytes) -> Any:
         raise body_error(
             400, f"the body is not valid UTF-8 (byte {exc.start}: {exc.reason})", "utf8"
         ) from None
+    found: list[_Duplicates] = []
+    decoder = json.JSONDecoder(object_pairs_hook=lambda pairs: _no_duplicates(pairs, found))
     try:
-        return _DECODER.decode(text)
-    except _DuplicateKey as exc:
-        key = ascii(exc.args[0])
-        raise RequestError(
-            [
-                {
-                    "loc": ["body"],
-                    "msg": f"duplicate key {key} in a JSON object: give each key once",
-                    "type": "duplicate_key",
-                }
-            ]
-        ) from None
+        doc = decoder.decode(text)
     except json.JSONDecodeError as exc:
         raise body_error(
             400,
@@ -172,3 +190,6 @@ def _decode_exactly(body: bytes) -> Any:
         raise body_error(400, "not valid JSON here: nested too deeply", "json_invalid") from None
     except ValueError as exc:  # e.g. an integer of more than 4,300 digits
         raise body_error(400, f"not valid JSON here: {exc}", "json_invalid") from None
+    if found:  # located by a walk of the document (only then)
+        raise RequestError(duplicate_key_errors(doc))
+    return doc
