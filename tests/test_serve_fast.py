@@ -320,39 +320,47 @@ def test_a_misspelt_feature_is_named_in_the_missing_error(service, rows):
     ]
 
 
-def test_only_a_quick_request_to_an_idle_process_skips_the_thread_hop(service, rows):
-    """Scoring.inline: the first request (cost unknown) and a request expected to take longer
-    than INLINE_BUDGET_S go to the scoring threads; a quick one after an idle gap is scored on
-    the event loop's own thread; the same answer either way."""
+def test_only_a_quick_request_from_a_one_at_a_time_client_skips_the_thread_hop(service, rows):
+    """Scoring.inline: the first request (cost unknown), the first SAME_CONNECTION requests of
+    a connection, a request expected to take longer than INLINE_BUDGET_S and a request after
+    another connection's go to the scoring threads; the rest is scored on the event loop's own
+    thread; the same answer either way."""
+    import asyncio
     import threading
-    import time
 
-    from fastapi.testclient import TestClient
+    import httpx
 
-    from mtrank.serve.app import IDLE_S, INLINE_BUDGET_S, create_app
+    from mtrank.serve.app import INLINE_BUDGET_S, SAME_CONNECTION, create_app
 
     app = create_app(service.bundle_path, engine="torch", threads=0)
     scoring = app.scoring
     infer, threads = scoring.service._infer, []
 
     def recorded(*args):
-        threads.append(threading.current_thread().name)
+        threads.append(threading.current_thread().name.startswith("mtrank-score"))
         return infer(*args)
 
     scoring.service._infer = recorded
     context, cands = base_request(rows, n=5)
     body = {"context": context, "candidates": cands}
-    with TestClient(app) as client:
-        replies = [client.post("/rank", json=body).json()]
-        assert threads[0].startswith("mtrank-score")  # no estimate yet
-        assert 0 < scoring.seconds_per_byte < 1  # measured (the first call is the slowest)
-        scoring.seconds_per_byte = 1e-9  # as measured after a few quick answers
-        time.sleep(10 * IDLE_S)
-        replies.append(client.post("/rank", json=body).json())
-        assert not threads[1].startswith("mtrank-score")  # on the event loop
-        assert scoring.seconds_per_byte > 0.9e-9  # the moving average took the new answer
-        scoring.seconds_per_byte = INLINE_BUDGET_S  # a byte costs the whole budget
-        replies.append(client.post("/rank", json=body).json())
-        assert threads[2].startswith("mtrank-score")
-        assert scoring.active == 0
-    assert replies[0]["candidates"] == replies[1]["candidates"] == replies[2]["candidates"]
+
+    async def run(client: tuple, n: int) -> list[dict]:
+        transport = httpx.ASGITransport(app=app, client=client)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            replies = []
+            for _ in range(n):
+                replies.append((await c.post("/rank", json=body)).json())
+                assert 0 < scoring.seconds_per_byte < 1  # measured
+                scoring.seconds_per_byte = 1e-9  # as after a few quick answers
+        return replies
+
+    k = SAME_CONNECTION
+    replies = asyncio.run(run(("10.0.0.1", 1), k + 2))
+    # the first: cost unknown; then k - 1 more before the connection counts as one at a time
+    assert threads == [True] * k + [False] * 2
+    replies += asyncio.run(run(("10.0.0.2", 7), k + 1))  # another connection: threads again
+    assert threads[k + 2 :] == [True] * k + [False]
+    assert scoring.active == 0
+    scoring.seconds_per_byte = INLINE_BUDGET_S  # a byte costs the whole budget
+    assert not scoring.inline(2, ("10.0.0.2", 7))
+    assert all(r["candidates"] == replies[0]["candidates"] for r in replies)

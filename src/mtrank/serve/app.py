@@ -7,10 +7,11 @@ request and response shapes.
 
 The event loop reads request bodies (with the size limit of :mod:`mtrank.serve.body`);
 decoding, validation, encoding, inference and serialisation run in a pool of scoring threads,
-so ``/health`` and other requests are answered while one request scores. A quick request to
-an idle process is scored on the event loop instead (:meth:`Scoring.inline`: expected to take
-at most :data:`INLINE_BUDGET_S`), which saves two thread wake-ups. The two scoring routes
-are answered by :class:`RankingApp` before FastAPI's routing and middleware (the hot path).
+so ``/health`` and other requests are answered while one request scores. A quick request from
+a client that sends one at a time is scored on the event loop instead (:meth:`Scoring.inline`:
+expected to take at most :data:`INLINE_BUDGET_S`), which saves two thread wake-ups. The two
+scoring routes are answered by :class:`RankingApp` before FastAPI's routing and middleware
+(the hot path).
 Every 4xx has one shape, :class:`ErrorResponse`, listed in the OpenAPI schema for each status.
 """
 
@@ -58,12 +59,14 @@ SETTINGS_ENV = "MTRANK_SERVE_SETTINGS"  # create_app's arguments as JSON, for wo
 # with 2 threads, 42-69 ms with 4 (docs/serving.md).
 SCORING_THREADS = 2
 # A request is scored on the event loop itself, without the thread hop (two thread wake-ups:
-# 0.1-0.2 ms of a sequential request's latency here), only when the process was idle before
-# it (no other request being answered, none finished within IDLE_S: not a queue) and it is
-# expected to take at most INLINE_BUDGET_S (moving average cost per body byte): /health and
-# other connections then wait at most about that long. Anything else goes to the threads.
+# 0.1-0.2 ms of a sequential request's latency here), only when it comes from a client that
+# sends one request at a time: no other request being answered in this process, and the last
+# SAME_CONNECTION requests came over the same connection as this one (several connections
+# taking turns are a queue: the threads let one request's ONNX run overlap another's Python).
+# It must also be expected to take at most INLINE_BUDGET_S (moving average cost per body
+# byte): /health and other connections then wait at most about that long.
 INLINE_BUDGET_S = 0.005
-IDLE_S = 1e-4
+SAME_CONNECTION = 8
 
 
 class ScoredCandidate(BaseModel):
@@ -300,17 +303,22 @@ class Scoring:
         default_factory=lambda: ThreadPoolExecutor(SCORING_THREADS, "mtrank-score")
     )
     active: int = 0  # requests read and not yet answered (changed on the event loop only)
-    last_done: float = 0.0  # time.perf_counter() when the last answer was ready
+    last_connection: Any = None  # the ASGI scope's "client" of the last request
+    same_connection: int = 0  # requests in a row over that connection before this one
     seconds_per_byte: float = float("inf")  # moving average cost of a body byte (inf: unknown)
 
-    def inline(self, size: int) -> bool:
-        """Whether a body of ``size`` bytes, just read, is scored on the event loop: the only
-        request in the process, the process idle for more than :data:`IDLE_S` before it (in a
-        queue of requests, the next one is read at once), and expected to take at most
+    def inline(self, size: int, connection: Any) -> bool:
+        """Whether a body of ``size`` bytes, just read from ``connection`` (the ASGI scope's
+        ``client``), is scored on the event loop: the only request in the process, the last
+        :data:`SAME_CONNECTION` requests over the same connection, and expected to take at most
         :data:`INLINE_BUDGET_S` (never before the first measured answer)."""
+        if connection is not None and connection == self.last_connection:
+            self.same_connection += 1
+        else:
+            self.last_connection, self.same_connection = connection, 0
         return (
             self.active == 1
-            and time.perf_counter() - self.last_done > IDLE_S
+            and self.same_connection >= SAME_CONNECTION
             and self.seconds_per_byte * size <= INLINE_BUDGET_S
         )
 
@@ -321,7 +329,6 @@ class Scoring:
         cost = (time.perf_counter() - t) / max(len(body), 1)
         old = self.seconds_per_byte
         self.seconds_per_byte = cost if old == float("inf") else 0.9 * old + 0.1 * cost
-        self.last_done = time.perf_counter()
         return reply
 
 
@@ -358,11 +365,13 @@ async def score_request(
     get_header: Callable[[str], str | None],
     chunks: AsyncIterator[bytes],
     ranked: bool,
+    connection: Any = None,
 ) -> Reply:
     """One ``/rank`` (``ranked``) or ``/score`` request: media type and size checked, the body
     read on the event loop (dropped once over the limit), the rest in a scoring thread
     (:func:`answer`), so that the event loop answers other requests meanwhile; or, for a quick
-    request to an idle process (:meth:`Scoring.inline`), on the event loop itself."""
+    request from a client that sends one at a time (:meth:`Scoring.inline`), on the event loop
+    itself."""
     try:
         check_media_type(get_header("content-type"))
         check_length(get_header("content-length"), scoring.max_body_bytes)
@@ -375,7 +384,7 @@ async def score_request(
         return error_reply(exc)
     scoring.active += 1
     try:
-        if scoring.inline(len(body)):
+        if scoring.inline(len(body), connection):
             return scoring.answer(bytes(body), ranked)
         return await asyncio.get_running_loop().run_in_executor(
             scoring.executor, scoring.answer, bytes(body), ranked
@@ -402,7 +411,11 @@ class RankingApp(FastAPI):
             return
         try:
             reply = await score_request(
-                self.scoring, _header_getter(scope["headers"]), _body_chunks(receive), ranked
+                self.scoring,
+                _header_getter(scope["headers"]),
+                _body_chunks(receive),
+                ranked,
+                scope.get("client"),
             )
         except Exception:  # never a traceback to the client
             logging.getLogger("mtrank.serve").exception("scoring failed")
