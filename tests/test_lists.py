@@ -211,6 +211,14 @@ def test_end_to_end_train_evaluate_export_serve(history_bundle):
     with pytest.raises(RequestError) as info:
         svc.score(context, [{**cands[0], "carted": [1, {"x": 1}]}])
     assert info.value.errors[0]["loc"] == ["candidates", 0, "carted"]
+    # the columnar form: a list feature's column holds one list per candidate
+    columns = {k: [c[k] for c in cands] for k in cands[0]}
+    assert svc.parse({"context": context, "candidates": columns}, ranked=False)
+    np.testing.assert_array_equal(svc.score(context, columns).probs["p_ctr"], scores["onnx"])
+    columns["carted"] = [*columns["carted"][:4], [1, {"x": 1}]]
+    with pytest.raises(RequestError) as info:
+        svc.score(context, columns)
+    assert info.value.errors[0]["loc"] == ["candidates", "carted", 4]
 
 
 def test_history_changes_the_score(history_bundle):

@@ -212,6 +212,112 @@ def test_scores_are_the_same_on_both_paths(service, rows):
     np.testing.assert_array_equal(scored.order(), slow.order())
 
 
+def to_columns(cands: list[dict]) -> dict[str, list]:
+    """The columnar form of row-form candidates (a key some candidates lack: null in theirs,
+    which is the same where the context has it)."""
+    keys = dict.fromkeys(k for c in cands for k in c)
+    return {k: [c.get(k) for c in cands] for k in keys}
+
+
+def outcome(service: RankingService, ctx: dict, cands) -> tuple:
+    """Scores and counts, or the errors (locations in the row form's terms)."""
+    try:
+        s = service.score(ctx, cands)
+    except RequestError as exc:
+        swap = type(cands) is dict
+        return tuple(
+            (
+                *(
+                    [e["loc"][0], e["loc"][2], e["loc"][1]]
+                    if swap and len(e["loc"]) == 3
+                    else e["loc"]
+                ),
+                e["type"],
+            )
+            for e in exc.errors
+        )
+    return s.score.tolist(), s.probs["p_cvr"].tolist(), s.n_missing, s.n_oov, s.n_out_of_range
+
+
+def test_the_columnar_form_scores_and_fails_as_the_row_form(service, rows):
+    """Every variant, valid or not, through both forms: the same scores and counts (the fast
+    path taken or refused alike), or the same errors with ``[candidates, column, i]``."""
+    context, cands = base_request(rows, n=12)
+    cases = {**variants(context, cands), **refused(context, cands)}
+    del cases["absent from a candidate"]  # no columnar form: a column has a value per candidate
+    assert len(cases) == 29
+    for name, (ctx, cs) in cases.items():
+        cols = to_columns(cs)
+        assert (service.columns(ctx, cols) is None) == (service.columns(ctx, cs) is None), name
+        assert outcome(service, ctx, cols) == outcome(service, ctx, cs), name
+    ctx, cs = refused(context, cands)["negative price"]
+    assert outcome(service, ctx, to_columns(cs)) == (
+        ("candidates", 3, "price", "greater_than_equal"),
+    )
+
+
+COLUMNS_OK = {"item_id": [1, 2], "category": [3, 4], "brand": [5, 6], "shop": [7, 8]}
+
+
+@pytest.mark.parametrize(
+    "candidates, loc, kind, words",
+    [
+        ({**COLUMNS_OK, "price": [1.0]}, ["candidates", "price"], "length_mismatch", "has 1 "),
+        (
+            {**COLUMNS_OK, "price": [1, 2], "Brand": [0, 0]},
+            ["candidates", "Brand"],
+            "extra_forbidden",
+            "did you mean 'brand'",
+        ),
+        ({**COLUMNS_OK, "price": 9.5}, ["candidates", "price"], "list_type", "got a number"),
+        ({}, ["candidates"], "too_short", "at least 1 feature column"),
+        ({k: [] for k in COLUMNS_OK}, ["candidates", "item_id"], "too_short", "at least 1"),
+        ({"price": [1.0] * 2001}, ["candidates", "price"], "too_long", "at most 2000"),
+        (COLUMNS_OK, ["candidates", "price"], "missing", "a price (a number ≥ 0)"),
+        ({**COLUMNS_OK, "price": [1, None]}, ["candidates", "price", 1], "missing", "a price"),
+        (
+            {**COLUMNS_OK, "price": [1, 2], "shop": [7, "x" * 2000]},
+            ["candidates", "shop", 1],
+            "categorical_type",
+            "at most 1024",
+        ),
+    ],
+)
+def test_a_bad_columnar_request_names_the_column(service, rows, candidates, loc, kind, words):
+    context = rows.select(USER).row(0, named=True)
+    with pytest.raises(RequestError) as err:
+        req = service.parse({"context": context, "candidates": candidates}, ranked=True)
+        service.score(req.context, req.candidates)
+    first = err.value.errors[0]
+    assert (first["loc"], first["type"]) == (loc, kind) and words in first["msg"], first
+    assert len(err.value.errors) == 1
+
+
+def test_a_columnar_request_is_answered_in_columns(service, rows):
+    """/rank's answer to the columnar form: one array per field, the row-form answer
+    transposed (top_k included); a duplicate column is a 422 naming `candidates`."""
+    import orjson
+
+    from mtrank.serve.app import answer
+
+    context, cands = base_request(rows, n=40)
+    header = {"model": "m"}
+    for top_k in (None, 7):
+        by_rows = {"context": context, "candidates": cands, "top_k": top_k}
+        by_cols = {**by_rows, "candidates": to_columns(cands)}
+        a = orjson.loads(answer(service, header, orjson.dumps(by_rows), True).body)
+        b = orjson.loads(answer(service, header, orjson.dumps(by_cols), True).body)
+        cols = b.pop("candidates")
+        assert list(cols) == ["index", "rank", "p_ctr", "p_cvr", "p_ctcvr", "score", "log_score"]
+        assert [dict(zip(cols, v, strict=True)) for v in zip(*cols.values())] == a.pop("candidates")
+        assert a == b and len(cols["rank"]) == (top_k or 40)
+    reply = answer(service, header, b'{"candidates": {"price": [1], "price": [2]}}', True)
+    assert reply.status == 422 and orjson.loads(reply.body)["detail"][0]["loc"] == [
+        "body",
+        "candidates",
+    ]
+
+
 @pytest.mark.parametrize(
     ("body", "duplicate", "loc"),
     [

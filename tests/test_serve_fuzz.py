@@ -34,18 +34,30 @@ def generation_schema(app, mode: GenerationMode) -> dict:
     context has a price) resolved, as the generator cannot handle them: for positive requests
     always by the ``else`` branch (every candidate carries every feature and a numeric price:
     a subset of what is valid, so every one must be accepted), for negative ones by dropping
-    them (a superset of what is valid, so whatever breaks it must be refused). Responses are
-    checked against the schema as published."""
+    them (a superset of what is valid, so whatever breaks it must be refused). The columnar
+    form's one rule no schema states (arrays of one length) is met, for positive requests, by
+    arrays of exactly one value. Responses are checked against the schema as published."""
     spec = copy.deepcopy(app.openapi())
     for name in ("RankRequest", "ScoreRequest"):
         body = spec["components"]["schemas"][name]
         rules = body.pop("allOf")
         if mode == GenerationMode.POSITIVE:
+            rows, columns = body["properties"]["candidates"]["anyOf"]
             item = {"$ref": "#/components/schemas/Features"}
-            strict = {
-                "allOf": [item, *(r["else"]["properties"]["candidates"]["items"] for r in rules)]
+            branches = [r["else"]["properties"]["candidates"] for r in rules]
+            rows["items"] = {"allOf": [item, *(b["items"] for b in branches)]}
+            one = {
+                "properties": {c: {"maxItems": 1} for c in APP.state.service.features},
+                "required": list(APP.state.service.features),
             }
-            body["properties"]["candidates"] = {**body["properties"]["candidates"], "items": strict}
+            columns = {
+                "allOf": [
+                    columns,
+                    one,
+                    *({k: v for k, v in b.items() if k != "items"} for b in branches),
+                ]
+            }
+            body["properties"]["candidates"]["anyOf"] = [rows, columns]
     return spec
 
 

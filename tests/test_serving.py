@@ -271,8 +271,15 @@ def test_fusion_params_out_of_range_are_422(client, sim):
 def test_openapi_health_metadata(client, bundle_dir):
     spec = client.app.openapi()
     assert {"/rank", "/score", "/health", "/metadata"} <= set(spec["paths"])
-    body = spec["components"]["schemas"]["RankRequest"]["properties"]["candidates"]
-    assert body["minItems"] == 1 and body["maxItems"] == MAX_CANDIDATES
+    rows, columns = spec["components"]["schemas"]["RankRequest"]["properties"]["candidates"][
+        "anyOf"
+    ]
+    assert rows["minItems"] == 1 and rows["maxItems"] == MAX_CANDIDATES
+    assert columns == {"$ref": "#/components/schemas/FeatureColumns"}
+    by_column = spec["components"]["schemas"]["FeatureColumns"]
+    assert set(by_column["properties"]) == {*SIMULATED_SCHEMA.categorical, "price"}
+    assert by_column["properties"]["price"]["maxItems"] == MAX_CANDIDATES
+    assert by_column["additionalProperties"] is False
     assert "RankResponse" in spec["components"]["schemas"]
     assert client.get("/docs").status_code == 200
     assert client.get("/health").json() == {"status": "ok"}

@@ -87,6 +87,24 @@ class RankedCandidate(ScoredCandidate):
     rank: int = Field(description="1 = best")
 
 
+class ScoredColumns(BaseModel):
+    """The candidates of a columnar request's answer: one array per field, element i for
+    the i-th candidate of the answer (as :class:`ScoredCandidate`; null where not finite)."""
+
+    index: list[int] = Field(description="position of each candidate in the request (0-based)")
+    p_ctr: list[float | None]
+    p_cvr: list[float | None]
+    p_ctcvr: list[float | None]
+    score: list[float | None]
+    log_score: list[float | None]
+
+
+class RankedColumns(ScoredColumns):
+    """:class:`ScoredColumns` of ``/rank``, best first, with each candidate's rank."""
+
+    rank: list[int] = Field(description="1 = best")
+
+
 class FeatureCounts(BaseModel):
     """How many feature values were missing or unseen (out of vocabulary) in a request."""
 
@@ -124,14 +142,17 @@ class ScoreResponse(BaseModel):
     )
     fusion: FusionOut
     n_candidates: int
-    candidates: list[ScoredCandidate]
+    candidates: list[ScoredCandidate] | ScoredColumns = Field(
+        description="one object per candidate; one array per field when the request's "
+        "candidates came as columns"
+    )
     counts: FeatureCounts
 
 
 class RankResponse(ScoreResponse):
     """The response of ``/rank``: the candidates sorted by fused score, best first."""
 
-    candidates: list[RankedCandidate]  # type: ignore[assignment]
+    candidates: list[RankedCandidate] | RankedColumns  # type: ignore[assignment]
 
 
 class ErrorDetail(BaseModel):
@@ -495,7 +516,7 @@ def answer(service: RankingService, header: dict, body: bytes, ranked: bool) -> 
     order = scored.order() if ranked else np.arange(len(scored.score))
     if ranked and req.top_k is not None:
         order = order[: req.top_k]
-    return _respond(header, scored, order, ranked=ranked)
+    return _respond(header, scored, order, ranked=ranked, columnar=req.columnar)
 
 
 def error_response(exc: RequestError) -> Response:
@@ -523,9 +544,12 @@ def error_reply(exc: RequestError) -> Reply:
     return Reply(exc.status, json.dumps(content, ensure_ascii=True).encode())
 
 
-def _respond(header: dict, scored: Scored, order: np.ndarray, *, ranked: bool) -> Reply:
+def _respond(
+    header: dict, scored: Scored, order: np.ndarray, *, ranked: bool, columnar: bool = False
+) -> Reply:
     """Serialise without a per-candidate Python loop or object: the candidate array is written
-    column by column (:func:`json_rows`), the rest by orjson."""
+    column by column (:func:`json_rows`), or for a columnar request as one array per field
+    (:class:`ScoredColumns`), the rest by orjson."""
     cols: dict[str, np.ndarray] = {"index": order}
     if ranked:
         cols["rank"] = np.arange(1, len(order) + 1)
@@ -543,7 +567,10 @@ def _respond(header: dict, scored: Scored, order: np.ndarray, *, ranked: bool) -
     counts = orjson.dumps(
         {"missing": scored.n_missing, "oov": scored.n_oov, "out_of_range": scored.n_out_of_range}
     )
-    body = b"".join((head[:-1], b',"candidates":', json_rows(cols), b',"counts":', counts, b"}"))
+    candidates = (
+        orjson.dumps(cols, option=orjson.OPT_SERIALIZE_NUMPY) if columnar else json_rows(cols)
+    )
+    body = b"".join((head[:-1], b',"candidates":', candidates, b',"counts":', counts, b"}"))
     timing = ", ".join(f"{k};dur={v:.3f}" for k, v in scored.timings_ms.items())
     return Reply(200, body, [(b"server-timing", timing.encode())])
 

@@ -102,6 +102,8 @@ def _key_count(doc: Any) -> int:
         if set(map(type, cands)) - {dict}:  # a string or array would add its length: exact path
             return -1
         n += sum(map(len, cands))
+    elif type(cands) is dict:  # the columnar form: objects inside its arrays make counts differ
+        n += len(cands)
     if type(fusion) is dict:
         n += len(fusion)
         if type(fusion.get("params")) is dict:

@@ -39,6 +39,7 @@ import difflib
 import operator
 import time
 from dataclasses import dataclass, field
+from collections import Counter
 from itertools import repeat
 from pathlib import Path
 from typing import Any
@@ -118,12 +119,18 @@ class Scored:
 @dataclass
 class ParsedRequest:
     """A request body after top-level validation (features are checked by
-    :meth:`RankingService.frame`)."""
+    :meth:`RankingService.frame`). ``candidates``: one object per candidate (the row form), or
+    one array per feature column, all of one length (the columnar form)."""
 
     context: dict[str, Any]
-    candidates: list[dict[str, Any]]
+    candidates: list[dict[str, Any]] | dict[str, list]
     fusion: FusionSpec | None
     top_k: int | None
+
+    @property
+    def columnar(self) -> bool:
+        """Whether the candidates came in the columnar form (the response then does too)."""
+        return type(self.candidates) is dict
 
 
 class RankingService:
@@ -193,6 +200,7 @@ class RankingService:
         self.list_features = [*schema.lists, *schema.sequences]  # see mtrank.serve.lists
         self._categorical_set = set(self.categorical)
         self._getters = {c: operator.itemgetter(c) for c in self.features}
+        self._known_columns = {*self.features, *(f.column for f in self.list_features)}
         self.engine = engine
         self.threads = threads
         self._infer = self._make_engine(engine, threads)  # may set self.engine = "native"
@@ -278,10 +286,15 @@ class RankingService:
         candidates = doc.get("candidates", _ABSENT)
         if candidates is _ABSENT:
             errors.append(_error(["candidates"], "Field required", "missing"))
+        elif type(candidates) is dict:
+            errors += self._check_columnar(candidates)
         elif type(candidates) is not list:
             errors.append(
                 _error(
-                    ["candidates"], f"must be an array, got {_json_type(candidates)}", "list_type"
+                    ["candidates"],
+                    "must be an array (one object per candidate) or an object (one array per "
+                    f"feature), got {_json_type(candidates)}",
+                    "list_type",
                 )
             )
         elif not candidates:
@@ -317,6 +330,76 @@ class RankingService:
         if errors:
             raise RequestError(errors)
         return ParsedRequest(context, candidates, fusion, top_k)
+
+    def _check_columnar(self, columns: dict) -> list[dict]:
+        """Errors of a columnar ``candidates`` (feature column → array): only the model's
+        feature columns, at least one, each an array, all of one length from 1 to
+        :data:`MAX_CANDIDATES`. The values are checked later, as in the row form."""
+        known = self._known_columns
+        errors = [
+            _error(
+                ["candidates", ascii(k)[1:-1]],
+                "not a feature of this model (the columnar form takes only feature columns)"
+                + self._misspelt_feature(k),
+                "extra_forbidden",
+            )
+            for k in columns
+            if k not in known
+        ]
+        arrays = {k: v for k, v in columns.items() if k in known}
+        for k, v in arrays.items():
+            if type(v) is not list:
+                errors.append(
+                    _error(
+                        ["candidates", k],
+                        f"must be an array (one value per candidate), got {_json_type(v)}",
+                        "list_type",
+                    )
+                )
+        if errors:
+            return errors
+        if not arrays:
+            return [
+                _error(
+                    ["candidates"],
+                    "give at least 1 feature column (an array with one value per candidate)",
+                    "too_short",
+                )
+            ]
+        lengths = Counter(map(len, arrays.values()))
+        n = lengths.most_common(1)[0][0]  # the others are named
+        first = next(k for k, v in arrays.items() if len(v) == n)
+        errors = [
+            _error(
+                ["candidates", k],
+                f"has {len(v)} values, {first!r}"
+                + (f" and {lengths[n] - 1} other columns have" if lengths[n] > 1 else " has")
+                + f" {n}: give one value per candidate in every column",
+                "length_mismatch",
+            )
+            for k, v in arrays.items()
+            if len(v) != n
+        ]
+        if not errors and n == 0:
+            errors.append(_error(["candidates", first], "give at least 1 value", "too_short"))
+        elif not errors and n > MAX_CANDIDATES:
+            errors.append(
+                _error(
+                    ["candidates", first],
+                    f"give at most {MAX_CANDIDATES} values (candidates), got {n}",
+                    "too_long",
+                )
+            )
+        return errors
+
+    def _misspelt_feature(self, key: Any) -> str:
+        """A hint naming the feature that ``key`` looks like (another case, a typo)."""
+        if type(key) is not str:
+            return ""
+        known = sorted(self._known_columns)
+        by_case = [k for k in known if k.lower() == key.lower()]
+        close = by_case or difflib.get_close_matches(key, known, n=1, cutoff=0.75)
+        return f": did you mean {close[0]!r}?" if close else ""
 
     def validate_fusion(self, value: Any) -> FusionSpec:
         """A request's ``fusion`` object as a :class:`FusionSpec`. Raises RequestError."""
@@ -361,12 +444,14 @@ class RankingService:
         integral floats as ids, ids with surrounding whitespace,
         list/sequence features). :meth:`frame` then gives the same encoded result, or the
         errors naming each field (tested against each other in tests/test_serve_fast.py).
+        ``candidates`` in the columnar form (checked by :meth:`parse`) needs no gathering.
         """
         if self.list_features:
             return None
-        n = len(candidates)
+        columnar = type(candidates) is dict
+        n = _count(candidates)
         out: dict[str, IntIds | np.ndarray | list] = {}
-        given = set().union(*candidates) if context else ()  # keys of any candidate
+        given = candidates if columnar else set().union(*candidates) if context else ()
         for col in self.features:
             ctx = context.get(col)
             if ctx is not None and col not in given:  # a context feature (the user's)
@@ -376,10 +461,17 @@ class RankingService:
                 # checked once; a categorical one is encoded once (a length-1 column)
                 out[col] = np.repeat(column, n) if type(column) is np.ndarray else column
                 continue
-            try:  # itemgetter: a C loop (dict.get by map is 3× slower)
-                values = list(map(self._getters[col], candidates))
-            except KeyError:  # absent in some candidate: null, or the context's value
-                values = list(map(dict.get, candidates, repeat(col)))
+            if columnar:
+                values = candidates.get(col)
+                if values is None:  # absent: missing if the context has it as null
+                    if col not in context:
+                        return None  # frame names it
+                    values = [None] * n
+            else:
+                try:  # itemgetter: a C loop (dict.get by map is 3× slower)
+                    values = list(map(self._getters[col], candidates))
+                except KeyError:  # absent in some candidate: null, or the context's value
+                    values = list(map(dict.get, candidates, repeat(col)))
             n_null = values.count(None)
             if ctx is not None:
                 if n_null == n:
@@ -389,7 +481,7 @@ class RankingService:
                 elif self._fast_column(col, [ctx], 0) is None:
                     return None  # the context's value is checked even when no candidate takes it
                 n_null = 0
-            elif n_null and col not in context:
+            elif n_null and col not in context and not columnar:
                 if not all(map(operator.contains, candidates, repeat(col))):
                     return None  # absent from a candidate and the context: frame names it
             column = self._fast_column(col, values, n_null)
@@ -513,6 +605,47 @@ class RankingService:
         if errors:
             raise RequestError(errors)
         return pl.DataFrame(list(cols.values()))
+
+    def frame_any(
+        self, context: dict[str, Any], candidates: list[dict[str, Any]] | dict[str, list]
+    ) -> pl.DataFrame:
+        """:meth:`frame` of candidates in either form. The columnar form (checked by
+        :meth:`parse`) is turned into rows, and each error's location given back in its terms:
+        ``["candidates", column, i]``; a feature absent from both the columns and the context
+        is one error naming the column.
+
+        Raises:
+            RequestError: as :meth:`frame`.
+        """
+        if type(candidates) is not dict:
+            return self.frame(context, candidates)
+        absent = [c for c in self._known_columns if c not in candidates and c not in context]
+        if absent:
+            raise RequestError(
+                [
+                    _error(
+                        ["candidates", c],
+                        (
+                            _PRICE_REQUIRED
+                            if c == self.price
+                            else "Field required: give this feature in `context` or as a "
+                            "column of `candidates` (null for a missing value)"
+                        ),
+                        "missing",
+                    )
+                    for c in sorted(absent)
+                ]
+            )
+        names = list(candidates)
+        rows = [dict(zip(names, values, strict=True)) for values in zip(*candidates.values())]
+        try:
+            return self.frame(context, rows)
+        except RequestError as exc:
+            for e in exc.errors:
+                loc = e["loc"]
+                if loc[:1] == ["candidates"] and len(loc) >= 3 and type(loc[1]) is int:
+                    e["loc"] = ["candidates", loc[2], loc[1], *loc[3:]]
+            raise
 
     def _misspelt(self, col: str, *objects: dict) -> str:
         """A hint when the request holds a key that is not a feature and looks like ``col``
@@ -642,10 +775,11 @@ class RankingService:
     def score(
         self,
         context: dict[str, Any],
-        candidates: list[dict[str, Any]],
+        candidates: list[dict[str, Any]] | dict[str, list],
         fusion: FusionSpec | None = None,
     ) -> Scored:
-        """Score candidates (request order). See :meth:`frame` for the validation.
+        """Score candidates (request order), given as one object per candidate or, checked by
+        :meth:`parse`, one array per feature column. See :meth:`frame` for the validation.
 
         Raises:
             RequestError: invalid features, or a fusion that needs a price the schema lacks.
@@ -670,7 +804,7 @@ class RankingService:
                 raise RequestError([_error(["fusion"], str(exc))]) from None
         columns = self.columns(context, candidates)
         if columns is None:  # the exact path: same result, or the errors naming each field
-            df = self.frame(context, candidates)
+            df = self.frame_any(context, candidates)
             t1 = time.perf_counter()
             data = self.encode(df)
             price = df.get_column(self.price).to_numpy() if self.price else None
@@ -678,7 +812,7 @@ class RankingService:
         else:
             t1 = time.perf_counter()
             data = self._checked(
-                lambda c: self.bundle.encoder.transform_columns(c, len(candidates)), columns
+                lambda c: self.bundle.encoder.transform_columns(c, _count(candidates)), columns
             )
             price = columns[self.price] if self.price else None
             out_of_range = self.bundle.encoder.out_of_range_counts(columns)
@@ -758,6 +892,13 @@ class RankingService:
             n_oov,
             spec,
         )
+
+
+def _count(candidates: list | dict[str, list]) -> int:
+    """How many candidates a request holds, in either form."""
+    if type(candidates) is dict:
+        return len(next(iter(candidates.values())))
+    return len(candidates)
 
 
 def _not_none(value: Any) -> bool:
