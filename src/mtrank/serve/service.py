@@ -78,7 +78,10 @@ class RequestError(Exception):
     def __init__(self, errors: list[dict], status: int = 422) -> None:
         self.errors = errors
         self.status = status
-        super().__init__("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors))
+        more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
+        super().__init__(
+            "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors[:5]) + more
+        )
 
 
 def _error(loc: list, msg: str, kind: str = "value_error") -> dict:
@@ -340,11 +343,10 @@ class RankingService:
             _error(
                 ["candidates", ascii(k)[1:-1]],
                 "not a feature of this model (the columnar form takes only feature columns)"
-                + self._misspelt_feature(k),
+                + (self._misspelt_feature(k) if i < 5 else ""),  # hints for those the message names
                 "extra_forbidden",
             )
-            for k in columns
-            if k not in known
+            for i, k in enumerate(k for k in columns if k not in known)
         ]
         arrays = {k: v for k, v in columns.items() if k in known}
         for k, v in arrays.items():
