@@ -729,6 +729,16 @@ ROWS = [
         lambda r: r[0] == 415 and "content-type application/json" in r[1],
     ),
     Case(
+        "05-json-in-latin-1-is-415",
+        raw(json.dumps(request_of(2)), "application/json; charset=ISO-8859-1"),
+        lambda r: r[0] == 415 and "got charset='iso-8859-1'" in r[1],
+    ),
+    Case(
+        "05-json-with-charset-utf-8-is-200",
+        raw(json.dumps(request_of(2)), 'application/json; charset="UTF-8"'),
+        lambda r: r[0] == 200,
+    ),
+    Case(
         "05-bad-json-names-line-and-column",
         raw('{"candidates": [\n  {"item_id": 1,}\n]}'),
         lambda r: r[0] == 400 and "not valid JSON at line 2 column 17" in r[1],

@@ -236,11 +236,12 @@ def test_history_changes_the_score(history_bundle):
 
 
 def test_request_lists_weighted_context_fill_and_errors():
+    from mtrank.serve.errors import Errors
     from mtrank.serve.lists import list_columns
 
     feats = [ListFeature(column="w", weighted=True, max_len=3), ListFeature(column="t", max_len=2)]
     ok = dict(max_id_chars=8, int64=(-(2**63), 2**63 - 1))
-    errors: list[dict] = []
+    errors = Errors()
     cols = list_columns(
         feats,
         {"t": ["a", "b"]},
@@ -259,6 +260,6 @@ def test_request_lists_weighted_context_fill_and_errors():
         ({"w": [], "t": "a|b"}, ["candidates", 0, "t"]),
         ({"w": []}, ["candidates", 0, "t"]),
     ):
-        errors = []
+        errors = Errors()
         list_columns(feats, {}, [bad], errors, **ok)
         assert [e["loc"] for e in errors] == [loc], (bad, errors)

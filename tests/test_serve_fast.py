@@ -470,3 +470,39 @@ def test_only_a_quick_request_from_a_one_at_a_time_client_skips_the_thread_hop(s
     scoring.seconds_per_byte = INLINE_BUDGET_S  # a byte costs the whole budget
     assert not scoring.inline(2, ("10.0.0.2", 7))
     assert all(r["candidates"] == replies[0]["candidates"] for r in replies)
+
+
+def test_errors_are_counted_exactly_and_bounded_whatever_the_request_holds(service, rows):
+    """``n_errors`` counts every offending value (each check names the first five); a key is
+    named as sent, cut to 64 characters; the answer stays small however long the key."""
+    from fastapi.testclient import TestClient
+
+    from mtrank.serve.app import create_app
+
+    client = TestClient(create_app(service.bundle_path, engine="torch", threads=0))
+    context = rows.select(USER).row(0, named=True)
+    n = 200
+    cols = {k: [v[0]] * n for k, v in COLUMNS_OK.items()}
+    r = client.post("/rank", json={"context": context, "candidates": {**cols, "price": [-1.0] * n}})
+    body = r.json()
+    assert (r.status_code, body["n_errors"], len(body["detail"])) == (422, n, 5)
+    assert [e["loc"] for e in body["detail"]] == [
+        ["body", "candidates", "price", i] for i in range(5)
+    ]
+    assert body["message"].endswith(" (and 195 more)")
+
+    long_key = "k" * 400_000
+    r = client.post("/rank", json={"context": context, "candidates": cols, long_key: 1})
+    assert r.status_code == 422 and len(r.content) < 4_000
+    assert r.json()["detail"][0]["loc"] == ["body", "k" * 64 + "… (400,000 characters)"]
+
+    r = client.post("/rank", json={"context": context, "candidates": {**cols, "prïce": [1.0] * n}})
+    assert r.status_code == 422
+    assert ["body", "candidates", "prïce"] in [e["loc"] for e in r.json()["detail"]]
+    r = client.post(
+        "/rank",
+        content=b'{"candidates": {"item_id": [1], "\\ud800": [2]}, "context": {}}',
+        headers={"content-type": "application/json"},
+    )
+    assert r.status_code == 422
+    assert ["body", "candidates", "\\ud800"] in [e["loc"] for e in r.json()["detail"]]

@@ -49,7 +49,8 @@ from mtrank.serve.body import (
 )
 from mtrank.serve.fusion import FusionSpec
 from mtrank.serve.openapi import request_schemas
-from mtrank.serve.service import MAX_CANDIDATES, MAX_ID_CHARS, RankingService, RequestError, Scored
+from mtrank.serve.errors import RequestError, bounded, summary
+from mtrank.serve.service import MAX_CANDIDATES, MAX_ID_CHARS, RankingService, Scored
 
 SETTINGS_ENV = "MTRANK_SERVE_SETTINGS"  # create_app's arguments as JSON, for worker processes
 # Requests scored at once per worker process (its scoring threads). Scoring is CPU-bound with
@@ -525,22 +526,22 @@ def error_response(exc: RequestError) -> Response:
 
 
 def error_reply(exc: RequestError) -> Reply:
-    """``exc`` in the one error shape: a one-line ``message`` naming up to 5 fields, the count,
-    at most 100 structured errors; locations start with ``body`` (except for 404, 405 and 5xx,
-    which are not about the body: their ``loc`` stays empty). ASCII JSON (a lone surrogate
-    in a key or value is escaped, never an encoding error)."""
+    """``exc`` in the one error shape: a one-line ``message`` naming up to 5 errors, ``n_errors``
+    (every problem the checks found, :attr:`RequestError.n_errors`), at most 100 structured
+    errors, each bounded (:func:`~mtrank.serve.errors.bounded`: keys as sent, cut to 64
+    characters); locations start with ``body`` (except for 404, 405 and 5xx, which are not
+    about the body: their ``loc`` stays empty). ASCII JSON."""
     about_body = exc.status < 500 and exc.status not in (404, 405)  # else: not the body's fault
+    prefix = ["body"] if about_body else []
     errors = [
-        {**e, "loc": ["body", *e["loc"]] if about_body and e["loc"][:1] != ["body"] else e["loc"]}
-        for e in exc.errors
+        bounded({**e, "loc": e["loc"] if e["loc"][:1] == ["body"] else [*prefix, *e["loc"]]})
+        for e in exc.errors[:100]
     ]
-    message = "; ".join(
-        f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" if e["loc"] else e["msg"]
-        for e in errors[:5]
-    )
-    if len(errors) > 5:
-        message += f" (and {len(errors) - 5} more)"
-    content = {"message": message, "n_errors": len(errors), "detail": errors[:100]}
+    content = {
+        "message": summary(errors, exc.n_errors),
+        "n_errors": exc.n_errors,
+        "detail": errors,
+    }
     return Reply(exc.status, json.dumps(content, ensure_ascii=True).encode())
 
 

@@ -1,9 +1,10 @@
 """Request bodies of the HTTP service: media type, size limit, strict JSON decoding.
 
-Every failure is a :class:`~mtrank.serve.service.RequestError` with the HTTP status it maps to,
+Every failure is a :class:`~mtrank.serve.errors.RequestError` with the HTTP status it maps to,
 rendered by the app in the one error shape (``message``, ``n_errors``, ``detail``):
 
-* ``415``: the ``content-type`` is not ``application/json`` (or ``application/*+json``);
+* ``415``: the ``content-type`` is not ``application/json`` (or ``application/*+json``), or
+  names a ``charset`` other than UTF-8 (JSON is UTF-8, RFC 8259 §8.1);
 * ``413``: the body is larger than the limit (``Content-Length`` checked before anything is
   read; a chunked body is counted while it arrives and dropped once over the limit);
 * ``400``: not UTF-8, not JSON ("not valid JSON at line L column C: …"), or nested too deeply;
@@ -27,7 +28,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from mtrank.serve.service import RequestError
+from mtrank.serve.errors import Errors, RequestError, echo
 
 DEFAULT_MAX_BODY_BYTES = 1 << 20  # 1 MiB: 2,000 candidates of 10 features take about 250 kB
 _QUOTE, _BACKSLASH, _COLON = ord('"'), ord("\\"), ord(":")
@@ -39,8 +40,10 @@ def body_error(status: int, msg: str, kind: str) -> RequestError:
 
 
 def check_media_type(content_type: str | None) -> None:
-    """Raises RequestError 415 unless the media type is JSON."""
-    media = (content_type or "").split(";", 1)[0].strip().lower()
+    """Raises RequestError 415 unless the media type is JSON, in UTF-8 when a ``charset``
+    parameter is given (RFC 8259 §8.1)."""
+    media, *params = (content_type or "").lower().split(";")
+    media = media.strip()
     if media != "application/json" and not (
         media.startswith("application/") and media.endswith("+json")
     ):
@@ -49,6 +52,15 @@ def check_media_type(content_type: str | None) -> None:
             f"the body must be JSON: send content-type application/json, got {media or 'none'!r}",
             "unsupported_media_type",
         )
+    for param in params:
+        name, _, value = param.partition("=")
+        charset = value.strip().strip('"')
+        if name.strip() == "charset" and charset not in ("utf-8", "utf8"):
+            raise body_error(
+                415,
+                f"JSON is UTF-8: send charset=utf-8 or no charset, got charset={charset!r}",
+                "unsupported_media_type",
+            )
 
 
 def check_length(content_length: str | None, limit: int) -> None:
@@ -148,10 +160,11 @@ def _no_duplicates(pairs: list[tuple[str, Any]], found: list) -> dict:
     return marked
 
 
-def duplicate_key_errors(doc: Any) -> list[dict]:
+def duplicate_key_errors(doc: Any) -> Errors:
     """One error per key given twice in an object of ``doc`` (decoded with
     :func:`_no_duplicates`), located by its path (``["candidates", 3]``), document order; an
-    iterative walk (any depth the decoder accepted)."""
+    iterative walk (any depth the decoder accepted). The first five are kept, the rest
+    counted (:meth:`~mtrank.serve.errors.Errors.first`)."""
     errors, stack = [], [((), doc)]
     while stack:
         loc, value = stack.pop()
@@ -159,7 +172,7 @@ def duplicate_key_errors(doc: Any) -> list[dict]:
             errors += [
                 {
                     "loc": list(loc),
-                    "msg": f"duplicate key {ascii(k)} in this object: give each key once",
+                    "msg": f"duplicate key {echo(k)!r} in this object: give each key once",
                     "type": "duplicate_key",
                 }
                 for k in value.duplicates
@@ -168,7 +181,9 @@ def duplicate_key_errors(doc: Any) -> list[dict]:
             stack += reversed([((*loc, k), v) for k, v in value.items()])
         elif type(value) is list:
             stack += reversed([((*loc, i), v) for i, v in enumerate(value)])
-    return errors
+    kept = Errors()
+    kept.first(errors, lambda e: e)
+    return kept
 
 
 def _decode_exactly(body: bytes) -> Any:

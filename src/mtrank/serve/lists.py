@@ -24,19 +24,17 @@ import numpy as np
 import polars as pl
 
 from mtrank.data.schema import ListFeature, SequenceFeature
+from mtrank.serve.errors import Errors
+from mtrank.serve.errors import error as _error
 
 Feature = ListFeature | SequenceFeature
-
-
-def _error(loc: list, msg: str, kind: str = "value_error") -> dict:
-    return {"loc": loc, "msg": msg, "type": kind}
 
 
 def list_columns(
     features: list[Feature],
     context: dict[str, Any],
     candidates: list[dict[str, Any]],
-    errors: list[dict],
+    errors: Errors,
     *,
     max_id_chars: int,
     int64: tuple[int, int],
@@ -59,15 +57,15 @@ def list_columns(
             values = [c.get(col, _ABSENT) for c in candidates]
             bad = [i for i, v in enumerate(values) if v is _ABSENT]
             if bad:
-                errors += [
-                    _error(
+                errors.first(
+                    bad,
+                    lambda i: _error(
                         ["candidates", i, col],
                         "Field required: give this list in `context` or in every candidate "
                         "(null or [] for an empty list)",
                         "missing",
-                    )
-                    for i in bad[:5]
-                ]
+                    ),
+                )
                 continue
         given = [i for i, v in enumerate(values) if v is not None]
         if ctx is not None and not given:
@@ -105,7 +103,7 @@ def _as_strings(s: pl.Series) -> pl.Series:
 def _column(
     f: Feature,
     values: list,
-    errors: list[dict],
+    errors: Errors,
     loc: list | None,
     max_id_chars: int,
     int64: tuple[int, int],
@@ -117,21 +115,23 @@ def _column(
 
     kinds = set(map(type, values)) - {type(None)}
     if not kinds <= {list}:
-        i = next(i for i, v in enumerate(values) if v is not None and type(v) is not list)
-        errors.append(_error(where(i), "a list feature must be an array (or null)", "list_type"))
+        errors.first(
+            (i for i, v in enumerate(values) if v is not None and type(v) is not list),
+            lambda i: _error(where(i), "a list feature must be an array (or null)", "list_type"),
+        )
         return None
     lengths = np.fromiter((0 if v is None else len(v) for v in values), np.int64, len(values))
     over = np.flatnonzero(lengths > f.max_len)
     if over.size:
-        errors += [
-            _error(
-                where(int(i)),
+        errors.first(
+            over.tolist(),
+            lambda i: _error(
+                where(i),
                 f"at most {f.max_len} elements (the schema's max_len of {col!r}), got "
                 f"{int(lengths[i])}",
                 "too_long",
-            )
-            for i in over[:5]
-        ]
+            ),
+        )
         return None
     flat = list(chain.from_iterable(v for v in values if v is not None))
     weighted = getattr(f, "weighted", False)
@@ -212,10 +212,12 @@ def _element_error(f, values, lengths, flat, errors, where, expected, ok=None, i
         (bool(ok(e)) if ok is not None else type(e) is dict for e in items), bool, len(items)
     )
     rows = np.repeat(np.arange(len(values)), lengths)[~good]
-    for i in np.unique(rows)[:5].tolist():
-        errors.append(
-            _error(where(i), f"each element of list {f.column!r} must be {expected}", "list_item")
-        )
+    errors.first(
+        np.unique(rows).tolist(),
+        lambda i: _error(
+            where(i), f"each element of list {f.column!r} must be {expected}", "list_item"
+        ),
+    )
     return None
 
 

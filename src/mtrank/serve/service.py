@@ -54,6 +54,8 @@ from mtrank.data.encoders import EncodedFeatures, IntIds
 from mtrank.errors import BundleError, ConfigError
 from mtrank.ranking.replay import rank_order
 from mtrank.serve.fusion import FusionSpec, fused_scores
+from mtrank.serve.errors import Errors, RequestError, echo, echo_text
+from mtrank.serve.errors import error as _error
 from mtrank.serve.lists import list_columns
 
 MAX_CANDIDATES = 2000
@@ -69,23 +71,6 @@ _CATEGORICAL_MSG = (
 )
 _TOP_LEVEL = {"context", "candidates", "fusion"}
 _PRICE_REQUIRED = "Field required: a price (a number ≥ 0) in the candidate or in `context`"
-
-
-class RequestError(Exception):
-    """Invalid request. ``errors`` are dicts (``loc``, ``msg``, ``type``) whose ``loc`` is the
-    path inside the body (``["candidates", 3, "price"]``); ``status`` the HTTP status."""
-
-    def __init__(self, errors: list[dict], status: int = 422) -> None:
-        self.errors = errors
-        self.status = status
-        more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
-        super().__init__(
-            "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors[:5]) + more
-        )
-
-
-def _error(loc: list, msg: str, kind: str = "value_error") -> dict:
-    return {"loc": loc, "msg": msg, "type": kind}
 
 
 @dataclass
@@ -274,11 +259,11 @@ class RankingService:
                 [_error([], f"the body must be a JSON object, got {_json_type(doc)}", "model_type")]
             )
         allowed = _TOP_LEVEL | ({"top_k"} if ranked else set())
-        errors = [
-            _error([ascii(k)[1:-1]], "Extra inputs are not permitted", "extra_forbidden")
-            for k in doc
-            if k not in allowed
-        ]
+        errors = Errors()
+        errors.first(
+            (k for k in doc if k not in allowed),
+            lambda k: _error([k], "Extra inputs are not permitted", "extra_forbidden"),
+        )
         context = doc.get("context")
         if context is None:
             context = {}
@@ -290,7 +275,7 @@ class RankingService:
         if candidates is _ABSENT:
             errors.append(_error(["candidates"], "Field required", "missing"))
         elif type(candidates) is dict:
-            errors += self._check_columnar(candidates)
+            errors.absorb(self._check_columnar(candidates))
         elif type(candidates) is not list:
             errors.append(
                 _error(
@@ -329,7 +314,7 @@ class RankingService:
             try:
                 fusion = self.validate_fusion(doc["fusion"])
             except RequestError as exc:
-                errors += exc.errors
+                errors.absorb(exc.errors)
         if errors:
             raise RequestError(errors)
         return ParsedRequest(context, candidates, fusion, top_k)
@@ -339,15 +324,16 @@ class RankingService:
         feature columns, at least one, each an array, all of one length from 1 to
         :data:`MAX_CANDIDATES`. The values are checked later, as in the row form."""
         known = self._known_columns
-        errors = [
-            _error(
-                ["candidates", ascii(k)[1:-1]],
+        errors = Errors()
+        errors.first(
+            (k for k in columns if k not in known),
+            lambda k: _error(
+                ["candidates", k],
                 "not a feature of this model (the columnar form takes only feature columns)"
-                + (self._misspelt_feature(k) if i < 5 else ""),  # hints for those the message names
+                + self._misspelt_feature(k),
                 "extra_forbidden",
-            )
-            for i, k in enumerate(k for k in columns if k not in known)
-        ]
+            ),
+        )
         arrays = {k: v for k, v in columns.items() if k in known}
         for k, v in arrays.items():
             if type(v) is not list:
@@ -374,7 +360,7 @@ class RankingService:
         errors = [
             _error(
                 ["candidates", k],
-                f"has {len(v)} values, {first!r}"
+                f"has {len(v)} value{'s' * (len(v) != 1)}, {first!r}"
                 + (f" and {lengths[n] - 1} other columns have" if lengths[n] > 1 else " has")
                 + f" {n}: give one value per candidate in every column",
                 "length_mismatch",
@@ -416,7 +402,7 @@ class RankingService:
                 [
                     _error(
                         ["fusion", *e["loc"]],
-                        _ascii_safe(e["msg"]).removeprefix("Value error, "),
+                        echo_text(e["msg"]).removeprefix("Value error, "),
                         e["type"],
                     )
                     for e in exc.errors(
@@ -536,7 +522,7 @@ class RankingService:
                 non-finite, too large, an over-long string, or a price that is negative or
                 null in both the candidate and the context.
         """
-        errors: list[dict] = []
+        errors = Errors()
         cols: dict[str, pl.Series] = {}
         n = len(candidates)
         for col in self.features:
@@ -551,9 +537,9 @@ class RankingService:
             else:
                 values = [c.get(col, _ABSENT) for c in candidates]
                 if _ABSENT in values:
-                    bad = [i for i, v in enumerate(values) if v is _ABSENT]
-                    errors += [
-                        _error(
+                    errors.first(
+                        (i for i, v in enumerate(values) if v is _ABSENT),
+                        lambda i: _error(
                             ["candidates", i, col],
                             (
                                 _PRICE_REQUIRED
@@ -563,9 +549,8 @@ class RankingService:
                             )
                             + self._misspelt(col, context, candidates[i]),
                             "missing",
-                        )
-                        for i in bad[:5]
-                    ]
+                        ),
+                    )
                     continue
             series = self._column(col, values, errors)
             if series is None:
@@ -583,14 +568,9 @@ class RankingService:
                     if series.dtype == pl.Null
                     else np.flatnonzero(series.is_null().to_numpy()).tolist()
                 )
-                errors += [
-                    _error(
-                        ["candidates", i, col],
-                        _PRICE_REQUIRED,
-                        "missing",
-                    )
-                    for i in list(nulls)[:5]
-                ]
+                errors.first(
+                    nulls, lambda i: _error(["candidates", i, col], _PRICE_REQUIRED, "missing")
+                )
                 continue
             cols[col] = series
         if self.list_features:
@@ -656,11 +636,11 @@ class RankingService:
         by_case = [k for k in ignored if k.lower() == col.lower()]
         close = by_case or difflib.get_close_matches(col, ignored, n=1, cutoff=0.75)
         return (
-            f" (the request's {ascii(close[0])} is not a feature and was ignored)" if close else ""
+            f" (the request's {echo(close[0])!r} is not a feature and was ignored)" if close else ""
         )
 
     def _column(
-        self, col: str, values: list, errors: list[dict], loc: list | None = None
+        self, col: str, values: list, errors: Errors, loc: list | None = None
     ) -> pl.Series | None:
         """The values of one column as a typed Series (Int64 / String / Float64), or None after
         appending errors that name the first offending candidates."""
@@ -684,7 +664,7 @@ class RankingService:
                 bad = [
                     i for i, v in enumerate(values) if v is not None and type(v) not in (int, str)
                 ]
-                errors += [_error(where(i), _CATEGORICAL_MSG, "categorical_type") for i in bad[:5]]
+                errors.first(bad, lambda i: _error(where(i), _CATEGORICAL_MSG, "categorical_type"))
                 return None
             if kinds == {int} or not kinds:
                 try:
@@ -695,9 +675,9 @@ class RankingService:
                         for i, v in enumerate(values)
                         if type(v) is int and not INT64[0] <= v <= INT64[1]
                     ]
-                    errors += [
-                        _error(where(i), _CATEGORICAL_MSG, "categorical_type") for i in bad[:5]
-                    ]
+                    errors.first(
+                        bad, lambda i: _error(where(i), _CATEGORICAL_MSG, "categorical_type")
+                    )
                     return None
             bad = [
                 i for i, v in enumerate(values) if type(v) is int and not INT64[0] <= v <= INT64[1]
@@ -708,10 +688,10 @@ class RankingService:
                 if type(v) is str and (len(v) > MAX_ID_CHARS or not _utf8(v))
             ]
             if bad:
-                errors += [
-                    _error(where(i), _bad_string(values[i]), "categorical_type")
-                    for i in sorted(bad)[:5]
-                ]
+                errors.first(
+                    sorted(bad),
+                    lambda i: _error(where(i), _bad_string(values[i]), "categorical_type"),
+                )
                 return None
             return pl.Series(
                 col,
@@ -720,10 +700,12 @@ class RankingService:
             )
         if not kinds <= {int, float}:
             bad = [i for i, v in enumerate(values) if v is not None and type(v) not in (int, float)]
-            errors += [
-                _error(where(i), "Input should be a valid number (or null)", "float_type")
-                for i in bad[:5]
-            ]
+            errors.first(
+                bad,
+                lambda i: _error(
+                    where(i), "Input should be a valid number (or null)", "float_type"
+                ),
+            )
             return None
         bound = self.bounds[col]
         try:
@@ -735,10 +717,12 @@ class RankingService:
             pl.exceptions.PolarsError,
         ):  # an integer beyond float64
             bad = [i for i, v in enumerate(values) if type(v) is int and abs(v) > bound]
-            errors += [
-                _error(where(i), f"value too large: |x| must be ≤ {bound:.6g}", "less_than_equal")
-                for i in bad[:5]
-            ]
+            errors.first(
+                bad,
+                lambda i: _error(
+                    where(i), f"value too large: |x| must be ≤ {bound:.6g}", "less_than_equal"
+                ),
+            )
             return None
         x = series.to_numpy()
         with np.errstate(invalid="ignore"):
@@ -748,28 +732,22 @@ class RankingService:
             large = np.abs(x) > bound
             negative = (x < 0) if col == self.price else np.zeros(x.size, bool)
         if nonfinite.any() or large.any() or negative.any():
-            for i in np.flatnonzero(nonfinite | large | negative)[:5].tolist():
+
+            def problem(i: int) -> dict:
                 if nonfinite[i]:
-                    errors.append(
-                        _error(where(i), "Input should be a finite number", "finite_number")
+                    return _error(where(i), "Input should be a finite number", "finite_number")
+                if negative[i]:
+                    return _error(
+                        where(i), "Input should be greater than or equal to 0", "greater_than_equal"
                     )
-                elif negative[i]:
-                    errors.append(
-                        _error(
-                            where(i),
-                            "Input should be greater than or equal to 0",
-                            "greater_than_equal",
-                        )
-                    )
-                else:
-                    errors.append(
-                        _error(
-                            where(i),
-                            f"value too large: |x| must be ≤ {bound:.6g} (its standardised "
-                            "value would overflow float32)",
-                            "less_than_equal",
-                        )
-                    )
+                return _error(
+                    where(i),
+                    f"value too large: |x| must be ≤ {bound:.6g} (its standardised "
+                    "value would overflow float32)",
+                    "less_than_equal",
+                )
+
+            errors.first(np.flatnonzero(nonfinite | large | negative).tolist(), problem)
             return None
         return series
 
@@ -913,11 +891,6 @@ def _utf8(text: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
-
-
-def _ascii_safe(text: str) -> str:
-    """``text`` with any lone surrogate escaped (such text cannot be encoded as UTF-8)."""
-    return text if _utf8(text) else text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _bad_string(value: Any) -> str:
