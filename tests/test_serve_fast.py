@@ -5,6 +5,8 @@ must not take (so that errors still name each field)."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import polars as pl
 import pytest
@@ -506,3 +508,102 @@ def test_errors_are_counted_exactly_and_bounded_whatever_the_request_holds(servi
     )
     assert r.status_code == 422
     assert ["body", "candidates", "\\ud800"] in [e["loc"] for e in r.json()["detail"]]
+
+
+def test_an_error_answer_stays_small_however_deep_or_wide_the_request():
+    """A duplicate key 900 objects deep under 64-character keys: its location keeps its first
+    six and last five parts; a request whose every value is wrong: ``detail`` stops at 16 KB
+    of JSON while ``n_errors`` still counts every error."""
+    from mtrank.serve.app import error_reply
+    from mtrank.serve.errors import Errors
+
+    key = "k" * 70
+    body = '{"a": 1, "a": 2}'
+    for _ in range(900):
+        body = f'{{"{key}": {body}}}'
+    with pytest.raises(RequestError) as err:
+        decode_json(body.encode())
+    reply = error_reply(err.value)
+    doc = json.loads(reply.body)
+    cut = "k" * 64 + "… (70 characters)"
+    assert doc["detail"][0]["loc"] == ["body", *[cut] * 5, "… (890 levels)", *[cut] * 5]
+    assert len(reply.body) < 3_000 and doc["n_errors"] == 1
+
+    errors = Errors()
+    errors.first(range(300), lambda i: {"loc": ["candidates", i, "x" * 300], "msg": "m" * 600})
+    doc = json.loads(error_reply(RequestError(errors)).body)
+    assert doc["n_errors"] == 300 and len(doc["detail"]) == 5
+    many = [{"loc": ["candidates", i, "x" * 60], "msg": "m" * 400, "type": "t"} for i in range(100)]
+    reply = error_reply(RequestError(many))
+    doc = json.loads(reply.body)
+    assert doc["n_errors"] == 100 and len(doc["detail"]) == 31 and len(reply.body) < 20_000
+    assert doc["message"].endswith("(and 95 more)")
+
+
+def test_a_refused_context_value_is_one_error_not_one_per_candidate(service, rows):
+    context, cands = base_request(rows, n=8)
+    for c in cands:
+        del c["price"]
+    for bad, kind in ((-3.0, "greater_than_equal"), ("cheap", "float_type")):
+        with pytest.raises(RequestError) as err:
+            service.score({**context, "price": bad}, cands)
+        assert [(e["loc"], e["type"]) for e in err.value.errors] == [(["context", "price"], kind)]
+
+
+def test_every_non_object_candidate_is_counted(service):
+    with pytest.raises(RequestError) as err:
+        service.parse({"candidates": [{}] + [1] * 200}, ranked=True)
+    assert err.value.n_errors == 200
+    assert [e["loc"] for e in err.value.errors] == [["candidates", i] for i in range(1, 6)]
+
+
+def test_a_misspelling_hint_compares_only_the_first_unknown_keys(service, rows):
+    from mtrank.serve.service import HINT_KEYS
+
+    context, cands = base_request(rows, n=2)
+    del context["user_age"]
+    for position, hinted in ((10, True), (HINT_KEYS, False)):
+        ctx = {**{f"x{i}": 0 for i in range(position)}, "user_agee": 1, **context}
+        with pytest.raises(RequestError) as err:
+            service.score(ctx, cands)
+        assert ("'user_agee' is not a feature" in err.value.errors[0]["msg"]) is hinted
+
+
+@pytest.mark.parametrize(
+    "content_type, refused",
+    [
+        ("application/json", None),
+        ('application/json; charset="UTF-8"', None),
+        ("application/json;charset=utf8; q=1", None),
+        ('application/json; foo="a;charset=latin-1"', None),
+        ("application/vnd.api+json", None),
+        ("application/json; charset=latin-1", "got charset='latin-1'"),
+        ("application/json; charset=UTF_8", "got charset='utf_8'"),
+        ("application/+json", "got 'application/+json'"),
+        ("text/json", "got 'text/json'"),
+        (None, "got 'none'"),
+    ],
+)
+def test_the_media_type_and_its_charset(content_type, refused):
+    from mtrank.serve.body import check_media_type
+
+    if refused is None:
+        check_media_type(content_type)
+        return
+    with pytest.raises(RequestError) as err:
+        check_media_type(content_type)
+    assert err.value.status == 415 and refused in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "body, words",
+    [
+        (b'\xef\xbb\xbf{"candidates": []}', "starts with a byte-order mark (U+FEFF)"),
+        (b'{"candidates": [{"item_id": ' + b"7" * 5000 + b"}]}", "more than 4,300 digits"),
+    ],
+)
+def test_a_body_json_refuses_says_why(body, words):
+    with pytest.raises(RequestError) as err:
+        decode_json(body)
+    assert err.value.status == 400 and words in str(err.value)
+    assert "sys.set_int_max_str_digits" not in str(err.value)

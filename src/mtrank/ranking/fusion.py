@@ -319,11 +319,7 @@ class Single(Fusion):
 
     def problems(self) -> list[tuple[str, str]]:
         """A problem when ``which`` is neither ``ctr`` nor ``ctcvr``."""
-        return (
-            []
-            if self.which in ("ctr", "ctcvr")
-            else [("which", f"must be 'ctr' or 'ctcvr', got {self.which!r}")]
-        )
+        return [] if self.which in ("ctr", "ctcvr") else [("which", "must be 'ctr' or 'ctcvr'")]
 
     def score(self, p_ctr, p_cvr, price) -> np.ndarray:
         """``log pCTR`` or ``log pCTR + log pCVR`` ``[N]``."""

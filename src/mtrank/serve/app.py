@@ -59,6 +59,7 @@ SETTINGS_ENV = "MTRANK_SERVE_SETTINGS"  # create_app's arguments as JSON, for wo
 # with benchmarks/serve_latency.py --modes concurrent (16 clients, 2 workers): p99 38-49 ms
 # with 2 threads, 42-69 ms with 4 (docs/serving.md).
 SCORING_THREADS = 2
+MAX_DETAIL_BYTES = 16_384  # the JSON of an error answer's detail entries, at most
 # A request is scored on the event loop itself, without the thread hop (two thread wake-ups:
 # 0.1-0.2 ms of a sequential request's latency here), only when it comes from a client that
 # sends one request at a time: no other request being answered in this process, and the last
@@ -527,21 +528,21 @@ def error_response(exc: RequestError) -> Response:
 
 def error_reply(exc: RequestError) -> Reply:
     """``exc`` in the one error shape: a one-line ``message`` naming up to 5 errors, ``n_errors``
-    (every problem the checks found, :attr:`RequestError.n_errors`), at most 100 structured
-    errors, each bounded (:func:`~mtrank.serve.errors.bounded`: keys as sent, cut to 64
-    characters); locations start with ``body`` (except for 404, 405 and 5xx, which are not
-    about the body: their ``loc`` stays empty). ASCII JSON."""
+    (every problem the checks found, :attr:`RequestError.n_errors`), and ``detail``: the
+    structured errors, each bounded (:func:`~mtrank.serve.errors.bounded`: keys as sent, cut to
+    64 characters), at most 100 and :data:`MAX_DETAIL_BYTES` of JSON. Locations start with
+    ``body`` (except for 404, 405 and 5xx, which are not about the body: their ``loc`` stays
+    empty). ASCII JSON; about 20 KB at most, whatever the request."""
     about_body = exc.status < 500 and exc.status not in (404, 405)  # else: not the body's fault
     prefix = ["body"] if about_body else []
-    errors = [
-        bounded({**e, "loc": e["loc"] if e["loc"][:1] == ["body"] else [*prefix, *e["loc"]]})
-        for e in exc.errors[:100]
-    ]
-    content = {
-        "message": summary(errors, exc.n_errors),
-        "n_errors": exc.n_errors,
-        "detail": errors,
-    }
+    detail, size = [], 0
+    for e in exc.errors[:100]:
+        e = bounded({**e, "loc": e["loc"] if e["loc"][:1] == ["body"] else [*prefix, *e["loc"]]})
+        size += len(json.dumps(e, ensure_ascii=True))
+        if size > MAX_DETAIL_BYTES and detail:
+            break
+        detail.append(e)
+    content = {"message": summary(detail, exc.n_errors), "n_errors": exc.n_errors, "detail": detail}
     return Reply(exc.status, json.dumps(content, ensure_ascii=True).encode())
 
 

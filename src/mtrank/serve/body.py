@@ -23,6 +23,7 @@ and lone surrogates, for the service's validation to reject with 422 naming the 
 from __future__ import annotations
 
 import json
+from email.message import Message
 from typing import Any
 
 import numpy as np
@@ -40,22 +41,24 @@ def body_error(status: int, msg: str, kind: str) -> RequestError:
 
 
 def check_media_type(content_type: str | None) -> None:
-    """Raises RequestError 415 unless the media type is JSON, in UTF-8 when a ``charset``
-    parameter is given (RFC 8259 §8.1)."""
-    media, *params = (content_type or "").lower().split(";")
-    media = media.strip()
+    """Raises RequestError 415 unless the media type is JSON (``application/json`` or
+    ``application/<name>+json``), in UTF-8 when a ``charset`` parameter is given (RFC 8259
+    §8.1; parameters parsed by the standard library's MIME header parser, quotes included)."""
+    media, _, params = (content_type or "").partition(";")
+    media = media.strip().lower()
     if media != "application/json" and not (
-        media.startswith("application/") and media.endswith("+json")
+        media.startswith("application/") and media.endswith("+json") and len(media) > 17
     ):
         raise body_error(
             415,
             f"the body must be JSON: send content-type application/json, got {media or 'none'!r}",
             "unsupported_media_type",
         )
-    for param in params:
-        name, _, value = param.partition("=")
-        charset = value.strip().strip('"')
-        if name.strip() == "charset" and charset not in ("utf-8", "utf8"):
+    if params:
+        header = Message()
+        header["content-type"] = content_type
+        charset = header.get_content_charset()
+        if charset is not None and charset not in ("utf-8", "utf8"):
             raise body_error(
                 415,
                 f"JSON is UTF-8: send charset=utf-8 or no charset, got charset={charset!r}",
@@ -163,27 +166,38 @@ def _no_duplicates(pairs: list[tuple[str, Any]], found: list) -> dict:
 def duplicate_key_errors(doc: Any) -> Errors:
     """One error per key given twice in an object of ``doc`` (decoded with
     :func:`_no_duplicates`), located by its path (``["candidates", 3]``), document order; an
-    iterative walk (any depth the decoder accepted). The first five are kept, the rest
+    iterative walk (any depth the decoder accepted) that holds each value's parent, not its
+    path, so its memory does not grow with the depth. The first five are kept, the rest
     counted (:meth:`~mtrank.serve.errors.Errors.first`)."""
-    errors, stack = [], [((), doc)]
+    found: list[tuple[tuple | None, str]] = []  # (the object's node, the key given twice)
+    stack: list[tuple[tuple | None, Any]] = [(None, doc)]  # node: (parent node, key) or None
     while stack:
-        loc, value = stack.pop()
+        node, value = stack.pop()
         if type(value) is _Duplicates:
-            errors += [
-                {
-                    "loc": list(loc),
-                    "msg": f"duplicate key {echo(k)!r} in this object: give each key once",
-                    "type": "duplicate_key",
-                }
-                for k in value.duplicates
-            ]
+            found += [(node, k) for k in value.duplicates]
         if isinstance(value, dict):
-            stack += reversed([((*loc, k), v) for k, v in value.items()])
+            stack += reversed([((node, k), v) for k, v in value.items()])
         elif type(value) is list:
-            stack += reversed([((*loc, i), v) for i, v in enumerate(value)])
-    kept = Errors()
-    kept.first(errors, lambda e: e)
-    return kept
+            stack += reversed([((node, i), v) for i, v in enumerate(value)])
+    errors = Errors()
+    errors.first(
+        found,
+        lambda f: {
+            "loc": _path(f[0]),
+            "msg": f"duplicate key '{echo(f[1])}' in this object: give each key once",
+            "type": "duplicate_key",
+        },
+    )
+    return errors
+
+
+def _path(node: tuple | None) -> list:
+    """The location (keys and indices from the root) of a walk's node."""
+    loc = []
+    while node is not None:
+        node, key = node
+        loc.append(key)
+    return loc[::-1]
 
 
 def _decode_exactly(body: bytes) -> Any:
@@ -193,6 +207,13 @@ def _decode_exactly(body: bytes) -> Any:
         raise body_error(
             400, f"the body is not valid UTF-8 (byte {exc.start}: {exc.reason})", "utf8"
         ) from None
+    if text.startswith("\ufeff"):
+        raise body_error(
+            400,
+            "the body starts with a byte-order mark (U+FEFF), which JSON text must not "
+            "(RFC 8259 §8.1): send it without",
+            "json_invalid",
+        )
     found: list[_Duplicates] = []
     decoder = json.JSONDecoder(object_pairs_hook=lambda pairs: _no_duplicates(pairs, found))
     try:
@@ -205,8 +226,13 @@ def _decode_exactly(body: bytes) -> Any:
         ) from None
     except RecursionError:
         raise body_error(400, "not valid JSON here: nested too deeply", "json_invalid") from None
-    except ValueError as exc:  # e.g. an integer of more than 4,300 digits
-        raise body_error(400, f"not valid JSON here: {exc}", "json_invalid") from None
+    except ValueError:  # the only other: an integer of more than 4,300 digits
+        raise body_error(
+            400,
+            "not valid JSON here: an integer of more than 4,300 digits (an id that long is "
+            "refused anyway: send it as a string of at most 1,024 characters)",
+            "json_invalid",
+        ) from None
     if found:  # located by a walk of the document (only then)
         raise RequestError(duplicate_key_errors(doc))
     return doc

@@ -4,8 +4,9 @@ An error is a dict ``{"loc": [...], "msg": str, "type": str}`` whose ``loc`` is 
 the body (``["candidates", 3, "price"]``). A check that finds many offending candidates keeps
 the first :data:`MAX_PER_CHECK` as errors and only counts the rest (:class:`Errors`), so
 ``n_errors`` is exact while the errors held stay few. A key of the request is named as sent,
-cut to :data:`MAX_KEY_CHARS` characters, and a message to :data:`MAX_MSG_CHARS`: an answer
-never grows with the request's keys or values.
+cut to :data:`MAX_KEY_CHARS` characters, a location to :data:`MAX_LOC_PARTS` parts, a message
+to :data:`MAX_MSG_CHARS`; the one-line summary to :data:`MAX_SUMMARY_CHARS`: an answer never
+grows with the request's keys, values or depth (the app also bounds its ``detail`` in bytes).
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ from typing import Any
 
 MAX_PER_CHECK = 5  # offending candidates named per check (the rest counted)
 MAX_KEY_CHARS = 64  # a request's key, as an error names it
+MAX_LOC_PARTS = 12  # a deeper location keeps its first 6 and last 5 parts
 MAX_MSG_CHARS = 500
 MAX_NAMED = 5  # errors named in the one-line message
+MAX_SUMMARY_CHARS = 2000
 
 
 def error(loc: list, msg: str, kind: str = "value_error") -> dict:
@@ -63,18 +66,21 @@ def echo(key: Any) -> Any:
     :data:`MAX_KEY_CHARS` characters with its length. Indices (int) pass unchanged."""
     if type(key) is not str:
         return key
-    if len(key) > MAX_KEY_CHARS:
-        key = f"{key[:MAX_KEY_CHARS]}… ({len(key):,} characters)"
-    return echo_text(key)
+    n = len(key)
+    key = echo_text(key[: MAX_KEY_CHARS + 1])
+    return f"{key[:MAX_KEY_CHARS]}… ({n:,} characters)" if len(key) > MAX_KEY_CHARS else key
 
 
 def bounded(e: dict) -> dict:
-    """``e`` with each ``loc`` key named by :func:`echo` and ``msg`` cut to
-    :data:`MAX_MSG_CHARS` characters."""
-    msg = e["msg"]
+    """``e`` with each ``loc`` key named by :func:`echo`, a ``loc`` of more than
+    :data:`MAX_LOC_PARTS` parts cut in its middle, and ``msg`` cut to :data:`MAX_MSG_CHARS`
+    characters."""
+    loc, msg = e["loc"], echo_text(e["msg"])
+    if len(loc) > MAX_LOC_PARTS:
+        loc = [*loc[:6], f"… ({len(loc) - 11:,} levels)", *loc[-5:]]
     if len(msg) > MAX_MSG_CHARS:
         msg = f"{msg[:MAX_MSG_CHARS]}… (cut)"
-    return {**e, "loc": [echo(x) for x in e["loc"]], "msg": echo_text(msg)}
+    return {**e, "loc": [echo(x) for x in loc], "msg": msg}
 
 
 def echo_text(text: str) -> str:
@@ -87,12 +93,28 @@ def echo_text(text: str) -> str:
 
 
 def summary(errors: list[dict], n_errors: int) -> str:
-    """The one-line message: the first :data:`MAX_NAMED` errors as ``loc: msg`` (``loc`` joined
-    by dots), then ``(and N more)`` when ``n_errors`` is larger."""
+    """The one-line message: the first :data:`MAX_NAMED` errors (already :func:`bounded`) as
+    ``loc: msg`` (``loc`` joined by dots), then ``(and N more)`` for the other ``n_errors``;
+    at most :data:`MAX_SUMMARY_CHARS` characters before that count."""
+    named = errors[:MAX_NAMED]
     message = "; ".join(
-        f"{'.'.join(map(str, e['loc']))}: {e['msg']}" if e["loc"] else e["msg"]
-        for e in errors[:MAX_NAMED]
+        f"{'.'.join(map(str, e['loc']))}: {e['msg']}" if e["loc"] else e["msg"] for e in named
     )
-    if n_errors > MAX_NAMED:
-        message += f" (and {n_errors - MAX_NAMED} more)"
+    if len(message) > MAX_SUMMARY_CHARS:
+        message = f"{message[:MAX_SUMMARY_CHARS]}… (cut)"
+    if n_errors > len(named):
+        message += f" (and {n_errors - len(named)} more)"
     return message
+
+
+def json_type(value: Any) -> str:
+    """The JSON type of a decoded value, as a message names it (``an array``)."""
+    return {
+        dict: "an object",
+        list: "an array",
+        str: "a string",
+        bool: "a boolean",
+        type(None): "null",
+        int: "an integer",
+        float: "a number",
+    }.get(type(value), type(value).__name__)

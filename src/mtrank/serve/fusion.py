@@ -31,12 +31,12 @@ import polars as pl
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from mtrank.errors import ConfigError
+from mtrank.serve.errors import json_type
 from mtrank.ranking.fusion import (
     FORMULAS,
     Fusion,
     ctr_only_fusions,
     load_fusion,
-    make_fusion,
     usable_prices,
 )
 
@@ -65,31 +65,9 @@ class FusionSpec(BaseModel):
 
     @model_validator(mode="after")
     def _build(self) -> FusionSpec:
-        # strict types: a number parameter takes a JSON number (never true/"2"), a text one a string
-        types = FORMULAS[self.formula].param_types()
-        problems, values = [], {}
-        for k, v in self.params.items():
-            want = types.get(k)
-            if want is float and type(v) in (int, float):
-                try:
-                    values[k] = float(v)
-                except OverflowError:
-                    problems.append((k, "must be a finite number"))
-            elif want is float:
-                problems.append((k, f"must be a number, got {type(v).__name__}"))
-            elif want is str and type(v) is not str:
-                problems.append((k, f"must be a string, got {type(v).__name__}"))
-            else:
-                values[k] = v
+        fusion, problems = build_fusion(self.formula, self.params)
         if problems:
-            raise ValueError("; ".join(f"params.{k}: {msg}" for k, msg in problems))
-        try:
-            fusion = make_fusion(self.formula, values)
-        except ConfigError as exc:
-            raise ValueError(str(exc)) from None
-        problems = fusion.problems()
-        if problems:
-            raise ValueError("; ".join(f"params.{k}: {msg}" for k, msg in problems))
+            raise ValueError("; ".join(f"params.{k}: {msg}" for k, msg, _ in problems))
         self._fusion = fusion
         self.params = fusion.params
         return self
@@ -114,6 +92,41 @@ class FusionSpec(BaseModel):
         """
         fusion = load_fusion(path)  # the one loader of fusion files (mtrank.ranking.fusion)
         return cls(formula=fusion.name, params=fusion.params)
+
+
+def build_fusion(formula: str, params: dict) -> tuple[Fusion | None, list[tuple[str, str, str]]]:
+    """The fusion ``formula`` with ``params``, or None and one problem per offending parameter:
+    ``(name, message, type)``, where type is ``extra_forbidden`` (not a parameter of the
+    formula), ``float_type`` / ``string_type`` (strict JSON types: a number parameter takes a
+    JSON number, never ``true`` or ``"2"``), ``finite_number``, or ``value_error`` (outside the
+    formula's :attr:`~mtrank.ranking.fusion.Fusion.limits`). A message names a string value's
+    type, never the value. ``formula`` must be a name of :data:`FORMULAS`."""
+    cls = FORMULAS[formula]
+    types = cls.param_types()
+    problems, values = [], {}
+    for k, v in params.items():
+        want = types.get(k)
+        if want is None:
+            names = ", ".join(sorted(types)) or "none"
+            problems.append(
+                (k, f"not a parameter of {formula!r} (its parameters: {names})", "extra_forbidden")
+            )
+        elif want is float and type(v) in (int, float):
+            try:
+                values[k] = float(v)
+            except OverflowError:
+                problems.append((k, "must be a finite number", "finite_number"))
+        elif want is float:
+            problems.append((k, f"must be a number, got {json_type(v)}", "float_type"))
+        elif want is str and type(v) is not str:
+            problems.append((k, f"must be a string, got {json_type(v)}", "string_type"))
+        else:
+            values[k] = v
+    if problems:
+        return None, problems
+    fusion = cls(**values)
+    problems = [(k, msg, "value_error") for k, msg in fusion.problems()]
+    return (None if problems else fusion), problems
 
 
 def fused_scores(

@@ -40,7 +40,7 @@ import operator
 import time
 from dataclasses import dataclass, field
 from collections import Counter
-from itertools import repeat
+from itertools import islice, repeat
 from pathlib import Path
 from typing import Any
 
@@ -52,13 +52,15 @@ from pydantic import ValidationError
 from mtrank.bundle import Bundle
 from mtrank.data.encoders import EncodedFeatures, IntIds
 from mtrank.errors import BundleError, ConfigError
+from mtrank.ranking.fusion import FORMULAS
 from mtrank.ranking.replay import rank_order
-from mtrank.serve.fusion import FusionSpec, fused_scores
-from mtrank.serve.errors import Errors, RequestError, echo, echo_text
+from mtrank.serve.fusion import FusionSpec, build_fusion, fused_scores
+from mtrank.serve.errors import Errors, RequestError, echo, echo_text, json_type
 from mtrank.serve.errors import error as _error
 from mtrank.serve.lists import list_columns
 
 MAX_CANDIDATES = 2000
+HINT_KEYS = 64  # unknown keys per object compared with a missing feature's name
 MAX_ID_CHARS = 1024  # a longer categorical string is a 422: ids are short; memory stays bounded
 MAX_STANDARDISED = 1e30  # |(x - mean) / std| allowed for a numerical value (float32 holds 3.4e38)
 ENGINES = ("onnx", "torch")
@@ -256,7 +258,7 @@ class RankingService:
         """
         if type(doc) is not dict:
             raise RequestError(
-                [_error([], f"the body must be a JSON object, got {_json_type(doc)}", "model_type")]
+                [_error([], f"the body must be a JSON object, got {json_type(doc)}", "model_type")]
             )
         allowed = _TOP_LEVEL | ({"top_k"} if ranked else set())
         errors = Errors()
@@ -269,7 +271,7 @@ class RankingService:
             context = {}
         elif type(context) is not dict:
             errors.append(
-                _error(["context"], f"must be an object, got {_json_type(context)}", "dict_type")
+                _error(["context"], f"must be an object, got {json_type(context)}", "dict_type")
             )
         candidates = doc.get("candidates", _ABSENT)
         if candidates is _ABSENT:
@@ -281,7 +283,7 @@ class RankingService:
                 _error(
                     ["candidates"],
                     "must be an array (one object per candidate) or an object (one array per "
-                    f"feature), got {_json_type(candidates)}",
+                    f"feature), got {json_type(candidates)}",
                     "list_type",
                 )
             )
@@ -296,13 +298,13 @@ class RankingService:
                 )
             )
         elif set(map(type, candidates)) != {dict}:
-            i = next(i for i, c in enumerate(candidates) if type(c) is not dict)
-            errors.append(
-                _error(
+            errors.first(
+                (i for i, c in enumerate(candidates) if type(c) is not dict),
+                lambda i: _error(
                     ["candidates", i],
-                    f"a candidate must be an object, got {_json_type(candidates[i])}",
+                    f"a candidate must be an object, got {json_type(candidates[i])}",
                     "dict_type",
-                )
+                ),
             )
         top_k = doc.get("top_k")
         if type(top_k) is float and top_k.is_integer():  # JSON Schema: 3.0 is the integer 3
@@ -340,7 +342,7 @@ class RankingService:
                 errors.append(
                     _error(
                         ["candidates", k],
-                        f"must be an array (one value per candidate), got {_json_type(v)}",
+                        f"must be an array (one value per candidate), got {json_type(v)}",
                         "list_type",
                     )
                 )
@@ -387,14 +389,21 @@ class RankingService:
         known = sorted(self._known_columns)
         by_case = [k for k in known if k.lower() == key.lower()]
         close = by_case or difflib.get_close_matches(key, known, n=1, cutoff=0.75)
-        return f": did you mean {close[0]!r}?" if close else ""
+        return f": did you mean '{close[0]}'?" if close else ""
 
     def validate_fusion(self, value: Any) -> FusionSpec:
         """A request's ``fusion`` object as a :class:`FusionSpec`. Raises RequestError."""
         if type(value) is not dict:
             raise RequestError(
-                [_error(["fusion"], f"must be an object, got {_json_type(value)}", "dict_type")]
+                [_error(["fusion"], f"must be an object, got {json_type(value)}", "dict_type")]
             )
+        formula, params = value.get("formula", "ctcvr"), value.get("params")
+        if type(formula) is str and formula in FORMULAS and type(params) is dict:
+            _, problems = build_fusion(formula, params)  # one error per parameter, counted
+            if problems:
+                errors = Errors()
+                errors.first(problems, lambda p: _error(["fusion", "params", p[0]], p[1], p[2]))
+                raise RequestError(errors)
         try:
             spec = FusionSpec.model_validate(value, strict=False)
         except ValidationError as exc:
@@ -562,7 +571,9 @@ class RankingService:
                     if series.dtype != ctx.dtype:  # ids given as integers and as strings: "3" == 3
                         series, ctx = series.cast(pl.String), ctx.cast(pl.String)
                     series = series.fill_null(ctx[0])
-            if col == self.price and (series.dtype == pl.Null or series.null_count()):
+            if ctx is None and context.get(col) is not None:
+                pass  # the context's value is refused (one error): its candidates' nulls stay
+            elif col == self.price and (series.dtype == pl.Null or series.null_count()):
                 nulls = (
                     range(n)
                     if series.dtype == pl.Null
@@ -631,12 +642,18 @@ class RankingService:
 
     def _misspelt(self, col: str, *objects: dict) -> str:
         """A hint when the request holds a key that is not a feature and looks like ``col``
-        (another case, a typo): such keys are ignored, so the feature counts as absent."""
-        ignored = {k for o in objects for k in o if type(k) is str and k not in self.features}
+        (another case, a typo): such keys are ignored, so the feature counts as absent. Only
+        the first :data:`HINT_KEYS` such keys of each object are compared (a courtesy whose
+        cost must not grow with the request)."""
+        ignored = [
+            k
+            for o in objects
+            for k in islice((k for k in o if type(k) is str and k not in self.features), HINT_KEYS)
+        ]
         by_case = [k for k in ignored if k.lower() == col.lower()]
         close = by_case or difflib.get_close_matches(col, ignored, n=1, cutoff=0.75)
         return (
-            f" (the request's {echo(close[0])!r} is not a feature and was ignored)" if close else ""
+            f" (the request's '{echo(close[0])}' is not a feature and was ignored)" if close else ""
         )
 
     def _column(
@@ -899,15 +916,3 @@ def _bad_string(value: Any) -> str:
     if len(value) > MAX_ID_CHARS:
         return f"a categorical string has at most {MAX_ID_CHARS} characters, got {len(value):,}"
     return "a categorical string must be valid Unicode text (it holds a lone UTF-16 surrogate)"
-
-
-def _json_type(value: Any) -> str:
-    return {
-        dict: "an object",
-        list: "an array",
-        str: "a string",
-        bool: "a boolean",
-        type(None): "null",
-        int: "an integer",
-        float: "a number",
-    }.get(type(value), type(value).__name__)
