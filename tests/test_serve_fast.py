@@ -579,6 +579,9 @@ def test_a_misspelling_hint_compares_only_the_first_unknown_keys(service, rows):
         ("application/vnd.api+json", None),
         ("application/json; charset=latin-1", "got charset='latin-1'"),
         ("application/json; charset=UTF_8", "got charset='utf_8'"),
+        ("application/json; charset=é", "got charset='é'"),
+        ('application/json; charset="utf-8"; charset=latin-1', "got charset='latin-1'"),
+        ("application/json; charset*0=ut; charset*1=f-8", None),
         ("application/+json", "got 'application/+json'"),
         ("text/json", "got 'text/json'"),
         (None, "got 'none'"),
@@ -607,3 +610,52 @@ def test_a_body_json_refuses_says_why(body, words):
         decode_json(body)
     assert err.value.status == 400 and words in str(err.value)
     assert "sys.set_int_max_str_digits" not in str(err.value)
+
+
+def test_a_columnar_request_counts_its_shape_and_its_values_together(service, rows):
+    """Every unknown, non-array or odd-length column in one answer; an absent column is a value
+    error, counted with the others (as in the row form)."""
+    context = rows.select(USER).row(0, named=True)
+    with pytest.raises(RequestError) as err:
+        service.parse(
+            {
+                "candidates": {
+                    "zz": [1] * 3,
+                    "shop": 5,
+                    "brand": [1],
+                    "item_id": [1] * 3,
+                    "category": [2] * 3,
+                }
+            },
+            ranked=True,
+        )
+    assert [(e["loc"], e["type"]) for e in err.value.errors] == [
+        (["candidates", "zz"], "extra_forbidden"),
+        (["candidates", "shop"], "list_type"),
+        (["candidates", "brand"], "length_mismatch"),
+    ]
+    cols = {"item_id": [1] * 9, "category": [1] * 9, "shop": [1] * 9, "price": [-1.0] * 9}
+    with pytest.raises(RequestError) as err:
+        service.score(context, cols)
+    assert err.value.n_errors == 10
+    assert [(e["loc"], e["type"]) for e in err.value.errors] == [
+        (["candidates", "brand"], "missing"),
+        *[(["candidates", "price", i], "greater_than_equal") for i in range(5)],
+    ]
+
+
+def test_an_error_answer_is_bounded_in_bytes_not_characters():
+    """Astral characters take 12 bytes each in ASCII JSON (\\ud83d\\ude00): the bounds hold
+    in bytes."""
+    from mtrank.serve.app import error_reply
+
+    key = "\U0001f600" * 65
+    body = '{"%sa":1,"%sa":2,"%sb":1,"%sb":2,"%sc":1,"%sc":2}' % ((key,) * 6)
+    for i in range(8):
+        body = '{"%s%d":%s}' % (key, i, body)
+    with pytest.raises(RequestError) as err:
+        decode_json(body.encode())
+    reply = error_reply(err.value)
+    doc = json.loads(reply.body)
+    assert doc["n_errors"] == 3 and len(reply.body) < 20_000, len(reply.body)
+    assert len(json.dumps(doc["message"])) < 2_100

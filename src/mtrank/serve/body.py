@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 from email.message import Message
+from email.utils import collapse_rfc2231_value
 from typing import Any
 
 import numpy as np
@@ -57,13 +58,14 @@ def check_media_type(content_type: str | None) -> None:
     if params:
         header = Message()
         header["content-type"] = content_type
-        charset = header.get_content_charset()
-        if charset is not None and charset not in ("utf-8", "utf8"):
-            raise body_error(
-                415,
-                f"JSON is UTF-8: send charset=utf-8 or no charset, got charset={charset!r}",
-                "unsupported_media_type",
-            )
+        for name, value in header.get_params()[1:]:  # every charset, RFC 2231 forms decoded
+            charset = collapse_rfc2231_value(value).strip().lower()
+            if name.lower() == "charset" and charset not in ("utf-8", "utf8"):
+                raise body_error(
+                    415,
+                    f"JSON is UTF-8: send charset=utf-8 or no charset, got charset={charset!r}",
+                    "unsupported_media_type",
+                )
 
 
 def check_length(content_length: str | None, limit: int) -> None:

@@ -5,12 +5,13 @@ the body (``["candidates", 3, "price"]``). A check that finds many offending can
 the first :data:`MAX_PER_CHECK` as errors and only counts the rest (:class:`Errors`), so
 ``n_errors`` is exact while the errors held stay few. A key of the request is named as sent,
 cut to :data:`MAX_KEY_CHARS` characters, a location to :data:`MAX_LOC_PARTS` parts, a message
-to :data:`MAX_MSG_CHARS`; the one-line summary to :data:`MAX_SUMMARY_CHARS`: an answer never
+to :data:`MAX_MSG_CHARS`; the one-line summary to :data:`MAX_SUMMARY_BYTES`: an answer never
 grows with the request's keys, values or depth (the app also bounds its ``detail`` in bytes).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -19,7 +20,7 @@ MAX_KEY_CHARS = 64  # a request's key, as an error names it
 MAX_LOC_PARTS = 12  # a deeper location keeps its first 6 and last 5 parts
 MAX_MSG_CHARS = 500
 MAX_NAMED = 5  # errors named in the one-line message
-MAX_SUMMARY_CHARS = 2000
+MAX_SUMMARY_BYTES = 2000  # of the message as ASCII JSON (an emoji takes 12 bytes: \ud83d\ude00)
 
 
 def error(loc: list, msg: str, kind: str = "value_error") -> dict:
@@ -95,13 +96,20 @@ def echo_text(text: str) -> str:
 def summary(errors: list[dict], n_errors: int) -> str:
     """The one-line message: the first :data:`MAX_NAMED` errors (already :func:`bounded`) as
     ``loc: msg`` (``loc`` joined by dots), then ``(and N more)`` for the other ``n_errors``;
-    at most :data:`MAX_SUMMARY_CHARS` characters before that count."""
+    at most :data:`MAX_SUMMARY_BYTES` bytes of ASCII JSON before that count."""
     named = errors[:MAX_NAMED]
     message = "; ".join(
         f"{'.'.join(map(str, e['loc']))}: {e['msg']}" if e["loc"] else e["msg"] for e in named
     )
-    if len(message) > MAX_SUMMARY_CHARS:
-        message = f"{message[:MAX_SUMMARY_CHARS]}… (cut)"
+    if len(json.dumps(message)) > MAX_SUMMARY_BYTES:  # the longest prefix that fits
+        lo, hi = 0, len(message)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if len(json.dumps(message[:mid])) <= MAX_SUMMARY_BYTES:
+                lo = mid
+            else:
+                hi = mid - 1
+        message = f"{message[:lo]}… (cut)"
     if n_errors > len(named):
         message += f" (and {n_errors - len(named)} more)"
     return message

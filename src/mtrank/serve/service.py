@@ -321,7 +321,7 @@ class RankingService:
             raise RequestError(errors)
         return ParsedRequest(context, candidates, fusion, top_k)
 
-    def _check_columnar(self, columns: dict) -> list[dict]:
+    def _check_columnar(self, columns: dict) -> Errors:
         """Errors of a columnar ``candidates`` (feature column → array): only the model's
         feature columns, at least one, each an array, all of one length from 1 to
         :data:`MAX_CANDIDATES`. The values are checked later, as in the row form."""
@@ -346,20 +346,21 @@ class RankingService:
                         "list_type",
                     )
                 )
-        if errors:
-            return errors
         if not arrays:
-            return [
+            errors.append(
                 _error(
                     ["candidates"],
                     "give at least 1 feature column (an array with one value per candidate)",
                     "too_short",
                 )
-            ]
+            )
+        arrays = {k: v for k, v in arrays.items() if type(v) is list}
+        if not arrays:
+            return errors
         lengths = Counter(map(len, arrays.values()))
         n = lengths.most_common(1)[0][0]  # the others are named
         first = next(k for k, v in arrays.items() if len(v) == n)
-        errors = [
+        mismatched = [
             _error(
                 ["candidates", k],
                 f"has {len(v)} value{'s' * (len(v) != 1)}, {first!r}"
@@ -370,9 +371,10 @@ class RankingService:
             for k, v in arrays.items()
             if len(v) != n
         ]
-        if not errors and n == 0:
+        errors.extend(mismatched)
+        if not mismatched and n == 0:
             errors.append(_error(["candidates", first], "give at least 1 value", "too_short"))
-        elif not errors and n > MAX_CANDIDATES:
+        elif not mismatched and n > MAX_CANDIDATES:
             errors.append(
                 _error(
                     ["candidates", first],
@@ -522,19 +524,26 @@ class RankingService:
         return x if inside.all() else None
 
     # -- features → frame ---------------------------------------------------------------------
-    def frame(self, context: dict[str, Any], candidates: list[dict[str, Any]]) -> pl.DataFrame:
+    def frame(
+        self, context: dict[str, Any], candidates: list[dict[str, Any]], skip: Errors | None = None
+    ) -> pl.DataFrame:
         """Validate the features and build one column per feature, one row per candidate
-        (context filled in), column by column.
+        (context filled in), column by column. ``skip``: errors already found, one per absent
+        column (``["candidates", column]``): those columns are not checked again, and the
+        errors are raised with the others.
 
         Raises:
             RequestError: a feature absent from both the context and a candidate, mistyped,
                 non-finite, too large, an over-long string, or a price that is negative or
                 null in both the candidate and the context.
         """
-        errors = Errors()
+        errors = Errors(skip or ())
+        skipped = {e["loc"][1] for e in errors}
         cols: dict[str, pl.Series] = {}
         n = len(candidates)
         for col in self.features:
+            if col in skipped:
+                continue
             ctx_given = col in context
             ctx = (
                 None
@@ -587,7 +596,7 @@ class RankingService:
         if self.list_features:
             cols.update(
                 list_columns(
-                    self.list_features,
+                    [f for f in self.list_features if f.column not in skipped],
                     context,
                     candidates,
                     errors,
@@ -612,27 +621,24 @@ class RankingService:
         """
         if type(candidates) is not dict:
             return self.frame(context, candidates)
-        absent = [c for c in self._known_columns if c not in candidates and c not in context]
-        if absent:
-            raise RequestError(
-                [
-                    _error(
-                        ["candidates", c],
-                        (
-                            _PRICE_REQUIRED
-                            if c == self.price
-                            else "Field required: give this feature in `context` or as a "
-                            "column of `candidates` (null for a missing value)"
-                        ),
-                        "missing",
-                    )
-                    for c in sorted(absent)
-                ]
+        absent = Errors(
+            _error(
+                ["candidates", c],
+                (
+                    _PRICE_REQUIRED
+                    if c == self.price
+                    else "Field required: give this feature in `context` or as a column of "
+                    "`candidates` (null for a missing value)"
+                ),
+                "missing",
             )
+            for c in sorted(self._known_columns)
+            if c not in candidates and c not in context
+        )
         names = list(candidates)
         rows = [dict(zip(names, values, strict=True)) for values in zip(*candidates.values())]
         try:
-            return self.frame(context, rows)
+            return self.frame(context, rows, skip=absent)
         except RequestError as exc:
             for e in exc.errors:
                 loc = e["loc"]
