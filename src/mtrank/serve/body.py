@@ -48,7 +48,9 @@ def check_media_type(content_type: str | None) -> None:
     media, _, params = (content_type or "").partition(";")
     media = media.strip().lower()
     if media != "application/json" and not (
-        media.startswith("application/") and media.endswith("+json") and len(media) > 17
+        media.startswith("application/")
+        and media.endswith("+json")
+        and media != "application/+json"  # a name is required before +json
     ):
         raise body_error(
             415,

@@ -86,11 +86,16 @@ def bounded(e: dict) -> dict:
 
 def echo_text(text: str) -> str:
     """``text`` with any lone surrogate escaped (such text cannot be encoded as UTF-8)."""
+    return text if is_utf8(text) else text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def is_utf8(text: str) -> bool:
+    """False when ``text`` cannot be encoded as UTF-8 (it holds a lone UTF-16 surrogate)."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
-        return text.encode("utf-8", "backslashreplace").decode("utf-8")
-    return text
+        return False
+    return True
 
 
 def summary(errors: list[dict], n_errors: int) -> str:

@@ -31,7 +31,6 @@ import polars as pl
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from mtrank.errors import ConfigError
-from mtrank.serve.errors import json_type
 from mtrank.ranking.fusion import (
     FORMULAS,
     Fusion,
@@ -39,6 +38,7 @@ from mtrank.ranking.fusion import (
     load_fusion,
     usable_prices,
 )
+from mtrank.serve.errors import json_type
 
 FormulaName = Literal[tuple(FORMULAS)]  # type: ignore[valid-type]
 
@@ -103,11 +103,11 @@ def build_fusion(formula: str, params: dict) -> tuple[Fusion | None, list[tuple[
     type, never the value. ``formula`` must be a name of :data:`FORMULAS`."""
     cls = FORMULAS[formula]
     types = cls.param_types()
+    names = ", ".join(sorted(types)) or "none"
     problems, values = [], {}
     for k, v in params.items():
         want = types.get(k)
         if want is None:
-            names = ", ".join(sorted(types)) or "none"
             problems.append(
                 (k, f"not a parameter of {formula!r} (its parameters: {names})", "extra_forbidden")
             )

@@ -55,7 +55,7 @@ from mtrank.errors import BundleError, ConfigError
 from mtrank.ranking.fusion import FORMULAS
 from mtrank.ranking.replay import rank_order
 from mtrank.serve.fusion import FusionSpec, build_fusion, fused_scores
-from mtrank.serve.errors import Errors, RequestError, echo, echo_text, json_type
+from mtrank.serve.errors import Errors, RequestError, echo, echo_text, is_utf8, json_type
 from mtrank.serve.errors import error as _error
 from mtrank.serve.lists import list_columns
 
@@ -506,7 +506,7 @@ class RankingService:
                 if (
                     max(map(len, ids), default=0) > MAX_ID_CHARS
                     or list(map(str.strip, ids)) != ids  # frame strips (polars' rule)
-                    or not _utf8("".join(ids))
+                    or not is_utf8("".join(ids))
                 ):
                     return None
                 return values
@@ -708,7 +708,7 @@ class RankingService:
             bad += [
                 i
                 for i, v in enumerate(values)
-                if type(v) is str and (len(v) > MAX_ID_CHARS or not _utf8(v))
+                if type(v) is str and (len(v) > MAX_ID_CHARS or not is_utf8(v))
             ]
             if bad:
                 errors.first(
@@ -906,14 +906,6 @@ def _count(candidates: list | dict[str, list]) -> int:
 
 def _not_none(value: Any) -> bool:
     return value is not None
-
-
-def _utf8(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _bad_string(value: Any) -> str:
