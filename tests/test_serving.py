@@ -263,6 +263,11 @@ def test_fusion_params_out_of_range_are_422(client, sim):
             [("delta", "extra_forbidden"), ("alpha", "float_type"), ("beta", "float_type")],
             3,
         ),
+        (  # a mistyped parameter does not hide the others' ranges
+            {"formula": "multiplicative", "params": {"alpha": -1, "beta": "1", "eps": 0}},
+            [("beta", "float_type"), ("alpha", "value_error"), ("eps", "value_error")],
+            3,
+        ),
         ({"formula": "single", "params": {"which": "gmv" * 1000}}, [("which", "value_error")], 1),
         (
             {"formula": "ctcvr", "params": many},
@@ -277,6 +282,21 @@ def test_fusion_params_out_of_range_are_422(client, sim):
         assert all(e["loc"][:3] == ["body", "fusion", "params"] for e in body["detail"])
         assert "gmvgmv" not in r.text
     assert body["detail"][0]["msg"] == "not a parameter of 'ctcvr' (its parameters: none)"
+
+
+def test_a_misspelt_fusion_key_is_422_other_keys_are_ignored(client, sim):
+    """`parms` would silently rank by the defaults: refused with a hint; the keys a `mtrank
+    fuse` file carries besides formula and params (format, metrics) stay ignored."""
+    req = request_of(sim.slice(0, 2))
+    fusion = {"formula": "multiplicative", "parms": {"alpha": 1}, "Formula": "x"}
+    r = client.post("/rank", json={**req, "fusion": fusion})
+    assert r.status_code == 422 and r.json()["n_errors"] == 2, r.text
+    assert [(e["loc"], e["msg"]) for e in r.json()["detail"]] == [
+        (["body", "fusion", "parms"], "not a key of a fusion object: did you mean 'params'?"),
+        (["body", "fusion", "Formula"], "not a key of a fusion object: did you mean 'formula'?"),
+    ]
+    pasted = {"format": "mtrank.fusion/1", "formula": "multiplicative", "k": 10, "dataset": "x"}
+    assert client.post("/rank", json={**req, "fusion": pasted}).status_code == 200
 
 
 # -- the HTTP service ---------------------------------------------------------------------------

@@ -122,10 +122,8 @@ def build_fusion(formula: str, params: dict) -> tuple[Fusion | None, list[tuple[
             problems.append((k, f"must be a string, got {json_type(v)}", "string_type"))
         else:
             values[k] = v
-    if problems:
-        return None, problems
-    fusion = cls(**values)
-    problems = [(k, msg, "value_error") for k, msg in fusion.problems()]
+    fusion = cls(**values)  # the well-typed ones, range-checked whatever the others hold
+    problems += [(k, msg, "value_error") for k, msg in fusion.problems() if k in values]
     return (None if problems else fusion), problems
 
 

@@ -62,7 +62,8 @@ def _param(formula: str, name: str, kind: type) -> dict:
 
 def fusion_schema() -> dict:
     """One variant per formula (``formula`` defaults to ``ctcvr``); unknown params are refused,
-    other keys of the object ignored (a ``mtrank fuse`` file carries metrics)."""
+    other keys of the object ignored (a ``mtrank fuse`` file carries metrics), except, in a
+    request, one that resembles ``formula`` or ``params`` (refused by the service)."""
     variants = []
     for name, cls in FORMULAS.items():
         params = {p: _param(name, p, t) for p, t in cls.param_types().items()}

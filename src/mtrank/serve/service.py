@@ -72,6 +72,7 @@ _CATEGORICAL_MSG = (
     f"string of at most {MAX_ID_CHARS} characters)"
 )
 _TOP_LEVEL = {"context", "candidates", "fusion"}
+_FUSION_KEYS = ("formula", "params")
 _PRICE_REQUIRED = "Field required: a price (a number ≥ 0) in the candidate or in `context`"
 
 
@@ -386,12 +387,8 @@ class RankingService:
 
     def _misspelt_feature(self, key: Any) -> str:
         """A hint naming the feature that ``key`` looks like (another case, a typo)."""
-        if type(key) is not str:
-            return ""
-        known = sorted(self._known_columns)
-        by_case = [k for k in known if k.lower() == key.lower()]
-        close = by_case or difflib.get_close_matches(key, known, n=1, cutoff=0.75)
-        return f": did you mean '{close[0]}'?" if close else ""
+        close = _resembles(key, sorted(self._known_columns))
+        return f": did you mean '{close}'?" if close else ""
 
     def validate_fusion(self, value: Any) -> FusionSpec:
         """A request's ``fusion`` object as a :class:`FusionSpec`. Raises RequestError."""
@@ -399,13 +396,27 @@ class RankingService:
             raise RequestError(
                 [_error(["fusion"], f"must be an object, got {json_type(value)}", "dict_type")]
             )
+        errors = Errors()
+        # keys other than formula and params are ignored (a `mtrank fuse` file carries `format`
+        # and metrics), except a misspelling of either, which would silently take the defaults
+        errors.first(
+            (
+                k
+                for k in value
+                if k not in _FUSION_KEYS and k != "format" and _resembles(k, _FUSION_KEYS)
+            ),
+            lambda k: _error(
+                ["fusion", k],
+                f"not a key of a fusion object: did you mean '{_resembles(k, _FUSION_KEYS)}'?",
+                "extra_forbidden",
+            ),
+        )
         formula, params = value.get("formula", "ctcvr"), value.get("params")
         if type(formula) is str and formula in FORMULAS and type(params) is dict:
             _, problems = build_fusion(formula, params)  # one error per parameter, counted
-            if problems:
-                errors = Errors()
-                errors.first(problems, lambda p: _error(["fusion", "params", p[0]], p[1], p[2]))
-                raise RequestError(errors)
+            errors.first(problems, lambda p: _error(["fusion", "params", p[0]], p[1], p[2]))
+        if errors:
+            raise RequestError(errors)
         try:
             spec = FusionSpec.model_validate(value, strict=False)
         except ValidationError as exc:
@@ -656,11 +667,8 @@ class RankingService:
             for o in objects
             for k in islice((k for k in o if type(k) is str and k not in self.features), HINT_KEYS)
         ]
-        by_case = [k for k in ignored if k.lower() == col.lower()]
-        close = by_case or difflib.get_close_matches(col, ignored, n=1, cutoff=0.75)
-        return (
-            f" (the request's '{echo(close[0])}' is not a feature and was ignored)" if close else ""
-        )
+        close = _resembles(col, ignored)
+        return f" (the request's '{echo(close)}' is not a feature and was ignored)" if close else ""
 
     def _column(
         self, col: str, values: list, errors: Errors, loc: list | None = None
@@ -906,6 +914,17 @@ def _count(candidates: list | dict[str, list]) -> int:
 
 def _not_none(value: Any) -> bool:
     return value is not None
+
+
+def _resembles(key: Any, names: list[str] | tuple[str, ...]) -> str | None:
+    """The first of ``names`` that ``key`` looks like: the same but for case, else the closest
+    with a similarity of at least 0.75 (``difflib``); None when none does or ``key`` is not
+    a string."""
+    if type(key) is not str:
+        return None
+    by_case = [k for k in names if k.lower() == key.lower()]
+    close = by_case or difflib.get_close_matches(key, names, n=1, cutoff=0.75)
+    return close[0] if close else None
 
 
 def _bad_string(value: Any) -> str:
